@@ -1,0 +1,161 @@
+"""Device choice, array modules, host<->device moves and zero-copy torch interop.
+
+This is the only module that asks whether CUDA is present. Every stage calls
+:func:`array_module` (or :func:`resolve_device`) and stays agnostic otherwise.
+
+CuPy is optional: ``import cupy`` may fail (not installed) or succeed on a machine
+without a GPU, where ``cupy.is_available()`` is False. Both mean "CPU".
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(RuntimeError):
+    """Raised when a device is requested that this machine cannot provide."""
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    """The cupy module, or None when it is missing or broken (never raises)."""
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CUDA library that fails to load
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when CuPy is importable and sees at least one CUDA device."""
+    cp = _cupy()
+    if cp is None:
+        return False
+    try:
+        return bool(cp.is_available())
+    except Exception:
+        return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map ``"auto" | "cpu" | "cuda"`` to ``"cpu"`` or ``"cuda"``.
+
+    ``"auto"`` picks CUDA when ``cupy.is_available()``; ``"cuda"`` without a GPU is an error,
+    never a silent fallback, so a user who asked for speed knows they are not getting it.
+    """
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda":
+        if not cuda_available():
+            why = "CuPy is not installed (pip install 'gpuheart[cuda13]')" if _cupy() is None \
+                else "CuPy found no CUDA device"
+            raise DeviceError(f"device 'cuda' was requested but {why}; use --device cpu or auto")
+        return "cuda"
+    return "cuda" if cuda_available() else "cpu"
+
+
+def is_device_array(x: Any) -> bool:
+    cp = _cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def array_module(x: Any):
+    """numpy or cupy, whichever owns ``x`` (the CuPy ``get_array_module`` idea without needing CuPy)."""
+    return _cupy() if is_device_array(x) else np
+
+
+def device_of(x: Any) -> str:
+    return "cuda" if is_device_array(x) else "cpu"
+
+
+def to_device(x: Any, device: str = "auto", stream=None):
+    """Move ``x`` to ``device`` ("cpu" gives NumPy, "cuda" CuPy); no copy when it is already there."""
+    device = resolve_device(device)
+    if device == "cpu":
+        return to_host(x)
+    cp = _cupy()
+    if isinstance(x, cp.ndarray):
+        return x
+    if stream is None:
+        return cp.asarray(x)
+    with stream:
+        out = cp.empty(np.shape(x), dtype=np.asarray(x).dtype)
+        out.set(np.ascontiguousarray(x), stream=stream)
+        return out
+
+
+def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """A NumPy array for ``x`` (a device->host copy for CuPy arrays, none for NumPy)."""
+    if is_device_array(x):
+        return x.get(out=out)
+    arr = np.asarray(x)
+    if out is not None:
+        out[...] = arr
+        return out
+    return arr
+
+
+def as_torch(x: Any):
+    """A torch tensor sharing memory with ``x`` (NumPy -> CPU tensor, CuPy -> CUDA tensor) via DLPack.
+
+    No copy is made: writing through the tensor changes ``x``. Arrays that DLPack cannot
+    describe (e.g. negative strides) are rejected rather than silently copied.
+    """
+    import torch
+
+    if not (x.flags.c_contiguous or x.flags.f_contiguous) and any(s < 0 for s in x.strides):
+        raise ValueError("as_torch needs non-negative strides; call xp.ascontiguousarray first")
+    return torch.from_dlpack(x)
+
+
+def from_torch(t: Any):
+    """The NumPy (CPU tensor) or CuPy (CUDA tensor) array sharing memory with ``t``."""
+    t = t.detach()
+    if t.device.type == "cuda":
+        cp = _cupy()
+        if cp is None:
+            raise DeviceError("a CUDA tensor needs CuPy to be viewed as an array")
+        return cp.from_dlpack(t)
+    if t.device.type != "cpu":
+        raise DeviceError(f"tensors on {t.device.type!r} are not supported; move them to cpu or cuda")
+    return np.from_dlpack(t)
+
+
+# -- CUDA kernels --------------------------------------------------------------------------------
+
+def kernel_dir() -> Path:
+    """Where the ``.cu`` sources are: inside the installed package, else the source tree's ``kernels/``."""
+    try:
+        from importlib.resources import files
+
+        d = Path(str(files("gpuheart.kernels")))
+        if any(d.glob("*.cu")):
+            return d
+    except Exception:
+        pass
+    return Path(__file__).resolve().parent.parent / "kernels"
+
+
+def kernel_source(name: str) -> str:
+    path = kernel_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA kernel source {path} is missing from the installation")
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def load_module(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()):
+    """Compile ``kernels/<name>`` once per process with NVRTC and cache the ``cupy.RawModule``."""
+    cp = _cupy()
+    if cp is None or not cuda_available():
+        raise DeviceError(f"kernel {name} needs CUDA")
+    return cp.RawModule(code=kernel_source(name), options=("-std=c++17",) + tuple(options),
+                        name_expressions=list(name_expressions) or None)
