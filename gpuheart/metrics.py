@@ -1,0 +1,92 @@
+"""Measurements: slice-mean variation, the paper's SNR, and overlap scores.
+
+Every function takes plain arrays (NumPy or CuPy) and returns Python floats, so a caller can
+accumulate them over a stream of slabs without holding the volume.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .backend import array_module
+
+
+def detrended_cv(slice_means, order: int = 1) -> float:
+    """Coefficient of variation of slice means after removing a polynomial trend in z.
+
+    ``cv = std(m_z - trend_z) / mean(m_z)`` where ``trend`` is the least-squares polynomial of
+    degree ``order`` (default: a straight line) through the slice means ``m_z``. The trend stands
+    for slow, real changes through the depth (tissue thickness, attenuation); what is left is the
+    slice-to-slice flicker that normalization is meant to remove. Non-finite means are skipped.
+    Returns NaN when fewer than ``order + 2`` finite means exist or their mean is 0.
+    """
+    m = np.asarray(slice_means, dtype=np.float64)
+    z = np.arange(m.size, dtype=np.float64)
+    ok = np.isfinite(m)
+    if ok.sum() < order + 2 or m[ok].mean() == 0:
+        return float("nan")
+    coef = np.polyfit(z[ok], m[ok], order)
+    resid = m[ok] - np.polyval(coef, z[ok])
+    return float(resid.std() / abs(m[ok].mean()))
+
+
+def snr(image, mask) -> float:
+    """The paper's signal-to-noise ratio: mean value of the signal pixels / mean value of the image."""
+    xp = array_module(image)
+    image = image.astype(xp.float64)
+    mean_all = float(image.mean())
+    n_sig = int(mask.sum())
+    if n_sig == 0 or mean_all == 0:
+        return float("nan")
+    return float(image[mask.astype(bool)].sum()) / n_sig / mean_all
+
+
+@dataclass
+class Confusion:
+    """Voxel counts of a predicted mask against the truth; add slab by slab with ``update``."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def update(self, pred, truth) -> "Confusion":
+        if pred.shape != truth.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
+        p, t = pred.astype(bool), truth.astype(bool)
+        tp = int((p & t).sum())
+        fp = int(p.sum()) - tp
+        fn = int(t.sum()) - tp
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+        self.tn += int(p.size) - tp - fp - fn
+        return self
+
+    @property
+    def dice(self) -> float:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else 1.0  # two empty masks agree perfectly
+
+    @property
+    def accuracy(self) -> float:
+        n = self.tp + self.fp + self.fn + self.tn
+        return (self.tp + self.tn) / n if n else float("nan")
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+
+    def scores(self) -> dict:
+        return {**asdict(self), "dice": self.dice, "accuracy": self.accuracy,
+                "precision": self.precision, "recall": self.recall}
+
+
+def dice(pred, truth) -> float:
+    """Sørensen-Dice coefficient of two boolean masks (1.0 when both are empty)."""
+    return Confusion().update(pred, truth).dice

@@ -1,0 +1,401 @@
+"""The Pipeline: wires the stages over a stream of slabs, one channel at a time.
+
+No image algorithm lives here; this module decides order, memory (one slab at a time),
+outputs, timings and summary numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backend
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used."""
+
+
+@dataclass
+class ExposureConfig:
+    """Paper step 1-2: z-normalization, asinh stretch, CLAHE, robust scaling."""
+
+    normalize: bool = True
+    asinh_scale: float = 0.0  # 0: use the stack's own robust scale from pass 1
+    clahe: bool = True
+    clip_limit: float = 0.01
+    kernel_size: int = 32
+    robust_low: float = 0.1
+    robust_high: float = 99.9
+
+
+@dataclass
+class DomConfig:
+    """Paper step 4: difference of medians (median small - median large), thresholded per slice."""
+
+    enabled: bool = True
+    small: int = 3
+    large: int = 15
+    threshold: str = "sigma"  # "otsu", "sigma" (k x robust noise sigma) or a number as a string
+    k: float = 3.0
+
+
+@dataclass
+class OutputConfig:
+    write_preprocessed: bool = True
+    write_mask: bool = True
+    tiff: bool = False  # also write masks as multi-page TIFF
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run needs besides its input; defaults are the paper's settings.
+
+    Saved next to every run's output as ``config.toml`` and loadable with :meth:`load`.
+    """
+
+    device: str = "auto"
+    channels: list[str] = field(default_factory=list)  # empty: every channel of the scan
+    slab_size: int = 16
+    voxel_size: list[float] = field(default_factory=list)  # (z, y, x) µm; empty: from the scan's metadata
+    progress: bool = True
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)
+    dom: DomConfig = field(default_factory=DomConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "PipelineConfig":
+        backend.resolve_device(self.device)  # raises DeviceError with the reason
+        if self.slab_size < 1:
+            raise ConfigError(f"slab_size must be >= 1, got {self.slab_size}")
+        if self.voxel_size and (len(self.voxel_size) != 3 or min(self.voxel_size) <= 0):
+            raise ConfigError(f"voxel_size must be three positive numbers (z, y, x) µm, got {self.voxel_size}")
+        if self.dom.small % 2 == 0 or self.dom.large % 2 == 0 or not 1 <= self.dom.small < self.dom.large:
+            raise ConfigError(f"dom sizes must be odd with small < large, got {self.dom.small}, {self.dom.large}")
+        _threshold_arg(self.dom.threshold)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        return _build(cls, data, "config")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        import tomli_w
+
+        path = Path(path)
+        _atomic_write_bytes(path, tomli_w.dumps(self.to_dict()).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PipelineConfig":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        try:
+            return cls.from_dict(data).validate()
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, default, where):
+    # TOML ints are fine where floats are expected; anything else must match the default's type.
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str) and where.endswith("threshold") and isinstance(value, (int, float)):
+        ok, value = True, str(value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _threshold_arg(value: str):
+    if value in ("otsu", "sigma"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"dom.threshold must be 'otsu', 'sigma' or a number, got {value!r}") from None
+
+
+@dataclass
+class RunResult:
+    """What a run produced: output paths, per-stage seconds, and summary numbers per channel."""
+
+    out_dir: Path
+    outputs: dict[str, dict[str, Path]]
+    timings: dict[str, float]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir),
+                "outputs": {c: {k: str(v) for k, v in o.items()} for c, o in self.outputs.items()},
+                "timings_s": self.timings, "summary": self.summary}
+
+
+class _Timer:
+    """Accumulates wall seconds per stage name."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+class Pipeline:
+    """``Pipeline(config).run(source, out_dir)``: stream a scan through the stages.
+
+    ``source`` is anything :func:`gpuheart.io.open_scan` opens, or None for the built-in synthetic
+    scan (written to ``out_dir/input`` first, with its ground truth, so Dice is reported too).
+    ``truth`` maps channel names to mask files (any format ``open_scan`` reads) to score against.
+    """
+
+    def __init__(self, config: PipelineConfig | None = None):
+        self.config = (config or PipelineConfig()).validate()
+
+    def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | None = None,
+            phantom_preset: str = "default") -> RunResult:
+        from .io import open_scan
+
+        cfg, timer = self.config, _Timer()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            with timer("phantom"):
+                source, truth = _write_default_input(out_dir / "input", phantom_preset, cfg.progress)
+        voxel = tuple(cfg.voxel_size) or None
+        with open_scan(source, channels=cfg.channels or None, voxel_size=voxel) as scan:
+            outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device)}
+            for channel in scan.channels:
+                outputs[channel], summary[channel] = _run_channel(
+                    scan, channel, cfg, out_dir / channel, timer, (truth or {}).get(channel))
+        cfg.save(out_dir / "config.toml")
+        result = RunResult(out_dir, outputs, dict(timer.seconds), summary)
+        _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
+        return result
+
+
+def _write_default_input(folder: Path, preset: str, progress: bool):
+    from .phantom import PhantomConfig, write_phantom
+
+    if not (folder / "scan").is_dir():  # reuse a phantom written by an earlier run of the same command
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_phantom(PhantomConfig.preset(preset), folder, progress=progress)
+    truth = {p.stem: str(p) for p in sorted((folder / "truth").glob("*.tif"))}
+    return folder / "scan", truth
+
+
+def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path):
+    from . import exposure
+
+    out.mkdir(parents=True, exist_ok=True)
+    xp_device = backend.resolve_device(cfg.device)
+    with timer("stats (pass 1)"):
+        stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
+            range(scan.shape[0]), cfg.progress, f"{channel} stats")]
+    znorm = exposure.ZNorm.from_stats(stats)
+    acc = _ChannelAccumulator(scan.shape[0], truth_path, channel)
+    with _Writers(out, scan, cfg) as writers:
+        for slab in _progress(scan.iter_slabs(channel, cfg.slab_size), cfg.progress, f"{channel} slabs",
+                              total=-(-scan.shape[0] // cfg.slab_size)):
+            with timer("to device"):
+                x = backend.to_device(slab.data, xp_device)
+            pre, dom, mask = _process_slab(x, slab.z0, znorm, cfg, timer, acc)
+            with timer("write"):
+                writers.write(slab.z0, pre, mask)
+            acc.add(slab.z0, pre, dom, mask)
+    summary = acc.summary(stats)
+    summary["normalization"] = znorm.describe() if hasattr(znorm, "describe") else None
+    return writers.paths, summary
+
+
+def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc):
+    from . import exposure, filters, segment
+
+    e = cfg.exposure
+    with timer("z-normalize"):
+        norm = znorm.apply(x, z0) if e.normalize else x.astype(np.float32)
+    acc.add_normalized(z0, norm)
+    with timer("asinh"):
+        scale = e.asinh_scale or znorm.scale
+        stretched = exposure.asinh_stretch(norm - znorm.background, scale)
+    with timer("clahe"):
+        eq = exposure.clahe(stretched, clip_limit=e.clip_limit, kernel_size=e.kernel_size) if e.clahe else stretched
+    with timer("robust scale"):
+        pre = exposure.robust_scale(eq, e.robust_low, e.robust_high)
+    dom = mask = None
+    if cfg.dom.enabled:
+        with timer("difference of medians"):
+            dom = filters.difference_of_medians(pre, cfg.dom.small, cfg.dom.large)
+        with timer("threshold"):
+            thr = _threshold_arg(cfg.dom.threshold)
+            # per slice, so the mask does not depend on how the stack was cut into slabs
+            mask = np.stack([d > segment.threshold_value(d, thr, cfg.dom.k) for d in dom])
+    return pre, dom, mask
+
+
+class _Writers:
+    """The OME-Zarr outputs of one channel, committed together only when every slab is written."""
+
+    def __init__(self, out: Path, scan, cfg: PipelineConfig):
+        from .io import ZarrWriter
+
+        shape, vs = scan.shape, (tuple(cfg.voxel_size) or scan.voxel_size)
+        self.paths, self._w = {}, {}
+        if cfg.output.write_preprocessed:
+            self.paths["preprocessed"] = out / "preprocessed.ome.zarr"
+            self._w["preprocessed"] = ZarrWriter(self.paths["preprocessed"], shape, np.uint8, voxel_size=vs)
+        if cfg.output.write_mask and cfg.dom.enabled:
+            self.paths["dom_mask"] = out / "dom_mask.ome.zarr"
+            self._w["dom_mask"] = ZarrWriter(self.paths["dom_mask"], shape, np.uint8, voxel_size=vs)
+        self._tiff = cfg.output.tiff and cfg.dom.enabled
+        self._voxel = vs
+
+    def write(self, z0, pre, mask):
+        if "preprocessed" in self._w:
+            self._w["preprocessed"].write(z0, backend.to_host(pre))
+        if "dom_mask" in self._w:
+            self._w["dom_mask"].write(z0, backend.to_host(mask).astype(np.uint8) * 255)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for w in self._w.values():
+            w.__exit__(exc_type, exc, tb)
+        if exc_type is None and self._tiff:
+            from .io import open_scan, write_tiff
+
+            with open_scan(self.paths["dom_mask"]) as m:
+                tif = self.paths["dom_mask"].with_name("dom_mask.tif")
+                write_tiff(tif, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
+                           voxel_size=self._voxel, shape=m.shape, dtype=np.uint8)
+                self.paths["dom_mask_tiff"] = tif
+        return False
+
+
+class _ChannelAccumulator:
+    """Per-slice numbers gathered during pass 2 (a few floats per slice, never pixels)."""
+
+    def __init__(self, n_slices: int, truth_path, channel):
+        self.norm_means = np.full(n_slices, np.nan)
+        self.sums = defaultdict(float)
+        self.truth = None
+        if truth_path:
+            from .io import open_scan
+            from .metrics import Confusion
+
+            self.truth = open_scan(truth_path)
+            self.confusion = Confusion()
+
+    def add_normalized(self, z0, norm):
+        m = backend.to_host(norm.reshape(norm.shape[0], -1).mean(axis=1))
+        self.norm_means[z0:z0 + len(m)] = m
+
+    def add(self, z0, pre, dom, mask):
+        xp = backend.array_module(pre)
+        s = self.sums
+        s["pixels"] += pre.size
+        s["pre_sum"] += float(pre.sum(dtype=xp.float64))
+        if mask is None:
+            return
+        dom_pos = xp.maximum(dom, 0)  # the DoM image as displayed: negative responses are background
+        s["signal_pixels"] += float(mask.sum())
+        s["pre_signal_sum"] += float(pre[mask].sum(dtype=xp.float64))
+        s["dom_sum"] += float(dom_pos.sum(dtype=xp.float64))
+        s["dom_signal_sum"] += float(dom_pos[mask].sum(dtype=xp.float64))
+        if self.truth is not None:
+            t = self.truth.read_slab(self.truth.channels[0], z0, z0 + mask.shape[0]) > 0
+            self.confusion.update(backend.to_host(mask), t)
+
+    def summary(self, stats) -> dict:
+        from .metrics import detrended_cv
+
+        s = self.sums
+        raw_means = np.array([st.mean for st in stats], dtype=np.float64)
+        out = {"slices": len(stats),
+               "detrended_cv_raw": detrended_cv(raw_means),
+               "detrended_cv_normalized": detrended_cv(self.norm_means),
+               "preprocessed_mean": s["pre_sum"] / s["pixels"] if s["pixels"] else float("nan")}
+        if s["signal_pixels"]:
+            n = s["signal_pixels"]
+            out.update({
+                "dom_mask_fraction": n / s["pixels"],
+                "dom_mean": s["dom_sum"] / s["pixels"],
+                "snr_preprocessed": (s["pre_signal_sum"] / n) / (s["pre_sum"] / s["pixels"]),
+                "snr_dom": (s["dom_signal_sum"] / n) / (s["dom_sum"] / s["pixels"]) if s["dom_sum"] else float("nan"),
+            })
+        if self.truth is not None:
+            out["dom_vs_truth"] = self.confusion.scores()
+            self.truth.close()
+        return out
+
+
+def _progress(it, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit="slab" if "slab" in desc else "slice", leave=False)
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (Path, np.dtype)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
