@@ -1,0 +1,233 @@
+"""Median filters and the difference of medians (DoM) that highlights vessels.
+
+:func:`median` is the reference definition that the CUDA kernels must reproduce: a 2D
+``size x size`` median on every (y, x) slice, bit-exact against
+``scipy.ndimage.median_filter(slice, size=size, mode=mode, cval=cval)``. Borders are realized
+by padding (scipy's ``reflect`` is NumPy's ``symmetric``, ``mirror`` is ``reflect``, ``nearest``
+is ``edge``; NumPy's repeated padding agrees with scipy even for pads wider than the image),
+then a filter that only computes the valid region.
+
+Implementations, picked by dtype and size (all exact, since a median only selects a value):
+
+* uint8, any size, and uint16/float32 sizes 3 and 5: OpenCV ``medianBlur`` on the padded copy
+  (its replicate border never reaches the cropped result).
+* uint16, sizes >= 7: a numba Huang sliding-histogram median with a two-level (256 coarse x
+  256 fine) histogram and incremental median tracking: ~2*size histogram updates per pixel.
+* float32, sizes >= 7: values are replaced by their rank among the slice's distinct values; up
+  to 65536 distinct values go through the uint16 path, otherwise a per-pixel selection on
+  order-preserving uint32 keys.
+
+NaN (float32): every NaN sorts above +inf, as in ``np.sort``, so a window whose upper half is
+NaN gives NaN. scipy has no defined order for NaN, so compare to it only on NaN-free input.
+``-0.0`` sorts just below ``+0.0``; both compare equal, so only the sign of a zero may differ
+from scipy, never the value.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module, is_device_array, to_host
+
+MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
+         "constant": "constant"}
+DTYPES = (np.uint8, np.uint16, np.float32)
+MIN_SIZE, MAX_SIZE = 3, 31
+
+
+# -- argument checks --------------------------------------------------------------------------
+
+def _check_size(size) -> int:
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        raise TypeError(f"size must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size!r}")
+    size = int(size)
+    if size % 2 == 0 or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size}")
+    return size
+
+
+def _check_image(x) -> None:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"median supports uint8, uint16 and float32 images, got {x.dtype}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"expected a (y, x) slice or a (z, y, x) slab, got shape {x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"cannot filter an empty image of shape {x.shape}")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+    return MODES[mode]
+
+
+def _cval_as(cval, dtype):
+    """``cval`` in the image dtype; refuse values the dtype cannot hold (scipy's C cast is UB)."""
+    v = np.asarray(cval, dtype=np.float64)
+    if v.ndim != 0 or not np.isfinite(v) and dtype != np.float32:
+        raise ValueError(f"cval must be a finite scalar for {np.dtype(dtype)}, got {cval!r}")
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if v != np.floor(v) or not info.min <= v <= info.max:
+            raise ValueError(f"cval {cval!r} is not representable in {np.dtype(dtype)}")
+    return np.asarray(v, dtype=dtype)[()]
+
+
+def _check_out(out, shape, dtype):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
+        got = (getattr(out, "shape", None), getattr(out, "dtype", None))
+        raise ValueError(f"out must be a NumPy array of shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+                         f"got shape/dtype {got}")
+    return out
+
+
+def pad(x2d: np.ndarray, radius: int, mode: str = "reflect", cval=0) -> np.ndarray:
+    """``x2d`` padded by ``radius`` on every side the way scipy.ndimage extends it for ``mode``."""
+    npmode = _check_mode(mode)
+    if npmode == "constant":
+        return np.pad(x2d, radius, mode="constant", constant_values=_cval_as(cval, x2d.dtype))
+    return np.pad(x2d, radius, mode=npmode)
+
+
+# -- public API -------------------------------------------------------------------------------
+
+def median(x, size: int, mode: str = "reflect", cval=0, out=None):
+    """Median of every ``size x size`` window of each (y, x) slice (never across z).
+
+    Parameters
+    ----------
+    x : (y, x) or (z, y, x) array of uint8, uint16 or float32 (NumPy; CuPy arrays are filtered on
+        the host until the CUDA kernels exist).
+    size : odd window side, 3..31.
+    mode : ``"reflect" | "nearest" | "mirror" | "wrap" | "constant"``, scipy.ndimage's meaning.
+    cval : border value for ``mode="constant"``; must be representable in ``x.dtype``.
+    out : optional array of ``x``'s shape and dtype to write into.
+
+    Returns
+    -------
+    Array of ``x``'s shape and dtype, equal to ``scipy.ndimage.median_filter`` applied slice by
+    slice with the same ``size``, ``mode`` and ``cval``.
+    """
+    if is_device_array(x):
+        # No CUDA kernel yet: filter on the host, hand back a device array as the contract says.
+        xp = array_module(x)
+        res = xp.asarray(median(to_host(x), size, mode, cval))
+        if out is not None:
+            out[...] = res
+            return out
+        return res
+    x = np.asarray(x)
+    _check_image(x)
+    size = _check_size(size)
+    _check_mode(mode)
+    cval = _cval_as(cval, x.dtype) if mode == "constant" else cval
+    out = _check_out(out, x.shape, x.dtype)
+    if x.ndim == 2:
+        out[...] = _median2d(x, size, mode, cval)
+    else:
+        for z in range(x.shape[0]):
+            out[z] = _median2d(x[z], size, mode, cval)
+    return out
+
+
+def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "reflect", cval=0):
+    """``median(x, small) - median(x, large)`` as a signed array.
+
+    uint8 gives int16, uint16 gives int32, float32 gives float32, so no difference wraps.
+    Bright thin structures (vessels) are positive; broad background is near 0.
+    """
+    xp = array_module(x)
+    _check_image(x)
+    small, large = _check_size(small), _check_size(large)
+    signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,
+              np.dtype(np.float32): np.float32}[np.dtype(x.dtype)]
+    dom = median(x, small, mode, cval).astype(signed)
+    dom -= median(x, large, mode, cval)
+    return dom if xp is np else xp.asarray(dom)
+
+
+# -- 2D dispatch ------------------------------------------------------------------------------
+
+def _median2d(x2d: np.ndarray, size: int, mode: str, cval) -> np.ndarray:
+    r = size // 2
+    p = np.ascontiguousarray(pad(x2d, r, mode, cval))
+    if x2d.dtype == np.uint8 or (size <= 5 and not _has_nan(x2d, cval, mode)):
+        return _cv2_valid(p, size, r)
+    if x2d.dtype == np.uint16:
+        return _huang_u16(p, size)
+    return _median_f32(p, size)
+
+
+def _has_nan(x2d, cval, mode) -> bool:
+    if x2d.dtype != np.float32:
+        return False
+    return bool(np.isnan(x2d).any()) or (mode == "constant" and bool(np.isnan(cval)))
+
+
+def _cv2_valid(p: np.ndarray, size: int, r: int) -> np.ndarray:
+    import cv2
+
+    res = cv2.medianBlur(p, size)
+    return res[r:res.shape[0] - r, r:res.shape[1] - r]
+
+
+def _median_f32(p: np.ndarray, size: int) -> np.ndarray:
+    """float32 median through ranks: exact, and fast when few distinct values exist."""
+    keys = _f32_keys(p)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    if uniq.size <= 65536:
+        ranks = inv.reshape(p.shape).astype(np.uint16)
+        med = uniq[_huang_u16(ranks, size)]
+    else:
+        med = _select_u32(keys, size)
+    return _f32_from_keys(med)
+
+
+def _f32_keys(a: np.ndarray) -> np.ndarray:
+    """uint32 keys whose unsigned order is float order (every NaN made the largest)."""
+    a = np.where(np.isnan(a), np.float32(np.nan), a)  # one canonical, positive quiet NaN
+    b = a.view(np.uint32)
+    neg = (b >> 31).astype(bool)
+    return np.where(neg, ~b, b | np.uint32(0x80000000))
+
+
+def _f32_from_keys(k: np.ndarray) -> np.ndarray:
+    pos = (k >> 31).astype(bool)
+    return np.where(pos, k & np.uint32(0x7FFFFFFF), ~k).astype(np.uint32).view(np.float32)
+
+
+# -- numba kernels ----------------------------------------------------------------------------
+# Compiled lazily (first call) and cached on disk, so importing gpuheart costs nothing and only
+# the kernels a run needs are ever compiled.
+
+_KERNELS = {}
+
+
+def _huang_u16(p: np.ndarray, size: int) -> np.ndarray:
+    """Valid-region median of the padded uint16 image ``p``."""
+    if "huang" not in _KERNELS:
+        from ._median_numba import huang_u16
+
+        _KERNELS["huang"] = huang_u16
+    h, w = p.shape[0] - size + 1, p.shape[1] - size + 1
+    out = np.empty((h, w), np.uint16)
+    _KERNELS["huang"](p, size, _band_rows(h, w), out)
+    return out
+
+
+def _select_u32(p: np.ndarray, size: int) -> np.ndarray:
+    if "select" not in _KERNELS:
+        from ._median_numba import select_u32
+
+        _KERNELS["select"] = select_u32
+    h, w = p.shape[0] - size + 1, p.shape[1] - size + 1
+    out = np.empty((h, w), np.uint32)
+    _KERNELS["select"](p, size, out)
+    return out
+
+
+def _band_rows(h: int, w: int) -> int:
+    # Each band pays one window fill and one histogram; ~64 rows amortizes that and still gives
+    # every thread several bands to balance.
+    return max(1, min(64, h // 8 or 1))
