@@ -240,17 +240,19 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
             range(scan.shape[0]), cfg.progress, f"{channel} stats")]
     znorm = exposure.ZNorm.from_stats(stats)
-    acc = _ChannelAccumulator(scan.shape[0], truth_path, channel)
+    acc = _ChannelAccumulator(scan.shape, truth_path, channel)
     with _Writers(out, scan, cfg) as writers:
         for slab in _progress(scan.iter_slabs(channel, cfg.slab_size), cfg.progress, f"{channel} slabs",
                               total=-(-scan.shape[0] // cfg.slab_size)):
             with timer("to device"):
                 x = backend.to_device(slab.data, xp_device)
+            acc.add_raw(slab.z0, x)
             pre, dom, mask = _process_slab(x, slab.z0, znorm, cfg, timer, acc)
             with timer("write"):
                 writers.write(slab.z0, pre, mask)
             acc.add(slab.z0, pre, dom, mask)
     summary = acc.summary(stats)
+    acc.save_figures(out / "figures.npz")
     summary["normalization"] = znorm.describe() if hasattr(znorm, "describe") else None
     return writers.paths, summary
 
@@ -321,31 +323,65 @@ class _Writers:
 
 
 class _ChannelAccumulator:
-    """Per-slice numbers gathered during pass 2 (a few floats per slice, never pixels)."""
+    """What pass 2 keeps for the summary and the report: a few floats per slice and a few 2D images
+    (maximum projections, one line profile, the middle slice), never the volume."""
 
-    def __init__(self, n_slices: int, truth_path, channel):
-        self.norm_means = np.full(n_slices, np.nan)
+    def __init__(self, shape, truth_path, channel):
+        self.n, self.mid = shape[0], shape[0] // 2
+        self.norm_means = np.full(self.n, np.nan)
         self.sums = defaultdict(float)
+        self.fig: dict[str, Any] = {}
         self.truth = None
         if truth_path:
             from .io import open_scan
             from .metrics import Confusion
 
             self.truth = open_scan(truth_path)
+            if self.truth.shape != tuple(shape):
+                raise ValueError(f"{truth_path}: truth mask has shape {self.truth.shape}, expected {tuple(shape)} "
+                                 f"(the scan's channel {channel})")
             self.confusion = Confusion()
+
+    def _mip(self, name, slab):
+        m = slab.max(axis=0).astype(np.float32)
+        prev = self.fig.get("mip_" + name)
+        self.fig["mip_" + name] = m if prev is None else array_max(prev, m)
+
+    def _middle(self, name, z0, slab, row=True):
+        if z0 <= self.mid < z0 + slab.shape[0]:
+            sl = slab[self.mid - z0].copy()  # a copy, so the slab itself can be freed
+            if row:
+                self.fig["profile_" + name] = sl[sl.shape[0] // 2].astype(np.float32)
+            return sl
+        return None
+
+    def add_raw(self, z0, raw):
+        self._mip("raw", raw)
+        self._middle("raw", z0, raw)
 
     def add_normalized(self, z0, norm):
         m = backend.to_host(norm.reshape(norm.shape[0], -1).mean(axis=1))
         self.norm_means[z0:z0 + len(m)] = m
+        self._mip("normalized", norm)
 
     def add(self, z0, pre, dom, mask):
         xp = backend.array_module(pre)
         s = self.sums
         s["pixels"] += pre.size
         s["pre_sum"] += float(pre.sum(dtype=xp.float64))
+        self._mip("preprocessed", pre)
+        mid = self._middle("preprocessed", z0, pre)
+        if mid is not None:
+            self.fig["mid_preprocessed"] = mid
         if mask is None:
             return
         dom_pos = xp.maximum(dom, 0)  # the DoM image as displayed: negative responses are background
+        self._mip("dom", dom_pos)
+        self._mip("mask", mask)
+        self._middle("dom", z0, dom_pos)
+        mid = self._middle("mask", z0, mask, row=False)
+        if mid is not None:
+            self.fig["mid_mask"] = mid
         s["signal_pixels"] += float(mask.sum())
         s["pre_signal_sum"] += float(pre[mask].sum(dtype=xp.float64))
         s["dom_sum"] += float(dom_pos.sum(dtype=xp.float64))
@@ -353,6 +389,19 @@ class _ChannelAccumulator:
         if self.truth is not None:
             t = self.truth.read_slab(self.truth.channels[0], z0, z0 + mask.shape[0]) > 0
             self.confusion.update(backend.to_host(mask), t)
+            self._mip("truth", t)
+            mid = self._middle("truth", z0, t, row=False)
+            if mid is not None:
+                self.fig["mid_truth"] = mid
+
+    def save_figures(self, path: Path):
+        """The arrays the report draws (see gpuheart.report): tiny next to the volume."""
+        arrays = {k: backend.to_host(v).astype(np.float32) for k, v in self.fig.items()}
+        arrays.update(profile_z=np.int64(self.mid), profile_y=np.int64(
+            arrays["mid_preprocessed"].shape[0] // 2 if "mid_preprocessed" in arrays else 0))
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
 
     def summary(self, stats) -> dict:
         from .metrics import detrended_cv
@@ -374,7 +423,13 @@ class _ChannelAccumulator:
         if self.truth is not None:
             out["dom_vs_truth"] = self.confusion.scores()
             self.truth.close()
+        out["slice_means_raw"] = raw_means.tolist()
+        out["slice_means_normalized"] = self.norm_means.tolist()
         return out
+
+
+def array_max(a, b):
+    return backend.array_module(a).maximum(a, b)
 
 
 def _progress(it, enabled: bool, desc: str, total=None):
