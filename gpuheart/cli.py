@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     ph.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    rp = sub.add_parser("report", help="write report.html for a finished run",
+                        description="Write OUT_DIR/report.html with PNG figures (projections before and after each "
+                                    "stage, slice-mean curves, line profile, overlays, mesh, stage times) from "
+                                    "what a run left in OUT_DIR. gpuheart run does this automatically.")
+    rp.add_argument("out_dir", help="the output folder of a run (holds summary.json)")
+
     i = sub.add_parser("info", help="describe a scan", description="Print shape, dtype, channels, voxel size "
                                                                    "and format of a scan without reading its pixels.")
     i.add_argument("input")
@@ -101,6 +107,15 @@ def _cmd_phantom(a) -> int:
     return EXIT_OK
 
 
+def _cmd_report(a) -> int:
+    from .report import write_report
+
+    if not (Path(a.out_dir) / "summary.json").is_file():
+        raise FileNotFoundError(f"{a.out_dir}: no summary.json, so no finished gpuheart run to report on")
+    print(f"gpuheart: wrote {write_report(a.out_dir)}")
+    return EXIT_OK
+
+
 def _cmd_info(a) -> int:
     from .io import open_scan
 
@@ -116,7 +131,7 @@ def _cmd_info(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _cmd_run, "phantom": _cmd_phantom, "info": _cmd_info}[args.command]
+    handler = {"run": _cmd_run, "phantom": _cmd_phantom, "info": _cmd_info, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -1,7 +1,926 @@
-"""Opening scans lazily, iterating slabs with halos, writing masks atomically."""
+"""Opening scans lazily, iterating slabs with halos, writing masks atomically.
+
+Three sources are understood (see :func:`open_scan`): a multi-page TIFF (plain, ImageJ or OME, with an
+optional channel axis), a folder of one TIFF per z-slice per channel as a LaVision UltraMicroscope
+writes it, and a Zarr / OME-Zarr store. Whatever the source, a :class:`Scan` reads one slice or one slab
+only when asked: the scan itself is never loaded whole, because light-sheet hearts are tens of GB.
+
+Every failure is a :class:`ScanError` whose one-line message names the file and what was expected.
+Writers (:class:`ZarrWriter`, :func:`write_tiff`) write to ``<final>.partial`` and rename on success,
+so an interrupted run never leaves an output that looks complete.
+"""
 from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ScanError", "Scan", "Slab", "open_scan", "ZarrWriter", "write_tiff", "lavision_filename",
+]
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_CHANNEL_RE = re.compile(r"_C(\d+)")
+_Z_RE = re.compile(r"Z(\d+)")
+# Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
+_UNIT_UM = {
+    "µm": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "micrometre": 1.0, "\\u00B5m": 1.0,
+    "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6,
+}
 
 
 def lavision_filename(prefix: str, channel: int, z: int) -> str:
     """The per-slice file name a LaVision UltraMicroscope writes: ``<prefix>_C00_xyz-Table Z0000.ome.tif``."""
     return f"{prefix}_C{channel:02d}_xyz-Table Z{z:04d}.ome.tif"
+
+
+class ScanError(ValueError):
+    """Any failure to open, read or write a scan; the message names the file and what was expected."""
+
+
+# -- plain data -----------------------------------------------------------------------------------
+
+@dataclass
+class Slab:
+    """Slices ``[z0, z1)`` of one channel plus ``lo``/``hi`` halo slices below/above.
+
+    ``data`` covers ``[z0 - lo, z1 + hi)``; the halo is clipped at the scan ends, so ``lo`` is 0 for
+    the first slab and ``hi`` 0 for the last.
+    """
+
+    z0: int
+    z1: int
+    lo: int
+    hi: int
+    data: np.ndarray
+
+    @property
+    def core(self) -> np.ndarray:
+        """``data`` without the halo: exactly slices ``[z0, z1)``."""
+        return self.data[self.lo:self.lo + (self.z1 - self.z0)]
+
+
+@dataclass
+class Scan:
+    """An opened scan: metadata now, pixels on demand. Use as a context manager or call :meth:`close`."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    channels: list[str]
+    voxel_size: tuple[float, float, float] | None
+    format: str = "tiff"
+    _source: Any = field(default=None, repr=False, compare=False)
+
+    # reading --------------------------------------------------------------------------------
+    def _channel_index(self, channel: str | int) -> int:
+        if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool):
+            if 0 <= channel < len(self.channels):
+                return int(channel)
+        elif channel in self.channels:
+            return self.channels.index(channel)
+        raise ScanError(f"{self.path}: no channel {channel!r} (available: {', '.join(self.channels)})")
+
+    def _src(self):
+        if self._source is None:
+            raise ScanError(f"{self.path}: scan is closed (expected an open scan; use open_scan again)")
+        return self._source
+
+    def read_slice(self, channel: str | int, z: int) -> np.ndarray:
+        """Slice ``z`` of ``channel`` as a (y, x) array."""
+        return self.read_slab(channel, z, z + 1)[0]
+
+    def read_slab(self, channel: str | int, z0: int, z1: int) -> np.ndarray:
+        """Slices ``[z0, z1)`` of ``channel`` as a (z, y, x) array (a fresh array, never a view of a cache)."""
+        c = self._channel_index(channel)
+        nz = self.shape[0]
+        if not (isinstance(z0, (int, np.integer)) and isinstance(z1, (int, np.integer))
+                and 0 <= z0 <= z1 <= nz):
+            raise ScanError(f"{self.path}: slab [{z0}, {z1}) is outside the scan "
+                            f"(expected 0 <= z0 <= z1 <= {nz})")
+        return self._src().read(c, int(z0), int(z1))
+
+    def iter_slabs(self, channel: str | int, slab_size: int, halo: int = 0) -> Iterator[Slab]:
+        """Yield consecutive :class:`Slab` s of ``slab_size`` core slices, each with up to ``halo``
+        neighbouring slices on either side (clipped at the scan ends). One slab is read per step."""
+        self._channel_index(channel)
+        if int(slab_size) < 1 or int(halo) < 0:
+            raise ScanError(f"{self.path}: slab_size={slab_size}, halo={halo}; "
+                            f"expected slab_size >= 1 and halo >= 0")
+        nz = self.shape[0]
+        for z0 in range(0, nz, slab_size):
+            z1 = min(z0 + slab_size, nz)
+            lo, hi = min(halo, z0), min(halo, nz - z1)
+            yield Slab(z0, z1, lo, hi, self.read_slab(channel, z0 - lo, z1 + hi))
+
+    # description and lifetime --------------------------------------------------------------
+    def describe(self) -> dict:
+        """Plain-data summary for ``gpuheart info``: path, format, shape, dtype, channels, voxel size,
+        uncompressed size (``nbytes``), size on disk (``disk_bytes``) and compression."""
+        src = self._src()
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "shape": tuple(self.shape),
+            "dtype": str(self.dtype),
+            "channels": list(self.channels),
+            "voxel_size": self.voxel_size,
+            "nbytes": int(np.prod(self.shape)) * self.dtype.itemsize * len(self.channels),
+            "disk_bytes": src.disk_bytes(),
+            "compression": src.compression(),
+        }
+
+    def close(self) -> None:
+        """Release open file handles; reading afterwards is an error. Safe to call twice."""
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    def __enter__(self) -> Scan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _fmt_z(z: int) -> str:
+    return f"Z{z:04d}"
+
+
+def _runs(zs: Sequence[int]) -> str:
+    """'Z0000-Z0006, Z0008-Z0019' for sorted z indices."""
+    out, start = [], None
+    for i, z in enumerate(zs):
+        if start is None:
+            start = z
+        if i + 1 == len(zs) or zs[i + 1] != z + 1:
+            out.append(_fmt_z(start) if start == z else f"{_fmt_z(start)}-{_fmt_z(z)}")
+            start = None
+    return ", ".join(out)
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name))
+
+
+def _is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _tifffile_errors():
+    """Collect what tifffile only logs (a broken IFD chain, i.e. a truncated file) so we can raise it."""
+    records: list[logging.LogRecord] = []
+
+    class _Grab(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                records.append(record)
+
+    logger = logging.getLogger("tifffile")
+    handler, propagate = _Grab(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # the message reaches the user once, as a ScanError
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _open_tiff(path: Path):
+    """A tifffile.TiffFile, or a ScanError naming the file; all IFDs are walked only by the caller."""
+    import tifffile
+
+    if not _is_tiff(path):
+        raise ScanError(f"{path}: not a TIFF file (expected a TIFF, a folder of TIFFs or a Zarr store)")
+    try:
+        return tifffile.TiffFile(path)
+    except Exception as err:
+        raise ScanError(f"{path}: truncated or corrupt TIFF ({err}); expected a readable TIFF header") from err
+
+
+def _page_end(page) -> int:
+    offs, counts = page.dataoffsets, page.databytecounts
+    return max((o + n for o, n in zip(offs, counts)), default=0)
+
+
+def _to_um(value: float, unit: str | None) -> float | None:
+    if unit is None:
+        return float(value)
+    factor = _UNIT_UM.get(str(unit).strip())
+    return None if factor is None else float(value) * factor
+
+
+def _voxel_from_tiff(tif) -> tuple[float, float, float] | None:
+    """(z, y, x) µm from OME PhysicalSize* or ImageJ spacing/resolution; None when not calibrated."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
+            if pixels is not None:
+                size = []
+                for ax in "ZYX":
+                    v = pixels.get(f"PhysicalSize{ax}")
+                    size.append(None if v is None else _to_um(float(v), pixels.get(f"PhysicalSize{ax}Unit", "µm")))
+                if all(s is not None and s > 0 for s in size):
+                    return tuple(size)
+        if tif.is_imagej and tif.imagej_metadata:
+            meta = tif.imagej_metadata
+            unit = meta.get("unit")
+            if not unit or str(unit).strip() not in _UNIT_UM:
+                return None  # ImageJ leaves uncalibrated images in "pixels"
+            tags = tif.pages.first.tags
+            xr, yr = tags.get("XResolution"), tags.get("YResolution")
+            if xr is None or yr is None:
+                return None
+            # resolution is pixels per unit; ImageJ omits spacing when it equals 1
+            x = xr.value[1] / xr.value[0]
+            y = yr.value[1] / yr.value[0]
+            z = float(meta.get("spacing", 1.0))
+            size = tuple(_to_um(v, unit) for v in (z, y, x))
+            return size if all(s is not None and s > 0 for s in size) else None
+    except (ET.ParseError, ValueError, ZeroDivisionError, TypeError, KeyError):
+        return None
+    return None
+
+
+def _compression_name(page) -> str:
+    import tifffile
+
+    try:
+        return tifffile.COMPRESSION(int(page.compression)).name
+    except (ValueError, TypeError):
+        return str(page.compression)
+
+
+# -- source: one multi-page TIFF ------------------------------------------------------------------
+
+class _TiffStack:
+    """A multi-page TIFF (plain, ImageJ or OME); the file handle stays open, pages are decoded on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tif = _open_tiff(path)
+        try:
+            self._inspect()
+        except Exception:
+            self.tif.close()
+            raise
+
+    def _inspect(self) -> None:
+        path, tif = self.path, self.tif
+        size = path.stat().st_size
+        with _tifffile_errors() as errors:
+            try:
+                series = tif.series[0]
+                npages = len(tif.pages)
+            except Exception as err:
+                raise ScanError(f"{path}: corrupt TIFF ({err}); expected readable image pages") from err
+        if errors:
+            raise ScanError(f"{path}: truncated or corrupt TIFF ({errors[0].getMessage()}); "
+                            f"expected a complete file")
+        axes, shape = series.axes, tuple(series.shape)
+        if "S" in axes:
+            raise ScanError(f"{path}: image has colour samples (axes {axes}); expected grayscale (z, y, x)")
+        if axes[-2:] != "YX":
+            raise ScanError(f"{path}: series axes {axes}; expected the last two axes to be Y, X")
+        lead = [(a, n) for a, n in zip(axes[:-2], shape[:-2])]
+        zaxes = [a for a, n in lead if a in "ZIQ" and n > 1]
+        other = [f"{a}={n}" for a, n in lead if a not in "ZIQC" and n > 1]
+        if len(zaxes) > 1 or other:
+            raise ScanError(f"{path}: series axes {axes} with shape {shape}; "
+                            f"expected at most one z axis and one channel axis (C)")
+        self.lead_axes = [a for a, _ in lead]
+        self.lead_shape = [n for _, n in lead]
+        self.z_axis = next((i for i, (a, n) in enumerate(lead) if a in "ZIQ" and n > 1), None)
+        self.c_axis = next((i for i, (a, _) in enumerate(lead) if a == "C"), None)
+        nz = self.lead_shape[self.z_axis] if self.z_axis is not None else 1
+        nc = self.lead_shape[self.c_axis] if self.c_axis is not None else 1
+        self.series = series
+        self.nplanes = int(np.prod(self.lead_shape, dtype=np.int64))
+        self.shape = (nz, shape[-2], shape[-1])
+        self.dtype = np.dtype(series.dtype)
+        self.nchannels = nc
+        self.keyframe = series.keyframe
+        # Either every plane is its own page, or the data is one contiguous block (ImageJ > 4 GB,
+        # tifffile "shaped" files whose later IFDs tifffile does not index).
+        self.pages = series.pages if len(series.pages) == self.nplanes else None
+        if self.pages is None:
+            if series.dataoffset is None:
+                raise ScanError(f"{path}: {len(series.pages)} of {self.nplanes} pages present; "
+                                f"expected a complete file (truncated?)")
+            need = series.dataoffset + self.nplanes * self._plane_bytes()
+            if need > size:
+                raise ScanError(f"{path}: truncated: pixel data needs {need} bytes, file has {size}")
+        else:
+            for i, page in enumerate(self.pages):
+                if page is not None and _page_end(page) > size:
+                    raise ScanError(f"{path}: truncated: pixel data of page {i} ends at byte "
+                                    f"{_page_end(page)}, file has {size} bytes")
+        self.voxel_size = _voxel_from_tiff(tif)
+        self.format = "tiff-hyperstack" if self.c_axis is not None else "tiff"
+        del npages
+
+    def _plane_bytes(self) -> int:
+        return self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+    def _plane(self, c: int, z: int) -> int:
+        index = [0] * len(self.lead_shape)
+        if self.z_axis is not None:
+            index[self.z_axis] = z
+        if self.c_axis is not None:
+            index[self.c_axis] = c
+        return int(np.ravel_multi_index(index, self.lead_shape)) if index else 0
+
+    def read(self, c: int, z0: int, z1: int) -> np.ndarray:
+        out = np.empty((z1 - z0,) + self.shape[1:], self.dtype)
+        for k, z in enumerate(range(z0, z1)):
+            i = self._plane(c, z)
+            try:
+                if self.pages is not None:
+                    page = self.pages[i]
+                    if _page_end(page) > os.path.getsize(self.path):
+                        raise ScanError(f"{self.path}: slice {_fmt_z(z)} (page {i}) is truncated; "
+                                        f"expected its pixel data to be complete")
+                    out[k] = page.asarray().reshape(self.shape[1:])
+                else:
+                    fh = self.tif.filehandle
+                    nbytes = self._plane_bytes()
+                    fh.seek(self.series.dataoffset + i * nbytes)
+                    buf = fh.read(nbytes)
+                    if len(buf) != nbytes:
+                        raise ScanError(f"{self.path}: slice {_fmt_z(z)} is truncated; "
+                                        f"expected {nbytes} bytes, got {len(buf)}")
+                    dt = self.dtype.newbyteorder(self.tif.byteorder)
+                    out[k] = np.frombuffer(buf, dt).reshape(self.shape[1:])
+            except ScanError:
+                raise
+            except Exception as err:
+                raise ScanError(f"{self.path}: cannot read slice {_fmt_z(z)} (page {i}): {err}") from err
+        return out
+
+    def disk_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def compression(self) -> str:
+        return _compression_name(self.keyframe)
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+# -- source: a folder of per-slice TIFFs ------------------------------------------------------------
+
+class _TiffFolder:
+    """One 2D TIFF per (channel, z). Files are opened only while a slice is read."""
+
+    def __init__(self, path: Path, files: dict[str, list[Path]]):
+        self.path = path
+        self.files = files
+        self.names = list(files)
+        first = files[self.names[0]][0]
+        self.shape2d, self.dtype, self.voxel_size, self._compression = None, None, None, "NONE"
+        for name in self.names:
+            for f in files[name]:
+                self._check_header(f, first)
+        self.shape = (len(files[self.names[0]]),) + self.shape2d
+        self.format = "tiff-folder"
+
+    def _check_header(self, f: Path, first: Path) -> None:
+        tif = _open_tiff(f)
+        with tif, _tifffile_errors() as errors:
+            try:
+                page = tif.pages.first
+                npages = len(tif.pages)
+                shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            except Exception as err:
+                raise ScanError(f"{f}: corrupt TIFF ({err}); expected one 2D image") from err
+            if errors:
+                raise ScanError(f"{f}: truncated or corrupt TIFF ({errors[0].getMessage()})")
+            if npages != 1 or len(shape) != 2:
+                raise ScanError(f"{f}: holds {npages} page(s) of shape {shape}; "
+                                f"expected one 2D grayscale slice per file")
+            if self.shape2d is None:
+                self.shape2d, self.dtype = shape, dtype
+                self.voxel_size = _voxel_from_tiff(tif)
+                self._compression = _compression_name(page)
+            elif shape != self.shape2d or dtype != self.dtype:
+                raise ScanError(f"{f}: slice is {shape} {dtype}; expected {self.shape2d} {self.dtype} "
+                                f"like {first.name}")
+            if _page_end(page) > f.stat().st_size:
+                raise ScanError(f"{f}: truncated: pixel data ends at byte {_page_end(page)}, "
+                                f"file has {f.stat().st_size} bytes")
+
+    def read(self, c: int, z0: int, z1: int) -> np.ndarray:
+        out = np.empty((z1 - z0,) + self.shape2d, self.dtype)
+        for k, z in enumerate(range(z0, z1)):
+            f = self.files[self.names[c]][z]
+            try:
+                tif = _open_tiff(f)
+                with tif:
+                    page = tif.pages.first
+                    if _page_end(page) > f.stat().st_size:
+                        raise ScanError(f"{f}: slice {_fmt_z(z)} is truncated; expected complete pixel data")
+                    data = page.asarray()
+            except ScanError:
+                raise
+            except Exception as err:
+                raise ScanError(f"{f}: cannot read slice {_fmt_z(z)}: {err}") from err
+            if data.shape != self.shape2d or data.dtype != self.dtype:
+                raise ScanError(f"{f}: slice is {data.shape} {data.dtype}; expected {self.shape2d} {self.dtype}")
+            out[k] = data
+        return out
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for fs in self.files.values() for f in fs)
+
+    def compression(self) -> str:
+        return self._compression
+
+    def close(self) -> None:
+        pass
+
+
+def _scan_folder(path: Path) -> dict[str, list[Path]]:
+    """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete."""
+    tiffs = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES]
+    if not tiffs:
+        raise ScanError(f"{path}: folder holds no TIFF files (expected *.tif/*.tiff slices)")
+    by_channel: dict[int, list[tuple[int | None, Path]]] = {}
+    for p in tiffs:
+        cm = _CHANNEL_RE.findall(p.name)
+        zm = _Z_RE.findall(p.name)
+        by_channel.setdefault(int(cm[-1]) if cm else 0, []).append((int(zm[-1]) if zm else None, p))
+    files: dict[str, list[Path]] = {}
+    for c in sorted(by_channel):
+        name = f"C{c:02d}"
+        items = by_channel[c]
+        if any(z is None for z, _ in items):
+            # no Z token: the order of the names is the z order
+            files[name] = sorted((p for _, p in items), key=lambda p: _natural_key(p.name))
+            continue
+        items.sort(key=lambda t: (t[0], _natural_key(t[1].name)))
+        zs = [z for z, _ in items]
+        for a, b in zip(items, items[1:]):
+            if a[0] == b[0]:
+                raise ScanError(f"{path}: channel {name} has two files for slice {_fmt_z(a[0])}: "
+                                f"{a[1].name!r} and {b[1].name!r}; expected one")
+        missing = sorted(set(range(zs[0], zs[-1] + 1)) - set(zs))
+        if missing:
+            raise ScanError(f"{path}: channel {name} has no slice {_fmt_z(missing[0])} (found {_runs(zs)})")
+        files[name] = [p for _, p in items]
+    counts = {n: len(fs) for n, fs in files.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{n}: {k}" for n, k in counts.items())
+        raise ScanError(f"{path}: channels have different slice counts ({detail}); expected the same number")
+    return files
+
+
+# -- source: Zarr / OME-Zarr ---------------------------------------------------------------------------
+
+def _zarr_major() -> int:
+    import zarr
+
+    return int(zarr.__version__.split(".")[0])
+
+
+def _is_zarr_dir(path: Path) -> bool:
+    return path.is_dir() and (path.suffix.lower() == ".zarr" or any(
+        (path / m).exists() for m in (".zarray", ".zgroup", "zarr.json")))
+
+
+class _Zarr:
+    """A zarr array ((z, y, x), (c, z, y, x)) or an OME-NGFF image group (level 0 of its multiscales)."""
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self.path = path
+        try:
+            node = zarr.open(store=str(path), mode="r") if _zarr_major() >= 3 else zarr.open(str(path), mode="r")
+        except Exception as err:
+            raise ScanError(f"{path}: cannot open as Zarr ({err}); expected a zarr array or OME-Zarr group") from err
+        self.voxel_size = None
+        axes: list[str] | None = None
+        if hasattr(node, "shape") and hasattr(node, "dtype"):
+            arr, self.format = node, "zarr"
+        else:
+            attrs = dict(node.attrs)
+            ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+            if not ms:
+                raise ScanError(f"{path}: zarr group without OME-NGFF 'multiscales' metadata; "
+                                f"expected an OME-Zarr image or a plain zarr array")
+            ms0 = ms[0]
+            ds = ms0["datasets"][0]
+            try:
+                arr = node[ds["path"]]
+            except Exception as err:
+                raise ScanError(f"{path}: multiscales level 0 ({ds['path']!r}) is missing") from err
+            raw_axes = ms0.get("axes") or list("tczyx"[-arr.ndim:])
+            axes = [a["name"] if isinstance(a, dict) else str(a) for a in raw_axes]
+            units = [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
+            self.voxel_size = self._ngff_scale(ms0, ds, axes, units)
+            self.format = "ome-zarr"
+        if axes is None:
+            axes = {2: ["y", "x"], 3: ["z", "y", "x"], 4: ["c", "z", "y", "x"]}.get(arr.ndim)
+            if axes is None:
+                raise ScanError(f"{path}: zarr array has shape {arr.shape}; expected (z, y, x) or (c, z, y, x)")
+        if len(axes) != arr.ndim or axes[-2:] != ["y", "x"]:
+            raise ScanError(f"{path}: axes {axes} do not fit array shape {arr.shape}; expected (..., y, x)")
+        for a, n in zip(axes, arr.shape):
+            if a not in ("c", "z", "y", "x") and n != 1:
+                raise ScanError(f"{path}: axis {a!r} has size {n}; expected only c, z, y, x (others size 1)")
+        self.arr, self.axes = arr, axes
+        size = dict(zip(axes, arr.shape))
+        self.shape = (size.get("z", 1), size["y"], size["x"])
+        self.nchannels = size.get("c", 1)
+        self.dtype = np.dtype(arr.dtype)
+
+    def _ngff_scale(self, ms0, ds, axes, units):
+        def scale_of(transforms):
+            for t in transforms or []:
+                if t.get("type") == "scale":
+                    return [float(s) for s in t["scale"]]
+            return [1.0] * len(axes)
+
+        scale = np.multiply(scale_of(ds.get("coordinateTransformations")),
+                            scale_of(ms0.get("coordinateTransformations")))
+        if not all(a in axes for a in "zyx") or len(scale) != len(axes):
+            return None
+        out = []
+        for a in "zyx":
+            i = axes.index(a)
+            v = _to_um(scale[i], units[i]) if units[i] else None
+            if v is None:
+                return None  # uncalibrated or unknown unit: do not guess
+            out.append(v)
+        return tuple(out)
+
+    def read(self, c: int, z0: int, z1: int) -> np.ndarray:
+        index = []
+        for a in self.axes:
+            index.append({"c": c, "z": slice(z0, z1), "y": slice(None), "x": slice(None)}.get(a, 0))
+        try:
+            data = np.asarray(self.arr[tuple(index)])
+        except Exception as err:
+            raise ScanError(f"{self.path}: cannot read slices {_fmt_z(z0)}-{_fmt_z(z1 - 1)}: {err}") from err
+        if "z" not in self.axes:
+            data = data[np.newaxis]
+        return np.array(data, dtype=self.dtype, copy=True).reshape((z1 - z0,) + self.shape[1:])
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def compression(self) -> str:
+        try:
+            comp = getattr(self.arr, "compressors", None)
+            if comp is None:
+                comp = [self.arr.compressor] if self.arr.compressor else []
+            return ", ".join(type(c).__name__ for c in comp) or "NONE"
+        except Exception:
+            return "unknown"
+
+    def close(self) -> None:
+        pass
+
+
+# -- opening -----------------------------------------------------------------------------------------
+
+def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = None,
+              voxel_size: Sequence[float] | None = None) -> Scan:
+    """Open a scan lazily: metadata is read now (all TIFF headers are checked), pixels on demand.
+
+    ``path`` is a multi-page TIFF (one channel ``"C00"``, or an ImageJ/OME hyperstack whose C axis gives
+    ``"C00", "C01", ...``), a folder of per-slice TIFFs (LaVision names ``..._C00_xyz-Table Z0000.ome.tif``;
+    channel from ``_C<nn>``, z from ``Z<nnnn>``, natural order; no channel token means ``"C00"``), or a
+    Zarr store (OME-NGFF image group, level 0; or a plain (z, y, x) / (c, z, y, x) array).
+
+    ``channels`` keeps a subset, by name. ``voxel_size`` (z, y, x) µm overrides the metadata; otherwise it
+    comes from OME PhysicalSize*, ImageJ spacing/resolution or NGFF scale, else None.
+    Raises :class:`ScanError` for anything missing, inconsistent or unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
+    if _is_zarr_dir(path):
+        src = _Zarr(path)
+        names = [f"C{c:02d}" for c in range(src.nchannels)]
+    elif path.is_dir():
+        files = _scan_folder(path)
+        only = next(iter(files.values()))
+        if len(files) == 1 and len(only) == 1 and _is_tiff(only[0]) and _multi_page(only[0]):
+            src = _TiffStack(only[0])  # a folder holding one stack: open the stack
+            names = [f"C{c:02d}" for c in range(src.nchannels)]
+        else:
+            src = _TiffFolder(path, files)
+            names = list(files)
+    else:
+        src = _TiffStack(path)
+        names = [f"C{c:02d}" for c in range(src.nchannels)]
+    try:
+        chosen = _select_channels(path, names, channels)
+        vs = src.voxel_size if voxel_size is None else _check_voxel_size(path, voxel_size)
+    except Exception:
+        src.close()
+        raise
+    scan = Scan(path=path, shape=tuple(int(n) for n in src.shape), dtype=src.dtype,
+                channels=[n for n in chosen], voxel_size=vs, format=src.format, _source=None)
+    scan._source = _ChannelView(src, [names.index(n) for n in chosen])
+    return scan
+
+
+def _multi_page(path: Path) -> bool:
+    tif = _open_tiff(path)
+    with tif, _tifffile_errors():
+        try:
+            return len(tif.pages) > 1 or len(tif.series[0].shape) > 2
+        except Exception:
+            return False
+
+
+class _ChannelView:
+    """Maps the selected channels' indices onto the source's channel indices."""
+
+    def __init__(self, src, index: list[int]):
+        self.src, self.index = src, index
+
+    def read(self, c, z0, z1):
+        return self.src.read(self.index[c], z0, z1)
+
+    def disk_bytes(self):
+        return self.src.disk_bytes()
+
+    def compression(self):
+        return self.src.compression()
+
+    def close(self):
+        self.src.close()
+
+
+def _select_channels(path: Path, names: list[str], channels) -> list[str]:
+    if channels is None:
+        return list(names)
+    wanted = [channels] if isinstance(channels, str) else list(channels)
+    unknown = [c for c in wanted if c not in names]
+    if unknown or not wanted:
+        raise ScanError(f"{path}: unknown channel(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"available: {', '.join(names)}")
+    return wanted
+
+
+def _check_voxel_size(where, voxel_size) -> tuple[float, float, float]:
+    try:
+        vs = tuple(float(v) for v in voxel_size)
+    except (TypeError, ValueError) as err:
+        raise ScanError(f"{where}: voxel_size={voxel_size!r}; expected three numbers (z, y, x) in µm") from err
+    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+        raise ScanError(f"{where}: voxel_size={voxel_size!r}; expected three positive numbers (z, y, x) in µm")
+    return vs
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Rename ``partial`` onto ``final``, replacing what is there (a folder cannot be replaced by rename)."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        _remove(old)
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old is not None:
+        _remove(old)
+
+
+def _host(data) -> np.ndarray:
+    from .backend import to_host
+
+    return to_host(data)
+
+
+class ZarrWriter:
+    """Write a (z, y, x) volume slab by slab as an OME-NGFF 0.4 image (zarr format 2), atomically.
+
+    Data goes to ``<path>.partial``; :meth:`close` renames it to ``path`` (replacing an old output) only
+    when every slice was written, so a crash or a gap never leaves something that looks complete.
+    ``chunks`` defaults to ``(min(z, 16), min(y, 256), min(x, 256))``: 16 slices match the usual slab
+    size, so slab writes do not re-read chunks, and 256² tiles keep random access cheap. Chunks are
+    Blosc/zstd compressed. One multiscale level ``"0"``; axes z, y, x in micrometer; scale = voxel size
+    (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
+                 voxel_size: Sequence[float] | None = None, name: str | None = None):
+        import numcodecs
+        import zarr
+
+        self.path = Path(path)
+        self.partial = _partial(self.path)
+        self.shape = tuple(int(n) for n in shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ScanError(f"{self.path}: shape={tuple(shape)}; expected (z, y, x) with every size >= 1")
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError as err:
+            raise ScanError(f"{self.path}: dtype={dtype!r} is not a numpy dtype") from err
+        z, y, x = self.shape
+        self.chunks = tuple(int(c) for c in (chunks or (min(z, 16), min(y, 256), min(x, 256))))
+        if len(self.chunks) != 3 or min(self.chunks) < 1:
+            raise ScanError(f"{self.path}: chunks={chunks}; expected three positive sizes (z, y, x)")
+        self.voxel_size = None if voxel_size is None else _check_voxel_size(self.path, voxel_size)
+        self._written = np.zeros(z, bool)
+        self._closed = False
+        if not self.path.parent.is_dir():
+            raise ScanError(f"{self.path}: parent folder {self.path.parent} does not exist")
+        _remove(self.partial)  # left by an earlier crash
+        compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        try:
+            if _zarr_major() >= 3:
+                root = zarr.open_group(store=str(self.partial), mode="w", zarr_format=2)
+                self.arr = root.create_array(
+                    "0", shape=self.shape, chunks=self.chunks, dtype=self.dtype, compressors=compressor,
+                    fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+            else:  # zarr 2.18
+                root = zarr.open_group(str(self.partial), mode="w")
+                self.arr = root.create_dataset("0", shape=self.shape, chunks=self.chunks, dtype=self.dtype,
+                                               compressor=compressor, fill_value=0, dimension_separator="/")
+            scale = list(self.voxel_size or (1.0, 1.0, 1.0))
+            root.attrs["multiscales"] = [{
+                "version": "0.4",
+                "name": name or self.path.name.split(".")[0],
+                "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+            }]
+        except Exception as err:
+            _remove(self.partial)
+            raise ScanError(f"{self.path}: cannot create zarr store ({err})") from err
+
+    def write(self, z0: int, data) -> None:
+        """Write ``data`` ((z, y, x), or one (y, x) slice) into slices ``[z0, z0 + len(data))``."""
+        if self._closed:
+            raise ScanError(f"{self.path}: writer is closed; expected writes before close()")
+        data = _host(data)
+        if data.ndim == 2:
+            data = data[np.newaxis]
+        nz = self.shape[0]
+        if data.ndim != 3 or data.shape[1:] != self.shape[1:]:
+            raise ScanError(f"{self.path}: data of shape {data.shape}; expected (z, {self.shape[1]}, {self.shape[2]})")
+        if not (0 <= z0 and z0 + data.shape[0] <= nz):
+            raise ScanError(f"{self.path}: slices [{z0}, {z0 + data.shape[0]}) outside the volume (expected within [0, {nz}))")
+        if not np.can_cast(data.dtype, self.dtype, "same_kind"):
+            raise ScanError(f"{self.path}: data dtype {data.dtype}; expected {self.dtype} (or castable to it)")
+        try:
+            self.arr[z0:z0 + data.shape[0]] = data.astype(self.dtype, copy=False)
+        except Exception as err:
+            raise ScanError(f"{self.path}: writing slices [{z0}, {z0 + data.shape[0]}) failed: {err}") from err
+        self._written[z0:z0 + data.shape[0]] = True
+
+    def close(self) -> None:
+        """Commit: rename the partial store into place. Raises (and aborts) when slices were never written."""
+        if self._closed:
+            return
+        missing = np.flatnonzero(~self._written)
+        if missing.size:
+            self.abort()
+            raise ScanError(f"{self.path}: slices never written: {_runs(missing.tolist())}; "
+                            f"expected all {self.shape[0]} slices before close()")
+        self._closed = True
+        try:
+            _commit(self.partial, self.path)
+        except OSError as err:
+            _remove(self.partial)
+            raise ScanError(f"{self.path}: cannot move finished output into place: {err}") from err
+
+    def abort(self) -> None:
+        """Discard everything written so far (removes ``<path>.partial``)."""
+        self._closed = True
+        _remove(self.partial)
+
+    def __enter__(self) -> ZarrWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+_IMAGEJ_DTYPES = {np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32)}
+
+
+def write_tiff(path: str | os.PathLike, data_or_slices: np.ndarray | Iterable[np.ndarray],
+               voxel_size: Sequence[float] | None = None, shape: Sequence[int] | None = None,
+               dtype=None, compression: str | None = None) -> Path:
+    """Write a (z, y, x) multi-page TIFF atomically (``<path>.partial``, then rename).
+
+    ``data_or_slices`` is an array or an iterable of (y, x) slices; slices are streamed, so give
+    ``shape`` (z, y, x) and ``dtype`` for a generator (a list or array supplies them itself). uint8,
+    uint16, int16 and float32 are written as ImageJ hyperstacks (spacing and resolution in µm); other
+    dtypes as OME-TIFF (PhysicalSize*); bool becomes uint8 0/255 (ImageJ's binary convention).
+    Returns the final path.
+    """
+    import tifffile
+
+    path = Path(path)
+    if isinstance(data_or_slices, np.ndarray) or hasattr(data_or_slices, "__cuda_array_interface__"):
+        arr = _host(data_or_slices)
+        if arr.ndim == 2:
+            arr = arr[np.newaxis]
+        shape, dtype = arr.shape if shape is None else shape, arr.dtype if dtype is None else dtype
+        slices: Iterable = arr
+    elif isinstance(data_or_slices, Sequence) and shape is None and len(data_or_slices):
+        first = _host(data_or_slices[0])
+        shape = (len(data_or_slices),) + first.shape
+        dtype = first.dtype if dtype is None else dtype
+        slices = data_or_slices
+    else:
+        slices = data_or_slices
+    if shape is None or dtype is None:
+        raise ScanError(f"{path}: slices come from an iterator; expected shape=(z, y, x) and dtype to be given")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ScanError(f"{path}: shape={shape}; expected (z, y, x) with every size >= 1")
+    src_dtype = np.dtype(dtype)
+    out_dtype = np.dtype(np.uint8) if src_dtype == bool else src_dtype
+    vs = None if voxel_size is None else _check_voxel_size(path, voxel_size)
+    if not path.parent.is_dir():
+        raise ScanError(f"{path}: parent folder {path.parent} does not exist")
+
+    def pages() -> Iterator[np.ndarray]:
+        n = 0
+        for s in slices:
+            s = _host(s)
+            if n >= shape[0]:
+                raise ScanError(f"{path}: more than {shape[0]} slices given; expected shape {shape}")
+            if s.shape != shape[1:]:
+                raise ScanError(f"{path}: slice {n} has shape {s.shape}; expected {shape[1:]}")
+            if s.dtype == bool:
+                s = s.astype(np.uint8) * np.uint8(255)
+            yield np.ascontiguousarray(s, dtype=out_dtype)
+            n += 1
+        if n != shape[0]:
+            raise ScanError(f"{path}: got {n} slices; expected {shape[0]}")
+
+    partial = _partial(path)
+    _remove(partial)
+    kwargs: dict[str, Any] = {"shape": shape, "dtype": out_dtype, "photometric": "minisblack",
+                              "compression": compression}
+    imagej = out_dtype in _IMAGEJ_DTYPES
+    if imagej:
+        meta: dict[str, Any] = {"axes": "ZYX"}
+        if vs is not None:
+            meta.update(spacing=vs[0], unit="um")
+            kwargs["resolution"] = (1.0 / vs[2], 1.0 / vs[1])
+    else:
+        meta = {"axes": "ZYX"}
+        if vs is not None:
+            meta.update(PhysicalSizeZ=vs[0], PhysicalSizeY=vs[1], PhysicalSizeX=vs[2],
+                        PhysicalSizeZUnit="µm", PhysicalSizeYUnit="µm", PhysicalSizeXUnit="µm")
+    try:
+        with tifffile.TiffWriter(partial, imagej=imagej, ome=not imagej, 
+                                 bigtiff=not imagej and _needs_bigtiff(shape, out_dtype)) as tw:
+            tw.write(pages(), metadata=meta, **kwargs)
+        _commit(partial, path)
+    except ScanError:
+        _remove(partial)
+        raise
+    except Exception as err:
+        _remove(partial)
+        raise ScanError(f"{path}: writing TIFF failed: {err}") from err
+    return path
+
+
+def _needs_bigtiff(shape, dtype) -> bool:
+    # Plain TIFF offsets are 32-bit. ImageJ cannot read BigTIFF, so ImageJ files never use it (tifffile
+    # writes them > 4 GB as one contiguous block, which ImageJ and we read).
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize > 2**32 - 2**25

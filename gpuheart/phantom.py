@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -39,12 +39,12 @@ class PhantomConfig:
     voxel_size: tuple[float, float, float] = (4.0, 1.0, 1.0)
     seed: int = 0
     # geometry
-    n_roots: int | None = None  # vessel trees; None scales 3 per default-preset volume
-    n_nerves: int | None = None  # nerve fibres; None scales 4 per default-preset volume
+    n_roots: int | None = None  # vessel trees; None scales 6 per default-preset volume
+    n_nerves: int | None = None  # nerve fibres; None scales 6 per default-preset volume
     vessel_radius_um: float = 8.0  # root radius
     min_radius_um: float | None = None  # capillaries and nerves; None: max(min voxel, max voxel / 2)
     branch_length: float = 8.0  # branch length in units of its radius
-    tortuosity: float = 0.35
+    tortuosity: float = 0.15
     max_segments: int = 400_000
     nerve_shift_z: int = 2  # C01 lags C00 by this many slices
     # optics and camera
@@ -233,7 +233,7 @@ def vessel_capsules(cfg: PhantomConfig) -> Capsules:
     """The vessel trees of ``cfg`` in tissue µm coordinates (deterministic in ``cfg.seed``)."""
     rng = np.random.default_rng([cfg.seed, 1001])
     rows: list = []
-    n = cfg.n_roots if cfg.n_roots is not None else _auto_count(cfg, 3.0)
+    n = cfg.n_roots if cfg.n_roots is not None else _auto_count(cfg, 6.0)
     for _ in range(n):
         _vessel_tree(rng, cfg, rows)
     return _pack(rows[: cfg.max_segments])
@@ -243,7 +243,7 @@ def nerve_capsules(cfg: PhantomConfig) -> Capsules:
     """The nerve fibres of ``cfg`` in tissue µm coordinates."""
     rng = np.random.default_rng([cfg.seed, 1002])
     rows: list = []
-    n = cfg.n_nerves if cfg.n_nerves is not None else _auto_count(cfg, 4.0)
+    n = cfg.n_nerves if cfg.n_nerves is not None else _auto_count(cfg, 6.0)
     for _ in range(n):
         _nerve(rng, cfg, rows)
     return _pack(rows)
@@ -408,21 +408,29 @@ class Phantom:
     def _autofluorescence(self, a: int, b: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
         """(tissue, wall) fields of slices [a, b) of a frame lagging ``shift`` slices; float32."""
         vs = self.voxel_size
-        z = ((np.arange(a, b) - shift) * vs[0])[:, None, None]
-        y = (np.arange(self.shape[1]) * vs[1])[None, :, None]
-        x = (np.arange(self.shape[2]) * vs[2])[None, None, :]
-        tex = np.zeros((b - a,) + self.shape[1:], dtype=np.float32)
-        for k, phase, amp in self._waves:
-            # sin(kz z + ky y + kx x + p) expanded so only outer products of 1-D vectors are formed
-            u = k[0] * z + k[1] * y + phase
-            tex += (amp * np.sin(u)).astype(np.float32) * np.cos(k[2] * x).astype(np.float32)
-            tex += (amp * np.cos(u)).astype(np.float32) * np.sin(k[2] * x).astype(np.float32)
+        z = (np.arange(a, b) - shift) * vs[0]
+        y = np.arange(self.shape[1]) * vs[1]
+        x = np.arange(self.shape[2]) * vs[2]
+        # sin(kz z + ky y + kx x + p) = sin(u) cos(kx x) + cos(u) sin(kx x) with u = kz z + ky y + p:
+        # per slice the texture is one small matrix product (y, 2K) @ (2K, x), cheap even at 2048^2.
+        kx = np.array([k[2] for k, _, _ in self._waves])
+        amp = np.array([m for _, _, m in self._waves])
+        right = np.concatenate([np.cos(np.outer(kx, x)), np.sin(np.outer(kx, x))]).astype(np.float32)
         c, ax = self._centre, self._axes
-        rho = np.sqrt(((z - c[0]) / ax[0]) ** 2 + ((y - c[1]) / ax[1]) ** 2 + ((x - c[2]) / ax[2]) ** 2)
-        d_um = (rho.astype(np.float32) - 1.0) * np.float32(ax[1])
-        tissue = (0.35 + 0.65 / (1 + np.exp(-d_um / 10.0))) * (1.0 + 0.12 * tex)  # dim lumen inside
-        wall = np.exp(-((d_um / self._wall_um) ** 2)) * (1.0 + 0.2 * tex)
-        return tissue.astype(np.float32), wall.astype(np.float32)
+        ry = (((y - c[1]) / ax[1]) ** 2).astype(np.float32)[:, None]
+        rx = (((x - c[2]) / ax[2]) ** 2).astype(np.float32)[None, :]
+        tissue = np.empty((b - a,) + self.shape[1:], dtype=np.float32)
+        wall = np.empty_like(tissue)
+        for i, zi in enumerate(z):
+            u = np.stack([k[0] * zi + k[1] * y + ph for k, ph, _ in self._waves], axis=1)  # (y, K)
+            left = np.concatenate([amp * np.sin(u), amp * np.cos(u)], axis=1).astype(np.float32)
+            tex = left @ right
+            rho = np.sqrt(ry + rx + np.float32(((zi - c[0]) / ax[0]) ** 2))
+            d_um = (rho - np.float32(1.0)) * np.float32(ax[1])
+            # dim lumen inside the ellipsoid, tissue outside; the wall is a band around its surface
+            tissue[i] = (0.675 + 0.325 * np.tanh(d_um / np.float32(20.0))) * (1 + np.float32(0.12) * tex)
+            wall[i] = np.exp(-((d_um / np.float32(self._wall_um)) ** 2)) * (1 + np.float32(0.2) * tex)
+        return tissue, wall
 
     def _clean(self, ch: str, a: int, b: int) -> np.ndarray:
         """Noise-free photon signal of slices [a, b) before the PSF."""

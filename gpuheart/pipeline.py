@@ -53,6 +53,7 @@ class OutputConfig:
     write_preprocessed: bool = True
     write_mask: bool = True
     tiff: bool = False  # also write masks as multi-page TIFF
+    report: bool = True  # report.html with figures at the end of the run
 
 
 @dataclass
@@ -217,6 +218,11 @@ class Pipeline:
         cfg.save(out_dir / "config.toml")
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
+        if cfg.output.report:
+            from .report import write_report
+
+            with timer("report"):
+                result.outputs["report"] = {"html": write_report(out_dir)}
         return result
 
 

@@ -1,0 +1,241 @@
+"""Binary post-processing of vessel masks: closings along z and in 3D, connected components.
+
+Border semantics (deliberate): a closing here never shrinks an object where it touches the
+volume faces. Voxels outside the volume are "unknown" and take the value of the nearest voxel
+inside (replicate / ``'nearest'`` extension). Each closing is therefore *defined* as the
+literal SciPy composition
+
+    pad = np.pad(mask, reach, mode="edge")                    # reach = dilation + erosion reach
+    out = binary_erosion(binary_dilation(pad, s, k), s, k)[crop]
+
+with ``scipy.ndimage`` defaults (``border_value=0``). Padding by the full reach (not half) makes
+the cropped result equal the closing of the infinitely replicated volume: SciPy's zero border
+can only disturb voxels closer than the reach to the padded edge. With this choice a closing
+is extensive (``out >= mask`` everywhere), which SciPy's ``binary_closing`` (erosion with a
+zero border) is not.
+
+Streaming: every closing only looks ``reach`` voxels away, so a slab read with a z halo of
+:func:`reach` voxels (clipped at the volume, where the same edge padding applies) gives the
+whole-volume answer exactly. Connected components across slabs are joined by a union-find over
+the faces between adjacent slabs (:func:`label_slabs`).
+
+``read_slab(z0, z1)`` is any callable returning the (z1 - z0, y, x) part of a (z, y, x) volume,
+e.g. ``functools.partial(scan.read_slab, channel)`` or a zarr/NumPy slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+ReadSlab = Callable[[int, int], np.ndarray]
+
+
+# -- closings on whole arrays ------------------------------------------------------------------
+
+def _check_odd(name: str, size: int) -> int:
+    size = int(size)
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be an odd positive integer, got {size}")
+    return size
+
+
+def _closing_padded(mask: np.ndarray, structure: np.ndarray, iterations: int,
+                    pad: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Closing of ``mask`` edge-padded by ``pad`` (per axis, before/after), cropped back."""
+    padded = np.pad(np.asarray(mask, dtype=bool), pad, mode="edge")
+    out = ndi.binary_dilation(padded, structure, iterations=iterations)
+    out = ndi.binary_erosion(out, structure, iterations=iterations)
+    crop = tuple(slice(b, out.shape[i] - a) for i, (b, a) in enumerate(pad))
+    return out[crop]
+
+
+def _z_pad(r: int, z_edges: tuple[bool, bool]) -> tuple[int, int]:
+    return (r if z_edges[0] else 0, r if z_edges[1] else 0)
+
+
+def close_z(mask: np.ndarray, size: int = 5, iterations: int = 5, *,
+            z_edges: tuple[bool, bool] = (True, True)) -> np.ndarray:
+    """Closing along z with a ``1 x 1 x size`` line, ``iterations`` dilations then as many erosions.
+
+    Bridges gaps of up to ``(size - 1) * iterations`` slices in z (light-sheet stripes and
+    dropouts) without touching (y, x). Out-of-volume slices replicate the nearest slice (module
+    docstring). ``z_edges`` says which z ends of ``mask`` are the volume's faces; internal ends
+    (slab halos) are not padded, so the caller's halo must cover :func:`reach`.
+    """
+    size = _check_odd("size", size)
+    r = 2 * (size // 2) * iterations
+    if r == 0 or mask.size == 0:
+        return np.asarray(mask, dtype=bool).copy()
+    structure = np.ones((size, 1, 1), dtype=bool)
+    return _closing_padded(mask, structure, iterations, (_z_pad(r, z_edges), (0, 0), (0, 0)))
+
+
+def close_3d(mask: np.ndarray, size: int = 3, *,
+             z_edges: tuple[bool, bool] = (True, True)) -> np.ndarray:
+    """One closing with a ``size``-cube; out-of-volume voxels replicate the nearest voxel."""
+    size = _check_odd("size", size)
+    r = 2 * (size // 2)
+    if r == 0 or mask.size == 0:
+        return np.asarray(mask, dtype=bool).copy()
+    structure = np.ones((size,) * 3, dtype=bool)
+    return _closing_padded(mask, structure, 1, (_z_pad(r, z_edges), (r, r), (r, r)))
+
+
+def postprocess(mask: np.ndarray, z_size: int = 5, z_iterations: int = 5, size3d: int = 3, *,
+                z_edges: tuple[bool, bool] = (True, True)) -> np.ndarray:
+    """The paper's post-processing: :func:`close_z` then :func:`close_3d` (whole-array reference)."""
+    out = close_z(mask, z_size, z_iterations, z_edges=z_edges)
+    return close_3d(out, size3d, z_edges=z_edges)
+
+
+def reach(z_size: int = 5, z_iterations: int = 5, size3d: int = 3) -> int:
+    """Total z reach of :func:`postprocess` (all dilations + erosions): the halo a slab needs."""
+    z_size, size3d = _check_odd("z_size", z_size), _check_odd("size3d", size3d)
+    return 2 * (z_size // 2) * z_iterations + 2 * (size3d // 2)
+
+
+def _slab_ranges(nz: int, slab_size: int) -> Iterator[tuple[int, int]]:
+    if slab_size < 1:
+        raise ValueError(f"slab_size must be >= 1, got {slab_size}")
+    for z0 in range(0, nz, slab_size):
+        yield z0, min(z0 + slab_size, nz)
+
+
+def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int,
+                      z_size: int = 5, z_iterations: int = 5, size3d: int = 3,
+                      ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Stream :func:`postprocess` over z: yields ``(z0, z1, mask[z0:z1])`` equal to the whole result.
+
+    Each slab is read with a halo of :func:`reach` slices on both sides (clipped to the volume).
+    Peak memory is one slab plus ``2 * reach`` slices (and SciPy's temporaries).
+    """
+    h = reach(z_size, z_iterations, size3d)
+    nz = shape[0]
+    for z0, z1 in _slab_ranges(nz, slab_size):
+        a, b = max(0, z0 - h), min(nz, z1 + h)
+        block = np.asarray(read_slab(a, b), dtype=bool)
+        out = postprocess(block, z_size, z_iterations, size3d, z_edges=(a == 0, b == nz))
+        yield z0, z1, out[z0 - a:z1 - a]
+
+
+# -- connected components ----------------------------------------------------------------------
+
+def _structure(connectivity: int) -> np.ndarray:
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1 (faces), 2 (edges) or 3 (corners), got {connectivity}")
+    return ndi.generate_binary_structure(3, connectivity)
+
+
+def remove_small(mask: np.ndarray, min_voxels: int, connectivity: int = 1) -> np.ndarray:
+    """Whole-array reference: drop components (``scipy.ndimage.label``) with fewer than ``min_voxels``."""
+    labels, _ = ndi.label(mask, _structure(connectivity))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+@dataclass
+class SlabLabels:
+    """Result of :func:`label_slabs`: everything needed to relabel slabs, never the labels themselves.
+
+    ``sizes[k]`` is the voxel count of component ``k`` (``sizes[0] = 0``); components are numbered
+    ``1..n`` in raster order of their first voxel, exactly as ``scipy.ndimage.label`` numbers them.
+    ``offsets[i]`` is the provisional-label offset of slab ``i``; ``final[p]`` maps provisional
+    label ``p`` (``final[0] = 0``) to its component.
+    """
+    shape: tuple[int, int, int]
+    slab_size: int
+    connectivity: int
+    sizes: np.ndarray
+    offsets: list[int] = field(repr=False)
+    final: np.ndarray = field(repr=False)
+
+    @property
+    def n_components(self) -> int:
+        return len(self.sizes) - 1
+
+    def relabel(self, read_slab: ReadSlab) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(z0, z1, labels[z0:z1])`` with global component numbers (re-labels each slab)."""
+        st = _structure(self.connectivity)
+        dtype = np.int32 if self.n_components < 2**31 - 1 else np.int64
+        for (z0, z1), off in zip(_slab_ranges(self.shape[0], self.slab_size), self.offsets):
+            lab, _ = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
+            lab = lab.astype(np.int64)
+            lab[lab > 0] += off
+            yield z0, z1, self.final[lab].astype(dtype)
+
+
+def _face_pairs(below: np.ndarray, above: np.ndarray, connectivity: int) -> np.ndarray:
+    """(k, 2) pairs of labels joined across the z face between slice ``below`` and ``above``."""
+    ny, nx = below.shape
+    pairs = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if abs(dy) + abs(dx) + 1 > connectivity:
+                continue
+            # below[y, x] touches above[y + dy, x + dx]
+            sb = (slice(max(0, -dy), ny - max(0, dy)), slice(max(0, -dx), nx - max(0, dx)))
+            sa = (slice(max(0, dy), ny - max(0, -dy)), slice(max(0, dx), nx - max(0, -dx)))
+            b, a = below[sb], above[sa]
+            both = (b > 0) & (a > 0)
+            pairs.append(np.stack([b[both], a[both]], axis=1))
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def label_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int,
+                connectivity: int = 1) -> SlabLabels:
+    """Connected components of a mask streamed in z slabs (one pass, one slab in memory).
+
+    Each slab is labelled with ``scipy.ndimage.label``; labels of adjacent slabs that touch
+    across their shared face (with the given connectivity: 1 = 6-, 2 = 18-, 3 = 26-neighbours)
+    are joined by ``scipy.sparse.csgraph.connected_components``. The partition and numbering
+    equal ``scipy.ndimage.label`` on the whole volume.
+    """
+    st = _structure(connectivity)
+    offsets, sizes, edges = [], [np.zeros(1, np.int64)], []
+    n = 0
+    prev_last = None
+    for z0, z1 in _slab_ranges(shape[0], slab_size):
+        lab, k = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
+        lab = lab.astype(np.int64)
+        lab[lab > 0] += n
+        offsets.append(n)
+        sizes.append(np.bincount(lab.ravel(), minlength=n + k + 1)[n + 1:])
+        if prev_last is not None:
+            edges.append(_face_pairs(prev_last, lab[0], connectivity))
+        prev_last = lab[-1].copy()
+        n += k
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n + 1, n + 1))
+    _, cc = connected_components(graph, directed=False)
+    # number components by their smallest provisional label = raster order of first voxel
+    _, first = np.unique(cc[1:], return_index=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(1, len(first) + 1)
+    final = np.zeros(n + 1, np.int64)
+    final[1:] = rank[np.unique(cc[1:], return_inverse=True)[1]]
+    prov_sizes = np.concatenate(sizes)
+    comp_sizes = np.bincount(final, weights=prov_sizes, minlength=len(first) + 1).astype(np.int64)
+    comp_sizes[0] = 0
+    return SlabLabels(tuple(shape), slab_size, connectivity, comp_sizes, offsets, final)
+
+
+def remove_small_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int,
+                       min_voxels: int, connectivity: int = 1,
+                       ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(z0, z1, mask[z0:z1])`` without components under ``min_voxels`` (two passes).
+
+    Equals :func:`remove_small` on the whole volume.
+    """
+    labels = label_slabs(read_slab, shape, slab_size, connectivity)
+    keep = labels.sizes >= min_voxels
+    keep[0] = False
+    for z0, z1, lab in labels.relabel(read_slab):
+        yield z0, z1, keep[lab]

@@ -1,0 +1,305 @@
+"""The HTML report of a run: figures from what the pipeline left in ``out_dir``, and one page.
+
+``write_report(out_dir)`` reads ``out_dir/summary.json`` and, per channel, ``out_dir/<channel>/figures.npz``
+(maximum projections, one line profile, the middle slice) and an optional ``mesh.ply``/``mesh.glb``, draws PNGs
+under ``out_dir/report/`` and writes ``out_dir/report.html`` that refers to them relatively, so the folder can be
+moved or archived as a whole. Nothing here measures the scan: every number comes from ``summary.json``
+(computed by :mod:`gpuheart.metrics` during the run); the only arithmetic is display scaling.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+REPORT_DIR = "report"  # figures folder, relative to out_dir (the page links are relative too)
+
+# MIP columns: (npz key, title). The order is the order of the stages.
+_MIP_STAGES = [("mip_raw", "raw"), ("mip_normalized", "z-normalized"),
+               ("mip_preprocessed", "asinh + CLAHE + scale"), ("mip_dom", "difference of medians (>0)"),
+               ("mip_mask", "mask"), ("mip_truth", "truth")]
+
+# Measurement rows: (summary key, label). Missing keys are left out of the table.
+_MEASUREMENTS = [("detrended_cv_raw", "detrended CV of slice means, raw"),
+                 ("detrended_cv_normalized", "detrended CV of slice means, normalized"),
+                 ("preprocessed_mean", "mean of preprocessed image"),
+                 ("dom_mask_fraction", "mask fraction"),
+                 ("dom_mean", "mean of DoM image"),
+                 ("snr_preprocessed", "SNR, preprocessed"),
+                 ("snr_dom", "SNR, difference of medians")]
+_TRUTH_SCORES = ["dice", "precision", "recall", "accuracy"]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display; safe in worker threads and on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(out_dir) -> Path:
+    """Write ``out_dir/report.html`` and its figures under ``out_dir/report/``; return the page's path.
+
+    Raises ``FileNotFoundError`` when ``out_dir/summary.json`` is missing (no run has finished there).
+    Channels whose ``figures.npz`` is missing get their numbers but no figures.
+    """
+    out_dir = Path(out_dir)
+    run = json.loads((out_dir / "summary.json").read_text())
+    fig_dir = out_dir / REPORT_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    summary = run.get("summary", {})
+    # A channel's entry is the dict with a slice count; other top-level entries (input, device, ...) are not.
+    channels = [c for c, v in summary.items() if isinstance(v, dict) and "slices" in v]
+    parts = [_header(run, summary), _timing_table(run.get("timings_s", {}), summary, channels)]
+    for channel in channels:
+        parts.append(_channel_section(out_dir, fig_dir, channel, summary[channel]))
+    page = _PAGE.format(title="gpuheart report", body="\n".join(parts))
+    path = out_dir / "report.html"
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)  # a reader never sees half a page
+    return path
+
+
+# ---------------------------------------------------------------- page parts (HTML strings)
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+{body}
+</body></html>
+"""
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _num(x) -> str:
+    """A number for a table cell: 4 significant digits, '–' for missing or NaN."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def _table(header, rows) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _header(run, summary) -> str:
+    inp = summary.get("input", {})
+    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in inp.items()]
+    return (f"<p>Output folder: <code>{_esc(run.get('out_dir', ''))}</code></p>"
+            f"<h2>Input</h2>{_table(['property', 'value'], rows)}"
+            f"<p>Device: <b>{_esc(summary.get('device', 'unknown'))}</b></p>")
+
+
+def _timing_table(timings, summary, channels) -> str:
+    """Seconds per stage and throughput, slices (all channels together) per second of that stage."""
+    n_slices = sum(int(summary[c].get("slices", 0)) for c in channels)
+    rows = [(stage, f"{s:.3f}", _num(n_slices / s) if s > 0 else "–") for stage, s in timings.items()]
+    total = sum(timings.values())
+    rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 else "–"))
+    return (f"<h2>Timings</h2><p>{n_slices} slices in {len(channels)} channel(s).</p>"
+            + _table(["stage", "seconds", "slices/s"], rows))
+
+
+def _measurement_table(s: dict) -> str:
+    rows = [(label, _num(s[key])) for key, label in _MEASUREMENTS if key in s]
+    truth = s.get("dom_vs_truth") or {}
+    rows += [(f"{k} vs truth", _num(truth[k])) for k in _TRUTH_SCORES if k in truth]
+    return _table(["measurement", "value"], rows)
+
+
+def _img(fig_dir: Path, path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    return f'<img src="{_esc(path.relative_to(fig_dir.parent).as_posix())}" alt="{_esc(alt)}">'
+
+
+def _channel_section(out_dir: Path, fig_dir: Path, channel: str, s: dict) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", channel)  # channel names become file names
+    npz = out_dir / channel / "figures.npz"
+    f = dict(np.load(npz)) if npz.is_file() else {}
+    figs = [(_mip_row(f, fig_dir / f"{name}_mips.png"), "maximum projections per stage"),
+            (_slice_means(s, fig_dir / f"{name}_slice_means.png"), "slice means"),
+            (_profile(f, fig_dir / f"{name}_profile.png"), "difference-of-medians profile"),
+            (_overlay(f, fig_dir / f"{name}_overlay.png"), "segmentation overlay"),
+            (_mesh(_find_mesh(out_dir / channel), fig_dir / f"{name}_mesh.png"), "mesh")]
+    imgs = "\n".join(_img(fig_dir, p, f"{channel}: {alt}") for p, alt in figs)
+    return f"<h2>Channel {_esc(channel)}</h2>\n{_measurement_table(s)}\n{imgs}"
+
+
+# ---------------------------------------------------------------- figures (each returns its PNG path or None)
+
+def _save(fig, path: Path) -> Path:
+    """Save a figure to PNG atomically and free it (pyplot keeps every open figure alive otherwise)."""
+    plt = _pyplot()
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _stretch(img, lo=1.0, hi=99.5):
+    """Display limits: percentiles, so a few hot pixels do not make the whole image black."""
+    a = np.asarray(img, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = np.percentile(finite, [lo, hi])
+    if vmax <= vmin:  # flat image or a 0/1 mask with few ones: fall back to the full range
+        vmin, vmax = float(finite.min()), float(finite.max())
+    return float(vmin), float(vmax if vmax > vmin else vmin + 1)
+
+
+def _mip_row(f: dict, path: Path) -> Path | None:
+    panels = [(k, t) for k, t in _MIP_STAGES if k in f]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        vmin, vmax = _stretch(f[key])
+        ax.imshow(f[key], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("maximum-intensity projections along z")
+    return _save(fig, path)
+
+
+def _slice_means(s: dict, path: Path) -> Path | None:
+    """Slice means through z before and after normalization, each on its own axis (different units)."""
+    curves = [("slice_means_raw", "raw", "detrended_cv_raw", "tab:red"),
+              ("slice_means_normalized", "z-normalized", "detrended_cv_normalized", "tab:blue")]
+    curves = [c for c in curves if s.get(c[0])]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(curves), 1, figsize=(8, 2.4 * len(curves)), sharex=True, squeeze=False)
+    for ax, (key, label, cv_key, colour) in zip(axes[:, 0], curves):
+        m = np.array(s[key], dtype=np.float64)  # JSON NaN may arrive as None
+        ax.plot(np.arange(m.size), m, color=colour, label=f"{label} (detrended CV {_num(s.get(cv_key))})")
+        ax.set_ylabel("slice mean")
+        ax.legend(loc="best", fontsize=8)
+    axes[-1, 0].set_xlabel("z (slice)")
+    return _save(fig, path)
+
+
+def _profile(f: dict, path: Path) -> Path | None:
+    """The paper's figure 12: raw, preprocessed and DoM values along one line, stacked (different scales)."""
+    lines = [(k, t) for k, t in [("profile_raw", "raw"), ("profile_preprocessed", "preprocessed"),
+                                 ("profile_dom", "difference of medians")] if k in f]
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(lines), 1, figsize=(8, 1.8 * len(lines)), sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], lines):
+        ax.plot(f[key], lw=0.8)
+        ax.set_ylabel(title, fontsize=8)
+    axes[-1, 0].set_xlabel("x (pixel)")
+    where = f"z = {int(f['profile_z'])}, y = {int(f['profile_y'])}" if "profile_z" in f and "profile_y" in f else ""
+    fig.suptitle(f"values along one line ({where})" if where else "values along one line")
+    return _save(fig, path)
+
+
+def _overlay(f: dict, path: Path) -> Path | None:
+    """Middle slice in grey, mask filled in red, truth outlined in cyan."""
+    if "mid_preprocessed" not in f:
+        return None
+    plt = _pyplot()
+    img = f["mid_preprocessed"]
+    fig, ax = plt.subplots(figsize=(6, 6 * img.shape[0] / max(img.shape[1], 1) + 0.5))
+    vmin, vmax = _stretch(img)
+    ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    legend = []
+    if "mid_mask" in f:
+        rgba = np.zeros(f["mid_mask"].shape + (4,), dtype=np.float32)
+        rgba[f["mid_mask"] > 0] = (1.0, 0.0, 0.0, 0.45)  # red, half transparent; clear elsewhere
+        ax.imshow(rgba, interpolation="nearest")
+        legend.append("mask: red")
+    if "mid_truth" in f and f["mid_truth"].max() > 0:
+        ax.contour(f["mid_truth"] > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+        legend.append("truth: cyan outline")
+    ax.set_title("middle slice" + (f" ({', '.join(legend)})" if legend else ""), fontsize=9)
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def _find_mesh(folder: Path) -> Path | None:
+    for name in ("mesh.ply", "mesh.glb"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_mesh(path: Path):
+    """(vertices, faces) via trimesh, or None when trimesh is not installed or the file does not load."""
+    try:
+        import trimesh
+    except ImportError:
+        return None
+    try:
+        m = trimesh.load(path, force="mesh")  # force: a GLB loads as a Scene otherwise
+        return np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64)
+    except Exception:  # a broken mesh must not cost the rest of the report
+        return None
+
+
+def _mesh(path: Path | None, png: Path, max_faces: int = 20000) -> Path | None:
+    loaded = _load_mesh(path) if path is not None else None
+    if loaded is None or len(loaded[1]) == 0:
+        return None
+    return draw_mesh(*loaded, png, max_faces=max_faces)
+
+
+def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000) -> Path:
+    """A shaded 3D view of a triangle mesh; at most ``max_faces`` faces (an even subset), since
+    matplotlib draws each polygon in Python and a heart mesh has millions."""
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    plt = _pyplot()
+    v, fc = np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64)
+    if len(fc) > max_faces:
+        fc = fc[np.linspace(0, len(fc) - 1, max_faces).astype(np.int64)]
+    tri = v[fc]  # (n, 3 corners, xyz)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-12
+    light = np.array([0.4, 0.3, 0.87])  # Lambert shading from one fixed direction, two-sided
+    shade = 0.25 + 0.75 * np.abs(normal @ (light / np.linalg.norm(light)))
+    colours = plt.get_cmap("Reds")(0.35 + 0.5 * shade)
+    fig = plt.figure(figsize=(6, 6))
+    ax = fig.add_subplot(projection="3d")
+    ax.add_collection3d(Poly3DCollection(tri, facecolors=colours, linewidths=0))
+    lo, hi = v.min(axis=0), v.max(axis=0)
+    for setlim, a, b in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), lo, hi):
+        setlim(a, b if b > a else a + 1)
+    ax.set_box_aspect(np.maximum(hi - lo, 1e-9))  # physical proportions, not a stretched cube
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_zlabel("z")
+    ax.set_title(f"mesh ({len(fc)} of {len(faces)} faces drawn)", fontsize=9)
+    return _save(fig, png)

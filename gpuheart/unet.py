@@ -1,0 +1,685 @@
+"""2D U-Net for vessel segmentation: model, losses, augmentation, training, tiled inference, weights.
+
+The network sees one (y, x) slice at a time; volumes (z, y, x) are predicted slice by slice.
+Images enter as uint8 (the output of the exposure chain) and are scaled to [0, 1]; labels are 0/1.
+
+Public API
+----------
+- ``UNet(in_channels=1, out_channels=1, depth=4, width=16, norm="batch", up="bilinear")``
+- ``tversky_focal_loss``, ``dice_bce_loss``, ``LOSSES``
+- ``AugmentConfig``, ``augment_pair``, ``geometric_augment``, ``intensity_augment``
+- ``TrainConfig``, ``TrainResult``, ``train(images, labels, cfg, out_dir, progress=True, resume=False)``
+- ``save_weights``, ``load_weights``, ``default_weights_path``, ``load_default``
+- ``TileGrid``, ``tile_grid``, ``predict(model, image, tile=256, overlap=64, ...)``
+
+This module reads no files other than weights and checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from .backend import as_torch, from_torch, is_device_array, resolve_device
+
+WEIGHTS_FORMAT = "gpuheart-unet/1"
+
+
+# -- model ---------------------------------------------------------------------------------------
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        # gcd keeps the group count a divisor of the channel count for any width
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}: expected 'batch' or 'group'")
+
+
+class ConvBlock(nn.Sequential):
+    """Two (3x3 conv -> norm -> ReLU); the conv has no bias because the norm adds one."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str = "batch"):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Upsample by 2 halving the channels, concatenate the skip, then a ConvBlock."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str, up: str):
+        super().__init__()
+        if up == "bilinear":
+            # bilinear + 1x1 conv: no checkerboard artefacts, fewer parameters than a transposed conv
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                    nn.Conv2d(c_in, c_out, 1))
+        elif up == "transpose":
+            self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        else:
+            raise ValueError(f"unknown up {up!r}: expected 'bilinear' or 'transpose'")
+        self.conv = ConvBlock(2 * c_out, c_out, norm)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """2D U-Net returning logits.
+
+    ``depth`` down levels, a bottleneck and ``depth`` up levels (depth=4 is the paper's "9 layers");
+    level ``i`` has ``width * 2**i`` channels. Inputs (N, in_channels, H, W) need H and W divisible
+    by ``2**depth``. BatchNorm (default) makes the eval-mode network translation-equivariant, so tiled
+    inference matches whole-image inference away from borders; GroupNorm is there for tiny batches.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, depth: int = 4, width: int = 16,
+                 norm: str = "batch", up: str = "bilinear"):
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
+        self.hparams = dict(in_channels=in_channels, out_channels=out_channels, depth=depth, width=width,
+                            norm=norm, up=up)
+        self.depth = depth
+        ch = [width * 2 ** i for i in range(depth + 1)]
+        self.downs = nn.ModuleList(ConvBlock(in_channels if i == 0 else ch[i - 1], ch[i], norm)
+                                   for i in range(depth))
+        self.bottleneck = ConvBlock(ch[depth - 1], ch[depth], norm)
+        self.ups = nn.ModuleList(Up(ch[i + 1], ch[i], norm, up) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x):
+        m = 2 ** self.depth
+        if x.shape[-1] % m or x.shape[-2] % m:
+            raise ValueError(f"UNet(depth={self.depth}) needs H and W divisible by {m}, got {tuple(x.shape[-2:])}")
+        skips = []
+        for down in self.downs:
+            x = down(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up, skip in zip(self.ups, reversed(skips)):
+            x = up(x, skip)
+        return self.head(x)
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+def tversky_focal_loss(logits, target, alpha: float = 0.7, beta: float = 0.3, gamma: float = 4 / 3,
+                       smooth: float = 1.0):
+    """Focal Tversky loss (Abraham & Khan 2019): ``(1 - TI) ** (1 / gamma)``.
+
+    ``TI = (TP + s) / (TP + alpha * FN + beta * FP + s)`` with soft counts from ``sigmoid(logits)``,
+    summed over the whole batch (one index per batch, so tiles without vessels do not each blow up).
+    ``alpha`` weighs false negatives, ``beta`` false positives. Exponent convention: the paper's
+    ``1/gamma`` with gamma in [1, 3]; the default gamma=4/3 gives exponent 0.75.
+    """
+    p = torch.sigmoid(logits.float())
+    t = target.float()
+    tp = (p * t).sum()
+    fn = ((1 - p) * t).sum()
+    fp = (p * (1 - t)).sum()
+    ti = (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
+    # clamp: d/dx x**0.75 is infinite at 0, which would give NaN gradients on a perfect batch
+    return (1 - ti).clamp_min(1e-6) ** (1 / gamma)
+
+
+def dice_bce_loss(logits, target, bce_weight: float = 0.5, smooth: float = 1.0):
+    """``bce_weight * BCE + (1 - bce_weight) * (1 - soft Dice)``, Dice over the whole batch."""
+    t = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), t)
+    p = torch.sigmoid(logits.float())
+    dice = (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+    return bce_weight * bce + (1 - bce_weight) * (1 - dice)
+
+
+LOSSES: dict[str, Callable] = {"tversky_focal": tversky_focal_loss, "dice_bce": dice_bce_loss}
+
+
+# -- augmentation --------------------------------------------------------------------------------
+
+@dataclass
+class AugmentConfig:
+    """Which augmentations ``augment_pair`` applies; 0 / False switches one off."""
+
+    rot90_flip: bool = True      # the 8 symmetries of the square (exact, no interpolation)
+    rotate_deg: float = 15.0     # uniform small rotation in [-rotate_deg, rotate_deg]
+    shift: float = 0.0625        # translation, fraction of the tile side
+    p_affine: float = 0.5        # probability of the (interpolating) rotation + translation
+    noise: float = 0.02          # Gaussian noise sigma drawn from [0, noise] (image scale 0..1)
+    brightness: float = 0.1      # additive offset in [-brightness, brightness]
+    contrast: float = 0.15       # gain in [1 - contrast, 1 + contrast] about the tile mean
+
+
+def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                      cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """The same random rotation/flip/translation applied to a (y, x) image and its label.
+
+    The image is interpolated linearly, the label by nearest neighbour so it stays binary; both use
+    reflect borders so they stay aligned at the edges too.
+    """
+    if cfg.rot90_flip:
+        k = int(rng.integers(4))
+        flip = bool(rng.integers(2))
+        image, label = np.rot90(image, k), np.rot90(label, k)
+        if flip:
+            image, label = image[:, ::-1], label[:, ::-1]
+    if (cfg.rotate_deg or cfg.shift) and rng.random() < cfg.p_affine:
+        theta = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
+        shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * np.array(image.shape)
+        c, s = np.cos(theta), np.sin(theta)
+        mat = np.array([[c, -s], [s, c]])
+        centre = (np.array(image.shape) - 1) / 2
+        # affine_transform maps output coords o to input coords mat @ o + offset
+        offset = centre - mat @ centre + shift
+        image = ndimage.affine_transform(image, mat, offset, order=1, mode="reflect")
+        label = ndimage.affine_transform(label, mat, offset, order=0, mode="reflect")
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def intensity_augment(image: np.ndarray, rng: np.random.Generator,
+                      cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """Contrast, brightness and Gaussian noise on a float image in [0, 1]; the result is clipped to [0, 1]."""
+    image = image.astype(np.float32, copy=True)
+    if cfg.contrast:
+        mean = image.mean()
+        image = (image - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+    if cfg.brightness:
+        image += rng.uniform(-cfg.brightness, cfg.brightness)
+    if cfg.noise:
+        image += rng.normal(0, rng.uniform(0, cfg.noise), image.shape).astype(np.float32)
+    return np.clip(image, 0, 1, out=image)
+
+
+def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric then intensity augmentation of a float (y, x) image in [0, 1] and its 0/1 label."""
+    image, label = geometric_augment(image, label, rng, cfg)
+    return intensity_augment(image, rng, cfg), label
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name then rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model: UNet, path, meta: dict | None = None) -> Path:
+    """Save architecture hyper-parameters, ``meta`` (plain Python values) and fp16 weights.
+
+    fp16 storage halves the file (a width-16 depth-4 model is about 4 MB); ``load_weights`` casts back
+    to float32. ``meta`` must hold only str/int/float/bool/None/lists/dicts (it is loaded with
+    ``weights_only=True``).
+    """
+    state = {k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    _atomic_save({"format": WEIGHTS_FORMAT, "hparams": dict(model.hparams), "meta": dict(meta or {}),
+                  "state_dict": state}, Path(path))
+    return Path(path)
+
+
+def load_weights(path, device: str = "cpu") -> UNet:
+    """The UNet saved by ``save_weights``, float32, in eval mode, on ``device`` ("cpu" | "cuda" | "auto").
+
+    Its metadata is available as ``model.meta``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"U-Net weights not found at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path} is not a gpuheart U-Net weights file (expected format {WEIGHTS_FORMAT!r})")
+    model = UNet(**ckpt["hparams"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+    model.meta = ckpt["meta"]
+    return model.to(resolve_device(device)).eval()
+
+
+def default_weights_path() -> Path:
+    """Where the packaged default weights live (may not exist yet)."""
+    return Path(__file__).parent / "weights" / "unet_default.pt"
+
+
+def load_default(device: str = "cpu") -> UNet:
+    """The packaged default model, or a FileNotFoundError saying how to make one."""
+    path = default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no default U-Net weights at {path}. Train a model with gpuheart.unet.train(images, labels, "
+            f"TrainConfig(), out_dir) and copy out_dir/best.pt to that path, or pass your own weights file.")
+    return load_weights(path, device)
+
+
+# -- tiled inference -----------------------------------------------------------------------------
+
+@dataclass
+class TileGrid:
+    """Tile layout of one (y, x) slice: reflect padding ``pad`` ((top, bottom), (left, right)), then tiles of
+    side ``tile`` whose top-left corners are every (y, x) in ``starts_y`` x ``starts_x`` (padded coordinates)."""
+
+    tile: int
+    pad: tuple[tuple[int, int], tuple[int, int]]
+    starts_y: list[int]
+    starts_x: list[int]
+
+
+def _starts(n: int, tile: int, stride: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, stride))
+    return starts + [n - tile]   # last tile flush with the end (overlaps its neighbour a bit more)
+
+
+def tile_grid(shape: tuple[int, int], tile: int = 256, overlap: int = 64) -> TileGrid:
+    """Layout for a slice of ``shape``: ``overlap // 2`` reflect margin on every side so image borders are
+    seen with context, then extra bottom/right padding when the slice is smaller than a tile."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+    m = overlap // 2
+    pads, starts = [], []
+    for n in shape:
+        extra = max(0, tile - (n + 2 * m))
+        pads.append((m, m + extra))
+        starts.append(_starts(n + 2 * m + extra, tile, tile - overlap))
+    return TileGrid(tile, (pads[0], pads[1]), starts[0], starts[1])
+
+
+def _window(tile: int, device) -> torch.Tensor:
+    """Separable squared-sine window, largest at the centre, small but > 0 at the edges (no division by 0)."""
+    w = torch.sin(math.pi * (torch.arange(tile, dtype=torch.float64) + 0.5) / tile) ** 2
+    return torch.outer(w, w).to(device=device, dtype=torch.float32)
+
+
+def _reflect_pad(t: torch.Tensor, pad: tuple[tuple[int, int], tuple[int, int]]) -> torch.Tensor:
+    """Reflect-pad the last two axes of (N, C, H, W); repeated for pads larger than the image, which
+    torch's reflect refuses in one go (a 1-pixel axis falls back to replicate)."""
+    (top, bottom), (left, right) = pad
+    while top or bottom or left or right:
+        h, w = t.shape[-2:]
+        step = [min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1)]
+        if not any(step):   # a 1-pixel axis cannot be reflected
+            return F.pad(t, (left, right, top, bottom), mode="replicate")
+        t = F.pad(t, step, mode="reflect")
+        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
+    return t
+
+
+def _auto_batch_size(model: nn.Module, tile: int, device: str) -> int:
+    """CPU: 4 tiles. CUDA: about half the free memory over a rough per-tile activation estimate."""
+    if device != "cuda":
+        return 4
+    width = getattr(model, "hparams", {}).get("width", 32)
+    # ~2 * width * tile^2 activations summed over levels, ~8 live tensors, 2-byte bf16 (4 to be safe)
+    per_tile = 2 * width * tile * tile * 8 * 4
+    free, _ = torch.cuda.mem_get_info()
+    return int(max(1, min(64, free // 2 // per_tile)))
+
+
+def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
+    """uint8 images become float32 / 255 (what training saw); floats are taken as already in [0, 1]."""
+    if t.dtype == torch.uint8:
+        return t.float() / 255
+    return t.float()
+
+
+def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_size: int | None = None,
+            device: str = "auto", amp: bool = True):
+    """Vessel probabilities (float32, same shape and array kind as ``image``) by overlapping tiles.
+
+    ``image``: a (y, x) slice or a (z, y, x) slab (predicted slice by slice), NumPy or CuPy, uint8
+    (scaled by 1/255) or float in [0, 1]. Tiles of side ``tile`` overlap by ``overlap``; each tile's
+    sigmoid output is weighted by a squared-sine window and the sum is normalised by the summed weights,
+    so there are no seams. Borders are reflect-padded. CuPy input stays on the GPU (DLPack, no host
+    round trip). On CUDA with ``amp`` the model runs under bf16 autocast. ``model`` must output one
+    channel of logits; it is moved to the compute device and put in eval mode.
+    """
+    if image.ndim not in (2, 3):
+        raise ValueError(f"predict needs a (y, x) slice or (z, y, x) slab, got shape {image.shape}")
+    depth = getattr(model, "depth", 0)
+    if tile % 2 ** depth:
+        raise ValueError(f"tile {tile} must be divisible by 2**depth = {2 ** depth}")
+    dev = "cuda" if is_device_array(image) else resolve_device(device)
+    x = as_torch(image if image.flags.c_contiguous else _contiguous(image))
+    x = _to_unit_float(x.to(dev))
+    slab = x[None] if image.ndim == 2 else x
+    out = _predict_slab(model.to(dev).eval(), slab, tile, overlap, batch_size or _auto_batch_size(model, tile, dev),
+                        amp and dev == "cuda")
+    out = out[0] if image.ndim == 2 else out
+    if not is_device_array(image):
+        return np.ascontiguousarray(from_torch(out.cpu()))
+    return from_torch(out)
+
+
+def _contiguous(a):
+    from .backend import array_module
+    return array_module(a).ascontiguousarray(a)
+
+
+@torch.inference_mode()
+def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int, batch_size: int,
+                  amp: bool) -> torch.Tensor:
+    """Blend tiled predictions of a float (z, y, x) tensor; returns float32 (z, y, x) on the same device."""
+    z, h, w = slab.shape
+    grid = tile_grid((h, w), tile, overlap)
+    padded = _reflect_pad(slab[:, None], grid.pad)[:, 0]
+    win = _window(tile, slab.device)
+    acc = torch.zeros_like(padded)
+    wsum = torch.zeros(padded.shape[1:], device=slab.device)
+    for sy in grid.starts_y:
+        for sx in grid.starts_x:
+            wsum[sy:sy + tile, sx:sx + tile] += win
+    coords = [(k, sy, sx) for k in range(z) for sy in grid.starts_y for sx in grid.starts_x]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(coords), batch_size):
+            chunk = coords[i:i + batch_size]
+            batch = torch.stack([padded[k, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])[:, None]
+            prob = torch.sigmoid(model(batch).float())[:, 0]
+            for p, (k, sy, sx) in zip(prob, chunk):
+                acc[k, sy:sy + tile, sx:sx + tile] += p * win
+    (top, _), (left, _) = grid.pad
+    return (acc[:, top:top + h, left:left + w] / wsum[top:top + h, left:left + w]).contiguous()
+
+
+# -- training data -------------------------------------------------------------------------------
+
+def split_slices(depths: list[int], val_fraction: float, by: str = "slab") -> tuple[list, list]:
+    """Deterministic train/validation split: two lists of (volume, z) pairs.
+
+    ``by="slab"``: the last ``ceil(val_fraction * z)`` slices of every volume are validation, so every
+    volume (modality) is seen in both sets and neighbouring slices only leak across one boundary.
+    ``by="volume"``: the last ``round(val_fraction * n)`` volumes (at least one) are validation.
+    Volumes of a single slice always go to training with ``by="slab"``.
+    """
+    if by == "volume":
+        if len(depths) < 2:
+            raise ValueError("split by volume needs at least 2 volumes")
+        n_val = min(len(depths) - 1, max(1, round(val_fraction * len(depths))))
+        vols = [[(v, k) for k in range(d)] for v, d in enumerate(depths)]
+        return sum(vols[:-n_val], []), sum(vols[-n_val:], [])
+    if by != "slab":
+        raise ValueError(f"unknown split {by!r}: expected 'slab' or 'volume'")
+    train, val = [], []
+    for v, d in enumerate(depths):
+        n_val = min(d - 1, math.ceil(val_fraction * d)) if d > 1 else 0
+        train += [(v, k) for k in range(d - n_val)]
+        val += [(v, k) for k in range(d - n_val, d)]
+    return train, val
+
+
+@dataclass
+class TileSampler:
+    """Draws (image, label) tiles from training slices, with probability ``fg_fraction`` centred near a
+    random vessel pixel (vessels are a few % of the voxels, so uniform tiles are mostly background)."""
+
+    volumes: list[np.ndarray]   # uint8 (z, y, x), padded so y, x >= tile
+    labels: list[np.ndarray]    # uint8 0/1, same shapes
+    slices: list[tuple[int, int]]
+    tile: int
+    fg_fraction: float = 0.5
+
+    def __post_init__(self):
+        # flat int32 indices of vessel pixels per slice: compact, and one draw picks a pixel uniformly
+        self.fg = {s: np.flatnonzero(self.labels[s[0]][s[1]]).astype(np.int32) for s in self.slices}
+        self.fg_slices = [s for s in self.slices if self.fg[s].size]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One float32 image tile in [0, 1] and its uint8 label tile."""
+        t = self.tile
+        if self.fg_slices and rng.random() < self.fg_fraction:
+            v, k = self.fg_slices[rng.integers(len(self.fg_slices))]
+            h, w = self.volumes[v].shape[1:]
+            py, px = divmod(int(self.fg[(v, k)][rng.integers(self.fg[(v, k)].size)]), w)
+            # the vessel pixel lands anywhere in the tile, not always at its centre
+            y0 = int(np.clip(py - rng.integers(t), 0, h - t))
+            x0 = int(np.clip(px - rng.integers(t), 0, w - t))
+        else:
+            v, k = self.slices[rng.integers(len(self.slices))]
+            h, w = self.volumes[v].shape[1:]
+            y0, x0 = int(rng.integers(h - t + 1)), int(rng.integers(w - t + 1))
+        img = self.volumes[v][k, y0:y0 + t, x0:x0 + t].astype(np.float32) / 255
+        return img, self.labels[v][k, y0:y0 + t, x0:x0 + t]
+
+    def batch(self, rng: np.random.Generator, n: int, augment: AugmentConfig | None):
+        """(n, 1, tile, tile) float32 images and labels as torch tensors."""
+        pairs = [self.sample(rng) for _ in range(n)]
+        if augment is not None:
+            pairs = [augment_pair(i, l, rng, augment) for i, l in pairs]
+        img = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
+        lab = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
+        return img, lab
+
+
+def _check_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"need matching non-empty lists of images and labels, got {len(images)} and {len(labels)}")
+    vols, labs = [], []
+    for i, (im, lb) in enumerate(zip(images, labels)):
+        im, lb = np.asarray(im), np.asarray(lb)
+        im, lb = (im[None], lb[None]) if im.ndim == 2 else (im, lb)
+        if im.ndim != 3 or im.shape != lb.shape:
+            raise ValueError(f"pair {i}: image {im.shape} and label {lb.shape} must be equal (z, y, x) shapes")
+        if im.dtype != np.uint8:
+            raise ValueError(f"pair {i}: images must be uint8 (preprocessed with gpuheart.exposure), got {im.dtype}")
+        vols.append(im)
+        labs.append((lb > 0).astype(np.uint8))
+    return vols, labs
+
+
+def _pad_to_tile(vol: np.ndarray, tile: int) -> np.ndarray:
+    """Reflect-pad y and x up to ``tile`` (slices smaller than a tile still give full tiles)."""
+    py, px = max(0, tile - vol.shape[1]), max(0, tile - vol.shape[2])
+    if not (py or px):
+        return vol
+    return np.pad(vol, ((0, 0), (0, py), (0, px)), mode="symmetric")
+
+
+# -- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs besides the data; saved in checkpoints and weights metadata."""
+
+    epochs: int = 100
+    steps_per_epoch: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    tile: int = 256
+    width: int = 16
+    depth: int = 4
+    norm: str = "batch"
+    loss: str = "tversky_focal"    # a key of LOSSES
+    val_fraction: float = 0.2
+    split: str = "slab"            # "slab" | "volume", see split_slices
+    fg_fraction: float = 0.5       # share of tiles centred near a vessel
+    patience: int = 15             # early stopping: epochs without a better val Dice
+    lr_factor: float = 0.5         # ReduceLROnPlateau
+    lr_patience: int = 5
+    min_lr: float = 1e-6
+    seed: int = 0
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's setting alone
+    device: str = "auto"
+    amp: bool = True               # bf16 autocast on CUDA
+    augment: bool = True
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    log_path: Path
+    curves_path: Path | None
+    best_val_dice: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict]
+
+
+LOG_FIELDS = ["epoch", "train_loss", "val_dice", "lr", "seconds"]
+
+
+def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> float:
+    """Dice over all validation slices (summed counts), whole slices through the tiled ``predict``."""
+    tp = ps = ts = 0
+    for v in sorted({v for v, _ in val_slices}):
+        ks = [k for vv, k in val_slices if vv == v]
+        prob = predict(model, vols[v][ks], tile=cfg.tile, overlap=cfg.tile // 4, device=device, amp=cfg.amp)
+        p, t = prob > 0.5, labs[v][ks] > 0
+        tp, ps, ts = tp + int((p & t).sum()), ps + int(p.sum()), ts + int(t.sum())
+    return 1.0 if ps + ts == 0 else 2 * tp / (ps + ts)
+
+
+def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str) -> float:
+    model.train()
+    total = 0.0
+    for _ in range(cfg.steps_per_epoch):
+        img, lab = sampler.batch(rng, cfg.batch_size, cfg.aug if cfg.augment else None)
+        img, lab = img.to(device), lab.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device == "cuda"):
+            logits = model(img)
+        loss = loss_fn(logits.float(), lab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / cfg.steps_per_epoch
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train a UNet on 2D tiles of (z, y, x) uint8 volumes with 0/1 (or 0/nonzero) labels.
+
+    Writes ``out_dir/best.pt`` (fp16 weights of the best validation Dice, for ``load_weights``),
+    ``out_dir/last.pt`` (full state for ``resume=True``), ``out_dir/log.csv`` (one row per epoch) and
+    ``out_dir/curves.png``. Deterministic for a given seed on the CPU, also across an interruption
+    and resume (RNG states are checkpointed).
+    """
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    vols, labs = _check_pairs(images, labels)
+    train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
+    if not train_sl or not val_sl:
+        raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
+                         f"need both (check val_fraction and the volume depths)")
+    sampler = TileSampler([_pad_to_tile(v, cfg.tile) for v in vols], [_pad_to_tile(l, cfg.tile) for l in labs],
+                          train_sl, cfg.tile, cfg.fg_fraction)
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = UNet(1, 1, cfg.depth, cfg.width, cfg.norm).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
+                                                       patience=cfg.lr_patience, min_lr=cfg.min_lr)
+    state = dict(epoch=0, best_dice=-1.0, best_epoch=0, bad_epochs=0, history=[])
+    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
+    if resume and last_path.is_file():
+        state = _load_last(last_path, model, opt, sched, rng)
+
+    loss_fn = LOSSES[cfg.loss]
+    stopped = state["bad_epochs"] >= cfg.patience
+    bar = _progress(range(state["epoch"], cfg.epochs), progress, initial=state["epoch"], total=cfg.epochs)
+    for epoch in bar:
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device)
+        val_dice = _validate(model, vols, labs, val_sl, cfg, device)
+        sched.step(val_dice)
+        row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice,
+                   lr=opt.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 3))
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if val_dice > state["best_dice"]:
+            state.update(best_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0)
+            save_weights(model, best_path, meta=dict(epoch=epoch + 1, val_dice=val_dice, config=asdict(cfg)))
+        else:
+            state["bad_epochs"] += 1
+        stopped = state["bad_epochs"] >= cfg.patience
+        _save_last(last_path, model, opt, sched, rng, state, cfg)
+        _write_log(state["history"], log_path)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
+    curves = _plot_curves(state["history"], out_dir / "curves.png")
+    return TrainResult(best_path, last_path, log_path, curves, state["best_dice"], state["best_epoch"],
+                       state["epoch"], stopped, state["history"])
+
+
+def _progress(it, enabled: bool, **kw):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc="train unet", unit="epoch", **kw)
+
+
+def _save_last(path, model, opt, sched, rng, state, cfg) -> None:
+    _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                  "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                  "state": state, "config": asdict(cfg)}, path)
+
+
+def _load_last(path, model, opt, sched, rng) -> dict:
+    """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    rng.bit_generator.state = ckpt["numpy_rng"]
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["state"]
+
+
+def _plot_curves(rows: list[dict], path: Path, size=(640, 400)) -> Path | None:
+    """A small PNG of train loss (blue) and val Dice (red) per epoch, drawn with PIL (no matplotlib)."""
+    if len(rows) < 1:
+        return None
+    from PIL import Image, ImageDraw
+
+    w, h, m = size[0], size[1], 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
+    n = max(len(rows) - 1, 1)
+    for key, colour in (("train_loss", (31, 119, 180)), ("val_dice", (214, 39, 40))):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        lo, hi = (0.0, 1.0) if key == "val_dice" else (0.0, max(float(vals.max()), 1e-9))
+        pts = [(m + (w - 1.5 * m) * i / n, (h - m) - (h - 1.5 * m) * (v - lo) / (hi - lo)) for i, v in enumerate(vals)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        else:
+            d.point(pts, fill=colour)
+    d.text((m, h - m + 8), f"epochs 1..{len(rows)}   blue: train loss (0..max)   red: val Dice (0..1)", fill="black")
+    tmp = path.with_name(path.name + ".partial")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,182 @@
+"""gpuheart.report: the page and its figures, from a run folder built here by hand (no pipeline run)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from gpuheart.report import draw_mesh, write_report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _figures(rng, shape=(40, 56), truth=True, mask=True) -> dict:
+    """The arrays the pipeline saves per channel (see _ChannelAccumulator.save_figures)."""
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    vessel = (np.abs(y - shape[0] / 2 - 6 * np.sin(x / 8)) < 3).astype(np.float32)
+    raw = (200 + 800 * vessel + rng.normal(0, 30, shape)).astype(np.float32)
+    f = {"mip_raw": raw, "mip_normalized": raw / 1000, "mip_preprocessed": np.clip(raw / 4, 0, 255),
+         "profile_raw": raw[shape[0] // 2], "profile_preprocessed": np.clip(raw[shape[0] // 2] / 4, 0, 255),
+         "mid_preprocessed": np.clip(raw / 4, 0, 255), "profile_z": np.int64(3), "profile_y": np.int64(shape[0] // 2)}
+    if mask:
+        dom = np.maximum(raw - 300, 0).astype(np.float32)
+        f.update(mip_dom=dom, mip_mask=vessel, profile_dom=dom[shape[0] // 2], mid_mask=vessel)
+    if truth:
+        f.update(mip_truth=vessel, mid_truth=np.roll(vessel, 1, axis=0))
+    return {k: np.asarray(v, dtype=np.float32) if k.startswith(("mip", "mid", "profile_r", "profile_p", "profile_d"))
+            else v for k, v in f.items()}
+
+
+def _channel_summary(n=7, truth=True, mask=True) -> dict:
+    s = {"slices": n, "detrended_cv_raw": 0.12, "detrended_cv_normalized": 0.004, "preprocessed_mean": 61.5,
+         "slice_means_raw": [100 + 10 * (-1) ** i + i for i in range(n)],
+         "slice_means_normalized": [1.0] * (n - 1) + [float("nan")]}  # NaN: a slice the run did not reach
+    if mask:
+        s.update(dom_mask_fraction=0.08, dom_mean=3.2, snr_preprocessed=2.5, snr_dom=9.75)
+    if truth:
+        s["dom_vs_truth"] = {"tp": 10, "fp": 2, "fn": 3, "tn": 100, "dice": 0.8, "precision": 0.83,
+                             "recall": 0.77, "accuracy": 0.96}
+    return s
+
+
+def make_run(out: Path) -> Path:
+    """A run folder: channel C00 with truth and a mask, C01 with neither, C02 summary-only (no figures.npz)."""
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    for ch, kw in {"C00": {}, "C01": {"truth": False, "mask": False}}.items():
+        (out / ch).mkdir()
+        np.savez_compressed(out / ch / "figures.npz", **_figures(rng, **kw))
+    summary = {"input": {"shape": [7, 40, 56], "dtype": "uint16", "channels": ["C00", "C01", "C02"],
+                         "voxel_size": [5.0, 1.2, 1.2], "path": "/data/<scan> & co"},
+               "device": "cpu", "C00": _channel_summary(), "C01": _channel_summary(truth=False, mask=False),
+               "C02": _channel_summary(truth=False)}
+    run = {"out_dir": str(out), "outputs": {"C00": {"mask": str(out / "C00" / "mask.ome.zarr")}},
+           "timings_s": {"stats (pass 1)": 0.5, "to device": 0.0, "difference of medians": 2.0}, "summary": summary}
+    (out / "summary.json").write_text(json.dumps(run))  # json writes NaN as NaN, as the pipeline's does
+    return out
+
+
+class _Imgs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.src: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.src.append(dict(attrs)["src"])
+
+
+def img_sources(page: Path) -> list[str]:
+    p = _Imgs()
+    p.feed(page.read_text())
+    return p.src
+
+
+def test_page_and_figures(tmp_path):
+    out = make_run(tmp_path / "run")
+    page = write_report(out)
+    assert page == out / "report.html" and not (out / "report.html.partial").exists()
+    src = img_sources(page)
+    # C00: mips, slice means, profile, overlay; C01: the same (no mask/truth panels); C02: slice means only.
+    assert len(src) == 9, src
+    for s in src:
+        assert not Path(s).is_absolute() and s.startswith("report/"), s  # relative: the folder can be moved
+        data = (out / s).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, s
+    assert not list((out / "report").glob("*.partial"))
+    text = page.read_text()
+    for needle in ["cpu", "0.8", "9.75", "Channel C02", "&lt;scan&gt; &amp; co", "slices/s"]:
+        assert needle in text, needle
+    assert "<scan>" not in text  # values are escaped
+    # throughput: 21 slices (3 channels x 7) over 2.0 s of one stage; a 0-second stage shows no rate
+    assert re.search(r"difference of medians</td><td>2\.000</td><td>10\.5<", text)
+    assert re.search(r"to device</td><td>0\.000</td><td>–<", text)
+    assert "C00_mips.png" in text and "C02_mips.png" not in text
+
+
+def test_missing_summary_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path)
+
+
+def test_mesh_rendered_when_loadable(tmp_path, monkeypatch):
+    """A mesh file in the channel folder becomes a figure; trimesh is replaced by a stub that returns a cube."""
+    v = np.array([[x, y, z] for x in (0, 1) for y in (0, 2) for z in (0, 3)], dtype=float)
+    faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                      [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    loaded = []
+    stub = types.SimpleNamespace(load=lambda p, force=None: loaded.append((Path(p).name, force))
+                                 or types.SimpleNamespace(vertices=v, faces=faces))
+    monkeypatch.setitem(sys.modules, "trimesh", stub)
+    out = make_run(tmp_path / "run")
+    (out / "C00" / "mesh.glb").write_bytes(b"stub")
+    src = img_sources(write_report(out))
+    assert "report/C00_mesh.png" in src and loaded == [("mesh.glb", "mesh")]
+    assert (out / "report" / "C00_mesh.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_mesh_skipped_without_trimesh(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trimesh", None)  # import now raises ImportError
+    out = make_run(tmp_path / "run")
+    (out / "C00" / "mesh.ply").write_bytes(b"ply\n")
+    assert not any("mesh" in s for s in img_sources(write_report(out)))
+
+
+def test_draw_mesh_subsamples_faces(tmp_path):
+    rng = np.random.default_rng(1)
+    v = rng.random((300, 3))
+    f = rng.integers(0, 300, (500, 3))
+    png = draw_mesh(v, f, tmp_path / "m.png", max_faces=50)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+# After load, record in the DOM whether every image decoded; --dump-dom prints the DOM after the load event.
+_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  const d = document.createElement("div");
+  d.id = "imgcheck";
+  d.textContent = `loaded=${imgs.length - bad.length} total=${imgs.length} bad=${bad.join(",")}`;
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless browser check needs /usr/bin/chromium "
+                    "(apt-get install -y chromium)")
+def test_images_load_in_chromium(tmp_path):
+    out = make_run(tmp_path / "run")
+    page = write_report(out)
+    n = len(img_sources(page))
+    # The check runs on a copy beside report.html, so the same relative links are resolved.
+    probe = out / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _CHECK + "</body>"))
+    dom = _dump_dom(probe, tmp_path / "profile")
+    m = re.search(r'<div id="imgcheck">loaded=(\d+) total=(\d+) bad=([^<]*)</div>', dom)
+    assert m, dom[-2000:]
+    assert (int(m[1]), int(m[2]), m[3]) == (n, n, "")
+    # The folder can be moved: the page still finds its figures.
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    m = re.search(r'loaded=(\d+) total=(\d+)', _dump_dom(moved / "probe.html", tmp_path / "profile2"))
+    assert m and int(m[1]) == int(m[2]) == n
+
+
+def _dump_dom(page: Path, profile: Path) -> str:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout

@@ -1,0 +1,281 @@
+"""Tests for gpuheart.unet: model shapes, losses, augmentation alignment, tiled inference, weights, training."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk, line
+
+from gpuheart import unet
+from gpuheart.unet import (AugmentConfig, TrainConfig, UNet, dice_bce_loss, geometric_augment, predict,
+                           split_slices, tile_grid, tversky_focal_loss)
+
+torch.set_num_threads(1)
+GEOMETRIC_ONLY = AugmentConfig(noise=0, brightness=0, contrast=0)
+
+
+def _tiny(depth=2, width=4, seed=0):
+    torch.manual_seed(seed)
+    return UNet(depth=depth, width=width).eval()
+
+
+# -- model ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("up", ["bilinear", "transpose"])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_unet_shapes(norm, up):
+    model = UNet(in_channels=2, out_channels=3, depth=3, width=6, norm=norm, up=up).eval()
+    out = model(torch.rand(2, 2, 48, 40))
+    assert out.shape == (2, 3, 48, 40)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.rand(1, 2, 44, 40))
+
+
+def test_default_unet_is_paper_size():
+    model = UNet()
+    assert len(model.downs) == 4 and len(model.ups) == 4   # 4 down + bottleneck + 4 up = 9 levels
+    n = sum(p.numel() for p in model.parameters())
+    assert n * 2 < 10e6   # fp16 weights well under 10 MB
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+def _target():
+    t = torch.zeros(1, 1, 32, 32)
+    t[..., 8:24, 8:24] = 1
+    return t
+
+
+@pytest.mark.parametrize("loss", [tversky_focal_loss, dice_bce_loss])
+def test_losses_perfect_prediction_near_zero(loss):
+    t = _target()
+    perfect = (t * 2 - 1) * 20
+    assert float(loss(perfect, t)) < 1e-3
+    assert float(loss(-perfect, t)) > 0.5
+
+
+def test_tversky_alpha_penalises_false_negatives_more():
+    t = _target()
+    k = 40  # pixels missed in one prediction, added spuriously in the other
+    miss = t.clone()
+    miss.view(-1)[torch.nonzero(t.view(-1))[:k, 0]] = 0
+    extra = t.clone()
+    extra.view(-1)[torch.nonzero(1 - t.view(-1))[:k, 0]] = 1
+    fn_logits, fp_logits = (miss * 2 - 1) * 20, (extra * 2 - 1) * 20
+    assert tversky_focal_loss(fn_logits, t) > tversky_focal_loss(fp_logits, t)
+    # and with the weights swapped the order flips
+    assert tversky_focal_loss(fn_logits, t, alpha=0.3, beta=0.7) < tversky_focal_loss(fp_logits, t, alpha=0.3, beta=0.7)
+
+
+def test_focal_exponent_convention():
+    t = _target()
+    logits = torch.zeros_like(t)  # p = 0.5 everywhere
+    plain = tversky_focal_loss(logits, t, gamma=1.0)
+    assert torch.isclose(tversky_focal_loss(logits, t, gamma=4 / 3), plain ** 0.75)
+
+
+def test_losses_have_finite_gradients_at_perfect_prediction():
+    t = _target()
+    logits = ((t * 2 - 1) * 20).requires_grad_()
+    tversky_focal_loss(logits, t).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# -- augmentation --------------------------------------------------------------------------------
+
+def test_geometric_augment_moves_image_and_label_identically():
+    rng = np.random.default_rng(1)
+    label = np.zeros((64, 64), np.uint8)
+    label[10:30, 5:50] = 1
+    label[40:60, 20:28] = 1
+    for _ in range(20):
+        # the label as the image: any misalignment shows as disagreement
+        img, lab = geometric_augment(label.astype(np.float32), label, rng, GEOMETRIC_ONLY)
+        assert set(np.unique(lab)) <= {0, 1}
+        assert np.mean((img > 0.5) != lab) < 0.01
+        assert abs(int(lab.sum()) - int(label.sum())) < 0.15 * label.sum()
+
+
+def test_rot90_flip_is_exact():
+    rng = np.random.default_rng(2)
+    a = np.arange(36, dtype=np.float32).reshape(6, 6)
+    cfg = AugmentConfig(rotate_deg=0, shift=0, noise=0, brightness=0, contrast=0)
+    seen = set()
+    for _ in range(40):
+        img, lab = geometric_augment(a, a.astype(np.int64), rng, cfg)
+        assert np.array_equal(img, lab)
+        assert sorted(img.ravel()) == sorted(a.ravel())   # a permutation: no interpolation
+        seen.add(img.tobytes())
+    assert len(seen) == 8   # all symmetries of the square occur
+
+
+def test_intensity_augment_keeps_label_and_range():
+    rng = np.random.default_rng(3)
+    img = rng.random((32, 32)).astype(np.float32)
+    lab = (img > 0.7).astype(np.uint8)
+    out_img, out_lab = unet.augment_pair(img, lab, rng, AugmentConfig(rot90_flip=False, p_affine=0))
+    assert np.array_equal(out_lab, lab) and out_img.dtype == np.float32
+    assert out_img.min() >= 0 and out_img.max() <= 1 and not np.array_equal(out_img, img)
+
+
+# -- tiled inference -----------------------------------------------------------------------------
+
+class Pointwise(torch.nn.Module):
+    """A stand-in model whose output at a pixel depends on that pixel only."""
+
+    depth = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(6.0)
+            self.conv.bias.fill_(-3.0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_tiled_prediction_of_pointwise_model_has_no_seams():
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (700, 530), dtype=np.uint8)
+    model = Pointwise()
+    expected = torch.sigmoid(model(torch.from_numpy(image).float()[None, None] / 255))[0, 0].detach().numpy()
+    got = predict(model, image, tile=128, overlap=32, device="cpu")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_tiled_unet_matches_per_tile_prediction_away_from_overlaps():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (200, 170), dtype=np.uint8)
+    model = _tiny(depth=3)
+    tile, overlap = 64, 16
+    got = predict(model, image, tile=tile, overlap=overlap, device="cpu")
+    grid = tile_grid(image.shape, tile, overlap)
+    padded = np.pad(image.astype(np.float32) / 255, grid.pad, mode="reflect")
+    (top, _), (left, _) = grid.pad
+    cover_y = np.zeros(padded.shape[0], int)
+    cover_x = np.zeros(padded.shape[1], int)
+    for s in grid.starts_y:
+        cover_y[s:s + tile] += 1
+    for s in grid.starts_x:
+        cover_x[s:s + tile] += 1
+    checked = 0
+    with torch.no_grad():
+        for sy in grid.starts_y:
+            for sx in grid.starts_x:
+                ref = torch.sigmoid(model(torch.from_numpy(padded[sy:sy + tile, sx:sx + tile])[None, None]))[0, 0]
+                for y in range(sy, sy + tile):
+                    for x in range(sx, sx + tile):
+                        inside = top <= y < top + image.shape[0] and left <= x < left + image.shape[1]
+                        if inside and cover_y[y] == 1 and cover_x[x] == 1:
+                            assert abs(got[y - top, x - left] - float(ref[y - sy, x - sx])) < 1e-5
+                            checked += 1
+    assert checked > 0.3 * image.size
+    # everywhere (overlaps included) the blend is a convex combination of tile outputs: a valid probability
+    assert got.min() >= 0 and got.max() <= 1
+
+
+def test_predict_shapes_dtypes_and_slab():
+    rng = np.random.default_rng(6)
+    model = _tiny()
+    slab = rng.integers(0, 256, (3, 50, 37), dtype=np.uint8)   # smaller than a tile: padded
+    out = predict(model, slab, tile=64, overlap=16, device="cpu")
+    assert out.shape == slab.shape and out.dtype == np.float32 and isinstance(out, np.ndarray)
+    for k in range(3):   # a slab is predicted slice by slice
+        np.testing.assert_allclose(out[k], predict(model, slab[k], tile=64, overlap=16, device="cpu"), atol=1e-6)
+    as_float = predict(model, slab.astype(np.float32) / 255, tile=64, overlap=16, batch_size=1, device="cpu")
+    np.testing.assert_allclose(as_float, out, atol=1e-5)
+    tiny = predict(model, slab[0, :1, :3], tile=64, overlap=16, device="cpu")   # 1-pixel axis
+    assert tiny.shape == (1, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        predict(model, slab, tile=66, overlap=16, device="cpu")
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+def test_weights_round_trip(tmp_path):
+    model = UNet(depth=2, width=4, norm="group", up="transpose").eval()
+    path = unet.save_weights(model, tmp_path / "w.pt", meta={"val_dice": 0.8, "note": "x"})
+    back = unet.load_weights(path)
+    assert back.hparams == model.hparams and back.meta == {"val_dice": 0.8, "note": "x"}
+    assert not back.training and next(back.parameters()).dtype == torch.float32
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():   # fp16 storage: close, not identical
+        np.testing.assert_allclose(back(x).numpy(), model(x).numpy(), atol=2e-2)
+    big = unet.save_weights(UNet(), tmp_path / "big.pt")
+    assert big.stat().st_size < 10e6
+
+
+def test_default_weights_missing_says_how_to_train(monkeypatch, tmp_path):
+    assert unet.default_weights_path().name == "unet_default.pt"
+    monkeypatch.setattr(unet, "default_weights_path", lambda: tmp_path / "none.pt")
+    with pytest.raises(FileNotFoundError, match="train"):
+        unet.load_default()
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_disjoint():
+    train, val = split_slices([10, 5, 1], 0.2)
+    assert val == [(0, 8), (0, 9), (1, 4)] and (2, 0) in train and not set(train) & set(val)
+    train, val = split_slices([10, 5, 7], 0.3, by="volume")
+    assert {v for v, _ in val} == {2} and {v for v, _ in train} == {0, 1}
+
+
+def _synthetic(seed=0, shape=(6, 80, 72)):
+    """Bright disks and lines on a noisy background, with their exact mask."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint8)
+    for k in range(shape[0]):
+        for _ in range(4):
+            rr, cc = disk(tuple(rng.integers(8, min(shape[1:]) - 8, 2)), rng.integers(3, 7), shape=shape[1:])
+            lab[k, rr, cc] = 1
+        for _ in range(3):
+            r0, c0, r1, c1 = rng.integers(0, min(shape[1:]), 4)
+            rr, cc = line(r0, c0, r1, c1)
+            lab[k, rr, cc] = 1
+            lab[k, np.clip(rr + 1, 0, shape[1] - 1), cc] = 1
+    img = np.clip(40 + 140 * lab + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
+    return img, lab
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, steps_per_epoch=8, batch_size=4, lr=1e-2, tile=64, width=4, depth=2,
+                loss="dice_bce", val_fraction=0.34, seed=0, num_threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_smoke(tmp_path):
+    img, lab = _synthetic()
+    res = unet.train([img], [lab], _cfg(), tmp_path, progress=False)
+    assert res.epochs_run == 2 and len(res.history) == 2
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png"):
+        assert (tmp_path / name).is_file()
+    rows = list(csv.DictReader(open(res.log_path)))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    model = unet.load_weights(res.best_path)
+    assert model.meta["epoch"] == res.best_epoch and model.meta["config"]["width"] == 4
+    assert np.isclose(model.meta["val_dice"], res.best_val_dice)
+
+
+def test_train_is_deterministic_and_resumable(tmp_path):
+    img, lab = _synthetic(1)
+    cfg = _cfg(loss="tversky_focal", steps_per_epoch=3)
+    full = unet.train([img], [lab], cfg, tmp_path / "a", progress=False)
+    unet.train([img], [lab], _cfg(loss="tversky_focal", steps_per_epoch=3, epochs=1), tmp_path / "b", progress=False)
+    resumed = unet.train([img], [lab], cfg, tmp_path / "b", progress=False, resume=True)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip
+    a = torch.load(full.last_path, weights_only=False)["model"]
+    b = torch.load(resumed.last_path, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_rejects_bad_input(tmp_path):
+    img, lab = _synthetic()
+    with pytest.raises(ValueError, match="uint8"):
+        unet.train([img.astype(np.float32)], [lab], _cfg(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="loss"):
+        unet.train([img], [lab], _cfg(loss="nope"), tmp_path, progress=False)
