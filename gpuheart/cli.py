@@ -90,6 +90,8 @@ def _print_run(result) -> None:
         print(line)
         for kind, path in paths.items():
             print(f"    {kind}: {path}")
+    if result.report:
+        print(f"  report: {result.report}")
     print("  stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
 
 

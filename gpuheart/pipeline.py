@@ -166,6 +166,7 @@ class RunResult:
     outputs: dict[str, dict[str, Path]]
     timings: dict[str, float]
     summary: dict[str, Any]
+    report: Path | None = None
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
@@ -222,7 +223,7 @@ class Pipeline:
             from .report import write_report
 
             with timer("report"):
-                result.outputs["report"] = {"html": write_report(out_dir)}
+                result.report = write_report(out_dir)
         return result
 
 
