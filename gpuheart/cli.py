@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--preset", default="default", choices=["tiny", "default", "large"])
     ph.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the preset's shape")
     ph.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    ph.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ph.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rp = sub.add_parser("report", help="write report.html for a finished run",
@@ -104,8 +105,9 @@ def _cmd_phantom(a) -> int:
     if a.seed is not None:
         over["seed"] = a.seed
     cfg = PhantomConfig.preset(a.preset, **over)
-    path = write_phantom(cfg, Path(a.out), progress=not a.no_progress)
-    print(f"gpuheart: wrote synthetic scan {tuple(cfg.shape)} x 3 channels to {path}")
+    path = write_phantom(cfg, Path(a.out), progress=not a.no_progress, overwrite=a.overwrite)
+    print(f"gpuheart: wrote synthetic scan {tuple(cfg.shape)} x 3 channels to {path / 'scan'} "
+          f"(ground truth in {path / 'truth'})")
     return EXIT_OK
 
 

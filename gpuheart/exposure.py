@@ -117,16 +117,19 @@ def slice_stats(slice2d, z: int | None = None) -> SliceStats:
 
 
 def _stats_from_histogram(x: np.ndarray, z) -> SliceStats:
-    vmin, vmax = int(x.min()), int(x.max())
-    counts = np.bincount((x.ravel() - vmin).astype(np.intp, copy=False) if vmin < 0 or x.dtype.kind == "i"
-                         else x.ravel(), minlength=1)
-    offset = vmin if (vmin < 0 or x.dtype.kind == "i") else 0
+    # unsigned data is its own bin index (no min/max pass); signed data is shifted to start at 0
+    offset = 0 if x.dtype.kind == "u" else int(np.iinfo(x.dtype).min)
+    flat = x.ravel() if offset == 0 else x.ravel().astype(np.int32) - offset
+    counts = np.bincount(flat)
+    nonzero = np.flatnonzero(counts)
+    counts = counts[nonzero[0]:]
+    offset += int(nonzero[0])
     values = np.arange(counts.size, dtype=np.float64) + offset
     n = int(x.size)
     mean = float(counts @ values) / n
     var = float(counts @ np.square(values - mean)) / n
     p = _percentiles_from_counts(counts, offset, PERCENTILES)
-    return SliceStats(z, n, mean, math.sqrt(var), float(vmin), float(vmax), *map(float, p))
+    return SliceStats(z, n, mean, math.sqrt(var), float(offset), float(values[-1]), *map(float, p))
 
 
 # -- pass 2: z-normalization ----------------------------------------------------------------------

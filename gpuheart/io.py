@@ -876,9 +876,18 @@ def write_tiff(path: str | os.PathLike, data_or_slices: np.ndarray | Iterable[np
     if not path.parent.is_dir():
         raise ScanError(f"{path}: parent folder {path.parent} does not exist")
 
+    source_errors: list[BaseException] = []
+
     def pages() -> Iterator[np.ndarray]:
-        n = 0
-        for s in slices:
+        n, it = 0, iter(slices)
+        while True:
+            try:
+                s = next(it)
+            except StopIteration:
+                break
+            except BaseException as err:  # the caller's own failure: let it through unchanged
+                source_errors.append(err)
+                raise
             s = _host(s)
             if n >= shape[0]:
                 raise ScanError(f"{path}: more than {shape[0]} slices given; expected shape {shape}")
@@ -911,11 +920,10 @@ def write_tiff(path: str | os.PathLike, data_or_slices: np.ndarray | Iterable[np
                                  bigtiff=not imagej and _needs_bigtiff(shape, out_dtype)) as tw:
             tw.write(pages(), metadata=meta, **kwargs)
         _commit(partial, path)
-    except ScanError:
+    except BaseException as err:
         _remove(partial)
-        raise
-    except Exception as err:
-        _remove(partial)
+        if isinstance(err, ScanError) or err in source_errors or not isinstance(err, Exception):
+            raise
         raise ScanError(f"{path}: writing TIFF failed: {err}") from err
     return path
 

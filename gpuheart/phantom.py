@@ -141,13 +141,16 @@ def _auto_count(cfg: PhantomConfig, per_ref: float) -> int:
 
 
 def _entry(rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A start point on a face of the volume and an inward direction (faces weighted by area)."""
+    """A start point and an inward direction: on a face of the volume (faces weighted by area) or,
+    in thin slabs, mostly inside with an in-plane direction (a vessel arriving from outside the slab)."""
     ext = _extent(cfg) + np.array(cfg.voxel_size)
     zd = _zdamp(cfg)
-    areas = np.array([ext[1] * ext[2] * zd, ext[0] * ext[2], ext[0] * ext[1]])
+    pos = rng.uniform(0.15, 0.85, 3) * ext
+    if rng.random() > zd:
+        return pos, _unit(rng.normal(size=3) * np.array([zd, 1.0, 1.0]))
+    areas = np.array([ext[1] * ext[2] * zd**2, ext[0] * ext[2], ext[0] * ext[1]])
     axis = rng.choice(3, p=areas / areas.sum())
     side = rng.integers(2)
-    pos = rng.uniform(0.15, 0.85, 3) * ext
     pos[axis] = side * _extent(cfg)[axis]
     normal = np.zeros(3)
     normal[axis] = 1.0 if side == 0 else -1.0
@@ -305,7 +308,7 @@ class _Raster:
 # the phantom
 
 
-def _sinusoid_field(rng: np.random.Generator, n: int, ext: np.ndarray, wavelengths=(60.0, 300.0)):
+def _sinusoid_field(rng: np.random.Generator, n: int, wavelengths=(60.0, 300.0)):
     """Random plane waves (k in rad/µm, phase, amplitude) for a smooth tissue texture."""
     k = []
     for _ in range(n):
@@ -398,7 +401,7 @@ class Phantom:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 1003])
         ext = _extent(cfg) + np.array(cfg.voxel_size)
-        self._waves = _sinusoid_field(rng, 6, ext)
+        self._waves = _sinusoid_field(rng, 6)
         # The heart wall: an ellipsoid shell whose centre lies outside the field of view, so the
         # wall crosses the volume as a curved band that moves laterally with z.
         self._centre = ext * np.array([rng.uniform(0.2, 0.4), -0.35, rng.uniform(0.35, 0.65)])

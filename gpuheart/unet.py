@@ -424,32 +424,42 @@ def split_slices(depths: list[int], val_fraction: float, by: str = "slab") -> tu
 
 @dataclass
 class TileSampler:
-    """Draws (image, label) tiles from training slices, with probability ``fg_fraction`` centred near a
-    random vessel pixel (vessels are a few % of the voxels, so uniform tiles are mostly background)."""
+    """Draws (image, label) tiles from training slices, with probability ``fg_fraction`` placed around a
+    random vessel pixel (vessels are a few % of the voxels, so uniform tiles are mostly background).
 
-    volumes: list[np.ndarray]   # uint8 (z, y, x), padded so y, x >= tile
+    Slices are drawn in proportion to their area (background draws) or vessel pixel count (vessel
+    draws), i.e. uniformly per pixel, so a deep stack of small slices does not dominate.
+    """
+
+    volumes: list[np.ndarray]   # uint8 (z, y, x); padded here so y, x >= tile
     labels: list[np.ndarray]    # uint8 0/1, same shapes
     slices: list[tuple[int, int]]
     tile: int
     fg_fraction: float = 0.5
 
     def __post_init__(self):
+        areas = np.array([self.volumes[v].shape[1] * self.volumes[v].shape[2] for v, _ in self.slices], float)
+        self.area_p = areas / areas.sum()   # real areas: padding must not weigh in
+        self.volumes = [_pad_to_tile(v, self.tile) for v in self.volumes]
+        self.labels = [_pad_to_tile(v, self.tile) for v in self.labels]
         # flat int32 indices of vessel pixels per slice: compact, and one draw picks a pixel uniformly
         self.fg = {s: np.flatnonzero(self.labels[s[0]][s[1]]).astype(np.int32) for s in self.slices}
         self.fg_slices = [s for s in self.slices if self.fg[s].size]
+        counts = np.array([self.fg[s].size for s in self.fg_slices], dtype=np.float64)
+        self.fg_p = counts / counts.sum() if counts.size else counts
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One float32 image tile in [0, 1] and its uint8 label tile."""
         t = self.tile
         if self.fg_slices and rng.random() < self.fg_fraction:
-            v, k = self.fg_slices[rng.integers(len(self.fg_slices))]
+            v, k = self.fg_slices[rng.choice(len(self.fg_slices), p=self.fg_p)]
             h, w = self.volumes[v].shape[1:]
             py, px = divmod(int(self.fg[(v, k)][rng.integers(self.fg[(v, k)].size)]), w)
-            # the vessel pixel lands anywhere in the tile, not always at its centre
-            y0 = int(np.clip(py - rng.integers(t), 0, h - t))
-            x0 = int(np.clip(px - rng.integers(t), 0, w - t))
+            # the vessel pixel lands anywhere in the central half, so it has context on every side
+            y0 = int(np.clip(py - rng.integers(t // 4, t - t // 4), 0, h - t))
+            x0 = int(np.clip(px - rng.integers(t // 4, t - t // 4), 0, w - t))
         else:
-            v, k = self.slices[rng.integers(len(self.slices))]
+            v, k = self.slices[rng.choice(len(self.slices), p=self.area_p)]
             h, w = self.volumes[v].shape[1:]
             y0, x0 = int(rng.integers(h - t + 1)), int(rng.integers(w - t + 1))
         img = self.volumes[v][k, y0:y0 + t, x0:x0 + t].astype(np.float32) / 255
@@ -592,8 +602,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
                          f"need both (check val_fraction and the volume depths)")
-    sampler = TileSampler([_pad_to_tile(v, cfg.tile) for v in vols], [_pad_to_tile(l, cfg.tile) for l in labs],
-                          train_sl, cfg.tile, cfg.fg_fraction)
+    sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

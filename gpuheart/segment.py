@@ -1,0 +1,95 @@
+"""Thresholding the difference of medians into vessel masks, and combining masks.
+
+The pipeline calls :func:`dom_mask` once per slab, so every threshold here is computed from the
+values it is given (one slab), never from the whole scan.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .backend import array_module, to_host
+from .filters import difference_of_medians
+
+MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this = sigma for Gaussian noise
+METHODS = ("otsu", "sigma")
+
+
+def robust_sigma(values) -> float:
+    """Noise sigma estimated as ``1.4826 * median(|v - median(v)|)`` over the finite values.
+
+    Unlike the standard deviation it ignores a minority of bright outliers (the vessels), so on a
+    DoM image it measures the background noise alone.
+    """
+    v = _finite(values).astype(np.float64)
+    return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
+
+
+def threshold_value(values, method="otsu", k: float = 3.0) -> float:
+    """The threshold for ``values`` (any shape; non-finite values ignored).
+
+    ``method``:
+      * ``"otsu"``: ``skimage.filters.threshold_otsu`` of the values (a constant input gives that
+        constant, so ``values > threshold`` selects nothing);
+      * ``"sigma"``: ``k * robust_sigma(values)`` = ``k * 1.4826 * MAD``. This is measured from 0,
+        not from the median: it is meant for DoM values, whose background is centred on 0;
+      * a real number: that fixed threshold.
+    """
+    if isinstance(method, numbers.Real) and not isinstance(method, (bool, np.bool_)):
+        if not np.isfinite(method):
+            raise ValueError(f"a fixed threshold must be finite, got {method!r}")
+        return float(method)
+    if method == "otsu":
+        from skimage.filters import threshold_otsu
+
+        v = _finite(values)
+        if v.min() == v.max():  # skimage warns/varies here; the only sensible answer is the value
+            return float(v.min())
+        return float(threshold_otsu(v))
+    if method == "sigma":
+        if not isinstance(k, numbers.Real) or isinstance(k, bool) or not np.isfinite(k) or k < 0:
+            raise ValueError(f"k must be a finite non-negative number, got {k!r}")
+        return float(k) * robust_sigma(values)
+    raise ValueError(f"unknown threshold method {method!r}: expected 'otsu', 'sigma' or a number")
+
+
+def dom_mask(x, small: int = 3, large: int = 15, threshold="otsu", k: float = 3.0,
+             mode: str = "reflect"):
+    """Vessel mask of a slice or slab: ``difference_of_medians(x, small, large) > threshold``.
+
+    ``threshold`` is anything :func:`threshold_value` accepts; it is computed from this call's
+    DoM values (the whole slab when ``x`` is a slab). Returns a bool array of ``x``'s shape.
+    """
+    dom = difference_of_medians(x, small, large, mode=mode)
+    t = threshold_value(dom, threshold, k)
+    return dom > t
+
+
+def union(*masks):
+    """Element-wise OR of one or more masks of the same shape, as a new bool array."""
+    if not masks:
+        raise ValueError("union needs at least one mask")
+    shape = masks[0].shape
+    for m in masks[1:]:
+        if m.shape != shape:
+            raise ValueError(f"union needs masks of one shape, got {shape} and {m.shape}")
+    xp = array_module(masks[0])
+    out = xp.array(masks[0], dtype=bool, copy=True)
+    for m in masks[1:]:
+        out |= m.astype(bool, copy=False)
+    return out
+
+
+def _finite(values) -> np.ndarray:
+    v = np.asarray(to_host(values)).ravel()
+    if v.dtype.kind == "f":
+        v = v[np.isfinite(v)]
+    elif v.dtype.kind == "b":
+        v = v.view(np.uint8)
+    elif v.dtype.kind not in "iu":
+        raise TypeError(f"threshold needs numeric values, got dtype {v.dtype}")
+    if v.size == 0:
+        raise ValueError("cannot compute a threshold from no (finite) values")
+    # keep the dtype: threshold_otsu bins integer images exactly, floats into 256 bins
+    return v

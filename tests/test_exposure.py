@@ -1,0 +1,253 @@
+"""exposure: slice statistics, z-normalization, asinh, CLAHE (against scikit-image), robust scaling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from skimage.exposure import equalize_adapthist
+
+from gpuheart import exposure
+from gpuheart.exposure import SliceStats, ZNorm, asinh_stretch, clahe, robust_scale, slice_stats
+
+Q = [1, 25, 50, 75, 99]
+
+
+def _skewed(rng, shape, dtype):
+    """Mostly dark with a bright tail, like a vessel slice: peaked histograms make CLAHE clip."""
+    u = rng.random(shape) ** 3
+    if dtype == np.uint8:
+        return (u * 200 + 10).astype(np.uint8)
+    if dtype == np.uint16:
+        return (u * 30000 + 300).astype(np.uint16)
+    return u.astype(dtype)
+
+
+def _base_image(shape=(48, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    img = 100 + 20 * np.sin(x / 5.0) + rng.normal(0, 3, shape)
+    img[(np.abs(y - 2 * x / 3 - 5) < 2)] += 400  # a "vessel"
+    return img
+
+
+# -- slice_stats ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
+def test_slice_stats_matches_numpy(dtype):
+    rng = np.random.default_rng(1)
+    x = _skewed(rng, (123, 77), np.uint16 if np.dtype(dtype).kind in "iu" else dtype)
+    if dtype == np.uint8:
+        x = (x // 200).astype(np.uint8)
+    elif dtype == np.int16:
+        x = (x.astype(np.int32) - 5000).astype(np.int16)
+    s = slice_stats(x, z=3)
+    assert isinstance(s, SliceStats) and s.z == 3 and s.n == x.size
+    ref = x.astype(np.float64)
+    np.testing.assert_allclose([s.p1, s.p25, s.p50, s.p75, s.p99], np.percentile(x, Q), rtol=1e-6)
+    np.testing.assert_allclose([s.mean, s.std, s.min, s.max],
+                               [ref.mean(), ref.std(), ref.min(), ref.max()], rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 65535), min_size=1, max_size=60))
+def test_slice_stats_histogram_percentiles_exact(values):
+    x = np.array(values, dtype=np.uint16).reshape(1, -1)
+    s = slice_stats(x)
+    np.testing.assert_allclose([s.p1, s.p25, s.p50, s.p75, s.p99], np.percentile(x, Q), rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_slice_stats_rejects_nonfinite_naming_z(bad):
+    x = np.ones((8, 8), np.float32)
+    x[2, 3] = bad
+    with pytest.raises(ValueError, match=r"z=17.*1 NaN/Inf"):
+        slice_stats(x, z=17)
+
+
+@pytest.mark.parametrize("x", [np.ones(5), np.ones((2, 3, 4)), np.ones((0, 4))])
+def test_slice_stats_rejects_bad_shape(x):
+    with pytest.raises(ValueError):
+        slice_stats(x)
+
+
+# -- ZNorm ----------------------------------------------------------------------------------------
+
+def _gain_offset_stack(nz=10, seed=2):
+    rng = np.random.default_rng(seed)
+    base = _base_image()
+    gains = rng.uniform(0.5, 2.0, nz)
+    offsets = rng.uniform(-50, 80, nz)
+    return (gains[:, None, None] * base + offsets[:, None, None]).astype(np.float32), base
+
+
+@pytest.mark.parametrize("method", ["robust", "zscore"])
+def test_znorm_removes_gain_and_offset(method):
+    stack, base = _gain_offset_stack()
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)], method=method)
+    out = zn.apply(stack, 0)
+    assert out.dtype == np.float32 and out.shape == stack.shape
+    assert not zn.dark.any()
+    spread = np.ptp(out, axis=0).max()  # worst per-pixel disagreement across slices
+    assert spread <= 1e-4 * zn.scale, spread
+    # and the common image is the base one up to one affine map (stack units are kept)
+    a, c = np.polyfit(base.ravel(), out[0].ravel().astype(np.float64), 1)
+    np.testing.assert_allclose(out[0], a * base + c, atol=1e-3 * zn.scale)
+    center = np.median(out[0]) if method == "robust" else out[0].mean(dtype=np.float64)
+    assert abs(float(center) - zn.background) < 1e-4 * zn.scale
+
+
+def test_znorm_slab_partition_invariance():
+    stack, _ = _gain_offset_stack(nz=9)
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    whole = zn.apply(stack, 0)
+    parts = np.concatenate([zn.apply(stack[a:b], a) for a, b in [(0, 3), (3, 4), (4, 9)]])
+    np.testing.assert_array_equal(parts, whole)
+    np.testing.assert_array_equal(zn.apply(stack[5], 5), whole[5])  # a single (y, x) slice
+
+
+def test_znorm_dark_slices_are_flagged_not_amplified():
+    stack, _ = _gain_offset_stack(nz=8)
+    rng = np.random.default_rng(3)
+    stack[3] = 5 + rng.normal(0, 0.01, stack.shape[1:])  # laser dropout: near-constant noise
+    stack[6] = 7.0  # completely blank: s_z == 0
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    assert list(np.flatnonzero(zn.dark)) == [3, 6]
+    assert zn.gain[3] == 1.0 and zn.gain[6] == 1.0
+    out = zn.apply(stack, 0)
+    assert np.isfinite(out).all()
+    assert out[3].std() == pytest.approx(stack[3].std(), rel=1e-3)  # noise not blown up
+    assert zn.describe()["dark_slices"] == [3, 6]
+
+
+def test_znorm_rejects_nonfinite_naming_z_and_bad_range():
+    stack, _ = _gain_offset_stack(nz=8)
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    slab = stack[4:8].copy()
+    slab[2, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="z=6"):
+        zn.apply(slab, 4)
+    with pytest.raises(ValueError, match="outside"):
+        zn.apply(stack[:3], 6)
+    with pytest.raises(ValueError):
+        zn.apply(stack[0, 0], 0)  # 1-D
+    with pytest.raises(ValueError):
+        ZNorm.from_stats([])
+    with pytest.raises(ValueError, match="method"):
+        ZNorm.from_stats([slice_stats(stack[0])], method="nope")
+
+
+# -- asinh ----------------------------------------------------------------------------------------
+
+def test_asinh_stretch():
+    x = np.linspace(-50, 500, 60, dtype=np.float64).reshape(3, 4, 5)
+    y = asinh_stretch(x, 20.0)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, np.arcsinh(x / 20.0), rtol=1e-6)
+    for bad in (0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError):
+            asinh_stretch(x, bad)
+
+
+# -- robust_scale ---------------------------------------------------------------------------------
+
+def _robust_ref(s, low, high):
+    lo, hi = np.percentile(s.astype(np.float32), [low, high])
+    if hi <= lo:
+        return np.zeros(s.shape, np.uint8)
+    return np.rint(np.clip((s - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8)
+
+
+def test_robust_scale_matches_numpy_per_slice():
+    rng = np.random.default_rng(4)
+    slab = np.stack([rng.gamma(2.0, 10 * (i + 1), (50, 60)) for i in range(3)]).astype(np.float32)
+    out = robust_scale(slab, 0.1, 99.9)
+    assert out.dtype == np.uint8 and out.shape == slab.shape
+    for s, o in zip(slab, out):
+        ref = _robust_ref(s, 0.1, 99.9)
+        assert np.abs(o.astype(int) - ref).max() <= 1  # float32 vs float64 rounding at .5
+        assert (o != ref).mean() < 1e-3
+        assert o.min() == 0 and o.max() == 255
+    np.testing.assert_array_equal(robust_scale(slab[1], 0.1, 99.9), out[1])
+
+
+def test_robust_scale_constant_and_errors():
+    np.testing.assert_array_equal(robust_scale(np.full((2, 5, 5), 3.0)), np.zeros((2, 5, 5), np.uint8))
+    x = np.ones((5, 5), np.float32)
+    x[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        robust_scale(x)
+    with pytest.raises(ValueError):
+        robust_scale(np.ones(5))
+    with pytest.raises(ValueError):
+        robust_scale(np.ones((4, 4)), 50, 10)
+
+
+# -- CLAHE ----------------------------------------------------------------------------------------
+
+def _sk(x, k, cl, nbins=256):
+    return equalize_adapthist(x, kernel_size=k, clip_limit=cl, nbins=nbins).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("shape", [(64, 64), (100, 77), (256, 256)])
+@pytest.mark.parametrize("kernel_size", [8, 32])
+@pytest.mark.parametrize("clip_limit", [0.01, 0.03])
+def test_clahe_matches_skimage(dtype, shape, kernel_size, clip_limit):
+    x = _skewed(np.random.default_rng(hash((shape, kernel_size)) % 2**32), shape, dtype)
+    ours = clahe(x, clip_limit=clip_limit, kernel_size=kernel_size)
+    assert ours.dtype == np.float32 and ours.shape == x.shape
+    # equal bit for bit after casting skimage's float64 to float32; 1e-6 leaves room for nothing else
+    np.testing.assert_allclose(ours, _sk(x, kernel_size, clip_limit), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(3, 40), w=st.integers(3, 40), ky=st.integers(2, 12), kx=st.integers(2, 12),
+       clip_limit=st.sampled_from([0.0, 0.005, 0.05, 0.3]), nbins=st.sampled_from([16, 100, 256, 1000]),
+       seed=st.integers(0, 2**16))
+def test_clahe_matches_skimage_random(h, w, ky, kx, clip_limit, nbins, seed):
+    x = _skewed(np.random.default_rng(seed), (h, w), np.uint16)
+    np.testing.assert_allclose(clahe(x, clip_limit, (ky, kx), nbins), _sk(x, (ky, kx), clip_limit, nbins),
+                               rtol=0, atol=1e-6)
+
+
+def test_clahe_slab_is_per_slice_and_constant_input():
+    rng = np.random.default_rng(5)
+    slab = np.stack([_skewed(rng, (40, 45), np.uint16) for _ in range(3)])
+    out = clahe(slab, kernel_size=16)
+    for s, o in zip(slab, out):
+        np.testing.assert_allclose(o, _sk(s, 16, 0.01), rtol=0, atol=1e-6)
+    const = np.full((30, 30), 1234, np.uint16)
+    np.testing.assert_array_equal(clahe(const, kernel_size=8), _sk(const, 8, 0.01))
+
+
+def test_clahe_float_outside_unit_range_is_min_max_mapped():
+    # documented departure: skimage rejects this; we map [min, max] to [0, 1] first
+    x = (np.random.default_rng(6).normal(size=(70, 50)) * 3).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    ref = _sk(((x - lo) / (hi - lo)).astype(np.float32), 16, 0.01)
+    np.testing.assert_allclose(clahe(x, kernel_size=16), ref, rtol=0, atol=1e-6)
+    out = clahe(x, kernel_size=16)
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+def test_clahe_errors():
+    x = np.ones((16, 16), np.float32)
+    x[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        clahe(x)
+    for bad in (np.ones(16), np.ones((2, 2, 2, 2)), np.ones((0, 5))):
+        with pytest.raises(ValueError):
+            clahe(bad)
+    with pytest.raises(ValueError):
+        clahe(np.ones((8, 8)), kernel_size=0)
+
+
+def test_exposure_does_not_import_torch():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(exposure))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names} | {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                                  if isinstance(n, ast.ImportFrom)}
+    assert "torch" not in names

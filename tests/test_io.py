@@ -1,0 +1,389 @@
+"""io: opening every supported layout lazily, clear errors, atomic writers, bounded memory."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from gpuheart.io import (Scan, ScanError, Slab, ZarrWriter, lavision_filename, open_scan,
+                         write_tiff)
+
+
+def volume(shape=(12, 20, 24), dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype)
+
+
+def write_folder(folder: Path, vols: dict[int, np.ndarray], prefix="heart", **kw):
+    """A LaVision-style folder: one TIFF per channel per z, written with tifffile (the reference)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for c, vol in vols.items():
+        for z, s in enumerate(vol):
+            tifffile.imwrite(folder / lavision_filename(prefix, c, z), s, **kw)
+    return folder
+
+
+# -- shared real data ---------------------------------------------------------------------------------
+
+def test_every_shared_tiff_opens_with_correct_shape_and_pixels(shared_data):
+    files = sorted(shared_data.rglob("*.tif"))
+    assert len(files) >= 10
+    compressions = set()
+    for f in files:
+        with tifffile.TiffFile(f) as t:
+            ref = t.series[0].asarray()
+        with open_scan(f) as scan:
+            assert scan.shape == ref.shape, f
+            assert scan.dtype == ref.dtype
+            assert scan.channels == ["C00"]
+            mid = scan.shape[0] // 2
+            np.testing.assert_array_equal(scan.read_slice("C00", mid), ref[mid])
+            np.testing.assert_array_equal(scan.read_slab("C00", 0, scan.shape[0]), ref)
+            compressions.add(scan.describe()["compression"])
+    assert {"LZW", "PACKBITS"} <= compressions
+
+
+# -- multi-page TIFF and hyperstacks ------------------------------------------------------------------
+
+def test_imagej_hyperstack_channels_and_voxel_size(tmp_path):
+    vol = volume((7, 2, 16, 18))  # z, c, y, x as ImageJ orders it
+    f = tmp_path / "hyper.tif"
+    tifffile.imwrite(f, vol, imagej=True, resolution=(1 / 0.5, 1 / 0.25),
+                     metadata={"axes": "ZCYX", "spacing": 4.0, "unit": "um"})
+    with open_scan(f) as scan:
+        assert scan.channels == ["C00", "C01"]
+        assert scan.shape == (7, 16, 18)
+        assert scan.voxel_size == pytest.approx((4.0, 0.25, 0.5))
+        for c in (0, 1):
+            np.testing.assert_array_equal(scan.read_slab(f"C{c:02d}", 2, 6), vol[2:6, c])
+        assert scan.describe()["format"] == "tiff-hyperstack"
+
+
+def test_ome_tiff_channel_first_voxel_size_and_selection(tmp_path):
+    vol = volume((3, 5, 10, 12))  # c, z, y, x
+    f = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(f, vol, ome=True, photometric="minisblack",
+                     metadata={"axes": "CZYX", "PhysicalSizeZ": 5.0, "PhysicalSizeY": 1.5,
+                               "PhysicalSizeX": 1.5})
+    with open_scan(f, channels=["C02", "C00"]) as scan:
+        assert scan.channels == ["C02", "C00"]
+        assert scan.voxel_size == pytest.approx((5.0, 1.5, 1.5))
+        np.testing.assert_array_equal(scan.read_slice("C02", 4), vol[2, 4])
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 5), vol[0])
+    with open_scan(f, voxel_size=(2, 1, 1)) as scan:
+        assert scan.voxel_size == (2.0, 1.0, 1.0)
+
+
+def test_single_2d_page_is_one_slice_scan(tmp_path):
+    img = volume((1, 9, 11))[0]
+    tifffile.imwrite(tmp_path / "one.tif", img)
+    with open_scan(tmp_path / "one.tif") as scan:
+        assert scan.shape == (1, 9, 11)
+        np.testing.assert_array_equal(scan.read_slice("C00", 0), img)
+
+
+# -- per-slice folders ------------------------------------------------------------------------------
+
+def test_lavision_folder_two_channels_natural_order(tmp_path):
+    vols = {0: volume((12, 8, 10), seed=1), 1: volume((12, 8, 10), seed=2)}
+    folder = write_folder(tmp_path / "scan", vols)
+    (folder / "notes.txt").write_text("ignored")
+    with open_scan(folder) as scan:
+        assert scan.channels == ["C00", "C01"]
+        assert scan.shape == (12, 8, 10)
+        for c in (0, 1):
+            np.testing.assert_array_equal(scan.read_slab(f"C{c:02d}", 0, 12), vols[c])
+        d = scan.describe()
+        assert d["format"] == "tiff-folder" and d["nbytes"] == 2 * 12 * 8 * 10 * 2
+
+
+def test_natural_sort_z2_before_z10_and_no_channel_token(tmp_path):
+    # unpadded numbers: lexical order would put Z10 and Z11 before Z2
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for z in range(12):
+        tifffile.imwrite(folder / f"slice Z{z}.tif", np.full((4, 5), z, np.uint8))
+    with open_scan(folder) as scan:
+        assert scan.channels == ["C00"]
+        assert [int(scan.read_slice("C00", z)[0, 0]) for z in range(12)] == list(range(12))
+    # and without any Z token, the numbers in the names give the order
+    folder2 = tmp_path / "bare"
+    folder2.mkdir()
+    for z in range(12):
+        tifffile.imwrite(folder2 / f"img{z}.tiff", np.full((4, 5), z, np.uint8))
+    with open_scan(folder2) as scan:
+        assert [int(scan.read_slice(0, z)[0, 0]) for z in range(12)] == list(range(12))
+
+
+def test_ome_voxel_size_read_from_slice_files(tmp_path):
+    folder = tmp_path / "ome"
+    folder.mkdir()
+    for z in range(3):
+        tifffile.imwrite(folder / lavision_filename("h", 0, z), np.zeros((4, 4), np.uint16), ome=True,
+                         metadata={"PhysicalSizeZ": 6.0, "PhysicalSizeY": 2.0, "PhysicalSizeX": 2.0})
+    with open_scan(folder) as scan:
+        assert scan.voxel_size == pytest.approx((6.0, 2.0, 2.0))
+
+
+# -- slabs ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slab_size,halo", [(4, 0), (4, 2), (5, 3), (16, 1), (1, 1)])
+def test_iter_slabs_cover_scan_with_clipped_halos(tmp_path, slab_size, halo):
+    vol = volume((13, 6, 7))
+    tifffile.imwrite(tmp_path / "s.tif", vol)
+    with open_scan(tmp_path / "s.tif") as scan:
+        slabs = list(scan.iter_slabs("C00", slab_size, halo))
+    assert all(isinstance(s, Slab) for s in slabs)
+    np.testing.assert_array_equal(np.concatenate([s.core for s in slabs]), vol)
+    for s in slabs:
+        assert s.lo == min(halo, s.z0) and s.hi == min(halo, 13 - s.z1)
+        np.testing.assert_array_equal(s.data, vol[s.z0 - s.lo:s.z1 + s.hi])
+    assert slabs[0].z0 == 0 and slabs[-1].z1 == 13
+
+
+def test_memory_stays_bounded_by_slab_not_scan(tmp_path):
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    base = ((yy + xx) % 4096).astype(np.uint16)
+
+    def make(n, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for z in range(n):
+            tifffile.imwrite(folder / lavision_filename("big", 0, z), base + np.uint16(z))
+        return folder
+
+    def peak(folder, n):
+        with open_scan(folder) as scan:
+            tracemalloc.start()
+            total = 0
+            for slab in scan.iter_slabs("C00", slab_size=16, halo=2):
+                total += int(slab.core.sum(dtype=np.int64))
+            _, top = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        expected = n * int(base.sum(dtype=np.int64)) + 1024 * 1024 * n * (n - 1) // 2
+        assert total == expected
+        return top
+
+    small, large = peak(make(50, "s50"), 50), peak(make(200, "s200"), 200)
+    slab_bytes = 20 * 1024 * 1024 * 2  # 16 core + 2 * 2 halo slices of uint16
+    assert large <= 1.2 * small
+    assert large < 3 * slab_bytes  # the 200-slice scan is 400 MB
+
+
+# -- zarr ---------------------------------------------------------------------------------------------
+
+def test_zarr_writer_round_trip_is_ome_ngff(tmp_path):
+    vol = volume((21, 30, 40))
+    out = tmp_path / "mask.ome.zarr"
+    with ZarrWriter(out, vol.shape, vol.dtype, chunks=(8, 16, 16), voxel_size=(5, 0.5, 0.5)) as w:
+        for z0 in range(0, 21, 6):  # slabs not aligned with the chunks
+            w.write(z0, vol[z0:z0 + 6])
+    assert out.is_dir() and not (tmp_path / "mask.ome.zarr.partial").exists()
+    attrs = json.loads((out / ".zattrs").read_text())  # zarr format 2
+    ms = attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [5.0, 0.5, 0.5]
+    with open_scan(out) as scan:
+        assert scan.format == "ome-zarr" and scan.shape == vol.shape
+        assert scan.voxel_size == pytest.approx((5.0, 0.5, 0.5))
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 21), vol)
+        np.testing.assert_array_equal(scan.read_slice("C00", 13), vol[13])
+
+
+def test_zarr_writer_replaces_old_output_and_aborts_cleanly(tmp_path):
+    out = tmp_path / "m.zarr"
+    with ZarrWriter(out, (4, 5, 6), np.uint8) as w:
+        w.write(0, np.ones((4, 5, 6), np.uint8))
+    with ZarrWriter(out, (4, 5, 6), np.uint8) as w:
+        w.write(0, np.full((4, 5, 6), 7, np.uint8))
+    with open_scan(out) as scan:
+        assert (scan.read_slab(0, 0, 4) == 7).all()
+    with pytest.raises(RuntimeError):
+        with ZarrWriter(out, (4, 5, 6), np.uint8) as w:
+            w.write(0, np.zeros((2, 5, 6), np.uint8))
+            raise RuntimeError("crash mid-run")
+    assert not (tmp_path / "m.zarr.partial").exists()
+    with open_scan(out) as scan:  # the old complete output is untouched
+        assert (scan.read_slab(0, 0, 4) == 7).all()
+
+
+def test_zarr_writer_refuses_incomplete_and_bad_writes(tmp_path):
+    out = tmp_path / "gap.zarr"
+    w = ZarrWriter(out, (6, 4, 4), np.uint16)
+    with pytest.raises(ScanError, match="shape"):
+        w.write(0, np.zeros((2, 4, 5), np.uint16))
+    with pytest.raises(ScanError, match="outside"):
+        w.write(5, np.zeros((2, 4, 4), np.uint16))
+    w.write(0, np.zeros((3, 4, 4), np.uint16))
+    with pytest.raises(ScanError, match="never written: Z0003-Z0005"):
+        w.close()
+    assert not out.exists() and not (tmp_path / "gap.zarr.partial").exists()
+
+
+def test_plain_zarr_arrays(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    v3 = volume((5, 6, 7))
+    zarr.save_array(str(tmp_path / "a.zarr"), v3)
+    with open_scan(tmp_path / "a.zarr") as scan:
+        assert scan.channels == ["C00"] and scan.voxel_size is None
+        np.testing.assert_array_equal(scan.read_slab("C00", 1, 4), v3[1:4])
+    v4 = volume((2, 5, 6, 7))
+    zarr.save_array(str(tmp_path / "b.zarr"), v4)
+    with open_scan(tmp_path / "b.zarr") as scan:
+        assert scan.channels == ["C00", "C01"] and scan.shape == (5, 6, 7)
+        np.testing.assert_array_equal(scan.read_slice("C01", 3), v4[1, 3])
+
+
+# -- write_tiff --------------------------------------------------------------------------------------
+
+def test_write_tiff_streams_slices_and_keeps_voxel_size(tmp_path):
+    vol = volume((9, 10, 11))
+    out = tmp_path / "mask.tif"
+    write_tiff(out, (s for s in vol), voxel_size=(3.0, 0.75, 0.5), shape=vol.shape, dtype=vol.dtype)
+    assert not (tmp_path / "mask.tif.partial").exists()
+    np.testing.assert_array_equal(tifffile.imread(out), vol)  # independent reader
+    with open_scan(out) as scan:
+        assert scan.voxel_size == pytest.approx((3.0, 0.75, 0.5))
+        np.testing.assert_array_equal(scan.read_slab(0, 0, 9), vol)
+
+
+def test_write_tiff_other_dtypes_and_bool(tmp_path):
+    f64 = np.random.default_rng(1).random((4, 5, 6))
+    write_tiff(tmp_path / "f.tif", f64, voxel_size=(2, 1, 1))
+    with open_scan(tmp_path / "f.tif") as scan:
+        assert scan.dtype == np.float64 and scan.voxel_size == pytest.approx((2, 1, 1))
+        np.testing.assert_array_equal(scan.read_slab(0, 0, 4), f64)
+    mask = f64 > 0.5
+    write_tiff(tmp_path / "b.tif", list(mask))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), mask.astype(np.uint8) * 255)
+
+
+def test_write_tiff_failure_leaves_nothing(tmp_path):
+    def slices():
+        yield np.zeros((4, 4), np.uint8)
+        raise RuntimeError("segmentation crashed")
+
+    with pytest.raises(RuntimeError):
+        write_tiff(tmp_path / "x.tif", slices(), shape=(3, 4, 4), dtype=np.uint8)
+    with pytest.raises(ScanError, match="expected 3"):
+        write_tiff(tmp_path / "x.tif", iter([np.zeros((4, 4), np.uint8)] * 2), shape=(3, 4, 4), dtype=np.uint8)
+    with pytest.raises(ScanError, match="shape="):
+        write_tiff(tmp_path / "x.tif", iter([np.zeros((4, 4), np.uint8)]))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- validation --------------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ScanError, match="no such file"):
+        open_scan(tmp_path / "nope.tif")
+
+
+def test_empty_folder_and_folder_without_tiff(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScanError, match="no TIFF"):
+        open_scan(tmp_path / "empty")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "readme.txt").write_text("x")
+    with pytest.raises(ScanError, match="no TIFF"):
+        open_scan(tmp_path / "txt")
+
+
+def test_missing_slice_names_channel_and_z(tmp_path):
+    vols = {0: volume((20, 4, 4)), 1: volume((20, 4, 4))}
+    folder = write_folder(tmp_path / "scan", vols)
+    (folder / lavision_filename("heart", 1, 7)).unlink()
+    with pytest.raises(ScanError) as err:
+        open_scan(folder)
+    assert str(err.value) == (f"{folder}: channel C01 has no slice Z0007 "
+                              f"(found Z0000-Z0006, Z0008-Z0019)")
+
+
+def test_channels_with_different_slice_counts(tmp_path):
+    folder = write_folder(tmp_path / "scan", {0: volume((6, 4, 4)), 1: volume((5, 4, 4))})
+    with pytest.raises(ScanError, match=r"different slice counts \(C00: 6, C01: 5\)"):
+        open_scan(folder)
+
+
+def test_slice_of_other_shape_or_dtype_names_file(tmp_path):
+    folder = write_folder(tmp_path / "shape", {0: volume((5, 8, 8))})
+    bad = folder / lavision_filename("heart", 0, 3)
+    tifffile.imwrite(bad, np.zeros((8, 9), np.uint16))
+    with pytest.raises(ScanError, match=r"Z0003.*\(8, 9\) uint16; expected \(8, 8\) uint16"):
+        open_scan(folder)
+    folder = write_folder(tmp_path / "dtype", {0: volume((5, 8, 8))})
+    tifffile.imwrite(folder / lavision_filename("heart", 0, 4), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ScanError, match=r"Z0004.*uint8; expected \(8, 8\) uint16"):
+        open_scan(folder)
+
+
+def test_truncated_tiffs(tmp_path):
+    # a stack cut in half
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, volume((10, 64, 64)))
+    raw = stack.read_bytes()
+    stack.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ScanError, match="stack.tif.*truncated"):
+        open_scan(stack)
+    # a slice file whose header is cut
+    folder = write_folder(tmp_path / "hdr", {0: volume((4, 32, 32))})
+    bad = folder / lavision_filename("heart", 0, 2)
+    bad.write_bytes(bad.read_bytes()[:12])
+    with pytest.raises(ScanError, match="Z0002.ome.tif.*corrupt"):
+        open_scan(folder)
+    # a slice file whose pixel data is cut: its tags already show it at open time
+    folder = write_folder(tmp_path / "data", {0: volume((4, 32, 32))})
+    bad = folder / lavision_filename("heart", 0, 1)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ScanError, match="Z0001.ome.tif.*truncated"):
+        open_scan(folder)
+
+
+def test_slice_cut_after_open_fails_at_read_naming_file_and_slice(tmp_path):
+    folder = write_folder(tmp_path / "scan", {0: volume((4, 32, 32))})
+    with open_scan(folder) as scan:
+        bad = folder / lavision_filename("heart", 0, 2)
+        raw = bad.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2])
+        np.testing.assert_array_equal(scan.read_slice("C00", 1).shape, (32, 32))
+        with pytest.raises(ScanError, match=r"Z0002\.ome\.tif: slice Z0002 is truncated"):
+            scan.read_slab("C00", 0, 4)
+
+
+def test_non_tiff_files(tmp_path):
+    fake = tmp_path / "fake.tif"
+    fake.write_text("this is not an image")
+    with pytest.raises(ScanError, match="fake.tif: not a TIFF"):
+        open_scan(fake)
+    folder = write_folder(tmp_path / "scan", {0: volume((3, 4, 4))})
+    (folder / lavision_filename("heart", 0, 1)).write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    with pytest.raises(ScanError, match="Z0001.ome.tif: not a TIFF"):
+        open_scan(folder)
+
+
+def test_unknown_channel_lists_available(tmp_path):
+    folder = write_folder(tmp_path / "scan", {0: volume((3, 4, 4)), 2: volume((3, 4, 4))})
+    with pytest.raises(ScanError, match="'C01'.*available: C00, C02"):
+        open_scan(folder, channels=["C01"])
+    with open_scan(folder) as scan:
+        with pytest.raises(ScanError, match="available: C00, C02"):
+            scan.read_slice("C05", 0)
+        with pytest.raises(ScanError, match="outside the scan"):
+            scan.read_slab("C00", 2, 4)
+
+
+def test_closed_scan_and_errors_are_value_errors(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", volume((5, 8, 9)))
+    scan = open_scan(tmp_path / "s.tif")
+    assert isinstance(scan, Scan)
+    scan.close()
+    scan.close()
+    with pytest.raises(ValueError, match="closed"):
+        scan.read_slice("C00", 0)
+    with pytest.raises(ScanError, match="voxel_size"):
+        open_scan(tmp_path / "s.tif", voxel_size=(1, 0, 1))

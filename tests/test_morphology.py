@@ -1,0 +1,137 @@
+"""morphology: closings against literal scipy.ndimage compositions, streaming == whole volume."""
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from gpuheart import morphology as morph
+
+
+def _reader(vol):
+    return lambda z0, z1: vol[z0:z1]
+
+
+def _random_mask(shape, p, seed):
+    return np.random.default_rng(seed).random(shape) < p
+
+
+def _stream(gen, shape):
+    out = np.zeros(shape, bool)
+    last = 0
+    for z0, z1, m in gen:
+        assert z0 == last and m.shape == (z1 - z0,) + tuple(shape[1:])
+        out[z0:z1] = m
+        last = z1
+    assert last == shape[0]
+    return out
+
+
+def _scipy_closing_nearest(mask, structure, iterations, pad):
+    """Independent reference: closing of the volume replicated far beyond the reach, cropped."""
+    p = np.pad(mask, pad, mode="edge")
+    d = ndi.binary_dilation(p, structure, iterations=iterations)
+    e = ndi.binary_erosion(d, structure, iterations=iterations)
+    return e[tuple(slice(a, s - b) for (a, b), s in zip(pad, e.shape))]
+
+
+def test_close_z_matches_scipy_and_padding_is_enough():
+    m = _random_mask((30, 9, 11), 0.15, 0)
+    got = morph.close_z(m, 5, 5)
+    # padding twice the reach must change nothing: the result is the closing of the infinite extension
+    ref = _scipy_closing_nearest(m, np.ones((5, 1, 1), bool), 5, ((40, 40), (0, 0), (0, 0)))
+    np.testing.assert_array_equal(got, ref)
+    assert (got >= m).all()  # extensive, also at the faces
+    # away from the z faces it is scipy's own binary_closing
+    sc = ndi.binary_closing(m, np.ones((5, 1, 1), bool), iterations=5)
+    np.testing.assert_array_equal(got[20:-20], sc[20:-20])
+
+
+def test_close_z_bridges_gap_and_keeps_face_objects():
+    m = np.zeros((40, 3, 3), bool)
+    m[:5, 1, 1] = True           # touches the z = 0 face
+    m[25:30, 1, 1] = True        # 19-slice gap to the first piece: bridged (<= 20)
+    out = morph.close_z(m)
+    assert out[:30, 1, 1].all() and not out[30:, 1, 1].any()
+    assert out[0, 1, 1]  # scipy.binary_closing would erode this away
+    assert not ndi.binary_closing(m, np.ones((5, 1, 1), bool), iterations=5)[0, 1, 1]
+
+
+def test_close_3d_matches_scipy():
+    m = _random_mask((12, 13, 14), 0.3, 1)
+    got = morph.close_3d(m, 3)
+    ref = _scipy_closing_nearest(m, np.ones((3, 3, 3), bool), 1, ((6, 6),) * 3)
+    np.testing.assert_array_equal(got, ref)
+    assert (got >= m).all()
+
+
+def test_reach():
+    assert morph.reach() == 22
+    assert morph.reach(3, 2, 5) == 4 + 4
+    with pytest.raises(ValueError):
+        morph.reach(4)
+
+
+@pytest.mark.parametrize("slab_size", [1, 3, 7, 22, 23, 64])
+def test_postprocess_slabs_equals_whole(slab_size):
+    shape = (50, 10, 12)
+    m = _random_mask(shape, 0.08, slab_size)
+    whole = morph.postprocess(m)
+    got = _stream(morph.postprocess_slabs(_reader(m), shape, slab_size), shape)
+    np.testing.assert_array_equal(got, whole)
+
+
+def test_postprocess_slabs_other_params():
+    shape = (17, 8, 9)
+    m = _random_mask(shape, 0.2, 5)
+    whole = morph.postprocess(m, 3, 2, 5)
+    got = _stream(morph.postprocess_slabs(_reader(m), shape, 2, 3, 2, 5), shape)
+    np.testing.assert_array_equal(got, whole)
+
+
+def _same_partition(a, b):
+    """Two label images describe the same partition (bijection between nonzero labels)."""
+    assert ((a > 0) == (b > 0)).all()
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize("slab_size", [1, 4, 9, 100])
+def test_label_slabs_equals_scipy_label(connectivity, slab_size):
+    shape = (24, 15, 16)
+    m = _random_mask(shape, 0.25, connectivity * 10 + slab_size)
+    ref, n = ndi.label(m, ndi.generate_binary_structure(3, connectivity))
+    res = morph.label_slabs(_reader(m), shape, slab_size, connectivity)
+    assert res.n_components == n
+    np.testing.assert_array_equal(res.sizes[1:], np.bincount(ref.ravel())[1:])
+    lab = np.concatenate([l for _, _, l in res.relabel(_reader(m))])
+    _same_partition(lab, ref)
+    np.testing.assert_array_equal(lab, ref)  # even scipy's numbering
+
+
+def test_label_slabs_spiral_merges_late():
+    # a U shape: two arms that only join in the last slab
+    m = np.zeros((20, 5, 7), bool)
+    m[:, 2, 1] = m[:, 2, 5] = True
+    m[19, 2, 1:6] = True
+    res = morph.label_slabs(_reader(m), m.shape, 3)
+    assert res.n_components == 1 and res.sizes[1] == m.sum()
+
+
+def test_label_slabs_empty():
+    m = np.zeros((5, 4, 4), bool)
+    res = morph.label_slabs(_reader(m), m.shape, 2)
+    assert res.n_components == 0
+    out = _stream(morph.remove_small_slabs(_reader(m), m.shape, 2, 3), m.shape)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("slab_size", [1, 5, 30])
+def test_remove_small_slabs_equals_whole(slab_size):
+    shape = (30, 14, 14)
+    m = _random_mask(shape, 0.3, slab_size)
+    ref = morph.remove_small(m, 10, 1)
+    # independent reference: skimage
+    from skimage.morphology import remove_small_objects
+    np.testing.assert_array_equal(ref, remove_small_objects(m, max_size=9, connectivity=1))
+    got = _stream(morph.remove_small_slabs(_reader(m), shape, slab_size, 10), shape)
+    np.testing.assert_array_equal(got, ref)
