@@ -291,7 +291,7 @@ class _TiffStack:
         with _tifffile_errors() as errors:
             try:
                 series = tif.series[0]
-                npages = len(tif.pages)
+                len(tif.pages)  # walks every IFD now, so a broken chain is reported at open time
             except Exception as err:
                 raise ScanError(f"{path}: corrupt TIFF ({err}); expected readable image pages") from err
         if errors:
@@ -337,7 +337,6 @@ class _TiffStack:
                                     f"{_page_end(page)}, file has {size} bytes")
         self.voxel_size = _voxel_from_tiff(tif)
         self.format = "tiff-hyperstack" if self.c_axis is not None else "tiff"
-        del npages
 
     def _plane_bytes(self) -> int:
         return self.shape[1] * self.shape[2] * self.dtype.itemsize

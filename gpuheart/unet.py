@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -320,14 +320,14 @@ def _reflect_pad(t: torch.Tensor, pad: tuple[tuple[int, int], tuple[int, int]]) 
     return t
 
 
-def _auto_batch_size(model: nn.Module, tile: int, device: str) -> int:
+def _auto_batch_size(model: nn.Module, tile: int, device: torch.device) -> int:
     """CPU: 4 tiles. CUDA: about half the free memory over a rough per-tile activation estimate."""
-    if device != "cuda":
+    if device.type != "cuda":
         return 4
     width = getattr(model, "hparams", {}).get("width", 32)
     # ~2 * width * tile^2 activations summed over levels, ~8 live tensors, 2-byte bf16 (4 to be safe)
     per_tile = 2 * width * tile * tile * 8 * 4
-    free, _ = torch.cuda.mem_get_info()
+    free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(64, free // 2 // per_tile)))
 
 
@@ -354,12 +354,13 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
     depth = getattr(model, "depth", 0)
     if tile % 2 ** depth:
         raise ValueError(f"tile {tile} must be divisible by 2**depth = {2 ** depth}")
-    dev = "cuda" if is_device_array(image) else resolve_device(device)
     x = as_torch(image if image.flags.c_contiguous else _contiguous(image))
+    # CuPy input is computed on its own GPU (x.device), NumPy input where ``device`` says
+    dev = x.device if is_device_array(image) else torch.device(resolve_device(device))
     x = _to_unit_float(x.to(dev))
     slab = x[None] if image.ndim == 2 else x
-    out = _predict_slab(model.to(dev).eval(), slab, tile, overlap, batch_size or _auto_batch_size(model, tile, dev),
-                        amp and dev == "cuda")
+    out = _predict_slab(model.to(dev).eval(), slab, tile, overlap,
+                        batch_size or _auto_batch_size(model, tile, dev), amp and dev.type == "cuda")
     out = out[0] if image.ndim == 2 else out
     if not is_device_array(image):
         return np.ascontiguousarray(from_torch(out.cpu()))
@@ -477,7 +478,8 @@ class TileSampler:
 
 def _check_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if len(images) != len(labels) or not images:
-        raise ValueError(f"need matching non-empty lists of images and labels, got {len(images)} and {len(labels)}")
+        raise ValueError(f"need matching non-empty lists of images and labels, "
+                         f"got {len(images)} and {len(labels)}")
     vols, labs = [], []
     for i, (im, lb) in enumerate(zip(images, labels)):
         im, lb = np.asarray(im), np.asarray(lb)
@@ -485,7 +487,8 @@ def _check_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if im.ndim != 3 or im.shape != lb.shape:
             raise ValueError(f"pair {i}: image {im.shape} and label {lb.shape} must be equal (z, y, x) shapes")
         if im.dtype != np.uint8:
-            raise ValueError(f"pair {i}: images must be uint8 (preprocessed with gpuheart.exposure), got {im.dtype}")
+            raise ValueError(f"pair {i}: images must be uint8 (preprocessed with gpuheart.exposure), "
+                             f"got {im.dtype}")
         vols.append(im)
         labs.append((lb > 0).astype(np.uint8))
     return vols, labs
@@ -659,7 +662,7 @@ def _save_last(path, model, opt, sched, rng, state, cfg) -> None:
 
 def _load_last(path, model, opt, sched, rng) -> dict:
     """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
@@ -682,12 +685,14 @@ def _plot_curves(rows: list[dict], path: Path, size=(640, 400)) -> Path | None:
     for key, colour in (("train_loss", (31, 119, 180)), ("val_dice", (214, 39, 40))):
         vals = np.array([r[key] for r in rows], dtype=float)
         lo, hi = (0.0, 1.0) if key == "val_dice" else (0.0, max(float(vals.max()), 1e-9))
-        pts = [(m + (w - 1.5 * m) * i / n, (h - m) - (h - 1.5 * m) * (v - lo) / (hi - lo)) for i, v in enumerate(vals)]
+        pts = [(m + (w - 1.5 * m) * i / n, (h - m) - (h - 1.5 * m) * (v - lo) / (hi - lo))
+               for i, v in enumerate(vals)]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         else:
             d.point(pts, fill=colour)
-    d.text((m, h - m + 8), f"epochs 1..{len(rows)}   blue: train loss (0..max)   red: val Dice (0..1)", fill="black")
+    d.text((m, h - m + 8), f"epochs 1..{len(rows)}   blue: train loss (0..max)   red: val Dice (0..1)",
+           fill="black")
     tmp = path.with_name(path.name + ".partial")
     img.save(tmp, format="PNG")
     os.replace(tmp, path)

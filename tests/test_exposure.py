@@ -220,6 +220,14 @@ def test_clahe_slab_is_per_slice_and_constant_input():
     np.testing.assert_array_equal(clahe(const, kernel_size=8), _sk(const, 8, 0.01))
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.bool_, np.float64])
+def test_clahe_other_dtypes_match_skimage(dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.integers(-300, 3000, (60, 50)) if dtype == np.int16 else rng.random((60, 50)) ** 2)
+    x = (x > 0.3) if dtype == np.bool_ else x.astype(dtype)
+    np.testing.assert_allclose(clahe(x, kernel_size=16), _sk(x, 16, 0.01), rtol=0, atol=1e-6)
+
+
 def test_clahe_float_outside_unit_range_is_min_max_mapped():
     # documented departure: skimage rejects this; we map [min, max] to [0, 1] first
     x = (np.random.default_rng(6).normal(size=(70, 50)) * 3).astype(np.float32)

@@ -387,3 +387,31 @@ def test_closed_scan_and_errors_are_value_errors(tmp_path):
         scan.read_slice("C00", 0)
     with pytest.raises(ScanError, match="voxel_size"):
         open_scan(tmp_path / "s.tif", voxel_size=(1, 0, 1))
+
+
+def test_folder_holding_one_stack_opens_the_stack(tmp_path):
+    vol = volume((6, 10, 12))
+    (tmp_path / "one").mkdir()
+    tifffile.imwrite(tmp_path / "one" / "stack.tif", vol)
+    with open_scan(tmp_path / "one") as scan:
+        assert scan.shape == (6, 10, 12)
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 6), vol)
+
+
+def test_ngff_group_with_channel_axis_and_nanometre_units(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    vol = volume((2, 4, 6, 8))
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    create = getattr(root, "create_array", None) or root.create_dataset  # zarr 3 or 2
+    create("0", shape=vol.shape, dtype=vol.dtype, chunks=(1, 2, 6, 8))[:] = vol
+    root.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": "c", "type": "channel"}] + [
+            {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1, 4000, 650, 650]}]}],
+    }]
+    with open_scan(tmp_path / "img.ome.zarr") as scan:
+        assert scan.channels == ["C00", "C01"] and scan.shape == (4, 6, 8)
+        assert scan.voxel_size == pytest.approx((4.0, 0.65, 0.65))
+        np.testing.assert_array_equal(scan.read_slab("C01", 1, 3), vol[1, 1:3])

@@ -64,7 +64,8 @@ def test_tversky_alpha_penalises_false_negatives_more():
     fn_logits, fp_logits = (miss * 2 - 1) * 20, (extra * 2 - 1) * 20
     assert tversky_focal_loss(fn_logits, t) > tversky_focal_loss(fp_logits, t)
     # and with the weights swapped the order flips
-    assert tversky_focal_loss(fn_logits, t, alpha=0.3, beta=0.7) < tversky_focal_loss(fp_logits, t, alpha=0.3, beta=0.7)
+    swapped = dict(alpha=0.3, beta=0.7)
+    assert tversky_focal_loss(fn_logits, t, **swapped) < tversky_focal_loss(fp_logits, t, **swapped)
 
 
 def test_focal_exponent_convention():
@@ -192,6 +193,20 @@ def test_predict_shapes_dtypes_and_slab():
         predict(model, slab, tile=66, overlap=16, device="cpu")
 
 
+@pytest.mark.gpu
+def test_predict_cupy_stays_on_device_and_matches_cpu():
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(7)
+    slab = rng.integers(0, 256, (2, 150, 90), dtype=np.uint8)
+    model = _tiny(depth=3)
+    cpu = predict(model, slab, tile=64, overlap=16, device="cpu")
+    gpu = predict(model, cp.asarray(slab), tile=64, overlap=16, amp=False)
+    assert isinstance(gpu, cp.ndarray) and gpu.dtype == cp.float32 and gpu.shape == slab.shape
+    np.testing.assert_allclose(cp.asnumpy(gpu), cpu, atol=1e-4)
+    bf16 = predict(model, cp.asarray(slab), tile=64, overlap=16, amp=True)
+    assert float(abs(bf16 - gpu).max()) < 0.05   # bf16 autocast: close, not equal
+
+
 # -- weights -------------------------------------------------------------------------------------
 
 def test_weights_round_trip(tmp_path):
@@ -264,7 +279,8 @@ def test_train_is_deterministic_and_resumable(tmp_path):
     img, lab = _synthetic(1)
     cfg = _cfg(loss="tversky_focal", steps_per_epoch=3)
     full = unet.train([img], [lab], cfg, tmp_path / "a", progress=False)
-    unet.train([img], [lab], _cfg(loss="tversky_focal", steps_per_epoch=3, epochs=1), tmp_path / "b", progress=False)
+    first = _cfg(loss="tversky_focal", steps_per_epoch=3, epochs=1)
+    unet.train([img], [lab], first, tmp_path / "b", progress=False)   # as if interrupted after epoch 1
     resumed = unet.train([img], [lab], cfg, tmp_path / "b", progress=False, resume=True)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip

@@ -1,0 +1,328 @@
+"""Surface meshes of vessel masks: slab-wise marching cubes, welding, filtering, decimation, export.
+
+Coordinates: masks are (z, y, x) with ``voxel_size`` (z, y, x) in µm; meshes come out as
+``vertices`` (N, 3) float64 in **(x, y, z) µm** (voxel centres at ``index * voxel_size``) and
+``faces`` (M, 3) int64, wound so that normals point out of the object (positive volume).
+
+Slab-wise marching cubes (:func:`marching_cubes_slabs`): the volume is treated as if zero-padded
+by one voxel on every face, so every component is a closed surface. The padded z planes are cut
+into blocks that share one plane; ``skimage.measure.marching_cubes`` runs on each block, so every
+cube cell belongs to exactly one block (no duplicate faces). Vertices on the shared plane are
+interpolated from the same two voxel values by both blocks and come out bit-identical, so they
+are welded by an exact key (the float32 (y, x) pair read as one uint64). The result equals the
+whole-volume mesh (:func:`marching_cubes_volume`), vertex for vertex, face for face.
+
+Unity and GLB: Unity's default 16-bit index buffers address at most 65,535 vertices per mesh.
+:func:`export_mesh` therefore splits a GLB into nodes (one mesh each) of at most 65,535 vertices
+(``max_vertices_per_node``); index accessors are written as uint32 (componentType 5125, how
+trimesh writes them, valid glTF 2.0), which glTFast and UnityGLTF read into any index format.
+Pass ``max_vertices_per_node=None`` for a single node (importers then need 32-bit index support,
+``Mesh.indexFormat = UInt32``, Unity >= 2017.3).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from skimage import measure
+
+ReadSlab = Callable[[int, int], np.ndarray]
+FORMATS = ("glb", "ply", "obj", "stl")
+UNITY_MAX_VERTICES = 65_535
+
+
+class MeshTooLargeError(ValueError):
+    """The exported file would exceed its byte budget."""
+
+
+# -- marching cubes ----------------------------------------------------------------------------
+
+def _mc_block(block: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """marching_cubes on one padded block in index units, or None when it holds no surface."""
+    lo, hi = float(block.min()), float(block.max())
+    if lo == hi or not lo <= level <= hi:
+        return None
+    v, f, _, _ = measure.marching_cubes(block, level)
+    return v, f
+
+
+def _to_physical(v_index: np.ndarray, voxel_size) -> np.ndarray:
+    """Padded (z, y, x) index coordinates -> (x, y, z) µm of the unpadded volume."""
+    v = (np.asarray(v_index, np.float64) - 1.0) * np.asarray(voxel_size, np.float64)
+    return np.ascontiguousarray(v[:, ::-1])
+
+
+def _outward(faces: np.ndarray) -> np.ndarray:
+    # skimage ('descent', object above level) winds faces inward in (z, y, x); reversing the axes
+    # to (x, y, z) is a reflection, which turns them outward: keep the order as it is
+    return np.asarray(faces, np.int64)
+
+
+def marching_cubes_volume(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-volume reference: ``skimage.measure.marching_cubes`` of the zero-padded volume."""
+    padded = np.pad(np.asarray(mask, np.float32), 1)
+    out = _mc_block(padded, level)
+    if out is None:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    return _to_physical(out[0], voxel_size), _outward(out[1])
+
+
+def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int) -> np.ndarray:
+    """Padded planes [p0, p1) of the zero-padded volume (plane p is volume slice p - 1)."""
+    nz, ny, nx = shape
+    z0, z1 = max(p0 - 1, 0), min(p1 - 1, nz)
+    block = np.zeros((p1 - p0, ny + 2, nx + 2), np.float32)
+    if z1 > z0:
+        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = read_slab(z0, z1)
+    return block
+
+
+def _plane_keys(v: np.ndarray) -> np.ndarray:
+    """Exact key of a vertex's (y, x) pair: its two float32 bit patterns as one uint64."""
+    yx = np.ascontiguousarray(v[:, 1:3], dtype=np.float32)
+    return yx.view(np.uint64).ravel()
+
+
+def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int = 64,
+                         voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume`.
+
+    Holds one slab (``slab_size + 1`` planes, as float32) plus the growing mesh in memory.
+    """
+    if slab_size < 1:
+        raise ValueError(f"slab_size must be >= 1, got {slab_size}")
+    n_planes = shape[0] + 2
+    verts, faces = [], []
+    n = 0
+    prev_keys = np.zeros(0, np.uint64)   # sorted keys of the previous block's top-plane vertices
+    prev_ids = np.zeros(0, np.int64)
+    for p0 in range(0, n_planes - 1, slab_size):
+        p1 = min(p0 + slab_size + 1, n_planes)
+        out = _mc_block(_read_padded(read_slab, shape, p0, p1), level)
+        if out is None:
+            prev_keys, prev_ids = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+            continue
+        v, f = out
+        ids = np.full(len(v), -1, np.int64)
+        bottom = np.flatnonzero(v[:, 0] == 0)
+        if len(bottom) and len(prev_keys):
+            keys = _plane_keys(v[bottom])
+            pos = np.minimum(np.searchsorted(prev_keys, keys), len(prev_keys) - 1)
+            hit = prev_keys[pos] == keys
+            ids[bottom[hit]] = prev_ids[pos[hit]]
+        new = np.flatnonzero(ids < 0)
+        ids[new] = np.arange(n, n + len(new))
+        n += len(new)
+        vnew = v[new].astype(np.float64)
+        vnew[:, 0] += p0
+        verts.append(vnew)
+        faces.append(ids[f])
+        top = np.flatnonzero(v[:, 0] == p1 - p0 - 1)
+        keys = _plane_keys(v[top])
+        order = np.argsort(keys)
+        prev_keys, prev_ids = keys[order], ids[top][order]
+    if not faces:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    return _to_physical(np.concatenate(verts), voxel_size), _outward(np.concatenate(faces))
+
+
+# -- measures ----------------------------------------------------------------------------------
+
+def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Enclosed (signed) volume by the divergence theorem; positive for outward normals."""
+    a, b, c = (vertices[faces[:, i]] for i in range(3))
+    return float(np.einsum("ij,ij->", a, np.cross(b, c)) / 6.0)
+
+
+def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
+    a, b, c = (vertices[faces[:, i]] for i in range(3))
+    return float(np.linalg.norm(np.cross(b - a, c - a), axis=1).sum() / 2.0)
+
+
+def edge_face_counts(faces: np.ndarray) -> np.ndarray:
+    """How many faces share each undirected edge (2 everywhere for a closed manifold mesh)."""
+    e = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    _, counts = np.unique(e, axis=0, return_counts=True)
+    return counts
+
+
+# -- components, decimation --------------------------------------------------------------------
+
+def mesh_components(faces: np.ndarray, n_vertices: int) -> tuple[int, np.ndarray]:
+    """Connected components of a mesh (faces joined through shared vertices): (count, label per face)."""
+    if len(faces) == 0:
+        return 0, np.zeros(0, np.int64)
+    e = faces[:, [0, 1, 1, 2]].reshape(-1, 2)
+    g = coo_matrix((np.ones(len(e), np.int8), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices))
+    _, vlab = connected_components(g, directed=False)
+    # renumber 0..k-1 over components that have faces (isolated vertices have none)
+    used, flab = np.unique(vlab[faces[:, 0]], return_inverse=True)
+    return len(used), flab.astype(np.int64)
+
+
+def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop vertices no face uses and renumber faces."""
+    used = np.unique(faces)
+    remap = np.full(len(vertices), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    return vertices[used], remap[faces]
+
+
+def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_faces: int = 20,
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Remove floating pieces with fewer than ``min_faces`` faces (components via shared vertices)."""
+    n, flab = mesh_components(faces, len(vertices))
+    if n == 0:
+        return vertices, faces
+    keep = np.bincount(flab, minlength=n) >= min_faces
+    return compact(vertices, faces[keep[flab]])
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation (trimesh + fast-simplification) to at most about ``max_faces`` faces.
+
+    Returns the input unchanged when it is already small enough. Without ``fast-simplification``
+    it warns and returns the input (the caller then sees the face count it did not ask for).
+    """
+    if len(faces) <= max_faces:
+        return vertices, faces
+    import trimesh
+
+    try:
+        import fast_simplification  # noqa: F401
+    except ImportError:
+        warnings.warn("decimation skipped: install 'fast-simplification' for quadric decimation",
+                      RuntimeWarning, stacklevel=2)
+        return vertices, faces
+    m = trimesh.Trimesh(vertices, faces, process=False)
+    d = m.simplify_quadric_decimation(face_count=int(max_faces))
+    return np.asarray(d.vertices, np.float64), np.asarray(d.faces, np.int64)
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def split_for_unity(vertices: np.ndarray, faces: np.ndarray, max_vertices: int = UNITY_MAX_VERTICES,
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut a mesh into consecutive face runs whose vertex sets hold at most ``max_vertices`` each.
+
+    Marching-cubes face order is spatially coherent, so runs are compact pieces; vertices on
+    the cuts are duplicated (same position, so no visible seam).
+    """
+    parts, s, m = [], 0, len(faces)
+    while s < m:
+        lo, hi = min(s + max_vertices // 3, m), m      # lo always fits (3 vertices per face)
+        if len(np.unique(faces[s:hi])) > max_vertices:
+            while hi - lo > 1:                         # largest end that still fits
+                mid = (lo + hi) // 2
+                if len(np.unique(faces[s:mid])) <= max_vertices:
+                    lo = mid
+                else:
+                    hi = mid
+            hi = lo
+        parts.append(compact(vertices, faces[s:hi]))
+        s = hi
+    return parts
+
+
+def _estimate_bytes(fmt: str, parts: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """An upper estimate of the file size, computed before anything is written."""
+    nv = sum(len(v) for v, _ in parts)
+    nf = sum(len(f) for _, f in parts)
+    if fmt == "glb":    # float32 positions + uint32 indices (+ padding, JSON per node)
+        return 12 * nv + 12 * nf + 1024 * len(parts) + 4096
+    if fmt == "ply":    # binary: float32 xyz (trimesh), uchar count + 3 int32 per face
+        return 12 * nv + 13 * nf + 1024
+    if fmt == "stl":    # binary: 80-byte header, count, 50 bytes per triangle
+        return 84 + 50 * nf
+    # obj text: 'v' + 3 numbers with 8 decimals, 'f' + 3 indices
+    big = max((float(np.abs(v).max()) for v, _ in parts if len(v)), default=0.0)
+    num = len(str(int(big))) + 11
+    return nv * (3 + 3 * num) + nf * (4 + 3 * (len(str(nv)) + 1)) + 1024
+
+
+def export_mesh(vertices: np.ndarray, faces: np.ndarray, path, max_bytes: int = 1 << 30,
+                max_vertices_per_node: int | None = UNITY_MAX_VERTICES) -> int:
+    """Write ``.glb``, ``.ply``, ``.obj`` or ``.stl`` atomically (temp file, then rename); returns bytes.
+
+    Raises :class:`MeshTooLargeError` *before writing* when the estimated size exceeds
+    ``max_bytes``. GLB files are split into nodes of at most ``max_vertices_per_node`` vertices
+    (module docstring on Unity); other formats hold one mesh.
+    """
+    import trimesh
+
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}: use one of "
+                         + ", ".join("." + f for f in FORMATS))
+    if fmt == "glb" and max_vertices_per_node and len(vertices) > max_vertices_per_node:
+        parts = split_for_unity(vertices, faces, max_vertices_per_node)
+    else:
+        parts = [(vertices, faces)]
+    est = _estimate_bytes(fmt, parts)
+    if est > max_bytes:
+        ratio = max_bytes / est
+        raise MeshTooLargeError(
+            f"{path}: a {fmt.upper()} of {len(vertices):,} vertices / {len(faces):,} faces would take "
+            f"about {est:,} bytes, over the budget of {max_bytes:,}; decimate to about "
+            f"{int(len(faces) * ratio * 0.9):,} faces (max_faces) or raise max_bytes")
+    meshes = [trimesh.Trimesh(v, f, process=False) for v, f in parts]
+    if fmt == "glb":
+        scene = trimesh.Scene()
+        for i, m in enumerate(meshes):
+            scene.add_geometry(m, node_name=f"part{i:04d}", geom_name=f"part{i:04d}")
+        data = scene.export(file_type="glb")
+    else:
+        data = meshes[0].export(file_type=fmt)
+    if isinstance(data, str):
+        data = data.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return len(data)
+
+
+# -- the entry point ---------------------------------------------------------------------------
+
+@dataclass
+class MeshStats:
+    """What :func:`mesh_from_mask` wrote; areas in µm², volumes in µm³ (after filtering/decimation)."""
+    path: str
+    vertices: int
+    faces: int
+    components: int
+    components_removed: int
+    surface_area: float
+    volume: float
+    bytes: int
+
+
+def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, voxel_size,
+                   slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
+                   level: float = 0.5, max_bytes: int = 1 << 30) -> MeshStats:
+    """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> drop pieces < ``min_faces``
+    -> decimate to ``max_faces`` (if given) -> file at ``out_path`` (format from its suffix)."""
+    v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
+    n_before, _ = mesh_components(f, len(v))
+    v, f = remove_small_components(v, f, min_faces)
+    n_after, _ = mesh_components(f, len(v))
+    if max_faces is not None:
+        v, f = decimate(v, f, max_faces)
+    nbytes = export_mesh(v, f, out_path, max_bytes=max_bytes)
+    return MeshStats(str(out_path), len(v), len(f), n_after, n_before - n_after,
+                     mesh_area(v, f) if len(f) else 0.0, mesh_volume(v, f) if len(f) else 0.0, nbytes)

@@ -1,0 +1,206 @@
+"""mesh: slab-wise marching cubes == whole-volume skimage, watertight, filtering, export."""
+import json
+import struct
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import measure
+
+from gpuheart import mesh as M
+from gpuheart.morphology import remove_small
+
+trimesh = pytest.importorskip("trimesh")
+
+
+def _reader(vol):
+    return lambda z0, z1: vol[z0:z1]
+
+
+def _ball(shape=(21, 23, 25), r=8.0, c=None):
+    c = np.array(shape) / 2 - 0.5 if c is None else np.asarray(c)
+    g = np.indices(shape)
+    return ((g - c[:, None, None, None]) ** 2).sum(0) <= r * r
+
+
+def _two_tubes():
+    m = np.zeros((30, 20, 24), bool)
+    y, x = np.indices(m.shape[1:])
+    m[:, ((y - 6) ** 2 + (x - 6) ** 2) <= 9] = True          # runs through both z faces
+    m[5:25, ((y - 13) ** 2 + (x - 16) ** 2) <= 12] = True
+    return m
+
+
+def _blob(seed=0):
+    rng = np.random.default_rng(seed)
+    return ndi.gaussian_filter(rng.random((26, 18, 20)), 1.5) > 0.52
+
+
+SHAPES = {"ball": _ball, "tubes": _two_tubes, "blob": _blob}
+
+
+def _skimage_reference(mask, spacing):
+    """Independent reference: skimage on the zero-padded volume, axes reversed to (x, y, z)."""
+    v, f, _, _ = measure.marching_cubes(np.pad(mask.astype(np.float32), 1), 0.5, spacing=spacing)
+    return (v - np.asarray(spacing))[:, ::-1], f
+
+
+def _rows(a):
+    return np.unique(np.round(a, 9), axis=0)
+
+
+def _triangles(v, f):
+    """Faces as sorted triples of positions in the sorted vertex list: comparable across meshes."""
+    _, inv = np.unique(np.round(v, 9), axis=0, return_inverse=True)
+    return np.unique(np.sort(inv.ravel()[f], axis=1), axis=0)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("slab_size", [1, 4, 11, 200])
+def test_slabs_equal_whole_volume(name, slab_size):
+    mask = SHAPES[name]()
+    spacing = (2.0, 0.5, 0.75)
+    v_ref, f_ref = _skimage_reference(mask, spacing)
+    v, f = M.marching_cubes_slabs(_reader(mask), mask.shape, slab_size, spacing)
+    assert len(v) == len(v_ref) and len(f) == len(f_ref)
+    np.testing.assert_array_equal(_rows(v), _rows(v_ref))
+    vol_ref = abs(M.mesh_volume(v_ref, f_ref))
+    assert M.mesh_volume(v, f) == pytest.approx(vol_ref, rel=1e-6)  # positive: outward normals
+    np.testing.assert_array_equal(_triangles(v, f), _triangles(v_ref, f_ref))
+    counts = M.edge_face_counts(f)
+    assert (counts == 2).all()  # watertight, also where tubes cross the volume faces
+    assert trimesh.Trimesh(v, f, process=False).is_watertight
+
+
+def test_whole_volume_helper_matches_slabs():
+    m = _blob(3)
+    v1, f1 = M.marching_cubes_volume(m, (1, 2, 3))
+    v2, f2 = M.marching_cubes_slabs(_reader(m), m.shape, 5, (1, 2, 3))
+    np.testing.assert_array_equal(_rows(v1), _rows(v2))
+    assert len(f1) == len(f2)
+
+
+def test_anisotropic_volume_and_axes():
+    m = _ball((31, 31, 31), 12.0)
+    v1, f1 = M.marching_cubes_slabs(_reader(m), m.shape, 8)
+    vs = (3.0, 0.5, 0.25)
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 8, vs)
+    # a linear map scales volume exactly by the voxel volume
+    assert M.mesh_volume(v, f) == pytest.approx(M.mesh_volume(v1, f1) * np.prod(vs), rel=1e-9)
+    # and the mesh volume approximates the voxel count
+    assert M.mesh_volume(v, f) == pytest.approx(m.sum() * np.prod(vs), rel=0.03)
+    # vertices come out as (x, y, z) µm: extents follow the reversed voxel size
+    ext = v.max(0) - v.min(0)
+    np.testing.assert_allclose(ext / ext[0], np.array(vs[::-1]) / vs[2], rtol=0.05)
+
+
+def test_empty_and_full():
+    z = np.zeros((4, 5, 6), bool)
+    v, f = M.marching_cubes_slabs(_reader(z), z.shape, 2)
+    assert v.shape == (0, 3) and f.shape == (0, 3)
+    full = np.ones((4, 5, 6), bool)
+    v, f = M.marching_cubes_slabs(_reader(full), full.shape, 1)
+    assert (M.edge_face_counts(f) == 2).all()
+    assert M.mesh_volume(v, f) == pytest.approx(M.mesh_volume(*M.marching_cubes_volume(full)))
+
+
+def _balls_and_specks():
+    m = np.zeros((30, 30, 40), bool)
+    m |= _ball(m.shape, 6, (8, 8, 8)) | _ball(m.shape, 5, (20, 20, 28))
+    m[25, 3, 35] = m[3, 25, 35] = True                     # single voxels: 8 faces each
+    return m
+
+
+def test_remove_small_components():
+    m = _balls_and_specks()
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 7)
+    n, flab = M.mesh_components(f, len(v))
+    assert n == ndi.label(m)[1] == 4
+    assert sorted(np.bincount(flab))[:2] == [8, 8]
+    v2, f2 = M.remove_small_components(v, f, 20)
+    assert M.mesh_components(f2, len(v2))[0] == 2
+    assert len(f2) == len(f) - 16 and len(v2) == len(v) - 12  # octahedra: 8 faces, 6 vertices
+    assert (M.edge_face_counts(f2) == 2).all()
+    assert f2.max() == len(v2) - 1
+
+
+def test_decimate():
+    pytest.importorskip("fast_simplification")
+    m = _ball((41, 41, 41), 17.0)
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 16)
+    v2, f2 = M.decimate(v, f, len(f) // 4)
+    assert len(f2) <= len(f) // 4 * 1.05
+    assert M.mesh_volume(v2, f2) == pytest.approx(M.mesh_volume(v, f), rel=0.03)
+    assert M.decimate(v, f, len(f))[1] is f
+
+
+def _glb_json(path):
+    data = open(path, "rb").read()
+    magic, _, _ = struct.unpack("<4sII", data[:12])
+    assert magic == b"glTF"
+    n, kind = struct.unpack("<I4s", data[12:20])
+    assert kind == b"JSON"
+    return json.loads(data[20:20 + n])
+
+
+@pytest.mark.parametrize("fmt", M.FORMATS)
+def test_export_roundtrip(tmp_path, fmt):
+    m = _balls_and_specks()
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 7, (2.0, 1.0, 1.0))
+    path = tmp_path / f"heart.{fmt}"
+    n = M.export_mesh(v, f, path)
+    assert path.stat().st_size == n <= M._estimate_bytes(fmt, [(v, f)])
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left
+    loaded = trimesh.load(path, force="mesh", process=False)
+    assert len(loaded.faces) == len(f)
+    assert abs(loaded.volume) == pytest.approx(M.mesh_volume(v, f), rel=1e-4)
+
+
+def test_glb_split_for_unity(tmp_path):
+    m = _ball((21, 23, 25), 9.0)
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 7)
+    path = tmp_path / "ball.glb"
+    M.export_mesh(v, f, path, max_vertices_per_node=300)
+    tree = _glb_json(path)
+    prims = [p for mesh in tree["meshes"] for p in mesh["primitives"]]
+    assert len(prims) >= -(-len(v) // 300)
+    acc = tree["accessors"]
+    assert all(acc[p["attributes"]["POSITION"]]["count"] <= 300 for p in prims)
+    assert sum(acc[p["indices"]]["count"] for p in prims) == 3 * len(f)
+    assert {acc[p["indices"]]["componentType"] for p in prims} == {5125}  # uint32 indices
+    scene = trimesh.load(path, process=False)
+    assert sum(len(g.faces) for g in scene.geometry.values()) == len(f)
+    # the parts together are the same closed surface
+    vol = sum(g.volume for g in scene.geometry.values())
+    assert vol == pytest.approx(M.mesh_volume(v, f), rel=1e-4)
+
+
+def test_split_for_unity_bounds():
+    m = _blob(1)
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 9)
+    for limit in (3, 50, 1000):
+        parts = M.split_for_unity(v, f, limit)
+        assert all(len(pv) <= limit for pv, _ in parts)
+        assert sum(len(pf) for _, pf in parts) == len(f)
+        tris = np.concatenate([pv[pf] for pv, pf in parts])
+        np.testing.assert_array_equal(tris, v[f])
+
+
+def test_export_budget_and_format_errors(tmp_path):
+    v, f = M.marching_cubes_volume(_ball())
+    with pytest.raises(M.MeshTooLargeError, match="budget"):
+        M.export_mesh(v, f, tmp_path / "x.stl", max_bytes=1000)
+    with pytest.raises(ValueError, match="unsupported"):
+        M.export_mesh(v, f, tmp_path / "x.fbx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mesh_from_mask(tmp_path):
+    m = _balls_and_specks()
+    out = tmp_path / "sub" / "mesh.glb"
+    st = M.mesh_from_mask(_reader(m), m.shape, out, (2.0, 1.0, 1.0), slab_size=8, min_faces=20)
+    assert out.stat().st_size == st.bytes
+    assert (st.components, st.components_removed) == (2, 2)
+    big = remove_small(m, 2)  # the voxel-level equivalent of dropping the 8-face specks
+    assert st.volume == pytest.approx(M.mesh_volume(*M.marching_cubes_volume(big, (2.0, 1.0, 1.0))), rel=1e-6)
+    assert st.faces > 0 and st.surface_area > 0

@@ -1,0 +1,103 @@
+"""threshold_value, dom_mask and union on constructed inputs with known answers."""
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from skimage.filters import threshold_otsu
+
+from gpuheart.segment import dom_mask, robust_sigma, threshold_value, union
+
+
+def test_otsu_separates_a_bimodal_image():
+    rng = np.random.default_rng(0)
+    vals = np.concatenate([rng.normal(50, 5, 5000), rng.normal(150, 5, 3000)]).astype(np.float32)
+    t = threshold_value(vals, "otsu")
+    assert t == pytest.approx(float(threshold_otsu(vals)))
+    assert 55 < t < 145
+    assert ((vals > t) == (np.arange(vals.size) >= 5000)).mean() > 0.999
+
+
+def test_otsu_integer_values_match_skimage():
+    rng = np.random.default_rng(1)
+    dom = rng.integers(-300, 300, (40, 50)).astype(np.int32)
+    assert threshold_value(dom, "otsu") == float(threshold_otsu(dom))
+
+
+def test_otsu_constant_values():
+    assert threshold_value(np.full((5, 5), 7, np.int16), "otsu") == 7.0
+
+
+def test_sigma_of_gaussian_noise_is_its_std():
+    noise = np.random.default_rng(2).normal(0, 4.0, 200_000)
+    assert robust_sigma(noise) == pytest.approx(4.0, rel=0.02)
+    assert threshold_value(noise, "sigma", k=3.0) == pytest.approx(12.0, rel=0.02)
+
+
+def test_sigma_ignores_bright_outliers():
+    v = np.random.default_rng(3).normal(0, 2.0, 100_000)
+    v[:5000] = 1000  # 5% "vessels" barely move the robust estimate
+    assert robust_sigma(v) == pytest.approx(2.0, rel=0.1)
+    assert v.std() > 100
+
+
+def test_sigma_exact_small_case():
+    # median 3, |v - 3| = [2, 1, 0, 1, 97] -> MAD 1
+    assert threshold_value(np.array([1, 2, 3, 4, 100]), "sigma", k=2) == pytest.approx(2 * 1.4826)
+
+
+def test_fixed_threshold_and_non_finite_values_ignored():
+    assert threshold_value(np.arange(10), 4) == 4.0
+    assert threshold_value(np.arange(10), 2.5) == 2.5
+    v = np.array([1.0, np.nan, 3.0, np.inf, 2.0])
+    assert threshold_value(v, "sigma", k=1) == pytest.approx(1.4826)
+
+
+@pytest.mark.parametrize("bad", ["triangle", None, True, float("nan")])
+def test_threshold_bad_method(bad):
+    with pytest.raises(ValueError):
+        threshold_value(np.arange(10), bad)
+
+
+def test_threshold_bad_values():
+    with pytest.raises(ValueError):
+        threshold_value(np.array([np.nan, np.nan]), "otsu")
+    with pytest.raises(ValueError):
+        threshold_value(np.array([1.0, 2.0]), "sigma", k=-1)
+    with pytest.raises(TypeError):
+        threshold_value(np.array(["a", "b"]), "otsu")
+
+
+def test_dom_mask_finds_a_vessel():
+    rng = np.random.default_rng(4)
+    x = rng.normal(60, 3, (2, 64, 64))
+    x[:, 30:33, 10:50] += 100  # a 3-pixel-wide bright vessel in both slices
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    truth = np.zeros(x.shape, bool)
+    truth[:, 30:33, 10:50] = True
+    for threshold in ("otsu", "sigma", 50):
+        m = dom_mask(x, threshold=threshold, k=5.0)
+        assert m.dtype == bool and m.shape == x.shape
+        assert (m & truth).sum() >= 0.95 * truth.sum(), threshold
+        assert (m & ~truth).sum() <= 0.01 * truth.size, threshold
+
+
+def test_dom_mask_equals_scipy_reference():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4000, (40, 41), dtype=np.uint16)
+    dom = (ndi.median_filter(x, 3).astype(np.int64) - ndi.median_filter(x, 9).astype(np.int64))
+    for thr in ("otsu", 25.0):
+        t = threshold_otsu(dom) if thr == "otsu" else thr
+        np.testing.assert_array_equal(dom_mask(x, 3, 9, threshold=thr), dom > t)
+
+
+def test_union():
+    a = np.array([[True, False], [False, False]])
+    b = np.array([[False, False], [False, True]])
+    c = np.array([[0, 1], [0, 0]], np.uint8)
+    u = union(a, b, c)
+    assert u.dtype == bool
+    np.testing.assert_array_equal(u, [[True, True], [False, True]])
+    assert union(a) is not a and (union(a) == a).all()
+    with pytest.raises(ValueError):
+        union()
+    with pytest.raises(ValueError):
+        union(a, np.zeros((3, 2), bool))
