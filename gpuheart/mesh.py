@@ -208,6 +208,83 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
     return np.asarray(d.vertices, np.float64), np.asarray(d.faces, np.int64)
 
 
+# -- per-component table, largest component ---------------------------------------------------
+
+COMPONENT_COLUMNS = ("component", "faces", "vertices", "surface_area", "volume",
+                     "x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
+
+
+def component_table(vertices: np.ndarray, faces: np.ndarray) -> dict[str, np.ndarray]:
+    """Per mesh component (largest face count first, numbered from 1): faces, vertices, surface
+    area (µm²), enclosed volume (µm³) and bounding box (µm), as columns of equal length.
+
+    Voxel counts are not here on purpose: surface components and voxel components (see
+    ``morphology.label_slabs``) can differ where voxels touch only along an edge or a corner.
+    """
+    n, flab = mesh_components(faces, len(vertices))
+    cols = {c: np.zeros(n) for c in COMPONENT_COLUMNS}
+    if n == 0:
+        return cols
+    a, b, c = (vertices[faces[:, i]] for i in range(3))
+    cr = np.cross(b - a, c - a)
+    area = np.bincount(flab, np.linalg.norm(cr, axis=1) / 2.0, n)
+    vol = np.bincount(flab, np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0, n)
+    nf = np.bincount(flab, minlength=n)
+    vlab = np.full(len(vertices), -1, np.int64)
+    vlab[faces] = flab[:, None]
+    used = np.flatnonzero(vlab >= 0)
+    order = used[np.argsort(vlab[used], kind="stable")]
+    starts = np.searchsorted(vlab[order], np.arange(n))
+    lo = np.minimum.reduceat(vertices[order], starts)
+    hi = np.maximum.reduceat(vertices[order], starts)
+    nv = np.bincount(vlab[used], minlength=n)
+    rank = np.argsort(-nf, kind="stable")
+    cols.update(component=np.arange(1, n + 1), faces=nf[rank], vertices=nv[rank],
+                surface_area=area[rank], volume=vol[rank])
+    for i, ax in enumerate("xyz"):
+        cols[f"{ax}_min"], cols[f"{ax}_max"] = lo[rank, i], hi[rank, i]
+    return cols
+
+
+def write_component_table(table: dict[str, np.ndarray], path) -> None:
+    """Write :func:`component_table` as CSV (header line, one row per component), atomically."""
+    path = Path(path)
+    n = len(table["component"])
+    lines = [",".join(COMPONENT_COLUMNS)]
+    for i in range(n):
+        lines.append(",".join(str(int(table[c][i])) if c in ("component", "faces", "vertices")
+                              else f"{float(table[c][i]):.6g}" for c in COMPONENT_COLUMNS))
+    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def largest_component(vertices: np.ndarray, faces: np.ndarray, by: str = "volume",
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The single component with the largest enclosed volume (``by="volume"``) or face count."""
+    if by not in ("volume", "faces"):
+        raise ValueError(f"by must be 'volume' or 'faces', got {by!r}")
+    n, flab = mesh_components(faces, len(vertices))
+    if n == 0:
+        return vertices[:0], faces
+    if by == "faces":
+        score = np.bincount(flab, minlength=n).astype(float)
+    else:
+        a, b, c = (vertices[faces[:, i]] for i in range(3))
+        score = np.bincount(flab, np.einsum("ij,ij->i", a, np.cross(b, c)), n)
+    return compact(vertices, faces[flab == int(np.argmax(score))])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 # -- export ------------------------------------------------------------------------------------
 
 def split_for_unity(vertices: np.ndarray, faces: np.ndarray, max_vertices: int = UNITY_MAX_VERTICES,
@@ -219,7 +296,9 @@ def split_for_unity(vertices: np.ndarray, faces: np.ndarray, max_vertices: int =
     """
     parts, s, m = [], 0, len(faces)
     while s < m:
-        lo, hi = min(s + max_vertices // 3, m), m      # lo always fits (3 vertices per face)
+        # lo always fits (3 vertices per face); runs longer than 4 * max_vertices faces are not
+        # tried, which bounds the work per part (closed meshes have about 2 faces per vertex)
+        lo, hi = min(s + max_vertices // 3, m), min(s + 4 * max_vertices, m)
         if len(np.unique(faces[s:hi])) > max_vertices:
             while hi - lo > 1:                         # largest end that still fits
                 mid = (lo + hi) // 2
@@ -228,7 +307,8 @@ def split_for_unity(vertices: np.ndarray, faces: np.ndarray, max_vertices: int =
                 else:
                     hi = mid
             hi = lo
-        parts.append(compact(vertices, faces[s:hi]))
+        used, local = np.unique(faces[s:hi], return_inverse=True)
+        parts.append((vertices[used], local.reshape(-1, 3).astype(np.int64)))
         s = hi
     return parts
 
@@ -285,15 +365,7 @@ def export_mesh(vertices: np.ndarray, faces: np.ndarray, path, max_bytes: int = 
         data = meshes[0].export(file_type=fmt)
     if isinstance(data, str):
         data = data.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _write_atomic(path, data)
     return len(data)
 
 
