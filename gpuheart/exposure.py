@@ -514,3 +514,56 @@ def _interpolate(bins, maps, ky, kx, out):
             r += np.float32(maps[t1, s0[x], v] * (i * fy))
             r += np.float32(maps[t1, s1[x], v] * (f * fy))
             out[y, x] = np.uint16(r)
+
+
+# -- the whole chain ------------------------------------------------------------------------------
+
+@dataclass
+class ExposureConfig:
+    """Paper steps 1-2: z-normalization, asinh stretch, CLAHE, robust scaling (defaults: the paper's)."""
+
+    normalize: bool = True
+    asinh_scale: float = 0.0  # 0: the stack's own robust scale S from pass 1
+    clahe: bool = True
+    clip_limit: float = 0.01
+    kernel_size: int = 32
+    robust_low: float = 0.1
+    robust_high: float = 99.9
+
+
+def _no_timer(stage):
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = None, timer=_no_timer,
+               keep_normalized=None):
+    """The per-slab chain, z-normalize -> asinh -> CLAHE -> robust scale, returning uint8.
+
+    ``asinh`` acts on the background-subtracted intensity ``x' - B`` with scale ``S`` (the stack's
+    robust spread) unless ``cfg.asinh_scale`` is set, so background sits at 0 and vessels are
+    compressed logarithmically. ``timer(stage)`` is a context manager for per-stage timing;
+    ``keep_normalized(norm)`` lets a caller look at the normalized slab (measurements) without a copy.
+    The pipeline, training and ``gpuheart segment`` all use this one function, so a model is trained
+    on exactly what it sees at inference.
+    """
+    cfg = cfg or ExposureConfig()
+    with timer("z-normalize"):
+        norm = znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32)
+    if keep_normalized is not None:
+        keep_normalized(norm)
+    with timer("asinh"):
+        stretched = asinh_stretch(norm - np.float32(znorm.background), cfg.asinh_scale or znorm.scale or 1.0)
+    with timer("clahe"):
+        eq = clahe(stretched, clip_limit=cfg.clip_limit, kernel_size=cfg.kernel_size) if cfg.clahe else stretched
+    with timer("robust scale"):
+        return robust_scale(eq, cfg.robust_low, cfg.robust_high)
+
+
+def preprocess_volume(volume, cfg: ExposureConfig | None = None):
+    """:func:`preprocess` for an in-memory (z, y, x) stack: pass 1 over its slices, then the chain."""
+    if volume.ndim == 2:
+        volume = volume[None]
+    znorm = ZNorm.from_stats([slice_stats(s, z=z) for z, s in enumerate(to_host(volume))])
+    return preprocess(volume, znorm, 0, cfg)

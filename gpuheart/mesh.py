@@ -386,13 +386,26 @@ class MeshStats:
 
 def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, voxel_size,
                    slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
-                   level: float = 0.5, max_bytes: int = 1 << 30) -> MeshStats:
+                   level: float = 0.5, max_bytes: int = 1 << 30, table_path=None,
+                   largest_path=None) -> MeshStats:
     """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> drop pieces < ``min_faces``
-    -> decimate to ``max_faces`` (if given) -> file at ``out_path`` (format from its suffix)."""
+    -> decimate to ``max_faces`` (if given) -> file at ``out_path`` (format from its suffix).
+
+    Optionally writes the :func:`component_table` CSV (``table_path``, before decimation, so
+    areas and volumes are those of the marching-cubes surface) and the largest component by
+    volume as its own mesh (``largest_path``, decimated like the whole).
+    """
     v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
     n_before, _ = mesh_components(f, len(v))
     v, f = remove_small_components(v, f, min_faces)
     n_after, _ = mesh_components(f, len(v))
+    if table_path is not None:
+        write_component_table(component_table(v, f), table_path)
+    if largest_path is not None:
+        lv, lf = largest_component(v, f)
+        if max_faces is not None:
+            lv, lf = decimate(lv, lf, max_faces)
+        export_mesh(lv, lf, largest_path, max_bytes=max_bytes)
     if max_faces is not None:
         v, f = decimate(v, f, max_faces)
     nbytes = export_mesh(v, f, out_path, max_bytes=max_bytes)

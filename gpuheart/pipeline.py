@@ -18,23 +18,11 @@ from typing import Any
 import numpy as np
 
 from . import backend
+from .exposure import ExposureConfig
 
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
-
-
-@dataclass
-class ExposureConfig:
-    """Paper step 1-2: z-normalization, asinh stretch, CLAHE, robust scaling."""
-
-    normalize: bool = True
-    asinh_scale: float = 0.0  # 0: use the stack's own robust scale from pass 1
-    clahe: bool = True
-    clip_limit: float = 0.01
-    kernel_size: int = 32
-    robust_low: float = 0.1
-    robust_high: float = 99.9
 
 
 @dataclass
@@ -44,7 +32,7 @@ class DomConfig:
     enabled: bool = True
     small: int = 3
     large: int = 15
-    threshold: str = "sigma"  # "otsu", "sigma" (k x robust noise sigma) or a number as a string
+    threshold: str = "otsu"  # "otsu", "sigma" (k x robust noise sigma) or a number as a string
     k: float = 3.0
 
 
@@ -267,17 +255,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
 def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc):
     from . import exposure, filters, segment
 
-    e = cfg.exposure
-    with timer("z-normalize"):
-        norm = znorm.apply(x, z0) if e.normalize else x.astype(np.float32)
-    acc.add_normalized(z0, norm)
-    with timer("asinh"):
-        scale = e.asinh_scale or znorm.scale
-        stretched = exposure.asinh_stretch(norm - znorm.background, scale)
-    with timer("clahe"):
-        eq = exposure.clahe(stretched, clip_limit=e.clip_limit, kernel_size=e.kernel_size) if e.clahe else stretched
-    with timer("robust scale"):
-        pre = exposure.robust_scale(eq, e.robust_low, e.robust_high)
+    pre = exposure.preprocess(x, znorm, z0, cfg.exposure, timer, lambda n: acc.add_normalized(z0, n))
     dom = mask = None
     if cfg.dom.enabled:
         with timer("difference of medians"):

@@ -204,3 +204,40 @@ def test_mesh_from_mask(tmp_path):
     big = remove_small(m, 2)  # the voxel-level equivalent of dropping the 8-face specks
     assert st.volume == pytest.approx(M.mesh_volume(*M.marching_cubes_volume(big, (2.0, 1.0, 1.0))), rel=1e-6)
     assert st.faces > 0 and st.surface_area > 0
+
+
+def test_component_table_matches_separate_meshes(tmp_path):
+    m = _balls_and_specks()
+    vs = (2.0, 1.0, 0.5)
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 6, vs)
+    t = M.component_table(v, f)
+    lab, n = ndi.label(m)
+    # components are far apart, so each one's own mesh is exactly its part of the whole mesh
+    ref = [M.marching_cubes_volume(lab == k, vs) for k in range(1, n + 1)]
+    ref.sort(key=lambda vf: -len(vf[1]))
+    assert list(t["component"]) == [1, 2, 3, 4]
+    assert list(t["faces"]) == [len(rf) for _, rf in ref]
+    assert list(t["vertices"]) == [len(rv) for rv, _ in ref]
+    np.testing.assert_allclose(t["volume"], [M.mesh_volume(*r) for r in ref], rtol=1e-9)
+    np.testing.assert_allclose(t["surface_area"], [M.mesh_area(*r) for r in ref], rtol=1e-9)
+    np.testing.assert_allclose(np.stack([t[c] for c in ("x_min", "y_min", "z_min")], 1),
+                               [rv.min(0) for rv, _ in ref])
+    np.testing.assert_allclose(np.stack([t[c] for c in ("x_max", "y_max", "z_max")], 1),
+                               [rv.max(0) for rv, _ in ref])
+    path = tmp_path / "components.csv"
+    M.write_component_table(t, path)
+    rows = np.genfromtxt(path, delimiter=",", names=True)
+    assert rows.dtype.names == M.COMPONENT_COLUMNS and len(rows) == 4
+    np.testing.assert_allclose(rows["volume"], t["volume"], rtol=1e-5)
+
+
+def test_largest_component(tmp_path):
+    m = _balls_and_specks()
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 6)
+    lv, lf = M.largest_component(v, f)
+    rv, rf = M.marching_cubes_volume(_ball(m.shape, 6, (8, 8, 8)))
+    assert len(lf) == len(rf) and M.mesh_volume(lv, lf) == pytest.approx(M.mesh_volume(rv, rf))
+    st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "all.ply", (1, 1, 1), slab_size=5,
+                          table_path=tmp_path / "c.csv", largest_path=tmp_path / "largest.stl")
+    assert trimesh.load(tmp_path / "largest.stl").faces.shape[0] == len(rf)
+    assert len(np.genfromtxt(tmp_path / "c.csv", delimiter=",", names=True)) == st.components == 2
