@@ -100,7 +100,7 @@ class PipelineConfig:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
         try:
             return cls.from_dict(data).validate()
-        except ConfigError as err:
+        except (ConfigError, backend.DeviceError) as err:
             raise ConfigError(f"{path}: {err}") from None
 
 

@@ -18,6 +18,7 @@ def test_help_everywhere(argv, capsys):
 def test_phantom_then_info_then_run(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
     scan = tmp_path / "ph" / "scan"
+    assert str(scan) in capsys.readouterr().out
     assert main(["info", str(scan), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["channels"] == ["C00", "C01", "C02"]
