@@ -111,14 +111,13 @@ def main() -> dict:
                        "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
                        "scikit-image": skimage.__version__, "load_avg_1min": os.getloadavg()[0]},
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "shape": list(SHAPE), "slab_size": SLAB, "mask_voxels_on": None,
+           "shape": list(SHAPE), "slab_size": SLAB, "mask_voxels_on": int(tubes.sum()),
            "timing": "best of 2 (peak: max of 2), seconds and MiB (tracemalloc, allocations during the "
                      "call; the bool input mask is allocated before)",
            "results": {"slabwise_s": ts, "skimage_whole_s": tw, "slabwise_peak_mib": ms,
                        "skimage_whole_peak_mib": mw, "mask_generation_s": gen_t,
                        "vertices": len(v), "faces": len(f), "same_counts": [len(v), len(f)] == [len(vw), len(fw)],
                        "volume_voxels_slabwise": mesh_volume(v, f)}}
-    out["mask_voxels_on"] = int(tubes.sum())
     print(f"slab-wise {ts:.2f} s, peak {ms:.0f} MiB; skimage whole {tw:.2f} s, peak {mw:.0f} MiB; "
           f"{len(v):,} vertices, {len(f):,} faces, same counts: {out['results']['same_counts']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,8 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume`.
 
     Holds one slab (``slab_size + 1`` planes, as float32) plus the growing mesh in memory.
+    ``read_slab`` may return bool, integer or float slices; ``level`` should lie strictly between
+    voxel values (0.5 for masks) so no vertex falls on a grid point.
     """
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
@@ -118,6 +120,10 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
             pos = np.minimum(np.searchsorted(prev_keys, keys), len(prev_keys) - 1)
             hit = prev_keys[pos] == keys
             ids[bottom[hit]] = prev_ids[pos[hit]]
+            if not hit.all():  # only when level equals a voxel value (vertices on grid points)
+                warnings.warn(f"{int((~hit).sum())} seam vertices at padded plane {p0} found no twin; "
+                              "the mesh may not be watertight (use a level between voxel values)",
+                              RuntimeWarning, stacklevel=2)
         new = np.flatnonzero(ids < 0)
         ids[new] = np.arange(n, n + len(new))
         n += len(new)

@@ -241,3 +241,15 @@ def test_largest_component(tmp_path):
                           table_path=tmp_path / "c.csv", largest_path=tmp_path / "largest.stl")
     assert trimesh.load(tmp_path / "largest.stl").faces.shape[0] == len(rf)
     assert len(np.genfromtxt(tmp_path / "c.csv", delimiter=",", names=True)) == st.components == 2
+
+
+@pytest.mark.parametrize("slab_size", [1, 6])
+def test_float_volume_any_level(slab_size):
+    # a smooth probability map instead of a mask: counts and volume still equal skimage's
+    vol = ndi.gaussian_filter(np.random.default_rng(7).random((19, 15, 17)), 1.2).astype(np.float32)
+    level = float(np.quantile(vol, 0.7))
+    v, f, _, _ = measure.marching_cubes(np.pad(vol, 1), level)
+    vs, fs = M.marching_cubes_slabs(_reader(vol), vol.shape, slab_size, level=level)
+    assert (len(vs), len(fs)) == (len(v), len(f))
+    assert M.mesh_volume(vs, fs) == pytest.approx(abs(M.mesh_volume(v, f)), rel=1e-6)
+    assert (M.edge_face_counts(fs) == 2).all()

@@ -39,3 +39,30 @@ def test_dice_and_confusion_known_answer():
     assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
     with pytest.raises(ValueError, match="shape"):
         dice(a, b[:2])
+
+
+def test_cl_dice_known_answers():
+    from gpuheart.metrics import cl_dice
+
+    tube = np.zeros((9, 40), bool)
+    tube[3:6, 2:38] = True
+    assert cl_dice(tube, tube) == pytest.approx(1.0)
+    assert cl_dice(np.zeros_like(tube), np.zeros_like(tube)) == 1.0
+    assert cl_dice(np.zeros_like(tube), tube) == 0.0
+    # a prediction covering the left half of the tube: precision of its skeleton is 1,
+    # it covers about half of the true centerline, so clDice ~ 2 * 1 * 0.5 / 1.5 = 2/3
+    half = tube.copy()
+    half[:, 20:] = False
+    assert cl_dice(half, tube) == pytest.approx(2 / 3, abs=0.06)
+    # a thick over-segmentation still contains the whole centerline: tsens = 1
+    fat = np.zeros_like(tube)
+    fat[1:8, 2:38] = True
+    assert cl_dice(fat, tube) > 0.95
+
+
+def test_cl_dice_3d():
+    from gpuheart.metrics import cl_dice
+
+    vol = np.zeros((10, 10, 30), bool)
+    vol[4:7, 4:7, 2:28] = True
+    assert cl_dice(vol, vol) == pytest.approx(1.0)
