@@ -43,6 +43,56 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ph.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    m = sub.add_parser("mesh", help="mesh a mask (TIFF or OME-Zarr) to GLB/PLY/OBJ/STL",
+                       description="Marching cubes over the mask slab by slab (seams welded), pieces under "
+                                   "--min-faces removed, optional decimation to --max-faces, written atomically. "
+                                   "GLB meshes over 65,535 vertices are split into nodes Unity can import.")
+    m.add_argument("mask", help="mask: multi-page TIFF, per-slice folder or OME-Zarr (nonzero = inside)")
+    m.add_argument("-o", "--out", required=True, help="output mesh: .glb, .ply, .obj or .stl")
+    m.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
+    m.add_argument("--min-faces", type=int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
+    m.add_argument("--max-faces", type=int, help="decimate to at most this many faces")
+    m.add_argument("--max-bytes", type=float, default=1e9, help="refuse larger files (default: 1e9 = 1 GB)")
+    m.add_argument("--slab-size", type=int, default=64, help="z-slices meshed at a time (default: %(default)s)")
+    m.add_argument("--table", help="also write the component table (CSV) here")
+    m.add_argument("--largest", help="also write the largest connected component as its own mesh here")
+
+    sg = sub.add_parser("segment", help="segment a scan into a uint8 0/255 mask TIFF",
+                        description="Preprocess INPUT and segment it (steps 1-5 of the method) into OUT, "
+                                    "a uint8 0/255 multi-page TIFF of the same (z, y, x) shape.")
+    sg.add_argument("input", help="multi-page TIFF, per-slice folder or OME-Zarr")
+    sg.add_argument("-o", "--out", required=True, help="output mask .tif")
+    sg.add_argument("--method", choices=["unet", "dom", "union"], help="default: the config's (union)")
+    sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
+    sg.add_argument("--channel", help="channel to segment (default: the first)")
+    sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"))
+    sg.add_argument("--postprocess", action="store_true", help="apply the paper's closings too")
+    sg.add_argument("-c", "--config", help="TOML config file")
+    sg.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sg.add_argument("--no-progress", action="store_true")
+
+    tr = sub.add_parser("train", help="train the U-Net on labelled stacks",
+                        description="Train the U-Net on image/label TIFF pairs (NAME_image.tif + NAME_label.tif, "
+                                    "given as files or folders holding them) and/or the synthetic scan. Images go "
+                                    "through the pipeline's own preprocessing first. Writes OUT/best.pt (the best "
+                                    "checkpoint by validation Dice), last.pt (for --resume), log.csv, curves.png.")
+    tr.add_argument("data", nargs="*", help="NAME_image.tif files or folders of them")
+    tr.add_argument("-o", "--out", required=True, help="run folder")
+    tr.add_argument("--phantom", type=int, default=0, metavar="N",
+                    help="also train on N synthetic scans (default preset, seeds 1..N)")
+    tr.add_argument("--exclude", nargs="*", default=[], help="stack names to leave out (held-out evaluation)")
+    tr.add_argument("--epochs", type=int, default=60)
+    tr.add_argument("--steps", type=int, default=50, help="steps per epoch (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
+    tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], default="tversky_focal")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    tr.add_argument("--no-progress", action="store_true")
+
     rp = sub.add_parser("report", help="write report.html for a finished run",
                         description="Write OUT_DIR/report.html with PNG figures (projections before and after each "
                                     "stage, slice-mean curves, line profile, overlays, mesh, stage times) from "
@@ -83,12 +133,17 @@ def _print_run(result) -> None:
     print(f"gpuheart: wrote {result.out_dir} in {total:.1f} s on {result.summary['device']}")
     for channel, paths in result.outputs.items():
         s = result.summary[channel]
-        line = (f"  {channel}: CV of slice means {s['detrended_cv_raw']:.3f} -> {s['detrended_cv_normalized']:.3f}")
+        line = f"  {channel}: CV of slice means {s['detrended_cv_raw']:.3f} -> {s['detrended_cv_normalized']:.3f}"
         if "snr_dom" in s:
             line += f", SNR {s['snr_preprocessed']:.1f} -> {s['snr_dom']:.1f} (difference of medians)"
-        if "dom_vs_truth" in s:
-            line += f", Dice vs truth {s['dom_vs_truth']['dice']:.3f}"
         print(line)
+        scores = [f"{k.removesuffix('_vs_truth')} {v['dice']:.3f}" for k, v in s.items() if k.endswith("_vs_truth")]
+        if scores:
+            print("    Dice vs truth: " + ", ".join(scores))
+        if "mesh" in s:
+            m = s["mesh"]
+            print(f"    mesh: {m['faces']} faces, {m['components']} components "
+                  f"({m['components_removed']} under the face limit removed), {m['bytes'] / 1e6:.1f} MB")
         for kind, path in paths.items():
             print(f"    {kind}: {path}")
     if result.report:
@@ -108,6 +163,51 @@ def _cmd_phantom(a) -> int:
     path = write_phantom(cfg, Path(a.out), progress=not a.no_progress, overwrite=a.overwrite)
     print(f"gpuheart: wrote synthetic scan {tuple(cfg.shape)} x 3 channels to {path / 'scan'} "
           f"(ground truth in {path / 'truth'})")
+    return EXIT_OK
+
+
+def _cmd_mesh(a) -> int:
+    from .io import open_scan
+    from .mesh import mesh_from_mask
+
+    with open_scan(a.mask) as m:
+        voxel = tuple(a.voxel_size) if a.voxel_size else (m.voxel_size or (1.0, 1.0, 1.0))
+        st = mesh_from_mask(lambda z0, z1: m.read_slab(m.channels[0], z0, z1) > 0, m.shape, a.out, voxel,
+                            slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces,
+                            max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest)
+    print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "
+          f"({st.components_removed} under {a.min_faces} faces removed), {st.bytes / 1e6:.1f} MB, "
+          f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²")
+    return EXIT_OK
+
+
+def _cmd_segment(a) -> int:
+    from .pipeline import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig.load(a.config) if a.config else PipelineConfig()
+    if a.method:
+        cfg.segment.method = a.method
+    if a.weights:
+        cfg.segment.weights = a.weights
+    if a.voxel_size:
+        cfg.voxel_size = list(a.voxel_size)
+    if a.device:
+        cfg.device = a.device
+    cfg.progress = not a.no_progress
+    cfg.postprocess.enabled = a.postprocess
+    out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel)
+    print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
+    return EXIT_OK
+
+
+def _cmd_train(a) -> int:
+    from .training import train_from_files
+
+    res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, epochs=a.epochs,
+                           steps_per_epoch=a.steps, batch_size=a.batch_size, tile=a.tile, width=a.width,
+                           loss=a.loss, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
+    print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
+          f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK
 
 
@@ -135,7 +235,8 @@ def _cmd_info(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _cmd_run, "phantom": _cmd_phantom, "info": _cmd_info, "report": _cmd_report}[args.command]
+    handler = {"run": _cmd_run, "phantom": _cmd_phantom, "info": _cmd_info, "report": _cmd_report,
+               "mesh": _cmd_mesh, "segment": _cmd_segment, "train": _cmd_train}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -37,6 +37,41 @@ class DomConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Paper steps 3 and 5: the U-Net, and which mask becomes the segmentation."""
+
+    method: str = "union"  # "dom", "unet", or "union" of both (the paper's choice)
+    weights: str = ""  # U-Net weights file; empty: the weights shipped inside gpuheart
+    threshold: float = 0.5  # on the U-Net's probability
+    tile: int = 256
+    overlap: int = 64
+
+
+@dataclass
+class PostprocessConfig:
+    """Paper step 6: closing along z (1x1xz_size, z_iterations times), then one size3d^3 closing."""
+
+    enabled: bool = True
+    z_size: int = 5
+    z_iterations: int = 5
+    size3d: int = 3
+
+
+@dataclass
+class MeshConfig:
+    """Paper step 7: marching cubes, pieces under min_faces dropped, optional decimation."""
+
+    enabled: bool = True
+    format: str = "glb"  # glb, ply, obj or stl
+    min_faces: int = 20
+    max_faces: int = 0  # 0: keep every face
+    max_bytes: int = 1 << 30  # refuse to write a mesh file larger than this (game engines choke)
+    slab_size: int = 64
+    largest: bool = True  # also write the largest connected tree as its own mesh
+    component_table: bool = True
+
+
+@dataclass
 class OutputConfig:
     write_preprocessed: bool = True
     write_mask: bool = True
@@ -58,6 +93,9 @@ class PipelineConfig:
     progress: bool = True
     exposure: ExposureConfig = field(default_factory=ExposureConfig)
     dom: DomConfig = field(default_factory=DomConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "PipelineConfig":
@@ -69,7 +107,17 @@ class PipelineConfig:
         if self.dom.small % 2 == 0 or self.dom.large % 2 == 0 or not 1 <= self.dom.small < self.dom.large:
             raise ConfigError(f"dom sizes must be odd with small < large, got {self.dom.small}, {self.dom.large}")
         _threshold_arg(self.dom.threshold)
+        if self.segment.method not in ("dom", "unet", "union"):
+            raise ConfigError(f"segment.method must be 'dom', 'unet' or 'union', got {self.segment.method!r}")
+        if self.segment.method in ("dom", "union") and not self.dom.enabled:
+            raise ConfigError(f"segment.method {self.segment.method!r} needs dom.enabled = true")
+        if self.mesh.format not in ("glb", "ply", "obj", "stl"):
+            raise ConfigError(f"mesh.format must be glb, ply, obj or stl, got {self.mesh.format!r}")
         return self
+
+    @property
+    def uses_unet(self) -> bool:
+        return self.segment.method in ("unet", "union")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,15 +243,19 @@ class Pipeline:
         cfg, timer = self.config, _Timer()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        channels = cfg.channels or None
         if source is None:
             with timer("phantom"):
                 source, truth = _write_default_input(out_dir / "input", phantom_preset, cfg.progress)
+            channels = channels or list(truth)  # the phantom's stained channels, not autofluorescence
+        model = _load_model(cfg) if cfg.uses_unet else None
         voxel = tuple(cfg.voxel_size) or None
-        with open_scan(source, channels=cfg.channels or None, voxel_size=voxel) as scan:
-            outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device)}
+        with open_scan(source, channels=channels, voxel_size=voxel) as scan:
+            outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device),
+                                    "segmentation": cfg.segment.method}
             for channel in scan.channels:
                 outputs[channel], summary[channel] = _run_channel(
-                    scan, channel, cfg, out_dir / channel, timer, (truth or {}).get(channel))
+                    scan, channel, cfg, out_dir / channel, timer, (truth or {}).get(channel), model)
         cfg.save(out_dir / "config.toml")
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
@@ -213,6 +265,42 @@ class Pipeline:
             with timer("report"):
                 result.report = write_report(out_dir)
         return result
+
+
+    def segment(self, source, out_path, channel: str | None = None) -> Path:
+        """Steps 1-5 (and 6 when ``config.postprocess.enabled``) on one channel of ``source``, written
+        as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically)."""
+        import tempfile
+        from dataclasses import replace
+
+        from .io import open_scan, write_tiff
+
+        cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=False, report=False),
+                      mesh=replace(self.config.mesh, enabled=False))
+        if channel:
+            cfg.channels = [channel]
+        elif not cfg.channels:
+            with open_scan(source) as s:
+                cfg.channels = s.channels[:1]
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".gpuheart-", dir=out_path.parent) as work:
+            result = Pipeline(cfg).run(source, work)
+            mask_path = result.outputs[cfg.channels[0]]["mask"]
+            with open_scan(mask_path) as m:
+                write_tiff(out_path, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
+                           voxel_size=m.voxel_size, shape=m.shape, dtype=np.uint8)
+        return out_path
+
+
+def _load_model(cfg: PipelineConfig):
+    from . import unet
+
+    w = cfg.segment.weights
+    if w and not Path(w).is_file():
+        raise ConfigError(f"segment.weights: {w} is not a file")
+    model = unet.load_weights(w) if w else unet.load_default()
+    return model
 
 
 def _write_default_input(folder: Path, preset: str, progress: bool):
@@ -226,69 +314,132 @@ def _write_default_input(folder: Path, preset: str, progress: bool):
     return folder / "scan", truth
 
 
-def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path):
+def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model):
     from . import exposure
 
     out.mkdir(parents=True, exist_ok=True)
-    xp_device = backend.resolve_device(cfg.device)
+    device = backend.resolve_device(cfg.device)
     with timer("stats (pass 1)"):
         stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
             range(scan.shape[0]), cfg.progress, f"{channel} stats")]
     znorm = exposure.ZNorm.from_stats(stats)
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
-    with _Writers(out, scan, cfg) as writers:
-        for slab in _progress(scan.iter_slabs(channel, cfg.slab_size), cfg.progress, f"{channel} slabs",
+    voxel = tuple(cfg.voxel_size) or scan.voxel_size
+    with _Writers(out, scan.shape, voxel, _pass2_outputs(cfg)) as writers:
+        for slab in _progress(_timed(scan.iter_slabs(channel, cfg.slab_size), timer, "read"), cfg.progress,
+                              f"{channel} slabs",
                               total=-(-scan.shape[0] // cfg.slab_size)):
             with timer("to device"):
-                x = backend.to_device(slab.data, xp_device)
+                x = backend.to_device(slab.data, device)
             acc.add_raw(slab.z0, x)
-            pre, dom, mask = _process_slab(x, slab.z0, znorm, cfg, timer, acc)
+            products = _process_slab(x, slab.z0, znorm, cfg, timer, acc, model)
             with timer("write"):
-                writers.write(slab.z0, pre, mask)
-            acc.add(slab.z0, pre, dom, mask)
+                writers.write(slab.z0, products)
+            acc.add(slab.z0, products)
+    paths = dict(writers.paths)
+    seg = paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
+    if seg is not None:
+        paths["mask"] = _postprocess(seg, out, voxel, cfg, timer, acc) if cfg.postprocess.enabled else seg
     summary = acc.summary(stats)
+    summary["normalization"] = znorm.describe()
+    if cfg.mesh.enabled and "mask" in paths:
+        with timer("mesh"):
+            summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
     acc.save_figures(out / "figures.npz")
-    summary["normalization"] = znorm.describe() if hasattr(znorm, "describe") else None
-    return writers.paths, summary
+    return paths, summary
 
 
-def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc):
+def _pass2_outputs(cfg: PipelineConfig) -> list[str]:
+    names = ["preprocessed"] if cfg.output.write_preprocessed else []
+    if cfg.dom.enabled:
+        names.append("dom_mask")
+    if cfg.uses_unet:
+        names.append("unet_mask")
+    if cfg.segment.method == "union":
+        names.append("mask_raw")
+    return names
+
+
+def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) -> dict:
+    """Paper steps 1-5 on one slab: preprocessing, difference of medians, U-Net, union."""
     from . import exposure, filters, segment
 
     pre = exposure.preprocess(x, znorm, z0, cfg.exposure, timer, lambda n: acc.add_normalized(z0, n))
-    dom = mask = None
+    out = {"preprocessed": pre}
     if cfg.dom.enabled:
         with timer("difference of medians"):
-            dom = filters.difference_of_medians(pre, cfg.dom.small, cfg.dom.large)
+            out["dom"] = filters.difference_of_medians(pre, cfg.dom.small, cfg.dom.large)
         with timer("threshold"):
             thr = _threshold_arg(cfg.dom.threshold)
             # per slice, so the mask does not depend on how the stack was cut into slabs
-            mask = np.stack([d > segment.threshold_value(d, thr, cfg.dom.k) for d in dom])
-    return pre, dom, mask
+            out["dom_mask"] = np.stack([d > segment.threshold_value(d, thr, cfg.dom.k) for d in out["dom"]])
+    if model is not None:
+        from .unet import predict
+
+        with timer("u-net"):
+            prob = predict(model, pre, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device)
+            out["unet_mask"] = prob > cfg.segment.threshold
+    if cfg.segment.method == "union":
+        with timer("union"):
+            out["mask_raw"] = segment.union(out["dom_mask"], out["unet_mask"])
+    return out
+
+
+def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: _Timer, acc) -> Path:
+    """Paper step 6, streamed from the pass-2 mask with the halo the closings need (pass 3)."""
+    from .io import ZarrWriter, open_scan
+    from .morphology import postprocess_slabs
+
+    p = cfg.postprocess
+    with open_scan(mask_path) as m, ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel) as w:
+        def read(z0, z1):
+            return m.read_slab(m.channels[0], z0, z1) > 0
+
+        slab = max(cfg.slab_size, 4 * p.z_size * p.z_iterations)  # thick slabs: the halo is re-read per slab
+        slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d), timer, "closing")
+        for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
+            with timer("write"):
+                w.write(z0, closed.astype(np.uint8) * 255)
+            acc.score("final", z0, closed)
+    return out / "mask.ome.zarr"
+
+
+def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -> dict:
+    """Paper step 7 from the final mask; also the component table and the largest tree."""
+    from dataclasses import asdict as _asdict
+
+    from .io import open_scan
+    from .mesh import mesh_from_mask
+
+    mc = cfg.mesh
+    with open_scan(mask_path) as m:
+        stats = mesh_from_mask(
+            lambda z0, z1: m.read_slab(m.channels[0], z0, z1) > 0, m.shape, out / f"mesh.{mc.format}",
+            voxel or (1.0, 1.0, 1.0), slab_size=mc.slab_size, min_faces=mc.min_faces,
+            max_faces=mc.max_faces or None, max_bytes=mc.max_bytes,
+            table_path=out / "components.csv" if mc.component_table else None,
+            largest_path=out / f"largest_tree.{mc.format}" if mc.largest else None)
+    paths["mesh"] = out / f"mesh.{mc.format}"
+    if mc.component_table:
+        paths["components"] = out / "components.csv"
+    if mc.largest:
+        paths["largest_tree"] = out / f"largest_tree.{mc.format}"
+    return _asdict(stats)
 
 
 class _Writers:
-    """The OME-Zarr outputs of one channel, committed together only when every slab is written."""
+    """The OME-Zarr outputs of pass 2 for one channel; each is committed only when fully written."""
 
-    def __init__(self, out: Path, scan, cfg: PipelineConfig):
+    def __init__(self, out: Path, shape, voxel, names: list[str]):
         from .io import ZarrWriter
 
-        shape, vs = scan.shape, (tuple(cfg.voxel_size) or scan.voxel_size)
-        self.paths, self._w = {}, {}
-        if cfg.output.write_preprocessed:
-            self.paths["preprocessed"] = out / "preprocessed.ome.zarr"
-            self._w["preprocessed"] = ZarrWriter(self.paths["preprocessed"], shape, np.uint8, voxel_size=vs)
-        if cfg.output.write_mask and cfg.dom.enabled:
-            self.paths["dom_mask"] = out / "dom_mask.ome.zarr"
-            self._w["dom_mask"] = ZarrWriter(self.paths["dom_mask"], shape, np.uint8, voxel_size=vs)
-        self._tiff = cfg.output.tiff and cfg.dom.enabled
-        self._voxel = vs
+        self.paths = {n: out / f"{n}.ome.zarr" for n in names}
+        self._w = {n: ZarrWriter(p, shape, np.uint8, voxel_size=voxel) for n, p in self.paths.items()}
 
-    def write(self, z0, pre, mask):
-        if "preprocessed" in self._w:
-            self._w["preprocessed"].write(z0, backend.to_host(pre))
-        if "dom_mask" in self._w:
-            self._w["dom_mask"].write(z0, backend.to_host(mask).astype(np.uint8) * 255)
+    def write(self, z0, products: dict):
+        for name, w in self._w.items():
+            a = backend.to_host(products[name])
+            w.write(z0, a.astype(np.uint8) * 255 if a.dtype == bool else a)
 
     def __enter__(self):
         return self
@@ -296,14 +447,6 @@ class _Writers:
     def __exit__(self, exc_type, exc, tb):
         for w in self._w.values():
             w.__exit__(exc_type, exc, tb)
-        if exc_type is None and self._tiff:
-            from .io import open_scan, write_tiff
-
-            with open_scan(self.paths["dom_mask"]) as m:
-                tif = self.paths["dom_mask"].with_name("dom_mask.tif")
-                write_tiff(tif, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
-                           voxel_size=self._voxel, shape=m.shape, dtype=np.uint8)
-                self.paths["dom_mask_tiff"] = tif
         return False
 
 
@@ -317,6 +460,7 @@ class _ChannelAccumulator:
         self.sums = defaultdict(float)
         self.fig: dict[str, Any] = {}
         self.truth = None
+        self._truth_z: set[int] = set()
         if truth_path:
             from .io import open_scan
             from .metrics import Confusion
@@ -325,7 +469,7 @@ class _ChannelAccumulator:
             if self.truth.shape != tuple(shape):
                 raise ValueError(f"{truth_path}: truth mask has shape {self.truth.shape}, expected {tuple(shape)} "
                                  f"(the scan's channel {channel})")
-            self.confusion = Confusion()
+            self.confusion = defaultdict(Confusion)  # one per mask kind: dom, unet, union, final
 
     def _mip(self, name, slab):
         m = slab.max(axis=0).astype(np.float32)
@@ -349,35 +493,48 @@ class _ChannelAccumulator:
         self.norm_means[z0:z0 + len(m)] = m
         self._mip("normalized", norm)
 
-    def add(self, z0, pre, dom, mask):
+    def add(self, z0, products: dict):
+        pre = products["preprocessed"]
         xp = backend.array_module(pre)
         s = self.sums
         s["pixels"] += pre.size
         s["pre_sum"] += float(pre.sum(dtype=xp.float64))
         self._mip("preprocessed", pre)
-        mid = self._middle("preprocessed", z0, pre)
-        if mid is not None:
-            self.fig["mid_preprocessed"] = mid
-        if mask is None:
+        self._keep_mid("preprocessed", z0, pre, row=True)
+        mask = products.get("mask_raw", products.get("unet_mask", products.get("dom_mask")))
+        if mask is not None:
+            self._mip("mask", mask)
+            self._keep_mid("mask", z0, mask)
+        for kind, name in (("dom", "dom_mask"), ("unet", "unet_mask"), ("union", "mask_raw")):
+            if name in products:
+                self.score(kind, z0, products[name])
+        if "dom" not in products:
             return
+        dom, dmask = products["dom"], products["dom_mask"]
         dom_pos = xp.maximum(dom, 0)  # the DoM image as displayed: negative responses are background
         self._mip("dom", dom_pos)
-        self._mip("mask", mask)
         self._middle("dom", z0, dom_pos)
-        mid = self._middle("mask", z0, mask, row=False)
-        if mid is not None:
-            self.fig["mid_mask"] = mid
-        s["signal_pixels"] += float(mask.sum())
-        s["pre_signal_sum"] += float(pre[mask].sum(dtype=xp.float64))
+        # the paper's SNR of the difference-of-medians stage: signal = the DoM mask
+        s["signal_pixels"] += float(dmask.sum())
+        s["pre_signal_sum"] += float(pre[dmask].sum(dtype=xp.float64))
         s["dom_sum"] += float(dom_pos.sum(dtype=xp.float64))
-        s["dom_signal_sum"] += float(dom_pos[mask].sum(dtype=xp.float64))
-        if self.truth is not None:
-            t = self.truth.read_slab(self.truth.channels[0], z0, z0 + mask.shape[0]) > 0
-            self.confusion.update(backend.to_host(mask), t)
+        s["dom_signal_sum"] += float(dom_pos[dmask].sum(dtype=xp.float64))
+
+    def _keep_mid(self, name, z0, slab, row=False):
+        mid = self._middle(name, z0, slab, row=row)
+        if mid is not None:
+            self.fig["mid_" + name] = mid
+
+    def score(self, kind: str, z0: int, mask):
+        """Add a slab of a mask to the confusion counts of ``kind`` (when a truth mask was given)."""
+        if self.truth is None:
+            return
+        t = self.truth.read_slab(self.truth.channels[0], z0, z0 + mask.shape[0]) > 0
+        self.confusion[kind].update(backend.to_host(mask), t)
+        if z0 not in self._truth_z:
+            self._truth_z.add(z0)
             self._mip("truth", t)
-            mid = self._middle("truth", z0, t, row=False)
-            if mid is not None:
-                self.fig["mid_truth"] = mid
+            self._keep_mid("truth", z0, t)
 
     def save_figures(self, path: Path):
         """The arrays the report draws (see gpuheart.report): tiny next to the volume."""
@@ -406,7 +563,8 @@ class _ChannelAccumulator:
                 "snr_dom": (s["dom_signal_sum"] / n) / (s["dom_sum"] / s["pixels"]) if s["dom_sum"] else float("nan"),
             })
         if self.truth is not None:
-            out["dom_vs_truth"] = self.confusion.scores()
+            for kind, c in self.confusion.items():
+                out[f"{kind}_vs_truth"] = c.scores()
             self.truth.close()
         out["slice_means_raw"] = raw_means.tolist()
         out["slice_means_normalized"] = self.norm_means.tolist()
@@ -415,6 +573,20 @@ class _ChannelAccumulator:
 
 def array_max(a, b):
     return backend.array_module(a).maximum(a, b)
+
+
+def _timed(iterator, timer: _Timer, stage: str):
+    """Yield from ``iterator``, charging the time spent producing each item to ``stage``."""
+    it = iter(iterator)
+    while True:
+        with timer(stage):
+            item = next(it, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
 
 
 def _progress(it, enabled: bool, desc: str, total=None):

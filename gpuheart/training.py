@@ -1,0 +1,96 @@
+"""Training data from files: labelled stacks (and synthetic scans) -> preprocessed volumes -> unet.train.
+
+``unet`` never reads files; this module finds image/label pairs, reads them through ``io``, runs
+them through the pipeline's own preprocessing (``exposure.preprocess_volume``), so the model is
+trained on exactly the distribution it sees at inference, and hands arrays to ``unet.train``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import ScanError, open_scan
+
+IMAGE_SUFFIX, LABEL_SUFFIX = "_image.tif", "_label.tif"
+
+
+@dataclass
+class LabelledStack:
+    name: str
+    image: Path
+    label: Path
+
+
+def find_pairs(paths) -> list[LabelledStack]:
+    """``NAME_image.tif`` files, or folders searched recursively for them, each with its ``NAME_label.tif``."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            images = sorted(p.rglob("*" + IMAGE_SUFFIX))
+            if not images:
+                raise ScanError(f"{p}: no *{IMAGE_SUFFIX} files (expected NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs)")
+        elif p.is_file():
+            if not p.name.endswith(IMAGE_SUFFIX):
+                raise ScanError(f"{p}: expected a file named NAME{IMAGE_SUFFIX} (with NAME{LABEL_SUFFIX} beside it)")
+            images = [p]
+        else:
+            raise ScanError(f"{p}: no such file or folder")
+        for im in images:
+            name = im.name[: -len(IMAGE_SUFFIX)]
+            lab = im.with_name(name + LABEL_SUFFIX)
+            if not lab.is_file():
+                raise ScanError(f"{im}: its label {lab.name} is missing")
+            found.append(LabelledStack(name, im, lab))
+    return found
+
+
+def load_pair(stack: LabelledStack):
+    """(preprocessed uint8 image, bool label) volumes of one labelled stack, checked to match."""
+    from .exposure import preprocess_volume
+
+    with open_scan(stack.image) as si, open_scan(stack.label) as sl:
+        if si.shape != sl.shape:
+            raise ScanError(f"{stack.label}: label shape {sl.shape} differs from image shape {si.shape}")
+        image = si.read_slab(si.channels[0], 0, si.shape[0])
+        label = sl.read_slab(sl.channels[0], 0, sl.shape[0]) > 0
+    return preprocess_volume(image), label
+
+
+def phantom_pairs(n: int, preset: str = "default"):
+    """``n`` synthetic vessel-channel volumes (seeds 1..n) with their exact truth, preprocessed."""
+    from .exposure import preprocess_volume
+    from .phantom import Phantom, PhantomConfig
+
+    for seed in range(1, n + 1):
+        ph = Phantom(PhantomConfig.preset(preset, seed=seed))
+        z = ph.shape[0]
+        yield f"phantom_seed{seed}", preprocess_volume(ph.slab("C00", 0, z)), ph.truth("C00", 0, z)
+
+
+def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bool = True,
+                     resume: bool = False, **train_kw):
+    """Train the U-Net on labelled stacks (and ``phantoms`` synthetic scans); returns ``unet.TrainResult``."""
+    from . import unet
+
+    stacks = [s for s in find_pairs(paths) if s.name not in set(exclude)]
+    images, labels = [], []
+    for s in stacks:
+        im, lab = load_pair(s)
+        images.append(im)
+        labels.append(lab)
+    for _, im, lab in phantom_pairs(phantoms):
+        images.append(im)
+        labels.append(lab)
+    if not images:
+        raise ScanError("no training data: give NAME_image.tif files or folders, or --phantom N")
+    train_kw.setdefault("num_threads", os.cpu_count())
+    cfg = unet.TrainConfig(**train_kw)
+    return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume)
+
+
+def stack_names(paths) -> list[str]:
+    return [s.name for s in find_pairs(paths)]
+
+
+__all__ = ["LabelledStack", "find_pairs", "load_pair", "phantom_pairs", "train_from_files", "stack_names"]
