@@ -248,9 +248,9 @@ class Pipeline:
             with timer("phantom"):
                 source, truth = _write_default_input(out_dir / "input", phantom_preset, cfg.progress)
             channels = channels or list(truth)  # the phantom's stained channels, not autofluorescence
-        model = _load_model(cfg) if cfg.uses_unet else None
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
+            model = _load_model(cfg) if cfg.uses_unet else None
             outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
             for channel in scan.channels:

@@ -7,7 +7,8 @@ import pytest
 from gpuheart.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["phantom", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in (
+    "run", "phantom", "info", "report", "mesh", "segment", "train")])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -22,8 +23,10 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
     assert main(["info", str(scan), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["channels"] == ["C00", "C01", "C02"]
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n')
     assert main(["run", str(scan), "-o", str(tmp_path / "out"), "--channels", "C00", "--no-progress",
-                 "--truth", "C00", str(tmp_path / "ph" / "truth" / "C00.tif")]) == 0
+                 "-c", str(cfg), "--truth", "C00", str(tmp_path / "ph" / "truth" / "C00.tif")]) == 0
     out = capsys.readouterr().out
     assert "Dice vs truth" in out and (tmp_path / "out" / "C00" / "dom_mask.ome.zarr").is_dir()
 
@@ -48,3 +51,40 @@ def test_cuda_request_without_gpu_fails_cleanly(tmp_path, capsys):
 def test_console_script_is_installed():
     r = subprocess.run([sys.executable, "-m", "gpuheart", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "gpuheart" in r.stdout
+
+
+def test_segment_then_mesh(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+    import trimesh
+
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    scan = tmp_path / "ph" / "scan"
+    out = tmp_path / "seg" / "mask.tif"
+    assert main(["segment", str(scan), "-o", str(out), "--method", "dom", "--no-progress"]) == 0
+    mask = tifffile.imread(out)
+    assert mask.shape == (16, 64, 64) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert [p.name for p in out.parent.iterdir()] == ["mask.tif"]  # no work files left behind
+    glb = tmp_path / "m.glb"
+    assert main(["mesh", str(out), "-o", str(glb), "--voxel-size", "4", "1", "1", "--min-faces", "20"]) == 0
+    assert "faces" in capsys.readouterr().out
+    assert trimesh.load(glb, force="mesh").is_watertight
+
+
+def test_mesh_of_missing_mask_fails_cleanly(tmp_path, capsys):
+    assert main(["mesh", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "m.glb")]) == 1
+    assert "nope.tif" in capsys.readouterr().err
+    assert not (tmp_path / "m.glb").exists()
+
+
+def test_train_smoke(tmp_path, capsys):
+    """Two tiny epochs on two synthetic scans: the command runs end to end and writes its files."""
+    assert main(["train", "-o", str(tmp_path / "run"), "--phantom", "1", "--epochs", "2", "--steps", "2",
+                 "--batch-size", "2", "--tile", "64", "--width", "4", "--no-progress"]) == 0
+    assert "best validation Dice" in capsys.readouterr().out
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.csv").is_file()
+
+
+def test_train_without_data_fails_cleanly(tmp_path, capsys):
+    assert main(["train", "-o", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert "no training data" in capsys.readouterr().err
