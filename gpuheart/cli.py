@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Stream a scan through the pipeline and write its outputs to OUT. "
                                    "Without INPUT, a synthetic scan with ground truth is written to OUT/input "
                                    "and processed, and Dice against the truth is reported.")
-    r.add_argument("input", nargs="?", help="multi-page TIFF, folder of per-slice TIFFs, or OME-Zarr")
+    r.add_argument("input", nargs="*", help="multi-page TIFF, folder of per-slice TIFFs, or OME-Zarr; several "
+                                            "(or a quoted glob) run as a batch into OUT/<scan name>/")
     r.add_argument("-o", "--out", default="gpuheart-out", help="output folder (default: %(default)s)")
     r.add_argument("-c", "--config", help="TOML config file (see config.toml written by any run)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
@@ -123,9 +124,58 @@ def _cmd_run(a) -> int:
     if a.no_progress:
         cfg.progress = False
     truth = {c: m for c, m in a.truth} if a.truth else None
-    result = Pipeline(cfg).run(a.input, a.out, truth=truth, phantom_preset=a.phantom_preset)
-    _print_run(result)
-    return EXIT_OK
+    inputs = _expand_inputs(a.input)
+    if len(inputs) <= 1:
+        result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth, phantom_preset=a.phantom_preset)
+        _print_run(result)
+        return EXIT_OK
+    return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth)
+
+
+def _expand_inputs(args: list[str]) -> list[str]:
+    """Paths as given; a pattern with glob characters expands (sorted), and must match something."""
+    import glob
+
+    out = []
+    for arg in args:
+        if any(ch in arg for ch in "*?["):
+            hits = sorted(glob.glob(arg))
+            if not hits:
+                raise FileNotFoundError(f"{arg}: the pattern matches no file or folder")
+            out.extend(hits)
+        else:
+            out.append(arg)
+    return out
+
+
+def _run_batch(pipeline, inputs: list[str], out: Path, truth) -> int:
+    """Every scan into OUT/<name>/; a failing scan is reported and skipped, the exit code counts failures."""
+    names = _unique_names(inputs)
+    failed = []
+    for src, name in zip(inputs, names):
+        print(f"gpuheart: [{names.index(name) + 1}/{len(inputs)}] {src}")
+        try:
+            _print_run(pipeline.run(src, out / name, truth=truth))
+        except (ValueError, OSError, RuntimeError) as err:
+            failed.append((src, str(err)))
+            print(f"gpuheart: error: {err}", file=sys.stderr)
+    print(f"gpuheart: batch done: {len(inputs) - len(failed)} succeeded, {len(failed)} failed")
+    for src, err in failed:
+        print(f"  FAILED {src}: {err}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _unique_names(inputs: list[str]) -> list[str]:
+    names, seen = [], {}
+    for src in inputs:
+        base = Path(src.rstrip("/")).name
+        for suffix in (".ome.zarr", ".zarr", ".ome.tif", ".ome.tiff", ".tif", ".tiff"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
 
 
 def _print_run(result) -> None:

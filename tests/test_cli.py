@@ -88,3 +88,29 @@ def test_train_smoke(tmp_path, capsys):
 def test_train_without_data_fails_cleanly(tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "run"), "--no-progress"]) == 1
     assert "no training data" in capsys.readouterr().err
+
+
+def test_batch_continues_past_a_failing_scan(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    good = tmp_path / "scans" / "a_image.tif"
+    good.parent.mkdir()
+    tifffile.imwrite(good, rng.integers(0, 4000, (5, 48, 48), dtype=np.uint16))
+    bad = tmp_path / "scans" / "b_image.tif"
+    bad.write_bytes(b"not a tiff at all")
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[mesh]\nenabled = false\n[output]\nreport = false\n')
+    code = main(["run", str(tmp_path / "scans" / "*_image.tif"), "-o", str(tmp_path / "out"), "-c", str(cfg),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 succeeded, 1 failed" in captured.out and "b_image.tif" in captured.out
+    assert (tmp_path / "out" / "a_image" / "summary.json").is_file()
+    assert not (tmp_path / "out" / "b_image" / "summary.json").exists()
+
+
+def test_glob_matching_nothing_is_an_error(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "*.tif"), "-o", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "matches no file" in capsys.readouterr().err
