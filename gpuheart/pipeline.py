@@ -42,7 +42,7 @@ class SegmentConfig:
 
     method: str = "union"  # "dom", "unet", or "union" of both (the paper's choice)
     weights: str = ""  # U-Net weights file; empty: the weights shipped inside gpuheart
-    threshold: float = 0.5  # on the U-Net's probability
+    threshold: float = 0.0  # on the U-Net's probability; 0: the model's own (calibrated in training), else 0.5
     tile: int = 256
     overlap: int = 64
 
@@ -378,7 +378,7 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) 
 
         with timer("u-net"):
             prob = predict(model, pre, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device)
-            out["unet_mask"] = prob > cfg.segment.threshold
+            out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     if cfg.segment.method == "union":
         with timer("union"):
             out["mask_raw"] = segment.union(out["dom_mask"], out["unet_mask"])

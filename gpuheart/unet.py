@@ -546,18 +546,32 @@ class TrainResult:
     history: list[dict]
 
 
-LOG_FIELDS = ["epoch", "train_loss", "val_dice", "lr", "seconds"]
+LOG_FIELDS = ["epoch", "train_loss", "val_dice", "threshold", "lr", "seconds"]
 
 
-def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> float:
-    """Dice over all validation slices (summed counts), whole slices through the tiled ``predict``."""
-    tp = ps = ts = 0
+VAL_THRESHOLDS = np.round(np.arange(0.1, 0.96, 0.05), 2)
+
+
+def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> tuple[float, float]:
+    """(best Dice, its threshold) over all validation slices (summed counts), whole slices through the
+    tiled ``predict``. The threshold is calibrated here, on validation slices of the training stacks,
+    because losses such as Tversky (alpha > beta) deliberately bias probabilities towards recall, so 0.5
+    is rarely the best cut; the chosen value ships in the weights' metadata."""
+    tp = np.zeros(len(VAL_THRESHOLDS))
+    ps = np.zeros(len(VAL_THRESHOLDS))
+    ts = 0
     for v in sorted({v for v, _ in val_slices}):
         ks = [k for vv, k in val_slices if vv == v]
         prob = predict(model, vols[v][ks], tile=cfg.tile, overlap=cfg.tile // 4, device=device, amp=cfg.amp)
-        p, t = prob > 0.5, labs[v][ks] > 0
-        tp, ps, ts = tp + int((p & t).sum()), ps + int(p.sum()), ts + int(t.sum())
-    return 1.0 if ps + ts == 0 else 2 * tp / (ps + ts)
+        t = labs[v][ks] > 0
+        ts += int(t.sum())
+        for i, thr in enumerate(VAL_THRESHOLDS):
+            p = prob > thr
+            tp[i] += int((p & t).sum())
+            ps[i] += int(p.sum())
+    dice = np.where(ps + ts > 0, 2 * tp / np.maximum(ps + ts, 1), 1.0)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(VAL_THRESHOLDS[best])
 
 
 def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str) -> float:
@@ -626,15 +640,16 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
             break
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device)
-        val_dice = _validate(model, vols, labs, val_sl, cfg, device)
+        val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
         sched.step(val_dice)
-        row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice,
+        row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
                    lr=opt.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 3))
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if val_dice > state["best_dice"]:
             state.update(best_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0)
-            save_weights(model, best_path, meta=dict(epoch=epoch + 1, val_dice=val_dice, config=asdict(cfg)))
+            save_weights(model, best_path, meta=dict(epoch=epoch + 1, val_dice=val_dice, threshold=threshold,
+                                                     config=asdict(cfg)))
         else:
             state["bad_epochs"] += 1
         stopped = state["bad_epochs"] >= cfg.patience
