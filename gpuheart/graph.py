@@ -16,10 +16,11 @@ node gets one node of degree 2 so that it still appears (as a self-loop).
 
 Measures, all in µm with anisotropic ``voxel_size`` (z, y, x) respected:
 
-- ``length_um``: sum of the steps between consecutive path voxels. A branch starts and ends
-  on node voxels, so the lengths of the branches at a branch point overlap by nothing and
-  miss nothing. At a blunt (flat) vessel end the curve skeleton stops about one radius
-  short of the tip; at a rounded end it reaches the centre of the rounding.
+- ``length_um``: length of the voxel path, measured after a 5-point moving average
+  (:func:`path_length`; raw 26-neighbour steps overestimate oblique vessels by up to 9%).
+  A branch starts and ends on node voxels, so branches meeting at a branch point neither
+  overlap nor leave gaps. At a blunt (flat) vessel end the curve skeleton stops up to about
+  one radius short of the tip; at a rounded end it reaches the centre of the rounding.
 - ``mean_radius_um`` / ``max_radius_um``: the Euclidean distance transform of the mask
   (``sampling=voxel_size``) sampled on the path: distance from the skeleton voxel to the
   nearest *background voxel centre*. For a vessel thresholded at voxel centres this is the
@@ -260,11 +261,31 @@ def _trace_skeleton(indptr: np.ndarray, indices: np.ndarray):
     return node_of, n_nodes, paths
 
 
+def path_length(um: np.ndarray, smooth: int = 5) -> float:
+    """Length of a (n, 3) point path, after a ``smooth``-point moving average (1 = raw steps).
+
+    Raw voxel steps (1, sqrt 2, sqrt 3) overestimate oblique lines by up to ~9% (a staircase
+    is longer than the line it follows); a 5-point moving average brings that below 0.5%
+    at every angle, shortening curves only where they bend within a few voxels. The path's
+    two ends stay in place; a closed path (first point == last) is smoothed around the ring.
+    """
+    um = np.asarray(um, np.float64)
+    if smooth > 1 and len(um) > 2:
+        if np.array_equal(um[0], um[-1]):
+            ring = ndi.uniform_filter1d(um[:-1], smooth, axis=0, mode="wrap")
+            um = np.vstack([ring, ring[:1]])
+        else:
+            s = ndi.uniform_filter1d(um, smooth, axis=0, mode="nearest")
+            s[0], s[-1] = um[0], um[-1]
+            um = s
+    return float(np.linalg.norm(np.diff(um, axis=0), axis=1).sum())
+
+
 def _branch(i: int, u: int, v: int, path: np.ndarray, edt: np.ndarray, vs: np.ndarray,
-            ) -> Branch:
+            smooth: int) -> Branch:
     """Measures of one voxel path (see the module docstring for their definitions)."""
     um = path * vs
-    length = float(np.linalg.norm(np.diff(um, axis=0), axis=1).sum())
+    length = path_length(um, smooth)
     chord = float(np.linalg.norm(um[-1] - um[0]))
     r = edt[tuple(path.T)]
     tort = length / chord if chord > 0 else math.nan
@@ -272,12 +293,13 @@ def _branch(i: int, u: int, v: int, path: np.ndarray, edt: np.ndarray, vs: np.nd
 
 
 def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int = 1,
-                   origin_um=(0.0, 0.0, 0.0)) -> VesselGraph:
+                   origin_um=(0.0, 0.0, 0.0), smooth: int = 5) -> VesselGraph:
     """Graph of the curve skeleton of a (z, y, x) bool mask; see the module docstring.
 
     ``voxel_size`` is (z, y, x) µm of ``mask``. ``downsample=k`` first max-pools ``k x k``
     in (y, x) and multiplies the (y, x) voxel size by ``k``; branch paths are then indices in
     the pooled grid. ``origin_um`` is added to node positions (e.g. a crop's offset).
+    ``smooth`` is the moving-average window (points) for branch lengths (:func:`path_length`).
     Memory: about 25 bytes per voxel of the (pooled) mask; crop and downsample whole hearts.
     """
     mask = np.asarray(mask, dtype=bool)
@@ -304,7 +326,7 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
                     for a in range(3)], axis=1) / np.maximum(counts, 1)[:, None] + origin
 
     edt = ndi.distance_transform_edt(mask, sampling=vs) if len(paths) else None
-    branches = [_branch(i, u, v, coords[p], edt, vs) for i, (u, v, p) in enumerate(paths)]
+    branches = [_branch(i, u, v, coords[p], edt, vs, smooth) for i, (u, v, p) in enumerate(paths)]
     degree = np.zeros(n_nodes, np.int64)
     for b in branches:
         degree[b.u] += 1

@@ -75,7 +75,7 @@ class MeshConfig:
 class OutputConfig:
     write_preprocessed: bool = True
     write_mask: bool = True
-    tiff: bool = False  # also write masks as multi-page TIFF
+    tiff: bool = False  # also write every mask as a multi-page TIFF beside its OME-Zarr
     report: bool = True  # report.html with figures at the end of the run
 
 
@@ -340,6 +340,9 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     seg = paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
     if seg is not None:
         paths["mask"] = _postprocess(seg, out, voxel, cfg, timer, acc) if cfg.postprocess.enabled else seg
+    if cfg.output.tiff:
+        with timer("write"):
+            _write_tiffs(paths, voxel)
     summary = acc.summary(stats)
     summary["normalization"] = znorm.describe()
     if cfg.mesh.enabled and "mask" in paths:
@@ -347,6 +350,18 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
             summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
     acc.save_figures(out / "figures.npz")
     return paths, summary
+
+
+def _write_tiffs(paths: dict, voxel) -> None:
+    """A multi-page TIFF beside every OME-Zarr mask (streamed slice by slice, atomic), for tools without Zarr."""
+    from .io import open_scan, write_tiff
+
+    for name in [n for n in paths if n.endswith("mask") or n == "mask_raw"]:
+        with open_scan(paths[name]) as m:
+            tif = paths[name].with_name(f"{name}.tif")
+            write_tiff(tif, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
+                       voxel_size=voxel, shape=m.shape, dtype=np.uint8)
+        paths[f"{name}_tiff"] = tif
 
 
 def _pass2_outputs(cfg: PipelineConfig) -> list[str]:

@@ -153,3 +153,19 @@ def test_outputs_do_not_depend_on_slab_size(tiny_run, tmp_path):
 def test_unknown_channel_is_a_clear_error(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="C09"):
         Pipeline(_tiny_cfg(channels=["C09"])).run(tiny_run.out_dir / "input" / "scan", tmp_path)
+
+
+def test_tiff_masks_on_request(tmp_path, tiny_run):
+    import tifffile
+
+    from gpuheart.io import open_scan
+
+    cfg = _tiny_cfg(channels=["C00"])
+    cfg.output.tiff = True
+    cfg.mesh.enabled = False
+    r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path)
+    p = r.outputs["C00"]
+    for name in ("dom_mask", "mask"):
+        tif = tifffile.imread(p[f"{name}_tiff"])
+        with open_scan(p[name]) as z:
+            np.testing.assert_array_equal(tif, z.read_slab(0, 0, z.shape[0]))

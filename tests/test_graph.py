@@ -1,0 +1,279 @@
+"""Tests for gpuheart.graph on constructed tubes whose skeleton and measures are known.
+
+Tubes are "capsules" (all voxels within ``r`` µm of a segment, distances in µm): the medial
+axis of a capsule is exactly its segment, so branch lengths are known in closed form.
+"""
+from __future__ import annotations
+
+import csv
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.draw import line_nd
+from skimage.morphology import skeletonize
+
+from gpuheart import graph as vg
+
+
+def capsules(shape, voxel_size, segments, r):
+    """Bool mask: voxels whose centre (index * voxel_size, µm) lies within ``r`` of any segment."""
+    vs = np.asarray(voxel_size, float)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, vs)], indexing="ij"), -1)
+    out = np.zeros(shape, bool)
+    for a, b in segments:
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        d = b - a
+        t = np.clip((grid - a) @ d / (d @ d), 0.0, 1.0)
+        out |= np.linalg.norm(grid - (a + t[..., None] * d), axis=-1) <= r
+    return out
+
+
+VS = (2.0, 1.0, 1.0)  # anisotropic: coarse z, as in light-sheet scans
+
+
+def test_straight_cylinder_one_branch_length_and_radius():
+    # flat-ended cylinder along x, radius 3 µm, axis on voxel centres (z = 10 µm, y = 10 µm)
+    z, y, x = np.ogrid[:11, :21, :80]
+    mask = ((z * 2.0 - 10) ** 2 + (y * 1.0 - 10) ** 2 <= 9) & (x >= 10) & (x < 70)
+    g = vg.skeleton_graph(mask, VS)
+    assert len(g.branches) == 1 and g.n_nodes == 2
+    b = g.branches[0]
+    span = 59.0  # first to last voxel centre along x
+    # a flat end stops the curve skeleton up to about one radius (3 µm) short of each cap
+    assert span - 2 * 3.0 - 1.0 <= b.length_um <= span + 1e-9
+    # nearest background voxel centre from the axis: (dz, dy) = (2, 3) µm -> sqrt(13)
+    assert b.max_radius_um == pytest.approx(math.sqrt(13))
+    assert 3.0 <= b.mean_radius_um <= 3.0 + 1.0  # radius + less than one voxel
+    assert b.tortuosity == pytest.approx(1.0)
+    assert np.all(b.path[:, 0] == 5) and np.all(b.path[:, 1] == 10)  # on the axis
+
+
+def test_capsule_length_exact_between_sphere_centres():
+    mask = capsules((11, 21, 80), VS, [((10, 10, 10), (10, 10, 69))], 3.0)
+    g = vg.skeleton_graph(mask, VS)
+    assert len(g.branches) == 1
+    assert g.branches[0].length_um == pytest.approx(59.0, abs=1.0)
+    ends = g.node_pos_um[g.end_points]
+    np.testing.assert_allclose(sorted(ends[:, 2]), [10.0, 69.0], atol=1.0)
+
+
+def test_y_shape_three_branches_one_branch_point():
+    c = np.array([10.0, 40.0, 40.0])
+    arm = 30.0
+    ends = [c + arm * np.array([0, math.sin(t), math.cos(t)])
+            for t in np.deg2rad([0.0, 120.0, 240.0])]
+    mask = capsules((11, 81, 81), VS, [(c, e) for e in ends], 3.0)
+    g = vg.skeleton_graph(mask, VS)
+    s = vg.summarize(g)
+    assert (s["n_branch_points"], s["n_end_points"], s["n_branches"]) == (1, 3, 3)
+    assert s["degree_histogram"] == {1: 3, 3: 1}
+    assert s["n_cycles"] == 0 and s["n_components"] == 1
+    np.testing.assert_allclose(g.node_pos_um[g.branch_points[0]], c, atol=2.0)
+    # each arm runs from the branch point to its end-sphere centre
+    for e in ends:
+        near = min(g.branches, key=lambda b: np.linalg.norm(g.node_pos_um[b.v] - e)
+                   + np.linalg.norm(g.node_pos_um[b.u] - e))
+        assert near.length_um == pytest.approx(arm, abs=2.0)
+    assert s["total_length_um"] == pytest.approx(3 * arm, abs=4.0)
+
+
+def test_l_shape_tortuosity():
+    a, b, c = (10, 10, 10), (10, 10, 50), (10, 50, 50)
+    mask = capsules((11, 61, 61), VS, [(a, b), (b, c)], 3.0)
+    g = vg.skeleton_graph(mask, VS)
+    assert len(g.branches) == 1
+    br = g.branches[0]
+    assert br.length_um == pytest.approx(80.0, abs=3.0)  # the corner may be cut a little
+    chord = np.linalg.norm(br.path[-1] * VS - br.path[0] * VS)
+    assert br.tortuosity == pytest.approx(br.length_um / chord)
+    assert br.tortuosity == pytest.approx(80.0 / math.hypot(40, 40), abs=0.06)
+    assert br.tortuosity > 1.3
+
+
+def test_ring_without_nodes_is_one_self_loop():
+    ring = np.zeros((1, 7, 7), bool)
+    ring[0, 1, 2:5] = ring[0, 5, 2:5] = ring[0, 2:5, 1] = ring[0, 2:5, 5] = True  # octagon, 12 voxels
+    g = vg.skeleton_graph(np.pad(ring, ((1, 1), (0, 0), (0, 0))), (1, 1, 1), smooth=1)
+    assert g.n_nodes == 1 and list(g.node_degree) == [2]
+    (b,) = g.branches
+    assert b.u == b.v == 0 and math.isnan(b.tortuosity)
+    assert b.length_um == pytest.approx(8 + 4 * math.sqrt(2))  # raw steps: 8 straight, 4 diagonal
+    assert vg.summarize(g)["n_cycles"] == 1
+
+
+def test_torus_length_is_its_circumference():
+    R, r = 15.0, 2.5
+    z, y, x = np.ogrid[-4:5, -20:21, -20:21]
+    torus = (np.hypot(y, x) - R) ** 2 + z ** 2 <= r * r
+    g = vg.skeleton_graph(torus, (1, 1, 1))
+    (b,) = g.branches
+    assert b.u == b.v and g.n_nodes == 1
+    assert b.length_um == pytest.approx(2 * math.pi * R, rel=0.02)
+
+
+@pytest.mark.parametrize("angle", [0.0, 10.0, 22.5, 30.0, 45.0, 60.0, 80.0])
+def test_path_length_of_digital_lines(angle):
+    # skimage's digital line from a to b; the reference is the Euclidean distance |b - a|
+    a = np.array([0.0, 0.0, 0.0])
+    b = np.round(np.array([7.0, 50 * math.sin(math.radians(angle)),
+                           50 * math.cos(math.radians(angle))]))
+    pts = np.stack(line_nd(a, b, endpoint=True, integer=True), axis=1)
+    vs = np.array([2.0, 1.0, 1.0])
+    true = np.linalg.norm((b - a) * vs)
+    assert vg.path_length(pts * vs) == pytest.approx(true, rel=0.01)
+    assert vg.path_length(pts * vs, smooth=1) >= true - 1e-9  # a staircase is never shorter
+
+
+def test_empty_and_single_voxel():
+    g = vg.skeleton_graph(np.zeros((4, 5, 6), bool))
+    assert g.n_nodes == 0 and g.branches == []
+    s = vg.summarize(g)
+    assert s["n_branches"] == 0 and s["total_length_um"] == 0 and math.isnan(s["mean_radius_um"])
+    one = np.zeros((3, 3, 3), bool)
+    one[1, 1, 1] = True
+    g = vg.skeleton_graph(one, (2, 1, 1), origin_um=(100, 0, 0))
+    assert g.n_nodes == 1 and list(g.node_degree) == [0] and g.branches == []
+    np.testing.assert_allclose(g.node_pos_um, [[102, 1, 1]])
+
+
+def test_adjacency_degrees_match_neighbour_count():
+    # independent reference: 26-neighbour count by convolution over the skeleton
+    rng = np.random.default_rng(0)
+    sk = rng.random((9, 10, 11)) < 0.15
+    coords = np.argwhere(sk)
+    indptr, indices = vg._adjacency(coords, sk.shape)
+    kernel = np.ones((3, 3, 3), int)
+    kernel[1, 1, 1] = 0
+    ref = ndi.convolve(sk.astype(int), kernel, mode="constant")[sk]
+    np.testing.assert_array_equal(np.diff(indptr), ref)
+    # and every listed neighbour really is a 26-neighbour
+    rows = np.repeat(np.arange(len(coords)), np.diff(indptr))
+    step = np.abs(coords[rows] - coords[indices])
+    assert step.max() == 1 and np.all(step.sum(1) > 0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_branches_partition_the_skeleton(seed):
+    # random blobby masks: every skeleton voxel lies on a branch or is a node, each path is a
+    # chain of 26-neighbours, and degrees count branch ends
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.random((16, 24, 24)), 1.5) > 0.52
+    g = vg.skeleton_graph(mask, (1.5, 1.0, 1.0))
+    sk = skeletonize(mask)
+    on_path = np.zeros_like(sk)
+    for b in g.branches:
+        assert np.all(np.abs(np.diff(b.path, axis=0)).max(1) == 1)
+        on_path[tuple(b.path.T)] = True
+    isolated = ndi.convolve(sk.astype(int), np.ones((3, 3, 3), int), mode="constant") == 1
+    np.testing.assert_array_equal(on_path | (sk & isolated), sk)
+    assert g.node_degree.sum() == 2 * len(g.branches)
+    assert np.all([b.length_um > 0 and b.max_radius_um >= b.mean_radius_um > 0
+                   for b in g.branches])
+
+
+def test_largest_tree_keeps_bigger_component():
+    small = capsules((11, 40, 60), VS, [((10, 8, 5), (10, 8, 25))], 2.0)
+    big = capsules((11, 40, 60), VS, [((10, 28, 5), (10, 28, 55))], 3.0)
+    mask = small | big
+    assert ndi.label(mask, np.ones((3, 3, 3)))[1] == 2
+    np.testing.assert_array_equal(vg.largest_tree(mask), big)
+    tree, origin = vg.largest_tree(mask, crop=True)
+    box = ndi.find_objects(big.astype(int))[0]
+    np.testing.assert_array_equal(origin, [s.start for s in box])
+    np.testing.assert_array_equal(tree, big[box])
+    # diagonal (corner-only) contact still joins: 26-connectivity
+    d = np.zeros((2, 2, 2), bool)
+    d[0, 0, 0] = d[1, 1, 1] = True
+    np.testing.assert_array_equal(vg.largest_tree(d), d)
+    assert not vg.largest_tree(np.zeros((2, 2, 2), bool)).any()
+
+
+def test_crop_origin_keeps_positions():
+    mask = capsules((11, 40, 60), VS, [((10, 28, 5), (10, 28, 55))], 3.0)
+    whole = vg.skeleton_graph(mask, VS)
+    tree, origin = vg.largest_tree(mask, crop=True)
+    cropped = vg.skeleton_graph(tree, VS, origin_um=origin * np.asarray(VS))
+    np.testing.assert_allclose(cropped.node_pos_um, whole.node_pos_um)
+
+
+def test_downsample_is_yx_max_pooling():
+    rng = np.random.default_rng(4)
+    m = rng.random((3, 7, 8)) < 0.05
+    out = vg.downsample_yx(m, 3)
+    ref = np.zeros((3, 3, 3), bool)
+    for z, y, x in np.argwhere(m):
+        ref[z, y // 3, x // 3] = True
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError):
+        vg.downsample_yx(m, 0)
+
+
+def test_downsample_scales_voxel_size_and_keeps_length():
+    vs = (2.0, 0.5, 0.5)
+    mask = capsules((11, 40, 160), vs, [((10, 10, 10), (10, 10, 70))], 4.0)
+    g = vg.skeleton_graph(mask, vs, downsample=2)
+    assert g.voxel_size == (2.0, 1.0, 1.0)
+    assert len(g.branches) == 1
+    assert g.branches[0].length_um == pytest.approx(60.0, abs=2.0)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        vg.skeleton_graph(np.zeros((4, 4), bool))
+    with pytest.raises(ValueError):
+        vg.skeleton_graph(np.zeros((4, 4, 4), bool), (1, 0, 1))
+
+
+@pytest.fixture
+def y_graph():
+    c = np.array([10.0, 30.0, 30.0])
+    ends = [c + 20 * np.array([0, math.sin(t), math.cos(t)]) for t in np.deg2rad([0, 120, 240])]
+    return vg.skeleton_graph(capsules((11, 61, 61), VS, [(c, e) for e in ends], 3.0), VS)
+
+
+def test_csv_round_trip(tmp_path, y_graph):
+    path = tmp_path / "branches.csv"
+    vg.write_branches_csv(y_graph, path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == vg.CSV_COLUMNS and len(rows) == len(y_graph.branches)
+    for row, b in zip(rows, y_graph.branches):
+        assert (int(row["id"]), int(row["node_u"]), int(row["node_v"])) == (b.id, b.u, b.v)
+        assert float(row["length_um"]) == b.length_um  # repr round-trips floats exactly
+        assert float(row["mean_radius_um"]) == b.mean_radius_um
+        assert float(row["tortuosity"]) == b.tortuosity
+        pu = [float(row[f"u_{a}_um"]) for a in "zyx"]
+        assert pu == list(y_graph.node_pos_um[b.u])
+        assert int(row["n_voxels"]) == len(b.path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branches.csv"]
+
+
+def test_graphml_round_trip(tmp_path, y_graph):
+    path = tmp_path / "tree.graphml"
+    vg.write_graphml(y_graph, path)
+    g = nx.read_graphml(path, node_type=int, force_multigraph=True)
+    assert g.number_of_nodes() == y_graph.n_nodes
+    assert g.number_of_edges() == len(y_graph.branches)
+    for i, pos in enumerate(y_graph.node_pos_um):
+        d = g.nodes[i]
+        assert [d["z_um"], d["y_um"], d["x_um"]] == list(pos)
+        assert d["degree"] == y_graph.node_degree[i] == g.degree(i)
+        assert isinstance(d["degree"], int)
+    lengths = sorted(d["length_um"] for _, _, d in g.edges(data=True))
+    assert lengths == sorted(b.length_um for b in y_graph.branches)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.graphml"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, y_graph):
+    target = tmp_path / "out.graphml"
+    target.write_text("old")
+    broken = vg.VesselGraph(y_graph.node_pos_um, y_graph.node_degree,
+                            [vg.Branch(0, 0, 99, np.zeros((1, 3), int), 1.0, 1.0, 1.0, 1.0)],
+                            y_graph.voxel_size)
+    with pytest.raises(IndexError):  # node 99 does not exist: fails mid-write
+        vg.write_branches_csv(broken, target)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.graphml"]
