@@ -194,6 +194,10 @@ def _print_run(result) -> None:
             m = s["mesh"]
             print(f"    mesh: {m['faces']} faces, {m['components']} components "
                   f"({m['components_removed']} under the face limit removed), {m['bytes'] / 1e6:.1f} MB")
+        if "tree" in s and "n_branches" in s["tree"]:
+            t = s["tree"]
+            print(f"    largest tree: {t['tree_voxels']} voxels, {t['n_branches']} branches, "
+                  f"{t['total_length_um']:.0f} µm of vessel, mean radius {t['mean_radius_um']:.1f} µm")
         for kind, path in paths.items():
             print(f"    {kind}: {path}")
     if result.report:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, to_device, to_host, device_of
+from .backend import array_module, to_device, to_host, device_of, is_device_array, load_module
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
@@ -250,6 +251,10 @@ def robust_scale(x, low: float = 0.1, high: float = 99.9):
         raise ValueError(f"robust_scale expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
     if not 0 <= low < high <= 100:
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    if is_device_array(x):
+        out = _try_cuda("robust_scale", _robust_scale_cuda, x, low, high)
+        if out is not None:
+            return out
     x3 = x[None] if x.ndim == 2 else x
     out = xp.empty(x3.shape, dtype=xp.uint8)
     for i, s in enumerate(x3):
@@ -287,7 +292,11 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
         raise ValueError(f"nbins must be >= 1, got {nbins}")
     ks = _kernel_size(kernel_size)
     xp_dev = device_of(x)
-    h = to_host(x)  # TODO(gpu): a CUDA kernel; the host round trip keeps the contract meanwhile
+    if xp_dev == "cuda":
+        out = _try_cuda("clahe", _clahe_cuda, x, clip_limit, ks, nbins)
+        if out is not None:
+            return out
+    h = to_host(x)  # the host path: CPU input, or a CuPy input the kernels do not cover
     if h.ndim == 2:
         out = _clahe_slice(h, clip_limit, ks, nbins)
     else:
@@ -338,24 +347,38 @@ def _to_bins(x: np.ndarray, nbins: int):
         lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"clahe: input has {int(np.count_nonzero(~np.isfinite(x)))} NaN/Inf pixels")
-        t = float_dtype
-        if lo < 0 or hi > 1:  # documented departure: (x - min) / (max - min), in the input's float type
-            shift, div = (t(lo), t(hi - lo)) if hi > lo else (t(lo), t(np.inf))
-        else:
-            shift, div = t(0), t(1)
-        # img_as_uint is monotone, so the converted image's extremes are those of the converted extremes
-        ends = img_as_uint(_rescale01(np.array([lo, hi], float_dtype), shift, div))
-        table = _bin_table(ends, nbins, bin_dtype, full=True)
+        shift, div, table = _float_bin_params(lo, hi, float_dtype, nbins, bin_dtype)
         out = np.empty(x.shape, bin_dtype)
-        _float_to_bins(x, shift, div, t(np.iinfo(np.uint16).max), table, out)
+        _float_to_bins(x, shift, div, float_dtype(np.iinfo(np.uint16).max), table, out)
         return out, float_dtype
     if x.dtype not in (np.uint8, np.uint16):  # other integers / bool: skimage's conversion first
         return _to_bins(img_as_uint(x), nbins)[0], np.float64
-    ends = img_as_uint(np.array([x.min(), x.max()], x.dtype))
-    table = _bin_table(ends, nbins, bin_dtype, full=False, src_dtype=x.dtype)
+    table = _int_bin_table(x.min(), x.max(), x.dtype, nbins, bin_dtype)
     out = np.empty(x.shape, bin_dtype)
     _gather(table, x, out)
     return out, np.float64
+
+
+def _float_bin_params(lo: float, hi: float, float_dtype, nbins: int, bin_dtype):
+    """(shift, div, table) for a float slice with extremes lo, hi (CPU and CUDA paths share it)."""
+    from skimage.util import img_as_uint
+
+    t = float_dtype
+    if lo < 0 or hi > 1:  # documented departure: (x - min) / (max - min), in the input's float type
+        shift, div = (t(lo), t(hi - lo)) if hi > lo else (t(lo), t(np.inf))
+    else:
+        shift, div = t(0), t(1)
+    # img_as_uint is monotone, so the converted image's extremes are those of the converted extremes
+    ends = img_as_uint(_rescale01(np.array([lo, hi], float_dtype), shift, div))
+    return shift, div, _bin_table(ends, nbins, bin_dtype, full=True)
+
+
+def _int_bin_table(lo, hi, dtype, nbins: int, bin_dtype):
+    """Bin of every uint8/uint16 value for a slice with extremes lo, hi (CPU and CUDA paths)."""
+    from skimage.util import img_as_uint
+
+    ends = img_as_uint(np.array([lo, hi], dtype))
+    return _bin_table(ends, nbins, bin_dtype, full=False, src_dtype=dtype)
 
 
 def _rescale01(v, shift, div):
@@ -384,15 +407,30 @@ def _bin_table(ends, nbins, bin_dtype, full, src_dtype=None):
 
 def _final_rescale(levels: np.ndarray, float_dtype) -> np.ndarray:
     """skimage's last rescale_intensity (image min/max -> [0, 1]) via a table over the 14-bit levels."""
-    imin, imax = float(levels.min()), float(levels.max())
+    table = _final_table(float(levels.min()), float(levels.max()), float_dtype)
+    out = np.empty(levels.shape, np.float32)
+    _gather(table, levels, out)
+    return out
+
+
+def _final_table(imin: float, imax: float, float_dtype) -> np.ndarray:
+    """float32 value of every 14-bit level for a slice whose levels span [imin, imax]."""
     v = np.clip(np.arange(NR_OF_GRAY).astype(float_dtype), imin, imax)
     if imin != imax:
         v = ((v - imin) / (imax - imin) * (1.0 - 0.0) + 0.0).astype(float_dtype)
     else:
         v = np.clip(v, 0.0, 1.0).astype(float_dtype)
-    out = np.empty(levels.shape, np.float32)
-    _gather(v.astype(np.float32), levels, out)
-    return out
+    return v.astype(np.float32)
+
+
+def _reflect_index(n: int, k: int, ntiles: int) -> np.ndarray:
+    """Source index of each of the ``ntiles * k`` rows (or columns) the CLAHE tiles cover.
+
+    The CPU path pads with ``np.pad(..., mode="reflect")`` and tiles start ``k // 2`` into the
+    padded image; padding an index ramp the same way gives the gather map (exact by construction).
+    """
+    pad = (k // 2, (k - n % k) % k + int(np.ceil(k / 2.0)))
+    return np.pad(np.arange(n, dtype=np.int32), pad, mode="reflect")[k // 2:k // 2 + ntiles * k]
 
 
 @njit(parallel=True, cache=True)

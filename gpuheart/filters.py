@@ -32,10 +32,12 @@ from scipy, never the value.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, is_device_array, to_host
+from .backend import array_module, is_device_array, load_module, to_host
 
 MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
          "constant": "constant"}
@@ -106,8 +108,9 @@ def median(x, size: int, mode: str = "reflect", cval=0, out=None):
 
     Parameters
     ----------
-    x : (y, x) or (z, y, x) array of uint8, uint16 or float32 (NumPy; CuPy arrays are filtered on
-        the host until the CUDA kernels exist).
+    x : (y, x) or (z, y, x) array of uint8, uint16 or float32, NumPy or CuPy. CuPy arrays are
+        filtered on their device by ``kernels/median.cu`` (same answer); should that kernel fail
+        to compile or launch, a warning is given once and they are filtered on the host.
     size : odd window side, 3..31.
     mode : ``"reflect" | "nearest" | "mirror" | "wrap" | "constant"``, scipy.ndimage's meaning.
     cval : border value for ``mode="constant"``; must be representable in ``x.dtype``.
@@ -119,13 +122,7 @@ def median(x, size: int, mode: str = "reflect", cval=0, out=None):
     slice with the same ``size``, ``mode`` and ``cval``.
     """
     if is_device_array(x):
-        # No CUDA kernel yet: filter on the host, hand back a device array as the contract says.
-        xp = array_module(x)
-        res = xp.asarray(median(to_host(x), size, mode, cval))
-        if out is not None:
-            out[...] = res
-            return out
-        return res
+        return _median_device(x, size, mode, cval, out)
     x = np.asarray(x)
     _check_image(x)
     size = _check_size(size)
@@ -153,9 +150,110 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
     small, large = _check_size(small), _check_size(large)
     signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,
               np.dtype(np.float32): np.float32}[np.dtype(x.dtype)]
+    # CuPy input stays on its device: two kernel launches, a cast and a subtraction.
     dom = median(x, small, mode, cval).astype(signed)
     dom -= median(x, large, mode, cval)
     return dom if xp is np else xp.asarray(dom)
+
+
+# -- CUDA dispatch (kernels/median.cu) --------------------------------------------------------
+# Launch configuration lives here, next to the dispatch; the tile constants must match the
+# GH_* defines at the top of kernels/median.cu.
+
+_CUDA_BLOCK = (32, 8, 1)          # GH_TILE_X x GH_BLOCK_Y threads
+_CUDA_TILE = (32, 32)             # outputs per block (x, y): each thread does GH_ROWS = 4 rows
+_CUDA_NET_SIZES = (3, 5)          # register forgetful selection; larger sizes: radix selection
+_CUDA_MAX_GRID_YZ = 65535
+_CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
+                np.dtype(np.float32): "float"}
+_CUDA_FAILED: dict[str, str] = {}  # kernel name -> why it failed (warned once, host path after)
+
+
+def _cuda_plan(shape, dtype, size: int):
+    """``(kernel name expression, grid, block, extra args)`` for a (z, y, x) slab.
+
+    ``grid[2]`` is the slice count; slabs deeper than the 65535 grid limit are launched in
+    chunks of slices by the caller (see :func:`_median_cuda`).
+    """
+    z, h, w = (int(s) for s in shape)
+    ctype = _CUDA_CTYPES[np.dtype(dtype)]
+    if size in _CUDA_NET_SIZES:
+        name, extra = f"median_net<{ctype}, {size}>", ()
+    else:
+        name, extra = f"median_radix<{ctype}>", (np.int32(size),)
+    grid = (-(-w // _CUDA_TILE[0]), -(-h // _CUDA_TILE[1]), min(z, _CUDA_MAX_GRID_YZ))
+    return name, grid, _CUDA_BLOCK, extra
+
+
+def _cval_bits(cval, dtype) -> np.uint32:
+    """The border value's raw bits as the kernel's ``unsigned int cval_bits``."""
+    if np.dtype(dtype) == np.float32:
+        return np.array(cval, dtype=np.float32).view(np.uint32)[()]
+    return np.uint32(int(cval))
+
+
+def _border_maps(h: int, w: int, r: int, mode: str):
+    """Host int32 row/column source indices of the padded slice (the CPU's ``_index_map``)."""
+    return (_index_map(h, r, mode).astype(np.int32), _index_map(w, r, mode).astype(np.int32))
+
+
+def _median_device(x, size, mode, cval, out):
+    cp = array_module(x)
+    _check_image(x)
+    size = _check_size(size)
+    _check_mode(mode)
+    cval = _cval_as(cval, x.dtype) if mode == "constant" else 0
+    if out is not None and (not is_device_array(out) or out.shape != x.shape or out.dtype != x.dtype):
+        got = (getattr(out, "shape", None), getattr(out, "dtype", None))
+        raise ValueError(f"out must be a CuPy array of shape {x.shape} and dtype {x.dtype}, got {got}")
+    name, _, _, _ = _cuda_plan((1,) + x.shape[-2:], x.dtype, size)
+    if name not in _CUDA_FAILED:
+        try:
+            with x.device:
+                res = _median_cuda(x, size, mode, cval, out)
+            return res
+        except Exception as exc:  # compile error (NVRTC), launch failure, CUDA error
+            _CUDA_FAILED[name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"CUDA median kernel {name} failed ({_CUDA_FAILED[name]}); "
+                          "filtering on the host instead", RuntimeWarning, stacklevel=3)
+    with x.device:
+        res = cp.asarray(median(to_host(x), size, mode, cval))
+    if out is not None:
+        out[...] = res
+        return out
+    return res
+
+
+def _overlaps(a, b) -> bool:
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def _median_cuda(x, size, mode, cval, out):
+    cp = array_module(x)
+    name, _, block, extra = _cuda_plan((1,) + x.shape[-2:], x.dtype, size)
+    mod = load_module("median.cu", (name,))
+    kern = mod.get_function(name)
+    src = cp.ascontiguousarray(x)
+    slab = src.reshape((-1,) + src.shape[-2:])
+    z, h, w = slab.shape
+    # Write straight into ``out`` when the kernel can (C-contiguous, not aliasing the input it
+    # still reads); otherwise into a fresh array, copied over at the end.
+    direct = out is not None and out.flags.c_contiguous and not _overlaps(out, src)
+    dst = out if direct else cp.empty(x.shape, dtype=x.dtype)
+    dslab = dst.reshape(slab.shape)
+    rows, cols = (cp.asarray(m) for m in _border_maps(h, w, size // 2, mode))
+    cbits = _cval_bits(cval, x.dtype)
+    for z0 in range(0, z, _CUDA_MAX_GRID_YZ):
+        z1 = min(z, z0 + _CUDA_MAX_GRID_YZ)
+        _, grid, _, _ = _cuda_plan((z1 - z0, h, w), x.dtype, size)
+        if grid[1] > _CUDA_MAX_GRID_YZ:
+            raise ValueError(f"slice of {h} rows exceeds the CUDA grid ({_CUDA_MAX_GRID_YZ} tiles)")
+        kern(grid, block, (slab[z0:z1], dslab[z0:z1], rows, cols, np.int32(h), np.int32(w), cbits) + extra)
+    if out is not None and not direct:
+        out[...] = dst
+        return out
+    return dst
 
 
 # -- 2D dispatch ------------------------------------------------------------------------------

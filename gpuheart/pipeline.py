@@ -72,6 +72,14 @@ class MeshConfig:
 
 
 @dataclass
+class GraphConfig:
+    """The connected vascular tree (largest 26-connected component) as a skeleton graph."""
+
+    enabled: bool = True
+    max_voxels: int = 200_000_000  # the tree's bounding box is downsampled in (y, x) to stay under this
+
+
+@dataclass
 class OutputConfig:
     write_preprocessed: bool = True
     write_mask: bool = True
@@ -96,6 +104,7 @@ class PipelineConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "PipelineConfig":
@@ -348,8 +357,61 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     if cfg.mesh.enabled and "mask" in paths:
         with timer("mesh"):
             summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
+    if cfg.graph.enabled and "mask" in paths:
+        with timer("tree graph"):
+            summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths)
     acc.save_figures(out / "figures.npz")
     return paths, summary
+
+
+def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -> dict:
+    """The largest connected vascular tree as a skeleton graph (branches CSV + GraphML).
+
+    Components are found by streamed labelling (one slab in memory); only the tree's bounding box is
+    then held, downsampled in (y, x) when it would exceed ``graph.max_voxels``.
+    """
+    from . import graph
+    from .io import open_scan
+    from .morphology import label_slabs
+
+    with open_scan(mask_path) as m:
+        def read(z0, z1):
+            return m.read_slab(m.channels[0], z0, z1) > 0
+
+        labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
+        if labels.n_components == 0:
+            return {"branches": 0, "note": "empty mask"}
+        tree = int(np.argmax(labels.sizes))
+        box = _label_bbox(labels.relabel(read), tree)
+        (z0, z1), (y0, y1), (x0, x1) = box
+        # pool each slab as it arrives, so the full-resolution box is never held
+        k = max(1, int(np.ceil(np.sqrt((z1 - z0) * (y1 - y0) * (x1 - x0) / cfg.graph.max_voxels))))
+        parts = []
+        for a, b, lab in labels.relabel(read):
+            lo, hi = max(a, z0), min(b, z1)
+            if lo < hi:
+                parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))
+        sub = np.concatenate(parts)
+    vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
+    g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(np.array([z0, y0, x0]) * vs))
+    paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
+    graph.write_branches_csv(g, paths["tree_branches"])
+    graph.write_graphml(g, paths["tree_graphml"])
+    return {**graph.summarize(g), "tree_voxels": int(labels.sizes[tree]), "components": labels.n_components,
+            "downsample_yx": k}
+
+
+def _label_bbox(slabs, label: int):
+    """((z0, z1), (y0, y1), (x0, x1)) of ``label`` over streamed label slabs."""
+    lo, hi = None, None
+    for z0, _, lab in slabs:
+        idx = np.argwhere(lab == label)
+        if len(idx):
+            idx[:, 0] += z0
+            mn, mx = idx.min(0), idx.max(0) + 1
+            lo = mn if lo is None else np.minimum(lo, mn)
+            hi = mx if hi is None else np.maximum(hi, mx)
+    return tuple(zip(lo.tolist(), hi.tolist()))
 
 
 def _write_tiffs(paths: dict, voxel) -> None:

@@ -169,3 +169,19 @@ def test_tiff_masks_on_request(tmp_path, tiny_run):
         tif = tifffile.imread(p[f"{name}_tiff"])
         with open_scan(p[name]) as z:
             np.testing.assert_array_equal(tif, z.read_slab(0, 0, z.shape[0]))
+
+
+def test_tree_graph_is_the_largest_component(tiny_run):
+    import networkx as nx
+    from scipy import ndimage as ndi
+
+    from gpuheart.io import open_scan
+
+    paths, tree = tiny_run.outputs["C00"], tiny_run.summary["C00"]["tree"]
+    with open_scan(paths["mask"]) as m:
+        lab, n = ndi.label(m.read_slab(0, 0, m.shape[0]) > 0, np.ones((3, 3, 3)))
+    assert tree["components"] == n
+    assert tree["tree_voxels"] == np.bincount(lab.ravel())[1:].max()
+    g = nx.read_graphml(paths["tree_graphml"])
+    assert g.number_of_edges() == tree["n_branches"] > 0
+    assert paths["tree_branches"].read_text().count("\n") == tree["n_branches"] + 1

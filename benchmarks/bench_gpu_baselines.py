@@ -1,0 +1,161 @@
+"""GPU baselines on one 2048 x 2048 slice already on the device: CuPy / cuCIM versus gpuheart.
+
+    python -m pytest benchmarks/bench_gpu_baselines.py --benchmark-only
+
+Every entry skips, with the reason, on a machine without CUDA (and the cuCIM ones without cuCIM).
+Inputs are the same slices the CPU benchmarks use (``bench_filters.make_slice``,
+``bench_exposure.make_slice``), copied to the device once. Each timed call ends with a stream
+synchronize, and one untimed call (plus synchronize) runs first, so kernel compilation, the memory
+pool's first allocation and queued work from a previous test are not in the numbers.
+
+Baselines (the project's issues name them): ``cupyx.scipy.ndimage.median_filter`` (3x3, 15x15; uint8,
+uint16), ``cucim.skimage.filters.median``, ``cucim.skimage.exposure.equalize_adapthist``. Ours:
+``gpuheart.filters.median`` and ``gpuheart.exposure.clahe`` on CuPy arrays (while they have no CUDA
+kernel they copy to the host and back: the numbers then measure exactly that), and the per-slice
+chain (z-normalize -> asinh -> CLAHE -> robust scale -> difference of medians -> threshold).
+
+Goals on an H100 (targets, not results): median 15x15 <= 0.5 ms, median 3x3 <= 0.05 ms,
+CLAHE <= 0.5 ms, per-slice chain <= 3 ms.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SIZES = (3, 15)
+DTYPES = ("uint8", "uint16")
+GOALS_MS = {"median 3x3": 0.05, "median 15x15": 0.5, "clahe": 0.5, "slice chain": 3.0}
+
+pytestmark = pytest.mark.gpu
+
+
+def _sibling(name: str):
+    """bench_filters / bench_exposure, loaded by path (the same input slices as the CPU benchmarks)."""
+    key = f"_gpuheart_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[key] = mod
+    return sys.modules[key]
+
+
+def _cuda_or_skip():
+    from gpuheart.backend import _cupy, cuda_available
+
+    if _cupy() is None:
+        pytest.skip("GPU baseline: CuPy is not installed (pip install 'gpuheart[cuda13]')")
+    if not cuda_available():
+        pytest.skip("GPU baseline: CuPy found no CUDA device (cupy.is_available() is False)")
+    import cupy as cp
+
+    return cp
+
+
+def _cucim_or_skip(module: str):
+    _cuda_or_skip()
+    try:
+        return __import__(f"cucim.skimage.{module}", fromlist=["_"])
+    except Exception as err:  # ImportError, or a CUDA library mismatch
+        pytest.skip(f"GPU baseline: cuCIM is not usable ({type(err).__name__}: {err})")
+
+
+def _timed_on_device(benchmark, f, *args, **kwargs):
+    """``benchmark`` a device function, synchronizing the stream after every call (and a warm-up)."""
+    import cupy as cp
+
+    stream = cp.cuda.get_current_stream()
+
+    def call():
+        r = f(*args, **kwargs)
+        stream.synchronize()
+        return r
+
+    cp.cuda.Device().synchronize()
+    call()  # compile kernels, fill the memory pool
+    return benchmark(call)
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def device_slice(request):
+    cp = _cuda_or_skip()
+    x = cp.asarray(_sibling("bench_filters").make_slice(request.param))
+    cp.cuda.Device().synchronize()
+    return x
+
+
+@pytest.fixture(scope="module")
+def device_slice_clahe():
+    cp = _cuda_or_skip()
+    x = cp.asarray(_sibling("bench_exposure").make_slice(np.uint16))
+    cp.cuda.Device().synchronize()
+    return x
+
+
+# -- median --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", SIZES)
+def test_median_cupyx(benchmark, device_slice, size):
+    from cupyx.scipy.ndimage import median_filter
+
+    benchmark.group = f"gpu median {device_slice.dtype.name} {size}x{size}"
+    _timed_on_device(benchmark, median_filter, device_slice, size=size, mode="reflect")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_median_cucim(benchmark, device_slice, size):
+    filters = _cucim_or_skip("filters")
+    import cupy as cp
+
+    benchmark.group = f"gpu median {device_slice.dtype.name} {size}x{size}"
+    footprint = cp.ones((size, size), dtype=bool)
+    _timed_on_device(benchmark, filters.median, device_slice, footprint, mode="reflect")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_median_gpuheart(benchmark, device_slice, size):
+    from gpuheart.filters import median
+
+    benchmark.group = f"gpu median {device_slice.dtype.name} {size}x{size}"
+    benchmark.extra_info["goal_ms_h100"] = GOALS_MS[f"median {size}x{size}"]
+    _timed_on_device(benchmark, median, device_slice, size)
+
+
+# -- CLAHE ----------------------------------------------------------------------------------------
+
+def test_clahe_cucim(benchmark, device_slice_clahe):
+    exposure = _cucim_or_skip("exposure")
+
+    benchmark.group = "gpu clahe uint16 2048 (kernel 32, clip 0.01)"
+    _timed_on_device(benchmark, exposure.equalize_adapthist, device_slice_clahe, kernel_size=32, clip_limit=0.01)
+
+
+def test_clahe_gpuheart(benchmark, device_slice_clahe):
+    from gpuheart.exposure import clahe
+
+    benchmark.group = "gpu clahe uint16 2048 (kernel 32, clip 0.01)"
+    benchmark.extra_info["goal_ms_h100"] = GOALS_MS["clahe"]
+    _timed_on_device(benchmark, clahe, device_slice_clahe, clip_limit=0.01, kernel_size=32)
+
+
+# -- the per-slice chain (paper steps 1, 2 and 4 on one slice) -----------------------------------
+
+def test_slice_chain_gpuheart(benchmark, device_slice_clahe):
+    from gpuheart import exposure, filters, segment
+
+    x = device_slice_clahe[None]
+    znorm = exposure.ZNorm.from_stats([exposure.slice_stats(device_slice_clahe.get(), z=0)])
+
+    def chain():
+        pre = exposure.preprocess(x, znorm, 0)
+        dom = filters.difference_of_medians(pre, 3, 15)
+        return dom[0] > segment.threshold_value(dom[0], "otsu")
+
+    benchmark.group = "gpu per-slice chain uint16 2048"
+    benchmark.extra_info["goal_ms_h100"] = GOALS_MS["slice chain"]
+    _timed_on_device(benchmark, chain)

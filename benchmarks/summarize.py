@@ -1,0 +1,304 @@
+"""Regenerate docs/benchmarks.md from every benchmarks/results/*.json.
+
+    python benchmarks/summarize.py [--results benchmarks/results] [--out docs/benchmarks.md]
+
+Knows the formats written by bench_filters.py (median), bench_exposure.py (CLAHE), bench_mesh.py,
+bench_pipeline.py (kind "pipeline") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
+device and day); other JSON files are listed by name. One section per device, newest result of each
+kind first; every table says where and when it was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+GPU_GOALS = [  # from the project's issues; targets, not results
+    ("median 15x15, one 2048x2048 slice on the device", "<= 0.5 ms", "H100"),
+    ("median 3x3, one 2048x2048 slice on the device", "<= 0.05 ms", "H100"),
+    ("CLAHE, one 2048x2048 slice on the device", "<= 0.5 ms", "H100"),
+    ("per-slice chain (preprocessing + difference of medians + threshold)", "<= 3 ms", "H100"),
+    ("full scan 2056x2048x2022 x 3 channels, end to end", "< 2 minutes", "H100"),
+]
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+def kind_of(doc: dict, path: Path) -> str:
+    if doc.get("kind") in ("pipeline", "pytest-benchmark"):
+        return doc["kind"]
+    if str(doc.get("benchmark", "")).startswith("median filter"):
+        return "median"
+    if "clahe" in doc and isinstance(doc.get("results"), dict):
+        return "clahe"
+    if "slab_size" in doc and "slabwise_s" in doc.get("results", {}):
+        return "mesh"
+    if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
+        return "pytest-benchmark-raw"
+    return "unknown"
+
+
+def device_of(doc: dict, path: Path) -> str:
+    if doc.get("device_label"):
+        return doc["device_label"]
+    gh = (doc.get("machine_info") or {}).get("gpuheart") or {}
+    if gh.get("device_label"):
+        return gh["device_label"]
+    return path.stem.split("-")[0]  # cpu-filters.json -> cpu
+
+
+def when(doc: dict) -> str:
+    d = doc.get("date") or (doc.get("datetime") or "")
+    try:
+        return datetime.fromisoformat(str(d).replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(d) or "unknown date"
+
+
+def load(results: Path) -> list[dict]:
+    out = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"skipping {path.name}: {err}", file=sys.stderr)
+            continue
+        if not isinstance(doc, dict):
+            continue
+        out.append({"path": path, "doc": doc, "kind": kind_of(doc, path), "device": device_of(doc, path),
+                    "when": when(doc)})
+    return out
+
+
+# -- formatting ----------------------------------------------------------------------------------------
+
+def ms(s) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    if s < 10:
+        return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+    return f"{s:.1f} s"
+
+
+def dur(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def machine_line(doc: dict) -> str:
+    m = doc.get("machine") or {}
+    cpu = m.get("cpu_model") or m.get("processor") or m.get("machine") or "unknown CPU"
+    bits = [f"{cpu}, {m.get('cpu_count', '?')} cores"]
+    if m.get("load_avg_1min") is not None:
+        bits.append(f"load average {m['load_avg_1min']:.1f}")
+    if (m.get("gpu") or {}).get("name"):
+        bits.insert(0, m["gpu"]["name"])
+    return "; ".join(bits)
+
+
+def src(entry) -> str:
+    return f"`benchmarks/results/{entry['path'].name}`"
+
+
+# -- sections ----------------------------------------------------------------------------------------
+
+def section_pipeline(e) -> list[str]:
+    d = e["doc"]
+    z, y, x = d["scan"]["shape_zyx"]
+    c = d["scan"]["channels"]
+    p = d["projection"]
+    mem = d["memory"]
+    out = [f"### Pipeline throughput, end to end",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Scan: {z} slices of {y}x{x} uint16 x {c} "
+           f"channels (synthetic 'large' phantom, per-slice TIFFs); device `{d['config']['device']}`, "
+           f"segmentation `{d['config']['segment_method']}`, mesh {'on' if d['config']['mesh'] else 'off'}, "
+           f"report {'on' if d['config']['report'] else 'off'}.",
+           "",
+           f"Run: **{d['total_s']:.1f} s** for {d['slice_channels']} slice-channels = "
+           f"{d['slices_per_s']:.3f} slice-channels/s ({d['seconds_per_slice_channel']:.2f} s each). "
+           f"Writing the scan (setup, not counted): {d['setup_s']:.1f} s. Dominant stage: **{d['dominant_stage']}** "
+           f"({100 * d['dominant_stage_share']:.0f}% of this run); projected to the full scan: "
+           f"**{p['dominant_stage_full_scan']}**.",
+           "",
+           "| stage | seconds | share | slice-channels/s | ms per slice-channel | projected full scan | scaled as |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for r in d["stages"]:
+        sps = f"{r['slices_per_s']:.2f}" if r.get("slices_per_s") and r["seconds"] >= 1e-3 else "-"
+        out.append(f"| {r['stage']} | {r['seconds']:.2f} | {100 * r['share']:.1f}% | {sps} | "
+                   f"{r['ms_per_slice_channel']:.0f} | {dur(r['projected_full_scan_s'])} | {r['projection_scaling']} |")
+    out += ["",
+            f"**Projection, not a measurement** - the paper's full scan, 2056x2048x2022 x 3 channels, on this "
+            f"machine: **{dur(p['by_stage_s'])}** by stage ({p['by_stage_rule']}); "
+            f"{dur(p['naive_s'])} by the naive rule ({p['naive_rule']}). The GPU goal is "
+            f"{dur(p['gpu_goal_s'])}. Projections assume per-slice costs grow with the pixel count; measure at "
+            f"2048x2048 (from smaller slices they overestimate) and with more slices when you can (the z-closing's "
+            f"edge padding and the per-channel figures are a large share of a few-slice run).",
+            "",
+            f"Peak host memory: {mem['ru_maxrss_mib']:.0f} MiB resident (ru_maxrss"
+            f"{', set during the run' if mem.get('run_set_the_peak') else ''}); "
+            + (f"{mem['tracemalloc_peak_mib']:.0f} MiB of NumPy buffers at once (tracemalloc peak)"
+               if mem.get("tracemalloc_peak_mib") is not None else "tracemalloc off")
+            + (f"; device: {', '.join(f'{k} {v:.0f}' for k, v in mem['device'].items() if isinstance(v, float))}"
+               if mem.get("device") else "") + "."]
+    for n in d.get("notes", []):
+        out.append(f"- {n}")
+    return out + [""]
+
+
+def section_median(e) -> list[str]:
+    d = e["doc"]
+    out = ["### Median filter, one 2048x2048 slice",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d.get('benchmark', '')}; "
+           f"{d.get('note', '')}.",
+           "",
+           "| dtype | window | gpuheart | scipy.ndimage | OpenCV | gpuheart speed-up vs scipy | gpuheart time / OpenCV time |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        t = r["seconds"]
+        oc = f"{r['ratio_to_opencv']:.2f}" if r.get("ratio_to_opencv") else "- (no OpenCV path)"
+        out.append(f"| {r['dtype']} | {r['size']}x{r['size']} | {ms(t.get('gpuheart'))} | {ms(t.get('scipy'))} | "
+                   f"{ms(t.get('opencv'))} | {r['speedup_vs_scipy']:.0f}x | {oc} |")
+    return out + [""]
+
+
+def section_clahe(e) -> list[str]:
+    d = e["doc"]
+    c = d["clahe"]
+    out = ["### CLAHE and slice statistics, one 2048x2048 slice",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Timing: {d.get('timing', '')}. CLAHE kernel "
+           f"{c['kernel_size']}, clip {c['clip_limit']}, {c['nbins']} bins.",
+           "",
+           "| dtype | gpuheart clahe | skimage equalize_adapthist | speed-up | max abs diff | slice_stats | np.percentile (5 q) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for dtype, r in d["results"].items():
+        out.append(f"| {dtype} | {ms(r['clahe_ours_s'])} | {ms(r['clahe_skimage_s'])} | {r['clahe_speedup']:.1f}x | "
+                   f"{r['clahe_max_abs_diff_vs_skimage']:g} | {ms(r['slice_stats_s'])} | {ms(r['np_percentile_5q_s'])} |")
+    return out + [""]
+
+
+def section_mesh(e) -> list[str]:
+    d = e["doc"]
+    r = d["results"]
+    z, y, x = d["shape"]
+    return ["### Marching cubes, slab-wise vs whole volume",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Timing: {d.get('timing', '')}. Mask {z}x{y}x{x}, "
+            f"slabs of {d['slab_size']}.",
+            "",
+            "| implementation | seconds | peak MiB |",
+            "|---|---:|---:|",
+            f"| gpuheart slab-wise | {r['slabwise_s']:.2f} | {r['slabwise_peak_mib']:.0f} |",
+            f"| skimage whole volume | {r['skimage_whole_s']:.2f} | {r['skimage_whole_peak_mib']:.0f} |",
+            "",
+            f"Time ratio slab-wise / whole: {r['slabwise_s'] / r['skimage_whole_s']:.2f}; memory ratio: "
+            f"{r['slabwise_peak_mib'] / r['skimage_whole_peak_mib']:.2f}; {r['vertices']:,} vertices, "
+            f"{r['faces']:,} faces (same counts as skimage: {r['same_counts']}).",
+            ""]
+
+
+def section_session(e) -> list[str]:
+    d = e["doc"]
+    rows = d.get("benchmarks", [])
+    best = {}
+    for b in rows:
+        g = b.get("group") or ""
+        best[g] = min(best.get(g, float("inf")), b["stats"]["median"])
+    out = ["### pytest-benchmark session",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}); seconds per call, 'vs fastest' = this "
+           f"median / the fastest median in its group.",
+           "",
+           "| group | test | min | median | rounds | vs fastest | goal |",
+           "|---|---|---:|---:|---:|---:|---|"]
+    for b in rows:
+        s, g = b["stats"], b.get("group") or ""
+        goal = (b.get("extra_info") or {}).get("goal_ms_h100")
+        out.append(f"| {g} | `{b['name']}` | {ms(s['min'])} | {ms(s['median'])} | {s['rounds']} | "
+                   f"{s['median'] / best[g]:.2f} | {f'<= {goal} ms (H100)' if goal else ''} |")
+    return out + [""]
+
+
+SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe,
+            "mesh": section_mesh, "pytest-benchmark": section_session}
+ORDER = ["pipeline", "median", "clahe", "mesh", "pytest-benchmark"]
+
+
+def render(entries: list[dict]) -> str:
+    devices = sorted({e["device"] for e in entries}, key=lambda d: (d != "cpu", d))
+    gpu_devices = [d for d in devices if d != "cpu"]
+    out = ["# Benchmarks",
+           "",
+           "<!-- generated by `python benchmarks/summarize.py` from benchmarks/results/*.json; do not edit by hand -->",
+           "",
+           "How to measure (each script writes its JSON to `benchmarks/results/`; then run "
+           "`python benchmarks/summarize.py` to rebuild this page):",
+           "",
+           "| what | command | writes |",
+           "|---|---|---|",
+           "| end-to-end pipeline | `python benchmarks/bench_pipeline.py --slices 8 --size 2048 --channels 3` | `<device>-pipeline.json` |",
+           "| median vs scipy / OpenCV | `python benchmarks/bench_filters.py` | `cpu-filters.json` |",
+           "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
+           "| marching cubes | `python benchmarks/bench_mesh.py` | `cpu-mesh.json` |",
+           "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
+           "",
+           "## GPU",
+           ""]
+    if not gpu_devices:
+        out += ["**No GPU numbers exist yet.** No GPU has been available to the sessions that measured these "
+                "results, and `gpuheart.filters.median` / `gpuheart.exposure.clahe` still filter CuPy arrays on "
+                "the host. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
+                "cuCIM CLAHE, gpuheart on CuPy arrays, the per-slice chain) are ready and skip without CUDA.",
+                ""]
+    out += ["Goals (targets from the project's issues, **not results**):", "",
+            "| what | goal | on |", "|---|---|---|"]
+    out += [f"| {w} | {g} | {dev} |" for w, g, dev in GPU_GOALS]
+    out.append("")
+    for dev in devices:
+        mine = [e for e in entries if e["device"] == dev]
+        name = next((e["doc"].get("device_name") for e in mine if e["doc"].get("device_name")), None)
+        out += [f"## {'CPU' if dev == 'cpu' else 'GPU'}: {name or dev} (`{dev}`)", ""]
+        if dev == "cpu":
+            out += ["These CPU numbers come from a 2-core shared machine that was running other work (a U-Net "
+                    "training job) at the time: the ratios were measured side by side in one process and are "
+                    "the meaningful part; absolute times hold only for \"this 2-core CPU, under load\".", ""]
+        for kind in ORDER:
+            found = sorted((e for e in mine if e["kind"] == kind), key=lambda e: e["when"], reverse=True)
+            if kind == "pytest-benchmark":
+                found = found[:1]  # the latest session per device
+            for e in found:
+                out += SECTIONS[kind](e)
+    others = [e for e in entries if e["kind"] not in SECTIONS]
+    if others:
+        out += ["## Other result files", ""] + [f"- {src(e)} ({e['kind']}, {e['when']})" for e in others] + [""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = ap.parse_args(argv)
+    entries = load(Path(args.results))
+    text = render(entries)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} from {len(entries)} result file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

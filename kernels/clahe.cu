@@ -1,0 +1,245 @@
+// CLAHE equal bit for bit to gpuheart.exposure.clahe (CPU, itself equal to skimage's
+// equalize_adapthist). Four launches per chunk of slices; slices are blockIdx.z (or .y):
+//   *_to_bins        input -> bin index through the host-built per-slice table (skimage's 14-bit
+//                    rescale and // (1 + 16384 // nbins) folded into one lookup, as on the CPU)
+//   clahe_tile_maps  one block per tile: shared-memory histogram, skimage's clip/redistribute,
+//                    cumulative map (uint16: maps are <= 16383, half the memory of int32)
+//   clahe_interp     per pixel: the float32 bilinear blend of four tile maps, truncated to a level
+//   clahe_final      level -> float32 through the host-built per-slice min/max rescale table
+// Float arithmetic uses explicit _rn intrinsics so nvcc cannot contract it into FMAs: the CPU
+// rounds after every operation. Offsets that multiply extents are 64-bit.
+
+#include <cstddef>
+
+// ---- input -> bins -------------------------------------------------------------------------------
+
+// Integer input: the table covers every value of the dtype (256 or 65536 entries per slice).
+template <typename T, typename B>
+__device__ void int_to_bins_impl(const T* __restrict__ x, B* __restrict__ bins, long long plane,
+                                 const B* __restrict__ tables, int tsize)
+{
+    const int z = blockIdx.y;
+    const B* tab = tables + (long long)z * tsize;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
+         i += (long long)gridDim.x * blockDim.x)
+        bins[(long long)z * plane + i] = tab[x[(long long)z * plane + i]];
+}
+
+// Float input (float32 or float64, the CPU's float_dtype): v = (x - shift) / div when rescale,
+// u = rint(v * 65535) clipped to [0, 65535] (img_as_uint), then the 65536-entry table.
+template <typename T> __device__ __forceinline__ T sub_rn(T a, T b);
+template <typename T> __device__ __forceinline__ T div_rn(T a, T b);
+template <typename T> __device__ __forceinline__ T mul_rn(T a, T b);
+template <> __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+template <> __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+template <> __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+template <> __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+template <> __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+template <> __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// half to even, like np.rint
+__device__ __forceinline__ float rint_t(float v) { return rintf(v); }
+__device__ __forceinline__ double rint_t(double v) { return rint(v); }
+
+template <typename T, typename B>
+__device__ void float_to_bins_impl(const T* __restrict__ x, B* __restrict__ bins, long long plane,
+                                   const T* __restrict__ shift, const T* __restrict__ div,
+                                   const int* __restrict__ rescale, const B* __restrict__ tables)
+{
+    const int z = blockIdx.y;
+    const T sh = shift[z], dv = div[z], umax = (T)65535;
+    const int rs = rescale[z];
+    const B* tab = tables + (long long)z * 65536;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
+         i += (long long)gridDim.x * blockDim.x) {
+        T v = x[(long long)z * plane + i];
+        if (rs) v = div_rn<T>(sub_rn<T>(v, sh), dv);
+        T u = rint_t(mul_rn<T>(v, umax));
+        u = u < (T)0 ? (T)0 : (u > umax ? umax : u);
+        bins[(long long)z * plane + i] = tab[(unsigned int)u];
+    }
+}
+
+#define INT_TO_BINS(SUFFIX, T, B)                                                                \
+    extern "C" __global__ void int_to_bins_##SUFFIX(const T* x, B* bins, long long plane,         \
+                                                    const B* tables, int tsize)                   \
+    { int_to_bins_impl<T, B>(x, bins, plane, tables, tsize); }
+INT_TO_BINS(u8_b8, unsigned char, unsigned char)
+INT_TO_BINS(u8_b16, unsigned char, unsigned short)
+INT_TO_BINS(u16_b8, unsigned short, unsigned char)
+INT_TO_BINS(u16_b16, unsigned short, unsigned short)
+
+#define FLOAT_TO_BINS(SUFFIX, T, B)                                                              \
+    extern "C" __global__ void float_to_bins_##SUFFIX(const T* x, B* bins, long long plane,       \
+                                                      const T* shift, const T* div,               \
+                                                      const int* rescale, const B* tables)        \
+    { float_to_bins_impl<T, B>(x, bins, plane, shift, div, rescale, tables); }
+FLOAT_TO_BINS(f32_b8, float, unsigned char)
+FLOAT_TO_BINS(f32_b16, float, unsigned short)
+FLOAT_TO_BINS(f64_b8, double, unsigned char)
+FLOAT_TO_BINS(f64_b16, double, unsigned short)
+
+// ---- per-tile clipped histograms and maps ---------------------------------------------------------
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the total.
+__device__ long long block_sum(long long v, long long* red)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();  // red may still be read by a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    long long s = 0;
+    for (int i = 0; i < nw; ++i) s += red[i];
+    return s;
+}
+
+// Grid (ntx, nty, slices); dynamic shared memory nbins ints (the caller keeps nbins <= 4096).
+// rowmap/colmap give, for each row/column a tile covers, the image row/column that skimage's
+// reflect padding puts there (np.pad of an index ramp, built on the host: exact by construction).
+// The first three loops of skimage's clip_histogram are elementwise given block-wide sums, so all
+// threads do them; its redistribution loop depends on the running excess, so thread 0 runs it
+// exactly as written (it usually ends within the first sweep: the residual excess is < nbins).
+template <typename B>
+__device__ void tile_maps_impl(const B* __restrict__ bins, int h, int w,
+                               const int* __restrict__ rowmap, const int* __restrict__ colmap,
+                               int ky, int kx, int nbins, int clim, double scale,
+                               unsigned short* __restrict__ maps)
+{
+    extern __shared__ int hist[];
+    __shared__ long long red[32];
+    const int tx = blockIdx.x, ty = blockIdx.y, z = blockIdx.z;
+    const int ntx = gridDim.x, nty = gridDim.y;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    for (int b = tid; b < nbins; b += nt) hist[b] = 0;
+    __syncthreads();
+
+    const B* img = bins + (long long)z * h * w;
+    const int npix = ky * kx;  // < 2^31, checked by the caller
+    for (int i = tid; i < npix; i += nt) {
+        int r = i / kx, c = i - r * kx;
+        int yy = rowmap[ty * ky + r], xx = colmap[tx * kx + c];
+        atomicAdd(&hist[img[(long long)yy * w + xx]], 1);
+    }
+    __syncthreads();
+
+    // clip at clim, collecting the excess
+    long long ex = 0;
+    for (int b = tid; b < nbins; b += nt)
+        if (hist[b] > clim) { ex += hist[b] - clim; hist[b] = clim; }
+    long long n_excess = block_sum(ex, red);
+    const long long bin_incr = n_excess / nbins;  // n_excess >= 0: C and Python division agree
+    const long long upper = clim - bin_incr;
+    // raise bins under `upper`, then (skimage builds this mask after the raise) top up to clim
+    // the bins in [upper, clim); count the bins still under clim
+    long long dex = 0, under = 0;
+    for (int b = tid; b < nbins; b += nt) {
+        long long v = hist[b];
+        if (v < upper) { v += bin_incr; dex -= bin_incr; }
+        if (v >= upper && v < clim) { dex += v - clim; v = clim; }
+        under += v < clim;
+        hist[b] = (int)v;
+    }
+    n_excess += block_sum(dex, red);
+    long long n_under = block_sum(under, red);
+    __syncthreads();
+
+    if (tid == 0) {
+        while (n_excess > 0) {
+            const long long prev = n_excess;
+            for (int index = 0; index < nbins; ++index) {
+                long long step = n_under / n_excess;  // n_excess > 0 here
+                if (step < 1) step = 1;
+                for (long long i = index; i < nbins; i += step) {
+                    if (hist[i] < clim) {
+                        hist[i] += 1;
+                        n_excess -= 1;
+                        if (hist[i] == clim) n_under -= 1;
+                    }
+                }
+                if (n_excess <= 0) break;
+            }
+            if (prev == n_excess) break;
+        }
+        // cumulative histogram in place (sequential: nbins adds, no rounding involved)
+        int cum = 0;
+        for (int b = 0; b < nbins; ++b) { cum += hist[b]; hist[b] = cum; }
+    }
+    __syncthreads();
+
+    unsigned short* m = maps + (((long long)z * nty + ty) * ntx + tx) * nbins;
+    for (int b = tid; b < nbins; b += nt) {
+        double v = fmin(__dmul_rn((double)hist[b], scale), 16383.0);  // float64 as on the CPU
+        m[b] = (unsigned short)(int)v;  // truncation, like np.int32(m)
+    }
+}
+
+#define TILE_MAPS(SUFFIX, B)                                                                     \
+    extern "C" __global__ void clahe_tile_maps_##SUFFIX(const B* bins, int h, int w,              \
+                                                        const int* rowmap, const int* colmap,     \
+                                                        int ky, int kx, int nbins, int clim,      \
+                                                        double scale, unsigned short* maps)       \
+    { tile_maps_impl<B>(bins, h, w, rowmap, colmap, ky, kx, nbins, clim, scale, maps); }
+TILE_MAPS(b8, unsigned char)
+TILE_MAPS(b16, unsigned short)
+
+// ---- bilinear blend --------------------------------------------------------------------------------
+
+// Grid (ceil(w / blockDim.x), ceil(h / blockDim.y), slices). Same arithmetic as the CPU's
+// _interpolate: float64 weights, each term map * weight in float64 rounded to float32, the four
+// terms summed in float32 in skimage's order, truncated to an integer level.
+template <typename B>
+__device__ void interp_impl(const B* __restrict__ bins, const unsigned short* __restrict__ maps,
+                            int h, int w, int ky, int kx, int nty, int ntx, int nbins,
+                            unsigned short* __restrict__ levels)
+{
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    const int z = blockIdx.z;
+    if (x >= w || y >= h) return;
+    const int px = x + kx / 2, bx = px / kx;
+    const double f = (double)(px % kx) / (double)kx;
+    const double i = 1.0 - f;
+    const int s0 = min(max(bx - 1, 0), ntx - 1), s1 = min(bx, ntx - 1);
+    const int py = y + ky / 2, by = py / ky;
+    const double fy = (double)(py % ky) / (double)ky;
+    const double iy = 1.0 - fy;
+    const int t0 = min(max(by - 1, 0), nty - 1), t1 = min(by, nty - 1);
+
+    const long long pix = ((long long)z * h + y) * w + x;
+    const int v = bins[pix];
+    const unsigned short* mz = maps + (long long)z * nty * ntx * nbins;
+    const double m00 = mz[((long long)t0 * ntx + s0) * nbins + v];
+    const double m01 = mz[((long long)t0 * ntx + s1) * nbins + v];
+    const double m10 = mz[((long long)t1 * ntx + s0) * nbins + v];
+    const double m11 = mz[((long long)t1 * ntx + s1) * nbins + v];
+    float r = __double2float_rn(__dmul_rn(m00, __dmul_rn(i, iy)));
+    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m01, __dmul_rn(f, iy))));
+    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m10, __dmul_rn(i, fy))));
+    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m11, __dmul_rn(f, fy))));
+    levels[pix] = (unsigned short)r;  // truncation toward zero, r >= 0
+}
+
+#define INTERP(SUFFIX, B)                                                                        \
+    extern "C" __global__ void clahe_interp_##SUFFIX(const B* bins, const unsigned short* maps,   \
+                                                     int h, int w, int ky, int kx, int nty,       \
+                                                     int ntx, int nbins, unsigned short* levels)  \
+    { interp_impl<B>(bins, maps, h, w, ky, kx, nty, ntx, nbins, levels); }
+INTERP(b8, unsigned char)
+INTERP(b16, unsigned short)
+
+// ---- final rescale ---------------------------------------------------------------------------------
+
+// Grid-stride over a slice (blockIdx.y = slice); tables hold 16384 float32 per slice. The min()
+// only guards memory: a level is a truncated blend of maps <= 16383, so it never exceeds 16383.
+extern "C" __global__ void clahe_final(const unsigned short* __restrict__ levels,
+                                       const float* __restrict__ tables, long long plane,
+                                       float* __restrict__ out)
+{
+    const int z = blockIdx.y;
+    const float* tab = tables + (long long)z * 16384;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long p = (long long)z * plane + i;
+        out[p] = tab[min((int)levels[p], 16383)];
+    }
+}

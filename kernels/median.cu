@@ -1,0 +1,267 @@
+// 2D median filters on every (y, x) slice of a (z, y, x) slab; blockIdx.z is the slice.
+//
+// Reference: gpuheart.filters.median (CPU), which equals scipy.ndimage.median_filter. Every
+// answer here is a value selected from the window (no arithmetic on values), so exactness only
+// needs the same total order and the same border values:
+//   * order: uint8/uint16 compare as unsigned; float32 compares through order-preserving uint32
+//     keys with every NaN made one canonical quiet NaN above +inf (the CPU _f32_keys), so NaN
+//     never needs a branch and -0.0 sorts just below +0.0 exactly as on the CPU;
+//   * borders: the host passes rowmap/colmap, the CPU's _index_map (NumPy's pad applied to
+//     arange, -1 = cval), and the tile loader gathers through them. That is padding fused into
+//     the load: no padded copy of the slab is written, and the filter only computes the valid
+//     region of the (virtually) padded slice.
+//
+// Two kernels, both with a block of 32 x 8 threads computing a 32 x 32 output tile (4 rows per
+// thread, so a tile's halo is loaded once for 4x the outputs of a one-row thread):
+//   median_net<T, SIZE>   SIZE 3, 5: forgetful selection (Paeth/Devillard) in registers, fully
+//                         unrolled min/max exchanges; loads each window value exactly once.
+//   median_radix<T>       any odd size (used for 7..31): bitwise radix selection of the k-th
+//                         smallest key per pixel, counting over the window from shared memory.
+//                         Passes = bit length of (window min XOR window max), so smooth regions
+//                         cost few passes; at most 8 / 16 / 32 for uint8 / uint16 / float32.
+//
+// Launch configuration (grid, block, which kernel) lives in Python next to the dispatch
+// (gpuheart.filters._cuda_plan); the tile constants below must match it.
+//
+// Compiled by NVRTC at run time with only the instantiation a call needs (name_expressions);
+// nvcc (CI: -std=c++17 --cubin) gets every instantiation from the explicit list at the end.
+
+#define GH_TILE_X 32      // output columns per block (= blockDim.x: one warp spans a tile row)
+#define GH_BLOCK_Y 8      // blockDim.y
+#define GH_ROWS 4         // output rows per thread
+#define GH_TILE_Y (GH_BLOCK_Y * GH_ROWS)
+#define GH_MAX_R 15       // size 31
+
+// Element offsets are 64-bit: a 2048 x 2048 slab of a few hundred slices passes 2**31 elements.
+// (Not size_t: NVRTC compiles this without any header.)
+typedef unsigned long long gh_index;
+
+__device__ __forceinline__ unsigned int gh_min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+__device__ __forceinline__ unsigned int gh_max(unsigned int a, unsigned int b) { return a < b ? b : a; }
+
+// Per dtype: S is the shared-memory storage of a key (keeping uint8/uint16 narrow quarters /
+// halves the tile, so more blocks fit per SM), bits_of/key/value convert raw element <-> key.
+template <typename T> struct MedianTraits;
+
+template <> struct MedianTraits<unsigned char> {
+    typedef unsigned char S;
+    __device__ static unsigned int bits_of(unsigned char v) { return v; }
+    __device__ static unsigned int key(unsigned int b) { return b & 0xFFu; }
+    __device__ static unsigned char value(unsigned int k) { return (unsigned char)k; }
+};
+
+template <> struct MedianTraits<unsigned short> {
+    typedef unsigned short S;
+    __device__ static unsigned int bits_of(unsigned short v) { return v; }
+    __device__ static unsigned int key(unsigned int b) { return b & 0xFFFFu; }
+    __device__ static unsigned short value(unsigned int k) { return (unsigned short)k; }
+};
+
+template <> struct MedianTraits<float> {
+    typedef unsigned int S;
+    __device__ static unsigned int bits_of(float v) { return __float_as_uint(v); }
+    __device__ static unsigned int key(unsigned int b) {
+        // Any NaN (either sign, any payload) becomes the canonical +qNaN the CPU uses, whose key
+        // is above +inf's. Negative floats reverse their order under ~, positives sit above.
+        if ((b & 0x7FFFFFFFu) > 0x7F800000u) b = 0x7FC00000u;
+        return (b >> 31) ? ~b : (b | 0x80000000u);
+    }
+    __device__ static float value(unsigned int k) {
+        return __uint_as_float((k >> 31) ? (k & 0x7FFFFFFFu) : ~k);
+    }
+};
+
+// Fill the (TILE_Y + 2r) x (TILE_X + 2r) key tile of this block from the virtually padded slice.
+// Consecutive threads take consecutive columns, so the global reads of a warp are coalesced
+// (colmap is the identity away from the left/right borders) and the shared stores conflict-free.
+template <typename T>
+__device__ __forceinline__ void gh_load_tile(typename MedianTraits<T>::S* tile, int TH, int TW,
+                                             const T* __restrict__ src, const int* __restrict__ rowmap,
+                                             const int* __restrict__ colmap, int H, int W, int r,
+                                             unsigned int cval_bits, gh_index zoff) {
+    typedef MedianTraits<T> Tr;
+    const int Hp = H + 2 * r, Wp = W + 2 * r;
+    const int y0 = blockIdx.y * GH_TILE_Y, x0 = blockIdx.x * GH_TILE_X;
+    const unsigned int ckey = Tr::key(cval_bits);
+    const int nthreads = blockDim.x * blockDim.y;
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < TH * TW; i += nthreads) {
+        const int ty = i / TW, tx = i - ty * TW;
+        const int py = y0 + ty, px = x0 + tx;
+        unsigned int k = 0;  // beyond the padded slice: feeds only outputs that are never written
+        if (py < Hp && px < Wp) {
+            const int sy = rowmap[py], sx = colmap[px];
+            k = (sy < 0 || sx < 0) ? ckey
+                                   : Tr::key(Tr::bits_of(src[zoff + (gh_index)sy * (gh_index)W + (gh_index)sx]));
+        }
+        tile[i] = (typename Tr::S)k;
+    }
+}
+
+// sort2: a <= b afterwards (two IMNMX, no branch).
+__device__ __forceinline__ void gh_sort2(unsigned int& a, unsigned int& b) {
+    const unsigned int lo = gh_min(a, b);
+    b = gh_max(a, b);
+    a = lo;
+}
+
+// Move the minimum of v[LO..HI] to v[LO] and the maximum to v[HI] (a permutation otherwise).
+// All indices are compile-time after unrolling, so v stays in registers.
+template <int LO, int HI, int M>
+__device__ __forceinline__ void gh_minmax(unsigned int (&v)[M]) {
+    gh_sort2(v[LO], v[HI]);
+#pragma unroll
+    for (int i = LO + 1; i < HI; ++i) {
+        gh_sort2(v[LO], v[i]);
+        gh_sort2(v[i], v[HI]);
+    }
+}
+
+// Forgetful selection of the median of the SIZE x SIZE window whose top-left key is w[0].
+// With n = 2k + 1 values, hold m = k + 2 of them: the minimum of any k + 2 values has k + 1
+// values at or above it, so it ranks below k and can be forgotten, and symmetrically the
+// maximum; each step drops both and takes one new value. After n - m steps three values remain
+// (v[k-1..k+1]) and their middle is the median. Ties are harmless: only values are returned.
+template <int STEP, int K, int M, int SIZE, typename S>
+__device__ __forceinline__ void gh_forget(unsigned int (&v)[M], const S* w, int pitch) {
+    if constexpr (STEP == K - 1) {  // all n values consumed; three remain
+        gh_minmax<K - 1, K + 1, M>(v);
+    } else {  // live set is v[STEP .. M-1]
+        gh_minmax<STEP, M - 1, M>(v);
+        constexpr int i = M + STEP;  // next window value, row-major
+        v[M - 1] = w[(i / SIZE) * pitch + (i % SIZE)];
+        gh_forget<STEP + 1, K, M, SIZE, S>(v, w, pitch);
+    }
+}
+
+template <int SIZE, typename S>
+__device__ __forceinline__ unsigned int gh_forgetful_median(const S* w, int pitch) {
+    constexpr int N = SIZE * SIZE, K = N / 2, M = K + 2;
+    unsigned int v[M];
+#pragma unroll
+    for (int i = 0; i < M; ++i) v[i] = w[(i / SIZE) * pitch + (i % SIZE)];
+    gh_forget<0, K, M, SIZE>(v, w, pitch);
+    return v[K];
+}
+
+template <typename T, int SIZE>
+__global__ void __launch_bounds__(GH_TILE_X * GH_BLOCK_Y)
+median_net(const T* __restrict__ src, T* __restrict__ dst, const int* __restrict__ rowmap,
+           const int* __restrict__ colmap, int H, int W, unsigned int cval_bits) {
+    typedef MedianTraits<T> Tr;
+    typedef typename Tr::S S;
+    constexpr int R = SIZE / 2, TH = GH_TILE_Y + 2 * R, TW = GH_TILE_X + 2 * R;
+    __shared__ S tile[TH * TW];  // <= 36 x 36 x 4 B
+    const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
+    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, R, cval_bits, zoff);
+    __syncthreads();  // the only barrier: threads may leave below
+    const int x = blockIdx.x * GH_TILE_X + threadIdx.x;
+    const int ty = threadIdx.y * GH_ROWS;
+    if (x >= W) return;
+    // A warp reads 32 consecutive keys of one tile row per load: conflict-free for every S.
+#pragma unroll 1
+    for (int q = 0; q < GH_ROWS; ++q) {
+        const int y = blockIdx.y * GH_TILE_Y + ty + q;
+        if (y >= H) break;
+        const unsigned int k = gh_forgetful_median<SIZE>(tile + (ty + q) * TW + threadIdx.x, TW);
+        dst[zoff + (gh_index)y * (gh_index)W + (gh_index)x] = Tr::value(k);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(GH_TILE_X * GH_BLOCK_Y)
+median_radix(const T* __restrict__ src, T* __restrict__ dst, const int* __restrict__ rowmap,
+             const int* __restrict__ colmap, int H, int W, unsigned int cval_bits, int size) {
+    typedef MedianTraits<T> Tr;
+    typedef typename Tr::S S;
+    // Sized for size 31 whatever the call: at most 62 x 62 x 4 B = 15.4 KB (float32), under the
+    // 48 KB static limit, and 8 resident blocks (2048 threads / 256) still fit an SM's shared
+    // memory, so the unused part costs no occupancy.
+    __shared__ S tile[(GH_TILE_Y + 2 * GH_MAX_R) * (GH_TILE_X + 2 * GH_MAX_R)];
+    const int r = size / 2, TH = GH_TILE_Y + 2 * r, TW = GH_TILE_X + 2 * r;
+    const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
+    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff);
+    __syncthreads();  // the only barrier: threads may leave below
+    const int x = blockIdx.x * GH_TILE_X + threadIdx.x;
+    const int ty = threadIdx.y * GH_ROWS;
+    const int y0 = blockIdx.y * GH_TILE_Y + ty;
+    if (x >= W || y0 >= H) return;
+
+    // The GH_ROWS windows of this thread are stacked: output q uses rows q .. q+size-1 of the
+    // span of size + GH_ROWS - 1 rows, so each key is read once per pass for all of them. j is
+    // the same across a warp, so the row guards are uniform (no divergence).
+    const S* col = tile + ty * TW + threadIdx.x;
+    const int span = size + GH_ROWS - 1;
+    const int kth = (size * size) / 2;
+
+    unsigned int lo[GH_ROWS], hi[GH_ROWS];
+#pragma unroll
+    for (int q = 0; q < GH_ROWS; ++q) { lo[q] = 0xFFFFFFFFu; hi[q] = 0u; }
+    for (int j = 0; j < span; ++j) {
+        const S* row = col + j * TW;
+        for (int dx = 0; dx < size; ++dx) {
+            const unsigned int v = row[dx];
+#pragma unroll
+            for (int q = 0; q < GH_ROWS; ++q)
+                if ((unsigned int)(j - q) < (unsigned int)size) { lo[q] = gh_min(lo[q], v); hi[q] = gh_max(hi[q], v); }
+        }
+    }
+
+    // The median lies in [lo, hi], and every key there shares the bits of lo above the highest
+    // bit where lo and hi differ: only the bits below need a counting pass. One bit count for
+    // all GH_ROWS outputs keeps the pass loop uniform; below any output's own count it is still
+    // exact (the range [base, base + 2**nbits) still holds [lo, hi] and starts at count 0).
+    int nbits = 0;
+#pragma unroll
+    for (int q = 0; q < GH_ROWS; ++q) {
+        const unsigned int d = lo[q] ^ hi[q];
+        const int L = d ? 32 - __clz((int)d) : 0;
+        nbits = L > nbits ? L : nbits;
+    }
+    const unsigned int low = nbits >= 32 ? 0xFFFFFFFFu : ((1u << nbits) - 1u);
+    unsigned int ans[GH_ROWS];
+#pragma unroll
+    for (int q = 0; q < GH_ROWS; ++q) ans[q] = lo[q] & ~low;
+
+    // Greedy MSB-first search for the largest t with #{v < t} <= kth, which is the kth smallest
+    // (0-based) value: #{v < median} <= kth < #{v <= median}.
+    for (int b = nbits - 1; b >= 0; --b) {
+        unsigned int t[GH_ROWS];
+        int cnt[GH_ROWS];
+#pragma unroll
+        for (int q = 0; q < GH_ROWS; ++q) { t[q] = ans[q] | (1u << b); cnt[q] = 0; }
+        for (int j = 0; j < span; ++j) {
+            const S* row = col + j * TW;
+            for (int dx = 0; dx < size; ++dx) {
+                const unsigned int v = row[dx];
+#pragma unroll
+                for (int q = 0; q < GH_ROWS; ++q)
+                    if ((unsigned int)(j - q) < (unsigned int)size) cnt[q] += (v < t[q]) ? 1 : 0;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < GH_ROWS; ++q)
+            if (cnt[q] <= kth) ans[q] = t[q];
+    }
+
+#pragma unroll
+    for (int q = 0; q < GH_ROWS; ++q) {
+        const int y = y0 + q;
+        if (y < H) dst[zoff + (gh_index)y * (gh_index)W + (gh_index)x] = Tr::value(ans[q]);
+    }
+}
+
+#ifndef __CUDACC_RTC__
+// nvcc builds (CI's --cubin check, the host emulator in tests): instantiate everything the
+// dispatch can ask for. NVRTC compiles only the name_expressions it is given instead.
+#define GH_ARGS(T) const T* __restrict__, T* __restrict__, const int* __restrict__, const int* __restrict__, int, int, unsigned int
+template __global__ void median_net<unsigned char, 3>(GH_ARGS(unsigned char));
+template __global__ void median_net<unsigned char, 5>(GH_ARGS(unsigned char));
+template __global__ void median_net<unsigned short, 3>(GH_ARGS(unsigned short));
+template __global__ void median_net<unsigned short, 5>(GH_ARGS(unsigned short));
+template __global__ void median_net<float, 3>(GH_ARGS(float));
+template __global__ void median_net<float, 5>(GH_ARGS(float));
+template __global__ void median_radix<unsigned char>(GH_ARGS(unsigned char), int);
+template __global__ void median_radix<unsigned short>(GH_ARGS(unsigned short), int);
+template __global__ void median_radix<float>(GH_ARGS(float), int);
+#undef GH_ARGS
+#endif
