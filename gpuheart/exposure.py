@@ -554,6 +554,230 @@ def _interpolate(bins, maps, ky, kx, out):
             out[y, x] = np.uint16(r)
 
 
+# -- CUDA paths (CuPy input) ------------------------------------------------------------------------
+#
+# Each returns a CuPy array equal to the CPU result (CLAHE, robust scaling: bit for bit; the fused
+# z-normalize + asinh: bit for bit up to asinh, then within ASINH_MAX_ULP), or None when its kernels
+# do not cover the input (odd dtypes, huge bin counts), in which case the caller takes the host
+# path. Launch configuration lives here, next to the dispatch (shared/DESIGN.md, Kernels).
+
+ASINH_MAX_ULP = 2  # GPU asinh (double, rounded once) vs NumPy's float32 arcsinh (not correctly rounded)
+_CLAHE_MAX_BINS = 4096  # tile histogram in shared memory: 16 KB of int32 under the 48 KB default
+_CLAHE_CHUNK_BYTES = 256 << 20  # bins + levels + maps of the slices processed per launch
+_CLAHE_ENTRIES = ("int_to_bins_u8_b8", "int_to_bins_u8_b16", "int_to_bins_u16_b8", "int_to_bins_u16_b16",
+                  "float_to_bins_f32_b8", "float_to_bins_f32_b16", "float_to_bins_f64_b8",
+                  "float_to_bins_f64_b16", "clahe_tile_maps_b8", "clahe_tile_maps_b16",
+                  "clahe_interp_b8", "clahe_interp_b16", "clahe_final")
+_ELEMENTWISE_ENTRIES = ("znorm_asinh_u8", "znorm_asinh_u16", "znorm_asinh_i16", "znorm_asinh_i32",
+                        "znorm_asinh_f32", "znorm_asinh_f64", "robust_scale_f32")
+KERNEL_ENTRIES = {"clahe.cu": _CLAHE_ENTRIES, "elementwise.cu": _ELEMENTWISE_ENTRIES}
+_ZNORM_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.int16): "i16",
+                 np.dtype(np.int32): "i32", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_warned: set[str] = set()
+
+
+def _try_cuda(what: str, fn, *args):
+    """``fn(*args)``; a ValueError (bad input) propagates, any other failure (NVRTC compile error,
+    launch failure, out of memory) warns once per operation and returns None (host path)."""
+    try:
+        return fn(*args)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any CUDA failure must degrade to the host path
+        if what not in _warned:
+            _warned.add(what)
+            warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
+                          "using the host path from now on for such calls", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _grid_stride(plane: int, nslices: int, threads: int = 256) -> tuple[tuple[int, int], tuple[int]]:
+    """Grid for the (slice = blockIdx.y, grid-stride over the slice) kernels."""
+    return (max(1, min(-(-plane // threads), 2048)), nslices), (threads,)
+
+
+def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int):
+    import cupy as cp
+
+    dt = x.dtype
+    if dt.kind == "f":
+        float_dtype = np.float32 if dt.itemsize <= 4 else np.float64
+        suffix = "f32" if float_dtype is np.float32 else "f64"
+    elif dt in (np.uint8, np.uint16):
+        float_dtype, suffix = np.float64, "u8" if dt == np.uint8 else "u16"
+    else:
+        return None  # bool / other integers: skimage's img_as_uint first, on the host
+    ky, kx = ks
+    x3 = x[None] if x.ndim == 2 else x
+    nz, h, w = x3.shape
+    nty, ntx = -(-h // ky), -(-w // kx)
+    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > 65535 or ntx >= 2**31:
+        return None
+    bin_dtype = np.uint8 if nbins <= 256 else np.uint16
+    bsuf = "b8" if bin_dtype is np.uint8 else "b16"
+    x3 = cp.ascontiguousarray(x3.astype(float_dtype, copy=False) if dt.kind == "f" else x3)
+    flat = x3.reshape(nz, -1)
+    if dt.kind == "f":
+        bad = cp.asnumpy(~cp.isfinite(flat).all(axis=1))
+        if bad.any():  # the CPU raises on the first such slice, with its count
+            i = int(np.flatnonzero(bad)[0])
+            n = int(cp.count_nonzero(~cp.isfinite(flat[i])))
+            raise ValueError(f"clahe: input has {n} NaN/Inf pixels")
+    lo_all, hi_all = cp.asnumpy(flat.min(axis=1)), cp.asnumpy(flat.max(axis=1))
+
+    mod = load_module("clahe.cu")
+    to_bins = mod.get_function(f"{'float' if dt.kind == 'f' else 'int'}_to_bins_{suffix}_{bsuf}")
+    tile_maps = mod.get_function(f"clahe_tile_maps_{bsuf}")
+    interp = mod.get_function(f"clahe_interp_{bsuf}")
+    final = mod.get_function("clahe_final")
+    rowmap = cp.asarray(_reflect_index(h, ky, nty))
+    colmap = cp.asarray(_reflect_index(w, kx, ntx))
+    n_pix = ky * kx
+    clim = int(np.clip(clip_limit * n_pix, 1, None)) if clip_limit > 0.0 else n_pix
+    scale = np.float64((NR_OF_GRAY - 1 - 0) / n_pix)
+    plane = h * w
+    per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + 65536 * 2
+    chunk = int(max(1, min(nz, 65535, _CLAHE_CHUNK_BYTES // per_slice)))
+    out = cp.empty((nz, h, w), cp.float32)
+    bin_tables: dict = {}
+    final_tables: dict = {}
+    for c0 in range(0, nz, chunk):
+        c1 = min(nz, c0 + chunk)
+        nc = c1 - c0
+        src = x3[c0:c1]
+        bins = cp.empty((nc, h, w), bin_dtype)
+        grid, block = _grid_stride(plane, nc)
+        # per-slice lookup tables, built on the host by the CPU path's own functions
+        if dt.kind == "f":
+            params = []
+            for z in range(c0, c1):
+                key = (float(lo_all[z]), float(hi_all[z]))
+                if key not in bin_tables:
+                    bin_tables[key] = _float_bin_params(*key, float_dtype, nbins, bin_dtype)
+                params.append(bin_tables[key])
+            shift = cp.asarray(np.array([p[0] for p in params], float_dtype))
+            div = cp.asarray(np.array([p[1] for p in params], float_dtype))
+            rescale = cp.asarray(np.array([int(p[1] != 1 or p[0] != 0) for p in params], np.int32))
+            tables = cp.asarray(np.stack([p[2] for p in params]))
+            to_bins(grid, block, (src, bins, np.int64(plane), shift, div, rescale, tables))
+        else:
+            tabs = []
+            for z in range(c0, c1):
+                key = (lo_all[z].item(), hi_all[z].item())
+                if key not in bin_tables:
+                    bin_tables[key] = _int_bin_table(lo_all[z], hi_all[z], dt, nbins, bin_dtype)
+                tabs.append(bin_tables[key])
+            tables = cp.asarray(np.stack(tabs))
+            to_bins(grid, block, (src, bins, np.int64(plane), tables, np.int32(tables.shape[1])))
+        maps = cp.empty((nc, nty, ntx, nbins), cp.uint16)
+        tile_maps((ntx, nty, nc), (256,), (bins, np.int32(h), np.int32(w), rowmap, colmap, np.int32(ky),
+                                           np.int32(kx), np.int32(nbins), np.int32(clim), scale, maps),
+                  shared_mem=4 * nbins)
+        levels = cp.empty((nc, h, w), cp.uint16)
+        interp((-(-w // 32), -(-h // 8), nc), (32, 8),
+               (bins, maps, np.int32(h), np.int32(w), np.int32(ky), np.int32(kx), np.int32(nty),
+                np.int32(ntx), np.int32(nbins), levels))
+        del maps, bins
+        lflat = levels.reshape(nc, -1)
+        lmin, lmax = cp.asnumpy(lflat.min(axis=1)), cp.asnumpy(lflat.max(axis=1))
+        ftabs = []
+        for a, b in zip(lmin, lmax):
+            key = (float(a), float(b))
+            if key not in final_tables:
+                final_tables[key] = _final_table(*key, float_dtype)
+            ftabs.append(final_tables[key])
+        final(grid, block, (levels, cp.asarray(np.stack(ftabs)), np.int64(plane), out[c0:c1]))
+    return out[0] if x.ndim == 2 else out
+
+
+def _linear_percentile_plan(n: int, q):
+    """NumPy's ``percentile(..., method="linear")`` on n values: (lower index, upper index, gamma).
+
+    Mirrors numpy's _quantile: virtual index ``(n - 1) * (q / 100)`` in float64, its floor and the
+    next index clipped to the array, gamma the fractional part.
+    """
+    qs = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    v = (n - 1) * qs
+    prev = np.floor(v)
+    gamma = v - prev
+    lo = np.clip(prev, 0, n - 1).astype(np.int64)
+    hi = np.clip(prev + 1, 0, n - 1).astype(np.int64)
+    return lo, hi, gamma
+
+
+def _lerp_like_numpy(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """numpy's _lerp: ``b - a`` in the data's dtype, the interpolation in float64 (gamma's dtype),
+    from the upper neighbour when gamma >= 0.5."""
+    diff = b - a
+    out = a + diff * gamma
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), out)
+
+
+def _robust_scale_cuda(x, low: float, high: float):
+    import cupy as cp
+
+    x3 = x[None] if x.ndim == 2 else x
+    nz = x3.shape[0]
+    s = cp.ascontiguousarray(x3.astype(cp.float32, copy=False))  # as the CPU: float32 first
+    flat = s.reshape(nz, -1)
+    bad = cp.asnumpy(~cp.isfinite(flat).all(axis=1))
+    if bad.any():
+        raise ValueError(f"robust_scale: slice {int(np.flatnonzero(bad)[0])} has NaN/Inf pixels")
+    n = flat.shape[1]
+    lo_i, hi_i, gamma = _linear_percentile_plan(n, [low, high])
+    # NumPy's percentile, exactly: the two order statistics per quantile from a device sort, the
+    # interpolation on the host in NumPy's own dtypes and order (cupy.percentile rounds differently)
+    srt = cp.sort(flat, axis=1)
+    a = cp.asnumpy(srt[:, cp.asarray(lo_i)])
+    b = cp.asnumpy(srt[:, cp.asarray(hi_i)])
+    del srt
+    p = _lerp_like_numpy(a, b, gamma[None, :])
+    los = np.zeros(nz, np.float32)
+    ks = np.zeros(nz, np.float32)
+    valid = np.zeros(nz, np.int32)
+    for i in range(nz):
+        lo, hi = float(p[i, 0]), float(p[i, 1])
+        if hi > lo:
+            los[i], ks[i], valid[i] = np.float32(lo), np.float32(255.0 / (hi - lo)), 1
+    out = cp.empty(s.shape, cp.uint8)
+    grid, block = _grid_stride(n, nz)
+    load_module("elementwise.cu").get_function("robust_scale_f32")(
+        grid, block, (s, out, np.int64(n), cp.asarray(los), cp.asarray(ks), cp.asarray(valid)))
+    return out[0] if x.ndim == 2 else out
+
+
+def _znorm_asinh_cuda(slab, znorm: "ZNorm", z0: int, normalize: bool, scale: float, do_asinh: bool = True):
+    """Fused ``asinh_stretch(ZNorm.apply(slab, z0) - B, scale)`` (or ``slab.astype(float32) - B``
+    without ``normalize``); None for what the CPU chain would reject or the kernels do not cover."""
+    import cupy as cp
+
+    suffix = _ZNORM_SUFFIX.get(np.dtype(slab.dtype))
+    if suffix is None or slab.ndim not in (2, 3) or slab.size == 0:
+        return None
+    if not (np.isfinite(scale) and scale > 0):
+        return None
+    x3 = slab[None] if slab.ndim == 2 else slab
+    nz = x3.shape[0]
+    if nz > 65535 or (normalize and not (0 <= z0 and z0 + nz <= znorm.nz)):
+        return None
+    sl = slice(z0, z0 + nz)
+    if normalize:
+        b = cp.asarray(znorm.background_z[sl].astype(np.float32))
+        g = cp.asarray(znorm.gain[sl].astype(np.float32))
+    else:
+        b = g = cp.zeros(nz, cp.float32)
+    x3 = cp.ascontiguousarray(x3)
+    plane = x3[0].size
+    out = cp.empty(x3.shape, cp.float32)
+    grid, block = _grid_stride(plane, nz)
+    load_module("elementwise.cu").get_function(f"znorm_asinh_{suffix}")(
+        grid, block, (x3, out, np.int64(plane), b, g, np.float32(znorm.background), np.float32(scale),
+                      np.int32(normalize), np.int32(do_asinh)))
+    if normalize and slab.dtype.kind == "f" and not bool(cp.isfinite(out).all()):
+        return None  # the plain chain raises (NaN/Inf input) or handles the overflow exactly
+    return out[0] if slab.ndim == 2 else out
+
+
 # -- the whole chain ------------------------------------------------------------------------------
 
 @dataclass
@@ -587,6 +811,20 @@ def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = N
     on exactly what it sees at inference.
     """
     cfg = cfg or ExposureConfig()
+    if is_device_array(slab):
+        scale = cfg.asinh_scale or znorm.scale or 1.0
+        if keep_normalized is not None:
+            keep_normalized(znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32))
+        with timer("z-normalize + asinh"):  # one fused kernel
+            stretched = _try_cuda("z-normalize + asinh", _znorm_asinh_cuda, slab, znorm, z0,
+                                  cfg.normalize, scale)
+        if stretched is not None:
+            with timer("clahe"):
+                eq = clahe(stretched, clip_limit=cfg.clip_limit, kernel_size=cfg.kernel_size) \
+                    if cfg.clahe else stretched
+            with timer("robust scale"):
+                return robust_scale(eq, cfg.robust_low, cfg.robust_high)
+        keep_normalized = None  # already called
     with timer("z-normalize"):
         norm = znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32)
     if keep_normalized is not None:
