@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="score CHANNEL's mask against MASK (repeatable)")
     r.add_argument("--phantom-preset", default="default", choices=["tiny", "default", "large"],
                    help="size of the built-in synthetic scan when no INPUT is given (default: %(default)s)")
+    r.add_argument("--restart", action="store_true",
+                   help="ignore the checkpoints of an earlier, interrupted run into OUT and start over")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ph = sub.add_parser("phantom", help="write a synthetic scan as a per-slice TIFF folder",
@@ -126,10 +128,11 @@ def _cmd_run(a) -> int:
     truth = {c: m for c, m in a.truth} if a.truth else None
     inputs = _expand_inputs(a.input)
     if len(inputs) <= 1:
-        result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth, phantom_preset=a.phantom_preset)
+        result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth, phantom_preset=a.phantom_preset,
+                                   resume=not a.restart)
         _print_run(result)
         return EXIT_OK
-    return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth)
+    return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth, resume=not a.restart)
 
 
 def _expand_inputs(args: list[str]) -> list[str]:
@@ -148,14 +151,14 @@ def _expand_inputs(args: list[str]) -> list[str]:
     return out
 
 
-def _run_batch(pipeline, inputs: list[str], out: Path, truth) -> int:
+def _run_batch(pipeline, inputs: list[str], out: Path, truth, resume: bool = True) -> int:
     """Every scan into OUT/<name>/; a failing scan is reported and skipped, the exit code counts failures."""
     names = _unique_names(inputs)
     failed = []
     for src, name in zip(inputs, names):
         print(f"gpuheart: [{names.index(name) + 1}/{len(inputs)}] {src}")
         try:
-            _print_run(pipeline.run(src, out / name, truth=truth))
+            _print_run(pipeline.run(src, out / name, truth=truth, resume=resume))
         except (ValueError, OSError, RuntimeError) as err:
             failed.append((src, str(err)))
             print(f"gpuheart: error: {err}", file=sys.stderr)
@@ -181,6 +184,8 @@ def _unique_names(inputs: list[str]) -> list[str]:
 def _print_run(result) -> None:
     total = sum(result.timings.values())
     print(f"gpuheart: wrote {result.out_dir} in {total:.1f} s on {result.summary['device']}")
+    for channel, z in result.resumed.items():
+        print(f"  {channel}: resumed an interrupted run at slice {z} of {result.summary[channel]['slices']}")
     for channel, paths in result.outputs.items():
         s = result.summary[channel]
         line = f"  {channel}: CV of slice means {s['detrended_cv_raw']:.3f} -> {s['detrended_cv_normalized']:.3f}"

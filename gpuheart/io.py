@@ -738,7 +738,10 @@ class ZarrWriter:
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
-                 voxel_size: Sequence[float] | None = None, name: str | None = None):
+                 voxel_size: Sequence[float] | None = None, name: str | None = None, resume_slices: int = 0):
+        """``resume_slices=n`` reopens the partial store an interrupted run left and counts slices
+        ``[0, n)`` as written (the caller's checkpoint vouches for them); without a matching partial
+        store it starts afresh from slice 0 and ``resumed`` is 0."""
         import numcodecs
         import zarr
 
@@ -760,6 +763,9 @@ class ZarrWriter:
         self._closed = False
         if not self.path.parent.is_dir():
             raise ScanError(f"{self.path}: parent folder {self.path.parent} does not exist")
+        self.resumed = self._reopen(resume_slices) if resume_slices > 0 else 0
+        if self.resumed:
+            return
         _remove(self.partial)  # left by an earlier crash
         compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
         try:
@@ -782,6 +788,20 @@ class ZarrWriter:
         except Exception as err:
             _remove(self.partial)
             raise ScanError(f"{self.path}: cannot create zarr store ({err})") from err
+
+    def _reopen(self, n: int) -> int:
+        """Slices already written by an interrupted run (``n``) if its partial store matches, else 0."""
+        import zarr
+
+        try:
+            arr = zarr.open_group(store=str(self.partial), mode="r+")["0"]
+        except Exception:
+            return 0
+        if tuple(arr.shape) != self.shape or np.dtype(arr.dtype) != self.dtype or tuple(arr.chunks) != self.chunks:
+            return 0
+        self.arr = arr
+        self._written[:n] = True
+        return n
 
     def write(self, z0: int, data) -> None:
         """Write ``data`` ((z, y, x), or one (y, x) slice) into slices ``[z0, z0 + len(data))``."""
@@ -828,7 +848,9 @@ class ZarrWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._closed = True  # keep the .partial store: a resumed run continues from it
+        elif exc_type is not None:
             self.abort()
         else:
             self.close()

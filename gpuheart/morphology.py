@@ -24,6 +24,7 @@ e.g. ``functools.partial(scan.read_slab, channel)`` or a zarr/NumPy slice.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -31,6 +32,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from .backend import is_device_array, load_module, to_device, to_host
 
 ReadSlab = Callable[[int, int], np.ndarray]
 
@@ -69,6 +72,9 @@ def close_z(mask: np.ndarray, size: int = 5, iterations: int = 5, *,
     """
     size = _check_odd("size", size)
     r = 2 * (size // 2) * iterations
+    if is_device_array(mask):
+        return _on_device("close_z", _close_z_cuda, mask, (size // 2) * iterations, z_edges,
+                          lambda m: close_z(m, size, iterations, z_edges=z_edges))
     if r == 0 or mask.size == 0:
         return np.asarray(mask, dtype=bool).copy()
     structure = np.ones((size, 1, 1), dtype=bool)
@@ -80,6 +86,9 @@ def close_3d(mask: np.ndarray, size: int = 3, *,
     """One closing with a ``size``-cube; out-of-volume voxels replicate the nearest voxel."""
     size = _check_odd("size", size)
     r = 2 * (size // 2)
+    if is_device_array(mask):
+        return _on_device("close_3d", _close_cube_cuda, mask, size // 2, z_edges,
+                          lambda m: close_3d(m, size, z_edges=z_edges))
     if r == 0 or mask.size == 0:
         return np.asarray(mask, dtype=bool).copy()
     structure = np.ones((size,) * 3, dtype=bool)
@@ -91,6 +100,81 @@ def postprocess(mask: np.ndarray, z_size: int = 5, z_iterations: int = 5, size3d
     """The paper's post-processing: :func:`close_z` then :func:`close_3d` (whole-array reference)."""
     out = close_z(mask, z_size, z_iterations, z_edges=z_edges)
     return close_3d(out, size3d, z_edges=z_edges)
+
+
+# -- CUDA paths (CuPy masks): kernels/morphology.cu, equal voxel for voxel to the closings above ------
+
+MORPHOLOGY_ENTRIES = ("close_z_line", "close_cube")
+_CUBE_TILE = (4, 8, 32)  # CUBE_TZ, CUBE_TY, CUBE_TX in kernels/morphology.cu
+_SHARED_LIMIT = 48 * 1024  # the default per-block limit; larger cubes run on the host
+_warned: set[str] = set()
+
+
+def _on_device(what: str, fn, mask, h: int, z_edges, host):
+    """CuPy in, CuPy out: the kernel when it covers the call, else the host reference (a one-time
+    warning when the kernel failed rather than being out of scope)."""
+    out = None
+    if h >= 0 and mask.ndim == 3:
+        if h == 0 or mask.size == 0:
+            return mask.astype(bool, copy=True)
+        try:
+            out = fn(mask, h, z_edges)
+        except Exception as err:  # noqa: BLE001 - compile/launch failure: degrade to the host path
+            if what not in _warned:
+                _warned.add(what)
+                warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
+                              "using the host path", RuntimeWarning, stacklevel=3)
+    if out is None:  # also where the CPU reference raises (bad shape, negative iterations)
+        out = to_device(host(to_host(mask)), "cuda")
+    return out
+
+
+def _as_u8(mask):
+    import cupy as cp
+
+    return cp.ascontiguousarray(mask.astype(cp.bool_, copy=False)).view(cp.uint8)
+
+
+def _close_z_cuda(mask, radius: int, z_edges):
+    """One pass of radius ``iterations * (size // 2)``: scipy's iterated line dilations (erosions)
+    with a zero border equal one longer line on an interval (tests/test_kernels_morphology.py)."""
+    import cupy as cp
+
+    m = _as_u8(mask)
+    nz, ny, nx = m.shape
+    if nz + 4 * radius >= 2**30:
+        return None
+    out = cp.empty(m.shape, cp.bool_)
+    plane = ny * nx
+    load_module("morphology.cu").get_function("close_z_line")(
+        (-(-plane // 256),), (256,), (m, out, np.int32(nz), np.int64(plane), np.int32(radius),
+                                     np.int32(bool(z_edges[0])), np.int32(bool(z_edges[1]))))
+    return out
+
+
+def cube_shared_bytes(h: int) -> int:
+    """Shared memory of one close_cube block: input tile with a 2h halo plus dilation with an h halo."""
+    tz, ty, tx = _CUBE_TILE
+    return (tz + 4 * h) * (ty + 4 * h) * (tx + 4 * h) + (tz + 2 * h) * (ty + 2 * h) * (tx + 2 * h)
+
+
+def _close_cube_cuda(mask, h: int, z_edges):
+    import cupy as cp
+
+    shared = cube_shared_bytes(h)
+    if shared > _SHARED_LIMIT:
+        return None
+    m = _as_u8(mask)
+    nz, ny, nx = m.shape
+    tz, ty, tx = _CUBE_TILE
+    grid = (-(-nx // tx), -(-ny // ty), -(-nz // tz))
+    if max(grid[1], grid[2]) > 65535:
+        return None
+    out = cp.empty(m.shape, cp.bool_)
+    load_module("morphology.cu").get_function("close_cube")(
+        grid, (256,), (m, out, np.int32(nz), np.int32(ny), np.int32(nx), np.int32(h),
+                       np.int32(bool(z_edges[0])), np.int32(bool(z_edges[1]))), shared_mem=shared)
+    return out
 
 
 def reach(z_size: int = 5, z_iterations: int = 5, size3d: int = 3) -> int:

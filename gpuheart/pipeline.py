@@ -99,6 +99,7 @@ class PipelineConfig:
     slab_size: int = 16
     voxel_size: list[float] = field(default_factory=list)  # (z, y, x) µm; empty: from the scan's metadata
     progress: bool = True
+    checkpoint_seconds: float = 30.0  # how often pass 2 records where a killed run can resume
     exposure: ExposureConfig = field(default_factory=ExposureConfig)
     dom: DomConfig = field(default_factory=DomConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
@@ -212,6 +213,7 @@ class RunResult:
     timings: dict[str, float]
     summary: dict[str, Any]
     report: Path | None = None
+    resumed: dict[str, int] = field(default_factory=dict)  # channel -> slice pass 2 continued at
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
@@ -246,7 +248,11 @@ class Pipeline:
         self.config = (config or PipelineConfig()).validate()
 
     def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | None = None,
-            phantom_preset: str = "default") -> RunResult:
+            phantom_preset: str = "default", resume: bool = True) -> RunResult:
+        """Process ``source`` into ``out_dir``. With ``resume`` (the default), a run that was killed
+        continues from its last checkpoint when started again with the same input and settings (a
+        manifest in ``out_dir/<channel>/.resume`` records completed work); the outputs equal those of
+        an uninterrupted run. ``resume=False`` starts over."""
         from .io import open_scan
 
         cfg, timer = self.config, _Timer()
@@ -260,13 +266,18 @@ class Pipeline:
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
             model = _load_model(cfg) if cfg.uses_unet else None
+            resumed: dict[str, int] = {}
             outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
             for channel in scan.channels:
-                outputs[channel], summary[channel] = _run_channel(
-                    scan, channel, cfg, out_dir / channel, timer, (truth or {}).get(channel), model)
+                t = (truth or {}).get(channel)
+                ck = _Checkpoint(out_dir / channel, _fingerprint(cfg, scan, channel, t), resume)
+                if ck.next_z or ck.done:
+                    resumed[channel] = scan.shape[0] if ck.done else ck.next_z
+                outputs[channel], summary[channel] = _run_channel(scan, channel, cfg, out_dir / channel, timer, t,
+                                                                  model, ck)
         cfg.save(out_dir / "config.toml")
-        result = RunResult(out_dir, outputs, dict(timer.seconds), summary)
+        result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
         if cfg.output.report:
             from .report import write_report
@@ -323,28 +334,24 @@ def _write_default_input(folder: Path, preset: str, progress: bool):
     return folder / "scan", truth
 
 
-def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model):
+def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model,
+                 ck: "_Checkpoint"):
     from . import exposure
 
+    if ck.done:
+        return ck.result()
     out.mkdir(parents=True, exist_ok=True)
-    device = backend.resolve_device(cfg.device)
-    with timer("stats (pass 1)"):
-        stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
-            range(scan.shape[0]), cfg.progress, f"{channel} stats")]
+    stats = ck.load_stats()
+    if stats is None:
+        with timer("stats (pass 1)"):
+            stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
+                range(scan.shape[0]), cfg.progress, f"{channel} stats")]
+        ck.save_stats(stats)
     znorm = exposure.ZNorm.from_stats(stats)
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
-    with _Writers(out, scan.shape, voxel, _pass2_outputs(cfg)) as writers:
-        for slab in _progress(_timed(scan.iter_slabs(channel, cfg.slab_size), timer, "read"), cfg.progress,
-                              f"{channel} slabs",
-                              total=-(-scan.shape[0] // cfg.slab_size)):
-            with timer("to device"):
-                x = backend.to_device(slab.data, device)
-            acc.add_raw(slab.z0, x)
-            products = _process_slab(x, slab.z0, znorm, cfg, timer, acc, model)
-            with timer("write"):
-                writers.write(slab.z0, products)
-            acc.add(slab.z0, products)
+    with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
+        _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
     paths = dict(writers.paths)
     seg = paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
     if seg is not None:
@@ -361,7 +368,42 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         with timer("tree graph"):
             summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths)
     acc.save_figures(out / "figures.npz")
+    ck.finish(paths, summary)
     return paths, summary
+
+
+def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
+    """Pass-2 writers, reopened at the checkpoint when every partial store survived, else fresh."""
+    names = _pass2_outputs(cfg)
+    start = ck.restore(acc)
+    if start:
+        writers = _Writers(out, shape, voxel, names, cfg.slab_size, resume_slices=start)
+        if writers.resumed == start:
+            return writers
+        writers.discard()
+        acc.__init__(shape, acc.truth_path, acc.channel)
+    ck.next_z = 0
+    return _Writers(out, shape, voxel, names, cfg.slab_size)
+
+
+def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
+    device = backend.resolve_device(cfg.device)
+    nz, step = scan.shape[0], cfg.slab_size
+    starts = range(ck.next_z, nz, step)
+    last = time.monotonic()
+    slabs = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
+    for z0, data in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
+        with timer("to device"):
+            x = backend.to_device(data, device)
+        acc.add_raw(z0, x)
+        products = _process_slab(x, z0, znorm, cfg, timer, acc, model)
+        with timer("write"):
+            writers.write(z0, products)
+        acc.add(z0, products)
+        if time.monotonic() - last >= cfg.checkpoint_seconds:
+            with timer("checkpoint"):
+                ck.save(z0 + len(data), acc)
+            last = time.monotonic()
 
 
 def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -> dict:
@@ -507,11 +549,19 @@ def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -
 class _Writers:
     """The OME-Zarr outputs of pass 2 for one channel; each is committed only when fully written."""
 
-    def __init__(self, out: Path, shape, voxel, names: list[str]):
+    def __init__(self, out: Path, shape, voxel, names: list[str], slab_size: int, resume_slices: int = 0):
         from .io import ZarrWriter
 
+        # one z-chunk per slab: a slab rewritten after a crash replaces whole chunks, never half of one
+        chunks = (slab_size, min(shape[1], 256), min(shape[2], 256))
         self.paths = {n: out / f"{n}.ome.zarr" for n in names}
-        self._w = {n: ZarrWriter(p, shape, np.uint8, voxel_size=voxel) for n, p in self.paths.items()}
+        self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices)
+                   for n, p in self.paths.items()}
+        self.resumed = min((w.resumed for w in self._w.values()), default=resume_slices)
+
+    def discard(self):
+        for w in self._w.values():
+            w.abort()
 
     def write(self, z0, products: dict):
         for name, w in self._w.items():
@@ -527,11 +577,97 @@ class _Writers:
         return False
 
 
+def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth) -> str:
+    """What must match for a resumed run to continue an earlier one: settings, input and channel."""
+    import hashlib
+
+    d = cfg.to_dict()
+    d.pop("progress"), d.pop("checkpoint_seconds")
+    desc = scan.describe()
+    key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "channels", "voxel_size")},
+           "channel": channel, "truth": str(truth) if truth else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Checkpoint:
+    """The resume manifest of one channel in ``out/.resume/``: pass-1 statistics, how far pass 2 got
+    (with the measurement state at that point), and, once the channel is complete, its result.
+
+    Files are written then renamed, so a kill at any moment leaves the previous checkpoint intact.
+    A manifest whose fingerprint differs (other settings or input) is ignored and replaced.
+    """
+
+    def __init__(self, out: Path, fingerprint: str, enabled: bool = True):
+        self.dir, self.fp = out / ".resume", fingerprint
+        self.manifest = {}
+        if enabled:
+            try:
+                m = json.loads((self.dir / "manifest.json").read_text())
+                self.manifest = m if m.get("fingerprint") == fingerprint else {}
+            except (OSError, ValueError):
+                pass
+        elif self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.next_z = int(self.manifest.get("next_z", 0))
+
+    @property
+    def done(self) -> bool:
+        return bool(self.manifest.get("done"))
+
+    def result(self):
+        r = self.manifest["result"]
+        return {k: Path(v) for k, v in r["paths"].items()}, r["summary"]
+
+    def _write_manifest(self, **fields):
+        self.manifest = {**self.manifest, **fields, "fingerprint": self.fp}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.dir / "manifest.json", json.dumps(self.manifest, default=_jsonable).encode())
+
+    def load_stats(self):
+        from .exposure import SliceStats
+
+        if not self.manifest.get("stats"):
+            return None
+        return [SliceStats(**d) for d in json.loads((self.dir / "stats.json").read_text())]
+
+    def save_stats(self, stats) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.dir / "stats.json", json.dumps([asdict(st) for st in stats], default=_jsonable).encode())
+        self._write_manifest(stats=True, next_z=0)
+
+    def restore(self, acc) -> int:
+        """Load the measurement state of the last checkpoint into ``acc``; returns the slice to continue at."""
+        if self.next_z <= 0:
+            return 0
+        try:
+            with np.load(self.dir / "acc.npz") as f:
+                arrays = {k: f[k] for k in f.files}
+            acc.load_state(arrays, json.loads((self.dir / "acc.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            self.next_z = 0
+        return self.next_z
+
+    def save(self, next_z: int, acc) -> None:
+        arrays, plain = acc.state()
+        tmp = self.dir / "acc.partial.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.dir / "acc.npz")
+        _atomic_write_bytes(self.dir / "acc.json", json.dumps(plain, default=_jsonable).encode())
+        self.next_z = next_z
+        self._write_manifest(next_z=next_z)
+
+    def finish(self, paths: dict, summary: dict) -> None:
+        for f in ("acc.npz", "acc.json"):
+            (self.dir / f).unlink(missing_ok=True)
+        self._write_manifest(done=True, result={"paths": {k: str(v) for k, v in paths.items()}, "summary": summary})
+
+
 class _ChannelAccumulator:
     """What pass 2 keeps for the summary and the report: a few floats per slice and a few 2D images
     (maximum projections, one line profile, the middle slice), never the volume."""
 
     def __init__(self, shape, truth_path, channel):
+        self.shape, self.truth_path, self.channel = tuple(shape), truth_path, channel
         self.n, self.mid = shape[0], shape[0] // 2
         self.norm_means = np.full(self.n, np.nan)
         self.sums = defaultdict(float)
@@ -612,6 +748,23 @@ class _ChannelAccumulator:
             self._truth_z.add(z0)
             self._mip("truth", t)
             self._keep_mid("truth", z0, t)
+
+    def state(self) -> tuple[dict, dict]:
+        """(arrays, plain values) that :meth:`load_state` restores exactly, for resuming a killed run."""
+        arrays = {"norm_means": self.norm_means, **{"fig__" + k: backend.to_host(v) for k, v in self.fig.items()}}
+        plain = {"sums": dict(self.sums), "truth_z": sorted(self._truth_z),
+                 "confusion": {k: asdict(c) for k, c in getattr(self, "confusion", {}).items()}}
+        return arrays, plain
+
+    def load_state(self, arrays, plain) -> None:
+        from .metrics import Confusion
+
+        self.norm_means = np.array(arrays["norm_means"])
+        self.fig = {k[5:]: np.array(arrays[k]) for k in arrays if k.startswith("fig__")}
+        self.sums = defaultdict(float, plain["sums"])
+        self._truth_z = set(plain["truth_z"])
+        if self.truth is not None:
+            self.confusion = defaultdict(Confusion, {k: Confusion(**v) for k, v in plain["confusion"].items()})
 
     def save_figures(self, path: Path):
         """The arrays the report draws (see gpuheart.report): tiny next to the volume."""

@@ -9,7 +9,7 @@
 // Float arithmetic uses explicit _rn intrinsics so nvcc cannot contract it into FMAs: the CPU
 // rounds after every operation. Offsets that multiply extents are 64-bit.
 
-#include <cstddef>
+
 
 // ---- input -> bins -------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@
 // the caller chunks), pixels of a slice a grid-stride loop over blockIdx.x, so the per-slice
 // constants are read once per thread and no 64-bit division per pixel is needed.
 
-#include <cstddef>
+
 
 template <typename T> __device__ __forceinline__ float to_f32(T v) { return (float)v; }
 // int -> float and double -> float conversions round to nearest, like NumPy's astype(float32)

@@ -9,7 +9,7 @@
 // Integer index math is 64-bit wherever a product of extents appears: a 2048^2 x 600 slab already
 // exceeds 2^31 voxels.
 
-#include <cstddef>
+
 
 // Closing along z with a line of radius R (= iterations * (size // 2): N scipy iterations of a
 // radius-h line with a zero border equal one radius-N*h pass on an interval, tested on the CPU).
@@ -72,9 +72,9 @@ extern "C" __global__ void close_cube(const unsigned char* __restrict__ in,
         int gy = min(max(y0 - 2 * h + ly, 0), ny - 1);
         int gx = min(max(x0 - 2 * h + lx, 0), nx - 1);
         unsigned char v;
-        if (gz < 0) v = pad_lo ? in[(size_t)gy * nx + gx] : 0;
-        else if (gz >= nz) v = pad_hi ? in[((size_t)(nz - 1) * ny + gy) * nx + gx] : 0;
-        else v = in[((size_t)gz * ny + gy) * nx + gx];
+        if (gz < 0) v = pad_lo ? in[(long long)gy * nx + gx] : 0;
+        else if (gz >= nz) v = pad_hi ? in[((long long)(nz - 1) * ny + gy) * nx + gx] : 0;
+        else v = in[((long long)gz * ny + gy) * nx + gx];
         sX[i] = v;
     }
     __syncthreads();
@@ -107,6 +107,6 @@ extern "C" __global__ void close_cube(const unsigned char* __restrict__ in,
                 for (int c = 0; c < w; ++c)
                     if (!row[c]) { e = 0; break; }
             }
-        out[((size_t)gz * ny + gy) * nx + gx] = e;
+        out[((long long)gz * ny + gy) * nx + gx] = e;
     }
 }
