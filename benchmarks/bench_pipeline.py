@@ -79,7 +79,7 @@ def write_scan(folder: Path, slices: int, size: int, in_process: bool = False) -
     return time.perf_counter() - t
 
 
-def make_config(device: str, channels: int, mesh: bool, report: bool):
+def make_config(device: str, channels: int, mesh: bool, report: bool, graph: bool = True):
     from gpuheart import PipelineConfig
     from gpuheart.unet import default_weights_path
 
@@ -87,6 +87,8 @@ def make_config(device: str, channels: int, mesh: bool, report: bool):
     cfg.channels = ["C00", "C01", "C02"][:channels]
     cfg.mesh.enabled = mesh
     cfg.output.report = report
+    if hasattr(cfg, "graph"):
+        cfg.graph.enabled = graph
     note = None
     if cfg.uses_unet and not default_weights_path().is_file():
         cfg.segment.method = "dom"
@@ -272,6 +274,8 @@ def analyse(run: dict, slices: int, size: int, channels: int, cfg) -> dict:
             "by_stage_rule": "per-slice stages x 2022*3/(N*C) x pixel ratio; closing x (slices it processes, "
                              "full scan / this run) x pixel ratio; figures.npz per channel x pixel ratio; "
                              "report and 'other' fixed",
+            "by_stage_without_tree_graph_s": proj_total - sum(r["projected_full_scan_s"] for r in rows
+                                                              if r["stage"] == "tree graph"),
             "dominant_stage_full_scan": dominant_full,
             "gpu_goal_s": 120,
         },
@@ -280,8 +284,8 @@ def analyse(run: dict, slices: int, size: int, channels: int, cfg) -> dict:
 
 def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: bool = False,
             report: bool = False, workdir: str | None = None, keep: bool = False, trace_memory: bool = True,
-            in_process_setup: bool = False, warmup: bool = True) -> dict:
-    cfg, note = make_config(device, channels, mesh, report)
+            in_process_setup: bool = False, warmup: bool = True, graph: bool = True) -> dict:
+    cfg, note = make_config(device, channels, mesh, report, graph)
     base = Path(tempfile.mkdtemp(prefix="gpuheart-bench-", dir=workdir))
     try:
         setup_s = write_scan(base / "input", slices, size, in_process=in_process_setup)
@@ -310,6 +314,7 @@ def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: b
         "scan": {"shape_zyx": [slices, size, size], "channels": channels, "dtype": "uint16",
                  "tiff_bytes": scan_bytes, "source": "gpuheart.phantom 'large' preset, write_phantom"},
         "config": {"device": run["device"], "segment_method": cfg.segment.method, "mesh": mesh, "report": report,
+                   "graph": bool(getattr(getattr(cfg, "graph", None), "enabled", False)),
                    "slab_size": cfg.slab_size, "postprocess": cfg.postprocess.enabled,
                    "write_preprocessed": cfg.output.write_preprocessed},
         "notes": [n for n in [
@@ -318,6 +323,9 @@ def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: b
             "tracemalloc was on during the run (it sees NumPy buffers, not numba/OpenCV/CuPy allocations)"
             if trace_memory else "tracemalloc off",
             "stages named [bench] ... are timed by this benchmark's wrappers, not by RunResult.timings",
+            "the tree graph is projected per slice (an upper bound: its skeleton step is capped by "
+            "graph.max_voxels, only its labelling grows with the scan)" if getattr(getattr(cfg, "graph", None),
+                                                                                    "enabled", False) else None,
         ] if n],
         "setup_s": setup_s, "warmup_s": warm_s,
         "total_s": run["total_s"], **a,
@@ -357,13 +365,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--mesh", action="store_true", help="also run the mesh stage (off by default)")
     ap.add_argument("--report", action="store_true", help="also write report.html (off by default)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the tree-graph stage (on by default)")
     ap.add_argument("--out", help="JSON to write (default benchmarks/results/<device>-pipeline.json)")
     ap.add_argument("--workdir", help="where the temporary scan goes (default: the system temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary scan and outputs")
     ap.add_argument("--no-tracemalloc", action="store_true", help="do not trace NumPy allocations")
     args = ap.parse_args(argv)
     doc = measure(args.slices, args.size, args.channels, args.device, args.mesh, args.report, args.workdir,
-                  args.keep, not args.no_tracemalloc)
+                  args.keep, not args.no_tracemalloc, graph=not args.no_graph)
     print_report(doc)
     out = Path(args.out) if args.out else RESULTS / f"{doc['device_label']}-pipeline.json"
     out.parent.mkdir(parents=True, exist_ok=True)

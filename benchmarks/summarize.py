@@ -123,7 +123,8 @@ def section_pipeline(e) -> list[str]:
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Scan: {z} slices of {y}x{x} uint16 x {c} "
            f"channels (synthetic 'large' phantom, per-slice TIFFs); device `{d['config']['device']}`, "
            f"segmentation `{d['config']['segment_method']}`, mesh {'on' if d['config']['mesh'] else 'off'}, "
-           f"report {'on' if d['config']['report'] else 'off'}.",
+           f"report {'on' if d['config']['report'] else 'off'}"
+           + (f", tree graph {'on' if d['config']['graph'] else 'off'}." if "graph" in d["config"] else "."),
            "",
            f"Run: **{d['total_s']:.1f} s** for {d['slice_channels']} slice-channels = "
            f"{d['slices_per_s']:.3f} slice-channels/s ({d['seconds_per_slice_channel']:.2f} s each). "
@@ -140,7 +141,10 @@ def section_pipeline(e) -> list[str]:
     out += ["",
             f"**Projection, not a measurement** - the paper's full scan, 2056x2048x2022 x 3 channels, on this "
             f"machine: **{dur(p['by_stage_s'])}** by stage ({p['by_stage_rule']}); "
-            f"{dur(p['naive_s'])} by the naive rule ({p['naive_rule']}). The GPU goal is "
+            f"{dur(p['naive_s'])} by the naive rule ({p['naive_rule']})"
+            + (f"; {dur(p['by_stage_without_tree_graph_s'])} by stage without the tree graph (whose per-slice "
+               f"projection is an upper bound)" if p.get("by_stage_without_tree_graph_s") else "")
+            + ". The GPU goal is "
             f"{dur(p['gpu_goal_s'])}. Projections assume per-slice costs grow with the pixel count; measure at "
             f"2048x2048 (from smaller slices they overestimate) and with more slices when you can (the z-closing's "
             f"edge padding and the per-channel figures are a large share of a few-slice run).",
@@ -258,8 +262,8 @@ def render(entries: list[dict]) -> str:
            ""]
     if not gpu_devices:
         out += ["**No GPU numbers exist yet.** No GPU has been available to the sessions that measured these "
-                "results, and `gpuheart.filters.median` / `gpuheart.exposure.clahe` still filter CuPy arrays on "
-                "the host. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
+                "results; gpuheart's CUDA kernels (median, CLAHE, fused elementwise, closings) are compiled in CI "
+                "but have not yet run on a GPU. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
                 "cuCIM CLAHE, gpuheart on CuPy arrays, the per-slice chain) are ready and skip without CUDA.",
                 ""]
     out += ["Goals (targets from the project's issues, **not results**):", "",

@@ -76,7 +76,7 @@ class GraphConfig:
     """The connected vascular tree (largest 26-connected component) as a skeleton graph."""
 
     enabled: bool = True
-    max_voxels: int = 200_000_000  # the tree's bounding box is downsampled in (y, x) to stay under this
+    max_voxels: int = 50_000_000  # the tree's bounding box is downsampled in (y, x) to stay under this
 
 
 @dataclass
@@ -367,7 +367,8 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     if cfg.graph.enabled and "mask" in paths:
         with timer("tree graph"):
             summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths)
-    acc.save_figures(out / "figures.npz")
+    with timer("report figures"):
+        acc.save_figures(out / "figures.npz")
     ck.finish(paths, summary)
     return paths, summary
 
@@ -766,11 +767,14 @@ class _ChannelAccumulator:
         if self.truth is not None:
             self.confusion = defaultdict(Confusion, {k: Confusion(**v) for k, v in plain["confusion"].items()})
 
-    def save_figures(self, path: Path):
-        """The arrays the report draws (see gpuheart.report): tiny next to the volume."""
-        arrays = {k: backend.to_host(v).astype(np.float32) for k, v in self.fig.items()}
-        arrays.update(profile_z=np.int64(self.mid), profile_y=np.int64(
-            arrays["mid_preprocessed"].shape[0] // 2 if "mid_preprocessed" in arrays else 0))
+    def save_figures(self, path: Path, max_side: int = 1024):
+        """The arrays the report draws (see gpuheart.report): tiny next to the volume.
+
+        Images are max-pooled to at most ``max_side`` pixels a side (a thin vessel stays visible in
+        a pooled projection; a 2048² float image per stage would only slow the run and the page)."""
+        arrays = {k: _pool_max(backend.to_host(v).astype(np.float32), max_side) if v.ndim == 2 else
+                  backend.to_host(v).astype(np.float32) for k, v in self.fig.items()}
+        arrays.update(profile_z=np.int64(self.mid), profile_y=np.int64(self.shape[1] // 2))
         tmp = path.with_name(path.name + ".partial.npz")
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
@@ -799,6 +803,15 @@ class _ChannelAccumulator:
         out["slice_means_raw"] = raw_means.tolist()
         out["slice_means_normalized"] = self.norm_means.tolist()
         return out
+
+
+def _pool_max(img: np.ndarray, max_side: int) -> np.ndarray:
+    k = -(-max(img.shape) // max_side)
+    if k <= 1:
+        return img
+    h, w = -(-img.shape[0] // k) * k, -(-img.shape[1] // k) * k
+    padded = np.pad(img, ((0, h - img.shape[0]), (0, w - img.shape[1])), mode="edge")
+    return padded.reshape(h // k, k, w // k, k).max(axis=(1, 3))
 
 
 def array_max(a, b):
