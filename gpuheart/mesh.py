@@ -302,17 +302,15 @@ def split_for_unity(vertices: np.ndarray, faces: np.ndarray, max_vertices: int =
     """
     parts, s, m = [], 0, len(faces)
     while s < m:
-        # lo always fits (3 vertices per face); runs longer than 4 * max_vertices faces are not
-        # tried, which bounds the work per part (closed meshes have about 2 faces per vertex)
-        lo, hi = min(s + max_vertices // 3, m), min(s + 4 * max_vertices, m)
-        if len(np.unique(faces[s:hi])) > max_vertices:
-            while hi - lo > 1:                         # largest end that still fits
-                mid = (lo + hi) // 2
-                if len(np.unique(faces[s:mid])) <= max_vertices:
-                    lo = mid
-                else:
-                    hi = mid
-            hi = lo
+        # runs longer than 4 * max_vertices faces are not tried, which bounds the work per part
+        # (closed meshes have about 2 faces per vertex); one np.unique finds where the run must end:
+        # the number of distinct vertices after face i is the count of first occurrences up to it
+        hi = min(s + 4 * max_vertices, m)
+        flat = faces[s:hi].ravel()
+        first = np.zeros(flat.size, np.int64)
+        first[np.unique(flat, return_index=True)[1]] = 1
+        distinct = np.cumsum(first)[2::3]
+        hi = s + max(1, int(np.searchsorted(distinct, max_vertices, side="right")))
         used, local = np.unique(faces[s:hi], return_inverse=True)
         parts.append((vertices[used], local.reshape(-1, 3).astype(np.int64)))
         s = hi

@@ -446,15 +446,21 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
 
 def _label_bbox(slabs, label: int):
     """((z0, z1), (y0, y1), (x0, x1)) of ``label`` over streamed label slabs."""
-    lo, hi = None, None
+    zs, ys, xs = [], None, None
     for z0, _, lab in slabs:
-        idx = np.argwhere(lab == label)
-        if len(idx):
-            idx[:, 0] += z0
-            mn, mx = idx.min(0), idx.max(0) + 1
-            lo = mn if lo is None else np.minimum(lo, mn)
-            hi = mx if hi is None else np.maximum(hi, mx)
-    return tuple(zip(lo.tolist(), hi.tolist()))
+        hit = lab == label
+        z_any = hit.any(axis=(1, 2))
+        if not z_any.any():
+            continue
+        zs.extend((z0 + np.flatnonzero(z_any)[[0, -1]]).tolist())
+        y_any, x_any = hit.any(axis=(0, 2)), hit.any(axis=(0, 1))
+        ys = y_any if ys is None else ys | y_any
+        xs = x_any if xs is None else xs | x_any
+    span = [(min(zs), max(zs) + 1)]
+    for a in (ys, xs):
+        nz = np.flatnonzero(a)
+        span.append((int(nz[0]), int(nz[-1]) + 1))
+    return tuple(span)
 
 
 def _write_tiffs(paths: dict, voxel) -> None:
