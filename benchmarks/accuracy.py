@@ -66,7 +66,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--phantoms", type=int, default=2, help="synthetic scans added to the training data")
+    p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
+    p.add_argument("--loss", default="tversky_focal")
+    p.add_argument("--norm", default="batch")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
     p.add_argument("--runs", default="/tmp/gpuheart-loso")
@@ -80,7 +82,8 @@ def main(argv=None):
 
         train_names = [n for n in stacks if n != held]
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
-                               epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=0)
+                               epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=0,
+                               loss=a.loss, norm=a.norm)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
         pre, lab = stacks[held]

@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
     tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], default="tversky_focal")
+    tr.add_argument("--norm", choices=["batch", "group"], default="batch",
+                    help="normalization layers: batch, or group (batch-size independent)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -264,7 +266,7 @@ def _cmd_train(a) -> int:
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, epochs=a.epochs,
                            steps_per_epoch=a.steps, batch_size=a.batch_size, tile=a.tile, width=a.width,
-                           loss=a.loss, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
+                           loss=a.loss, norm=a.norm, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK
