@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
     p.add_argument("--loss", default="tversky_focal")
-    p.add_argument("--norm", default="batch")
+    p.add_argument("--norm", default="group")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
     p.add_argument("--runs", default="/tmp/gpuheart-loso")

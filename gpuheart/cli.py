@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
     tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], default="tversky_focal")
-    tr.add_argument("--norm", choices=["batch", "group"], default="batch",
+    tr.add_argument("--norm", choices=["batch", "group"], default="group",
                     help="normalization layers: batch, or group (batch-size independent)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -516,7 +516,7 @@ class TrainConfig:
     tile: int = 256
     width: int = 16
     depth: int = 4
-    norm: str = "batch"
+    norm: str = "group"             # GroupNorm: eval behaves like training whatever the batch mix
     loss: str = "tversky_focal"    # a key of LOSSES
     val_fraction: float = 0.2
     split: str = "slab"            # "slab" | "volume", see split_slices
