@@ -68,12 +68,12 @@ class PhantomConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "PhantomConfig":
-        """A named configuration: "tiny" (16x64x64, unit tests), "default" (48x256x256, the input of
+        """A named configuration: "tiny" (16x64x64, unit tests), "default" (32x256x256, the input of
         ``gpuheart run``) or "large" (2048x2048 slices for benchmarks; pass ``slices=n`` or ``shape``).
         """
         presets = {
             "tiny": dict(shape=(16, 64, 64), vessel_radius_um=6.0, branch_length=5.0),
-            "default": dict(shape=(48, 256, 256)),
+            "default": dict(shape=(32, 256, 256)),
             "large": dict(shape=(16, 2048, 2048)),
         }
         if name not in presets:

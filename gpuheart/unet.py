@@ -294,6 +294,11 @@ def tile_grid(shape: tuple[int, int], tile: int = 256, overlap: int = 64) -> Til
     m = overlap // 2
     pads, starts = [], []
     for n in shape:
+        if n <= tile:  # one tile covers it: spend the padding on context around it, not on a second tile
+            lo = (tile - n) // 2
+            pads.append((lo, tile - n - lo))
+            starts.append([0])
+            continue
         extra = max(0, tile - (n + 2 * m))
         pads.append((m, m + extra))
         starts.append(_starts(n + 2 * m + extra, tile, tile - overlap))

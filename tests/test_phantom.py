@@ -39,7 +39,7 @@ def test_api_shape_dtype(tiny):
 
 
 def test_presets_and_overrides():
-    assert PhantomConfig.preset("default").shape == (48, 256, 256)
+    assert PhantomConfig.preset("default").shape == (32, 256, 256)
     large = PhantomConfig.preset("large", slices=5, seed=3)
     assert large.shape == (5, 2048, 2048) and large.seed == 3
     with pytest.raises(ValueError, match="unknown phantom preset"):
