@@ -424,9 +424,11 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
             return {"branches": 0, "note": "empty mask"}
+        lo, hi = _label_boxes(labels.relabel(read), labels.n_components)
+        paths["voxel_components"] = _write_voxel_components(out / "voxel_components.csv", labels.sizes, lo, hi,
+                                                            voxel)
         tree = int(np.argmax(labels.sizes))
-        box = _label_bbox(labels.relabel(read), tree)
-        (z0, z1), (y0, y1), (x0, x1) = box
+        (z0, y0, x0), (z1, y1, x1) = lo[tree - 1], hi[tree - 1]
         # pool each slab as it arrives, so the full-resolution box is never held
         k = max(1, int(np.ceil(np.sqrt((z1 - z0) * (y1 - y0) * (x1 - x0) / cfg.graph.max_voxels))))
         parts = []
@@ -444,23 +446,31 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
             "downsample_yx": k}
 
 
-def _label_bbox(slabs, label: int):
-    """((z0, z1), (y0, y1), (x0, x1)) of ``label`` over streamed label slabs."""
-    zs, ys, xs = [], None, None
+def _label_boxes(slabs, n: int):
+    """Bounding boxes of labels 1..n over streamed label slabs: (lo, hi) arrays of shape (n, 3), hi exclusive."""
+    from scipy import ndimage as ndi
+
+    lo = np.full((n, 3), np.iinfo(np.int64).max, np.int64)
+    hi = np.zeros((n, 3), np.int64)
     for z0, _, lab in slabs:
-        hit = lab == label
-        z_any = hit.any(axis=(1, 2))
-        if not z_any.any():
-            continue
-        zs.extend((z0 + np.flatnonzero(z_any)[[0, -1]]).tolist())
-        y_any, x_any = hit.any(axis=(0, 2)), hit.any(axis=(0, 1))
-        ys = y_any if ys is None else ys | y_any
-        xs = x_any if xs is None else xs | x_any
-    span = [(min(zs), max(zs) + 1)]
-    for a in (ys, xs):
-        nz = np.flatnonzero(a)
-        span.append((int(nz[0]), int(nz[-1]) + 1))
-    return tuple(span)
+        for i, box in enumerate(ndi.find_objects(lab)):
+            if box is not None:
+                a = np.array([box[0].start + z0, box[1].start, box[2].start])
+                b = np.array([box[0].stop + z0, box[1].stop, box[2].stop])
+                lo[i], hi[i] = np.minimum(lo[i], a), np.maximum(hi[i], b)
+    return lo, hi
+
+
+def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:
+    """One row per 26-connected component of the final mask, largest first: voxels, volume, bounding box."""
+    vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
+    order = np.argsort(-sizes[1:], kind="stable")
+    rows = ["component,voxels,volume_um3,z_min,y_min,x_min,z_max,y_max,x_max"]
+    for i in order:
+        rows.append(",".join(map(str, [i + 1, int(sizes[i + 1]), float(sizes[i + 1] * vs.prod()),
+                                       *lo[i].tolist(), *(hi[i] - 1).tolist()])))
+    _atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+    return path
 
 
 def _write_tiffs(paths: dict, voxel) -> None:

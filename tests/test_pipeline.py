@@ -185,3 +185,23 @@ def test_tree_graph_is_the_largest_component(tiny_run):
     g = nx.read_graphml(paths["tree_graphml"])
     assert g.number_of_edges() == tree["n_branches"] > 0
     assert paths["tree_branches"].read_text().count("\n") == tree["n_branches"] + 1
+
+
+def test_voxel_component_table_matches_scipy(tiny_run):
+    import csv
+
+    from scipy import ndimage as ndi
+
+    from gpuheart.io import open_scan
+
+    paths = tiny_run.outputs["C00"]
+    with open_scan(paths["mask"]) as m:
+        lab, n = ndi.label(m.read_slab(0, 0, m.shape[0]) > 0, np.ones((3, 3, 3)))
+    rows = list(csv.DictReader(open(paths["voxel_components"])))
+    assert len(rows) == n
+    for r in rows:
+        k = int(r["component"])
+        box = ndi.find_objects(lab)[k - 1]
+        assert int(r["voxels"]) == int((lab == k).sum())
+        assert [int(r[c]) for c in ("z_min", "y_min", "x_min")] == [b.start for b in box]
+        assert [int(r[c]) for c in ("z_max", "y_max", "x_max")] == [b.stop - 1 for b in box]
