@@ -93,12 +93,20 @@ def measure_run(f, *args) -> tuple[float, float, object]:
     return dt, peak, res
 
 
-def main() -> dict:
+def main(argv=None) -> dict:
+    """``--shape Z Y X`` (default 128 512 512; the issue's scale test is 512 1024 1024) and ``--out``."""
+    import argparse
+
     import skimage
 
     from gpuheart.mesh import mesh_volume
 
-    gen_t, _, tubes = measure_run(make_mask)
+    ap = argparse.ArgumentParser(description="slab-wise marching cubes vs scikit-image on the whole volume")
+    ap.add_argument("--shape", type=int, nargs=3, default=list(SHAPE))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    shape = tuple(a.shape)
+    gen_t, _, tubes = measure_run(make_mask, shape)
     _, _, (v, f) = measure_run(_slabwise, make_mask((8, 64, 64)))  # warm-up imports
     rounds = []
     for _ in range(2):  # interleaved, so load from other users hits both sides alike
@@ -111,7 +119,7 @@ def main() -> dict:
                        "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
                        "scikit-image": skimage.__version__, "load_avg_1min": os.getloadavg()[0]},
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "shape": list(SHAPE), "slab_size": SLAB, "mask_voxels_on": int(tubes.sum()),
+           "shape": list(shape), "slab_size": SLAB, "mask_voxels_on": int(tubes.sum()),
            "timing": "best of 2 (peak: max of 2), seconds and MiB (tracemalloc, allocations during the "
                      "call; the bool input mask is allocated before)",
            "results": {"slabwise_s": ts, "skimage_whole_s": tw, "slabwise_peak_mib": ms,
@@ -120,9 +128,9 @@ def main() -> dict:
                        "volume_voxels_slabwise": mesh_volume(v, f)}}
     print(f"slab-wise {ts:.2f} s, peak {ms:.0f} MiB; skimage whole {tw:.2f} s, peak {mw:.0f} MiB; "
           f"{len(v):,} vertices, {len(f):,} faces, same counts: {out['results']['same_counts']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
     return out
 
 
