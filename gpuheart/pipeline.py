@@ -286,7 +286,6 @@ class Pipeline:
                 result.report = write_report(out_dir)
         return result
 
-
     def segment(self, source, out_path, channel: str | None = None) -> Path:
         """Steps 1-5 (and 6 when ``config.postprocess.enabled``) on one channel of ``source``, written
         as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically)."""
@@ -296,7 +295,7 @@ class Pipeline:
         from .io import open_scan, write_tiff
 
         cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=False, report=False),
-                      mesh=replace(self.config.mesh, enabled=False))
+                      mesh=replace(self.config.mesh, enabled=False), graph=replace(self.config.graph, enabled=False))
         if channel:
             cfg.channels = [channel]
         elif not cfg.channels:
@@ -319,8 +318,7 @@ def _load_model(cfg: PipelineConfig):
     w = cfg.segment.weights
     if w and not Path(w).is_file():
         raise ConfigError(f"segment.weights: {w} is not a file")
-    model = unet.load_weights(w) if w else unet.load_default()
-    return model
+    return unet.load_weights(w) if w else unet.load_default()
 
 
 def _write_default_input(folder: Path, preset: str, progress: bool):
