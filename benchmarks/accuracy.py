@@ -96,7 +96,8 @@ def main(argv=None):
         print(held, json.dumps(results[held]), flush=True)
     summary = {m: round(float(np.mean([r[m]["dice"] for r in results.values()])), 4)
                for m in ("unet", "union", "otsu", "dom")}
-    out = {"machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
+    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+           "machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
            "settings": vars(a), "per_stack": results, "mean_dice": summary}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
