@@ -522,14 +522,16 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) 
 def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: _Timer, acc) -> Path:
     """Paper step 6, streamed from the pass-2 mask with the halo the closings need (pass 3)."""
     from .io import ZarrWriter, open_scan
-    from .morphology import postprocess_slabs
+    from .morphology import postprocess_slabs, reach
 
     p = cfg.postprocess
     with open_scan(mask_path) as m, ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel) as w:
         def read(z0, z1):
             return m.read_slab(m.channels[0], z0, z1) > 0
 
-        slab = max(cfg.slab_size, 4 * p.z_size * p.z_iterations)  # thick slabs: the halo is re-read per slab
+        # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
+        # enough that memory does not depend on the scan's depth
+        slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
         slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d), timer, "closing")
         for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
             with timer("write"):
