@@ -1,0 +1,110 @@
+"""Awkward and broken inputs through the whole pipeline: a correct result or one clear line, never a traceback."""
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpuheart import Pipeline, PipelineConfig
+from gpuheart.cli import main
+from gpuheart.io import open_scan
+
+FAST = {"progress": False, "segment": {"method": "dom"}, "output": {"report": False}, "graph": {"enabled": False}}
+
+
+def _run(tmp_path, volume, name="scan.tif", **over):
+    path = tmp_path / name
+    tifffile.imwrite(path, volume, photometric="minisblack", metadata={"axes": "ZYX"})
+    cfg = PipelineConfig.from_dict({**FAST, **over})
+    return Pipeline(cfg).run(path, tmp_path / "out", resume=False)
+
+
+def _mask(result):
+    with open_scan(result.outputs["C00"]["mask"]) as m:
+        return m.read_slab(0, 0, m.shape[0])
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpuheart: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_nan_in_float_input_names_the_slice(tmp_path, capsys):
+    vol = np.random.default_rng(0).random((5, 40, 40)).astype(np.float32)
+    vol[3, 10, 10] = np.nan
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, vol, photometric="minisblack")
+    err = _cli_error(capsys, ["run", str(path), "-o", str(tmp_path / "o"), "--no-progress"])
+    assert "z=3" in err and "NaN" in err
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_inf_in_float_input_names_the_slice(tmp_path, capsys):
+    vol = np.ones((4, 32, 32), np.float32)
+    vol[1, 0, 0] = np.inf
+    path = tmp_path / "inf.tif"
+    tifffile.imwrite(path, vol, photometric="minisblack")
+    assert "z=1" in _cli_error(capsys, ["run", str(path), "-o", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_one_slice_stack(tmp_path):
+    vol = np.random.default_rng(1).integers(100, 4000, (1, 64, 64), dtype=np.uint16)
+    r = _run(tmp_path, vol)
+    assert _mask(r).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 5, 300), (2, 1, 1)])
+def test_slices_smaller_than_kernels_and_tiles(tmp_path, shape):
+    vol = np.random.default_rng(2).integers(100, 4000, shape, dtype=np.uint16)
+    r = _run(tmp_path, vol, mesh={"enabled": False})
+    assert _mask(r).shape == shape
+
+
+@pytest.mark.parametrize("value", [0, 65535])
+def test_constant_slices_give_an_empty_mask(tmp_path, value):
+    """All-zero and saturated stacks carry no structure: the honest answer is no vessels, not noise."""
+    vol = np.full((6, 48, 48), value, np.uint16)
+    r = _run(tmp_path, vol)
+    assert not _mask(r).any()
+    assert r.summary["C00"]["mesh"]["faces"] == 0
+
+
+def test_a_saturated_and_a_blank_slice_inside_a_normal_stack(tmp_path):
+    vol = np.random.default_rng(3).integers(100, 4000, (8, 48, 48), dtype=np.uint16)
+    vol[2] = 65535
+    vol[5] = 0
+    r = _run(tmp_path, vol)
+    assert np.isfinite(r.summary["C00"]["detrended_cv_normalized"])
+    assert _mask(r).shape == vol.shape
+
+
+@pytest.mark.parametrize("vs", [["0", "1", "1"], ["-4", "1", "1"], ["nan", "1", "1"]])
+def test_wrong_voxel_sizes(tmp_path, capsys, vs):
+    vol = np.zeros((3, 16, 16), np.uint16)
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, vol, photometric="minisblack")
+    err = _cli_error(capsys, ["run", str(path), "-o", str(tmp_path / "o"), "--voxel-size", *vs, "--no-progress"])
+    assert "voxel" in err
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    vol = np.zeros((3, 16, 16), np.uint16)
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, vol, photometric="minisblack")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = _cli_error(capsys, ["run", str(path), "-o", str(blocker / "out"), "--no-progress"])
+    assert "a-file" in err
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(z=st.integers(1, 4), y=st.integers(1, 40), x=st.integers(1, 40),
+       dtype=st.sampled_from([np.uint8, np.uint16, np.float32]), seed=st.integers(0, 2**16))
+def test_any_small_stack_gives_a_mask_of_its_shape(tmp_path_factory, z, y, x, dtype, seed):
+    rng = np.random.default_rng(seed)
+    vol = (rng.random((z, y, x)) * (200 if dtype == np.uint8 else 4000)).astype(dtype)
+    r = _run(tmp_path_factory.mktemp("h"), vol, mesh={"enabled": False})
+    m = _mask(r)
+    assert m.shape == (z, y, x) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
