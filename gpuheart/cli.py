@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "a uint8 0/255 multi-page TIFF of the same (z, y, x) shape.")
     sg.add_argument("input", help="multi-page TIFF, per-slice folder or OME-Zarr")
     sg.add_argument("-o", "--out", required=True, help="output mask .tif")
-    sg.add_argument("--method", choices=["unet", "dom", "union"], help="default: the config's (union)")
+    sg.add_argument("--method", choices=["unet", "dom", "union", "otsu"], help="default: the config's (union)")
     sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
     sg.add_argument("--channel", help="channel to segment (default: the first)")
     sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"))

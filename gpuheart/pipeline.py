@@ -40,7 +40,7 @@ class DomConfig:
 class SegmentConfig:
     """Paper steps 3 and 5: the U-Net, and which mask becomes the segmentation."""
 
-    method: str = "union"  # "dom", "unet", or "union" of both (the paper's choice)
+    method: str = "union"  # "dom", "unet", "union" of both (the paper's choice), or "otsu" (global, streamed)
     weights: str = ""  # U-Net weights file; empty: the weights shipped inside gpuheart
     threshold: float = 0.0  # on the U-Net's probability; 0: the model's own (calibrated in training), else 0.5
     tile: int = 256
@@ -117,8 +117,11 @@ class PipelineConfig:
         if self.dom.small % 2 == 0 or self.dom.large % 2 == 0 or not 1 <= self.dom.small < self.dom.large:
             raise ConfigError(f"dom sizes must be odd with small < large, got {self.dom.small}, {self.dom.large}")
         _threshold_arg(self.dom.threshold)
-        if self.segment.method not in ("dom", "unet", "union"):
-            raise ConfigError(f"segment.method must be 'dom', 'unet' or 'union', got {self.segment.method!r}")
+        if self.segment.method not in ("dom", "unet", "union", "otsu"):
+            raise ConfigError(f"segment.method must be 'dom', 'unet', 'union' or 'otsu', got {self.segment.method!r}")
+        if self.segment.method == "otsu" and not self.output.write_preprocessed:
+            raise ConfigError("segment.method 'otsu' thresholds the preprocessed volume: needs "
+                              "output.write_preprocessed = true")
         if self.segment.method in ("dom", "union") and not self.dom.enabled:
             raise ConfigError(f"segment.method {self.segment.method!r} needs dom.enabled = true")
         if self.mesh.format not in ("glb", "ply", "obj", "stl"):
@@ -351,7 +354,10 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
         _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
     paths = dict(writers.paths)
-    seg = paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
+    if cfg.segment.method == "otsu":
+        with timer("global otsu"):
+            paths["otsu_mask"] = _global_otsu(paths["preprocessed"], out, voxel, cfg, acc)
+    seg = paths.get("otsu_mask") or paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
     if seg is not None:
         paths["mask"] = _postprocess(seg, out, voxel, cfg, timer, acc) if cfg.postprocess.enabled else seg
     if cfg.output.tiff:
@@ -517,6 +523,29 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) 
         with timer("union"):
             out["mask_raw"] = segment.union(out["dom_mask"], out["unet_mask"])
     return out
+
+
+def _global_otsu(pre_path: Path, out: Path, voxel, cfg: PipelineConfig, acc) -> Path:
+    """One Otsu threshold for the whole preprocessed stack, from the histogram pass 2 gathered, applied
+    in a streamed pass: the global threshold a whole-volume ``pre > threshold_otsu(pre)`` gives."""
+    from skimage.filters import threshold_otsu
+
+    from .io import ZarrWriter, open_scan
+
+    hist = acc.histogram
+    used = np.flatnonzero(hist)
+    # skimage's integer-image Otsu histogram spans [min, max] of the image; do the same
+    thr = threshold_otsu(hist=(hist[used[0]:used[-1] + 1], np.arange(used[0], used[-1] + 1))) if len(used) > 1 \
+        else 255
+    acc.otsu_threshold = float(thr)
+    path = out / "otsu_mask.ome.zarr"
+    with open_scan(pre_path) as p, ZarrWriter(path, p.shape, np.uint8, voxel_size=voxel,
+                                              chunks=(cfg.slab_size, min(p.shape[1], 256), min(p.shape[2], 256))) as w:
+        for z0 in range(0, p.shape[0], cfg.slab_size):
+            mask = p.read_slab(p.channels[0], z0, min(z0 + cfg.slab_size, p.shape[0])) > thr
+            w.write(z0, mask.astype(np.uint8) * 255)
+            acc.score("otsu", z0, mask)
+    return path
 
 
 def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: _Timer, acc) -> Path:
@@ -687,6 +716,8 @@ class _ChannelAccumulator:
         self.shape, self.truth_path, self.channel = tuple(shape), truth_path, channel
         self.n, self.mid = shape[0], shape[0] // 2
         self.norm_means = np.full(self.n, np.nan)
+        self.histogram = np.zeros(256, np.int64)  # of the preprocessed uint8 volume, for a global Otsu
+        self.otsu_threshold = None
         self.sums = defaultdict(float)
         self.fig: dict[str, Any] = {}
         self.truth = None
@@ -729,6 +760,7 @@ class _ChannelAccumulator:
         s = self.sums
         s["pixels"] += pre.size
         s["pre_sum"] += float(pre.sum(dtype=xp.float64))
+        self.histogram += backend.to_host(xp.bincount(pre.ravel(), minlength=256))
         self._mip("preprocessed", pre)
         self._keep_mid("preprocessed", z0, pre, row=True)
         mask = products.get("mask_raw", products.get("unet_mask", products.get("dom_mask")))
@@ -768,7 +800,8 @@ class _ChannelAccumulator:
 
     def state(self) -> tuple[dict, dict]:
         """(arrays, plain values) that :meth:`load_state` restores exactly, for resuming a killed run."""
-        arrays = {"norm_means": self.norm_means, **{"fig__" + k: backend.to_host(v) for k, v in self.fig.items()}}
+        arrays = {"norm_means": self.norm_means, "histogram": self.histogram,
+                  **{"fig__" + k: backend.to_host(v) for k, v in self.fig.items()}}
         plain = {"sums": dict(self.sums), "truth_z": sorted(self._truth_z),
                  "confusion": {k: asdict(c) for k, c in getattr(self, "confusion", {}).items()}}
         return arrays, plain
@@ -777,6 +810,7 @@ class _ChannelAccumulator:
         from .metrics import Confusion
 
         self.norm_means = np.array(arrays["norm_means"])
+        self.histogram = np.array(arrays["histogram"])
         self.fig = {k[5:]: np.array(arrays[k]) for k in arrays if k.startswith("fig__")}
         self.sums = defaultdict(float, plain["sums"])
         self._truth_z = set(plain["truth_z"])
@@ -816,6 +850,8 @@ class _ChannelAccumulator:
             for kind, c in self.confusion.items():
                 out[f"{kind}_vs_truth"] = c.scores()
             self.truth.close()
+        if self.otsu_threshold is not None:
+            out["otsu_threshold"] = self.otsu_threshold
         out["slice_means_raw"] = raw_means.tolist()
         out["slice_means_normalized"] = self.norm_means.tolist()
         return out

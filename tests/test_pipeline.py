@@ -205,3 +205,19 @@ def test_voxel_component_table_matches_scipy(tiny_run):
         assert int(r["voxels"]) == int((lab == k).sum())
         assert [int(r[c]) for c in ("z_min", "y_min", "x_min")] == [b.start for b in box]
         assert [int(r[c]) for c in ("z_max", "y_max", "x_max")] == [b.stop - 1 for b in box]
+
+
+def test_global_otsu_equals_the_whole_volume_threshold(tiny_run, tmp_path):
+    from skimage.filters import threshold_otsu
+
+    from gpuheart.io import open_scan
+
+    cfg = _tiny_cfg("otsu", channels=["C00"], slab_size=3)
+    cfg.mesh.enabled = False
+    r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path,
+                          truth={"C00": str(tiny_run.out_dir / "input" / "truth" / "C00.tif")})
+    p = r.outputs["C00"]
+    with open_scan(p["preprocessed"]) as pre, open_scan(p["otsu_mask"]) as m:
+        vol = pre.read_slab(0, 0, pre.shape[0])
+        np.testing.assert_array_equal(m.read_slab(0, 0, m.shape[0]) > 0, vol > threshold_otsu(vol))
+    assert "otsu_vs_truth" in r.summary["C00"] and r.summary["C00"]["otsu_threshold"] == threshold_otsu(vol)
