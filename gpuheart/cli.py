@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="score CHANNEL's mask against MASK (repeatable)")
     r.add_argument("--phantom-preset", default="default", choices=["tiny", "default", "large"],
                    help="size of the built-in synthetic scan when no INPUT is given (default: %(default)s)")
+    r.add_argument("--dask", metavar="ADDRESS|local:N",
+                   help="run the slabs on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N "
+                        "local worker processes (with dask-cuda installed, local-cuda starts one worker per GPU)")
     r.add_argument("--restart", action="store_true",
                    help="ignore the checkpoints of an earlier, interrupted run into OUT and start over")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,12 +132,35 @@ def _cmd_run(a) -> int:
         cfg.progress = False
     truth = {c: m for c, m in a.truth} if a.truth else None
     inputs = _expand_inputs(a.input)
-    if len(inputs) <= 1:
-        result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth, phantom_preset=a.phantom_preset,
-                                   resume=not a.restart)
-        _print_run(result)
-        return EXIT_OK
-    return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth, resume=not a.restart)
+    with _dask_client(a.dask) as client:
+        if len(inputs) <= 1:
+            result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth,
+                                       phantom_preset=a.phantom_preset, resume=not a.restart, client=client)
+            _print_run(result)
+            return EXIT_OK
+        return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth, resume=not a.restart, client=client)
+
+
+def _dask_client(spec: str | None):
+    """A context manager giving a dask.distributed Client for ``--dask``, or None without it."""
+    from contextlib import nullcontext
+
+    if not spec:
+        return nullcontext(None)
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise RuntimeError("--dask needs dask.distributed: pip install 'gpuheart[dask]'") from None
+    if spec == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise RuntimeError("--dask local-cuda needs dask-cuda: pip install dask-cuda") from None
+        return Client(LocalCUDACluster())
+    if spec.startswith("local:"):
+        n = int(spec.split(":", 1)[1])
+        return Client(LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0"))
+    return Client(spec)
 
 
 def _expand_inputs(args: list[str]) -> list[str]:
@@ -153,14 +179,14 @@ def _expand_inputs(args: list[str]) -> list[str]:
     return out
 
 
-def _run_batch(pipeline, inputs: list[str], out: Path, truth, resume: bool = True) -> int:
+def _run_batch(pipeline, inputs: list[str], out: Path, truth, resume: bool = True, client=None) -> int:
     """Every scan into OUT/<name>/; a failing scan is reported and skipped, the exit code counts failures."""
     names = _unique_names(inputs)
     failed = []
     for src, name in zip(inputs, names):
         print(f"gpuheart: [{names.index(name) + 1}/{len(inputs)}] {src}")
         try:
-            _print_run(pipeline.run(src, out / name, truth=truth, resume=resume))
+            _print_run(pipeline.run(src, out / name, truth=truth, resume=resume, client=client))
         except (ValueError, OSError, RuntimeError) as err:
             failed.append((src, str(err)))
             print(f"gpuheart: error: {err}", file=sys.stderr)

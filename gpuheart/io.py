@@ -823,6 +823,11 @@ class ZarrWriter:
             raise ScanError(f"{self.path}: writing slices [{z0}, {z0 + data.shape[0]}) failed: {err}") from err
         self._written[z0:z0 + data.shape[0]] = True
 
+    def mark_written(self, z0: int, z1: int) -> None:
+        """Count slices [z0, z1) as written by someone else (a worker that wrote the partial store itself,
+        see :func:`write_partial_slab`)."""
+        self._written[z0:z1] = True
+
     def close(self) -> None:
         """Commit: rename the partial store into place. Raises (and aborts) when slices were never written."""
         if self._closed:
@@ -854,6 +859,19 @@ class ZarrWriter:
             self.abort()
         else:
             self.close()
+
+
+def write_partial_slab(partial: str | os.PathLike, z0: int, data) -> None:
+    """Write slices ``[z0, z0 + len(data))`` into the ``.partial`` store of a :class:`ZarrWriter` from another
+    process (a Dask worker); the writer that owns the store commits it. Slabs must cover whole z-chunks so
+    two workers never write the same chunk."""
+    import zarr
+
+    try:
+        arr = zarr.open_group(store=str(partial), mode="r+")["0"]
+        arr[z0:z0 + len(data)] = _host(data).astype(arr.dtype, copy=False)
+    except Exception as err:
+        raise ScanError(f"{partial}: writing slices [{z0}, {z0 + len(data)}) failed: {err}") from err
 
 
 _IMAGEJ_DTYPES = {np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32)}

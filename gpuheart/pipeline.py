@@ -251,11 +251,14 @@ class Pipeline:
         self.config = (config or PipelineConfig()).validate()
 
     def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | None = None,
-            phantom_preset: str = "default", resume: bool = True) -> RunResult:
+            phantom_preset: str = "default", resume: bool = True, client=None) -> RunResult:
         """Process ``source`` into ``out_dir``. With ``resume`` (the default), a run that was killed
         continues from its last checkpoint when started again with the same input and settings (a
         manifest in ``out_dir/<channel>/.resume`` records completed work); the outputs equal those of
-        an uninterrupted run. ``resume=False`` starts over."""
+        an uninterrupted run. ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs
+        of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
+        file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
+        local run's."""
         from .io import open_scan
 
         cfg, timer = self.config, _Timer()
@@ -278,7 +281,7 @@ class Pipeline:
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                 outputs[channel], summary[channel] = _run_channel(scan, channel, cfg, out_dir / channel, timer, t,
-                                                                  model, ck)
+                                                                  model, ck, client)
         cfg.save(out_dir / "config.toml")
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
@@ -336,7 +339,7 @@ def _write_default_input(folder: Path, preset: str, progress: bool):
 
 
 def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model,
-                 ck: "_Checkpoint"):
+                 ck: "_Checkpoint", client=None):
     from . import exposure
 
     if ck.done:
@@ -352,7 +355,8 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
-        _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
+        (_pass2_distributed if client is not None else _pass2)(
+            *((client,) if client is not None else ()), scan, channel, cfg, timer, znorm, acc, model, writers, ck)
     paths = dict(writers.paths)
     if cfg.segment.method == "otsu":
         with timer("global otsu"):
@@ -409,6 +413,50 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
             with timer("checkpoint"):
                 ck.save(z0 + len(data), acc)
             last = time.monotonic()
+
+
+def _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck):
+    """Pass 2 with every slab a Dask task: workers read their slab, process it, write it into the partial
+    stores, and return their measurements, which are merged here in slab order (identical to a local run)."""
+    nz, step = scan.shape[0], cfg.slab_size
+    starts = list(range(ck.next_z, nz, step))
+    stores = {name: str(w.partial) for name, w in writers._w.items()}
+    job = dict(src=str(scan.path), channel=channel, shape=scan.shape, step=step, cfg=cfg, znorm=znorm,
+               model=model, stores=stores, truth=acc.truth_path)
+    futures = client.map(_slab_task, starts, **job, pure=False)
+    last = time.monotonic()
+    for z0, fut in _progress(zip(starts, futures), cfg.progress, f"{channel} slabs (dask)", total=len(starts)):
+        arrays, plain, seconds = fut.result()
+        acc.merge_state(arrays, plain)
+        for stage, sec in seconds.items():
+            timer.seconds[stage] += sec
+        for w in writers._w.values():
+            w.mark_written(z0, min(z0 + step, nz))
+        if time.monotonic() - last >= cfg.checkpoint_seconds:
+            ck.save(min(z0 + step, nz), acc)
+            last = time.monotonic()
+
+
+def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
+    """One slab of pass 2 on a worker (see _pass2_distributed)."""
+    from .io import open_scan, write_partial_slab
+
+    timer = _Timer()
+    with timer("read"), open_scan(src, channels=[channel]) as scan:
+        data = scan.read_slab(channel, z0, min(z0 + step, shape[0]))
+    acc = _ChannelAccumulator(shape, truth, channel)
+    x = backend.to_device(data, backend.resolve_device(cfg.device))
+    acc.add_raw(z0, x)
+    products = _process_slab(x, z0, znorm, cfg, timer, acc, model)
+    with timer("write"):
+        for name, partial in stores.items():
+            a = backend.to_host(products[name])
+            write_partial_slab(partial, z0, a.astype(np.uint8) * 255 if a.dtype == bool else a)
+    acc.add(z0, products)
+    if acc.truth is not None:
+        acc.truth.close()
+    arrays, plain = acc.state()
+    return arrays, plain, dict(timer.seconds)
 
 
 def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -> dict:
@@ -816,6 +864,26 @@ class _ChannelAccumulator:
         self._truth_z = set(plain["truth_z"])
         if self.truth is not None:
             self.confusion = defaultdict(Confusion, {k: Confusion(**v) for k, v in plain["confusion"].items()})
+
+    def merge_state(self, arrays, plain) -> None:
+        """Add the state of an accumulator that saw other slabs (a Dask worker's). Called in slab order,
+        so sums add in the same order as a local run adds them and the results are identical."""
+        from .metrics import Confusion
+
+        done = np.isfinite(arrays["norm_means"])
+        self.norm_means[done] = arrays["norm_means"][done]
+        self.histogram += arrays["histogram"]
+        for key in (k for k in arrays if k.startswith("fig__")):
+            name, v = key[5:], arrays[key]
+            prev = self.fig.get(name)
+            self.fig[name] = np.maximum(prev, v) if name.startswith("mip_") and prev is not None else v
+        for k, v in plain["sums"].items():
+            self.sums[k] += v
+        self._truth_z |= set(plain["truth_z"])
+        for k, c in plain["confusion"].items():
+            mine = self.confusion[k]
+            for f in ("tp", "fp", "fn", "tn"):
+                setattr(mine, f, getattr(mine, f) + c[f])
 
     def save_figures(self, path: Path, max_side: int = 1024):
         """The arrays the report draws (see gpuheart.report): tiny next to the volume.
