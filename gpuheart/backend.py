@@ -129,6 +129,33 @@ def from_torch(t: Any):
     return np.from_dlpack(t)
 
 
+def is_device_oom(err: BaseException) -> bool:
+    """True for a CUDA out-of-memory error from CuPy or PyTorch (the ones worth retrying smaller)."""
+    cp = _cupy()
+    if cp is not None and isinstance(err, cp.cuda.memory.OutOfMemoryError):
+        return True
+    try:
+        import torch
+
+        return isinstance(err, torch.OutOfMemoryError)
+    except (ImportError, AttributeError):
+        return False
+
+
+def free_device_memory() -> None:
+    """Give cached device blocks back (CuPy's pool and PyTorch's cache) before retrying after an OOM."""
+    cp = _cupy()
+    if cp is not None and cuda_available():
+        cp.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 # -- CUDA kernels --------------------------------------------------------------------------------
 
 def kernel_dir() -> Path:

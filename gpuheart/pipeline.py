@@ -400,12 +400,13 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     nz, step = scan.shape[0], cfg.slab_size
     starts = range(ck.next_z, nz, step)
     last = time.monotonic()
+    budget = {"slices": step}  # shrinks for good after a device out-of-memory error
     slabs = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
     for z0, data in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
         with timer("to device"):
             x = backend.to_device(data, device)
         acc.add_raw(z0, x)
-        products = _process_slab(x, z0, znorm, cfg, timer, acc, model)
+        products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget)
         with timer("write"):
             writers.write(z0, products)
         acc.add(z0, products)
@@ -413,6 +414,31 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
             with timer("checkpoint"):
                 ck.save(z0 + len(data), acc)
             last = time.monotonic()
+
+
+def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict) -> dict:
+    """``_process_slab`` in pieces of at most ``budget["slices"]`` slices; a CUDA out-of-memory error halves
+    the pieces (for the rest of the run, with a warning) and retries, down to one slice. Every stage of pass 2
+    works slice by slice, so the pieces give exactly the whole slab's result."""
+    import warnings
+
+    parts, i = [], 0
+    while i < x.shape[0]:
+        n = min(budget["slices"], x.shape[0] - i)
+        try:
+            parts.append(_process_slab(x[i:i + n], z0 + i, znorm, cfg, timer, acc, model))
+            i += n
+        except Exception as err:
+            if not backend.is_device_oom(err) or n == 1:
+                raise
+            backend.free_device_memory()
+            budget["slices"] = max(1, n // 2)
+            warnings.warn(f"out of device memory on slices {z0 + i}..{z0 + i + n}: continuing with "
+                          f"{budget['slices']}-slice pieces", RuntimeWarning, stacklevel=2)
+    if len(parts) == 1:
+        return parts[0]
+    xp = backend.array_module(x)
+    return {k: xp.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck):

@@ -87,3 +87,71 @@ def test_changed_settings_do_not_resume(scan, tmp_path):
     cfg.dom.large = 13
     assert Pipeline(cfg).run(scan, tmp_path).resumed == {}  # other settings: recomputed
     assert Pipeline(cfg).run(scan, tmp_path, resume=False).resumed == {}
+
+
+def test_device_out_of_memory_shrinks_the_slab_and_gives_the_same_result(scan, tmp_path, monkeypatch):
+    """Simulated on the CPU: the slab processing raises CuPy's OutOfMemoryError for pieces over 3 slices."""
+    import cupy
+
+    from gpuheart import Pipeline, PipelineConfig, pipeline
+
+    cfg = PipelineConfig.from_dict({"slab_size": 8, "progress": False, "channels": ["C00"],
+                                    "segment": {"method": "dom"}, "output": {"report": False},
+                                    "mesh": {"enabled": False}, "graph": {"enabled": False}})
+    ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+    real = pipeline._process_slab
+    sizes = []
+
+    def tight(x, *a, **k):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise cupy.cuda.memory.OutOfMemoryError(x.nbytes, 0, 0)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", tight)
+    with pytest.warns(RuntimeWarning, match="out of device memory"):
+        got = Pipeline(cfg).run(scan, tmp_path / "oom")
+    assert max(sizes) == 8 and sizes[-1] <= 2  # tried the slab, then kept to the smaller pieces
+    for name in ("preprocessed", "dom_mask", "mask"):
+        with open_scan(ref.outputs["C00"][name]) as a, open_scan(got.outputs["C00"][name]) as b:
+            np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
+    for key in ("detrended_cv_normalized", "snr_dom", "slice_means_normalized"):
+        assert got.summary["C00"][key] == ref.summary["C00"][key]
+
+
+def test_other_errors_are_not_retried(scan, tmp_path, monkeypatch):
+    from gpuheart import Pipeline, PipelineConfig, pipeline
+
+    calls = []
+
+    def broken(x, *a, **k):
+        calls.append(x.shape[0])
+        raise ValueError("boom")
+
+    monkeypatch.setattr(pipeline, "_process_slab", broken)
+    cfg = PipelineConfig.from_dict({"progress": False, "channels": ["C00"], "segment": {"method": "dom"}})
+    with pytest.raises(ValueError, match="boom"):
+        Pipeline(cfg).run(scan, tmp_path / "x")
+    assert calls == [16]
+
+
+@pytest.mark.gpu
+def test_capped_device_memory_pool_still_completes(scan, tmp_path):
+    """On a GPU: a memory pool too small for a 16-slice slab forces the shrink-and-retry path."""
+    import cupy
+
+    from gpuheart import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"slab_size": 16, "progress": False, "channels": ["C00"], "device": "cuda",
+                                    "segment": {"method": "dom"}, "output": {"report": False},
+                                    "mesh": {"enabled": False}, "graph": {"enabled": False}})
+    ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    pool.set_limit(size=16 * 128 * 128 * 4 * 3)  # about three float32 copies of half a slab
+    try:
+        got = Pipeline(cfg).run(scan, tmp_path / "capped")
+    finally:
+        pool.set_limit(size=0)
+    with open_scan(ref.outputs["C00"]["mask"]) as a, open_scan(got.outputs["C00"]["mask"]) as b:
+        np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
