@@ -142,6 +142,16 @@ def is_device_oom(err: BaseException) -> bool:
         return False
 
 
+def device_free_bytes() -> int | None:
+    """Free memory on the current CUDA device plus what CuPy's pool holds for reuse; None without CUDA."""
+    if not cuda_available():
+        return None
+    cp = _cupy()
+    free, _ = cp.cuda.runtime.memGetInfo()
+    pool = cp.get_default_memory_pool()
+    return int(free + pool.total_bytes() - pool.used_bytes())
+
+
 def free_device_memory() -> None:
     """Give cached device blocks back (CuPy's pool and PyTorch's cache) before retrying after an OOM."""
     cp = _cupy()

@@ -400,7 +400,8 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     nz, step = scan.shape[0], cfg.slab_size
     starts = range(ck.next_z, nz, step)
     last = time.monotonic()
-    budget = {"slices": step}  # shrinks for good after a device out-of-memory error
+    # planned from free device memory, and shrunk for good after a device out-of-memory error
+    budget = {"slices": plan_slices(step, scan.shape, backend.device_free_bytes() if device == "cuda" else None)}
     slabs = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
     for z0, data in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
         with timer("to device"):
@@ -414,6 +415,21 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
             with timer("checkpoint"):
                 ck.save(z0 + len(data), acc)
             last = time.monotonic()
+
+
+# device bytes one slice needs at the peak of pass 2, per pixel: the raw slice, float32 copies for
+# z-normalization, asinh and CLAHE, the uint8 result, the signed difference of medians, masks, and the
+# U-Net's probability map; the U-Net's own activations are sized separately by its batch planner
+BYTES_PER_PIXEL = 40
+
+
+def plan_slices(slab_size: int, shape, free_bytes: int | None, fraction: float = 0.5) -> int:
+    """How many slices of a slab to put on the device at once: the slab, unless ``fraction`` of the free
+    device memory holds fewer (never less than one). Without a device (``free_bytes`` None), the slab."""
+    if free_bytes is None:
+        return slab_size
+    per_slice = BYTES_PER_PIXEL * shape[1] * shape[2]
+    return int(max(1, min(slab_size, fraction * free_bytes // per_slice)))
 
 
 def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict) -> dict:

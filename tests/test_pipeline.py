@@ -221,3 +221,13 @@ def test_global_otsu_equals_the_whole_volume_threshold(tiny_run, tmp_path):
         vol = pre.read_slab(0, 0, pre.shape[0])
         np.testing.assert_array_equal(m.read_slab(0, 0, m.shape[0]) > 0, vol > threshold_otsu(vol))
     assert "otsu_vs_truth" in r.summary["C00"] and r.summary["C00"]["otsu_threshold"] == threshold_otsu(vol)
+
+
+def test_slab_pieces_are_planned_from_free_device_memory():
+    from gpuheart.pipeline import BYTES_PER_PIXEL, plan_slices
+
+    per_slice = BYTES_PER_PIXEL * 2048 * 2048
+    assert plan_slices(16, (100, 2048, 2048), None) == 16           # CPU: the slab as configured
+    assert plan_slices(16, (100, 2048, 2048), 80 * 2**30) == 16     # plenty of room
+    assert plan_slices(16, (100, 2048, 2048), 8 * per_slice) == 4   # half of free memory holds 4 slices
+    assert plan_slices(16, (100, 2048, 2048), 1) == 1               # never below one slice
