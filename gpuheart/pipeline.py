@@ -355,8 +355,10 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
-        (_pass2_distributed if client is not None else _pass2)(
-            *((client,) if client is not None else ()), scan, channel, cfg, timer, znorm, acc, model, writers, ck)
+        if client is None:
+            _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
+        else:
+            _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck)
     paths = dict(writers.paths)
     if cfg.segment.method == "otsu":
         with timer("global otsu"):
@@ -487,9 +489,11 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     with timer("read"), open_scan(src, channels=[channel]) as scan:
         data = scan.read_slab(channel, z0, min(z0 + step, shape[0]))
     acc = _ChannelAccumulator(shape, truth, channel)
-    x = backend.to_device(data, backend.resolve_device(cfg.device))
+    device = backend.resolve_device(cfg.device)
+    x = backend.to_device(data, device)
     acc.add_raw(z0, x)
-    products = _process_slab(x, z0, znorm, cfg, timer, acc, model)
+    budget = {"slices": plan_slices(step, shape, backend.device_free_bytes() if device == "cuda" else None)}
+    products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget)
     with timer("write"):
         for name, partial in stores.items():
             a = backend.to_host(products[name])
