@@ -126,9 +126,13 @@ def _timing_table(timings, summary, channels) -> str:
 
 def _measurement_table(s: dict) -> str:
     rows = [(label, _num(s[key])) for key, label in _MEASUREMENTS if key in s]
-    truth = s.get("dom_vs_truth") or {}
-    rows += [(f"{k} vs truth", _num(truth[k])) for k in _TRUTH_SCORES if k in truth]
-    return _table(["measurement", "value"], rows)
+    table = _table(["measurement", "value"], rows)
+    # one row per mask scored against the truth (dom, unet, union, otsu, final), in pipeline order
+    scored = [(k[: -len("_vs_truth")], v) for k, v in s.items() if k.endswith("_vs_truth") and isinstance(v, dict)]
+    if scored:
+        table += _table(["mask vs truth"] + _TRUTH_SCORES,
+                        [(name, *(_num(v[k]) if k in v else "–" for k in _TRUTH_SCORES)) for name, v in scored])
+    return table
 
 
 def _img(fig_dir: Path, path: Path | None, alt: str) -> str:
