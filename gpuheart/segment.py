@@ -54,6 +54,45 @@ def threshold_value(values, method="otsu", k: float = 3.0) -> float:
     raise ValueError(f"unknown threshold method {method!r}: expected 'otsu', 'sigma' or a number")
 
 
+def threshold_slices(values, method="otsu", k: float = 3.0):
+    """:func:`threshold_value` of every (y, x) slice of a (z, y, x) slab, as an array of shape (z, 1, 1) of
+    the slab's kind (NumPy/CuPy), ready for ``values > t``.
+
+    For integer values (difference of medians of uint8/uint16 images) and Otsu, the per-slice histograms are
+    counted where the data lives and only they (z x value range counts) come to the host, instead of every
+    slice; the thresholds equal ``skimage.filters.threshold_otsu`` of each slice, which bins integer images
+    the same way. Other cases call :func:`threshold_value` per slice.
+    """
+    xp = array_module(values)
+    if values.ndim != 3:
+        raise ValueError(f"threshold_slices expects a (z, y, x) slab, got shape {values.shape}")
+    if isinstance(method, numbers.Real) and not isinstance(method, (bool, np.bool_)):
+        t = np.full(values.shape[0], float(method))
+        if not np.isfinite(t).all():
+            raise ValueError(f"a fixed threshold must be finite, got {method!r}")
+    elif method == "otsu" and values.dtype.kind in "iu" and values.size:
+        t = _otsu_from_histograms(values, xp)
+    else:
+        t = np.array([threshold_value(v, method, k) for v in values])
+    return xp.asarray(t.reshape(-1, 1, 1))
+
+
+def _otsu_from_histograms(values, xp) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    lo, hi = int(values.min()), int(values.max())
+    nb, z = hi - lo + 1, values.shape[0]
+    idx = (values.astype(xp.int64) - lo) + xp.arange(z, dtype=xp.int64).reshape(-1, 1, 1) * nb
+    counts = to_host(xp.bincount(idx.ravel(), minlength=z * nb)).reshape(z, nb)
+    out = np.empty(z)
+    for i, c in enumerate(counts):
+        used = np.flatnonzero(c)
+        a, b = used[0], used[-1]
+        # skimage's integer histogram spans the slice's own [min, max]; a constant slice gives its value
+        out[i] = lo + a if a == b else threshold_otsu(hist=(c[a:b + 1], np.arange(lo + a, lo + b + 1)))
+    return out
+
+
 def dom_mask(x, small: int = 3, large: int = 15, threshold="otsu", k: float = 3.0,
              mode: str = "reflect"):
     """Vessel mask of a slice or slab: ``difference_of_medians(x, small, large) > threshold``.

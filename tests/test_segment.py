@@ -101,3 +101,20 @@ def test_union():
         union()
     with pytest.raises(ValueError):
         union(a, np.zeros((3, 2), bool))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+@pytest.mark.parametrize("method", ["otsu", "sigma", 12.5])
+def test_threshold_slices_equals_per_slice_thresholds(dtype, method):
+    from gpuheart.segment import threshold_slices, threshold_value
+
+    rng = np.random.default_rng(7)
+    slab = rng.normal(0, 20, (5, 31, 17)).astype(dtype)
+    slab[1] = 3            # a constant slice
+    slab[2, :4, :4] = 200  # a few bright outliers (vessels)
+    slab[3] -= 90          # all negative
+    t = threshold_slices(slab, method, 3.0)
+    assert t.shape == (5, 1, 1)
+    expected = [threshold_value(s, method, 3.0) for s in slab]
+    np.testing.assert_array_equal(t.ravel(), np.array(expected, dtype=float))
+    np.testing.assert_array_equal(slab > t, np.stack([s > e for s, e in zip(slab, expected)]))
