@@ -256,10 +256,11 @@ def _cmd_phantom(a) -> int:
 def _cmd_mesh(a) -> int:
     from .io import open_scan
     from .mesh import mesh_from_mask
+    from .pipeline import mask_reader
 
     with open_scan(a.mask) as m:
         voxel = tuple(a.voxel_size) if a.voxel_size else (m.voxel_size or (1.0, 1.0, 1.0))
-        st = mesh_from_mask(lambda z0, z1: m.read_slab(m.channels[0], z0, z1) > 0, m.shape, a.out, voxel,
+        st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest)
     print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "

@@ -298,7 +298,7 @@ class Pipeline:
         import tempfile
         from dataclasses import replace
 
-        from .io import open_scan, write_tiff
+        from .io import open_scan
 
         cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=False, report=False),
                       mesh=replace(self.config.mesh, enabled=False), graph=replace(self.config.graph, enabled=False))
@@ -313,8 +313,8 @@ class Pipeline:
             result = Pipeline(cfg).run(source, work)
             mask_path = result.outputs[cfg.channels[0]]["mask"]
             with open_scan(mask_path) as m:
-                write_tiff(out_path, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
-                           voxel_size=m.voxel_size, shape=m.shape, dtype=np.uint8)
+                voxel = m.voxel_size
+            _zarr_to_tiff(mask_path, out_path, voxel)
         return out_path
 
 
@@ -516,9 +516,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
     from .morphology import label_slabs
 
     with open_scan(mask_path) as m:
-        def read(z0, z1):
-            return m.read_slab(m.channels[0], z0, z1) > 0
-
+        read = mask_reader(m)
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
             return {"branches": 0, "note": "empty mask"}
@@ -571,16 +569,24 @@ def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:
     return path
 
 
-def _write_tiffs(paths: dict, voxel) -> None:
-    """A multi-page TIFF beside every OME-Zarr mask (streamed slice by slice, atomic), for tools without Zarr."""
+def mask_reader(scan):
+    """``read_slab(z0, z1)`` -> bool slab of a one-channel mask scan (nonzero = inside), for the streamed stages."""
+    return lambda z0, z1: scan.read_slab(scan.channels[0], z0, z1) > 0
+
+
+def _zarr_to_tiff(src: Path, dst: Path, voxel) -> Path:
+    """Copy a one-channel OME-Zarr volume into a multi-page TIFF, slice by slice (atomic, see io.write_tiff)."""
     from .io import open_scan, write_tiff
 
+    with open_scan(src) as m:
+        return write_tiff(dst, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
+                          voxel_size=voxel, shape=m.shape, dtype=np.uint8)
+
+
+def _write_tiffs(paths: dict, voxel) -> None:
+    """A multi-page TIFF beside every OME-Zarr mask (streamed slice by slice, atomic), for tools without Zarr."""
     for name in [n for n in paths if n.endswith("mask") or n == "mask_raw"]:
-        with open_scan(paths[name]) as m:
-            tif = paths[name].with_name(f"{name}.tif")
-            write_tiff(tif, (m.read_slice(m.channels[0], z) for z in range(m.shape[0])),
-                       voxel_size=voxel, shape=m.shape, dtype=np.uint8)
-        paths[f"{name}_tiff"] = tif
+        paths[f"{name}_tiff"] = _zarr_to_tiff(paths[name], paths[name].with_name(f"{name}.tif"), voxel)
 
 
 def _pass2_outputs(cfg: PipelineConfig) -> list[str]:
@@ -649,9 +655,7 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
 
     p = cfg.postprocess
     with open_scan(mask_path) as m, ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel) as w:
-        def read(z0, z1):
-            return m.read_slab(m.channels[0], z0, z1) > 0
-
+        read = mask_reader(m)
         # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
         # enough that memory does not depend on the scan's depth
         slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
@@ -673,7 +677,7 @@ def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -
     mc = cfg.mesh
     with open_scan(mask_path) as m:
         stats = mesh_from_mask(
-            lambda z0, z1: m.read_slab(m.channels[0], z0, z1) > 0, m.shape, out / f"mesh.{mc.format}",
+            mask_reader(m), m.shape, out / f"mesh.{mc.format}",
             voxel or (1.0, 1.0, 1.0), slab_size=mc.slab_size, min_faces=mc.min_faces,
             max_faces=mc.max_faces or None, max_bytes=mc.max_bytes,
             table_path=out / "components.csv" if mc.component_table else None,
