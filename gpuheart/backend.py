@@ -188,11 +188,27 @@ def kernel_source(name: str) -> str:
     return path.read_text()
 
 
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def nvrtc_ptx(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = (),
+              arch: str = "sm_90") -> tuple[str, dict]:
+    """Compile ``kernels/<name>`` with NVRTC exactly as ``load_module`` does, but for a named ``arch``
+    and without a GPU: (PTX text, {name expression: mangled name}). CuPy's public compile entry
+    points ask the driver for the device's architecture, so this goes one level down, to the
+    NVRTC program CuPy itself uses; it exists so CI can prove every kernel builds under NVRTC."""
+    from cupy.cuda import compiler
+
+    prog = compiler._NVRTCProgram(kernel_source(name), name, name_expressions=list(name_expressions) or None)
+    ptx, mapping = prog.compile(NVRTC_OPTIONS + tuple(options) + (f"-arch={arch}",))
+    return (ptx.decode() if isinstance(ptx, bytes) else ptx), dict(mapping or {})
+
+
 @functools.lru_cache(maxsize=None)
 def load_module(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()):
     """Compile ``kernels/<name>`` once per process with NVRTC and cache the ``cupy.RawModule``."""
     cp = _cupy()
     if cp is None or not cuda_available():
         raise DeviceError(f"kernel {name} needs CUDA")
-    return cp.RawModule(code=kernel_source(name), options=("-std=c++17",) + tuple(options),
+    return cp.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS + tuple(options),
                         name_expressions=list(name_expressions) or None)

@@ -156,15 +156,20 @@ class AugmentConfig:
     rot90_flip: bool = True      # the 8 symmetries of the square (exact, no interpolation)
     rotate_deg: float = 15.0     # uniform small rotation in [-rotate_deg, rotate_deg]
     shift: float = 0.0625        # translation, fraction of the tile side
-    p_affine: float = 0.5        # probability of the (interpolating) rotation + translation
+    scale: float = 1.4           # zoom drawn log-uniformly from [1/scale, scale]: microscopes differ in pixel size
+    p_affine: float = 0.5        # probability of the (interpolating) rotation + translation + zoom
     noise: float = 0.02          # Gaussian noise sigma drawn from [0, noise] (image scale 0..1)
     brightness: float = 0.1      # additive offset in [-brightness, brightness]
     contrast: float = 0.15       # gain in [1 - contrast, 1 + contrast] about the tile mean
+    gamma: float = 1.5           # with probability p_gamma, image ** g, log g uniform in [-log gamma, log gamma]
+    p_gamma: float = 0.3
+    blur: float = 1.0            # with probability p_blur, Gaussian blur, sigma uniform in [0.5, blur] pixels
+    p_blur: float = 0.2
 
 
 def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                       cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """The same random rotation/flip/translation applied to a (y, x) image and its label.
+    """The same random rotation/flip/translation/zoom applied to a (y, x) image and its label.
 
     The image is interpolated linearly, the label by nearest neighbour so it stays binary; both use
     reflect borders so they stay aligned at the edges too.
@@ -175,10 +180,11 @@ def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
         image, label = np.rot90(image, k), np.rot90(label, k)
         if flip:
             image, label = image[:, ::-1], label[:, ::-1]
-    if (cfg.rotate_deg or cfg.shift) and rng.random() < cfg.p_affine:
+    if (cfg.rotate_deg or cfg.shift or cfg.scale > 1) and rng.random() < cfg.p_affine:
         theta = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
         shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * np.array(image.shape)
-        c, s = np.cos(theta), np.sin(theta)
+        zoom = np.exp(rng.uniform(-np.log(cfg.scale), np.log(cfg.scale))) if cfg.scale > 1 else 1.0
+        c, s = np.cos(theta) / zoom, np.sin(theta) / zoom
         mat = np.array([[c, -s], [s, c]])
         centre = (np.array(image.shape) - 1) / 2
         # affine_transform maps output coords o to input coords mat @ o + offset
@@ -190,8 +196,15 @@ def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 
 def intensity_augment(image: np.ndarray, rng: np.random.Generator,
                       cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
-    """Contrast, brightness and Gaussian noise on a float image in [0, 1]; the result is clipped to [0, 1]."""
+    """Blur, gamma, contrast, brightness and Gaussian noise on a float image in [0, 1]; the result is
+    clipped to [0, 1]. Blur and gamma stand in for a wider or narrower PSF and a different stain or
+    detector response than the training stacks had."""
     image = image.astype(np.float32, copy=True)
+    if cfg.blur and rng.random() < cfg.p_blur:
+        image = ndimage.gaussian_filter(image, rng.uniform(0.5, max(cfg.blur, 0.5)), mode="reflect")
+    if cfg.gamma > 1 and rng.random() < cfg.p_gamma:
+        image = np.power(np.clip(image, 0, 1), np.exp(rng.uniform(-np.log(cfg.gamma), np.log(cfg.gamma))),
+                         dtype=np.float32)
     if cfg.contrast:
         mean = image.mean()
         image = (image - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean

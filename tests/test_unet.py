@@ -11,7 +11,7 @@ from gpuheart.unet import (AugmentConfig, TrainConfig, UNet, dice_bce_loss, geom
                            split_slices, tile_grid, tversky_focal_loss)
 
 torch.set_num_threads(1)
-GEOMETRIC_ONLY = AugmentConfig(noise=0, brightness=0, contrast=0)
+GEOMETRIC_ONLY = AugmentConfig(scale=1, noise=0, brightness=0, contrast=0, gamma=1, blur=0)
 
 
 def _tiny(depth=2, width=4, seed=0):
@@ -100,7 +100,7 @@ def test_geometric_augment_moves_image_and_label_identically():
 def test_rot90_flip_is_exact():
     rng = np.random.default_rng(2)
     a = np.arange(36, dtype=np.float32).reshape(6, 6)
-    cfg = AugmentConfig(rotate_deg=0, shift=0, noise=0, brightness=0, contrast=0)
+    cfg = AugmentConfig(rotate_deg=0, shift=0, scale=1, noise=0, brightness=0, contrast=0, gamma=1, blur=0)
     seen = set()
     for _ in range(40):
         img, lab = geometric_augment(a, a.astype(np.int64), rng, cfg)
@@ -114,9 +114,27 @@ def test_intensity_augment_keeps_label_and_range():
     rng = np.random.default_rng(3)
     img = rng.random((32, 32)).astype(np.float32)
     lab = (img > 0.7).astype(np.uint8)
-    out_img, out_lab = unet.augment_pair(img, lab, rng, AugmentConfig(rot90_flip=False, p_affine=0))
+    cfg = AugmentConfig(rot90_flip=False, p_affine=0, p_gamma=1, p_blur=1)
+    out_img, out_lab = unet.augment_pair(img, lab, rng, cfg)
     assert np.array_equal(out_lab, lab) and out_img.dtype == np.float32
     assert out_img.min() >= 0 and out_img.max() <= 1 and not np.array_equal(out_img, img)
+
+
+def test_zoom_scales_label_area():
+    """A zoom by z changes a label's area by z**2, and the label stays binary and aligned with the image."""
+    img = np.zeros((96, 96), np.float32)
+    img[40:56, 40:56] = 1
+    cfg = AugmentConfig(rot90_flip=False, rotate_deg=0, shift=0, scale=2.0, p_affine=1,
+                        noise=0, brightness=0, contrast=0, gamma=1, blur=0)
+    areas = set()
+    for seed in range(20):
+        out_img, out_lab = geometric_augment(img, img.astype(np.uint8), np.random.default_rng(seed), cfg)
+        assert set(np.unique(out_lab)) <= {0, 1}
+        assert np.mean((out_img > 0.5) != out_lab) < 0.01
+        ratio = out_lab.sum() / 256
+        assert 0.2 < ratio < 4.5   # zoom in [1/2, 2] -> area ratio in [1/4, 4], plus nearest-neighbour slack
+        areas.add(int(out_lab.sum()))
+    assert len(areas) > 5
 
 
 # -- tiled inference -----------------------------------------------------------------------------

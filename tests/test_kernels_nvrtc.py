@@ -1,0 +1,66 @@
+"""Every kernel builds under NVRTC, the compiler ``backend.load_module`` uses at run time on a GPU.
+
+nvcc (tests/test_kernels_*.py and .ci/run) accepts things NVRTC does not (host headers, for one),
+so a kernel that only passes nvcc could still fail on the first GPU it meets. NVRTC runs without a
+GPU; CuPy finds it in the ``nvidia-cuda-nvrtc`` wheel (in the ``dev`` extra) or a CUDA toolkit.
+Each entry point the dispatch code asks for must be in the PTX, for sm_80 and sm_90.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from gpuheart import backend, filters
+
+
+def _nvrtc_or_skip():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # no libnvrtc: say so instead of failing on a machine without it
+        pytest.skip(f"NVRTC is not available ({type(exc).__name__}: {exc}); "
+                    "install the dev extra (nvidia-cuda-nvrtc) to check the kernels compile")
+
+
+def _entries(ptx: str) -> set[str]:
+    return set(re.findall(r"\.entry\s+(\w+)", ptx))
+
+
+ARCHS = ["sm_80", "sm_90"]
+
+# the extern "C" entry points the dispatch in exposure.py / morphology.py builds names for
+EXTERN_C = {
+    "clahe.cu": [f"int_to_bins_{t}_{b}" for t in ("u8", "u16") for b in ("b8", "b16")]
+    + [f"float_to_bins_{t}_{b}" for t in ("f32", "f64") for b in ("b8", "b16")]
+    + [f"clahe_tile_maps_{b}" for b in ("b8", "b16")] + [f"clahe_interp_{b}" for b in ("b8", "b16")]
+    + ["clahe_final"],
+    "elementwise.cu": ["robust_scale_f32"],
+    "morphology.cu": ["close_z_line", "close_cube"],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(EXTERN_C))
+def test_extern_c_kernels_build_under_nvrtc(name, arch):
+    _nvrtc_or_skip()
+    entries = _entries(backend.nvrtc_ptx(name, arch=arch)[0])
+    wanted = list(EXTERN_C[name])
+    if name == "elementwise.cu":
+        from gpuheart.exposure import _ZNORM_SUFFIX
+
+        wanted += [f"znorm_asinh_{s}" for s in _ZNORM_SUFFIX.values()]
+    missing = [k for k in wanted if k not in entries]
+    assert not missing, f"{name} under NVRTC for {arch} lacks {missing}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_median_instantiations_build_under_nvrtc(arch):
+    _nvrtc_or_skip()
+    names = sorted({filters._cuda_plan((1, 64, 64), dt, size)[0]
+                    for dt in (np.uint8, np.uint16, np.float32) for size in range(3, 32, 2)})
+    ptx, mapping = backend.nvrtc_ptx("median.cu", tuple(names), arch=arch)
+    assert set(mapping) == set(names)
+    assert set(mapping.values()) <= _entries(ptx)
