@@ -13,7 +13,7 @@ from .backend import array_module, to_host
 from .filters import difference_of_medians
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this = sigma for Gaussian noise
-METHODS = ("otsu", "sigma")
+METHODS = ("otsu", "sigma", "noise")
 
 
 def robust_sigma(values) -> float:
@@ -26,6 +26,20 @@ def robust_sigma(values) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
+def negative_sigma(values) -> float:
+    """Noise sigma of a DoM image from its negative half: ``sqrt(mean(v**2 for v < 0))``.
+
+    Bright structures only push the difference of medians up, and noise is symmetric about 0, so
+    the negative values are noise alone however much (or little) signal the image holds; for
+    Gaussian noise their RMS is sigma. Unlike Otsu and the MAD this needs no assumption about the
+    share of signal, which is what sparse channels (thin nerve fibres in a mostly empty volume) break.
+    0 when no value is negative.
+    """
+    v = _finite(values)
+    neg = v[v < 0].astype(np.float64)
+    return float(np.sqrt(np.mean(neg * neg))) if neg.size else 0.0
+
+
 def threshold_value(values, method="otsu", k: float = 3.0) -> float:
     """The threshold for ``values`` (any shape; non-finite values ignored).
 
@@ -34,6 +48,8 @@ def threshold_value(values, method="otsu", k: float = 3.0) -> float:
         constant, so ``values > threshold`` selects nothing);
       * ``"sigma"``: ``k * robust_sigma(values)`` = ``k * 1.4826 * MAD``. This is measured from 0,
         not from the median: it is meant for DoM values, whose background is centred on 0;
+      * ``"noise"``: ``k * negative_sigma(values)``: k noise sigmas, the noise measured on the negative
+        half of the DoM; for sparse channels, where Otsu splits the noise;
       * a real number: that fixed threshold.
     """
     if isinstance(method, numbers.Real) and not isinstance(method, (bool, np.bool_)):
@@ -47,11 +63,15 @@ def threshold_value(values, method="otsu", k: float = 3.0) -> float:
         if v.min() == v.max():  # skimage warns/varies here; the only sensible answer is the value
             return float(v.min())
         return float(threshold_otsu(v))
-    if method == "sigma":
-        if not isinstance(k, numbers.Real) or isinstance(k, bool) or not np.isfinite(k) or k < 0:
-            raise ValueError(f"k must be a finite non-negative number, got {k!r}")
-        return float(k) * robust_sigma(values)
-    raise ValueError(f"unknown threshold method {method!r}: expected 'otsu', 'sigma' or a number")
+    if method in ("sigma", "noise"):
+        _check_k(k)
+        return float(k) * (robust_sigma(values) if method == "sigma" else negative_sigma(values))
+    raise ValueError(f"unknown threshold method {method!r}: expected 'otsu', 'sigma', 'noise' or a number")
+
+
+def _check_k(k) -> None:
+    if not isinstance(k, numbers.Real) or isinstance(k, bool) or not np.isfinite(k) or k < 0:
+        raise ValueError(f"k must be a finite non-negative number, got {k!r}")
 
 
 def threshold_slices(values, method="otsu", k: float = 3.0):
@@ -72,6 +92,12 @@ def threshold_slices(values, method="otsu", k: float = 3.0):
             raise ValueError(f"a fixed threshold must be finite, got {method!r}")
     elif method == "otsu" and values.dtype.kind in "iu" and values.size:
         t = _otsu_from_histograms(values, xp)
+    elif method == "noise" and values.dtype.kind in "iu" and values.size:
+        _check_k(k)  # integers are finite: per-slice sums on the device, z numbers to the host
+        neg = xp.minimum(values, 0).astype(xp.float64)
+        count = to_host(xp.count_nonzero(neg, axis=(1, 2)))
+        sq = to_host((neg * neg).sum(axis=(1, 2)))
+        t = float(k) * np.sqrt(sq / np.maximum(count, 1))
     else:
         t = np.array([threshold_value(v, method, k) for v in values])
     return xp.asarray(t.reshape(-1, 1, 1))

@@ -29,6 +29,10 @@ def test_config_defaults_are_the_papers():
     ("device = 'tpu'\n", "unknown device"),
     ("voxel_size = [1.0, 2.0]\n", "voxel_size"),
     ("slab_size = \n", "not valid TOML"),
+    ("[channel.C01]\npreset = 'axons'\n", "unknown preset"),
+    ("[channel.C01]\ndevice = 'cpu'\n", "cannot override device per channel"),
+    ("[channel.C01.dom]\nlarge = 4\n", "odd"),
+    ("[channel.C01.dom]\nthreshhold = 'noise'\n", "channel.C01.dom: unknown key"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     p = tmp_path / "bad.toml"
@@ -36,6 +40,20 @@ def test_bad_config_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as err:
         PipelineConfig.load(p)
     assert str(p) in str(err.value) or "unknown device" in str(err.value)
+
+
+def test_channel_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[segment]\nmethod = 'union'\n[channel.C01]\npreset = 'nerves'\n[channel.C01.dom]\nk = 4\n"
+                 "[channel.C02.postprocess]\nenabled = false\n")
+    cfg = PipelineConfig.load(p)
+    assert cfg.for_channel("C00") is cfg and cfg.segment.method == "union"
+    nerves = cfg.for_channel("C01")
+    assert (nerves.segment.method, nerves.dom.threshold, nerves.dom.k) == ("dom", "noise", 4.0)
+    assert nerves.exposure == cfg.exposure and not nerves.channel
+    c02 = cfg.for_channel("C02")
+    assert not c02.postprocess.enabled and c02.segment.method == "union"
+    assert PipelineConfig.load(cfg.save(tmp_path / "again.toml")) == cfg
 
 
 def test_missing_config_file(tmp_path):
@@ -76,6 +94,10 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
     assert set(tiny_run.outputs) == {"C00", "C01"}
     assert tiny_run.summary["C00"]["dom_vs_truth"]["dice"] > 0.3
     assert tiny_run.summary["C00"]["final_vs_truth"]["dice"] > 0.3
+    # the nerve channel runs with the nerve preset, set for the phantom because its contents are known
+    assert tiny_run.summary["C01"]["segmentation"] == "dom"
+    assert tiny_run.summary["C01"]["dom_vs_truth"]["dice"] > 0.4   # per-slice Otsu: about 0.01
+    assert PipelineConfig.load(out / "config.toml").for_channel("C01").dom.threshold == "noise"
     for stage in ("read", "stats (pass 1)", "clahe", "difference of medians", "closing", "mesh", "write"):
         assert tiny_run.timings[stage] >= 0
     assert tiny_run.report is not None and tiny_run.report.is_file()

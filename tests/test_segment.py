@@ -4,6 +4,7 @@ import pytest
 import scipy.ndimage as ndi
 from skimage.filters import threshold_otsu
 
+from gpuheart import segment
 from gpuheart.segment import dom_mask, robust_sigma, threshold_value, union
 
 
@@ -118,3 +119,21 @@ def test_threshold_slices_equals_per_slice_thresholds(dtype, method):
     expected = [threshold_value(s, method, 3.0) for s in slab]
     np.testing.assert_array_equal(t.ravel(), np.array(expected, dtype=float))
     np.testing.assert_array_equal(slab > t, np.stack([s > e for s, e in zip(slab, expected)]))
+
+
+def test_noise_threshold_measures_the_negative_half():
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0, 4.0, (3, 200, 200))
+    sparse = noise.copy()
+    sparse[:, 100, :] += 60  # a thin bright line: 0.5 % of the pixels, all positive
+    for v in (noise, sparse):
+        assert abs(segment.negative_sigma(v) - 4.0) < 0.1
+    assert segment.threshold_value(sparse, "noise", 5) == pytest.approx(5 * segment.negative_sigma(sparse))
+    ints = np.round(sparse).astype(np.int16)
+    per_slice = segment.threshold_slices(ints, "noise", 5).ravel()
+    np.testing.assert_allclose(per_slice, [segment.threshold_value(s, "noise", 5) for s in ints], rtol=1e-12)
+    mask = ints > segment.threshold_slices(ints, "noise", 5)
+    assert mask[:, 100].mean() > 0.99 and mask.mean() < 0.006   # the line, almost no noise
+    assert segment.negative_sigma(np.abs(ints)) == 0.0
+    with pytest.raises(ValueError, match="k must be"):
+        segment.threshold_value(sparse, "noise", -1)
