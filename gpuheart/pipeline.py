@@ -466,10 +466,11 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     last = time.monotonic()
     # planned from free device memory, and shrunk for good after a device out-of-memory error
     budget = {"slices": plan_slices(step, scan.shape, backend.device_free_bytes() if device == "cuda" else None)}
-    slabs = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
-    for z0, data in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
-        with timer("to device"):
-            x = backend.to_device(data, device)
+    # read in a background thread (its time is "read", overlapped) and, on CUDA, copied to the device on
+    # a second stream from pinned buffers while this slab is computed; "input wait" is what that leaves
+    reads = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
+    slabs = _timed(backend.prefetch(reads, device), timer, "input wait")
+    for z0, x in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
         acc.add_raw(z0, x)
         products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget)
         with timer("write"):
@@ -477,7 +478,7 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
         acc.add(z0, products)
         if time.monotonic() - last >= cfg.checkpoint_seconds:
             with timer("checkpoint"):
-                ck.save(z0 + len(data), acc)
+                ck.save(z0 + len(x), acc)
             last = time.monotonic()
 
 
