@@ -34,13 +34,13 @@ def _slab(n_slices: int, size: int = 2048, device: str = "cpu"):
     return backend.to_device(x, device)
 
 
-def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2) -> dict:
+def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2, amp=None) -> dict:
     """Time ``predict`` on ``n_slices`` slices of ``size``² with 256 tiles (overlap 0: tiles = pixels / 256²)."""
     dev = backend.resolve_device(device)
     model, x = _model(), _slab(n_slices, size, dev)
     grid = unet.tile_grid((size, size), 256, overlap)
     n_tiles = n_slices * len(grid.starts_y) * len(grid.starts_x)
-    unet.predict(model, x[:1], tile=256, overlap=overlap, device=dev)  # warm-up (cuDNN autotune, allocations)
+    unet.predict(model, x[:1], tile=256, overlap=overlap, device=dev, amp=amp)  # warm-up (cuDNN autotune, allocations)
     best = float("inf")
     for _ in range(repeats):
         if dev == "cuda":
@@ -48,11 +48,12 @@ def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2)
 
             cupy.cuda.Device().synchronize()
         t0 = time.perf_counter()
-        unet.predict(model, x, tile=256, overlap=overlap, device=dev)
+        unet.predict(model, x, tile=256, overlap=overlap, device=dev, amp=amp)
         if dev == "cuda":
             cupy.cuda.Device().synchronize()
         best = min(best, time.perf_counter() - t0)
-    return {"device": dev, "tiles": n_tiles, "seconds": best, "tiles_per_s": n_tiles / best}
+    return {"device": dev, "tiles": n_tiles, "seconds": best, "tiles_per_s": n_tiles / best,
+            "bf16": dev == "cuda" if amp is None else bool(amp) and (dev == "cuda" or unet._cpu_bf16())}
 
 
 def test_unet_inference_cpu(benchmark):
@@ -79,6 +80,9 @@ def main() -> int:
     dev = backend.resolve_device("auto")
     r = tiles_per_second(n_slices=8 if dev == "cuda" else 1, size=2048 if dev == "cuda" else 1024, device=dev)
     name = "cuda" if dev == "cuda" else "cpu"
+    if dev == "cpu":  # measured side by side: fp32 (the CPU default) and bf16 autocast (opt-in)
+        r["bf16_autocast"] = tiles_per_second(n_slices=1, size=1024, device=dev, amp=True)
+        r["bf16_speedup"] = r["bf16_autocast"]["tiles_per_s"] / r["tiles_per_s"]
     if dev == "cuda":
         import cupy
 

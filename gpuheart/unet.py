@@ -357,15 +357,18 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
 
 
 def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_size: int | None = None,
-            device: str = "auto", amp: bool = True):
+            device: str = "auto", amp: bool | None = None):
     """Vessel probabilities (float32, same shape and array kind as ``image``) by overlapping tiles.
 
     ``image``: a (y, x) slice or a (z, y, x) slab (predicted slice by slice), NumPy or CuPy, uint8
     (scaled by 1/255) or float in [0, 1]. Tiles of side ``tile`` overlap by ``overlap``; each tile's
     sigmoid output is weighted by a squared-sine window and the sum is normalised by the summed weights,
     so there are no seams. Borders are reflect-padded. CuPy input stays on the GPU (DLPack, no host
-    round trip). On CUDA with ``amp`` the model runs under bf16 autocast. ``model`` must output one
-    channel of logits; it is moved to the compute device and put in eval mode.
+    round trip). ``amp``: bf16 autocast; None (the default) means on for CUDA and off on the CPU, where
+    fp32 keeps results identical across machines (True turns it on for CPUs with native bf16, about 2x
+    faster, with about 0.03 % of mask pixels flipped at the calibrated threshold). ``model`` must output
+    one channel of logits; it is moved to the compute device, put in eval mode and given the channels-last
+    memory layout (same numbers, 1.7x faster convolutions on the CPU, the layout cuDNN prefers for bf16).
     """
     if image.ndim not in (2, 3):
         raise ValueError(f"predict needs a (y, x) slice or (z, y, x) slab, got shape {image.shape}")
@@ -377,12 +380,22 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
     dev = x.device if is_device_array(image) else torch.device(resolve_device(device))
     x = _to_unit_float(x.to(dev))
     slab = x[None] if image.ndim == 2 else x
-    out = _predict_slab(model.to(dev).eval(), slab, tile, overlap,
-                        batch_size or _auto_batch_size(model, tile, dev), amp and dev.type == "cuda")
+    use_amp = (dev.type == "cuda") if amp is None else bool(amp) and (dev.type == "cuda" or _cpu_bf16())
+    model = model.to(dev, memory_format=torch.channels_last).eval()
+    out = _predict_slab(model, slab, tile, overlap, batch_size or _auto_batch_size(model, tile, dev),
+                        use_amp)
     out = out[0] if image.ndim == 2 else out
     if not is_device_array(image):
         return np.ascontiguousarray(from_torch(out.cpu()))
     return from_torch(out)
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); elsewhere bf16 would be emulated, slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _contiguous(a):
@@ -404,10 +417,11 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
         for sx in grid.starts_x:
             wsum[sy:sy + tile, sx:sx + tile] += win
     coords = [(k, sy, sx) for k in range(z) for sy in grid.starts_y for sx in grid.starts_x]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(slab.device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(coords), batch_size):
             chunk = coords[i:i + batch_size]
             batch = torch.stack([padded[k, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])[:, None]
+            batch = batch.contiguous(memory_format=torch.channels_last)
             prob = torch.sigmoid(model(batch).float())[:, 0]
             for p, (k, sy, sx) in zip(prob, chunk):
                 acc[k, sy:sy + tile, sx:sx + tile] += p * win
@@ -581,7 +595,8 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
     ts = 0
     for v in sorted({v for v, _ in val_slices}):
         ks = [k for vv, k in val_slices if vv == v]
-        prob = predict(model, vols[v][ks], tile=cfg.tile, overlap=cfg.tile // 4, device=device, amp=cfg.amp)
+        prob = predict(model, vols[v][ks], tile=cfg.tile, overlap=cfg.tile // 4, device=device,
+                       amp=cfg.amp and device == "cuda")
         t = labs[v][ks] > 0
         ts += int(t.sum())
         for i, thr in enumerate(VAL_THRESHOLDS):
@@ -642,7 +657,8 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = UNet(1, 1, cfg.depth, cfg.width, cfg.norm).to(device)
+    # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
+    model = UNet(1, 1, cfg.depth, cfg.width, cfg.norm).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience, min_lr=cfg.min_lr)

@@ -211,6 +211,20 @@ def test_predict_shapes_dtypes_and_slab():
         predict(model, slab, tile=66, overlap=16, device="cpu")
 
 
+def test_cpu_prediction_is_fp32_unless_bf16_is_asked_for():
+    rng = np.random.default_rng(8)
+    model = _tiny()
+    slab = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    fp32 = predict(model, slab, tile=64, overlap=16, device="cpu")
+    with torch.no_grad():   # the default on the CPU is plain fp32, the model's own numbers
+        ref = torch.sigmoid(model.float()(torch.from_numpy(slab[:, None].astype(np.float32) / 255)))[:, 0].numpy()
+    np.testing.assert_allclose(fp32, ref, atol=1e-5)
+    bf16 = predict(model, slab, tile=64, overlap=16, device="cpu", amp=True)
+    np.testing.assert_allclose(bf16, fp32, atol=0.1)   # bf16 where the CPU has it natively, else fp32
+    if not unet._cpu_bf16():
+        np.testing.assert_array_equal(bf16, fp32)
+
+
 @pytest.mark.gpu
 def test_predict_cupy_stays_on_device_and_matches_cpu():
     cp = pytest.importorskip("cupy")
