@@ -45,6 +45,9 @@ class SegmentConfig:
     threshold: float = 0.0  # on the U-Net's probability; 0: the model's own (calibrated in training), else 0.5
     tile: int = 256
     overlap: int = 64
+    # bf16 on the CPU too (about 2x faster where the CPU has native bf16, ~0.03 % of mask pixels differ);
+    # off by default so a CPU run gives the same mask on every machine. CUDA always uses bf16.
+    cpu_bf16: bool = False
 
 
 @dataclass
@@ -680,7 +683,8 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) 
         from .unet import predict
 
         with timer("u-net"):
-            prob = predict(model, pre, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device)
+            prob = predict(model, pre, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device,
+                           amp=True if cfg.segment.cpu_bf16 else None)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     if cfg.segment.method == "union":
         with timer("union"):
