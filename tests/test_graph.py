@@ -289,6 +289,17 @@ def test_graphml_round_trip(tmp_path, y_graph):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.graphml"]
 
 
+def test_graphml_reads_back_as_networkx_own_export(tmp_path, y_graph):
+    """Our row writer and networkx's writer give files that read back as the same multigraph."""
+    ours, theirs = tmp_path / "ours.graphml", tmp_path / "theirs.graphml"
+    vg.write_graphml(y_graph, ours)
+    nx.write_graphml(y_graph.to_networkx(), theirs)
+    a, b = (nx.read_graphml(p, node_type=int, force_multigraph=True) for p in (ours, theirs))
+    assert dict(a.nodes(data=True)) == dict(b.nodes(data=True))
+    assert sorted(a.edges(keys=True, data=True), key=str) == sorted(b.edges(keys=True, data=True), key=str)
+    assert nx.utils.edges_equal(a.edges(keys=True), y_graph.to_networkx().edges(keys=True))
+
+
 def test_failed_write_leaves_nothing(tmp_path, y_graph):
     target = tmp_path / "out.graphml"
     target.write_text("old")
