@@ -202,6 +202,14 @@ def _upload_overlapped(pairs):
         yield pending[0], pending[1]
 
 
+def synchronizer(device: str):
+    """A function that waits for the work queued on the current CUDA stream, or None on the CPU."""
+    if resolve_device(device) != "cuda":
+        return None
+    cp = _cupy()
+    return lambda: cp.cuda.get_current_stream().synchronize()
+
+
 def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     """A NumPy array for ``x`` (a device->host copy for CuPy arrays, none for NumPy)."""
     if is_device_array(x):
@@ -259,7 +267,11 @@ def device_free_bytes() -> int | None:
     cp = _cupy()
     free, _ = cp.cuda.runtime.memGetInfo()
     pool = cp.get_default_memory_pool()
-    return int(free + pool.total_bytes() - pool.used_bytes())
+    avail = free + pool.total_bytes() - pool.used_bytes()
+    limit = pool.get_limit()  # a capped pool (set_limit, CUPY_GPU_MEMORY_LIMIT) is what we may use
+    if limit:
+        avail = min(avail, limit - pool.used_bytes())
+    return int(max(0, avail))
 
 
 def free_device_memory() -> None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, to_device, to_host, device_of, is_device_array, load_module
+from .backend import (array_module, device_of, is_device_array, is_device_oom, load_module, to_device,
+                      to_host)
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
@@ -255,6 +256,8 @@ def robust_scale(x, low: float = 0.1, high: float = 99.9):
         out = _try_cuda("robust_scale", _robust_scale_cuda, x, low, high)
         if out is not None:
             return out
+        # the host path, not cupy.percentile, which rounds differently: the answer stays exact
+        return to_device(robust_scale(to_host(x), low, high), "cuda")
     x3 = x[None] if x.ndim == 2 else x
     out = xp.empty(x3.shape, dtype=xp.uint8)
     for i, s in enumerate(x3):
@@ -577,13 +580,16 @@ _warned: set[str] = set()
 
 
 def _try_cuda(what: str, fn, *args):
-    """``fn(*args)``; a ValueError (bad input) propagates, any other failure (NVRTC compile error,
-    launch failure, out of memory) warns once per operation and returns None (host path)."""
+    """``fn(*args)``; a ValueError (bad input) and a device out-of-memory error (the pipeline shrinks its
+    slabs and retries) propagate; any other failure (NVRTC compile error, launch failure) warns once per
+    operation and returns None (host path)."""
     try:
         return fn(*args)
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - any CUDA failure must degrade to the host path
+        if is_device_oom(err):
+            raise
         if what not in _warned:
             _warned.add(what)
             warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "

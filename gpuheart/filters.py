@@ -42,7 +42,7 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, is_device_array, load_module, to_host
+from .backend import array_module, is_device_array, is_device_oom, load_module, to_host
 
 MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
          "constant": "constant"}
@@ -227,6 +227,8 @@ def _median_device(x, size, mode, cval, out):
                 res = _median_cuda(x, size, mode, cval, out)
             return res
         except Exception as exc:  # compile error (NVRTC), launch failure, CUDA error
+            if is_device_oom(exc):
+                raise  # not the kernel's fault: the pipeline shrinks its slabs and retries
             _CUDA_FAILED[name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"CUDA median kernel {name} failed ({_CUDA_FAILED[name]}); "
                           "filtering on the host instead", RuntimeWarning, stacklevel=3)

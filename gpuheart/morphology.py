@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .backend import is_device_array, load_module, to_device, to_host
+from .backend import is_device_array, is_device_oom, load_module, to_device, to_host
 
 ReadSlab = Callable[[int, int], np.ndarray]
 
@@ -120,6 +120,8 @@ def _on_device(what: str, fn, mask, h: int, z_edges, host):
         try:
             out = fn(mask, h, z_edges)
         except Exception as err:  # noqa: BLE001 - compile/launch failure: degrade to the host path
+            if is_device_oom(err):
+                raise  # the caller shrinks its slabs and retries
             if what not in _warned:
                 _warned.add(what)
                 warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
@@ -191,20 +193,21 @@ def _slab_ranges(nz: int, slab_size: int) -> Iterator[tuple[int, int]]:
 
 
 def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int,
-                      z_size: int = 5, z_iterations: int = 5, size3d: int = 3,
+                      z_size: int = 5, z_iterations: int = 5, size3d: int = 3, device: str = "cpu",
                       ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Stream :func:`postprocess` over z: yields ``(z0, z1, mask[z0:z1])`` equal to the whole result.
+    """Stream :func:`postprocess` over z: yields ``(z0, z1, mask[z0:z1])`` (NumPy) equal to the whole result.
 
     Each slab is read with a halo of :func:`reach` slices on both sides (clipped to the volume).
-    Peak memory is one slab plus ``2 * reach`` slices (and SciPy's temporaries).
+    Peak memory is one slab plus ``2 * reach`` slices (and SciPy's temporaries). With ``device="cuda"``
+    each slab is closed on the GPU by the kernels (same voxels) and only the result comes back.
     """
     h = reach(z_size, z_iterations, size3d)
     nz = shape[0]
     for z0, z1 in _slab_ranges(nz, slab_size):
         a, b = max(0, z0 - h), min(nz, z1 + h)
-        block = np.asarray(read_slab(a, b), dtype=bool)
+        block = to_device(np.asarray(read_slab(a, b), dtype=bool), device)
         out = postprocess(block, z_size, z_iterations, size3d, z_edges=(a == 0, b == nz))
-        yield z0, z1, out[z0 - a:z1 - a]
+        yield z0, z1, to_host(out[z0 - a:z1 - a])
 
 
 # -- connected components ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -279,17 +280,30 @@ class RunResult:
 
 
 class _Timer:
-    """Accumulates wall seconds per stage name."""
+    """Accumulates wall seconds per stage name.
 
-    def __init__(self):
+    On CUDA, kernels run asynchronously: without a synchronization a stage's kernels would be charged to
+    whichever later stage first waits for them. So in the thread that created it (the one queueing the
+    work), the timer waits for the current stream at both ends of a stage; elsewhere (the background
+    reader) it does not, so it never stalls a thread that queues no device work.
+    """
+
+    def __init__(self, device: str = "cpu"):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = backend.synchronizer(device)
+        self._owner = threading.get_ident()
 
     @contextmanager
     def __call__(self, stage: str):
+        sync = self._sync if threading.get_ident() == self._owner else None
+        if sync:
+            sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if sync:
+                sync()
             self.seconds[stage] += time.perf_counter() - t0
 
 
@@ -315,7 +329,8 @@ class Pipeline:
         local run's."""
         from .io import open_scan
 
-        cfg, timer = self.config, _Timer()
+        cfg = self.config
+        timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         channels = cfg.channels or None
@@ -551,7 +566,7 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     """One slab of pass 2 on a worker (see _pass2_distributed)."""
     from .io import open_scan, write_partial_slab
 
-    timer = _Timer()
+    timer = _Timer(backend.resolve_device(cfg.device))
     with timer("read"), open_scan(src, channels=[channel]) as scan:
         data = scan.read_slab(channel, z0, min(z0 + step, shape[0]))
     acc = _ChannelAccumulator(shape, truth, channel)
@@ -726,7 +741,8 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
         # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
         # enough that memory does not depend on the scan's depth
         slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
-        slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d), timer, "closing")
+        slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d,
+                                         device=backend.resolve_device(cfg.device)), timer, "closing")
         for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
             with timer("write"):
                 w.write(z0, closed.astype(np.uint8) * 255)
@@ -1052,6 +1068,8 @@ def _pool_max(img: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def array_max(a, b):
+    if backend.is_device_array(a) != backend.is_device_array(b):  # one side restored from a checkpoint
+        a, b = backend.to_host(a), backend.to_host(b)
     return backend.array_module(a).maximum(a, b)
 
 

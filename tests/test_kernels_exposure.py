@@ -116,10 +116,17 @@ def test_clip_restructuring_equals_cpu():
 # -- GPU parity --------------------------------------------------------------------------------------
 
 @pytest.fixture
-def cp():
+def cp(request):
+    """CuPy, and a check that the kernels really ran: a failing kernel degrades to the host path with a
+    one-time warning (recorded in ``_warned``), which would let a parity test pass without any kernel."""
     import cupy
 
-    return cupy
+    deliberate = "falls_back" in request.node.name
+    if not deliberate:
+        ex._warned.clear()
+    yield cupy
+    if not deliberate:
+        assert not ex._warned, f"a CUDA kernel fell back to the host: {sorted(ex._warned)}"
 
 
 def _image(shape, dtype, seed):

@@ -396,6 +396,28 @@ def test_gpu_large_slab_index_math():
 
 
 @pytest.mark.gpu
+def test_gpu_offsets_past_2_to_the_31():
+    """A slab of more than 2**31 voxels (520 x 2048 x 2048 uint8, 2.2 GB): the last slices, whose
+    offsets only 64-bit index math reaches, are filtered and closed like the CPU does."""
+    import cupy as cp
+
+    from gpuheart import morphology as morph
+
+    nz, tail = 520, 12
+    x = cp.zeros((nz, 2048, 2048), cp.uint8)
+    host_tail = _image((tail, 2048, 2048), np.uint8, seed=12)
+    x[-tail:] = cp.asarray(host_tail)
+    got = _gpu_median_no_fallback(x, 3)[-2:].get()
+    np.testing.assert_array_equal(got, median(host_tail[-2:], 3))
+    del got
+    m = x > 128
+    del x
+    closed = morph.close_z(m, 5, 1)[-4:].get()   # reach 2 < tail: the last slices see only host_tail
+    want = morph.close_z(host_tail > 128, 5, 1, z_edges=(False, True))[-4:]
+    np.testing.assert_array_equal(closed, want)
+
+
+@pytest.mark.gpu
 def test_gpu_failure_falls_back_to_host_once(monkeypatch):
     import cupy as cp
 

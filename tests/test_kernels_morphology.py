@@ -126,10 +126,17 @@ def test_cube_shared_memory_fits_default_limit():
 # -- GPU parity --------------------------------------------------------------------------------------
 
 @pytest.fixture
-def cp():
+def cp(request):
+    """CuPy, and a check that the kernels really ran: a failing kernel degrades to the host path with a
+    one-time warning (recorded in ``_warned``), which would let a parity test pass without any kernel."""
     import cupy
 
-    return cupy
+    deliberate = "falls_back" in request.node.name
+    if not deliberate:
+        morph._warned.clear()
+    yield cupy
+    if not deliberate:
+        assert not morph._warned, f"a CUDA kernel fell back to the host: {sorted(morph._warned)}"
 
 
 @pytest.mark.gpu
@@ -165,6 +172,9 @@ def test_postprocess_gpu_equals_cpu_on_slabs_and_non_bool_input(cp):
         a, b = max(0, z0 - h), min(shape[0], z1 + h)
         slab = morph.postprocess(cp.asarray(m[a:b]), z_edges=(a == 0, b == shape[0]))
         np.testing.assert_array_equal(slab[z0 - a:z1 - a].get(), want[z0:z1])
+    # the pipeline's streamed pass: slabs read on the host, closed on the device, NumPy back
+    got = np.concatenate([o for _, _, o in morph.postprocess_slabs(lambda a, b: m[a:b], shape, 16, device="cuda")])
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.gpu

@@ -136,22 +136,47 @@ def test_other_errors_are_not_retried(scan, tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_capped_device_memory_pool_still_completes(scan, tmp_path):
-    """On a GPU: a memory pool too small for a 16-slice slab forces the shrink-and-retry path."""
+def test_capped_device_memory_pool_still_completes(scan, tmp_path, monkeypatch):
+    """On a GPU, with a memory pool too small for a 16-slice slab: the slab plan sees the cap, and when a
+    slab does not fit anyway (the plan forced to the whole slab here), the out-of-memory error reaches
+    the shrink-and-retry path (it is not swallowed by a kernel's host fallback) and the output is the
+    same as an uncapped run's."""
     import cupy
 
-    from gpuheart import Pipeline, PipelineConfig
+    from gpuheart import Pipeline, PipelineConfig, backend, exposure, filters, morphology, pipeline
 
     cfg = PipelineConfig.from_dict({"slab_size": 16, "progress": False, "channels": ["C00"], "device": "cuda",
                                     "segment": {"method": "dom"}, "output": {"report": False},
                                     "mesh": {"enabled": False}, "graph": {"enabled": False}})
     ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+    filters._CUDA_FAILED.clear(), exposure._warned.clear(), morphology._warned.clear()
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    pool.set_limit(size=16 * 128 * 128 * 4 * 3)  # about three float32 copies of half a slab
+    cap = 16 * 128 * 128 * 4 * 3  # about three float32 copies of a 16-slice slab: less than one needs
+    pool.set_limit(size=cap)
     try:
-        got = Pipeline(cfg).run(scan, tmp_path / "capped")
+        assert backend.device_free_bytes() <= cap
+        assert pipeline.plan_slices(16, (40, 128, 128), backend.device_free_bytes()) < 16
+        monkeypatch.setattr(pipeline, "plan_slices", lambda step, shape, free, fraction=0.5: step)
+        with pytest.warns(RuntimeWarning, match="out of device memory"):
+            got = Pipeline(cfg).run(scan, tmp_path / "capped")
     finally:
         pool.set_limit(size=0)
+    assert not filters._CUDA_FAILED and not exposure._warned and not morphology._warned
     with open_scan(ref.outputs["C00"]["mask"]) as a, open_scan(got.outputs["C00"]["mask"]) as b:
         np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
+
+
+@pytest.mark.gpu
+def test_accumulator_restored_from_a_checkpoint_accepts_device_slabs():
+    """A resumed GPU run: the accumulator's state comes back from the checkpoint as NumPy, the next
+    slabs arrive as CuPy."""
+    import cupy as cp
+
+    from gpuheart.pipeline import _ChannelAccumulator
+
+    acc = _ChannelAccumulator((4, 8, 8), None, "C00")
+    acc.add_raw(0, cp.ones((2, 8, 8), cp.uint16))
+    acc2 = _ChannelAccumulator((4, 8, 8), None, "C00")
+    acc2.load_state(*acc.state())
+    acc2.add_raw(2, cp.ones((2, 8, 8), cp.uint16))
