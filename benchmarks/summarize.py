@@ -146,8 +146,8 @@ def section_pipeline(e) -> list[str]:
             f"**Projection, not a measurement** - the paper's full scan, 2056x2048x2022 x 3 channels, on this "
             f"machine: **{dur(p['by_stage_s'])}** by stage ({p['by_stage_rule']}); "
             f"{dur(p['naive_s'])} by the naive rule ({p['naive_rule']})"
-            + (f"; {dur(p['by_stage_without_tree_graph_s'])} by stage without the tree graph (whose per-slice "
-               f"projection is an upper bound)" if p.get("by_stage_without_tree_graph_s") else "")
+            + (f"; {dur(p['by_stage_without_tree_graph_s'])} by stage without the tree graph (a measurement "
+               f"stage, after the mesh)" if p.get("by_stage_without_tree_graph_s") else "")
             + ". The GPU goal is "
             f"{dur(p['gpu_goal_s'])}. Projections assume per-slice costs grow with the pixel count; measure at "
             f"2048x2048 (from smaller slices they overestimate) and with more slices when you can (the z-closing's "
@@ -227,7 +227,11 @@ def section_unet(e) -> list[str]:
             "",
             "| device | tiles | seconds | tiles/s |",
             "|---|---:|---:|---:|",
-            f"| {d['device']} | {d['tiles']} | {d['seconds']:.2f} | {d['tiles_per_s']:.1f} |",
+            f"| {d['device']}{' (bf16)' if d.get('bf16') else ''} | {d['tiles']} | {d['seconds']:.2f} | "
+            f"{d['tiles_per_s']:.1f} |",
+            *([f"| {d['device']} (bf16 autocast, opt-in: `[segment] cpu_bf16`) | {b['tiles']} | {b['seconds']:.2f} | "
+               f"{b['tiles_per_s']:.1f} ({d.get('bf16_speedup', 0):.1f}x, same run) |"]
+              if (b := d.get("bf16_autocast")) else []),
             "",
             "Reference from the project: a plain 16-channel U-Net in bf16 did about 6,600 tiles/s on an H100.",
             ""]
@@ -236,7 +240,9 @@ def section_unet(e) -> list[str]:
 def section_accuracy(e) -> list[str]:
     d = e["doc"]
     m = d["mean_dice"]
-    return ["### Segmentation accuracy, leave one stack out",
+    st = d.get("settings", {})
+    recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
+    return [f"### Segmentation accuracy, leave one stack out ({recipe})",
             "",
             f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']:.3f}, union "
             f"{m.get('union', float('nan')):.3f}, global Otsu {m['otsu']:.3f}, difference of medians {m['dom']:.3f}.",
@@ -288,7 +294,7 @@ def render(entries: list[dict]) -> str:
            "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
-           "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 12 --steps 50` | `accuracy-loso.json` |",
+           "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
            "",
            "## GPU",

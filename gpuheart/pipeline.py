@@ -455,8 +455,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         with timer("mesh"):
             summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
     if cfg.graph.enabled and "mask" in paths:
-        with timer("tree graph"):
-            summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths)
+        summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths, timer)
     with timer("report figures"):
         acc.save_figures(out / "figures.npz")
     ck.finish(paths, summary)
@@ -586,7 +585,7 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     return arrays, plain, dict(timer.seconds)
 
 
-def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -> dict:
+def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict, timer: "_Timer") -> dict:
     """The largest connected vascular tree as a skeleton graph (branches CSV + GraphML).
 
     Components are found by streamed labelling (one slab in memory); only the tree's bounding box is
@@ -596,7 +595,9 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
     from .io import open_scan
     from .morphology import label_slabs
 
-    with open_scan(mask_path) as m:
+    # two stages, because they scale differently: the labelling with the scan, the skeleton with the
+    # tree's (pooled, capped) box
+    with timer("tree graph: labelling"), open_scan(mask_path) as m:
         read = mask_reader(m)
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
@@ -615,10 +616,11 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))
         sub = np.concatenate(parts)
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
-    g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(np.array([z0, y0, x0]) * vs))
-    paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
-    graph.write_branches_csv(g, paths["tree_branches"])
-    graph.write_graphml(g, paths["tree_graphml"])
+    with timer("tree graph: skeleton"):
+        g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(np.array([z0, y0, x0]) * vs))
+        paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
+        graph.write_branches_csv(g, paths["tree_branches"])
+        graph.write_graphml(g, paths["tree_graphml"])
     return {**graph.summarize(g), "tree_voxels": int(labels.sizes[tree]), "components": labels.n_components,
             "downsample_yx": k}
 
