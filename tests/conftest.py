@@ -32,3 +32,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def cupy_checking_fallbacks(module):
+    """A ``cp`` fixture (the cupy module) that also checks the kernels of ``module`` really ran: a failing
+    kernel degrades to the host path with a one-time warning recorded in ``module._warned``, which would
+    let a parity test pass without any kernel. Tests named ``*falls_back*`` provoke that on purpose."""
+
+    @pytest.fixture
+    def cp(request):
+        import cupy
+
+        deliberate = "falls_back" in request.node.name
+        if not deliberate:
+            module._warned.clear()
+        yield cupy
+        if not deliberate:
+            assert not module._warned, f"a CUDA kernel fell back to the host: {sorted(module._warned)}"
+
+    return cp

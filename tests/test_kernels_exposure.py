@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import cupy_checking_fallbacks
 from skimage import exposure as skexp
 
 from gpuheart import exposure as ex
@@ -115,18 +116,7 @@ def test_clip_restructuring_equals_cpu():
 
 # -- GPU parity --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cp(request):
-    """CuPy, and a check that the kernels really ran: a failing kernel degrades to the host path with a
-    one-time warning (recorded in ``_warned``), which would let a parity test pass without any kernel."""
-    import cupy
-
-    deliberate = "falls_back" in request.node.name
-    if not deliberate:
-        ex._warned.clear()
-    yield cupy
-    if not deliberate:
-        assert not ex._warned, f"a CUDA kernel fell back to the host: {sorted(ex._warned)}"
+cp = cupy_checking_fallbacks(ex)
 
 
 def _image(shape, dtype, seed):

@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import cupy_checking_fallbacks
 from scipy import ndimage as ndi
 
 from gpuheart import morphology as morph
@@ -125,18 +126,7 @@ def test_cube_shared_memory_fits_default_limit():
 
 # -- GPU parity --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cp(request):
-    """CuPy, and a check that the kernels really ran: a failing kernel degrades to the host path with a
-    one-time warning (recorded in ``_warned``), which would let a parity test pass without any kernel."""
-    import cupy
-
-    deliberate = "falls_back" in request.node.name
-    if not deliberate:
-        morph._warned.clear()
-    yield cupy
-    if not deliberate:
-        assert not morph._warned, f"a CUDA kernel fell back to the host: {sorted(morph._warned)}"
+cp = cupy_checking_fallbacks(morph)
 
 
 @pytest.mark.gpu
