@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in µm")
     r.add_argument("--truth", nargs=2, action="append", metavar=("CHANNEL", "MASK"),
                    help="score CHANNEL's mask against MASK (repeatable)")
+    r.add_argument("--preset", action="append", metavar="CHANNEL=NAME",
+                   help="segment CHANNEL with a named preset of settings, e.g. C01=nerves (repeatable; presets: "
+                        "nerves, vessels; see README 'Settings per channel')")
     r.add_argument("--phantom-preset", default="default", choices=["tiny", "default", "large"],
                    help="size of the built-in synthetic scan when no INPUT is given (default: %(default)s)")
     r.add_argument("--dask", metavar="ADDRESS|local:N",
@@ -121,7 +124,7 @@ def _version() -> str:
 
 
 def _cmd_run(a) -> int:
-    from .pipeline import Pipeline, PipelineConfig
+    from .pipeline import ConfigError, Pipeline, PipelineConfig
 
     cfg = PipelineConfig.load(a.config) if a.config else PipelineConfig()
     for name, value in (("device", a.device), ("channels", a.channels), ("slab_size", a.slab_size),
@@ -130,6 +133,12 @@ def _cmd_run(a) -> int:
             setattr(cfg, name, list(value) if isinstance(value, (list, tuple)) else value)
     if a.no_progress:
         cfg.progress = False
+    for spec in a.preset or ():
+        channel, sep, name = spec.partition("=")
+        if not sep or not channel or not name:
+            raise ConfigError(f"--preset wants CHANNEL=NAME (e.g. C01=nerves), got {spec!r}")
+        cfg.channel[channel] = {**cfg.channel.get(channel, {}), "preset": name}
+    cfg.validate()
     truth = {c: m for c, m in a.truth} if a.truth else None
     inputs = _expand_inputs(a.input)
     with _dask_client(a.dask) as client:

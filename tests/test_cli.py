@@ -31,6 +31,22 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
     assert "Dice vs truth" in out and (tmp_path / "out" / "C00" / "dom_mask.ome.zarr").is_dir()
 
 
+def test_run_with_a_channel_preset(tmp_path, capsys):
+    from gpuheart import PipelineConfig
+
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    scan = tmp_path / "ph" / "scan"
+    assert main(["run", str(scan), "-o", str(tmp_path / "out"), "--channels", "C01", "--no-progress",
+                 "--preset", "C01=nerves", "--truth", "C01", str(tmp_path / "ph" / "truth" / "C01.tif")]) == 0
+    assert PipelineConfig.load(tmp_path / "out" / "config.toml").for_channel("C01").dom.threshold == "noise"
+    assert not (tmp_path / "out" / "C01" / "unet_mask.ome.zarr").exists()   # nerves: no vessel U-Net
+    capsys.readouterr()
+    for bad in ("C01", "C01=axons"):
+        assert main(["run", str(scan), "-o", str(tmp_path / "bad"), "--preset", bad, "--no-progress"]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("CHANNEL=NAME" in err or "unknown preset" in err)
+
+
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys):
     missing = tmp_path / "no-such-scan"
     assert main(["run", str(missing), "-o", str(tmp_path / "o"), "--no-progress"]) == 1
