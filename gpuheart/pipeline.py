@@ -183,9 +183,8 @@ class PipelineConfig:
 
     @property
     def uses_unet(self) -> bool:
-        """Whether any channel's segmentation needs the U-Net."""
-        return self.segment.method in ("unet", "union") or any(
-            self.for_channel(c).segment.method in ("unet", "union") for c in self.channel)
+        """Whether this segmentation needs the U-Net (per channel: ``for_channel(name).uses_unet``)."""
+        return self.segment.method in ("unet", "union")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -355,7 +354,7 @@ class Pipeline:
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                 model = None
-                if ccfg.segment.method in ("unet", "union") and not ck.done:
+                if ccfg.uses_unet and not ck.done:
                     if ccfg.segment.weights not in models:
                         models[ccfg.segment.weights] = _load_model(ccfg)
                     model = models[ccfg.segment.weights]

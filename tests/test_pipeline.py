@@ -56,6 +56,14 @@ def test_channel_overrides(tmp_path):
     assert PipelineConfig.load(cfg.save(tmp_path / "again.toml")) == cfg
 
 
+def test_a_channel_may_use_the_unet_when_the_others_do_not(tmp_path):
+    cfg = _tiny_cfg("dom", slab_size=8)
+    cfg.channel = {"C01": {"segment": {"method": "unet"}}}
+    r = Pipeline(cfg).run(None, tmp_path / "out", phantom_preset="tiny")
+    assert (r.summary["C00"]["segmentation"], r.summary["C01"]["segmentation"]) == ("dom", "unet")
+    assert "unet_mask" not in r.outputs["C00"] and "unet_mask" in r.outputs["C01"]
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         PipelineConfig.load(tmp_path / "nope.toml")
