@@ -154,10 +154,11 @@ class PipelineConfig:
                 if not isinstance(values, dict):
                     raise ConfigError(f"{where}.{section}: expected a table, got {values!r}")
                 d[section] = {**d[section], **values}
+        cfg = _build(PipelineConfig, d, where)  # its errors already name the key, e.g. channel.C01.dom.large
         try:
-            return _build(PipelineConfig, d, where).validate()
+            return cfg.validate()
         except ConfigError as err:
-            raise ConfigError(str(err).replace(f"{where}.{where}", where)) from None
+            raise ConfigError(f"{where}: {err}") from None
 
     def validate(self) -> "PipelineConfig":
         backend.resolve_device(self.device)  # raises DeviceError with the reason
