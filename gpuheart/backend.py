@@ -116,20 +116,24 @@ def prefetch(items, device: str = "auto", depth: int = 2):
     stop = threading.Event()
     done = object()
 
+    def put(item) -> bool:
+        # every put gives up once the consumer has gone, so the thread never blocks on a full queue
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def fill():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as err:  # handed to the consumer, raised there
-            q.put(_Raised(err))
+            put(_Raised(err))
 
     thread = threading.Thread(target=fill, name="gpuheart-prefetch", daemon=True)
     thread.start()
