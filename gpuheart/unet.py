@@ -368,7 +368,7 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
     fp32 keeps results identical across machines (True turns it on for CPUs with native bf16, about 2x
     faster, with about 0.03 % of mask pixels flipped at the calibrated threshold). ``model`` must output
     one channel of logits; it is moved to the compute device, put in eval mode and given the channels-last
-    memory layout (same numbers, 1.7x faster convolutions on the CPU, the layout cuDNN prefers for bf16).
+    memory layout (same numbers, faster convolutions on the CPU, the layout cuDNN prefers for bf16).
     """
     if image.ndim not in (2, 3):
         raise ValueError(f"predict needs a (y, x) slice or (z, y, x) slab, got shape {image.shape}")
