@@ -69,12 +69,15 @@ def main(argv=None):
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
     p.add_argument("--loss", default="tversky_focal")
     p.add_argument("--norm", default="group")
+    p.add_argument("--context", type=int, default=0, help="2.5-D: neighbouring slices each side as input channels")
+    p.add_argument("--zoom", type=float, default=None, help="zoom augmentation range (AugmentConfig.scale)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
     p.add_argument("--runs", default="/tmp/gpuheart-loso")
     a = p.parse_args(argv)
     stacks = load_stacks(Path(a.data))
     results = {}
+    aug_kw = {} if a.zoom is None else {"aug": unet.AugmentConfig(scale=a.zoom)}
     for held in a.only or list(stacks):
         t0 = time.time()
         from gpuheart.segment import union
@@ -83,7 +86,7 @@ def main(argv=None):
         train_names = [n for n in stacks if n != held]
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=0,
-                               loss=a.loss, norm=a.norm)
+                               loss=a.loss, norm=a.norm, context=a.context, **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
         pre, lab = stacks[held]

@@ -485,18 +485,37 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     budget = {"slices": plan_slices(step, scan.shape, backend.device_free_bytes() if device == "cuda" else None)}
     # read in a background thread (its time is "read", overlapped) and, on CUDA, copied to the device on
     # a second stream from pinned buffers while this slab is computed; "input wait" is what that leaves
-    reads = _timed(((z0, scan.read_slab(channel, z0, min(z0 + step, nz))) for z0 in starts), timer, "read")
+    c = _context(model)
+    # a 2.5-D U-Net needs c neighbouring slices beyond each end of the slab (read with it: a z-halo)
+    reads = _timed(((z0, scan.read_slab(channel, max(z0 - c, 0), min(z0 + step + c, nz))) for z0 in starts),
+                   timer, "read")
     slabs = _timed(backend.prefetch(reads, device), timer, "input wait")
     for z0, x in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
-        acc.add_raw(z0, x)
-        products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget)
+        halo = _halo(z0, x.shape[0], min(step, nz - z0), c)
+        acc.add_raw(z0, x[halo[0]:x.shape[0] - halo[1]])
+        products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo)
         with timer("write"):
             writers.write(z0, products)
         acc.add(z0, products)
         if time.monotonic() - last >= cfg.checkpoint_seconds:
             with timer("checkpoint"):
-                ck.save(z0 + len(x), acc)
+                ck.save(z0 + min(step, nz - z0), acc)
             last = time.monotonic()
+
+
+def _context(model) -> int:
+    """Slices of z-halo the U-Net needs on each side of a slab (0 without a model or for a 2-D one)."""
+    if model is None:
+        return 0
+    from .unet import context_slices
+    return context_slices(model)
+
+
+def _halo(z0: int, n_read: int, n_core: int, c: int) -> tuple[int, int]:
+    """(before, after) halo slices of a slab of ``n_core`` slices at ``z0`` read as ``n_read`` with up to
+    ``c`` more on each side (fewer at the ends of the stack)."""
+    lo = min(c, z0)
+    return lo, n_read - lo - n_core
 
 
 # device bytes one slice needs at the peak of pass 2, per pixel: the raw slice, float32 copies for
@@ -514,17 +533,23 @@ def plan_slices(slab_size: int, shape, free_bytes: int | None, fraction: float =
     return int(max(1, min(slab_size, fraction * free_bytes // per_slice)))
 
 
-def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict) -> dict:
+def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict, halo=(0, 0)) -> dict:
     """``_process_slab`` in pieces of at most ``budget["slices"]`` slices; a CUDA out-of-memory error halves
     the pieces (for the rest of the run, with a warning) and retries, down to one slice. Every stage of pass 2
-    works slice by slice, so the pieces give exactly the whole slab's result."""
+    works slice by slice (a 2.5-D U-Net with its neighbours, which every piece gets as its own halo), so the
+    pieces give exactly the whole slab's result. ``x`` holds ``halo`` extra slices before and after z0's."""
     import warnings
 
+    lo, hi = halo
+    n_core, c = x.shape[0] - lo - hi, _context(model)
     parts, i = [], 0
-    while i < x.shape[0]:
-        n = min(budget["slices"], x.shape[0] - i)
+    while i < n_core:
+        n = min(budget["slices"], n_core - i)
+        a, b = lo + i, lo + i + n
+        piece_halo = (min(c, a), min(c, x.shape[0] - b))
         try:
-            parts.append(_process_slab(x[i:i + n], z0 + i, znorm, cfg, timer, acc, model))
+            parts.append(_process_slab(x[a - piece_halo[0]:b + piece_halo[1]], z0 + i, znorm, cfg, timer, acc,
+                                       model, piece_halo))
             i += n
         except Exception as err:
             if not backend.is_device_oom(err) or n == 1:
@@ -566,14 +591,16 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     from .io import open_scan, write_partial_slab
 
     timer = _Timer(backend.resolve_device(cfg.device))
+    c, n_core = _context(model), min(step, shape[0] - z0)
     with timer("read"), open_scan(src, channels=[channel]) as scan:
-        data = scan.read_slab(channel, z0, min(z0 + step, shape[0]))
+        data = scan.read_slab(channel, max(z0 - c, 0), min(z0 + step + c, shape[0]))
+    halo = _halo(z0, data.shape[0], n_core, c)
     acc = _ChannelAccumulator(shape, truth, channel)
     device = backend.resolve_device(cfg.device)
     x = backend.to_device(data, device)
-    acc.add_raw(z0, x)
+    acc.add_raw(z0, x[halo[0]:halo[0] + n_core])
     budget = {"slices": plan_slices(step, shape, backend.device_free_bytes() if device == "cuda" else None)}
-    products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget)
+    products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo)
     with timer("write"):
         for name, partial in stores.items():
             a = backend.to_host(products[name])
@@ -683,11 +710,16 @@ def _pass2_outputs(cfg: PipelineConfig) -> list[str]:
     return names
 
 
-def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) -> dict:
-    """Paper steps 1-5 on one slab: preprocessing, difference of medians, U-Net, union."""
+def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, halo=(0, 0)) -> dict:
+    """Paper steps 1-5 on one slab: preprocessing, difference of medians, U-Net, union. ``x`` starts at
+    slice ``z0 - halo[0]``; the halo slices are preprocessed for a 2.5-D U-Net only, not returned."""
     from . import exposure, filters, segment
 
-    pre = exposure.preprocess(x, znorm, z0, cfg.exposure, timer, lambda n: acc.add_normalized(z0, n))
+    lo, hi = halo
+    core = slice(lo, x.shape[0] - hi)
+    pre_halo = exposure.preprocess(x, znorm, z0 - lo, cfg.exposure, timer,
+                                   lambda n: acc.add_normalized(z0, n[core]))
+    pre = pre_halo[core]
     out = {"preprocessed": pre}
     if cfg.dom.enabled:
         with timer("difference of medians"):
@@ -700,8 +732,8 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model) 
         from .unet import predict
 
         with timer("u-net"):
-            prob = predict(model, pre, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device,
-                           amp=True if cfg.segment.cpu_bf16 else None)
+            prob = predict(model, pre_halo, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device,
+                           amp=True if cfg.segment.cpu_bf16 else None, halo=halo)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     if cfg.segment.method == "union":
         with timer("union"):

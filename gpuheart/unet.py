@@ -171,25 +171,29 @@ def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
                       cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
     """The same random rotation/flip/translation/zoom applied to a (y, x) image and its label.
 
-    The image is interpolated linearly, the label by nearest neighbour so it stays binary; both use
-    reflect borders so they stay aligned at the edges too.
+    ``image`` may also be (c, y, x), neighbouring slices as channels (2.5-D input): every channel gets
+    the label's transform. The image is interpolated linearly, the label by nearest neighbour so it
+    stays binary; both use reflect borders so they stay aligned at the edges too.
     """
     if cfg.rot90_flip:
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
-        image, label = np.rot90(image, k), np.rot90(label, k)
+        image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k)
         if flip:
-            image, label = image[:, ::-1], label[:, ::-1]
+            image, label = image[..., ::-1], label[:, ::-1]
     if (cfg.rotate_deg or cfg.shift or cfg.scale > 1) and rng.random() < cfg.p_affine:
         theta = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
-        shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * np.array(image.shape)
+        shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * np.array(label.shape)
         zoom = np.exp(rng.uniform(-np.log(cfg.scale), np.log(cfg.scale))) if cfg.scale > 1 else 1.0
         c, s = np.cos(theta) / zoom, np.sin(theta) / zoom
         mat = np.array([[c, -s], [s, c]])
-        centre = (np.array(image.shape) - 1) / 2
+        centre = (np.array(label.shape) - 1) / 2
         # affine_transform maps output coords o to input coords mat @ o + offset
         offset = centre - mat @ centre + shift
-        image = ndimage.affine_transform(image, mat, offset, order=1, mode="reflect")
+        if image.ndim == 2:
+            image = ndimage.affine_transform(image, mat, offset, order=1, mode="reflect")
+        else:
+            image = np.stack([ndimage.affine_transform(ch, mat, offset, order=1, mode="reflect") for ch in image])
         label = ndimage.affine_transform(label, mat, offset, order=0, mode="reflect")
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
@@ -201,7 +205,10 @@ def intensity_augment(image: np.ndarray, rng: np.random.Generator,
     detector response than the training stacks had."""
     image = image.astype(np.float32, copy=True)
     if cfg.blur and rng.random() < cfg.p_blur:
-        image = ndimage.gaussian_filter(image, rng.uniform(0.5, max(cfg.blur, 0.5)), mode="reflect")
+        sigma = rng.uniform(0.5, max(cfg.blur, 0.5))
+        # in-plane only: the channels of a (c, y, x) image are neighbouring slices
+        sigma = sigma if image.ndim == 2 else (0, sigma, sigma)
+        image = ndimage.gaussian_filter(image, sigma, mode="reflect")
     if cfg.gamma > 1 and rng.random() < cfg.p_gamma:
         image = np.power(np.clip(image, 0, 1), np.exp(rng.uniform(-np.log(cfg.gamma), np.log(cfg.gamma))),
                          dtype=np.float32)
@@ -217,7 +224,7 @@ def intensity_augment(image: np.ndarray, rng: np.random.Generator,
 
 def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                  cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """Geometric then intensity augmentation of a float (y, x) image in [0, 1] and its 0/1 label."""
+    """Geometric then intensity augmentation of a float (y, x) or (c, y, x) image in [0, 1] and its 0/1 label."""
     image, label = geometric_augment(image, label, rng, cfg)
     return intensity_augment(image, rng, cfg), label
 
@@ -356,8 +363,16 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
+def context_slices(model: nn.Module) -> int:
+    """Neighbouring slices on each side a model takes as extra input channels (0: plain 2-D)."""
+    c = getattr(model, "hparams", {}).get("in_channels", 1)
+    if c % 2 == 0:
+        raise ValueError(f"a gpuheart U-Net takes 2k+1 input channels (a slice and k neighbours each side), got {c}")
+    return (c - 1) // 2
+
+
 def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_size: int | None = None,
-            device: str = "auto", amp: bool | None = None):
+            device: str = "auto", amp: bool | None = None, halo: tuple[int, int] = (0, 0)):
     """Vessel probabilities (float32, same shape and array kind as ``image``) by overlapping tiles.
 
     ``image``: a (y, x) slice or a (z, y, x) slab (predicted slice by slice), NumPy or CuPy, uint8
@@ -369,9 +384,17 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
     faster, with about 0.03 % of mask pixels flipped at the calibrated threshold). ``model`` must output
     one channel of logits; it is moved to the compute device, put in eval mode and given the channels-last
     memory layout (same numbers, faster convolutions on the CPU, the layout cuDNN prefers for bf16).
+
+    A 2.5-D model (``context_slices(model) = k > 0``) sees every slice with its k neighbours on each
+    side; ``halo = (lo, hi)`` says that the first ``lo`` and last ``hi`` slices of the slab are there
+    only as such neighbours (they are not predicted and not returned). Beyond the slab, the end slice
+    is repeated, so a slab cut without a halo of k differs from the whole stack near its cut.
     """
     if image.ndim not in (2, 3):
         raise ValueError(f"predict needs a (y, x) slice or (z, y, x) slab, got shape {image.shape}")
+    lo, hi = (int(h) for h in halo)
+    if lo < 0 or hi < 0 or (image.ndim == 2 and (lo or hi)) or (image.ndim == 3 and lo + hi >= image.shape[0]):
+        raise ValueError(f"halo {halo} must be >= 0 and leave at least one slice of {image.shape} to predict")
     depth = getattr(model, "depth", 0)
     if tile % 2 ** depth:
         raise ValueError(f"tile {tile} must be divisible by 2**depth = {2 ** depth}")
@@ -383,7 +406,7 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
     use_amp = (dev.type == "cuda") if amp is None else bool(amp) and (dev.type == "cuda" or _cpu_bf16())
     model = model.to(dev, memory_format=torch.channels_last).eval()
     out = _predict_slab(model, slab, tile, overlap, batch_size or _auto_batch_size(model, tile, dev),
-                        use_amp)
+                        use_amp, context_slices(model), (lo, hi))
     out = out[0] if image.ndim == 2 else out
     if not is_device_array(image):
         return np.ascontiguousarray(from_torch(out.cpu()))
@@ -405,26 +428,33 @@ def _contiguous(a):
 
 @torch.inference_mode()
 def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int, batch_size: int,
-                  amp: bool) -> torch.Tensor:
-    """Blend tiled predictions of a float (z, y, x) tensor; returns float32 (z, y, x) on the same device."""
+                  amp: bool, context: int = 0, halo: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Blend tiled predictions of a float (z, y, x) tensor; returns float32 (z - sum(halo), y, x) on the
+    same device. Slice k's input is slices k-context..k+context (the end slices repeated beyond the slab)."""
     z, h, w = slab.shape
     grid = tile_grid((h, w), tile, overlap)
     padded = _reflect_pad(slab[:, None], grid.pad)[:, 0]
     win = _window(tile, slab.device)
-    acc = torch.zeros_like(padded)
+    ks = range(halo[0], z - halo[1])
+    inputs = {k: torch.tensor([min(max(j, 0), z - 1) for j in range(k - context, k + context + 1)],
+                              device=slab.device) for k in ks}
+    acc = torch.zeros((len(ks), *padded.shape[1:]), device=slab.device)
     wsum = torch.zeros(padded.shape[1:], device=slab.device)
     for sy in grid.starts_y:
         for sx in grid.starts_x:
             wsum[sy:sy + tile, sx:sx + tile] += win
-    coords = [(k, sy, sx) for k in range(z) for sy in grid.starts_y for sx in grid.starts_x]
+    coords = [(k, sy, sx) for k in ks for sy in grid.starts_y for sx in grid.starts_x]
     with torch.autocast(slab.device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(coords), batch_size):
             chunk = coords[i:i + batch_size]
-            batch = torch.stack([padded[k, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])[:, None]
+            if context:
+                batch = torch.stack([padded[inputs[k], sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])
+            else:
+                batch = torch.stack([padded[k, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])[:, None]
             batch = batch.contiguous(memory_format=torch.channels_last)
             prob = torch.sigmoid(model(batch).float())[:, 0]
             for p, (k, sy, sx) in zip(prob, chunk):
-                acc[k, sy:sy + tile, sx:sx + tile] += p * win
+                acc[k - halo[0], sy:sy + tile, sx:sx + tile] += p * win
     (top, _), (left, _) = grid.pad
     return (acc[:, top:top + h, left:left + w] / wsum[top:top + h, left:left + w]).contiguous()
 
@@ -469,6 +499,7 @@ class TileSampler:
     slices: list[tuple[int, int]]
     tile: int
     fg_fraction: float = 0.5
+    context: int = 0            # neighbouring slices each side as extra channels (end slices repeated)
 
     def __post_init__(self):
         areas = np.array([self.volumes[v].shape[1] * self.volumes[v].shape[2] for v, _ in self.slices], float)
@@ -482,7 +513,8 @@ class TileSampler:
         self.fg_p = counts / counts.sum() if counts.size else counts
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One float32 image tile in [0, 1] and its uint8 label tile."""
+        """One float32 image tile in [0, 1], (t, t) or with context (2 * context + 1, t, t), and its
+        uint8 (t, t) label tile."""
         t = self.tile
         if self.fg_slices and rng.random() < self.fg_fraction:
             v, k = self.fg_slices[rng.choice(len(self.fg_slices), p=self.fg_p)]
@@ -495,15 +527,21 @@ class TileSampler:
             v, k = self.slices[rng.choice(len(self.slices), p=self.area_p)]
             h, w = self.volumes[v].shape[1:]
             y0, x0 = int(rng.integers(h - t + 1)), int(rng.integers(w - t + 1))
-        img = self.volumes[v][k, y0:y0 + t, x0:x0 + t].astype(np.float32) / 255
+        if self.context:
+            z = self.volumes[v].shape[0]
+            ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, z - 1)
+            img = self.volumes[v][ks, y0:y0 + t, x0:x0 + t].astype(np.float32) / 255
+        else:
+            img = self.volumes[v][k, y0:y0 + t, x0:x0 + t].astype(np.float32) / 255
         return img, self.labels[v][k, y0:y0 + t, x0:x0 + t]
 
     def batch(self, rng: np.random.Generator, n: int, augment: AugmentConfig | None):
-        """(n, 1, tile, tile) float32 images and labels as torch tensors."""
+        """(n, 2 * context + 1, tile, tile) float32 images and (n, 1, tile, tile) labels as torch tensors."""
         pairs = [self.sample(rng) for _ in range(n)]
         if augment is not None:
             pairs = [augment_pair(i, l, rng, augment) for i, l in pairs]
-        img = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
+        img = np.stack([p[0] for p in pairs])
+        img = torch.from_numpy(img if self.context else img[:, None])
         lab = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
         return img, lab
 
@@ -548,6 +586,7 @@ class TrainConfig:
     tile: int = 256
     width: int = 16
     depth: int = 4
+    context: int = 0               # 2.5-D: this many neighbouring slices each side as extra input channels
     norm: str = "group"             # GroupNorm: eval behaves like training whatever the batch mix
     loss: str = "tversky_focal"    # a key of LOSSES
     val_fraction: float = 0.2
@@ -595,8 +634,10 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
     ts = 0
     for v in sorted({v for v, _ in val_slices}):
         ks = [k for vv, k in val_slices if vv == v]
-        prob = predict(model, vols[v][ks], tile=cfg.tile, overlap=cfg.tile // 4, device=device,
-                       amp=cfg.amp and device == "cuda")
+        # validation slices are a contiguous run (split_slices); a 2.5-D model gets their real neighbours
+        lo, hi = min(cfg.context, ks[0]), min(cfg.context, vols[v].shape[0] - 1 - ks[-1])
+        prob = predict(model, vols[v][ks[0] - lo:ks[-1] + 1 + hi], tile=cfg.tile, overlap=cfg.tile // 4,
+                       device=device, amp=cfg.amp and device == "cuda", halo=(lo, hi))
         t = labs[v][ks] > 0
         ts += int(t.sum())
         for i, thr in enumerate(VAL_THRESHOLDS):
@@ -653,12 +694,14 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
                          f"need both (check val_fraction and the volume depths)")
-    sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction)
+    if cfg.context < 0:
+        raise ValueError(f"context must be >= 0 slices, got {cfg.context}")
+    sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
-    model = UNet(1, 1, cfg.depth, cfg.width, cfg.norm).to(device, memory_format=torch.channels_last)
+    model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience, min_lr=cfg.min_lr)

@@ -261,3 +261,34 @@ def test_slab_pieces_are_planned_from_free_device_memory():
     assert plan_slices(16, (100, 2048, 2048), 80 * 2**30) == 16     # plenty of room
     assert plan_slices(16, (100, 2048, 2048), 8 * per_slice) == 4   # half of free memory holds 4 slices
     assert plan_slices(16, (100, 2048, 2048), 1) == 1               # never below one slice
+
+
+@pytest.mark.parametrize("pieces", [False, True])
+def test_2p5d_unet_gets_a_z_halo_across_slab_cuts(tmp_path, tiny_run, monkeypatch, pieces):
+    """A U-Net taking neighbouring slices as channels sees the same neighbours whatever the slab size:
+    each slab is read and preprocessed with a halo of those slices, so cutting the stack changes nothing;
+    nor does processing a slab in one-slice pieces (what a device out-of-memory retry does)."""
+    from gpuheart import pipeline
+    from gpuheart.io import open_scan
+    from gpuheart.unet import UNet, predict, save_weights
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    weights = save_weights(UNet(in_channels=3, width=4, depth=2, norm="group"), tmp_path / "w.pt",
+                           meta={"threshold": 0.5})
+    cfg = _tiny_cfg("unet", channels=["C00"], slab_size=3)
+    cfg.segment.weights = str(weights)
+    cfg.segment.tile, cfg.segment.overlap = 64, 16
+    cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+    if pieces:
+        monkeypatch.setattr(pipeline, "plan_slices", lambda *a, **k: 1)
+    r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path / "out")
+    p = r.outputs["C00"]
+    with open_scan(p["preprocessed"]) as a, open_scan(p["unet_mask"]) as b:
+        pre, got = a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]) > 0
+    from gpuheart.unet import load_weights
+    prob = predict(load_weights(weights), pre, tile=64, overlap=16)
+    want = prob > 0.5
+    assert 0.01 < want.mean() < 0.99
+    # equal up to float rounding at the threshold (tiles are batched differently)
+    assert np.mean(got != want) < 1e-4

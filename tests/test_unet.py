@@ -357,3 +357,43 @@ def test_sampler_oversamples_vessels_on_real_stack(shared_data):
     assert oversampled.mean() > 1.5 * uniform.mean()
     assert oversampled.any(axis=(1, 2)).all()   # every tile holds a vessel...
     assert oversampled[:, 16:48, 16:48].any(axis=(1, 2)).mean() > 0.9   # ...its central half (unless at a border)
+
+
+# -- 2.5-D input (neighbouring slices as channels) -----------------------------------------------
+
+def test_context_augment_applies_one_transform_to_every_channel():
+    label = np.zeros((48, 48), np.uint8)
+    label[10:30, 5:40] = 1
+    image = np.stack([label * 0.9, label * 0.5, label * 0.2]).astype(np.float32)
+    for seed in range(10):
+        stack, lab3 = unet.augment_pair(image, label, np.random.default_rng(seed), GEOMETRIC_ONLY)
+        plane, lab2 = unet.augment_pair(image[1], label, np.random.default_rng(seed), GEOMETRIC_ONLY)
+        assert stack.shape == (3, 48, 48) and np.array_equal(lab3, lab2)
+        np.testing.assert_allclose(stack[1], plane, atol=1e-6)
+        np.testing.assert_allclose(stack[0] / 0.9, stack[2] / 0.2, atol=1e-5)   # same geometry in every channel
+
+
+def test_context_predict_with_halo_equals_whole_stack():
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, depth=2, width=4, norm="group").eval()
+    assert unet.context_slices(model) == 1
+    vol = np.random.default_rng(0).integers(0, 255, (7, 40, 40), dtype=np.uint8)
+    whole = predict(model, vol, tile=32, overlap=8)
+    assert whole.shape == vol.shape
+    part = predict(model, vol[2:6], tile=32, overlap=8, halo=(1, 1))   # slices 3, 4 with real neighbours
+    np.testing.assert_allclose(part, whole[3:5], atol=1e-6)
+    cut = predict(model, vol[3:5], tile=32, overlap=8)                  # no halo: ends repeated, differs
+    assert not np.allclose(cut, whole[3:5], atol=1e-4)
+    with pytest.raises(ValueError, match="halo"):
+        predict(model, vol[:2], tile=32, overlap=8, halo=(1, 1))
+
+
+def test_context_sampler_and_training(tmp_path):
+    img, lab = _synthetic()
+    sampler = unet.TileSampler([img], [lab.astype(np.uint8)], [(0, 0), (0, 1)], 32, context=1)
+    x, y = sampler.batch(np.random.default_rng(0), 4, None)
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 1, 32, 32)
+    res = unet.train([img], [lab], _cfg(context=1, epochs=1), tmp_path, progress=False)
+    model = unet.load_weights(res.best_path)
+    assert model.hparams["in_channels"] == 3 and unet.context_slices(model) == 1
+    assert predict(model, img, tile=64, overlap=16).shape == img.shape
