@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,8 @@ def main(argv=None):
                for m in ("unet", "union", "otsu", "dom")}
     out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
            "machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
-           "settings": vars(a), "per_stack": results, "mean_dice": summary}
+           "settings": {**vars(a), "augment": asdict(aug_kw.get("aug", unet.AugmentConfig()))},
+           "per_stack": results, "mean_dice": summary}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print("mean Dice", summary)
