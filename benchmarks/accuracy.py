@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
     p.add_argument("--loss", default="tversky_focal")
     p.add_argument("--norm", default="group")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context", type=int, default=0, help="2.5-D: neighbouring slices each side as input channels")
     p.add_argument("--zoom", type=float, default=None, help="zoom augmentation range (AugmentConfig.scale)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
@@ -86,7 +87,7 @@ def main(argv=None):
 
         train_names = [n for n in stacks if n != held]
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
-                               epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=0,
+                               epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
                                loss=a.loss, norm=a.norm, context=a.context, **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
