@@ -1,0 +1,89 @@
+"""What limits the held-out Dice: probes on the fold models a leave-one-stack-out run left behind.
+
+For every stack, the model that never saw it (``RUNS/<stack>/best.pt``, from ``benchmarks/accuracy.py``) is
+scored on it at its calibrated threshold, at 0.5, and at the **best threshold for that stack** (chosen with its
+labels: a ceiling no threshold rule can beat); with 8-fold test-time augmentation (the square's rotations and
+flips); with 128-pixel inference tiles (the training tile side); and the mean of the probabilities of the fold
+models of every ``--runs`` folder given (an ensemble). Nothing here trains.
+
+    python benchmarks/accuracy_probe.py --runs /tmp/loso-a [/tmp/loso-b ...] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import load_stacks  # noqa: E402
+
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def dice(pred, lab) -> float:
+    return float(2 * (pred & lab).sum() / max(int(pred.sum()) + int(lab.sum()), 1))
+
+
+def dihedral_mean(model, pre) -> np.ndarray:
+    """Mean probability over the 8 rotations/flips of every slice (each prediction mapped back)."""
+    from gpuheart.unet import predict
+
+    acc = np.zeros(pre.shape, np.float32)
+    for flip in (False, True):
+        img = pre[:, :, ::-1] if flip else pre
+        for k in range(4):
+            p = np.rot90(predict(model, np.ascontiguousarray(np.rot90(img, k, axes=(1, 2))), tile=256, overlap=64),
+                         -k, axes=(1, 2))
+            acc += p[:, :, ::-1] if flip else p
+    return acc / 8
+
+
+def probe(name, pre, lab, runs: list[Path]) -> dict:
+    from gpuheart import unet
+
+    model = unet.load_weights(runs[0] / name / "best.pt")
+    thr = model.meta.get("threshold", 0.5)
+    prob = unet.predict(model, pre, tile=256, overlap=64)
+    curve = [dice(prob > t, lab) for t in THRESHOLDS]
+    tta = dihedral_mean(model, pre)
+    row = {"labelled_fraction": round(float(lab.mean()), 4), "calibrated": dice(prob > thr, lab), "threshold": thr,
+           "at_0.5": dice(prob > 0.5, lab), "best_threshold": float(THRESHOLDS[int(np.argmax(curve))]),
+           "at_best_threshold": max(curve), "tta8_calibrated": dice(tta > thr, lab),
+           "tta8_at_best_threshold": max(dice(tta > t, lab) for t in THRESHOLDS),
+           "tile128_calibrated": dice(unet.predict(model, pre, tile=128, overlap=32) > thr, lab)}
+    if len(runs) > 1:
+        probs = [prob] + [unet.predict(unet.load_weights(r / name / "best.pt"), pre, tile=256, overlap=64)
+                          for r in runs[1:]]
+        row["ensemble_at_0.5"] = dice(np.mean(probs, axis=0) > 0.5, lab)
+        row["members_at_0.5"] = [round(dice(p > 0.5, lab), 4) for p in probs]
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--runs", nargs="+", required=True, help="fold-model folders of accuracy.py runs; the first is probed")
+    p.add_argument("--out", default="benchmarks/results/accuracy-probes.json")
+    a = p.parse_args(argv)
+    runs = [Path(r) for r in a.runs]
+    per_stack = {}
+    for name, (pre, lab) in load_stacks(Path(a.data)).items():
+        per_stack[name] = probe(name, pre, lab, runs)
+        print(name, json.dumps(per_stack[name]), flush=True)
+    keys = [k for k, v in next(iter(per_stack.values())).items() if isinstance(v, float) and k != "threshold"]
+    mean = {k: round(float(np.mean([r[k] for r in per_stack.values()])), 4) for k in keys}
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "runs": [str(r) for r in runs],
+           "per_stack": per_stack, "mean": mean}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print("mean", json.dumps(mean))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
