@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
     tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    tr.add_argument("--init", metavar="WEIGHTS",
+                    help="fine-tune: start from these weights (e.g. gpuheart/weights/unet_default.pt) instead of random")
     tr.add_argument("--context", type=int, default=0, metavar="K",
                     help="2.5-D input: K neighbouring slices on each side as extra channels (default: 0, 2-D)")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], default="tversky_focal")
@@ -304,7 +306,7 @@ def _cmd_train(a) -> int:
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, epochs=a.epochs,
                            steps_per_epoch=a.steps, batch_size=a.batch_size, tile=a.tile, width=a.width,
-                           context=a.context, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
+                           context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK

@@ -597,6 +597,7 @@ class TrainConfig:
     lr_patience: int = 5
     min_lr: float = 1e-6
     seed: int = 0
+    init: str | None = None         # weights file to start from (fine-tuning), else random initialisation
     num_threads: int | None = None  # torch CPU threads; None leaves torch's setting alone
     device: str = "auto"
     amp: bool = True               # bf16 autocast on CUDA
@@ -701,7 +702,10 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
-    model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm).to(device, memory_format=torch.channels_last)
+    model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm)
+    if cfg.init:
+        _init_from(model, cfg.init)
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience, min_lr=cfg.min_lr)
@@ -738,6 +742,16 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     curves = _plot_curves(state["history"], out_dir / "curves.png")
     return TrainResult(best_path, last_path, log_path, curves, state["best_dice"], state["best_epoch"],
                        state["epoch"], stopped, state["history"])
+
+
+def _init_from(model: UNet, path) -> None:
+    """Start from saved weights (fine-tuning on a new microscope's labels); the architectures must agree."""
+    src = load_weights(path)
+    if src.hparams != model.hparams:
+        diff = {k: (src.hparams.get(k), v) for k, v in model.hparams.items() if src.hparams.get(k) != v}
+        raise ValueError(f"{path}: its U-Net differs from the one configured for training "
+                         f"(weights vs config: {diff}); set width/depth/norm/context to match")
+    model.load_state_dict(src.state_dict())
 
 
 def _progress(it, enabled: bool, **kw):

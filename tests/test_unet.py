@@ -397,3 +397,14 @@ def test_context_sampler_and_training(tmp_path):
     model = unet.load_weights(res.best_path)
     assert model.hparams["in_channels"] == 3 and unet.context_slices(model) == 1
     assert predict(model, img, tile=64, overlap=16).shape == img.shape
+
+
+def test_fine_tuning_starts_from_given_weights(tmp_path):
+    img, lab = _synthetic()
+    first = unet.train([img], [lab], _cfg(epochs=1), tmp_path / "a", progress=False)
+    tuned = unet.train([img], [lab], _cfg(epochs=1, init=str(first.best_path), lr=0.0), tmp_path / "b",
+                       progress=False)
+    a, b = unet.load_weights(first.best_path), unet.load_weights(tuned.best_path)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # lr 0: unchanged
+    with pytest.raises(ValueError, match="width"):
+        unet.train([img], [lab], _cfg(epochs=1, init=str(first.best_path), width=8), tmp_path / "c", progress=False)

@@ -1,0 +1,70 @@
+"""How much a few labelled slices from the target microscope help: fine-tuning the held-out fold models.
+
+For every stack, the model that never saw it (``RUNS/<stack>/best.pt`` from ``benchmarks/accuracy.py``) is
+fine-tuned (``TrainConfig(init=...)``, what ``gpuheart train --init`` does) on the stack's first ``--slices``
+slices (the last of them for validation and threshold calibration), then both models are scored on the
+slices after a gap of ``--gap`` (neighbouring slices look alike, so they are left out of the test).
+
+    python benchmarks/accuracy_finetune.py --runs /tmp/loso-v3 [--slices 4] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import load_stacks, score  # noqa: E402
+
+
+def main(argv=None):
+    from gpuheart import unet
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
+    p.add_argument("--slices", type=int, default=4, help="labelled slices of the held-out stack to fine-tune on")
+    p.add_argument("--gap", type=int, default=2, help="slices skipped between those and the test slices")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--out", default="benchmarks/results/accuracy-finetune.json")
+    p.add_argument("--work", default="/tmp/gpuheart-finetune")
+    a = p.parse_args(argv)
+    results = {}
+    for name, (pre, lab) in load_stacks(Path(a.data)).items():
+        t0 = time.time()
+        base_path = Path(a.runs) / name / "best.pt"
+        base = unet.load_weights(base_path)
+        n = a.slices
+        cfg = unet.TrainConfig(epochs=a.epochs, steps_per_epoch=a.steps, lr=a.lr, tile=128, seed=0,
+                               loss=base.meta["config"]["loss"], norm=base.hparams["norm"],
+                               width=base.hparams["width"], depth=base.hparams["depth"],
+                               val_fraction=1 / n, init=str(base_path), num_threads=os.cpu_count())
+        res = unet.train([pre[:n]], [lab[:n]], cfg, Path(a.work) / name, progress=False)
+        tuned = unet.load_weights(res.best_path)
+        test_pre, test_lab = pre[n + a.gap:], lab[n + a.gap:]
+        row = {}
+        for label, model in (("before", base), ("after", tuned)):
+            prob = unet.predict(model, test_pre, tile=256, overlap=64)
+            row[label] = score(prob > model.meta.get("threshold", 0.5), test_lab)
+            row[label]["threshold"] = model.meta.get("threshold", 0.5)
+        row.update(test_slices=int(len(test_pre)), seconds=round(time.time() - t0, 1))
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    mean = {k: round(float(np.mean([r[k]["dice"] for r in results.values()])), 4) for k in ("before", "after")}
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "settings": vars(a),
+           "per_stack": results, "mean_dice": mean}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print("mean Dice", mean)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
