@@ -55,10 +55,12 @@ def main(argv=None):
             prob = unet.predict(model, test_pre, tile=256, overlap=64)
             row[label] = score(prob > model.meta.get("threshold", 0.5), test_lab)
             row[label]["threshold"] = model.meta.get("threshold", 0.5)
+            row[label]["dice_at_0.5"] = score(prob > 0.5, test_lab)["dice"]
         row.update(test_slices=int(len(test_pre)), seconds=round(time.time() - t0, 1))
         results[name] = row
         print(name, json.dumps(row), flush=True)
-    mean = {k: round(float(np.mean([r[k]["dice"] for r in results.values()])), 4) for k in ("before", "after")}
+    mean = {f"{k}{cut}": round(float(np.mean([r[k]["dice" + cut] for r in results.values()])), 4)
+            for k in ("before", "after") for cut in ("", "_at_0.5")}
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "settings": vars(a),
            "per_stack": results, "mean_dice": mean}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,22 @@ def test_train_smoke(tmp_path, capsys):
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.csv").is_file()
 
 
+def test_train_fine_tunes_with_init_context_and_lr(tmp_path, capsys):
+    """--init starts from saved weights (here a 2.5-D model, --context 1), at the given --lr."""
+    from gpuheart import unet
+
+    common = ["--phantom", "1", "--epochs", "1", "--steps", "1", "--batch-size", "2", "--tile", "64", "--width", "4",
+              "--context", "1", "--no-progress"]
+    assert main(["train", "-o", str(tmp_path / "a"), *common]) == 0
+    assert main(["train", "-o", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "best.pt"), "--lr", "3e-4",
+                 *common]) == 0
+    meta = unet.load_weights(tmp_path / "b" / "best.pt").meta["config"]
+    assert meta["init"] == str(tmp_path / "a" / "best.pt") and meta["lr"] == 3e-4 and meta["context"] == 1
+    assert main(["train", "-o", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "best.pt"), "--phantom", "1",
+                 "--epochs", "1", "--steps", "1", "--tile", "64", "--width", "8", "--no-progress"]) == 1
+    assert "differs" in capsys.readouterr().err
+
+
 def test_train_without_data_fails_cleanly(tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "run"), "--no-progress"]) == 1
     assert "no training data" in capsys.readouterr().err
