@@ -61,7 +61,7 @@ def main(argv=None):
         print(name, json.dumps(row), flush=True)
     mean = {f"{k}{cut}": round(float(np.mean([r[k]["dice" + cut] for r in results.values()])), 4)
             for k in ("before", "after") for cut in ("", "_at_0.5")}
-    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "settings": vars(a),
+    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "settings": vars(a),
            "per_stack": results, "mean_dice": mean}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))

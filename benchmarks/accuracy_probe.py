@@ -78,7 +78,7 @@ def main(argv=None):
         print(name, json.dumps(per_stack[name]), flush=True)
     keys = [k for k, v in next(iter(per_stack.values())).items() if isinstance(v, float) and k != "threshold"]
     mean = {k: round(float(np.mean([r[k] for r in per_stack.values()])), 4) for k in keys}
-    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "runs": [str(r) for r in runs],
+    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "runs": [str(r) for r in runs],
            "per_stack": per_stack, "mean": mean}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))

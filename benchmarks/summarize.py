@@ -40,8 +40,12 @@ def kind_of(doc: dict, path: Path) -> str:
         return "mesh"
     if "tiles_per_s" in doc:
         return "unet"
-    if "per_stack" in doc and "mean_dice" in doc:
+    if "per_stack" in doc and "after" in doc.get("mean_dice", {}):
+        return "finetune"
+    if "per_stack" in doc and "unet" in doc.get("mean_dice", {}):
         return "accuracy"
+    if "per_stack" in doc and "at_best_threshold" in doc.get("mean", {}):
+        return "probe"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -242,10 +246,33 @@ def section_accuracy(e) -> list[str]:
     m = d["mean_dice"]
     st = d.get("settings", {})
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
+    extra = {k: st[k] for k in ("seed", "context", "zoom") if st.get(k) not in (None, 0)}
+    recipe += "".join(f", {k} {v}" for k, v in extra.items())
     return [f"### Segmentation accuracy, leave one stack out ({recipe})",
             "",
             f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']:.3f}, union "
             f"{m.get('union', float('nan')):.3f}, global Otsu {m['otsu']:.3f}, difference of medians {m['dom']:.3f}.",
+            ""]
+
+
+def section_finetune(e) -> list[str]:
+    d = e["doc"]
+    m, st = d["mean_dice"], d.get("settings", {})
+    return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack",
+            "",
+            f"{src(e)}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
+            f"{m['before']:.3f} -> {m['after']:.3f} at the calibrated cut, "
+            f"{m.get('before_at_0.5', float('nan')):.3f} -> {m.get('after_at_0.5', float('nan')):.3f} at 0.5.",
+            ""]
+
+
+def section_probe(e) -> list[str]:
+    m = e["doc"]["mean"]
+    return ["### What limits the held-out Dice (probes on the fold models)",
+            "",
+            f"{src(e)}; see docs/accuracy.md. Mean Dice: calibrated {m['calibrated']:.3f}, best threshold per stack "
+            f"(chosen with its labels) {m['at_best_threshold']:.3f}, 8-fold TTA {m['tta8_calibrated']:.3f}"
+            + (f", ensemble {m['ensemble_at_0.5']:.3f}" if "ensemble_at_0.5" in m else "") + ".",
             ""]
 
 
@@ -273,8 +300,9 @@ def section_session(e) -> list[str]:
 
 SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
+            "finetune": section_finetune, "probe": section_probe,
             "pytest-benchmark": section_session}
-ORDER = ["pipeline", "median", "clahe", "mesh", "unet", "accuracy", "pytest-benchmark"]
+ORDER = ["pipeline", "median", "clahe", "mesh", "unet", "accuracy", "probe", "finetune", "pytest-benchmark"]
 
 
 def render(entries: list[dict]) -> str:
@@ -295,6 +323,8 @@ def render(entries: list[dict]) -> str:
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
+           "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
+           "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
            "",
            "## GPU",
