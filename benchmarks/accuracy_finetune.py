@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="fixed cut stored in the fine-tuned weights (None: calibrated on the validation slice)")
     p.add_argument("--out", default="benchmarks/results/accuracy-finetune.json")
     p.add_argument("--work", default="/tmp/gpuheart-finetune")
     a = p.parse_args(argv)
@@ -46,7 +48,8 @@ def main(argv=None):
         cfg = unet.TrainConfig(epochs=a.epochs, steps_per_epoch=a.steps, lr=a.lr, tile=128, seed=0,
                                loss=base.meta["config"]["loss"], norm=base.hparams["norm"],
                                width=base.hparams["width"], depth=base.hparams["depth"],
-                               val_fraction=1 / n, init=str(base_path), num_threads=os.cpu_count())
+                               val_fraction=1 / n, init=str(base_path), threshold=a.threshold,
+                               num_threads=os.cpu_count())
         res = unet.train([pre[:n]], [lab[:n]], cfg, Path(a.work) / name, progress=False)
         tuned = unet.load_weights(res.best_path)
         test_pre, test_lab = pre[n + a.gap:], lab[n + a.gap:]

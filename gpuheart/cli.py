@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, default=60)
     tr.add_argument("--steps", type=int, default=50, help="steps per epoch (default: %(default)s)")
     tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--threshold", type=float, default=None,
+                    help="store this decision threshold instead of calibrating one on the validation slices "
+                         "(0.5 after fine-tuning on a few slices)")
     tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s; 3e-4 to fine-tune)")
     tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
     tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
@@ -306,7 +309,7 @@ def _cmd_train(a) -> int:
     from .training import train_from_files
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, epochs=a.epochs,
-                           steps_per_epoch=a.steps, batch_size=a.batch_size, lr=a.lr, tile=a.tile, width=a.width,
+                           steps_per_epoch=a.steps, batch_size=a.batch_size, lr=a.lr, threshold=a.threshold, tile=a.tile, width=a.width,
                            context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")

@@ -598,6 +598,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     seed: int = 0
     init: str | None = None         # weights file to start from (fine-tuning), else random initialisation
+    threshold: float | None = None  # fixed decision threshold; None calibrates it on the validation slices
     num_threads: int | None = None  # torch CPU threads; None leaves torch's setting alone
     device: str = "auto"
     amp: bool = True               # bf16 autocast on CUDA
@@ -630,8 +631,10 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
     tiled ``predict``. The threshold is calibrated here, on validation slices of the training stacks,
     because losses such as Tversky (alpha > beta) deliberately bias probabilities towards recall, so 0.5
     is rarely the best cut; the chosen value ships in the weights' metadata."""
-    tp = np.zeros(len(VAL_THRESHOLDS))
-    ps = np.zeros(len(VAL_THRESHOLDS))
+    # a fixed threshold (cfg.threshold) is scored as is: a slice or two of validation calibrate badly
+    thresholds = VAL_THRESHOLDS if cfg.threshold is None else np.array([cfg.threshold])
+    tp = np.zeros(len(thresholds))
+    ps = np.zeros(len(thresholds))
     ts = 0
     for v in sorted({v for v, _ in val_slices}):
         ks = [k for vv, k in val_slices if vv == v]
@@ -641,13 +644,13 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
                        device=device, amp=cfg.amp and device == "cuda", halo=(lo, hi))
         t = labs[v][ks] > 0
         ts += int(t.sum())
-        for i, thr in enumerate(VAL_THRESHOLDS):
+        for i, thr in enumerate(thresholds):
             p = prob > thr
             tp[i] += int((p & t).sum())
             ps[i] += int(p.sum())
     dice = np.where(ps + ts > 0, 2 * tp / np.maximum(ps + ts, 1), 1.0)
     best = int(np.argmax(dice))
-    return float(dice[best]), float(VAL_THRESHOLDS[best])
+    return float(dice[best]), float(thresholds[best])
 
 
 def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str) -> float:
@@ -697,6 +700,8 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
                          f"need both (check val_fraction and the volume depths)")
     if cfg.context < 0:
         raise ValueError(f"context must be >= 0 slices, got {cfg.context}")
+    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {cfg.threshold}")
     sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context)
 
     torch.manual_seed(cfg.seed)

@@ -408,3 +408,12 @@ def test_fine_tuning_starts_from_given_weights(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # lr 0: unchanged
     with pytest.raises(ValueError, match="width"):
         unet.train([img], [lab], _cfg(epochs=1, init=str(first.best_path), width=8), tmp_path / "c", progress=False)
+
+
+def test_fixed_threshold_is_stored_instead_of_calibrated(tmp_path):
+    img, lab = _synthetic()
+    res = unet.train([img], [lab], _cfg(epochs=1, threshold=0.5), tmp_path, progress=False)
+    assert unet.load_weights(res.best_path).meta["threshold"] == 0.5
+    assert res.history[0]["threshold"] == 0.5
+    with pytest.raises(ValueError, match="threshold"):
+        unet.train([img], [lab], _cfg(epochs=1, threshold=1.5), tmp_path / "x", progress=False)
