@@ -258,7 +258,8 @@ def section_accuracy(e) -> list[str]:
 def section_finetune(e) -> list[str]:
     d = e["doc"]
     m, st = d["mean_dice"], d.get("settings", {})
-    return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack",
+    cut = f", fixed cut {st['threshold']}" if st.get("threshold") is not None else ""
+    return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack{cut}",
             "",
             f"{src(e)}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
             f"{m['before']:.3f} -> {m['after']:.3f} at the calibrated cut, "
