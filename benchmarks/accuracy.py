@@ -57,6 +57,14 @@ def score(pred, lab) -> dict:
     return {k: round(float(v), 4) for k, v in s.items() if k in ("dice", "cldice", "precision", "recall")}
 
 
+def write_result(path, doc: dict, **fields) -> Path:
+    """``doc`` plus the CPU device label, the date and ``fields``, as indented JSON at ``path``."""
+    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **doc, **fields}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2))
+    return Path(path)
+
+
 def main(argv=None):
     from gpuheart import unet
 
@@ -103,12 +111,9 @@ def main(argv=None):
         print(held, json.dumps(results[held]), flush=True)
     summary = {m: round(float(np.mean([r[m]["dice"] for r in results.values()])), 4)
                for m in ("unet", "union", "otsu", "dom")}
-    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-           "machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
-           "settings": {**vars(a), "augment": asdict(aug_kw.get("aug", unet.AugmentConfig()))},
-           "per_stack": results, "mean_dice": summary}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
+    write_result(a.out, {"machine": {"processor": platform.processor(), "cpus": os.cpu_count()}},
+                 settings={**vars(a), "augment": asdict(aug_kw.get("aug", unet.AugmentConfig()))},
+                 per_stack=results, mean_dice=summary)
     print("mean Dice", summary)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_stacks, score  # noqa: E402
+from accuracy import load_stacks, score, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -64,10 +64,7 @@ def main(argv=None):
         print(name, json.dumps(row), flush=True)
     mean = {f"{k}{cut}": round(float(np.mean([r[k]["dice" + cut] for r in results.values()])), 4)
             for k in ("before", "after") for cut in ("", "_at_0.5")}
-    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "settings": vars(a),
-           "per_stack": results, "mean_dice": mean}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
+    write_result(a.out, {}, settings=vars(a), per_stack=results, mean_dice=mean)
     print("mean Dice", mean)
 
 

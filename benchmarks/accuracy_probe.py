@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_stacks  # noqa: E402
+from accuracy import load_stacks, write_result  # noqa: E402
 
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
@@ -78,10 +77,7 @@ def main(argv=None):
         print(name, json.dumps(per_stack[name]), flush=True)
     keys = [k for k, v in next(iter(per_stack.values())).items() if isinstance(v, float) and k != "threshold"]
     mean = {k: round(float(np.mean([r[k] for r in per_stack.values()])), 4) for k in keys}
-    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "runs": [str(r) for r in runs],
-           "per_stack": per_stack, "mean": mean}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
+    write_result(a.out, {}, runs=[str(r) for r in runs], per_stack=per_stack, mean=mean)
     print("mean", json.dumps(mean))
 
 
