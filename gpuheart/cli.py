@@ -308,9 +308,10 @@ def _cmd_segment(a) -> int:
 def _cmd_train(a) -> int:
     from .training import train_from_files
 
-    res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, epochs=a.epochs,
-                           steps_per_epoch=a.steps, batch_size=a.batch_size, lr=a.lr, threshold=a.threshold, tile=a.tile, width=a.width,
-                           context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device, resume=a.resume, progress=not a.no_progress)
+    res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
+                           progress=not a.no_progress, epochs=a.epochs, steps_per_epoch=a.steps,
+                           batch_size=a.batch_size, lr=a.lr, threshold=a.threshold, tile=a.tile, width=a.width,
+                           context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device)
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK

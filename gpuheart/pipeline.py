@@ -487,8 +487,7 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     # a second stream from pinned buffers while this slab is computed; "input wait" is what that leaves
     c = _context(model)
     # a 2.5-D U-Net needs c neighbouring slices beyond each end of the slab (read with it: a z-halo)
-    reads = _timed(((z0, scan.read_slab(channel, max(z0 - c, 0), min(z0 + step + c, nz))) for z0 in starts),
-                   timer, "read")
+    reads = _timed(((z0, scan.read_slab(channel, *_read_range(z0, step, nz, c))) for z0 in starts), timer, "read")
     slabs = _timed(backend.prefetch(reads, device), timer, "input wait")
     for z0, x in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
         halo = _halo(z0, x.shape[0], min(step, nz - z0), c)
@@ -509,6 +508,11 @@ def _context(model) -> int:
         return 0
     from .unet import context_slices
     return context_slices(model)
+
+
+def _read_range(z0: int, step: int, nz: int, c: int) -> tuple[int, int]:
+    """The slices to read for the slab at ``z0``: its own and up to ``c`` more on each side."""
+    return max(z0 - c, 0), min(z0 + step + c, nz)
 
 
 def _halo(z0: int, n_read: int, n_core: int, c: int) -> tuple[int, int]:
@@ -593,7 +597,7 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     timer = _Timer(backend.resolve_device(cfg.device))
     c, n_core = _context(model), min(step, shape[0] - z0)
     with timer("read"), open_scan(src, channels=[channel]) as scan:
-        data = scan.read_slab(channel, max(z0 - c, 0), min(z0 + step + c, shape[0]))
+        data = scan.read_slab(channel, *_read_range(z0, step, shape[0], c))
     halo = _halo(z0, data.shape[0], n_core, c)
     acc = _ChannelAccumulator(shape, truth, channel)
     device = backend.resolve_device(cfg.device)

@@ -434,10 +434,10 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
     z, h, w = slab.shape
     grid = tile_grid((h, w), tile, overlap)
     padded = _reflect_pad(slab[:, None], grid.pad)[:, 0]
+    if context:  # the end slices repeated once, so slice k's inputs are rows k .. k + 2 * context
+        padded = padded[torch.arange(-context, z + context, device=slab.device).clamp_(0, z - 1)]
     win = _window(tile, slab.device)
     ks = range(halo[0], z - halo[1])
-    inputs = {k: torch.tensor([min(max(j, 0), z - 1) for j in range(k - context, k + context + 1)],
-                              device=slab.device) for k in ks}
     acc = torch.zeros((len(ks), *padded.shape[1:]), device=slab.device)
     wsum = torch.zeros(padded.shape[1:], device=slab.device)
     for sy in grid.starts_y:
@@ -447,10 +447,8 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
     with torch.autocast(slab.device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(coords), batch_size):
             chunk = coords[i:i + batch_size]
-            if context:
-                batch = torch.stack([padded[inputs[k], sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])
-            else:
-                batch = torch.stack([padded[k, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])[:, None]
+            n_in = 2 * context + 1
+            batch = torch.stack([padded[k:k + n_in, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])
             batch = batch.contiguous(memory_format=torch.channels_last)
             prob = torch.sigmoid(model(batch).float())[:, 0]
             for p, (k, sy, sx) in zip(prob, chunk):
