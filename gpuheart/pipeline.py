@@ -380,7 +380,9 @@ class Pipeline:
 
         from .io import open_scan
 
-        cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=False, report=False),
+        # global Otsu thresholds the written preprocessed volume; it lives in the temporary run folder
+        keep_pre = self.config.segment.method == "otsu"
+        cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=keep_pre, report=False),
                       mesh=replace(self.config.mesh, enabled=False), graph=replace(self.config.graph, enabled=False))
         if channel:
             cfg.channels = [channel]

@@ -87,6 +87,27 @@ def test_segment_then_mesh(tmp_path, capsys):
     assert trimesh.load(glb, force="mesh").is_watertight
 
 
+def test_segment_with_global_otsu(tmp_path):
+    """--method otsu needs the preprocessed volume, which segment keeps only in its temporary run folder."""
+    import numpy as np
+    import tifffile
+    from skimage.filters import threshold_otsu
+
+    from gpuheart.exposure import preprocess_volume
+
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    out = tmp_path / "seg" / "otsu.tif"
+    assert main(["segment", str(tmp_path / "ph" / "scan"), "-o", str(out), "--method", "otsu", "--no-progress"]) == 0
+    mask = tifffile.imread(out)
+    assert mask.shape == (16, 64, 64) and mask.dtype == np.uint8 and mask.any()
+    assert [p.name for p in out.parent.iterdir()] == ["otsu.tif"]
+    from gpuheart.io import open_scan
+
+    with open_scan(tmp_path / "ph" / "scan") as s:
+        pre = preprocess_volume(s.read_slab("C00", 0, s.shape[0]))
+    np.testing.assert_array_equal(mask > 0, pre > threshold_otsu(pre))
+
+
 def test_mesh_of_missing_mask_fails_cleanly(tmp_path, capsys):
     assert main(["mesh", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "m.glb")]) == 1
     assert "nope.tif" in capsys.readouterr().err
