@@ -246,12 +246,15 @@ def section_accuracy(e) -> list[str]:
     m = d["mean_dice"]
     st = d.get("settings", {})
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
-    extra = {k: st[k] for k in ("seed", "context", "zoom") if st.get(k) not in (None, 0)}
+    extra = {k: st[k] for k in ("seed", "context", "zoom", "phantoms") if st.get(k) not in (None, 0)}
     recipe += "".join(f", {k} {v}" for k, v in extra.items())
+    ph = [r["phantom"]["unet"]["dice"] for r in d["per_stack"].values() if "phantom" in r]
+    phantom = f" Fold models on the built-in scan's vessels: mean Dice {sum(ph) / len(ph):.3f}." if ph else ""
     return [f"### Segmentation accuracy, leave one stack out ({recipe})",
             "",
             f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']:.3f}, union "
-            f"{m.get('union', float('nan')):.3f}, global Otsu {m['otsu']:.3f}, difference of medians {m['dom']:.3f}.",
+            f"{m.get('union', float('nan')):.3f}, global Otsu {m['otsu']:.3f}, difference of medians {m['dom']:.3f}."
+            + phantom,
             ""]
 
 
