@@ -262,7 +262,12 @@ def load_weights(path, device: str = "cpu") -> UNet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"U-Net weights not found at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and EOF errors alike for a file that is not a checkpoint
+        # torch's own message suggests weights_only=False, which is the wrong advice for a file that is no checkpoint
+        raise ValueError(f"{path} is not a gpuheart U-Net weights file (not a readable PyTorch checkpoint: "
+                         f"{type(err).__name__}); expected best.pt from gpuheart train") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (expected format {WEIGHTS_FORMAT!r})")
     model = UNet(**ckpt["hparams"])

@@ -254,6 +254,18 @@ def test_weights_round_trip(tmp_path):
     assert big.stat().st_size < 10e6
 
 
+def test_a_file_that_is_no_checkpoint_is_a_clear_error(tmp_path):
+    """A TIFF or a text file passed as --weights: a ValueError naming it, not torch's pickle traceback."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((2, 8, 8), np.uint8))
+    (tmp_path / "notes.pt").write_text("garbage")
+    torch.save({"some": "dict"}, tmp_path / "other.pt")
+    for name in ("mask.tif", "notes.pt", "other.pt"):
+        with pytest.raises(ValueError, match=f"{name} is not a gpuheart U-Net weights file"):
+            unet.load_weights(tmp_path / name)
+
+
 def test_default_weights_missing_says_how_to_train(monkeypatch, tmp_path):
     assert unet.default_weights_path().name == "unet_default.pt"
     monkeypatch.setattr(unet, "default_weights_path", lambda: tmp_path / "none.pt")
