@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -339,8 +340,14 @@ def _cmd_info(a) -> int:
     return EXIT_OK
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # a user of the command wants the message, not the library line that raised it
+    return f"gpuheart: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     handler = {"run": _cmd_run, "phantom": _cmd_phantom, "info": _cmd_info, "report": _cmd_report,
                "mesh": _cmd_mesh, "segment": _cmd_segment, "train": _cmd_train}[args.command]
     try:

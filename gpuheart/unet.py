@@ -20,6 +20,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -720,7 +721,9 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     state = dict(epoch=0, best_dice=-1.0, best_epoch=0, bad_epochs=0, history=[])
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
     if resume and last_path.is_file():
-        state = _load_last(last_path, model, opt, sched, rng)
+        state = _load_last(last_path, model, opt, sched, rng, cfg)
+    elif resume:
+        warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=2)
 
     loss_fn = LOSSES[cfg.loss]
     stopped = state["bad_epochs"] >= cfg.patience
@@ -775,9 +778,20 @@ def _save_last(path, model, opt, sched, rng, state, cfg) -> None:
                   "state": state, "config": asdict(cfg)}, path)
 
 
-def _load_last(path, model, opt, sched, rng) -> dict:
+# settings a resumed run may change: how long it goes on and where it runs, not what it learns
+RESUMABLE_CHANGES = ("epochs", "patience", "num_threads", "device")
+
+
+def _load_last(path, model, opt, sched, rng, cfg: TrainConfig) -> dict:
     """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    now = asdict(cfg)
+    changed = {k: (v, now.get(k)) for k, v in ckpt.get("config", {}).items()
+               if k not in RESUMABLE_CHANGES and v != now.get(k)}
+    if changed:
+        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{path}: cannot resume with different settings ({diff}); use the settings of that run "
+                         f"(only {', '.join(RESUMABLE_CHANGES)} may change) or a new output folder")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])

@@ -333,6 +333,17 @@ def test_train_is_deterministic_and_resumable(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_other_settings_and_says_when_there_is_nothing_to_resume(tmp_path):
+    img, lab = _synthetic(1)
+    unet.train([img], [lab], _cfg(epochs=1), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"last.pt: cannot resume with different settings \(width 4 -> 8"):
+        unet.train([img], [lab], _cfg(epochs=2, width=8), tmp_path / "a", progress=False, resume=True)
+    more = unet.train([img], [lab], _cfg(epochs=2), tmp_path / "a", progress=False, resume=True)
+    assert [r["epoch"] for r in more.history] == [1, 2]          # longer is fine
+    with pytest.warns(UserWarning, match="nothing to resume"):
+        unet.train([img], [lab], _cfg(epochs=1), tmp_path / "new", progress=False, resume=True)
+
+
 def test_train_rejects_bad_input(tmp_path):
     img, lab = _synthetic()
     with pytest.raises(ValueError, match="uint8"):
