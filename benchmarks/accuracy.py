@@ -93,6 +93,7 @@ def main(argv=None):
     p.add_argument("--loss", default="tversky_focal")
     p.add_argument("--norm", default="group")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="plateau", help="learning-rate schedule: plateau or cosine")
     p.add_argument("--context", type=int, default=0, help="2.5-D: neighbouring slices each side as input channels")
     p.add_argument("--zoom", type=float, default=None, help="zoom augmentation range (AugmentConfig.scale)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
@@ -110,7 +111,7 @@ def main(argv=None):
         train_names = [n for n in stacks if n != held]
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
-                               loss=a.loss, norm=a.norm, context=a.context, **aug_kw)
+                               loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
         pre, lab = stacks[held]

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="store this decision threshold instead of calibrating one on the validation slices "
                          "(0.5 after fine-tuning on a few slices)")
     tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s; 3e-4 to fine-tune)")
+    tr.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
+                    help="learning rate: halved when validation Dice stalls (plateau, default), or a cosine decay "
+                         "to 1e-6 over the epochs")
     tr.add_argument("--tile", type=int, default=128, help="training tile side (default: %(default)s)")
     tr.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     tr.add_argument("--init", metavar="WEIGHTS",
@@ -311,8 +314,8 @@ def _cmd_train(a) -> int:
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
                            progress=not a.no_progress, epochs=a.epochs, steps_per_epoch=a.steps,
-                           batch_size=a.batch_size, lr=a.lr, threshold=a.threshold, tile=a.tile, width=a.width,
-                           context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device)
+                           batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, threshold=a.threshold,
+                           tile=a.tile, width=a.width, context=a.context, init=a.init, loss=a.loss, norm=a.norm, seed=a.seed, device=a.device)
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK

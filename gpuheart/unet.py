@@ -597,6 +597,7 @@ class TrainConfig:
     split: str = "slab"            # "slab" | "volume", see split_slices
     fg_fraction: float = 0.5       # share of tiles centred near a vessel
     patience: int = 15             # early stopping: epochs without a better val Dice
+    schedule: str = "plateau"       # "plateau": ReduceLROnPlateau on val Dice; "cosine": lr -> min_lr over the epochs
     lr_factor: float = 0.5         # ReduceLROnPlateau
     lr_patience: int = 5
     min_lr: float = 1e-6
@@ -702,6 +703,8 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
                          f"need both (check val_fraction and the volume depths)")
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: expected 'plateau' or 'cosine'")
     if cfg.context < 0:
         raise ValueError(f"context must be >= 0 slices, got {cfg.context}")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
@@ -734,7 +737,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device)
         val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
-        sched.step(val_dice)
+        _step_lr(opt, sched, cfg, epoch + 1, val_dice)
         row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
                    lr=opt.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 3))
         state["history"].append(row)
@@ -770,6 +773,17 @@ def _progress(it, enabled: bool, **kw):
         return it
     from tqdm.auto import tqdm
     return tqdm(it, desc="train unet", unit="epoch", **kw)
+
+
+def _step_lr(opt, sched, cfg: TrainConfig, epochs_done: int, val_dice: float) -> None:
+    """After an epoch: the plateau rule, or the cosine curve's value for the next epoch. The cosine value is
+    computed from ``cfg.epochs`` each time, so a run resumed with more epochs stretches its curve."""
+    if cfg.schedule == "plateau":
+        sched.step(val_dice)
+        return
+    lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(epochs_done / cfg.epochs, 1.0)))
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def _save_last(path, model, opt, sched, rng, state, cfg) -> None:

@@ -1,6 +1,8 @@
 """Tests for gpuheart.unet: model shapes, losses, augmentation alignment, tiled inference, weights, training."""
 import csv
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -342,6 +344,20 @@ def test_resume_refuses_other_settings_and_says_when_there_is_nothing_to_resume(
     assert [r["epoch"] for r in more.history] == [1, 2]          # longer is fine
     with pytest.warns(UserWarning, match="nothing to resume"):
         unet.train([img], [lab], _cfg(epochs=1), tmp_path / "new", progress=False, resume=True)
+
+
+def test_cosine_schedule_decays_to_min_lr_and_stretches_on_resume(tmp_path):
+    img, lab = _synthetic(1)
+    res = unet.train([img], [lab], _cfg(epochs=4, steps_per_epoch=1, schedule="cosine"), tmp_path / "a",
+                     progress=False)
+    lrs = [r["lr"] for r in res.history]    # the rate set for the next epoch
+    assert lrs == pytest.approx([1e-6 + (1e-2 - 1e-6) * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3, 4)])
+    assert lrs[-1] == pytest.approx(1e-6)
+    longer = unet.train([img], [lab], _cfg(epochs=8, steps_per_epoch=1, schedule="cosine"), tmp_path / "a",
+                        progress=False, resume=True)
+    assert longer.history[4]["lr"] == pytest.approx(1e-6 + (1e-2 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 5 / 8)))
+    with pytest.raises(ValueError, match="schedule"):
+        unet.train([img], [lab], _cfg(schedule="step"), tmp_path / "b", progress=False)
 
 
 def test_train_rejects_bad_input(tmp_path):
