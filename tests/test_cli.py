@@ -138,6 +138,28 @@ def test_train_fine_tunes_with_init_context_and_lr(tmp_path, capsys):
     assert "differs" in capsys.readouterr().err
 
 
+def test_finetune_takes_the_models_architecture_and_the_measured_recipe(tmp_path, capsys):
+    """--finetune W: W's width/tile/loss/context, lr 3e-4, threshold 0.5 stored, 6x25 steps unless overridden."""
+    from gpuheart import cli, unet
+
+    assert main(["train", "-o", str(tmp_path / "a"), "--phantom", "1", "--epochs", "1", "--steps", "1",
+                 "--batch-size", "2", "--tile", "64", "--width", "4", "--context", "1", "--loss", "dice_bce",
+                 "--no-progress"]) == 0
+    w = str(tmp_path / "a" / "best.pt")
+    assert main(["train", "-o", str(tmp_path / "b"), "--finetune", w, "--phantom", "1", "--steps", "1",
+                 "--epochs", "1", "--batch-size", "2", "--no-progress"]) == 0
+    meta = unet.load_weights(tmp_path / "b" / "best.pt").meta
+    c = meta["config"]
+    assert (c["init"], c["width"], c["tile"], c["context"], c["loss"], c["lr"]) == (w, 4, 64, 1, "dice_bce", 3e-4)
+    assert c["threshold"] == 0.5 == meta["threshold"] and (c["epochs"], c["steps_per_epoch"]) == (1, 1)
+    a = cli._parser().parse_args(["train", "x", "-o", "y", "--finetune"])
+    s = cli._train_settings(a)   # the shipped model, with the measured recipe
+    assert s["init"] == str(unet.default_weights_path()) and s["loss"] == "dice_bce"
+    assert (s["epochs"], s["steps_per_epoch"], s["lr"], s["threshold"]) == (6, 25, 3e-4, 0.5)
+    assert main(["train", "-o", str(tmp_path / "c"), "--finetune", w, "--init", w, "--phantom", "1"]) == 1
+    assert "not both" in capsys.readouterr().err
+
+
 def test_train_without_data_fails_cleanly(tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "run"), "--no-progress"]) == 1
     assert "no training data" in capsys.readouterr().err
