@@ -34,13 +34,14 @@ def _slab(n_slices: int, size: int = 2048, device: str = "cpu"):
     return backend.to_device(x, device)
 
 
-def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2, amp=None) -> dict:
+def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2, amp=None, batch_size=None) -> dict:
     """Time ``predict`` on ``n_slices`` slices of ``size``² with 256 tiles (overlap 0: tiles = pixels / 256²)."""
     dev = backend.resolve_device(device)
     model, x = _model(), _slab(n_slices, size, dev)
     grid = unet.tile_grid((size, size), 256, overlap)
     n_tiles = n_slices * len(grid.starts_y) * len(grid.starts_x)
-    unet.predict(model, x[:1], tile=256, overlap=overlap, device=dev, amp=amp)  # warm-up (cuDNN autotune, allocations)
+    kw = dict(tile=256, overlap=overlap, device=dev, amp=amp, batch_size=batch_size)
+    unet.predict(model, x, **kw)  # warm-up (cuDNN autotune, allocations) on the shapes timed below
     best = float("inf")
     for _ in range(repeats):
         if dev == "cuda":
@@ -48,7 +49,7 @@ def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2,
 
             cupy.cuda.Device().synchronize()
         t0 = time.perf_counter()
-        unet.predict(model, x, tile=256, overlap=overlap, device=dev, amp=amp)
+        unet.predict(model, x, **kw)
         if dev == "cuda":
             cupy.cuda.Device().synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -76,6 +77,22 @@ def test_unet_inference_cuda(benchmark):
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
+def cuda_sweep() -> list[dict]:
+    """Tiles/s on the GPU for fixed batch sizes, with and without cuDNN autotuning, side by side in one run:
+    the data to check the automatic batch size against (and whether predict should turn autotuning on)."""
+    import torch
+
+    rows = []
+    for bench in (False, True):
+        torch.backends.cudnn.benchmark = bench
+        for bs in (32, 64, 128, 256, 512, None):
+            r = tiles_per_second(n_slices=8, size=2048, device="cuda", batch_size=bs)
+            rows.append({"cudnn_benchmark": bench, "batch_size": bs or "auto", "tiles_per_s": round(r["tiles_per_s"])})
+            print(rows[-1], flush=True)
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
 def main() -> int:
     dev = backend.resolve_device("auto")
     r = tiles_per_second(n_slices=8 if dev == "cuda" else 1, size=2048 if dev == "cuda" else 1024, device=dev)
@@ -87,6 +104,8 @@ def main() -> int:
         import cupy
 
         r["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        r["auto_batch_size"] = unet._auto_batch_size(_model(), 256, __import__("torch").device("cuda"))
+        r["sweep"] = cuda_sweep()
     r.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              torch_threads=__import__("torch").get_num_threads(), date=time.strftime("%Y-%m-%d"))
     out = Path(__file__).parent / "results" / f"{name}-unet.json"

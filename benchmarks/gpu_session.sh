@@ -35,7 +35,7 @@ tail -5 "$OUT/gpu-tests.log"
 step 100 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py --benchmark-only \
   --benchmark-min-rounds=5 --benchmark-max-time=0.5
 # 3. U-Net inference tiles/s (bf16, automatic batch size)
-step 40 $PY benchmarks/bench_unet.py && cp benchmarks/results/cuda-unet.json "$OUT/unet.json"
+step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/cuda-unet.json "$OUT/unet.json"
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh out, per stage, with the full-scan projection
 step 150 $PY benchmarks/bench_pipeline.py --slices 32 --device cuda --mesh --no-tracemalloc --out "$OUT/pipeline.json"
 echo "== done $(date -u +%T)"

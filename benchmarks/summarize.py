@@ -239,8 +239,23 @@ def section_unet(e) -> list[str]:
                f"{b['tiles_per_s']:.1f} ({d.get('bf16_speedup', 0):.1f}x, same run) |"]
               if (b := d.get("bf16_autocast")) else []),
             "",
+            *_unet_sweep(d),
             "Reference from the project: a plain 16-channel U-Net in bf16 did about 6,600 tiles/s on an H100.",
             ""]
+
+
+def _unet_sweep(d: dict) -> list[str]:
+    """The GPU batch-size sweep (bench_unet.cuda_sweep), one row per batch size, autotuning off and on."""
+    rows = d.get("sweep") or []
+    if not rows:
+        return []
+    by = {}
+    for r in rows:
+        by.setdefault(str(r["batch_size"]), {})[r["cudnn_benchmark"]] = r["tiles_per_s"]
+    auto = d.get("auto_batch_size", "?")
+    return ["| batch size | tiles/s | tiles/s with cuDNN autotuning |", "|---|---:|---:|",
+            *[f"| {bs}{f' (= {auto})' if bs == 'auto' else ''} | {v.get(False, '-')} | {v.get(True, '-')} |"
+              for bs, v in by.items()], ""]
 
 
 def section_accuracy(e) -> list[str]:

@@ -352,14 +352,16 @@ def _reflect_pad(t: torch.Tensor, pad: tuple[tuple[int, int], tuple[int, int]]) 
 
 
 def _auto_batch_size(model: nn.Module, tile: int, device: torch.device) -> int:
-    """CPU: 4 tiles. CUDA: about half the free memory over a rough per-tile activation estimate."""
+    """CPU: 4 tiles. CUDA: about half the free memory over a rough per-tile activation estimate, at most 256
+    (a 16-channel U-Net needs batches in the hundreds to keep a large GPU busy; benchmarks/bench_unet.py
+    sweeps the batch size on a GPU to check)."""
     if device.type != "cuda":
         return 4
     width = getattr(model, "hparams", {}).get("width", 32)
     # ~2 * width * tile^2 activations summed over levels, ~8 live tensors, 2-byte bf16 (4 to be safe)
     per_tile = 2 * width * tile * tile * 8 * 4
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(64, free // 2 // per_tile)))
+    return int(max(1, min(256, free // 2 // per_tile)))
 
 
 def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
@@ -442,25 +444,41 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
     padded = _reflect_pad(slab[:, None], grid.pad)[:, 0]
     if context:  # the end slices repeated once, so slice k's inputs are rows k .. k + 2 * context
         padded = padded[torch.arange(-context, z + context, device=slab.device).clamp_(0, z - 1)]
+    inputs = padded.unfold(0, 2 * context + 1, 1).permute(0, 3, 1, 2)   # (z, 2c+1, H, W), a view
     win = _window(tile, slab.device)
-    ks = range(halo[0], z - halo[1])
-    acc = torch.zeros((len(ks), *padded.shape[1:]), device=slab.device)
+    acc = torch.zeros((z - halo[0] - halo[1], *padded.shape[1:]), device=slab.device)
     wsum = torch.zeros(padded.shape[1:], device=slab.device)
-    for sy in grid.starts_y:
-        for sx in grid.starts_x:
-            wsum[sy:sy + tile, sx:sx + tile] += win
-    coords = [(k, sy, sx) for k in ks for sy in grid.starts_y for sx in grid.starts_x]
+    positions = [(sy, sx) for sy in grid.starts_y for sx in grid.starts_x]
+    for sy, sx in positions:
+        wsum[sy:sy + tile, sx:sx + tile] += win
     with torch.autocast(slab.device.type, dtype=torch.bfloat16, enabled=amp):
-        for i in range(0, len(coords), batch_size):
-            chunk = coords[i:i + batch_size]
-            n_in = 2 * context + 1
-            batch = torch.stack([padded[k:k + n_in, sy:sy + tile, sx:sx + tile] for k, sy, sx in chunk])
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            prob = torch.sigmoid(model(batch).float())[:, 0]
-            for p, (k, sy, sx) in zip(prob, chunk):
-                acc[k - halo[0], sy:sy + tile, sx:sx + tile] += p * win
+        for batch in _tile_runs(positions, halo[0], z - halo[1], batch_size):
+            x = torch.cat([inputs[k0:k1, :, sy:sy + tile, sx:sx + tile] for sy, sx, k0, k1 in batch])
+            prob = torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last)).float())[:, 0] * win
+            i = 0
+            for sy, sx, k0, k1 in batch:   # one add per run of slices, not per tile: what keeps a GPU busy
+                acc[k0 - halo[0]:k1 - halo[0], sy:sy + tile, sx:sx + tile] += prob[i:i + k1 - k0]
+                i += k1 - k0
     (top, _), (left, _) = grid.pad
     return (acc[:, top:top + h, left:left + w] / wsum[top:top + h, left:left + w]).contiguous()
+
+
+def _tile_runs(positions, k_lo: int, k_hi: int, batch_size: int):
+    """Batches of ``batch_size`` tiles as runs ``(sy, sx, k0, k1)``: one tile position over consecutive
+    slices, so a batch is gathered and scattered with a few slicing ops. Each slice still receives its tiles
+    in row-major position order, so every pixel sums the same terms in the same order as tile by tile."""
+    batch, n = [], 0
+    for sy, sx in positions:
+        k = k_lo
+        while k < k_hi:
+            take = min(k_hi - k, batch_size - n)
+            batch.append((sy, sx, k, k + take))
+            n, k = n + take, k + take
+            if n == batch_size:
+                yield batch
+                batch, n = [], 0
+    if batch:
+        yield batch
 
 
 # -- training data -------------------------------------------------------------------------------

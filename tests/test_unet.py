@@ -157,6 +157,30 @@ class Pointwise(torch.nn.Module):
         return self.conv(x)
 
 
+def test_tile_runs_cover_every_tile_once_in_batches_and_in_order_per_slice():
+    from gpuheart.unet import _tile_runs
+
+    positions = [(0, 0), (0, 48), (48, 0), (48, 48)]
+    for k_lo, k_hi, bs in ((0, 5, 3), (1, 4, 4), (0, 1, 2), (2, 9, 16)):
+        batches = list(_tile_runs(positions, k_lo, k_hi, bs))
+        sizes = [sum(k1 - k0 for _, _, k0, k1 in b) for b in batches]
+        assert all(n == bs for n in sizes[:-1]) and 0 < sizes[-1] <= bs
+        tiles = [(k, sy, sx) for b in batches for sy, sx, k0, k1 in b for k in range(k0, k1)]
+        assert sorted(tiles) == sorted((k, sy, sx) for k in range(k_lo, k_hi) for sy, sx in positions)
+        for k in range(k_lo, k_hi):   # each pixel sums its tiles in the same order as tile-by-tile prediction
+            assert [(sy, sx) for kk, sy, sx in tiles if kk == k] == positions
+
+
+def test_prediction_does_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    model = UNet(depth=2, width=4, norm="group").eval()
+    slab = np.random.default_rng(1).integers(0, 256, (3, 100, 130), dtype=np.uint8)
+    ref = predict(model, slab, tile=64, overlap=16, batch_size=1, device="cpu")
+    for bs in (2, 5, 64):
+        np.testing.assert_allclose(predict(model, slab, tile=64, overlap=16, batch_size=bs, device="cpu"), ref,
+                                   atol=1e-5)
+
+
 def test_tiled_prediction_of_pointwise_model_has_no_seams():
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (700, 530), dtype=np.uint8)
