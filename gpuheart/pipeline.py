@@ -380,15 +380,16 @@ class Pipeline:
 
         from .io import open_scan
 
-        # global Otsu thresholds the written preprocessed volume; it lives in the temporary run folder
-        keep_pre = self.config.segment.method == "otsu"
-        cfg = replace(self.config, output=replace(self.config.output, write_preprocessed=keep_pre, report=False),
-                      mesh=replace(self.config.mesh, enabled=False), graph=replace(self.config.graph, enabled=False))
+        cfg = replace(self.config, mesh=replace(self.config.mesh, enabled=False),
+                      graph=replace(self.config.graph, enabled=False))
         if channel:
             cfg.channels = [channel]
         elif not cfg.channels:
             with open_scan(source) as s:
                 cfg.channels = s.channels[:1]
+        # global Otsu thresholds the written preprocessed volume; it lives in the temporary run folder
+        keep_pre = "otsu" in (cfg.segment.method, cfg.for_channel(cfg.channels[0]).segment.method)
+        cfg = replace(cfg, output=replace(cfg.output, write_preprocessed=keep_pre, report=False))
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".gpuheart-", dir=out_path.parent) as work:

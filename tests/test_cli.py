@@ -106,6 +106,12 @@ def test_segment_with_global_otsu(tmp_path):
     with open_scan(tmp_path / "ph" / "scan") as s:
         pre = preprocess_volume(s.read_slab("C00", 0, s.shape[0]))
     np.testing.assert_array_equal(mask > 0, pre > threshold_otsu(pre))
+    cfg = tmp_path / "c.toml"   # the same when only the channel's own settings ask for it
+    cfg.write_text('[channel.C00.segment]\nmethod = "otsu"\n')
+    out2 = tmp_path / "seg" / "otsu2.tif"
+    assert main(["segment", str(tmp_path / "ph" / "scan"), "-o", str(out2), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(out2), mask)
 
 
 def test_mesh_of_missing_mask_fails_cleanly(tmp_path, capsys):
