@@ -14,6 +14,7 @@ Writes a JSON with per-stack Dice, clDice, precision and recall (and the setting
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -23,6 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+
+# the labelled stacks: $GPUHEART_DATA, else ../shared/data beside the checkout (as the tests find them)
+DEFAULT_DATA = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def load_stacks(data: Path):
@@ -57,17 +62,24 @@ def score(pred, lab) -> dict:
     return {k: round(float(v), 4) for k, v in s.items() if k in ("dice", "cldice", "precision", "recall")}
 
 
-def phantom_score(model) -> dict:
-    """Dice of ``model`` on the built-in scan's vessel channel (seed 0, which ``--phantoms N`` never trains on:
-    it uses seeds 1..N), at the model's threshold and at 0.5."""
-    from gpuheart import unet
+@functools.lru_cache(maxsize=1)
+def _phantom_vessels():
+    """The built-in scan's vessel channel, preprocessed, and its truth (made once for all fold models)."""
     from gpuheart.exposure import preprocess_volume
     from gpuheart.phantom import Phantom, PhantomConfig
 
     ph = Phantom(PhantomConfig.preset("default"))
     z = ph.shape[0]
-    prob = unet.predict(model, preprocess_volume(ph.slab("C00", 0, z)), tile=256, overlap=64)
-    truth = ph.truth("C00", 0, z)
+    return preprocess_volume(ph.slab("C00", 0, z)), ph.truth("C00", 0, z)
+
+
+def phantom_score(model) -> dict:
+    """Dice of ``model`` on the built-in scan's vessel channel (seed 0, which ``--phantoms N`` never trains on:
+    it uses seeds 1..N), at the model's threshold and at 0.5."""
+    from gpuheart import unet
+
+    pre, truth = _phantom_vessels()
+    prob = unet.predict(model, pre, tile=256, overlap=64)
     return {"unet": score(prob > model.meta.get("threshold", 0.5), truth), "unet_at_0.5": score(prob > 0.5, truth)}
 
 
@@ -83,8 +95,7 @@ def main(argv=None):
     from gpuheart import unet
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--data", default=default_data)
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tile", type=int, default=128)

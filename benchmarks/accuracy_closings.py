@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import baselines, load_stacks, score, write_result  # noqa: E402
+from accuracy import DEFAULT_DATA, baselines, load_stacks, score, write_result  # noqa: E402
 
 
 def closings(name, pre, lab, runs: Path) -> dict:
@@ -42,8 +41,7 @@ def closings(name, pre, lab, runs: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--data", default=default_data)
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
     p.add_argument("--out", default="benchmarks/results/accuracy-closings.json")
     a = p.parse_args(argv)

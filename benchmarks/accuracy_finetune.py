@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_stacks, score, write_result  # noqa: E402
+from accuracy import DEFAULT_DATA, load_stacks, score, write_result  # noqa: E402
 
 
 def main(argv=None):
     from gpuheart import unet
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--data", default=default_data)
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
     p.add_argument("--slices", type=int, default=4, help="labelled slices of the held-out stack to fine-tune on")
     p.add_argument("--gap", type=int, default=2, help="slices skipped between those and the test slices")

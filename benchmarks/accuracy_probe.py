@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_stacks, write_result  # noqa: E402
+from accuracy import DEFAULT_DATA, load_stacks, write_result  # noqa: E402
 
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
@@ -65,8 +64,7 @@ def probe(name, pre, lab, runs: list[Path]) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = os.environ.get("GPUHEART_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--data", default=default_data)
+    p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--runs", nargs="+", required=True, help="fold-model folders of accuracy.py runs; the first is probed")
     p.add_argument("--out", default="benchmarks/results/accuracy-probes.json")
     a = p.parse_args(argv)

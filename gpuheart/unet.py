@@ -265,8 +265,7 @@ def load_weights(path, device: str = "cpu") -> UNet:
         raise FileNotFoundError(f"U-Net weights not found at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and EOF errors alike for a file that is not a checkpoint
-        # torch's own message suggests weights_only=False, which is the wrong advice for a file that is no checkpoint
+    except Exception as err:  # pickle, zip or EOF errors alike; torch's text advises weights_only=False, wrongly here
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (not a readable PyTorch checkpoint: "
                          f"{type(err).__name__}); expected best.pt from gpuheart train") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
