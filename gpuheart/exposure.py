@@ -319,7 +319,9 @@ def _kernel_size(kernel_size) -> tuple[int, int]:
     return ks
 
 
-def _clahe_slice(x: np.ndarray, clip_limit: float, ks: tuple[int, int], nbins: int) -> np.ndarray:
+def _clahe_levels(x: np.ndarray, clip_limit: float, ks: tuple[int, int], nbins: int):
+    """CLAHE's 14-bit uint16 levels of one slice (before the final min/max rescale) and the float dtype
+    that rescale uses."""
     bins, float_dtype = _to_bins(x, nbins)
     ky, kx = ks
     nty, ntx = -(-x.shape[0] // ky), -(-x.shape[1] // kx)
@@ -333,7 +335,70 @@ def _clahe_slice(x: np.ndarray, clip_limit: float, ks: tuple[int, int], nbins: i
     _clip_and_map(hist, clim, (NR_OF_GRAY - 1 - 0) / n_pix, maps)
     levels = np.empty(x.shape, np.uint16)
     _interpolate(bins, maps.reshape(nty, ntx, nbins), ky, kx, levels)
-    return _final_rescale(levels, float_dtype)
+    return levels, float_dtype
+
+
+def _clahe_slice(x: np.ndarray, clip_limit: float, ks: tuple[int, int], nbins: int) -> np.ndarray:
+    return _final_rescale(*_clahe_levels(x, clip_limit, ks, nbins))
+
+
+def _robust_level_table(counts: np.ndarray, float_dtype, low: float, high: float,
+                        final_tables: dict | None = None) -> np.ndarray:
+    """uint8 table over the 14-bit levels of one slice with level histogram ``counts`` such that
+    ``table[levels] == robust_scale(_final_rescale(levels, float_dtype), low, high)``, bit for bit.
+
+    The final rescale is monotone in the level, so the k-th smallest output is the rescaled k-th
+    smallest level: the percentiles come from the cumulative histogram instead of a sort of the
+    float32 image, interpolated as NumPy does (_lerp_like_numpy), and the scaling is robust_scale's
+    own float32 arithmetic applied to the 16384 possible outputs instead of every pixel.
+    """
+    present = np.flatnonzero(counts)
+    key = (float(present[0]), float(present[-1]))
+    final_tables = {} if final_tables is None else final_tables
+    if key not in final_tables:
+        final_tables[key] = _final_table(*key, float_dtype)
+    ftab = final_tables[key]
+    lo_i, hi_i, gamma = _linear_percentile_plan(int(counts.sum()), [low, high])
+    cum = np.cumsum(counts, dtype=np.int64)
+    # the k-th order statistic (0-based) is the first level whose cumulative count exceeds k
+    a = ftab[np.searchsorted(cum, lo_i, side="right")]
+    b = ftab[np.searchsorted(cum, hi_i, side="right")]
+    p = _lerp_like_numpy(a[None], b[None], gamma[None, :])[0]
+    lo, hi = float(p[0]), float(p[1])
+    if not hi > lo:
+        return np.zeros(NR_OF_GRAY, np.uint8)
+    y = (ftab - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.rint(np.clip(y, 0, 255)).astype(np.uint8)
+
+
+def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256,
+                       low: float = 0.1, high: float = 99.9):
+    """``robust_scale(clahe(x, clip_limit, kernel_size, nbins), low, high)``, bit for bit, without the
+    float32 image in between: per slice, the histogram of CLAHE's 14-bit levels gives the
+    percentiles and a 16384-entry uint8 table maps levels to the output. This is the preprocessing
+    chain's last two steps; on a GPU it replaces a per-slice sort with a histogram.
+    """
+    if x.ndim not in (2, 3) or x.size == 0:
+        raise ValueError(f"clahe expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
+    if nbins < 1:
+        raise ValueError(f"nbins must be >= 1, got {nbins}")
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    ks = _kernel_size(kernel_size)
+    if is_device_array(x):
+        out = _try_cuda("clahe", _clahe_cuda, x, clip_limit, ks, nbins, (low, high))
+        if out is not None:
+            return out
+        return robust_scale(clahe(x, clip_limit, kernel_size, nbins), low, high)
+    x3 = x[None] if x.ndim == 2 else x
+    out = np.empty(x3.shape, np.uint8)
+    final_tables: dict = {}
+    for i, s in enumerate(x3):
+        levels, float_dtype = _clahe_levels(s, clip_limit, ks, nbins)
+        counts = np.bincount(levels.ravel(), minlength=NR_OF_GRAY)
+        table = _robust_level_table(counts, float_dtype, low, high, final_tables)
+        _gather(table, levels, out[i])
+    return out[0] if x.ndim == 2 else out
 
 
 def _to_bins(x: np.ndarray, nbins: int):
@@ -570,7 +635,8 @@ _CLAHE_CHUNK_BYTES = 256 << 20  # bins + levels + maps of the slices processed p
 _CLAHE_ENTRIES = ("int_to_bins_u8_b8", "int_to_bins_u8_b16", "int_to_bins_u16_b8", "int_to_bins_u16_b16",
                   "float_to_bins_f32_b8", "float_to_bins_f32_b16", "float_to_bins_f64_b8",
                   "float_to_bins_f64_b16", "clahe_tile_maps_b8", "clahe_tile_maps_b16",
-                  "clahe_interp_b8", "clahe_interp_b16", "clahe_final")
+                  "clahe_interp_b8", "clahe_interp_b16", "clahe_final", "clahe_level_counts",
+                  "clahe_final_u8")
 _ELEMENTWISE_ENTRIES = ("znorm_asinh_u8", "znorm_asinh_u16", "znorm_asinh_i16", "znorm_asinh_i32",
                         "znorm_asinh_f32", "znorm_asinh_f64", "robust_scale_f32")
 KERNEL_ENTRIES = {"clahe.cu": _CLAHE_ENTRIES, "elementwise.cu": _ELEMENTWISE_ENTRIES}
@@ -602,7 +668,9 @@ def _grid_stride(plane: int, nslices: int, threads: int = 256) -> tuple[tuple[in
     return (max(1, min(-(-plane // threads), 2048)), nslices), (threads,)
 
 
-def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int):
+def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: tuple[float, float] | None = None):
+    """CLAHE on the device: float32 like ``clahe``, or with ``robust = (low, high)`` uint8 like
+    ``clahe_robust_scale``."""
     import cupy as cp
 
     dt = x.dtype
@@ -644,7 +712,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int):
     plane = h * w
     per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + 65536 * 2
     chunk = int(max(1, min(nz, 65535, _CLAHE_CHUNK_BYTES // per_slice)))
-    out = cp.empty((nz, h, w), cp.float32)
+    out = cp.empty((nz, h, w), cp.float32 if robust is None else cp.uint8)
     bin_tables: dict = {}
     final_tables: dict = {}
     for c0 in range(0, nz, chunk):
@@ -684,6 +752,13 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int):
                (bins, maps, np.int32(h), np.int32(w), np.int32(ky), np.int32(kx), np.int32(nty),
                 np.int32(ntx), np.int32(nbins), levels))
         del maps, bins
+        if robust is not None:
+            counts = cp.zeros((nc, NR_OF_GRAY), cp.uint32)
+            mod.get_function("clahe_level_counts")(grid, block, (levels, np.int64(plane), counts))
+            tabs = [_robust_level_table(c, float_dtype, *robust, final_tables) for c in cp.asnumpy(counts)]
+            mod.get_function("clahe_final_u8")(grid, block, (levels, cp.asarray(np.stack(tabs)), np.int64(plane),
+                                                             out[c0:c1]))
+            continue
         lflat = levels.reshape(nc, -1)
         lmin, lmax = cp.asnumpy(lflat.min(axis=1)), cp.asnumpy(lflat.max(axis=1))
         ftabs = []
@@ -817,30 +892,28 @@ def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = N
     on exactly what it sees at inference.
     """
     cfg = cfg or ExposureConfig()
+    stretched = None
     if is_device_array(slab):
         scale = cfg.asinh_scale or znorm.scale or 1.0
         if keep_normalized is not None:
             keep_normalized(znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32))
+            keep_normalized = None
         with timer("z-normalize + asinh"):  # one fused kernel
             stretched = _try_cuda("z-normalize + asinh", _znorm_asinh_cuda, slab, znorm, z0,
                                   cfg.normalize, scale)
-        if stretched is not None:
-            with timer("clahe"):
-                eq = clahe(stretched, clip_limit=cfg.clip_limit, kernel_size=cfg.kernel_size) \
-                    if cfg.clahe else stretched
-            with timer("robust scale"):
-                return robust_scale(eq, cfg.robust_low, cfg.robust_high)
-        keep_normalized = None  # already called
-    with timer("z-normalize"):
-        norm = znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32)
-    if keep_normalized is not None:
-        keep_normalized(norm)
-    with timer("asinh"):
-        stretched = asinh_stretch(norm - np.float32(znorm.background), cfg.asinh_scale or znorm.scale or 1.0)
-    with timer("clahe"):
-        eq = clahe(stretched, clip_limit=cfg.clip_limit, kernel_size=cfg.kernel_size) if cfg.clahe else stretched
+    if stretched is None:
+        with timer("z-normalize"):
+            norm = znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32)
+        if keep_normalized is not None:
+            keep_normalized(norm)
+        with timer("asinh"):
+            stretched = asinh_stretch(norm - np.float32(znorm.background), cfg.asinh_scale or znorm.scale or 1.0)
+    if cfg.clahe:
+        with timer("clahe + robust scale"):  # fused: CLAHE levels -> histogram -> uint8 table
+            return clahe_robust_scale(stretched, cfg.clip_limit, cfg.kernel_size,
+                                      low=cfg.robust_low, high=cfg.robust_high)
     with timer("robust scale"):
-        return robust_scale(eq, cfg.robust_low, cfg.robust_high)
+        return robust_scale(stretched, cfg.robust_low, cfg.robust_high)
 
 
 def preprocess_volume(volume, cfg: ExposureConfig | None = None):

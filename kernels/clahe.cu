@@ -6,6 +6,8 @@
 //                    cumulative map (uint16: maps are <= 16383, half the memory of int32)
 //   clahe_interp     per pixel: the float32 bilinear blend of four tile maps, truncated to a level
 //   clahe_final      level -> float32 through the host-built per-slice min/max rescale table
+// or, for the preprocessing chain (CLAHE then robust scaling), instead of clahe_final:
+//   clahe_level_counts + clahe_final_u8   level histogram -> host-built uint8 table -> gather
 // Float arithmetic uses explicit _rn intrinsics so nvcc cannot contract it into FMAs: the CPU
 // rounds after every operation. Offsets that multiply extents are 64-bit.
 
@@ -237,6 +239,39 @@ extern "C" __global__ void clahe_final(const unsigned short* __restrict__ levels
 {
     const int z = blockIdx.y;
     const float* tab = tables + (long long)z * 16384;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long p = (long long)z * plane + i;
+        out[p] = tab[min((int)levels[p], 16383)];
+    }
+}
+
+// ---- fused robust scaling ------------------------------------------------------------------------
+//
+// robust_scale(clahe(x)) without the float32 image and without sorting it: the final rescale is
+// monotone in the level, so the output's order statistics are the rescaled order statistics of the
+// levels, which a 16384-bin histogram per slice gives exactly. The host turns the histograms into
+// one uint8 table per slice (gpuheart.exposure._robust_level_table, the CPU path's own function)
+// and clahe_final_u8 gathers through it.
+
+// Grid-stride over a slice (blockIdx.y = slice); counts holds 16384 uint32 per slice, zeroed by the
+// caller. CLAHE spreads the levels over the whole range, so global atomics rarely collide.
+extern "C" __global__ void clahe_level_counts(const unsigned short* __restrict__ levels,
+                                              long long plane, unsigned int* __restrict__ counts)
+{
+    const int z = blockIdx.y;
+    unsigned int* cz = counts + (long long)z * 16384;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
+         i += (long long)gridDim.x * blockDim.x)
+        atomicAdd(cz + min((int)levels[(long long)z * plane + i], 16383), 1u);
+}
+
+extern "C" __global__ void clahe_final_u8(const unsigned short* __restrict__ levels,
+                                          const unsigned char* __restrict__ tables, long long plane,
+                                          unsigned char* __restrict__ out)
+{
+    const int z = blockIdx.y;
+    const unsigned char* tab = tables + (long long)z * 16384;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
          i += (long long)gridDim.x * blockDim.x) {
         const long long p = (long long)z * plane + i;

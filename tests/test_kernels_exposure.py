@@ -114,6 +114,53 @@ def test_clip_restructuring_equals_cpu():
         np.testing.assert_array_equal(_clip_like_kernel(h, clim), want)
 
 
+def test_robust_level_table_equals_robust_scale_of_the_rescaled_levels():
+    """The host half of the fused CLAHE + robust scaling (CPU path and GPU path share it): for any
+    level image, table[levels] is robust_scale of the final rescale, including ties, one or two
+    distinct levels, a single pixel and the extreme percentiles."""
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n = int(rng.choice([1, 2, 3, 17, 1000, 4099]))
+        kind = trial % 4
+        if kind == 0:
+            lv = rng.integers(0, ex.NR_OF_GRAY, n)
+        elif kind == 1:
+            lv = rng.choice(rng.integers(0, ex.NR_OF_GRAY, int(rng.integers(1, 4))), n)  # few levels
+        elif kind == 2:
+            lv = np.minimum(rng.geometric(0.01, n) + int(rng.integers(0, 9000)), ex.NR_OF_GRAY - 1)
+        else:
+            lv = np.full(n, int(rng.integers(0, ex.NR_OF_GRAY)))
+        levels = lv.astype(np.uint16).reshape(1, n)
+        low, high = [(0.1, 99.9), (0, 100), (1, 99), (50, 50.5), (0, 0.001)][trial % 5]
+        fd = np.float32 if rng.random() < 0.5 else np.float64
+        table = ex._robust_level_table(np.bincount(lv, minlength=ex.NR_OF_GRAY), fd, low, high)
+        want = ex.robust_scale(ex._final_rescale(levels, fd), low, high)
+        np.testing.assert_array_equal(table[levels], want)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 64), (97, 131), (3, 50, 47), (1, 5), (33, 1)])
+def test_clahe_robust_scale_equals_the_two_steps(dtype, shape):
+    x = _image(shape, dtype, 11)
+    for low, high in [(0.1, 99.9), (2, 98)]:
+        want = ex.robust_scale(ex.clahe(x), low, high)
+        got = ex.clahe_robust_scale(x, low=low, high=high)
+        assert got.dtype == np.uint8 and got.shape == x.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_clahe_robust_scale_constant_slice_and_errors():
+    x = _image((3, 40, 40), np.uint16, 2)
+    x[1] = 7
+    np.testing.assert_array_equal(ex.clahe_robust_scale(x), ex.robust_scale(ex.clahe(x)))
+    f = _image((2, 20, 20), np.float32, 2)
+    f[1, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ex.clahe_robust_scale(f)
+    with pytest.raises(ValueError, match="low"):
+        ex.clahe_robust_scale(x, low=60, high=40)
+
+
 # -- GPU parity --------------------------------------------------------------------------------------
 
 cp = cupy_checking_fallbacks(ex)
@@ -227,6 +274,22 @@ def test_preprocess_gpu_vs_cpu(cp):
     # asinh may differ by an ulp, which can move a pixel across a bin edge: allow a few pixels off by 1
     diff = np.abs(gpu.get().astype(int) - cpu.astype(int))
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size
-    # from the same stretched input, CLAHE + robust scaling on the GPU equal the CPU bit for bit
+    # from the same stretched input, CLAHE + robust scaling on the GPU equal the CPU bit for bit,
+    # as two steps and fused (what preprocess runs on the device)
     st = ex._znorm_asinh_cuda(cp.asarray(vol), zn, 0, True, zn.scale)
-    np.testing.assert_array_equal(ex.robust_scale(ex.clahe(st)).get(), ex.robust_scale(ex.clahe(st.get())))
+    want = ex.robust_scale(ex.clahe(st.get()))
+    np.testing.assert_array_equal(ex.robust_scale(ex.clahe(st)).get(), want)
+    np.testing.assert_array_equal(ex.clahe_robust_scale(st).get(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 64), (3, 97, 131), (2, 1, 5), (40, 33, 1)])
+def test_clahe_robust_scale_gpu_equals_cpu(cp, dtype, shape):
+    x = _image(shape, dtype, 12)
+    if len(shape) == 3 and shape[1] > 1:
+        x[1] = x[1, 0, 0]  # a constant slice
+    got = ex.clahe_robust_scale(cp.asarray(x))
+    assert isinstance(got, cp.ndarray) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got.get(), ex.clahe_robust_scale(x))
+    np.testing.assert_array_equal(got.get(), ex.robust_scale(ex.clahe(x)))
