@@ -3,8 +3,10 @@
 For every stack, the model that never saw it (``RUNS/<stack>/best.pt``, from ``benchmarks/accuracy.py``) is
 scored on it at its calibrated threshold, at 0.5, and at the **best threshold for that stack** (chosen with its
 labels: a ceiling no threshold rule can beat); with 8-fold test-time augmentation (the square's rotations and
-flips); with 128-pixel inference tiles (the training tile side); and the mean of the probabilities of the fold
-models of every ``--runs`` folder given (an ensemble). Nothing here trains.
+flips); with 128-pixel inference tiles (the training tile side); the mean of the probabilities of the fold
+models of every ``--runs`` folder given (an ensemble); and, on the mask at 0.5, post-processing that needs no
+labels: removing 3-D connected components under 1,000 voxels, filling holes slice by slice, and combining the
+mask with one global Otsu threshold of the preprocessed stack (AND, OR). Nothing here trains.
 
     python benchmarks/accuracy_probe.py --runs /tmp/loso-a [/tmp/loso-b ...] [--out results.json]
 """
@@ -54,12 +56,28 @@ def probe(name, pre, lab, runs: list[Path]) -> dict:
            "at_best_threshold": max(curve), "tta8_calibrated": dice(tta > thr, lab),
            "tta8_at_best_threshold": max(dice(tta > t, lab) for t in THRESHOLDS),
            "tile128_calibrated": dice(unet.predict(model, pre, tile=128, overlap=32) > thr, lab)}
+    row.update(postprocess_probes(prob > 0.5, pre, lab))
     if len(runs) > 1:
         probs = [prob] + [unet.predict(unet.load_weights(r / name / "best.pt"), pre, tile=256, overlap=64)
                           for r in runs[1:]]
         row["ensemble_at_0.5"] = dice(np.mean(probs, axis=0) > 0.5, lab)
         row["members_at_0.5"] = [round(dice(p > 0.5, lab), 4) for p in probs]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def postprocess_probes(mask, pre, lab) -> dict:
+    """Dice of label-free clean-ups of the 0.5 mask: what a pipeline stage could do on an unseen stack."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    comps, _ = ndi.label(mask, np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comps.ravel())
+    keep = sizes >= 1000
+    keep[0] = False
+    otsu = pre > threshold_otsu(pre)
+    return {"at_0.5_without_components_under_1000": dice(keep[comps], lab),
+            "at_0.5_holes_filled_per_slice": dice(np.stack([ndi.binary_fill_holes(m) for m in mask]), lab),
+            "at_0.5_and_otsu": dice(mask & otsu, lab), "at_0.5_or_otsu": dice(mask | otsu, lab)}
 
 
 def main(argv=None):

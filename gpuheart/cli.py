@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="fine-tune WEIGHTS (default: the shipped model) on your labelled slices with the measured "
                          "recipe: its architecture, tile and loss, 6 epochs of 25 steps, lr 3e-4, threshold 0.5; "
                          "any flag below still overrides")
+    tr.add_argument("--sparse-labels", action="store_true",
+                    help="train only on slices with at least one labelled pixel: label a few slices of a large stack "
+                         "completely and leave the rest empty (they are skipped, not taught as background)")
     tr.add_argument("--epochs", type=int, help="default: 60 (--finetune: 6)")
     tr.add_argument("--steps", type=int, help="steps per epoch (default: 50; --finetune: 25)")
     tr.add_argument("--batch-size", type=int, default=8)
@@ -343,6 +346,7 @@ def _cmd_train(a) -> int:
     from .training import train_from_files
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
+                           sparse=a.sparse_labels,
                            progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
                            device=a.device, **_train_settings(a))
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "

@@ -45,16 +45,49 @@ def find_pairs(paths) -> list[LabelledStack]:
     return found
 
 
-def load_pair(stack: LabelledStack):
-    """(preprocessed uint8 image, bool label) volumes of one labelled stack, checked to match."""
-    from .exposure import preprocess_volume
+SLAB = 16  # slices read at a time: memory holds the slices returned, not the stack
+
+
+def load_pair(stack: LabelledStack, sparse: bool = False):
+    """(preprocessed uint8 image, bool label) volumes of one labelled stack, checked to match.
+
+    The z-normalization comes from every slice of the image, as in a pipeline run over it (equal to
+    ``preprocess_volume`` of the whole image). ``sparse``: only slices with at least one labelled pixel
+    are returned, so a few completely labelled slices of a large scan are training data and the slices
+    nobody labelled are left out instead of being taught as background. The stack is read slab by slab.
+    """
+    import numpy as np
+
+    from .exposure import ZNorm, preprocess, slice_stats
 
     with open_scan(stack.image) as si, open_scan(stack.label) as sl:
         if si.shape != sl.shape:
             raise ScanError(f"{stack.label}: label shape {sl.shape} differs from image shape {si.shape}")
-        image = si.read_slab(si.channels[0], 0, si.shape[0])
-        label = sl.read_slab(sl.channels[0], 0, sl.shape[0]) > 0
-    return preprocess_volume(image), label
+        ci, cl, nz = si.channels[0], sl.channels[0], si.shape[0]
+        stats, keep, labels = [], [], []
+        for z0 in range(0, nz, SLAB):
+            z1 = min(nz, z0 + SLAB)
+            stats += [slice_stats(s, z=z0 + k) for k, s in enumerate(si.read_slab(ci, z0, z1))]
+            lab = sl.read_slab(cl, z0, z1) > 0
+            used = [k for k in range(z1 - z0) if not sparse or lab[k].any()]
+            keep += [z0 + k for k in used]
+            labels.append(lab[used])
+        if not keep:
+            raise ScanError(f"{stack.label}: no slice has a labelled (nonzero) pixel, so there is nothing to train on")
+        znorm = ZNorm.from_stats(stats)
+        images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _runs(zs: list[int], most: int) -> list[tuple[int, int]]:
+    """Sorted slice indices as [z0, z1) runs of consecutive slices, each at most ``most`` long."""
+    runs: list[tuple[int, int]] = []
+    for z in zs:
+        if runs and runs[-1][1] == z and z - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], z + 1)
+        else:
+            runs.append((z, z + 1))
+    return runs
 
 
 def phantom_pairs(n: int, preset: str = "default"):
@@ -69,14 +102,18 @@ def phantom_pairs(n: int, preset: str = "default"):
 
 
 def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bool = True,
-                     resume: bool = False, **train_kw):
-    """Train the U-Net on labelled stacks (and ``phantoms`` synthetic scans); returns ``unet.TrainResult``."""
+                     resume: bool = False, sparse: bool = False, **train_kw):
+    """Train the U-Net on labelled stacks (and ``phantoms`` synthetic scans); returns ``unet.TrainResult``.
+    ``sparse``: train only on the labelled slices of each stack (see ``load_pair``)."""
     from . import unet
 
+    if sparse and train_kw.get("context"):
+        raise ValueError("sparse labels leave gaps between the slices trained on, so a 2.5-D model (context > 0) "
+                         "would see the wrong neighbours; use a 2-D model (context 0)")
     stacks = [s for s in find_pairs(paths) if s.name not in set(exclude)]
     images, labels = [], []
     for s in stacks:
-        im, lab = load_pair(s)
+        im, lab = load_pair(s, sparse=sparse)
         images.append(im)
         labels.append(lab)
     for _, im, lab in phantom_pairs(phantoms):

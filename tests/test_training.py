@@ -1,0 +1,73 @@
+"""gpuheart.training: labelled TIFF pairs -> preprocessed training volumes, whole or sparsely labelled."""
+import numpy as np
+import pytest
+import tifffile
+
+from gpuheart.cli import main
+from gpuheart.exposure import preprocess_volume
+from gpuheart.io import ScanError
+from gpuheart.training import SLAB, _runs, find_pairs, load_pair
+
+
+def _pair(folder, name, image, label):
+    folder.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / f"{name}_image.tif", image, photometric="minisblack")
+    tifffile.imwrite(folder / f"{name}_label.tif", label, photometric="minisblack")
+    return folder
+
+
+def _stack(nz=SLAB + 5, seed=0):
+    """Vessel-like bright lines on a noisy background whose brightness drifts with z (so the
+    z-normalization matters), with the lines as labels."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(300, 20, (nz, 64, 64)) * np.linspace(1, 2, nz)[:, None, None]
+    lab = np.zeros(img.shape, np.uint8)
+    lab[:, 20:24, :] = 255
+    lab[:, :, 40:43] = 255
+    img[lab > 0] *= 3
+    return img.astype(np.uint16), lab
+
+
+def test_load_pair_equals_the_whole_stack_preprocessed_across_slab_cuts(tmp_path):
+    img, lab = _stack()
+    (stack,) = find_pairs([_pair(tmp_path, "s", img, lab)])
+    pre, got = load_pair(stack)
+    np.testing.assert_array_equal(pre, preprocess_volume(img))
+    np.testing.assert_array_equal(got, lab > 0)
+
+
+def test_sparse_labels_keep_only_the_labelled_slices_normalized_over_the_whole_stack(tmp_path):
+    img, lab = _stack()
+    labelled = [3, 4, SLAB - 1, SLAB, SLAB + 3]   # runs that cross the slab cut
+    sparse = np.zeros_like(lab)
+    sparse[labelled] = lab[labelled]
+    (stack,) = find_pairs([_pair(tmp_path, "s", img, sparse)])
+    pre, got = load_pair(stack, sparse=True)
+    np.testing.assert_array_equal(pre, preprocess_volume(img)[labelled])
+    np.testing.assert_array_equal(got, lab[labelled] > 0)
+    assert load_pair(stack)[0].shape[0] == img.shape[0]   # without sparse: every slice, empty ones as background
+
+
+def test_sparse_labels_with_nothing_labelled_name_the_file(tmp_path):
+    img, lab = _stack(nz=4)
+    (stack,) = find_pairs([_pair(tmp_path, "empty", img, np.zeros_like(lab))])
+    with pytest.raises(ScanError, match="empty_label.tif"):
+        load_pair(stack, sparse=True)
+
+
+def test_runs_split_consecutive_slices_into_bounded_reads():
+    assert _runs([0, 1, 2, 5, 6, 9], 16) == [(0, 3), (5, 7), (9, 10)]
+    assert _runs(list(range(5)), 2) == [(0, 2), (2, 4), (4, 5)]
+    assert _runs([], 4) == []
+
+
+def test_train_sparse_labels_from_the_command_line(tmp_path, capsys):
+    img, lab = _stack(nz=12)
+    sparse = np.zeros_like(lab)
+    sparse[[2, 5, 8, 11]] = lab[[2, 5, 8, 11]]
+    data = _pair(tmp_path / "data", "s", img, sparse)
+    common = ["--epochs", "1", "--steps", "1", "--batch-size", "2", "--tile", "32", "--width", "4", "--no-progress"]
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), "--sparse-labels", *common]) == 0
+    assert (tmp_path / "run" / "best.pt").is_file()
+    assert main(["train", str(data), "-o", str(tmp_path / "ctx"), "--sparse-labels", "--context", "1", *common]) == 1
+    assert "2.5-D" in capsys.readouterr().err
