@@ -107,6 +107,7 @@ def main(argv=None):
     p.add_argument("--schedule", default="plateau", help="learning-rate schedule: plateau or cosine")
     p.add_argument("--context", type=int, default=0, help="2.5-D: neighbouring slices each side as input channels")
     p.add_argument("--zoom", type=float, default=None, help="zoom augmentation range (AugmentConfig.scale)")
+    p.add_argument("--balance", default="pixel", help="tile draws: pixel (every pixel alike) or stack (every stack alike)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
     p.add_argument("--runs", default="/tmp/gpuheart-loso")
@@ -122,7 +123,8 @@ def main(argv=None):
         train_names = [n for n in stacks if n != held]
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
-                               loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, **aug_kw)
+                               loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, balance=a.balance,
+                               **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
         pre, lab = stacks[held]

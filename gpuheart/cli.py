@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
                     help="learning rate: halved when validation Dice stalls (plateau, default), or a cosine decay "
                          "to 1e-6 over the epochs")
+    tr.add_argument("--balance", choices=["pixel", "stack"], default="pixel",
+                    help="draw training tiles uniformly per pixel (default) or give every stack the same share")
     tr.add_argument("--tile", type=int, help="training tile side (default: 128; --finetune: the model's)")
     tr.add_argument("--width", type=int, help="channels of the first U-Net level (default: 16)")
     tr.add_argument("--init", metavar="WEIGHTS",
@@ -346,7 +348,7 @@ def _cmd_train(a) -> int:
     from .training import train_from_files
 
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
-                           sparse=a.sparse_labels,
+                           sparse=a.sparse_labels, balance=a.balance,
                            progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
                            device=a.device, **_train_settings(a))
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "

@@ -512,7 +512,9 @@ class TileSampler:
     random vessel pixel (vessels are a few % of the voxels, so uniform tiles are mostly background).
 
     Slices are drawn in proportion to their area (background draws) or vessel pixel count (vessel
-    draws), i.e. uniformly per pixel, so a deep stack of small slices does not dominate.
+    draws), i.e. uniformly per pixel, so a deep stack of small slices does not dominate. With
+    ``balance="stack"`` every volume gets the same share of the draws instead (per pixel within it), so
+    the largest stack, and its annotator's convention, does not dominate either.
     """
 
     volumes: list[np.ndarray]   # uint8 (z, y, x); padded here so y, x >= tile
@@ -521,17 +523,28 @@ class TileSampler:
     tile: int
     fg_fraction: float = 0.5
     context: int = 0            # neighbouring slices each side as extra channels (end slices repeated)
+    balance: str = "pixel"      # "pixel": every pixel alike; "stack": every volume alike
 
     def __post_init__(self):
+        if self.balance not in ("pixel", "stack"):
+            raise ValueError(f"unknown balance {self.balance!r}: expected 'pixel' or 'stack'")
         areas = np.array([self.volumes[v].shape[1] * self.volumes[v].shape[2] for v, _ in self.slices], float)
-        self.area_p = areas / areas.sum()   # real areas: padding must not weigh in
+        self.area_p = self._shares(areas, self.slices)   # real areas: padding must not weigh in
         self.volumes = [_pad_to_tile(v, self.tile) for v in self.volumes]
         self.labels = [_pad_to_tile(v, self.tile) for v in self.labels]
         # flat int32 indices of vessel pixels per slice: compact, and one draw picks a pixel uniformly
         self.fg = {s: np.flatnonzero(self.labels[s[0]][s[1]]).astype(np.int32) for s in self.slices}
         self.fg_slices = [s for s in self.slices if self.fg[s].size]
         counts = np.array([self.fg[s].size for s in self.fg_slices], dtype=np.float64)
-        self.fg_p = counts / counts.sum() if counts.size else counts
+        self.fg_p = self._shares(counts, self.fg_slices) if counts.size else counts
+
+    def _shares(self, weights: np.ndarray, slices) -> np.ndarray:
+        """Draw probabilities proportional to ``weights``, within each volume when balancing stacks."""
+        if self.balance == "stack":
+            vols = np.array([v for v, _ in slices])
+            totals = np.bincount(vols, weights=weights)
+            weights = weights / totals[vols] / np.count_nonzero(totals)
+        return weights / weights.sum()
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One float32 image tile in [0, 1], (t, t) or with context (2 * context + 1, t, t), and its
@@ -613,6 +626,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     split: str = "slab"            # "slab" | "volume", see split_slices
     fg_fraction: float = 0.5       # share of tiles centred near a vessel
+    balance: str = "pixel"         # tile draws: "pixel" (every labelled pixel alike) or "stack" (every volume alike)
     patience: int = 15             # early stopping: epochs without a better val Dice
     schedule: str = "plateau"       # "plateau": ReduceLROnPlateau on val Dice; "cosine": lr -> min_lr over the epochs
     lr_factor: float = 0.5         # ReduceLROnPlateau
@@ -726,7 +740,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         raise ValueError(f"context must be >= 0 slices, got {cfg.context}")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {cfg.threshold}")
-    sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context)
+    sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context, cfg.balance)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -422,6 +422,22 @@ def test_sampler_oversamples_vessels_on_real_stack(shared_data):
     assert oversampled[:, 16:48, 16:48].any(axis=(1, 2)).mean() > 0.9   # ...its central half (unless at a border)
 
 
+def test_sampler_balance_gives_every_stack_the_same_share():
+    small, big = np.zeros((2, 64, 64), np.uint8), np.zeros((8, 64, 64), np.uint8)
+    ls, lb = small.copy(), big.copy()
+    ls[:, :10], lb[:, :2] = 1, 1          # the small stack holds more vessel pixels per slice
+    slices = [(0, 0), (0, 1)] + [(1, k) for k in range(8)]
+    per_pixel = unet.TileSampler([small, big], [ls, lb], slices, tile=32)
+    np.testing.assert_allclose(per_pixel.area_p, 0.1)            # every slice has the same area
+    np.testing.assert_allclose(per_pixel.fg_p[:2].sum(), 20 / 36)  # in proportion to vessel pixels
+    per_stack = unet.TileSampler([small, big], [ls, lb], slices, tile=32, balance="stack")
+    for p in (per_stack.area_p, per_stack.fg_p):
+        np.testing.assert_allclose([p[:2].sum(), p[2:].sum()], [0.5, 0.5])
+        np.testing.assert_allclose(p[2:], 1 / 16)                 # per pixel within a stack
+    with pytest.raises(ValueError, match="balance"):
+        unet.TileSampler([small], [ls], slices[:2], tile=32, balance="slice")
+
+
 # -- 2.5-D input (neighbouring slices as channels) -----------------------------------------------
 
 def test_context_augment_applies_one_transform_to_every_channel():
