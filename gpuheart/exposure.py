@@ -241,6 +241,21 @@ def asinh_stretch(x, scale: float):
     return xp.arcsinh(x.astype(xp.float32, copy=False) / np.float32(scale))
 
 
+def _check_image(what: str, x) -> None:
+    if x.ndim not in (2, 3) or x.size == 0:
+        raise ValueError(f"{what} expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
+
+
+def _check_percentiles(low: float, high: float) -> None:
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+
+
+def _check_nbins(nbins: int) -> None:
+    if nbins < 1:
+        raise ValueError(f"nbins must be >= 1, got {nbins}")
+
+
 def robust_scale(x, low: float = 0.1, high: float = 99.9):
     """uint8 image: per (y, x) slice, percentile ``low`` -> 0 and ``high`` -> 255, clipped outside.
 
@@ -249,10 +264,8 @@ def robust_scale(x, low: float = 0.1, high: float = 99.9):
     A slice with ``p_high == p_low`` (constant) gives zeros. NaN/Inf raises ``ValueError``.
     """
     xp = array_module(x)
-    if x.ndim not in (2, 3) or x.size == 0:
-        raise ValueError(f"robust_scale expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
-    if not 0 <= low < high <= 100:
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    _check_image("robust_scale", x)
+    _check_percentiles(low, high)
     if is_device_array(x):
         out = _try_cuda("robust_scale", _robust_scale_cuda, x, low, high)
         if out is not None:
@@ -290,10 +303,8 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
     linearly from [min, max] to [0, 1], so an asinh-stretched slice with negative values keeps its
     sub-background detail. A (z, y, x) slab is equalized per slice (skimage would use 3-D tiles).
     """
-    if x.ndim not in (2, 3) or x.size == 0:
-        raise ValueError(f"clahe expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
-    if nbins < 1:
-        raise ValueError(f"nbins must be >= 1, got {nbins}")
+    _check_image("clahe", x)
+    _check_nbins(nbins)
     ks = _kernel_size(kernel_size)
     xp_dev = device_of(x)
     if xp_dev == "cuda":
@@ -379,12 +390,9 @@ def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int =
     percentiles and a 16384-entry uint8 table maps levels to the output. This is the preprocessing
     chain's last two steps; on a GPU it replaces a per-slice sort with a histogram.
     """
-    if x.ndim not in (2, 3) or x.size == 0:
-        raise ValueError(f"clahe expects a non-empty (y, x) slice or (z, y, x) slab, got shape {x.shape}")
-    if nbins < 1:
-        raise ValueError(f"nbins must be >= 1, got {nbins}")
-    if not 0 <= low < high <= 100:
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    _check_image("clahe", x)
+    _check_nbins(nbins)
+    _check_percentiles(low, high)
     ks = _kernel_size(kernel_size)
     if is_device_array(x):
         out = _try_cuda("clahe", _clahe_cuda, x, clip_limit, ks, nbins, (low, high))
