@@ -127,6 +127,17 @@ def test_median_gpuheart(benchmark, device_slice, size):
     _timed_on_device(benchmark, median, device_slice, size)
 
 
+def test_median_gpuheart_radix(benchmark, device_slice, monkeypatch):
+    """The per-pixel radix kernel that integer sizes >= 7 used before the sliding histogram, kept
+    for float32: the two side by side on the same device say what the histogram kernel gained."""
+    from gpuheart import filters
+
+    monkeypatch.setattr(filters, "_CUDA_HIST_COLS", {})
+    benchmark.group = f"gpu median {device_slice.dtype.name} 15x15"
+    assert filters._cuda_plan((1, 64, 64), device_slice.dtype, 15)[0].startswith("median_radix<")
+    _timed_on_device(benchmark, filters.median, device_slice, 15)
+
+
 # -- CLAHE ----------------------------------------------------------------------------------------
 
 def test_clahe_cucim(benchmark, device_slice_clahe):

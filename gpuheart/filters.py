@@ -22,8 +22,10 @@ Implementations, picked by dtype and size (all exact, since a median only select
   order-preserving uint32 keys.
 
 CuPy input runs ``kernels/median.cu`` on its device (see "CUDA dispatch" below): forgetful
-selection in registers for sizes 3 and 5, per-pixel bitwise radix selection for 7..31, the
-border gathered through the same ``_index_map`` as here, floats ordered by the same uint32 keys.
+selection in registers for sizes 3 and 5; for 7..31 a sliding histogram per output column
+(uint8; uint16 with coarse and fine byte histograms) or per-pixel bitwise radix selection
+(float32); the border gathered through the same ``_index_map`` as here, floats ordered by the
+same uint32 keys.
 
 scipy's own ``reflect`` mode reads memory outside the image when the window is much larger
 than the image (e.g. a 2 x 7 slice with size >= 17; scipy 1.17), so its answer there is
@@ -167,7 +169,12 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
 
 _CUDA_BLOCK = (32, 8, 1)          # GH_TILE_X x GH_BLOCK_Y threads
 _CUDA_TILE = (32, 32)             # outputs per block (x, y): each thread does GH_ROWS = 4 rows
-_CUDA_NET_SIZES = (3, 5)          # register forgetful selection; larger sizes: radix selection
+_CUDA_NET_SIZES = (3, 5)          # register forgetful selection; larger sizes: see below
+# Sliding-histogram kernel (median_hist) for integer sizes >= 7: one thread per output column,
+# HistTraits<T>::COLS threads per block, each sliding down GH_HIST_ROWS rows. float32 keeps the
+# radix selection (2**32 keys have no histogram that fits shared memory).
+_CUDA_HIST_COLS = {np.dtype(np.uint8): 64, np.dtype(np.uint16): 32}
+_CUDA_HIST_ROWS = 32
 _CUDA_MAX_GRID_YZ = 65535
 _CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
                 np.dtype(np.float32): "float"}
@@ -184,6 +191,10 @@ def _cuda_plan(shape, dtype, size: int):
     ctype = _CUDA_CTYPES[np.dtype(dtype)]
     if size in _CUDA_NET_SIZES:
         name, extra = f"median_net<{ctype}, {size}>", ()
+    elif np.dtype(dtype) in _CUDA_HIST_COLS:
+        cols = _CUDA_HIST_COLS[np.dtype(dtype)]
+        grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, _CUDA_MAX_GRID_YZ))
+        return f"median_hist<{ctype}>", grid, (cols, 1, 1), (np.int32(size),)
     else:
         name, extra = f"median_radix<{ctype}>", (np.int32(size),)
     grid = (-(-w // _CUDA_TILE[0]), -(-h // _CUDA_TILE[1]), min(z, _CUDA_MAX_GRID_YZ))

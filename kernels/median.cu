@@ -11,14 +11,17 @@
 //     the load: no padded copy of the slab is written, and the filter only computes the valid
 //     region of the (virtually) padded slice.
 //
-// Two kernels, both with a block of 32 x 8 threads computing a 32 x 32 output tile (4 rows per
-// thread, so a tile's halo is loaded once for 4x the outputs of a one-row thread):
+// Three kernels. median_net and median_radix use a block of 32 x 8 threads computing a 32 x 32
+// output tile (4 rows per thread, so a tile's halo is loaded once for 4x the outputs of a
+// one-row thread):
 //   median_net<T, SIZE>   SIZE 3, 5: forgetful selection (Paeth/Devillard) in registers, fully
 //                         unrolled min/max exchanges; loads each window value exactly once.
-//   median_radix<T>       any odd size (used for 7..31): bitwise radix selection of the k-th
-//                         smallest key per pixel, counting over the window from shared memory.
+//   median_radix<T>       any odd size (used for float32 7..31): bitwise radix selection of the
+//                         k-th smallest key per pixel, counting over the window from shared memory.
 //                         Passes = bit length of (window min XOR window max), so smooth regions
 //                         cost few passes; at most 8 / 16 / 32 for uint8 / uint16 / float32.
+//   median_hist<T>        uint8 / uint16, 7..31: a sliding histogram per output column (below;
+//                         its own block of 64 / 32 x 1 threads, each computing 32 rows).
 //
 // Launch configuration (grid, block, which kernel) lives in Python next to the dispatch
 // (gpuheart.filters._cuda_plan); the tile constants below must match it.
@@ -74,14 +77,14 @@ template <> struct MedianTraits<float> {
 // Fill the (TILE_Y + 2r) x (TILE_X + 2r) key tile of this block from the virtually padded slice.
 // Consecutive threads take consecutive columns, so the global reads of a warp are coalesced
 // (colmap is the identity away from the left/right borders) and the shared stores conflict-free.
+// (y0, x0) is the tile's top-left corner in the padded slice = its first output pixel.
 template <typename T>
 __device__ __forceinline__ void gh_load_tile(typename MedianTraits<T>::S* tile, int TH, int TW,
                                              const T* __restrict__ src, const int* __restrict__ rowmap,
                                              const int* __restrict__ colmap, int H, int W, int r,
-                                             unsigned int cval_bits, gh_index zoff) {
+                                             unsigned int cval_bits, gh_index zoff, int y0, int x0) {
     typedef MedianTraits<T> Tr;
     const int Hp = H + 2 * r, Wp = W + 2 * r;
-    const int y0 = blockIdx.y * GH_TILE_Y, x0 = blockIdx.x * GH_TILE_X;
     const unsigned int ckey = Tr::key(cval_bits);
     const int nthreads = blockDim.x * blockDim.y;
     for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < TH * TW; i += nthreads) {
@@ -152,7 +155,8 @@ median_net(const T* __restrict__ src, T* __restrict__ dst, const int* __restrict
     constexpr int R = SIZE / 2, TH = GH_TILE_Y + 2 * R, TW = GH_TILE_X + 2 * R;
     __shared__ S tile[TH * TW];  // <= 36 x 36 x 4 B
     const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
-    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, R, cval_bits, zoff);
+    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, R, cval_bits, zoff,
+                    blockIdx.y * GH_TILE_Y, blockIdx.x * GH_TILE_X);
     __syncthreads();  // the only barrier: threads may leave below
     const int x = blockIdx.x * GH_TILE_X + threadIdx.x;
     const int ty = threadIdx.y * GH_ROWS;
@@ -179,7 +183,8 @@ median_radix(const T* __restrict__ src, T* __restrict__ dst, const int* __restri
     __shared__ S tile[(GH_TILE_Y + 2 * GH_MAX_R) * (GH_TILE_X + 2 * GH_MAX_R)];
     const int r = size / 2, TH = GH_TILE_Y + 2 * r, TW = GH_TILE_X + 2 * r;
     const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
-    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff);
+    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff,
+                    blockIdx.y * GH_TILE_Y, blockIdx.x * GH_TILE_X);
     __syncthreads();  // the only barrier: threads may leave below
     const int x = blockIdx.x * GH_TILE_X + threadIdx.x;
     const int ty = threadIdx.y * GH_ROWS;
@@ -250,6 +255,116 @@ median_radix(const T* __restrict__ src, T* __restrict__ dst, const int* __restri
     }
 }
 
+// median_hist<T>, uint8 and uint16, sizes 7..31: Huang's sliding histogram, one thread per output
+// column. The thread counts its first window, then slides down GH_HIST_ROWS rows, each step
+// taking out the window's top row and adding the next one (2 * size updates) and following the
+// median from where it was, since it moves little between neighbouring pixels. Per output that is
+// about 2 * size shared-memory updates plus a few steps, where the radix kernel needs
+// size * size comparisons for every bit it resolves.
+//   uint8:  one 256-bin histogram per thread (uint16 counters: a 31 x 31 window holds 961);
+//   uint16: a 256-bin histogram of the high bytes (coarse) and, for one coarse bin f, a 256-bin
+//           histogram of the low bytes with a 16-bin summary (fine, mid). The slide keeps them
+//           current; when the median moves to another coarse bin m (on noisy data, most rows)
+//           one pass over the window un-counts f's keys and counts m's, so nothing is zeroed,
+//           and the summary finds the median's low byte in at most 16 + 16 steps.
+// Counters are uint16 pairs in one 32-bit word, words interleaved by thread (bins 2i, 2i+1 of
+// thread t in word i * COLS + t): a warp's 32 threads always hit 32 different banks.
+#define GH_HIST_ROWS 32   // output rows per thread (= per block)
+
+template <typename T> struct HistTraits;
+template <> struct HistTraits<unsigned char> { enum { COLS = 64, FINE = 0 }; };   // 32 KB counters
+template <> struct HistTraits<unsigned short> { enum { COLS = 32, FINE = 1 }; };  // 33 KB counters
+
+// Counter b of the thread whose first counter is h[0].
+template <int COLS>
+__device__ __forceinline__ unsigned short& gh_bin(unsigned short* h, int b) {
+    return h[(b >> 1) * (2 * COLS) + (b & 1)];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(HistTraits<T>::COLS)
+median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restrict__ rowmap,
+            const int* __restrict__ colmap, int H, int W, unsigned int cval_bits, int size) {
+    typedef MedianTraits<T> Tr;
+    typedef typename Tr::S S;
+    constexpr int COLS = HistTraits<T>::COLS, FINE = HistTraits<T>::FINE, SHIFT = FINE ? 8 : 0;
+    __shared__ S tile[(GH_HIST_ROWS + 2 * GH_MAX_R) * (COLS + 2 * GH_MAX_R)];
+    __shared__ unsigned short coarse_all[256 * COLS];
+    __shared__ unsigned short fine_all[FINE ? 256 * COLS : 2];
+    __shared__ unsigned short mid_all[FINE ? 16 * COLS : 2];
+    const int r = size / 2, TH = GH_HIST_ROWS + 2 * r, TW = COLS + 2 * r;
+    const int y0 = blockIdx.y * GH_HIST_ROWS, x0 = blockIdx.x * COLS;
+    const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
+    gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff, y0, x0);
+    unsigned short* coarse = coarse_all + 2 * threadIdx.x;
+    unsigned short* fine = fine_all + 2 * threadIdx.x;
+    unsigned short* mid = mid_all + 2 * threadIdx.x;
+    unsigned int* zero = (unsigned int*)coarse_all + threadIdx.x;  // one thread's words: stride COLS
+    for (int i = 0; i < 128; ++i) zero[i * COLS] = 0u;
+    if constexpr (FINE) {
+        zero = (unsigned int*)fine_all + threadIdx.x;
+        for (int i = 0; i < 128; ++i) zero[i * COLS] = 0u;
+        zero = (unsigned int*)mid_all + threadIdx.x;
+        for (int i = 0; i < 8; ++i) zero[i * COLS] = 0u;
+    }
+    __syncthreads();  // the only barrier: threads may leave below
+    const int x = x0 + threadIdx.x;
+    if (x >= W) return;
+    const int rows = H - y0 < GH_HIST_ROWS ? H - y0 : GH_HIST_ROWS;
+    const S* col = tile + threadIdx.x;  // key dx of window row j of output i: col[(i + j) * TW + dx]
+    const int kth = (size * size) / 2;
+    for (int j = 0; j < size; ++j)
+        for (int dx = 0; dx < size; ++dx) ++gh_bin<COLS>(coarse, col[j * TW + dx] >> SHIFT);
+
+    // Invariants: lb = #{keys in coarse bins < m}, and the median is in bin m once
+    // lb <= kth < lb + count(m). fine/mid count the low bytes of the keys in coarse bin f (256:
+    // none yet), flb = #{keys in bin f with low byte < fm}.
+    int m = 0, lb = 0, f = 256, fm = 0, flb = 0;
+    for (int i = 0; i < rows; ++i) {
+        if (i > 0) {
+            const S* gone = col + (i - 1) * TW;
+            const S* come = col + (i - 1 + size) * TW;
+            for (int dx = 0; dx < size; ++dx) {
+                const unsigned int vo = gone[dx], vn = come[dx];
+                const int co = (int)(vo >> SHIFT), cn = (int)(vn >> SHIFT);
+                --gh_bin<COLS>(coarse, co);
+                ++gh_bin<COLS>(coarse, cn);
+                lb += (int)(cn < m) - (int)(co < m);
+                if constexpr (FINE) {
+                    const int lo = (int)(vo & 255u), ln = (int)(vn & 255u);
+                    if (co == f) { --gh_bin<COLS>(fine, lo); --gh_bin<COLS>(mid, lo >> 4); flb -= (int)(lo < fm); }
+                    if (cn == f) { ++gh_bin<COLS>(fine, ln); ++gh_bin<COLS>(mid, ln >> 4); flb += (int)(ln < fm); }
+                }
+            }
+        }
+        while (lb > kth) { --m; lb -= gh_bin<COLS>(coarse, m); }
+        for (;;) { const int c = gh_bin<COLS>(coarse, m); if (lb + c > kth) break; lb += c; ++m; }
+        unsigned int key = (unsigned int)m;
+        if constexpr (FINE) {
+            const int kr = kth - lb;  // the median's rank among the keys of coarse bin m
+            if (m != f) {
+                for (int j = 0; j < size; ++j) {
+                    const S* row = col + (i + j) * TW;
+                    for (int dx = 0; dx < size; ++dx) {
+                        const unsigned int v = row[dx];
+                        const int h = (int)(v >> 8), lo = (int)(v & 255u);
+                        if (h == f) { --gh_bin<COLS>(fine, lo); --gh_bin<COLS>(mid, lo >> 4); }
+                        else if (h == m) { ++gh_bin<COLS>(fine, lo); ++gh_bin<COLS>(mid, lo >> 4); }
+                    }
+                }
+                f = m; flb = 0;
+                int g = 0;
+                for (;;) { const int c = gh_bin<COLS>(mid, g); if (flb + c > kr) break; flb += c; ++g; }
+                fm = g << 4;
+            }
+            while (flb > kr) { --fm; flb -= gh_bin<COLS>(fine, fm); }
+            for (;;) { const int c = gh_bin<COLS>(fine, fm); if (flb + c > kr) break; flb += c; ++fm; }
+            key = ((unsigned int)m << 8) | (unsigned int)fm;
+        }
+        dst[zoff + (gh_index)(y0 + i) * (gh_index)W + (gh_index)x] = Tr::value(key);
+    }
+}
+
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's --cubin check, the host emulator in tests): instantiate everything the
 // dispatch can ask for. NVRTC compiles only the name_expressions it is given instead.
@@ -263,5 +378,7 @@ template __global__ void median_net<float, 5>(GH_ARGS(float));
 template __global__ void median_radix<unsigned char>(GH_ARGS(unsigned char), int);
 template __global__ void median_radix<unsigned short>(GH_ARGS(unsigned short), int);
 template __global__ void median_radix<float>(GH_ARGS(float), int);
+template __global__ void median_hist<unsigned char>(GH_ARGS(unsigned char), int);
+template __global__ void median_hist<unsigned short>(GH_ARGS(unsigned short), int);
 #undef GH_ARGS
 #endif

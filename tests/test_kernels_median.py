@@ -91,6 +91,8 @@ def test_kernel_compiles(arch, tmp_path):
         for size in filters._CUDA_NET_SIZES:
             assert f"_Z10median_netI{ctype}Li{size}EE".encode() in blob
         assert f"_Z12median_radixI{ctype}E".encode() in blob
+    for ctype in ("h", "t"):
+        assert f"_Z11median_histI{ctype}E".encode() in blob
 
 
 def test_source_has_every_entry_point_the_dispatch_loads():
@@ -100,13 +102,22 @@ def test_source_has_every_entry_point_the_dispatch_loads():
     assert "#ifndef __CUDACC_RTC__" in src
     for dtype in DTYPES:
         for size in range(3, 32, 2):
-            name, grid, block, extra = filters._cuda_plan((1, 64, 64), dtype, size)
+            name, grid, block, extra = filters._cuda_plan((3, 64, 128), dtype, size)
             assert f"template __global__ void {name}(" in src, name
-            assert block == (32, 8, 1) and grid == (2, 2, 1)
             assert len(extra) == (0 if size <= 5 else 1)
+            if size <= 5 or dtype == np.float32:
+                assert block == (32, 8, 1) and grid == (4, 2, 3)
+            else:  # the sliding histogram: one thread per column, 32 rows each
+                cols = {np.uint8: 64, np.uint16: 32}[dtype]
+                assert name.startswith("median_hist<") and block == (cols, 1, 1)
+                assert grid == (128 // cols, 2, 3)
     for define, value in (("GH_TILE_X", filters._CUDA_TILE[0]), ("GH_BLOCK_Y", filters._CUDA_BLOCK[1]),
-                          ("GH_ROWS", filters._CUDA_TILE[1] // filters._CUDA_BLOCK[1])):
+                          ("GH_ROWS", filters._CUDA_TILE[1] // filters._CUDA_BLOCK[1]),
+                          ("GH_HIST_ROWS", filters._CUDA_HIST_ROWS)):
         assert f"#define {define} {value} " in src, define
+    for dtype, cols in filters._CUDA_HIST_COLS.items():
+        ctype = filters._CUDA_CTYPES[dtype]
+        assert f"struct HistTraits<{ctype}> {{ enum {{ COLS = {cols}," in src, ctype
 
 
 # -- host emulator: the kernel source run on CPU threads ---------------------------------------
@@ -183,6 +194,11 @@ template <class T> int run(char** a) {
         launch(grid, block, [&] { median_net<T, 5>(s, d, r, c, H, W, cbits); });
     else if (name.rfind("median_radix<", 0) == 0)
         launch(grid, block, [&] { median_radix<T>(s, d, r, c, H, W, cbits, size); });
+    else if constexpr (sizeof(T) <= 2) {
+        if (name.rfind("median_hist<", 0) == 0)
+            launch(grid, block, [&] { median_hist<T>(s, d, r, c, H, W, cbits, size); });
+        else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
+    }
     else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
     FILE* f = std::fopen(a[16], "wb");
     std::fwrite(d, sizeof(T), n, f);
@@ -290,6 +306,25 @@ def test_emulated_kernel_nan(emulator, size):
     _assert_same(emulator(x, size), median(x, size), np.float32, size, True)
     got = emulator(x, size, "constant", np.nan)
     _assert_same(got, median(x, size, "constant", np.nan), np.float32, size, True)
+
+
+@pytest.mark.parametrize("dtype", (np.uint8, np.uint16))
+def test_emulated_sliding_histogram_follows_the_median(emulator, dtype):
+    """median_hist keeps its median by steps from the previous row: data where it jumps (full-range
+    noise: for uint16 a new coarse bin, so a fine rebuild, almost every row), creeps (ramps) or
+    never moves (constant), over several 32-row strips and a partial last one."""
+    rng = np.random.default_rng(11)
+    top = np.iinfo(dtype).max
+    yy, xx = np.mgrid[0:100, 0:45]
+    cases = [rng.integers(0, top + 1, (100, 45)).astype(dtype),
+             ((yy * 997 + xx * 13) % (top + 1)).astype(dtype),
+             (top - (yy * 3 + xx) % 64).astype(dtype),
+             np.full((100, 45), top // 3, dtype)]
+    _EmulatedKernel.launches.clear()
+    for size in (7, 15):
+        for x in cases:
+            _assert_same(emulator(x, size, "wrap"), median(x, size, "wrap"), dtype, size, False)
+    assert {n for n, _ in _EmulatedKernel.launches} == {f"median_hist<{filters._CUDA_CTYPES[np.dtype(dtype)]}>"}
 
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):
