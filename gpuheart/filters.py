@@ -175,6 +175,7 @@ _CUDA_NET_SIZES = (3, 5)          # register forgetful selection; larger sizes: 
 # radix selection (2**32 keys have no histogram that fits shared memory).
 _CUDA_HIST_COLS = {np.dtype(np.uint8): 64, np.dtype(np.uint16): 32}
 _CUDA_HIST_ROWS = 32
+_CUDA_HIST_NARROW_MAX = 15        # up to 15x15 = 225 keys: 8-bit counters (median_hist<T, 1>)
 _CUDA_MAX_GRID_YZ = 65535
 _CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
                 np.dtype(np.float32): "float"}
@@ -194,7 +195,8 @@ def _cuda_plan(shape, dtype, size: int):
     elif np.dtype(dtype) in _CUDA_HIST_COLS:
         cols = _CUDA_HIST_COLS[np.dtype(dtype)]
         grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, _CUDA_MAX_GRID_YZ))
-        return f"median_hist<{ctype}>", grid, (cols, 1, 1), (np.int32(size),)
+        narrow = int(size <= _CUDA_HIST_NARROW_MAX)
+        return f"median_hist<{ctype}, {narrow}>", grid, (cols, 1, 1), (np.int32(size),)
     else:
         name, extra = f"median_radix<{ctype}>", (np.int32(size),)
     grid = (-(-w // _CUDA_TILE[0]), -(-h // _CUDA_TILE[1]), min(z, _CUDA_MAX_GRID_YZ))

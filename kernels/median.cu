@@ -20,7 +20,7 @@
 //                         k-th smallest key per pixel, counting over the window from shared memory.
 //                         Passes = bit length of (window min XOR window max), so smooth regions
 //                         cost few passes; at most 8 / 16 / 32 for uint8 / uint16 / float32.
-//   median_hist<T>        uint8 / uint16, 7..31: a sliding histogram per output column (below;
+//   median_hist<T, N>     uint8 / uint16, 7..31: a sliding histogram per output column (below;
 //                         its own block of 64 / 32 x 1 threads, each computing 32 rows).
 //
 // Launch configuration (grid, block, which kernel) lives in Python next to the dispatch
@@ -255,57 +255,67 @@ median_radix(const T* __restrict__ src, T* __restrict__ dst, const int* __restri
     }
 }
 
-// median_hist<T>, uint8 and uint16, sizes 7..31: Huang's sliding histogram, one thread per output
-// column. The thread counts its first window, then slides down GH_HIST_ROWS rows, each step
-// taking out the window's top row and adding the next one (2 * size updates) and following the
-// median from where it was, since it moves little between neighbouring pixels. Per output that is
-// about 2 * size shared-memory updates plus a few steps, where the radix kernel needs
+// median_hist<T, NARROW>, uint8 and uint16, sizes 7..31: Huang's sliding histogram, one thread
+// per output column. The thread counts its first window, then slides down GH_HIST_ROWS rows, each
+// step taking out the window's top row and adding the next one (2 * size updates) and following
+// the median from where it was, since it moves little between neighbouring pixels. Per output
+// that is about 2 * size counter updates plus a few steps, where the radix kernel needs
 // size * size comparisons for every bit it resolves.
-//   uint8:  one 256-bin histogram per thread (uint16 counters: a 31 x 31 window holds 961);
+//   uint8:  one 256-bin histogram per thread;
 //   uint16: a 256-bin histogram of the high bytes (coarse) and, for one coarse bin f, a 256-bin
 //           histogram of the low bytes with a 16-bin summary (fine, mid). The slide keeps them
 //           current; when the median moves to another coarse bin m (on noisy data, most rows)
 //           one pass over the window un-counts f's keys and counts m's, so nothing is zeroed,
 //           and the summary finds the median's low byte in at most 16 + 16 steps.
-// Counters are uint16 pairs in one 32-bit word, words interleaved by thread (bins 2i, 2i+1 of
-// thread t in word i * COLS + t): a warp's 32 threads always hit 32 different banks.
+// NARROW (sizes <= 15, the pipeline's 15 x 15): a window holds at most 225 keys, so counters are
+// 8 bits, four to a word, and the tile is sized for radius 7: half the shared memory of the
+// general case (16-bit counters, up to 961 keys, radius 15), so twice the resident warps.
+// Counters are packed in 32-bit words interleaved by thread (word i of thread t at i * COLS + t):
+// a warp's 32 threads always hit 32 different banks, whatever bins they update.
 #define GH_HIST_ROWS 32   // output rows per thread (= per block)
 
 template <typename T> struct HistTraits;
-template <> struct HistTraits<unsigned char> { enum { COLS = 64, FINE = 0 }; };   // 32 KB counters
-template <> struct HistTraits<unsigned short> { enum { COLS = 32, FINE = 1 }; };  // 33 KB counters
+template <> struct HistTraits<unsigned char> { enum { COLS = 64, FINE = 0 }; };
+template <> struct HistTraits<unsigned short> { enum { COLS = 32, FINE = 1 }; };
 
-// Counter b of the thread whose first counter is h[0].
-template <int COLS>
-__device__ __forceinline__ unsigned short& gh_bin(unsigned short* h, int b) {
-    return h[(b >> 1) * (2 * COLS) + (b & 1)];
+// Counter b of a thread whose first word is h[0]; BITS = 8 or 16 per counter.
+template <int COLS, int BITS>
+__device__ __forceinline__ int gh_cnt(const unsigned int* h, int b) {
+    constexpr int PER = 32 / BITS;
+    return (int)((h[(b / PER) * COLS] >> ((b % PER) * BITS)) & ((1u << BITS) - 1u));
 }
 
-template <typename T>
+// Add d (+1 or -1) to counter b. A shared atomic whose result is unused compiles to a
+// fire-and-forget ATOMS.ADD, so the thread does not wait out a load -> add -> store chain per
+// update; only this thread ever touches the word (atomicity is not the point). A decrement only
+// ever meets a counter >= 1, so no borrow crosses into the neighbouring counter.
+template <int COLS, int BITS>
+__device__ __forceinline__ void gh_add(unsigned int* h, int b, int d) {
+    constexpr int PER = 32 / BITS;
+    atomicAdd(h + (b / PER) * COLS, (unsigned int)d << ((b % PER) * BITS));
+}
+
+template <typename T, int NARROW>
 __global__ void __launch_bounds__(HistTraits<T>::COLS)
 median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restrict__ rowmap,
             const int* __restrict__ colmap, int H, int W, unsigned int cval_bits, int size) {
     typedef MedianTraits<T> Tr;
     typedef typename Tr::S S;
     constexpr int COLS = HistTraits<T>::COLS, FINE = HistTraits<T>::FINE, SHIFT = FINE ? 8 : 0;
-    __shared__ S tile[(GH_HIST_ROWS + 2 * GH_MAX_R) * (COLS + 2 * GH_MAX_R)];
-    __shared__ unsigned short coarse_all[256 * COLS];
-    __shared__ unsigned short fine_all[FINE ? 256 * COLS : 2];
-    __shared__ unsigned short mid_all[FINE ? 16 * COLS : 2];
+    constexpr int BITS = NARROW ? 8 : 16, PER = 32 / BITS, MAXR = NARROW ? 7 : GH_MAX_R;
+    __shared__ S tile[(GH_HIST_ROWS + 2 * MAXR) * (COLS + 2 * MAXR)];
+    __shared__ unsigned int coarse_all[256 / PER * COLS];
+    __shared__ unsigned int fine_all[FINE ? 256 / PER * COLS : 1];
+    __shared__ unsigned int mid_all[FINE ? 16 / PER * COLS : 1];
     const int r = size / 2, TH = GH_HIST_ROWS + 2 * r, TW = COLS + 2 * r;
     const int y0 = blockIdx.y * GH_HIST_ROWS, x0 = blockIdx.x * COLS;
     const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
     gh_load_tile<T>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff, y0, x0);
-    unsigned short* coarse = coarse_all + 2 * threadIdx.x;
-    unsigned short* fine = fine_all + 2 * threadIdx.x;
-    unsigned short* mid = mid_all + 2 * threadIdx.x;
-    unsigned int* zero = (unsigned int*)coarse_all + threadIdx.x;  // one thread's words: stride COLS
-    for (int i = 0; i < 128; ++i) zero[i * COLS] = 0u;
+    unsigned int* coarse = coarse_all + threadIdx.x;
+    for (int i = 0; i < 256 / PER; ++i) coarse[i * COLS] = 0u;
     if constexpr (FINE) {
-        zero = (unsigned int*)fine_all + threadIdx.x;
-        for (int i = 0; i < 128; ++i) zero[i * COLS] = 0u;
-        zero = (unsigned int*)mid_all + threadIdx.x;
-        for (int i = 0; i < 8; ++i) zero[i * COLS] = 0u;
+        for (int i = 0; i < 256 / PER; ++i) fine_all[i * COLS + threadIdx.x] = 0u;
+        for (int i = 0; i < 16 / PER; ++i) mid_all[i * COLS + threadIdx.x] = 0u;
     }
     __syncthreads();  // the only barrier: threads may leave below
     const int x = x0 + threadIdx.x;
@@ -314,7 +324,7 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
     const S* col = tile + threadIdx.x;  // key dx of window row j of output i: col[(i + j) * TW + dx]
     const int kth = (size * size) / 2;
     for (int j = 0; j < size; ++j)
-        for (int dx = 0; dx < size; ++dx) ++gh_bin<COLS>(coarse, col[j * TW + dx] >> SHIFT);
+        for (int dx = 0; dx < size; ++dx) gh_add<COLS, BITS>(coarse, col[j * TW + dx] >> SHIFT, 1);
 
     // Invariants: lb = #{keys in coarse bins < m}, and the median is in bin m once
     // lb <= kth < lb + count(m). fine/mid count the low bytes of the keys in coarse bin f (256:
@@ -324,41 +334,55 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
         if (i > 0) {
             const S* gone = col + (i - 1) * TW;
             const S* come = col + (i - 1 + size) * TW;
+            unsigned int po = gone[0], pn = come[0];  // keys loaded one step ahead of their updates
             for (int dx = 0; dx < size; ++dx) {
-                const unsigned int vo = gone[dx], vn = come[dx];
+                const unsigned int vo = po, vn = pn;
+                if (dx + 1 < size) { po = gone[dx + 1]; pn = come[dx + 1]; }
                 const int co = (int)(vo >> SHIFT), cn = (int)(vn >> SHIFT);
-                --gh_bin<COLS>(coarse, co);
-                ++gh_bin<COLS>(coarse, cn);
+                gh_add<COLS, BITS>(coarse, co, -1);
+                gh_add<COLS, BITS>(coarse, cn, 1);
                 lb += (int)(cn < m) - (int)(co < m);
                 if constexpr (FINE) {
+                    unsigned int* fine = fine_all + threadIdx.x;
+                    unsigned int* mid = mid_all + threadIdx.x;
                     const int lo = (int)(vo & 255u), ln = (int)(vn & 255u);
-                    if (co == f) { --gh_bin<COLS>(fine, lo); --gh_bin<COLS>(mid, lo >> 4); flb -= (int)(lo < fm); }
-                    if (cn == f) { ++gh_bin<COLS>(fine, ln); ++gh_bin<COLS>(mid, ln >> 4); flb += (int)(ln < fm); }
+                    if (co == f) { gh_add<COLS, BITS>(fine, lo, -1); gh_add<COLS, BITS>(mid, lo >> 4, -1); flb -= (int)(lo < fm); }
+                    if (cn == f) { gh_add<COLS, BITS>(fine, ln, 1); gh_add<COLS, BITS>(mid, ln >> 4, 1); flb += (int)(ln < fm); }
                 }
             }
         }
-        while (lb > kth) { --m; lb -= gh_bin<COLS>(coarse, m); }
-        for (;;) { const int c = gh_bin<COLS>(coarse, m); if (lb + c > kth) break; lb += c; ++m; }
+        // m stays in [0, 255]: lb > kth means some key lies below bin m, and the window holds
+        // more than kth keys, so the upward walk stops at the last non-empty bin at the latest.
+        while (lb > kth) { --m; lb -= gh_cnt<COLS, BITS>(coarse, m); }
+        for (;;) { const int c = gh_cnt<COLS, BITS>(coarse, m); if (lb + c > kth) break; lb += c; ++m; }
         unsigned int key = (unsigned int)m;
         if constexpr (FINE) {
+            unsigned int* fine = fine_all + threadIdx.x;
+            unsigned int* mid = mid_all + threadIdx.x;
             const int kr = kth - lb;  // the median's rank among the keys of coarse bin m
             if (m != f) {
+                // Keys are loaded four at a time ahead of their updates, so the loads overlap.
+                auto retarget = [&](unsigned int v) {
+                    const int h = (int)(v >> 8), lo = (int)(v & 255u);
+                    const int d = (int)(h == m) - (int)(h == f);
+                    if (d) { gh_add<COLS, BITS>(fine, lo, d); gh_add<COLS, BITS>(mid, lo >> 4, d); }
+                };
                 for (int j = 0; j < size; ++j) {
                     const S* row = col + (i + j) * TW;
-                    for (int dx = 0; dx < size; ++dx) {
-                        const unsigned int v = row[dx];
-                        const int h = (int)(v >> 8), lo = (int)(v & 255u);
-                        if (h == f) { --gh_bin<COLS>(fine, lo); --gh_bin<COLS>(mid, lo >> 4); }
-                        else if (h == m) { ++gh_bin<COLS>(fine, lo); ++gh_bin<COLS>(mid, lo >> 4); }
+                    int dx = 0;
+                    for (; dx + 4 <= size; dx += 4) {
+                        const unsigned int v0 = row[dx], v1 = row[dx + 1], v2 = row[dx + 2], v3 = row[dx + 3];
+                        retarget(v0); retarget(v1); retarget(v2); retarget(v3);
                     }
+                    for (; dx < size; ++dx) retarget(row[dx]);
                 }
                 f = m; flb = 0;
                 int g = 0;
-                for (;;) { const int c = gh_bin<COLS>(mid, g); if (flb + c > kr) break; flb += c; ++g; }
+                for (;;) { const int c = gh_cnt<COLS, BITS>(mid, g); if (flb + c > kr) break; flb += c; ++g; }
                 fm = g << 4;
             }
-            while (flb > kr) { --fm; flb -= gh_bin<COLS>(fine, fm); }
-            for (;;) { const int c = gh_bin<COLS>(fine, fm); if (flb + c > kr) break; flb += c; ++fm; }
+            while (flb > kr) { --fm; flb -= gh_cnt<COLS, BITS>(fine, fm); }
+            for (;;) { const int c = gh_cnt<COLS, BITS>(fine, fm); if (flb + c > kr) break; flb += c; ++fm; }
             key = ((unsigned int)m << 8) | (unsigned int)fm;
         }
         dst[zoff + (gh_index)(y0 + i) * (gh_index)W + (gh_index)x] = Tr::value(key);
@@ -378,7 +402,9 @@ template __global__ void median_net<float, 5>(GH_ARGS(float));
 template __global__ void median_radix<unsigned char>(GH_ARGS(unsigned char), int);
 template __global__ void median_radix<unsigned short>(GH_ARGS(unsigned short), int);
 template __global__ void median_radix<float>(GH_ARGS(float), int);
-template __global__ void median_hist<unsigned char>(GH_ARGS(unsigned char), int);
-template __global__ void median_hist<unsigned short>(GH_ARGS(unsigned short), int);
+template __global__ void median_hist<unsigned char, 0>(GH_ARGS(unsigned char), int);
+template __global__ void median_hist<unsigned char, 1>(GH_ARGS(unsigned char), int);
+template __global__ void median_hist<unsigned short, 0>(GH_ARGS(unsigned short), int);
+template __global__ void median_hist<unsigned short, 1>(GH_ARGS(unsigned short), int);
 #undef GH_ARGS
 #endif

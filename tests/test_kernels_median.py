@@ -92,7 +92,8 @@ def test_kernel_compiles(arch, tmp_path):
             assert f"_Z10median_netI{ctype}Li{size}EE".encode() in blob
         assert f"_Z12median_radixI{ctype}E".encode() in blob
     for ctype in ("h", "t"):
-        assert f"_Z11median_histI{ctype}E".encode() in blob
+        for narrow in (0, 1):
+            assert f"_Z11median_histI{ctype}Li{narrow}EE".encode() in blob
 
 
 def test_source_has_every_entry_point_the_dispatch_loads():
@@ -109,7 +110,8 @@ def test_source_has_every_entry_point_the_dispatch_loads():
                 assert block == (32, 8, 1) and grid == (4, 2, 3)
             else:  # the sliding histogram: one thread per column, 32 rows each
                 cols = {np.uint8: 64, np.uint16: 32}[dtype]
-                assert name.startswith("median_hist<") and block == (cols, 1, 1)
+                assert name == f"median_hist<{filters._CUDA_CTYPES[np.dtype(dtype)]}, {int(size <= 15)}>"
+                assert block == (cols, 1, 1)
                 assert grid == (128 // cols, 2, 3)
     for define, value in (("GH_TILE_X", filters._CUDA_TILE[0]), ("GH_BLOCK_Y", filters._CUDA_BLOCK[1]),
                           ("GH_ROWS", filters._CUDA_TILE[1] // filters._CUDA_BLOCK[1]),
@@ -144,6 +146,8 @@ inline void __syncthreads() { gh_barrier->arrive_and_wait(); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+// median_hist's counters are per thread: the atomic is for issue, not for atomicity.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
 #include "median.cu"
 
 // Blocks run one after another; the block's threads run concurrently and share the static
@@ -196,7 +200,10 @@ template <class T> int run(char** a) {
         launch(grid, block, [&] { median_radix<T>(s, d, r, c, H, W, cbits, size); });
     else if constexpr (sizeof(T) <= 2) {
         if (name.rfind("median_hist<", 0) == 0)
-            launch(grid, block, [&] { median_hist<T>(s, d, r, c, H, W, cbits, size); });
+            launch(grid, block, [&] {
+                if (name.find(", 1>") != std::string::npos) median_hist<T, 1>(s, d, r, c, H, W, cbits, size);
+                else median_hist<T, 0>(s, d, r, c, H, W, cbits, size);
+            });
         else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
     }
     else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
@@ -324,7 +331,32 @@ def test_emulated_sliding_histogram_follows_the_median(emulator, dtype):
     for size in (7, 15):
         for x in cases:
             _assert_same(emulator(x, size, "wrap"), median(x, size, "wrap"), dtype, size, False)
-    assert {n for n, _ in _EmulatedKernel.launches} == {f"median_hist<{filters._CUDA_CTYPES[np.dtype(dtype)]}>"}
+    ctype = filters._CUDA_CTYPES[np.dtype(dtype)]
+    assert {n for n, _ in _EmulatedKernel.launches} == {f"median_hist<{ctype}, 1>"}
+
+
+def _extreme_cases(dtype, shape, rng):
+    top = np.iinfo(dtype).max
+    yield rng.integers(0, top + 1, shape).astype(dtype)
+    yield np.full(shape, top, dtype)
+    yield np.where(rng.random(shape) < 0.5, 0, top).astype(dtype)
+    yield (top - rng.integers(0, 3, shape)).astype(dtype)  # top coarse bin, top fine bins
+    if dtype == np.uint16:  # the median hopping between coarse bins, keys at fine extremes 0 / 255
+        hop = rng.integers(0, 4, shape) * 256 + np.where(rng.random(shape) < 0.5, 0, 255) + 255 * 256
+        yield hop.clip(0, top).astype(dtype)
+
+
+@pytest.mark.parametrize("size", (15, 17))  # the last 8-bit-counter size and the first 16-bit one
+@pytest.mark.parametrize("dtype", (np.uint8, np.uint16))
+def test_emulated_sliding_histogram_extremes(emulator, dtype, size):
+    """Counters at their limits (one value filling the window), keys at the ends of the range, and
+    slices narrower or shorter than a block, in every border mode."""
+    rng = np.random.default_rng(size)
+    for shape in [(1, 65), (33, 1), (5, 33), (40, 65), (2, 34, 31)]:
+        for x in _extreme_cases(dtype, shape, rng):
+            for mode in MODES:
+                cval = np.iinfo(dtype).max if mode == "constant" else 0
+                _assert_same(emulator(x, size, mode, cval), median(x, size, mode, cval), dtype, size, False)
 
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):
