@@ -34,6 +34,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("median filter"):
         return "median"
+    if str(doc.get("benchmark", "")).startswith("read_slab"):
+        return "io"
     if "clahe" in doc and isinstance(doc.get("results"), dict):
         return "clahe"
     if "slab_size" in doc and "slabwise_s" in doc.get("results", {}):
@@ -210,6 +212,18 @@ def section_clahe(e) -> list[str]:
     return out + [""]
 
 
+def section_io(e) -> list[str]:
+    d = e["doc"]
+    n = d["machine"].get("read_threads_default", "?")
+    out = ["### Reading a per-slice TIFF folder", "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}): {d['benchmark']}. Timing: {d.get('timing', '')}. "
+           f"The slices of a slab are decoded by up to 8 threads (`GPUHEART_READ_THREADS`; {n} here).", "",
+           f"| compression | 1 thread | {n} threads | speed-up | MiB on disk |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {k} | {ms(r['one_thread_s'])} | {ms(r['default_threads_s'])} | {r['speedup']:.2f}x | {r['mib_on_disk']:.0f} |"
+            for k, r in d["results"].items()]
+    return out + [""]
+
+
 def section_mesh(e) -> list[str]:
     d = e["doc"]
     r = d["results"]
@@ -336,11 +350,11 @@ def section_session(e) -> list[str]:
     return out + [""]
 
 
-SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe,
+SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "closings": section_closings,
             "pytest-benchmark": section_session}
-ORDER = ["pipeline", "median", "clahe", "mesh", "unet", "accuracy", "probe", "closings", "finetune",
+ORDER = ["pipeline", "median", "clahe", "io", "mesh", "unet", "accuracy", "probe", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -359,6 +373,7 @@ def render(entries: list[dict]) -> str:
            "| end-to-end pipeline | `python benchmarks/bench_pipeline.py --slices 8 --size 2048 --channels 3` | `<device>-pipeline.json` |",
            "| median vs scipy / OpenCV | `python benchmarks/bench_filters.py` | `cpu-filters.json` |",
            "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
+           "| reading per-slice TIFFs, 1 thread vs several | `python benchmarks/bench_io.py` | `cpu-io.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,6 +389,23 @@ class _TiffStack:
 
 # -- source: a folder of per-slice TIFFs ------------------------------------------------------------
 
+def read_threads() -> int:
+    """Threads that read the slices of one slab of a per-slice TIFF folder at once:
+    ``GPUHEART_READ_THREADS`` if set, else the usable CPU cores, at most 8 (past that a disk, not
+    the decoder, is usually what limits)."""
+    env = os.environ.get("GPUHEART_READ_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ScanError(f"GPUHEART_READ_THREADS={env!r}: expected a whole number >= 1")
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 class _TiffFolder:
     """One 2D TIFF per (channel, z). Files are opened only while a slice is read."""
 
@@ -430,23 +448,35 @@ class _TiffFolder:
 
     def read(self, c: int, z0: int, z1: int) -> np.ndarray:
         out = np.empty((z1 - z0,) + self.shape2d, self.dtype)
-        for k, z in enumerate(range(z0, z1)):
-            f = self.files[self.names[c]][z]
-            try:
-                tif = _open_tiff(f)
-                with tif:
-                    page = tif.pages.first
-                    if _page_end(page) > f.stat().st_size:
-                        raise ScanError(f"{f}: slice {_fmt_z(z)} is truncated; expected complete pixel data")
-                    data = page.asarray()
-            except ScanError:
-                raise
-            except Exception as err:
-                raise ScanError(f"{f}: cannot read slice {_fmt_z(z)}: {err}") from err
-            if data.shape != self.shape2d or data.dtype != self.dtype:
-                raise ScanError(f"{f}: slice is {data.shape} {data.dtype}; expected {self.shape2d} {self.dtype}")
-            out[k] = data
+        jobs = [(out, k, self.files[self.names[c]][z], z) for k, z in enumerate(range(z0, z1))]
+        # Slices are separate files, so they decode in parallel: tifffile/imagecodecs and the file
+        # reads release the GIL, and one thread decoding a compressed slab is what a run waits on.
+        threads = min(read_threads(), len(jobs))
+        if threads <= 1:
+            for job in jobs:
+                self._read_into(*job)
+            return out
+        with ThreadPoolExecutor(threads, thread_name_prefix="gpuheart-read") as pool:
+            futures = [pool.submit(self._read_into, *job) for job in jobs]
+        for fut in futures:  # all done (the pool has shut down); the first bad slice in z order is raised
+            fut.result()
         return out
+
+    def _read_into(self, out: np.ndarray, k: int, f: Path, z: int) -> None:
+        try:
+            tif = _open_tiff(f)
+            with tif:
+                page = tif.pages.first
+                if _page_end(page) > f.stat().st_size:
+                    raise ScanError(f"{f}: slice {_fmt_z(z)} is truncated; expected complete pixel data")
+                data = page.asarray()
+        except ScanError:
+            raise
+        except Exception as err:
+            raise ScanError(f"{f}: cannot read slice {_fmt_z(z)}: {err}") from err
+        if data.shape != self.shape2d or data.dtype != self.dtype:
+            raise ScanError(f"{f}: slice is {data.shape} {data.dtype}; expected {self.shape2d} {self.dtype}")
+        out[k] = data
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for fs in self.files.values() for f in fs)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import gpuheart.io
 from gpuheart.io import (Scan, ScanError, Slab, ZarrWriter, lavision_filename, open_scan,
                          write_tiff)
 
@@ -353,6 +354,41 @@ def test_slice_cut_after_open_fails_at_read_naming_file_and_slice(tmp_path):
         np.testing.assert_array_equal(scan.read_slice("C00", 1).shape, (32, 32))
         with pytest.raises(ScanError, match=r"Z0002\.ome\.tif: slice Z0002 is truncated"):
             scan.read_slab("C00", 0, 4)
+
+
+def test_folder_slices_read_in_parallel_equal_serial(tmp_path, monkeypatch):
+    vol = volume((9, 40, 36))
+    folder = write_folder(tmp_path / "scan", {0: vol}, compression="zlib")
+    got = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("GPUHEART_READ_THREADS", threads)
+        with open_scan(folder) as scan:
+            got[threads] = scan.read_slab("C00", 1, 9)
+    np.testing.assert_array_equal(got["1"], vol[1:9])
+    np.testing.assert_array_equal(got["4"], vol[1:9])
+    monkeypatch.delenv("GPUHEART_READ_THREADS")
+    assert 1 <= gpuheart.io.read_threads() <= 8
+
+
+def test_parallel_read_raises_the_first_bad_slice_in_z_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUHEART_READ_THREADS", "4")
+    folder = write_folder(tmp_path / "scan", {0: volume((8, 32, 32))})
+    with open_scan(folder) as scan:
+        for z in (3, 6):
+            bad = folder / lavision_filename("heart", 0, z)
+            raw = bad.read_bytes()
+            bad.write_bytes(raw[: len(raw) // 2])
+        with pytest.raises(ScanError, match=r"Z0003\.ome\.tif: slice Z0003 is truncated"):
+            scan.read_slab("C00", 0, 8)
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 3).shape, (3, 32, 32))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "1.5"])
+def test_read_threads_setting_is_checked(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("GPUHEART_READ_THREADS", value)
+    folder = write_folder(tmp_path / "scan", {0: volume((3, 8, 8))})
+    with open_scan(folder) as scan, pytest.raises(ScanError, match="GPUHEART_READ_THREADS=.*whole number >= 1"):
+        scan.read_slab("C00", 0, 3)
 
 
 def test_non_tiff_files(tmp_path):
