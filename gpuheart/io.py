@@ -488,11 +488,21 @@ class _TiffFolder:
         pass
 
 
+def _holds_scan(d: Path) -> bool:
+    try:
+        return _is_zarr_dir(d) or any(f.is_file() and f.suffix.lower() in _TIFF_SUFFIXES for f in d.iterdir())
+    except OSError:  # unreadable sub-folder: not worth mentioning
+        return False
+
+
 def _scan_folder(path: Path) -> dict[str, list[Path]]:
     """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete."""
     tiffs = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES]
     if not tiffs:
-        raise ScanError(f"{path}: folder holds no TIFF files (expected *.tif/*.tiff slices)")
+        # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
+        subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
+        hint = f"; scans in its sub-folders: {', '.join(subs[:5])}{', ...' if len(subs) > 5 else ''}" if subs else ""
+        raise ScanError(f"{path}: folder holds no TIFF files (expected *.tif/*.tiff slices){hint}")
     by_channel: dict[int, list[tuple[int | None, Path]]] = {}
     for p in tiffs:
         cm = _CHANNEL_RE.findall(p.name)

@@ -290,8 +290,17 @@ def test_empty_folder_and_folder_without_tiff(tmp_path):
         open_scan(tmp_path / "empty")
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "readme.txt").write_text("x")
-    with pytest.raises(ScanError, match="no TIFF"):
+    with pytest.raises(ScanError, match="no TIFF") as err:
         open_scan(tmp_path / "txt")
+    assert "sub-folders" not in str(err.value)
+
+
+def test_folder_without_tiff_names_sub_folders_that_hold_scans(tmp_path):
+    """`gpuheart phantom OUT` writes OUT/scan and OUT/truth: `gpuheart run OUT` says where the scan is."""
+    write_folder(tmp_path / "out" / "scan", {0: volume((2, 8, 8))})
+    (tmp_path / "out" / "notes").mkdir()
+    with pytest.raises(ScanError, match=r"no TIFF files .*; scans in its sub-folders: \S*out/scan$"):
+        open_scan(tmp_path / "out")
 
 
 def test_missing_slice_names_channel_and_z(tmp_path):
