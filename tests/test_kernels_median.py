@@ -4,12 +4,13 @@ Three layers, so the kernel logic is checked even on machines without a GPU:
 
 * nvcc (here when nvcc is on PATH): every kernels/*.cu builds as CI builds it, and the
   instantiations the dispatch asks NVRTC for are the ones nvcc compiles.
-* host emulator (here when g++ is on PATH): the unmodified ``median.cu`` compiled as C++ with a
-  small prelude that runs each block's threads as OS threads meeting at a real barrier
-  (``__syncthreads``) and shares ``__shared__`` arrays between them; it is launched with the
-  exact grid, block, border maps and cval bits of ``filters._cuda_plan``/``_median_cuda``, and
-  must equal the CPU ``median`` bit for bit. A barrier that not every thread reaches hangs it
-  (caught by a timeout), a race on the shared tile shows up as wrong values.
+* host emulator (here when g++ is on PATH; tests/cuda_emulator.py): the unmodified ``median.cu``
+  compiled as C++, each block's threads run as OS threads meeting at a real barrier
+  (``__syncthreads``) and sharing the ``__shared__`` arrays; it is launched by
+  ``filters._median_cuda`` itself with the exact grid, block, border maps and cval bits of
+  ``filters._cuda_plan``, every argument checked against the kernel's parameter types, and must
+  equal the CPU ``median`` bit for bit. A barrier that not every thread reaches times out, a race
+  on the shared tile shows up as wrong values.
 * ``@pytest.mark.gpu``: the real dispatch on a CUDA device against the CPU ``median``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import warnings
 import numpy as np
 import pytest
 
+import cuda_emulator
 from gpuheart import filters
 from gpuheart.backend import kernel_dir
 from gpuheart.filters import difference_of_medians, median
@@ -122,166 +124,40 @@ def test_source_has_every_entry_point_the_dispatch_loads():
         assert f"struct HistTraits<{ctype}> {{ enum {{ COLS = {cols}," in src, ctype
 
 
-# -- host emulator: the kernel source run on CPU threads ---------------------------------------
+# -- host emulator: the kernel source run on CPU threads (tests/cuda_emulator.py) ----------------
 
-_PRELUDE = r"""
-#include <barrier>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <thread>
-#include <vector>
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-static std::barrier<>* gh_barrier;
-inline void __syncthreads() { gh_barrier->arrive_and_wait(); }
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__ static
-#define __launch_bounds__(...)
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
-// median_hist's counters are per thread: the atomic is for issue, not for atomicity.
-inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
-#include "median.cu"
-
-// Blocks run one after another; the block's threads run concurrently and share the static
-// (= __shared__) arrays. The extra barrier after the body keeps the next block's tile load
-// from overwriting a tile that slower threads are still reading.
-template <class F> void launch(dim3 grid, dim3 block, F body) {
-    blockDim = block; gridDim = grid;
-    const unsigned n = block.x * block.y * block.z;
-    std::barrier<> bar(n); gh_barrier = &bar;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < n; ++t)
-        ts.emplace_back([&, t] {
-            threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            for (unsigned bz = 0; bz < grid.z; ++bz)
-                for (unsigned by = 0; by < grid.y; ++by)
-                    for (unsigned bx = 0; bx < grid.x; ++bx) {
-                        blockIdx = dim3{bx, by, bz};
-                        body();
-                        bar.arrive_and_wait();
-                    }
-        });
-    for (auto& t : ts) t.join();
-}
-
-template <class T> std::vector<T> slurp(const char* path, size_t n) {
-    std::vector<T> v(n);
-    FILE* f = std::fopen(path, "rb");
-    if (!f || std::fread(v.data(), sizeof(T), n, f) != n) { std::perror(path); std::exit(2); }
-    std::fclose(f);
-    return v;
-}
-
-template <class T> int run(char** a) {
-    const std::string name = a[1];
-    const int Z = std::atoi(a[2]), H = std::atoi(a[3]), W = std::atoi(a[4]), size = std::atoi(a[5]);
-    const unsigned cbits = (unsigned)std::strtoul(a[6], nullptr, 10);
-    const dim3 grid{(unsigned)std::atoi(a[7]), (unsigned)std::atoi(a[8]), (unsigned)std::atoi(a[9])};
-    const dim3 block{(unsigned)std::atoi(a[10]), (unsigned)std::atoi(a[11]), (unsigned)std::atoi(a[12])};
-    const size_t n = (size_t)Z * H * W;
-    auto src = slurp<T>(a[13], n);
-    auto rows = slurp<int>(a[14], H + 2 * (size / 2));
-    auto cols = slurp<int>(a[15], W + 2 * (size / 2));
-    std::vector<T> dst(n, T(0));
-    const T* s = src.data(); T* d = dst.data(); const int* r = rows.data(); const int* c = cols.data();
-    if (name.rfind("median_net<", 0) == 0 && size == 3)
-        launch(grid, block, [&] { median_net<T, 3>(s, d, r, c, H, W, cbits); });
-    else if (name.rfind("median_net<", 0) == 0 && size == 5)
-        launch(grid, block, [&] { median_net<T, 5>(s, d, r, c, H, W, cbits); });
-    else if (name.rfind("median_radix<", 0) == 0)
-        launch(grid, block, [&] { median_radix<T>(s, d, r, c, H, W, cbits, size); });
-    else if constexpr (sizeof(T) <= 2) {
-        if (name.rfind("median_hist<", 0) == 0)
-            launch(grid, block, [&] {
-                if (name.find(", 1>") != std::string::npos) median_hist<T, 1>(s, d, r, c, H, W, cbits, size);
-                else median_hist<T, 0>(s, d, r, c, H, W, cbits, size);
-            });
-        else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
-    }
-    else { std::fprintf(stderr, "unknown kernel %s\n", a[1]); return 3; }
-    FILE* f = std::fopen(a[16], "wb");
-    std::fwrite(d, sizeof(T), n, f);
-    std::fclose(f);
-    return 0;
-}
-
-int main(int argc, char** argv) {
-    if (argc != 17) { std::fprintf(stderr, "usage\n"); return 1; }
-    const std::string name = argv[1];
-    if (name.find("<unsigned char") != std::string::npos) return run<unsigned char>(argv);
-    if (name.find("<unsigned short") != std::string::npos) return run<unsigned short>(argv);
-    if (name.find("<float") != std::string::npos) return run<float>(argv);
-    return 1;
-}
-"""
+class _Launches:
+    """What the emulated kernels were launched with, for the dispatch tests: (name, grid)."""
+    launches: list = []
 
 
 @pytest.fixture(scope="module")
-def emulator_exe(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
+def emulated_module(tmp_path_factory):
+    if not cuda_emulator.available():
         pytest.skip("g++ is not on PATH: cannot run the kernel source on the host emulator")
-    d = tmp_path_factory.mktemp("emu")
-    (d / "emu.cpp").write_text(_PRELUDE)
-    exe = d / "emu"
-    res = subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-w", f"-I{KERNEL.parent}",
-                          "-o", str(exe), str(d / "emu.cpp")], capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"emulator build failed:\n{res.stderr}")
-    return exe
-
-
-class _EmulatedKernel:
-    """Stands in for a ``cupy.RawKernel``: ``kern(grid, block, args)`` runs the emulator."""
-
-    launches: list = []
-
-    def __init__(self, exe, name):
-        self.exe, self.name = exe, name
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        src, dst, rows, cols, h, w, cbits, *extra = args
-        size = int(extra[0]) if extra else int(self.name.rsplit(",", 1)[1].rstrip(">"))
-        assert rows.dtype == cols.dtype == np.int32 and isinstance(cbits, np.uint32)
-        assert isinstance(h, np.int32) and isinstance(w, np.int32) and shared_mem == 0
-        assert src.flags.c_contiguous and dst.flags.c_contiguous and grid[2] == src.shape[0]
-        d = self.exe.parent
-        paths = [d / f"{k}.bin" for k in ("in", "rows", "cols", "out")]
-        for p, a in zip(paths, (src, rows, cols)):
-            a.tofile(p)
-        cmd = [str(self.exe), self.name, str(src.shape[0]), str(h), str(w), str(size), str(int(cbits)),
-               *map(str, grid), *map(str, block), *map(str, paths)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr
-        dst[...] = np.fromfile(paths[3], dtype=dst.dtype).reshape(dst.shape)
-        _EmulatedKernel.launches.append((self.name, grid))
+    names = sorted({filters._cuda_plan((1, 64, 64), dt, size)[0] for dt in DTYPES for size in range(3, 32, 2)})
+    return cuda_emulator.build("median.cu", names, tmp_path_factory.mktemp("emu"))
 
 
 @pytest.fixture
-def emulator(emulator_exe, monkeypatch):
+def emulator(emulated_module, monkeypatch):
     """``filters._median_cuda`` itself (plan, border maps, cval bits, z chunks, ``out``) with
-    NumPy standing in for CuPy and the emulator for the compiled kernel."""
-    class Module:
-        def get_function(self, name):
-            return _EmulatedKernel(emulator_exe, name)
-
+    NumPy standing in for CuPy and the emulator for the compiled kernel; the emulator checks every
+    argument against the kernel's parameter types."""
     loaded = []
     monkeypatch.setattr(filters, "array_module", lambda x: np)
-    monkeypatch.setattr(filters, "load_module", lambda name, exprs: loaded.append((name, exprs)) or Module())
+    monkeypatch.setattr(filters, "load_module",
+                        lambda name, exprs: loaded.append((name, exprs)) or emulated_module)
     monkeypatch.setattr(filters, "_overlaps", np.shares_memory)
 
     def run(x, size, mode="reflect", cval=0, out=None):
         cval = filters._cval_as(cval, x.dtype) if mode == "constant" else 0
+        n0 = len(emulated_module.launches)
         res = filters._median_cuda(x, size, mode, cval, out)
         assert loaded[-1] == ("median.cu", (filters._cuda_plan((1, 1, 1), x.dtype, size)[0],))
+        for name, grid, block, shared in emulated_module.launches[n0:]:
+            assert shared == 0 and grid[2] <= max(1, x.reshape((-1,) + x.shape[-2:]).shape[0])
+            _Launches.launches.append((name, grid))
         return res
 
     return run
@@ -327,12 +203,12 @@ def test_emulated_sliding_histogram_follows_the_median(emulator, dtype):
              ((yy * 997 + xx * 13) % (top + 1)).astype(dtype),
              (top - (yy * 3 + xx) % 64).astype(dtype),
              np.full((100, 45), top // 3, dtype)]
-    _EmulatedKernel.launches.clear()
+    _Launches.launches.clear()
     for size in (7, 15):
         for x in cases:
             _assert_same(emulator(x, size, "wrap"), median(x, size, "wrap"), dtype, size, False)
     ctype = filters._CUDA_CTYPES[np.dtype(dtype)]
-    assert {n for n, _ in _EmulatedKernel.launches} == {f"median_hist<{ctype}, 1>"}
+    assert {n for n, _ in _Launches.launches} == {f"median_hist<{ctype}, 1>"}
 
 
 def _extreme_cases(dtype, shape, rng):
@@ -361,11 +237,11 @@ def test_emulated_sliding_histogram_extremes(emulator, dtype, size):
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):
     monkeypatch.setattr(filters, "_CUDA_MAX_GRID_YZ", 2)  # 5 slices -> launches of 2, 2, 1
-    _EmulatedKernel.launches.clear()
+    _Launches.launches.clear()
     x = _image((5, 40, 37), np.uint16, seed=8)
     ref = median(x, 9, "mirror")
     np.testing.assert_array_equal(emulator(x, 9, "mirror"), ref)
-    assert [g for _, g in _EmulatedKernel.launches] == [(2, 2, 2), (2, 2, 2), (2, 2, 1)]
+    assert [g for _, g in _Launches.launches] == [(2, 2, 2), (2, 2, 2), (2, 2, 1)]
     out = np.empty_like(x)
     assert emulator(x, 9, "mirror", out=out) is out
     np.testing.assert_array_equal(out, ref)

@@ -1,0 +1,244 @@
+"""Run kernels/*.cu on the host, so the CUDA dispatch code can be tested without a GPU.
+
+The kernel source is compiled unmodified as C++ (g++) with a prelude that stands in for the CUDA
+runtime: each block's threads are OS threads meeting at a real barrier (``__syncthreads``), static
+``__shared__`` arrays are shared by them, ``extern __shared__`` gets a buffer of the launch's
+``shared_mem`` bytes, ``atomicAdd`` is a real atomic, ``__shfl_down_sync`` exchanges through a
+block-wide slot array between two barriers (so, as on a GPU, every thread of the block must call it),
+and the ``__f*_rn`` intrinsics are plain IEEE float operations (``-ffp-contract=off``: no FMA
+contraction). Blocks run one after another.
+
+One ``extern "C"`` wrapper per kernel (an ``extern "C"`` name or a template instantiation) unpacks a ``void**`` argument array into the kernel's own
+parameter types, and a second reports their sizes: a launch whose arguments do not have the sizes
+the kernel declares (an ``np.int64`` passed for an ``int``, a Python scalar, a missing argument) fails
+here, as it would misbehave on a device.
+
+``fake_cupy()`` is NumPy posing as CuPy for the dispatch functions (``import cupy as cp`` inside them);
+``EmulatedModule`` stands in for ``backend.load_module``'s ``cupy.RawModule``.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+
+from gpuheart.backend import kernel_dir
+
+PRELUDE = r"""
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <utility>
+#include <vector>
+#include <type_traits>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+static std::barrier<>* gh_barrier;
+static std::vector<unsigned char> gh_dynamic_shared;
+static std::vector<unsigned long long> gh_slots;
+inline void __syncthreads() { gh_barrier->arrive_and_wait(); }
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __restrict__
+using std::min; using std::max; using std::asinh; using std::rintf; using std::fminf; using std::fmaxf;
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __double2float_rn(double v) { return (float)v; }
+inline float __int2float_rn(int v) { return (float)v; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+template <class T> inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned blockThreads() { return blockDim.x * blockDim.y * blockDim.z; }
+inline unsigned flatThread() { return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x; }
+template <class T> T __shfl_down_sync(unsigned, T v, int delta) {
+    static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+    const unsigned t = flatThread(), lane = t & 31u;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    gh_slots[t] = bits;
+    gh_barrier->arrive_and_wait();
+    T r = v;
+    if (lane + (unsigned)delta < 32u && t + (unsigned)delta < blockThreads())
+        std::memcpy(&r, &gh_slots[t + delta], sizeof(T));
+    gh_barrier->arrive_and_wait();
+    return r;
+}
+#include "KERNEL_SOURCE"
+
+template <class F> void gh_launch(dim3 grid, dim3 block, unsigned long long shmem, F body) {
+    blockDim = block; gridDim = grid;
+    const unsigned n = block.x * block.y * block.z;
+    std::barrier<> bar(n); gh_barrier = &bar;
+    gh_dynamic_shared.assign(shmem + 16, 0xCD);  // garbage, as on a device
+    gh_slots.assign(n, 0);
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < n; ++t)
+        ts.emplace_back([&, t] {
+            threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
+                        blockIdx = dim3{bx, by, bz};
+                        body();
+                        bar.arrive_and_wait();  // the next block must not refill shared memory early
+                    }
+        });
+    for (auto& t : ts) t.join();
+}
+
+template <class... A, std::size_t... I>
+void gh_call(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+}
+template <class... A>
+int gh_sizes(void (*)(A...), int* out) {
+    int i = 0;
+    ((out[i++] = (int)sizeof(A)), ...);
+    return (int)sizeof...(A);
+}
+"""
+
+# One launcher and one size report per kernel; gh_apply deduces the parameter types from the kernel.
+EXPORT = r"""
+extern "C" int gh_sizes_{sym}(int* out) {{ return gh_sizes(&{name}, out); }}
+extern "C" void gh_run_{sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, unsigned long long shmem, void** args) {{
+    gh_launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, shmem, [&] {{ gh_apply(&{name}, args); }});
+}}
+"""
+
+
+def _symbol(name: str) -> str:
+    """A C identifier for a kernel name expression (``median_net<unsigned char, 3>`` included)."""
+    return re.sub(r"\W", "_", name)
+
+APPLY = r"""
+template <class... A> void gh_apply(void (*k)(A...), void** args) {
+    gh_call(k, args, std::index_sequence_for<A...>{});
+}
+"""
+
+LAUNCH_TIMEOUT_S = 300
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _host_source(cu: str) -> str:
+    """The kernel source with ``extern __shared__ T name[];`` pointed at the launch's buffer (the one
+    construct a C++ compiler cannot take as it stands once ``__shared__`` means ``static``)."""
+    text = (kernel_dir() / cu).read_text()
+    return _DYNAMIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)gh_dynamic_shared.data();", text)
+
+
+def available() -> bool:
+    return shutil.which("g++") is not None
+
+
+def build(cu: str, names: list[str], workdir: Path) -> "EmulatedModule":
+    """Compile ``kernels/<cu>`` for the host with a launcher for each kernel in ``names``: ``extern "C"``
+    names, or template name expressions as NVRTC takes them (``median_hist<unsigned char, 1>``)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        raise RuntimeError("g++ is not on PATH")
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = workdir / f"host_{cu}.cpp"
+    prelude = PRELUDE
+    (workdir / f"host_{cu}").write_text(_host_source(cu))
+    body = prelude.replace("KERNEL_SOURCE", f"host_{cu}") + APPLY + "".join(EXPORT.format(name=n, sym=_symbol(n)) for n in names)
+    src.write_text(body)
+    lib = workdir / f"host_{cu}.so"
+    res = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-ffp-contract=off",
+                          f"-I{workdir}", "-o", str(lib), str(src)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"host build of {cu} failed:\n{res.stderr[-4000:]}")
+    return EmulatedModule(ctypes.CDLL(str(lib)), names)
+
+
+_CTYPES = {np.dtype(np.int8): ctypes.c_int8, np.dtype(np.uint8): ctypes.c_uint8,
+           np.dtype(np.int16): ctypes.c_int16, np.dtype(np.uint16): ctypes.c_uint16,
+           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32,
+           np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint64): ctypes.c_uint64,
+           np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+
+
+class EmulatedKernel:
+    """``kern(grid, block, args, shared_mem=0)`` as a ``cupy.RawKernel``; records its launches."""
+
+    def __init__(self, lib, name: str, launches: list):
+        self.name, self.launches = name, launches
+        self._run = getattr(lib, f"gh_run_{_symbol(name)}")
+        sizes = (ctypes.c_int * 64)()
+        n = getattr(lib, f"gh_sizes_{_symbol(name)}")(sizes)
+        self.param_sizes = list(sizes[:n])
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        if len(args) != len(self.param_sizes):
+            raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.param_sizes)} parameters")
+        keep, ptrs = [], (ctypes.c_void_p * len(args))()
+        for i, (a, size) in enumerate(zip(args, self.param_sizes)):
+            if isinstance(a, np.ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
+                c = ctypes.c_void_p(a.ctypes.data)
+            elif isinstance(a, np.generic):
+                c = _CTYPES[a.dtype](a.item())
+            else:  # CuPy would guess a width for a Python scalar; a kernel must not depend on that guess
+                raise TypeError(f"{self.name}: argument {i} is a Python {type(a).__name__}; pass a NumPy scalar")
+            if ctypes.sizeof(c) != size:
+                raise TypeError(f"{self.name}: argument {i} has {ctypes.sizeof(c)} bytes, the kernel's "
+                                f"parameter {size}")
+            keep.append(c)
+            ptrs[i] = ctypes.cast(ctypes.pointer(c), ctypes.c_void_p)
+        self.launches.append((self.name, grid, block, int(shared_mem)))
+        # A barrier that some thread never reaches would hang the launch: run it aside and give up
+        # after a while (the stuck native threads die with the test process).
+        call = threading.Thread(target=self._run, daemon=True,
+                                args=(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_ulonglong(int(shared_mem)), ptrs))
+        call.start()
+        call.join(LAUNCH_TIMEOUT_S)
+        if call.is_alive():
+            raise TimeoutError(f"{self.name} did not finish in {LAUNCH_TIMEOUT_S} s on the emulator "
+                               "(a __syncthreads that not every thread of a block reaches?)")
+
+
+class EmulatedModule:
+    """Stands in for the ``cupy.RawModule`` of one kernels/*.cu file."""
+
+    def __init__(self, lib, names):
+        self.lib, self.names, self.launches = lib, set(names), []
+
+    def get_function(self, name: str) -> EmulatedKernel:
+        if name not in self.names:
+            raise KeyError(f"{name} was not exported by the emulator build (have {sorted(self.names)})")
+        return EmulatedKernel(self.lib, name, self.launches)
+
+
+def fake_cupy() -> types.ModuleType:
+    """NumPy posing as CuPy: what the dispatch functions call as ``cp.*``."""
+    mod = types.ModuleType("cupy")
+    mod.__getattr__ = lambda name: getattr(np, name)
+    mod.asnumpy = np.asarray
+    mod.is_available = lambda: True
+    return mod
