@@ -773,12 +773,15 @@ class ZarrWriter:
     when every slice was written, so a crash or a gap never leaves something that looks complete.
     ``chunks`` defaults to ``(min(z, 16), min(y, 256), min(x, 256))``: 16 slices match the usual slab
     size, so slab writes do not re-read chunks, and 256² tiles keep random access cheap. Chunks are
-    Blosc/zstd compressed. One multiscale level ``"0"``; axes z, y, x in micrometer; scale = voxel size
+    Blosc/zstd compressed; ``binary=True`` (masks: every voxel 0 or one other value) bit-shuffles them at
+    zstd level 3, which writes 0/255 masks about 2x faster and smaller than the byte-shuffled level 5
+    used for images (benchmarks/bench_io.py). One multiscale level ``"0"``; axes z, y, x in micrometer; scale = voxel size
     (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
-                 voxel_size: Sequence[float] | None = None, name: str | None = None, resume_slices: int = 0):
+                 voxel_size: Sequence[float] | None = None, name: str | None = None, resume_slices: int = 0,
+                 binary: bool = False):
         """``resume_slices=n`` reopens the partial store an interrupted run left and counts slices
         ``[0, n)`` as written (the caller's checkpoint vouches for them); without a matching partial
         store it starts afresh from slice 0 and ``resumed`` is 0."""
@@ -807,7 +810,8 @@ class ZarrWriter:
         if self.resumed:
             return
         _remove(self.partial)  # left by an earlier crash
-        compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        compressor = (numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE) if binary
+                      else numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE))
         try:
             if _zarr_major() >= 3:
                 root = zarr.open_group(store=str(self.partial), mode="w", zarr_format=2)

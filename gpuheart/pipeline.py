@@ -762,7 +762,7 @@ def _global_otsu(pre_path: Path, out: Path, voxel, cfg: PipelineConfig, acc) -> 
         else 255
     acc.otsu_threshold = float(thr)
     path = out / "otsu_mask.ome.zarr"
-    with open_scan(pre_path) as p, ZarrWriter(path, p.shape, np.uint8, voxel_size=voxel,
+    with open_scan(pre_path) as p, ZarrWriter(path, p.shape, np.uint8, voxel_size=voxel, binary=True,
                                               chunks=(cfg.slab_size, min(p.shape[1], 256), min(p.shape[2], 256))) as w:
         for z0 in range(0, p.shape[0], cfg.slab_size):
             mask = p.read_slab(p.channels[0], z0, min(z0 + cfg.slab_size, p.shape[0])) > thr
@@ -777,7 +777,8 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
     from .morphology import postprocess_slabs, reach
 
     p = cfg.postprocess
-    with open_scan(mask_path) as m, ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel) as w:
+    with open_scan(mask_path) as m, \
+            ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel, binary=True) as w:
         read = mask_reader(m)
         # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
         # enough that memory does not depend on the scan's depth
@@ -823,7 +824,8 @@ class _Writers:
         # one z-chunk per slab: a slab rewritten after a crash replaces whole chunks, never half of one
         chunks = (slab_size, min(shape[1], 256), min(shape[2], 256))
         self.paths = {n: out / f"{n}.ome.zarr" for n in names}
-        self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices)
+        self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices,
+                                 binary=n != "preprocessed")
                    for n, p in self.paths.items()}
         self.resumed = min((w.resumed for w in self._w.values()), default=resume_slices)
 

@@ -195,6 +195,22 @@ def test_zarr_writer_round_trip_is_ome_ngff(tmp_path):
         np.testing.assert_array_equal(scan.read_slice("C00", 13), vol[13])
 
 
+def test_zarr_writer_binary_masks_are_bit_shuffled(tmp_path):
+    rng = np.random.default_rng(3)
+    mask = (rng.random((8, 64, 64)) < 0.05).astype(np.uint8) * 255
+    sizes = {}
+    for binary in (False, True):
+        out = tmp_path / f"m{int(binary)}.ome.zarr"
+        with ZarrWriter(out, mask.shape, np.uint8, binary=binary) as w:
+            w.write(0, mask)
+        comp = json.loads((out / "0" / ".zarray").read_text())["compressor"]
+        assert (comp["cname"], comp["clevel"], comp["shuffle"]) == (("zstd", 3, 2) if binary else ("zstd", 5, 1))
+        with open_scan(out) as scan:
+            np.testing.assert_array_equal(scan.read_slab("C00", 0, 8), mask)
+        sizes[binary] = sum(f.stat().st_size for f in (out / "0").rglob("*") if f.is_file())
+    assert sizes[True] < sizes[False]
+
+
 def test_zarr_writer_replaces_old_output_and_aborts_cleanly(tmp_path):
     out = tmp_path / "m.zarr"
     with ZarrWriter(out, (4, 5, 6), np.uint8) as w:
