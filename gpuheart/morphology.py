@@ -234,7 +234,8 @@ class SlabLabels:
     ``sizes[k]`` is the voxel count of component ``k`` (``sizes[0] = 0``); components are numbered
     ``1..n`` in raster order of their first voxel, exactly as ``scipy.ndimage.label`` numbers them.
     ``offsets[i]`` is the provisional-label offset of slab ``i``; ``final[p]`` maps provisional
-    label ``p`` (``final[0] = 0``) to its component.
+    label ``p`` (``final[0] = 0``) to its component. ``box_lo[k - 1]`` / ``box_hi[k - 1]`` are the
+    (z, y, x) bounding box of component ``k``, ``hi`` exclusive (``ndi.find_objects``' slices).
     """
     shape: tuple[int, int, int]
     slab_size: int
@@ -242,6 +243,8 @@ class SlabLabels:
     sizes: np.ndarray
     offsets: list[int] = field(repr=False)
     final: np.ndarray = field(repr=False)
+    box_lo: np.ndarray = field(default=None, repr=False)
+    box_hi: np.ndarray = field(default=None, repr=False)
 
     @property
     def n_components(self) -> int:
@@ -286,11 +289,14 @@ def label_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int
     equal ``scipy.ndimage.label`` on the whole volume.
     """
     st = _structure(connectivity)
-    offsets, sizes, edges = [], [np.zeros(1, np.int64)], []
+    offsets, sizes, edges, boxes = [], [np.zeros(1, np.int64)], [], [np.zeros((0, 6), np.int64)]
     n = 0
     prev_last = None
     for z0, z1 in _slab_ranges(shape[0], slab_size):
         lab, k = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
+        # boxes of the slab's own labels, merged per component below: no second pass over the mask
+        boxes.append(np.array([(b[0].start + z0, b[1].start, b[2].start, b[0].stop + z0, b[1].stop, b[2].stop)
+                               for b in ndi.find_objects(lab)], np.int64).reshape(-1, 6))
         lab = lab.astype(np.int64)
         lab[lab > 0] += n
         offsets.append(n)
@@ -311,7 +317,12 @@ def label_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int
     prov_sizes = np.concatenate(sizes)
     comp_sizes = np.bincount(final, weights=prov_sizes, minlength=len(first) + 1).astype(np.int64)
     comp_sizes[0] = 0
-    return SlabLabels(tuple(shape), slab_size, connectivity, comp_sizes, offsets, final)
+    prov_boxes = np.concatenate(boxes)
+    lo = np.full((len(first) + 1, 3), np.iinfo(np.int64).max, np.int64)
+    hi = np.zeros((len(first) + 1, 3), np.int64)
+    np.minimum.at(lo, final[1:], prov_boxes[:, :3])
+    np.maximum.at(hi, final[1:], prov_boxes[:, 3:])
+    return SlabLabels(tuple(shape), slab_size, connectivity, comp_sizes, offsets, final, lo[1:], hi[1:])
 
 
 def remove_small_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int,

@@ -636,7 +636,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
             return {"branches": 0, "note": "empty mask"}
-        lo, hi = _label_boxes(labels.relabel(read), labels.n_components)
+        lo, hi = labels.box_lo, labels.box_hi
         paths["voxel_components"] = _write_voxel_components(out / "voxel_components.csv", labels.sizes, lo, hi,
                                                             voxel)
         tree = int(np.argmax(labels.sizes))
@@ -657,21 +657,6 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         graph.write_graphml(g, paths["tree_graphml"])
     return {**graph.summarize(g), "tree_voxels": int(labels.sizes[tree]), "components": labels.n_components,
             "downsample_yx": k}
-
-
-def _label_boxes(slabs, n: int):
-    """Bounding boxes of labels 1..n over streamed label slabs: (lo, hi) arrays of shape (n, 3), hi exclusive."""
-    from scipy import ndimage as ndi
-
-    lo = np.full((n, 3), np.iinfo(np.int64).max, np.int64)
-    hi = np.zeros((n, 3), np.int64)
-    for z0, _, lab in slabs:
-        for i, box in enumerate(ndi.find_objects(lab)):
-            if box is not None:
-                a = np.array([box[0].start + z0, box[1].start, box[2].start])
-                b = np.array([box[0].stop + z0, box[1].stop, box[2].stop])
-                lo[i], hi[i] = np.minimum(lo[i], a), np.maximum(hi[i], b)
-    return lo, hi
 
 
 def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:

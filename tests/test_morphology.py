@@ -106,6 +106,9 @@ def test_label_slabs_equals_scipy_label(connectivity, slab_size):
     lab = np.concatenate([l for _, _, l in res.relabel(_reader(m))])
     _same_partition(lab, ref)
     np.testing.assert_array_equal(lab, ref)  # even scipy's numbering
+    boxes = ndi.find_objects(ref)
+    np.testing.assert_array_equal(res.box_lo, [[s.start for s in b] for b in boxes])
+    np.testing.assert_array_equal(res.box_hi, [[s.stop for s in b] for b in boxes])
 
 
 def test_label_slabs_spiral_merges_late():
@@ -115,12 +118,13 @@ def test_label_slabs_spiral_merges_late():
     m[19, 2, 1:6] = True
     res = morph.label_slabs(_reader(m), m.shape, 3)
     assert res.n_components == 1 and res.sizes[1] == m.sum()
+    assert res.box_lo.tolist() == [[0, 2, 1]] and res.box_hi.tolist() == [[20, 3, 6]]
 
 
 def test_label_slabs_empty():
     m = np.zeros((5, 4, 4), bool)
     res = morph.label_slabs(_reader(m), m.shape, 2)
-    assert res.n_components == 0
+    assert res.n_components == 0 and res.box_lo.shape == res.box_hi.shape == (0, 3)
     out = _stream(morph.remove_small_slabs(_reader(m), m.shape, 2, 3), m.shape)
     assert not out.any()
 
