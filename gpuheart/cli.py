@@ -190,7 +190,11 @@ def _dask_client(spec: str | None):
         return Client(LocalCUDACluster())
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
-        return Client(LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0"))
+        # the workers share the cores: each reads its slabs with its share of the read threads
+        from .io import read_threads
+
+        env = {"GPUHEART_READ_THREADS": str(max(1, read_threads() // max(1, n)))}
+        return Client(LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0", env=env))
     return Client(spec)
 
 

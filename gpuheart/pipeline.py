@@ -92,6 +92,7 @@ class OutputConfig:
 
 
 # Sections a channel may override ([channel.C01.dom] ...); run-wide settings (device, slabs, output) may not.
+MASK_OUTPUTS = frozenset({"dom_mask", "unet_mask", "mask_raw"})  # 0/255 stores: written with the mask codec
 CHANNEL_SECTIONS = ("exposure", "dom", "segment", "postprocess", "mesh", "graph")
 
 # Named bundles of channel overrides: [channel.C01] preset = "nerves".
@@ -431,8 +432,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     stats = ck.load_stats()
     if stats is None:
         with timer("stats (pass 1)"):
-            stats = [exposure.slice_stats(scan.read_slice(channel, z), z=z) for z in _progress(
-                range(scan.shape[0]), cfg.progress, f"{channel} stats")]
+            stats = _slice_stats(scan, channel, cfg)
         ck.save_stats(stats)
     znorm = exposure.ZNorm.from_stats(stats)
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
@@ -463,6 +463,18 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         acc.save_figures(out / "figures.npz")
     ck.finish(paths, summary)
     return paths, summary
+
+
+def _slice_stats(scan, channel: str, cfg: PipelineConfig) -> list:
+    """Pass 1: every slice's statistics, read a slab at a time (so a folder's slices decode in parallel),
+    one slab in memory."""
+    from . import exposure
+
+    stats, nz, step = [], scan.shape[0], cfg.slab_size
+    for z0 in _progress(range(0, nz, step), cfg.progress, f"{channel} stats slabs", total=-(-nz // step)):
+        slab = scan.read_slab(channel, z0, min(z0 + step, nz))
+        stats += [exposure.slice_stats(s, z=z0 + i) for i, s in enumerate(slab)]
+    return stats
 
 
 def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
@@ -762,12 +774,13 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
     from .morphology import postprocess_slabs, reach
 
     p = cfg.postprocess
+    # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
+    # enough that memory does not depend on the scan's depth
+    slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
     with open_scan(mask_path) as m, \
-            ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel, binary=True) as w:
-        read = mask_reader(m)
-        # twice the halo: thick enough that re-reading the halo costs at most as much as the slab, thin
-        # enough that memory does not depend on the scan's depth
-        slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
+            ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel, binary=True,
+                       chunks=(min(slab, m.shape[0]), min(m.shape[1], 256), min(m.shape[2], 256))) as w:
+        read = mask_reader(m)  # one z-chunk per slab written: no chunk is read back and merged
         slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d,
                                          device=backend.resolve_device(cfg.device)), timer, "closing")
         for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
@@ -810,7 +823,7 @@ class _Writers:
         chunks = (slab_size, min(shape[1], 256), min(shape[2], 256))
         self.paths = {n: out / f"{n}.ome.zarr" for n in names}
         self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices,
-                                 binary=n != "preprocessed")
+                                 binary=n in MASK_OUTPUTS)
                    for n, p in self.paths.items()}
         self.resumed = min((w.resumed for w in self._w.values()), default=resume_slices)
 
