@@ -8,7 +8,10 @@ Slices of 2048 x 2048 uint16 (bench_filters.make_slice: smooth structure, lines 
 once per compression to a temporary folder; the slab is then read through ``open_scan(...).read_slab``
 with ``GPUHEART_READ_THREADS`` set to 1 and to the default, in alternating rounds, so both see the same
 page cache and the same background load. Files come from the page cache (they were just written), so
-this measures decoding and copying, not a disk.
+this measures decoding and copying, not a disk. The slices are mostly noise, so zlib and LZW barely
+shrink them (see the sizes): real scans with dark background compress, and decode, differently.
+With one thread, tifffile decodes a page's strips with its own pool (``tifffile_maxworkers`` in the
+JSON: 1 on a 2-core machine); gpuheart's threads each decode one slice alone.
 """
 from __future__ import annotations
 
@@ -121,6 +124,7 @@ def main() -> dict:
                 if line.lower().startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
         else platform.machine()
     out = {"machine": {"cpu_model": cpu, "cpu_count": os.cpu_count(), "read_threads_default": read_threads(),
+                       "tifffile_maxworkers": tifffile.TIFF.MAXWORKERS,
                        "python": sys.version.split()[0], "tifffile": tifffile.__version__,
                        "load_avg_1min": os.getloadavg()[0]},
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

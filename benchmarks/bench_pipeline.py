@@ -119,7 +119,7 @@ def instrumented(extra: dict):
         return orig, wrapper
 
     acc = P._ChannelAccumulator
-    patches = [(acc, n, "[bench] accumulators") for n in ("add_raw", "add_normalized", "add", "score", "summary")]
+    patches = [(acc, n, "[bench] accumulators") for n in ("add_raw", "add_normalized", "add", "summary")]  # add calls score
     # save_figures is the pipeline's own "report figures" stage; wrapping it too counted it twice
     patches += [(R, "write_report", "[bench] report"),
                 (P, "_load_model", "[bench] u-net load")]

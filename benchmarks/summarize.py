@@ -2,7 +2,7 @@
 
     python benchmarks/summarize.py [--results benchmarks/results] [--out docs/benchmarks.md]
 
-Knows the formats written by bench_filters.py (median), bench_exposure.py (CLAHE), bench_mesh.py,
+Knows the formats written by bench_filters.py (median), bench_exposure.py (CLAHE), bench_io.py, bench_mesh.py,
 bench_pipeline.py (kind "pipeline") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
 device and day); other JSON files are listed by name. One section per device, newest result of each
 kind first; every table says where and when it was measured.
@@ -217,7 +217,9 @@ def section_io(e) -> list[str]:
     n = d["machine"].get("read_threads_default", "?")
     out = ["### Reading a per-slice TIFF folder", "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}): {d['benchmark']}. Timing: {d.get('timing', '')}. "
-           f"The slices of a slab are decoded by up to 8 threads (`GPUHEART_READ_THREADS`; {n} here).", "",
+           f"The slices of a slab are decoded by up to 8 threads (`GPUHEART_READ_THREADS`; {n} here); with one, "
+           f"tifffile decodes a page's strips with {d['machine'].get('tifffile_maxworkers', '?')} worker(s). The slices are "
+           "mostly noise, so the compressed files are barely smaller than the raw ones.", "",
            f"| compression | 1 thread | {n} threads | speed-up | MiB on disk |", "|---|---:|---:|---:|---:|"]
     out += [f"| {k} | {ms(r['one_thread_s'])} | {ms(r['default_threads_s'])} | {r['speedup']:.2f}x | {r['mib_on_disk']:.0f} |"
             for k, r in d["results"].items()]

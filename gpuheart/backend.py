@@ -314,7 +314,9 @@ def kernel_source(name: str) -> str:
     return path.read_text()
 
 
-NVRTC_OPTIONS = ("-std=c++17",)
+# --fmad=false: no multiply-add contraction, so plain float arithmetic in a kernel rounds as the host
+# reference (and the host emulator, tests/cuda_emulator.py) does; the kernels' arithmetic is not their cost.
+NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
 
 
 def nvrtc_ptx(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = (),

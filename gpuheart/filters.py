@@ -182,17 +182,18 @@ _CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsig
 _CUDA_FAILED: dict[str, str] = {}  # kernel name -> why it failed (warned once, host path after)
 
 
-def _cuda_plan(shape, dtype, size: int):
+def _cuda_plan(shape, dtype, size: int, hist: bool = True):
     """``(kernel name expression, grid, block, extra args)`` for a (z, y, x) slab.
 
     ``grid[2]`` is the slice count; slabs deeper than the 65535 grid limit are launched in
-    chunks of slices by the caller (see :func:`_median_cuda`).
+    chunks of slices by the caller (see :func:`_median_cuda`). ``hist=False`` plans the radix
+    kernel where the sliding histogram would be used (the fallback when that one fails).
     """
     z, h, w = (int(s) for s in shape)
     ctype = _CUDA_CTYPES[np.dtype(dtype)]
     if size in _CUDA_NET_SIZES:
         name, extra = f"median_net<{ctype}, {size}>", ()
-    elif np.dtype(dtype) in _CUDA_HIST_COLS:
+    elif hist and np.dtype(dtype) in _CUDA_HIST_COLS:
         cols = _CUDA_HIST_COLS[np.dtype(dtype)]
         grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, _CUDA_MAX_GRID_YZ))
         narrow = int(size <= _CUDA_HIST_NARROW_MAX)
@@ -233,19 +234,10 @@ def _median_device(x, size, mode, cval, out):
     if out is not None and (not is_device_array(out) or out.shape != x.shape or out.dtype != x.dtype):
         got = (getattr(out, "shape", None), getattr(out, "dtype", None))
         raise ValueError(f"out must be a CuPy array of shape {x.shape} and dtype {x.dtype}, got {got}")
-    name, _, _, _ = _cuda_plan((1,) + x.shape[-2:], x.dtype, size)
-    if name not in _CUDA_FAILED:
-        try:
-            with x.device:
-                res = _median_cuda(x, size, mode, cval, out)
-            return res
-        except Exception as exc:  # compile error (NVRTC), launch failure, CUDA error
-            if is_device_oom(exc):
-                raise  # not the kernel's fault: the pipeline shrinks its slabs and retries
-            _CUDA_FAILED[name] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"CUDA median kernel {name} failed ({_CUDA_FAILED[name]}); "
-                          "filtering on the host instead", RuntimeWarning, stacklevel=3)
     with x.device:
+        res = _median_kernels(x, size, mode, cval, out)
+        if res is not None:
+            return res
         res = cp.asarray(median(to_host(x), size, mode, cval))
     if out is not None:
         out[...] = res
@@ -253,14 +245,32 @@ def _median_device(x, size, mode, cval, out):
     return res
 
 
+def _median_kernels(x, size, mode, cval, out):
+    """The kernel the plan picks; should it fail (NVRTC, launch), the radix kernel where that is a
+    different one, then None (the host). Each failing kernel is warned about once and not tried again."""
+    for hist in (True, False):
+        name = _cuda_plan((1,) + x.shape[-2:], x.dtype, size, hist)[0]
+        if name in _CUDA_FAILED:
+            continue
+        try:
+            return _median_cuda(x, size, mode, cval, out, hist)
+        except Exception as exc:  # compile error (NVRTC), launch failure, CUDA error
+            if is_device_oom(exc):
+                raise  # not the kernel's fault: the pipeline shrinks its slabs and retries
+            _CUDA_FAILED[name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"CUDA median kernel {name} failed ({_CUDA_FAILED[name]}); using the next kernel "
+                          "or the host instead", RuntimeWarning, stacklevel=4)
+    return None
+
+
 def _overlaps(a, b) -> bool:
     a0, b0 = a.data.ptr, b.data.ptr
     return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
-def _median_cuda(x, size, mode, cval, out):
+def _median_cuda(x, size, mode, cval, out, hist: bool = True):
     cp = array_module(x)
-    name, _, block, extra = _cuda_plan((1,) + x.shape[-2:], x.dtype, size)
+    name, _, block, extra = _cuda_plan((1,) + x.shape[-2:], x.dtype, size, hist)
     mod = load_module("median.cu", (name,))
     kern = mod.get_function(name)
     src = cp.ascontiguousarray(x)
@@ -278,7 +288,7 @@ def _median_cuda(x, size, mode, cval, out):
     cbits = _cval_bits(cval, x.dtype)
     for z0 in range(0, z, _CUDA_MAX_GRID_YZ):
         z1 = min(z, z0 + _CUDA_MAX_GRID_YZ)
-        _, grid, _, _ = _cuda_plan((z1 - z0, h, w), x.dtype, size)
+        _, grid, _, _ = _cuda_plan((z1 - z0, h, w), x.dtype, size, hist)
         if grid[1] > _CUDA_MAX_GRID_YZ:
             raise ValueError(f"slice of {h} rows exceeds the CUDA grid ({_CUDA_MAX_GRID_YZ} tiles)")
         kern(grid, block, (slab[z0:z1], dslab[z0:z1], rows, cols, np.int32(h), np.int32(w), cbits) + extra)

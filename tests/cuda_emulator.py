@@ -34,8 +34,12 @@ PRELUDE = r"""
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <random>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -43,9 +47,23 @@ PRELUDE = r"""
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
+inline unsigned blockThreads() { return blockDim.x * blockDim.y * blockDim.z; }
+inline unsigned flatThread() { return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x; }
 static std::barrier<>* gh_barrier;
 static std::vector<unsigned char> gh_dynamic_shared;
+static std::vector<unsigned char> gh_static_shared(1 << 18);
+thread_local std::size_t gh_static_used;  // every thread allocates the same arrays in the same order
+static std::size_t gh_static_peak;
 static std::vector<unsigned long long> gh_slots;
+// A kernel's `__shared__ T name[n];` (rewritten by cuda_emulator._host_source): the block's
+// arrays, poisoned at every block start as a device leaves them holding garbage.
+template <class T> T* gh_shared(std::size_t n) {
+    const std::size_t at = (gh_static_used + 15) & ~std::size_t(15);
+    gh_static_used = at + n * sizeof(T);
+    if (gh_static_used > gh_static_shared.size()) { std::fprintf(stderr, "static shared arena overflow\n"); std::abort(); }
+    if (flatThread() == 0 && gh_static_used > gh_static_peak) gh_static_peak = gh_static_used;
+    return reinterpret_cast<T*>(gh_static_shared.data() + at);
+}
 inline void __syncthreads() { gh_barrier->arrive_and_wait(); }
 #define __global__
 #define __device__
@@ -69,8 +87,6 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 template <class T> inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned blockThreads() { return blockDim.x * blockDim.y * blockDim.z; }
-inline unsigned flatThread() { return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x; }
 template <class T> T __shfl_down_sync(unsigned, T v, int delta) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
     const unsigned t = flatThread(), lane = t & 31u;
@@ -86,35 +102,59 @@ template <class T> T __shfl_down_sync(unsigned, T v, int delta) {
 }
 #include "KERNEL_SOURCE"
 
-template <class F> void gh_launch(dim3 grid, dim3 block, unsigned long long shmem, F body) {
+constexpr std::size_t GH_GUARD = 4096;       // bytes past the dynamic shared memory, checked after
+constexpr std::size_t GH_SHARED_LIMIT = 48 * 1024;  // static + dynamic per block, without opt-in
+
+// 0 = ok; 1 = a write past the dynamic shared memory; 2 = static + dynamic shared memory over the
+// 48 KiB a block gets without an opt-in attribute.
+template <class F> int gh_launch(dim3 grid, dim3 block, unsigned long long shmem, F body) {
     blockDim = block; gridDim = grid;
     const unsigned n = block.x * block.y * block.z;
     std::barrier<> bar(n); gh_barrier = &bar;
-    gh_dynamic_shared.assign(shmem + 16, 0xCD);  // garbage, as on a device
+    gh_dynamic_shared.assign(shmem + GH_GUARD, 0xCD);
+    gh_static_peak = 0;
     gh_slots.assign(n, 0);
+    // blocks in a shuffled order: a kernel must not rely on one block running before another
+    std::vector<dim3> order;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) order.push_back(dim3{bx, by, bz});
+    std::shuffle(order.begin(), order.end(), std::mt19937(order.size()));
     std::vector<std::thread> ts;
     for (unsigned t = 0; t < n; ++t)
         ts.emplace_back([&, t] {
             threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            for (unsigned bz = 0; bz < grid.z; ++bz)
-                for (unsigned by = 0; by < grid.y; ++by)
-                    for (unsigned bx = 0; bx < grid.x; ++bx) {
-                        blockIdx = dim3{bx, by, bz};
-                        body();
-                        bar.arrive_and_wait();  // the next block must not refill shared memory early
-                    }
+            for (const dim3& b : order) {
+                blockIdx = b;
+                gh_static_used = 0;
+                if (t == 0) {  // garbage, as a device leaves it
+                    std::memset(gh_static_shared.data(), 0xCD, gh_static_shared.size());
+                    std::memset(gh_dynamic_shared.data(), 0xCD, shmem);
+                }
+                bar.arrive_and_wait();
+                body();
+                bar.arrive_and_wait();  // the next block must not refill shared memory early
+            }
         });
     for (auto& t : ts) t.join();
+    for (std::size_t i = shmem; i < gh_dynamic_shared.size(); ++i)
+        if (gh_dynamic_shared[i] != 0xCD) return 1;
+    return gh_static_peak + shmem > GH_SHARED_LIMIT ? 2 : 0;
 }
 
 template <class... A, std::size_t... I>
 void gh_call(void (*k)(A...), void** args, std::index_sequence<I...>) {
     k(*static_cast<std::remove_cv_t<A>*>(args[I])...);
 }
+// Per parameter: sizeof for a value, minus the pointee's size for a pointer.
+template <class A> constexpr int gh_param_size() {
+    if constexpr (std::is_pointer_v<A>) return -(int)sizeof(std::remove_pointer_t<A>);
+    else return (int)sizeof(A);
+}
 template <class... A>
 int gh_sizes(void (*)(A...), int* out) {
     int i = 0;
-    ((out[i++] = (int)sizeof(A)), ...);
+    ((out[i++] = gh_param_size<A>()), ...);
     return (int)sizeof...(A);
 }
 """
@@ -122,9 +162,9 @@ int gh_sizes(void (*)(A...), int* out) {
 # One launcher and one size report per kernel; gh_apply deduces the parameter types from the kernel.
 EXPORT = r"""
 extern "C" int gh_sizes_{sym}(int* out) {{ return gh_sizes(&{name}, out); }}
-extern "C" void gh_run_{sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                             unsigned bz, unsigned long long shmem, void** args) {{
-    gh_launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, shmem, [&] {{ gh_apply(&{name}, args); }});
+extern "C" int gh_run_{sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned long long shmem, void** args) {{
+    return gh_launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, shmem, [&] {{ gh_apply(&{name}, args); }});
 }}
 """
 
@@ -141,13 +181,17 @@ template <class... A> void gh_apply(void (*k)(A...), void** args) {
 
 LAUNCH_TIMEOUT_S = 300
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+([\w\s:]+?)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 
 
 def _host_source(cu: str) -> str:
-    """The kernel source with ``extern __shared__ T name[];`` pointed at the launch's buffer (the one
-    construct a C++ compiler cannot take as it stands once ``__shared__`` means ``static``)."""
+    """The kernel source with its shared arrays taken from the emulator's per-block buffers:
+    ``extern __shared__ T name[];`` points at the launch's dynamic shared memory, ``__shared__ T
+    name[n];`` at an arena that is poisoned at each block start (a ``static`` array would keep the
+    previous block's values, or start as zeros, where a device gives garbage)."""
     text = (kernel_dir() / cu).read_text()
-    return _DYNAMIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)gh_dynamic_shared.data();", text)
+    text = _DYNAMIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)gh_dynamic_shared.data();", text)
+    return _STATIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = gh_shared<{m.group(1)}>({m.group(3)});", text)
 
 
 def available() -> bool:
@@ -192,35 +236,47 @@ class EmulatedKernel:
         self.param_sizes = list(sizes[:n])
 
     def __call__(self, grid, block, args, shared_mem=0):
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        block = tuple(block) + (1,) * (3 - len(block))
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+        if np.prod(block) > 1024 or min(grid + block) < 1 or max(grid[1:]) > 65535 or grid[0] >= 2**31:
+            raise ValueError(f"{self.name}: launch grid {grid} / block {block} outside CUDA's limits")
         if len(args) != len(self.param_sizes):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.param_sizes)} parameters")
         keep, ptrs = [], (ctypes.c_void_p * len(args))()
         for i, (a, size) in enumerate(zip(args, self.param_sizes)):
-            if isinstance(a, np.ndarray):
+            if size < 0:  # a pointer parameter: an array of the pointee's width
+                if not isinstance(a, np.ndarray) or a.itemsize != -size:
+                    raise TypeError(f"{self.name}: argument {i} must be an array of {-size}-byte items, got "
+                                    f"{getattr(a, 'dtype', type(a).__name__)}")
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
                 c = ctypes.c_void_p(a.ctypes.data)
-            elif isinstance(a, np.generic):
+            else:  # a value: a NumPy scalar of the parameter's width (CuPy would guess one for a Python scalar)
+                if not isinstance(a, np.generic) or a.dtype not in _CTYPES or a.dtype.itemsize != size:
+                    raise TypeError(f"{self.name}: argument {i} must be a {size}-byte NumPy scalar, got "
+                                    f"{getattr(a, 'dtype', type(a).__name__)}")
                 c = _CTYPES[a.dtype](a.item())
-            else:  # CuPy would guess a width for a Python scalar; a kernel must not depend on that guess
-                raise TypeError(f"{self.name}: argument {i} is a Python {type(a).__name__}; pass a NumPy scalar")
-            if ctypes.sizeof(c) != size:
-                raise TypeError(f"{self.name}: argument {i} has {ctypes.sizeof(c)} bytes, the kernel's "
-                                f"parameter {size}")
             keep.append(c)
             ptrs[i] = ctypes.cast(ctypes.pointer(c), ctypes.c_void_p)
         self.launches.append((self.name, grid, block, int(shared_mem)))
         # A barrier that some thread never reaches would hang the launch: run it aside and give up
-        # after a while (the stuck native threads die with the test process).
-        call = threading.Thread(target=self._run, daemon=True,
-                                args=(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_ulonglong(int(shared_mem)), ptrs))
+        # after a while (the stuck native threads die with the test process; their arguments are kept).
+        result = []
+        call = threading.Thread(target=lambda: result.append(self._run(
+            *(ctypes.c_uint(v) for v in grid + block), ctypes.c_ulonglong(int(shared_mem)), ptrs)), daemon=True)
         call.start()
         call.join(LAUNCH_TIMEOUT_S)
         if call.is_alive():
+            _STUCK.append((keep, ptrs, args))
             raise TimeoutError(f"{self.name} did not finish in {LAUNCH_TIMEOUT_S} s on the emulator "
                                "(a __syncthreads that not every thread of a block reaches?)")
+        if result[0] == 1:
+            raise RuntimeError(f"{self.name} wrote past its {shared_mem} bytes of dynamic shared memory")
+        if result[0] == 2:
+            raise RuntimeError(f"{self.name} uses more than 48 KiB of shared memory per block")
+
+
+_STUCK: list = []
 
 
 class EmulatedModule:

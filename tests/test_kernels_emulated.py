@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator as emu
+from gpuheart import backend
 from gpuheart import exposure as ex
 from gpuheart import morphology as morph
 from gpuheart.backend import kernel_dir
@@ -43,15 +44,26 @@ def modules(tmp_path_factory):
 
 
 @pytest.fixture
-def emulated(modules, monkeypatch):
-    """The dispatch functions see NumPy as ``cupy`` and the host builds as their RawModules."""
-    monkeypatch.setitem(sys.modules, "cupy", emu.fake_cupy())
-    load = lambda name, *a, **k: modules[name]  # noqa: E731
-    monkeypatch.setattr(ex, "load_module", load)
-    monkeypatch.setattr(morph, "load_module", load)
+def dev(modules, monkeypatch):
+    """``dev(fn, *args)`` runs a dispatch function with NumPy posing as ``cupy`` and the host builds as
+    its RawModules; only for that call, so the CPU references a test computes never see the fake (with
+    it in place every NumPy array would pass for a device array)."""
     for m in modules.values():
         m.launches.clear()
-    return modules
+    fake = emu.fake_cupy()
+    load = lambda name, *a, **k: modules[name]  # noqa: E731
+
+    def run(fn, *args, **kwargs):
+        with monkeypatch.context() as mp:
+            mp.setitem(sys.modules, "cupy", fake)
+            mp.setattr(ex, "load_module", load)
+            mp.setattr(morph, "load_module", load)
+            out = fn(*args, **kwargs)
+        assert not backend.is_device_array(out)  # the fake is gone again
+        return out
+
+    run.launches = {cu: m.launches for cu, m in modules.items()}
+    return run
 
 
 def test_every_kernel_the_dispatch_names_is_built(modules):
@@ -79,69 +91,69 @@ def _image(shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(64, 64), (45, 70), (2, 40, 37), (1, 5), (33, 1)])
-def test_clahe_kernels_equal_cpu(emulated, dtype, shape):
+def test_clahe_kernels_equal_cpu(dev, dtype, shape):
     x = _image(shape, dtype, 0)
-    got = ex._clahe_cuda(x, 0.01, (32, 32), 256)
+    got = dev(ex._clahe_cuda, x, 0.01, (32, 32), 256)
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_array_equal(got, ex.clahe(x))
-    launched = [n for n, *_ in emulated["clahe.cu"].launches]
+    launched = [n for n, *_ in dev.launches["clahe.cu"]]
     assert launched[-1] == "clahe_final" and any(n.startswith("clahe_tile_maps_") for n in launched)
 
 
 @pytest.mark.parametrize("kw", [dict(clip_limit=0.0), dict(clip_limit=0.5), dict(kernel_size=(8, 20)),
                                 dict(kernel_size=7, nbins=64), dict(nbins=512), dict(kernel_size=1)])
-def test_clahe_kernels_equal_cpu_options(emulated, kw):
+def test_clahe_kernels_equal_cpu_options(dev, kw):
     # kernel_size 1 makes every pixel a tile, i.e. a block: a small image keeps the emulator quick
     x = _image((2, 37, 45) if kw.get("kernel_size") != 1 else (2, 7, 9), np.float32, 1)
     ks = ex._kernel_size(kw.get("kernel_size", 32))
-    got = ex._clahe_cuda(x, kw.get("clip_limit", 0.01), ks, kw.get("nbins", 256))
+    got = dev(ex._clahe_cuda, x, kw.get("clip_limit", 0.01), ks, kw.get("nbins", 256))
     np.testing.assert_array_equal(got, ex.clahe(x, **kw))
 
 
-def test_clahe_kernels_constant_slice_and_nan(emulated):
+def test_clahe_kernels_constant_slice_and_nan(dev):
     const = np.full((40, 40), 7, np.uint16)
-    np.testing.assert_array_equal(ex._clahe_cuda(const, 0.01, (32, 32), 256), ex.clahe(const))
+    np.testing.assert_array_equal(dev(ex._clahe_cuda, const, 0.01, (32, 32), 256), ex.clahe(const))
     bad = _image((30, 30), np.float32, 2)
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match="1 NaN/Inf"):
-        ex._clahe_cuda(bad, 0.01, (32, 32), 256)
+        dev(ex._clahe_cuda, bad, 0.01, (32, 32), 256)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(64, 64), (3, 45, 61), (2, 1, 5), (6, 33, 1)])
-def test_clahe_robust_scale_kernels_equal_cpu(emulated, dtype, shape):
+def test_clahe_robust_scale_kernels_equal_cpu(dev, dtype, shape):
     x = _image(shape, dtype, 12)
     if len(shape) == 3 and shape[1] > 1:
         x[1] = x[1, 0, 0]  # a constant slice
-    got = ex._clahe_cuda(x, 0.01, (32, 32), 256, (0.1, 99.9))
+    got = dev(ex._clahe_cuda, x, 0.01, (32, 32), 256, (0.1, 99.9))
     assert got.dtype == np.uint8 and got.shape == x.shape
     np.testing.assert_array_equal(got, ex.clahe_robust_scale(x))
     np.testing.assert_array_equal(got, ex.robust_scale(ex.clahe(x)))
-    assert [n for n, *_ in emulated["clahe.cu"].launches][-2:] == ["clahe_level_counts", "clahe_final_u8"]
-    np.testing.assert_array_equal(ex._clahe_cuda(x, 0.01, (32, 32), 256, (2.0, 98.0)),
+    assert [n for n, *_ in dev.launches["clahe.cu"]][-2:] == ["clahe_level_counts", "clahe_final_u8"]
+    np.testing.assert_array_equal(dev(ex._clahe_cuda, x, 0.01, (32, 32), 256, (2.0, 98.0)),
                                   ex.clahe_robust_scale(x, low=2.0, high=98.0))
 
 
-def test_clahe_kernels_in_chunks(emulated, monkeypatch):
+def test_clahe_kernels_in_chunks(dev, monkeypatch):
     monkeypatch.setattr(ex, "_CLAHE_CHUNK_BYTES", 1)  # one slice per chunk
     x = _image((3, 40, 50), np.uint16, 3)
-    np.testing.assert_array_equal(ex._clahe_cuda(x, 0.01, (32, 32), 256), ex.clahe(x))
-    np.testing.assert_array_equal(ex._clahe_cuda(x, 0.01, (32, 32), 256, (0.1, 99.9)), ex.clahe_robust_scale(x))
-    assert sum(n == "clahe_final_u8" for n, *_ in emulated["clahe.cu"].launches) == 3
+    np.testing.assert_array_equal(dev(ex._clahe_cuda, x, 0.01, (32, 32), 256), ex.clahe(x))
+    np.testing.assert_array_equal(dev(ex._clahe_cuda, x, 0.01, (32, 32), 256, (0.1, 99.9)), ex.clahe_robust_scale(x))
+    assert sum(n == "clahe_final_u8" for n, *_ in dev.launches["clahe.cu"]) == 3
 
 
 # -- elementwise ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
-def test_robust_scale_kernel_equals_cpu(emulated, dtype):
+def test_robust_scale_kernel_equals_cpu(dev, dtype):
     x = _image((4, 41, 53), dtype, 5)
     x[1] = x[1, 0, 0]  # a constant slice -> zeros
-    np.testing.assert_array_equal(ex._robust_scale_cuda(x, 0.1, 99.9), ex.robust_scale(x))
-    np.testing.assert_array_equal(ex._robust_scale_cuda(x[2], 1, 99), ex.robust_scale(x[2], 1, 99))
+    np.testing.assert_array_equal(dev(ex._robust_scale_cuda, x, 0.1, 99.9), ex.robust_scale(x))
+    np.testing.assert_array_equal(dev(ex._robust_scale_cuda, x[2], 1, 99), ex.robust_scale(x[2], 1, 99))
     if dtype != np.uint8:
         x[3, 5, 5] = np.inf
         with pytest.raises(ValueError, match="slice 3"):
-            ex._robust_scale_cuda(x, 0.1, 99.9)
+            dev(ex._robust_scale_cuda, x, 0.1, 99.9)
 
 
 def _znorm(vol):
@@ -150,16 +162,16 @@ def _znorm(vol):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_znorm_asinh_kernel_equals_cpu_chain(emulated, dtype, normalize):
+def test_znorm_asinh_kernel_equals_cpu_chain(dev, dtype, normalize):
     vol = _image((6, 45, 67), dtype, 4)
     vol = vol * (1 + np.arange(6, dtype=vol.dtype)[:, None, None] % 3) if dtype != np.uint8 else vol
     zn = _znorm(vol)
     z0, slab = 2, vol[2:5]
     norm = zn.apply(slab, z0) if normalize else slab.astype(np.float32)
     lin = (norm - np.float32(zn.background)) / np.float32(zn.scale)
-    got_lin = ex._znorm_asinh_cuda(slab, zn, z0, normalize, zn.scale, do_asinh=False)
+    got_lin = dev(ex._znorm_asinh_cuda, slab, zn, z0, normalize, zn.scale, do_asinh=False)
     np.testing.assert_array_equal(got_lin, lin)  # everything before asinh: bit for bit
-    got = ex._znorm_asinh_cuda(slab, zn, z0, normalize, zn.scale)
+    got = dev(ex._znorm_asinh_cuda, slab, zn, z0, normalize, zn.scale)
     want = ex.asinh_stretch(norm - np.float32(zn.background), zn.scale)
     np.testing.assert_array_max_ulp(got, want, maxulp=ex.ASINH_MAX_ULP)
 
@@ -173,19 +185,19 @@ def _rand(shape, p, seed):
 @pytest.mark.parametrize("edges", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("size,iterations,shape", [(5, 5, (30, 13, 17)), (3, 1, (4, 8, 9)),
                                                    (3, 3, (1, 5, 300)), (7, 4, (23, 1, 1))])
-def test_close_z_kernel_equals_cpu(emulated, edges, size, iterations, shape):
+def test_close_z_kernel_equals_cpu(dev, edges, size, iterations, shape):
     m = _rand(shape, 0.15, sum(shape))
-    got = morph._close_z_cuda(m, (size // 2) * iterations, edges)
+    got = dev(morph._close_z_cuda, m, (size // 2) * iterations, edges)
     assert got.dtype == bool
     np.testing.assert_array_equal(got, morph.close_z(m, size, iterations, z_edges=edges))
 
 
 @pytest.mark.parametrize("edges", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("size,shape", [(3, (9, 19, 37)), (3, (1, 1, 1)), (3, (5, 9, 33)), (5, (7, 10, 40))])
-def test_close_cube_kernel_equals_cpu(emulated, edges, size, shape):
+def test_close_cube_kernel_equals_cpu(dev, edges, size, shape):
     m = _rand(shape, 0.3, sum(shape) + size)
-    got = morph._close_cube_cuda(m, size // 2, edges)
+    got = dev(morph._close_cube_cuda, m, size // 2, edges)
     assert got.dtype == bool
     np.testing.assert_array_equal(got, morph.close_3d(m, size, z_edges=edges))
-    (name, grid, block, shared), = emulated["morphology.cu"].launches
+    (name, grid, block, shared), = dev.launches["morphology.cu"]
     assert name == "close_cube" and shared == morph.cube_shared_bytes(size // 2)

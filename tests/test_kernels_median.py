@@ -135,7 +135,8 @@ class _Launches:
 def emulated_module(tmp_path_factory):
     if not cuda_emulator.available():
         pytest.skip("g++ is not on PATH: cannot run the kernel source on the host emulator")
-    names = sorted({filters._cuda_plan((1, 64, 64), dt, size)[0] for dt in DTYPES for size in range(3, 32, 2)})
+    names = sorted({filters._cuda_plan((1, 64, 64), dt, size, hist)[0]
+                    for dt in DTYPES for size in range(3, 32, 2) for hist in (True, False)})
     return cuda_emulator.build("median.cu", names, tmp_path_factory.mktemp("emu"))
 
 
@@ -233,6 +234,36 @@ def test_emulated_sliding_histogram_extremes(emulator, dtype, size):
             for mode in MODES:
                 cval = np.iinfo(dtype).max if mode == "constant" else 0
                 _assert_same(emulator(x, size, mode, cval), median(x, size, mode, cval), dtype, size, False)
+
+
+def test_emulated_failing_histogram_kernel_falls_back_to_radix_then_host(emulated_module, monkeypatch):
+    """A median_hist that fails to compile or launch costs one warning; the radix kernel takes over
+    (and a failing radix kernel leaves the host)."""
+    class Broken:
+        def __init__(self, bad):
+            self.bad = bad
+
+        def get_function(self, name):
+            if name.startswith(self.bad):
+                raise RuntimeError(f"simulated NVRTC failure of {name}")
+            return emulated_module.get_function(name)
+
+    monkeypatch.setattr(filters, "array_module", lambda x: np)
+    monkeypatch.setattr(filters, "_overlaps", np.shares_memory)
+    monkeypatch.setattr(filters, "_CUDA_FAILED", {})
+    monkeypatch.setattr(filters, "load_module", lambda name, exprs: Broken("median_hist<"))
+    x = _image((3, 37, 41), np.uint16, seed=4)
+    n0 = len(emulated_module.launches)
+    with pytest.warns(RuntimeWarning, match=r"median_hist<unsigned short, 1> failed .*simulated"):
+        got = filters._median_kernels(x, 9, "reflect", 0, None)
+    np.testing.assert_array_equal(got, median(x, 9))
+    assert [n for n, *_ in emulated_module.launches[n0:]] == ["median_radix<unsigned short>"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: straight to the radix kernel
+        np.testing.assert_array_equal(filters._median_kernels(x, 9, "reflect", 0, None), median(x, 9))
+    monkeypatch.setattr(filters, "load_module", lambda name, exprs: Broken("median_"))
+    with pytest.warns(RuntimeWarning, match="median_radix<unsigned short> failed"):
+        assert filters._median_kernels(x, 9, "reflect", 0, None) is None  # the caller filters on the host
 
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):

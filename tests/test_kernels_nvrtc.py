@@ -59,8 +59,8 @@ def test_extern_c_kernels_build_under_nvrtc(name, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_median_instantiations_build_under_nvrtc(arch):
     _nvrtc_or_skip()
-    names = sorted({filters._cuda_plan((1, 64, 64), dt, size)[0]
-                    for dt in (np.uint8, np.uint16, np.float32) for size in range(3, 32, 2)})
+    names = sorted({filters._cuda_plan((1, 64, 64), dt, size, hist)[0]
+                    for dt in (np.uint8, np.uint16, np.float32) for size in range(3, 32, 2) for hist in (True, False)})
     ptx, mapping = backend.nvrtc_ptx("median.cu", tuple(names), arch=arch)
     assert set(mapping) == set(names)
     assert set(mapping.values()) <= _entries(ptx)
