@@ -297,4 +297,11 @@ def fake_cupy() -> types.ModuleType:
     mod.__getattr__ = lambda name: getattr(np, name)
     mod.asnumpy = np.asarray
     mod.is_available = lambda: True
+
+    def empty(shape, dtype=float, order="C"):  # garbage, as a device allocation holds
+        a = np.empty(shape, dtype, order)
+        a.reshape(-1).view(np.uint8)[:] = 0xCD
+        return a
+
+    mod.empty = empty
     return mod
