@@ -57,6 +57,11 @@ def probe(name, pre, lab, runs: list[Path]) -> dict:
            "tta8_at_best_threshold": max(dice(tta > t, lab) for t in THRESHOLDS),
            "tile128_calibrated": dice(unet.predict(model, pre, tile=128, overlap=32) > thr, lab)}
     row.update(postprocess_probes(prob > 0.5, pre, lab))
+    # label-free thresholds chosen per stack from its own probability map: can any recover the best cut?
+    from skimage.filters import threshold_li, threshold_otsu
+
+    row["at_otsu_of_probabilities"] = dice(prob > threshold_otsu(prob), lab)
+    row["at_li_of_probabilities"] = dice(prob > threshold_li(prob), lab)
     if len(runs) > 1:
         probs = [prob] + [unet.predict(unet.load_weights(r / name / "best.pt"), pre, tile=256, overlap=64)
                           for r in runs[1:]]
