@@ -180,6 +180,7 @@ template <class... A> void gh_apply(void (*k)(A...), void** args) {
 """
 
 LAUNCH_TIMEOUT_S = 300
+GUARD_BYTES = 4096  # around every array argument: a kernel writing outside its arrays is caught
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
 _STATIC_SHARED = re.compile(r"__shared__\s+([\w\s:]+?)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 
@@ -242,7 +243,8 @@ class EmulatedKernel:
             raise ValueError(f"{self.name}: launch grid {grid} / block {block} outside CUDA's limits")
         if len(args) != len(self.param_sizes):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.param_sizes)} parameters")
-        keep, ptrs = [], (ctypes.c_void_p * len(args))()
+        keep, ptrs, guarded = [], (ctypes.c_void_p * len(args))(), []
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
         for i, (a, size) in enumerate(zip(args, self.param_sizes)):
             if size < 0:  # a pointer parameter: an array of the pointee's width
                 if not isinstance(a, np.ndarray) or a.itemsize != -size:
@@ -250,7 +252,13 @@ class EmulatedKernel:
                                     f"{getattr(a, 'dtype', type(a).__name__)}")
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
-                c = ctypes.c_void_p(a.ctypes.data)
+                if any(b is not a and np.shares_memory(a, b) for b in arrays):
+                    c = ctypes.c_void_p(a.ctypes.data)  # aliased: the kernel must see the one buffer
+                else:  # a copy between guard zones, checked and copied back after the launch
+                    buf = np.full(a.nbytes + 2 * GUARD_BYTES, 0xCD, np.uint8)
+                    buf[GUARD_BYTES:GUARD_BYTES + a.nbytes] = a.reshape(-1).view(np.uint8)
+                    guarded.append((i, a, buf))
+                    c = ctypes.c_void_p(buf.ctypes.data + GUARD_BYTES)
             else:  # a value: a NumPy scalar of the parameter's width (CuPy would guess one for a Python scalar)
                 if not isinstance(a, np.generic) or a.dtype not in _CTYPES or a.dtype.itemsize != size:
                     raise TypeError(f"{self.name}: argument {i} must be a {size}-byte NumPy scalar, got "
@@ -274,6 +282,11 @@ class EmulatedKernel:
             raise RuntimeError(f"{self.name} wrote past its {shared_mem} bytes of dynamic shared memory")
         if result[0] == 2:
             raise RuntimeError(f"{self.name} uses more than 48 KiB of shared memory per block")
+        for i, a, buf in guarded:
+            if (buf[:GUARD_BYTES] != 0xCD).any() or (buf[GUARD_BYTES + a.nbytes:] != 0xCD).any():
+                raise RuntimeError(f"{self.name} wrote outside argument {i} ({a.dtype} array of {a.shape})")
+            if a.flags.writeable:
+                a.reshape(-1).view(np.uint8)[:] = buf[GUARD_BYTES:GUARD_BYTES + a.nbytes]
 
 
 _STUCK: list = []
