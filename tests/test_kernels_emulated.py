@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 import cuda_emulator as emu
+from test_kernels_exposure import _image, check_znorm_asinh
+from test_kernels_morphology import _rand
 from gpuheart import backend
 from gpuheart import exposure as ex
 from gpuheart import morphology as morph
@@ -74,17 +76,6 @@ def test_every_kernel_the_dispatch_names_is_built(modules):
                  "close_z_line", "close_cube"):
         assert stem in names, stem
     assert {f"znorm_asinh_{s}" for s in ex._ZNORM_SUFFIX.values()} <= names
-
-
-def _image(shape, dtype, seed):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:shape[-2], :shape[-1]]
-    base = np.sin(x / 7.0) * np.cos(y / 11.0) + 0.3 * rng.standard_normal(shape)
-    if dtype == np.uint8:
-        return np.clip(base * 60 + 120, 0, 255).astype(np.uint8)
-    if dtype == np.uint16:
-        return np.clip(base * 3000 + 20000, 0, 65535).astype(np.uint16)
-    return (base * 3.0).astype(dtype)
 
 
 # -- CLAHE, and CLAHE fused with robust scaling ------------------------------------------------------
@@ -156,31 +147,13 @@ def test_robust_scale_kernel_equals_cpu(dev, dtype):
             dev(ex._robust_scale_cuda, x, 0.1, 99.9)
 
 
-def _znorm(vol):
-    return ex.ZNorm.from_stats([ex.slice_stats(s, z=z) for z, s in enumerate(vol)])
-
-
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_znorm_asinh_kernel_equals_cpu_chain(dev, dtype, normalize):
-    vol = _image((6, 45, 67), dtype, 4)
-    vol = vol * (1 + np.arange(6, dtype=vol.dtype)[:, None, None] % 3) if dtype != np.uint8 else vol
-    zn = _znorm(vol)
-    z0, slab = 2, vol[2:5]
-    norm = zn.apply(slab, z0) if normalize else slab.astype(np.float32)
-    lin = (norm - np.float32(zn.background)) / np.float32(zn.scale)
-    got_lin = dev(ex._znorm_asinh_cuda, slab, zn, z0, normalize, zn.scale, do_asinh=False)
-    np.testing.assert_array_equal(got_lin, lin)  # everything before asinh: bit for bit
-    got = dev(ex._znorm_asinh_cuda, slab, zn, z0, normalize, zn.scale)
-    want = ex.asinh_stretch(norm - np.float32(zn.background), zn.scale)
-    np.testing.assert_array_max_ulp(got, want, maxulp=ex.ASINH_MAX_ULP)
+    check_znorm_asinh(lambda *a, **k: dev(ex._znorm_asinh_cuda, *a, **k), dtype, normalize)
 
 
 # -- closings --------------------------------------------------------------------------------------------
-
-def _rand(shape, p, seed):
-    return np.random.default_rng(seed).random(shape) < p
-
 
 @pytest.mark.parametrize("edges", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("size,iterations,shape", [(5, 5, (30, 13, 17)), (3, 1, (4, 8, 9)),

@@ -234,17 +234,21 @@ def _znorm(vol):
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fused_znorm_asinh_equals_cpu_chain(cp, dtype, normalize):
+    check_znorm_asinh(lambda slab, *a, **k: ex._znorm_asinh_cuda(cp.asarray(slab), *a, **k).get(), dtype, normalize)
+
+
+def check_znorm_asinh(fused, dtype, normalize):
+    """``fused(slab, znorm, z0, normalize, scale, do_asinh=...)`` (NumPy out) against the CPU chain:
+    bit for bit before asinh, within ``ASINH_MAX_ULP`` after it. Shared with the emulator tests."""
     vol = _image((6, 45, 67), dtype, 4)
     vol = vol * (1 + np.arange(6, dtype=vol.dtype)[:, None, None] % 3) if dtype != np.uint8 else vol
     zn = _znorm(vol)
     z0, slab = 2, vol[2:5]
     norm = zn.apply(slab, z0) if normalize else slab.astype(np.float32)
     lin = (norm - np.float32(zn.background)) / np.float32(zn.scale)
-    got_lin = ex._znorm_asinh_cuda(cp.asarray(slab), zn, z0, normalize, zn.scale, do_asinh=False)
-    np.testing.assert_array_equal(got_lin.get(), lin)  # everything before asinh: bit for bit
-    got = ex._znorm_asinh_cuda(cp.asarray(slab), zn, z0, normalize, zn.scale)
+    np.testing.assert_array_equal(fused(slab, zn, z0, normalize, zn.scale, do_asinh=False), lin)
     want = ex.asinh_stretch(norm - np.float32(zn.background), zn.scale)
-    np.testing.assert_array_max_ulp(got.get(), want, maxulp=ex.ASINH_MAX_ULP)
+    np.testing.assert_array_max_ulp(fused(slab, zn, z0, normalize, zn.scale), want, maxulp=ex.ASINH_MAX_ULP)
 
 
 @pytest.mark.gpu
