@@ -398,7 +398,8 @@ def render(entries: list[dict]) -> str:
     if not gpu_devices:
         out += ["**No GPU numbers exist yet.** No GPU has been available to the sessions that measured these "
                 "results; gpuheart's CUDA kernels (median, CLAHE, fused elementwise, closings) are compiled in CI "
-                "but have not yet run on a GPU. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
+                "and their logic runs on the CPU through a host emulator (tests/cuda_emulator.py, equal to the CPU "
+                "path), but they have not yet run on a GPU, so nothing is known of their speed. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
                 "cuCIM CLAHE, gpuheart on CuPy arrays, the per-slice chain) are ready and skip without CUDA.",
                 ""]
     out += ["Goals (targets from the project's issues, **not results**):", "",
