@@ -108,6 +108,12 @@ def test_clahe_kernels_constant_slice_and_nan(dev):
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match="1 NaN/Inf"):
         dev(ex._clahe_cuda, bad, 0.01, (32, 32), 256)
+    vol = _image((3, 20, 20), np.float32, 3)
+    vol[1, 2, 2:4] = [np.inf, -np.inf]  # infinities, not NaN, in the middle slice: found by its min and max
+    with pytest.raises(ValueError, match="2 NaN/Inf"):
+        dev(ex._clahe_cuda, vol, 0.01, (32, 32), 256, (0.1, 99.9))
+    with pytest.raises(ValueError, match="2 NaN/Inf"):
+        ex.clahe(vol)  # as the CPU says
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
