@@ -250,11 +250,16 @@ class SlabLabels:
     def n_components(self) -> int:
         return len(self.sizes) - 1
 
-    def relabel(self, read_slab: ReadSlab) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(z0, z1, labels[z0:z1])`` with global component numbers (re-labels each slab)."""
+    def relabel(self, read_slab: ReadSlab, z_range: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(z0, z1, labels[z0:z1])`` with global component numbers (re-labels each slab); with
+        ``z_range=(a, b)`` only the slabs that overlap slices ``[a, b)`` are read."""
         st = _structure(self.connectivity)
         dtype = np.int32 if self.n_components < 2**31 - 1 else np.int64
+        a, b = z_range or (0, self.shape[0])
         for (z0, z1), off in zip(_slab_ranges(self.shape[0], self.slab_size), self.offsets):
+            if z1 <= a or z0 >= b:
+                continue
             lab, _ = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
             lab = lab.astype(np.int64)
             lab[lab > 0] += off

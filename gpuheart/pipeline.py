@@ -656,7 +656,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         # pool each slab as it arrives, so the full-resolution box is never held
         k = max(1, int(np.ceil(np.sqrt((z1 - z0) * (y1 - y0) * (x1 - x0) / cfg.graph.max_voxels))))
         parts = []
-        for a, b, lab in labels.relabel(read):
+        for a, b, lab in labels.relabel(read, (z0, z1)):  # only the slabs the tree's box spans
             lo, hi = max(a, z0), min(b, z1)
             if lo < hi:
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))

@@ -106,6 +106,10 @@ def test_label_slabs_equals_scipy_label(connectivity, slab_size):
     lab = np.concatenate([l for _, _, l in res.relabel(_reader(m))])
     _same_partition(lab, ref)
     np.testing.assert_array_equal(lab, ref)  # even scipy's numbering
+    part = list(res.relabel(_reader(m), (10, 13)))  # only the slabs overlapping slices 10..12
+    assert part and all(z1 > 10 and z0 < 13 for z0, z1, _ in part)
+    for z0, z1, l in part:
+        np.testing.assert_array_equal(l, ref[z0:z1])
     boxes = ndi.find_objects(ref)
     np.testing.assert_array_equal(res.box_lo, [[s.start for s in b] for b in boxes])
     np.testing.assert_array_equal(res.box_hi, [[s.stop for s in b] for b in boxes])
