@@ -780,10 +780,10 @@ class ZarrWriter:
     when every slice was written, so a crash or a gap never leaves something that looks complete.
     ``chunks`` defaults to ``(min(z, 16), min(y, 256), min(x, 256))``: 16 slices match the usual slab
     size, so slab writes do not re-read chunks, and 256² tiles keep random access cheap. Chunks are
-    Blosc/zstd compressed; ``binary=True`` (masks: every voxel 0 or one other value) bit-shuffles them at
-    zstd level 3, which wrote a 16-slice 2048² 0/255 mask slab about 2x faster and a quarter smaller
-    than the byte-shuffled level 5 used for images (benchmarks/bench_io.py). One multiscale level ``"0"``; axes z, y, x in micrometer; scale = voxel size
-    (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
+    Blosc/zstd compressed; ``binary=True`` (masks: every voxel 0 or one other value) bit-shuffles them
+    at zstd level 3, which wrote a 16-slice 2048² 0/255 mask slab about 2x faster and a quarter
+    smaller than the byte-shuffled level 5 used for images (benchmarks/bench_io.py). One multiscale
+    level ``"0"``; axes z, y, x in micrometer; scale = voxel size (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,

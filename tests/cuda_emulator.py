@@ -1,17 +1,19 @@
 """Run kernels/*.cu on the host, so the CUDA dispatch code can be tested without a GPU.
 
-The kernel source is compiled unmodified as C++ (g++) with a prelude that stands in for the CUDA
-runtime: each block's threads are OS threads meeting at a real barrier (``__syncthreads``), static
-``__shared__`` arrays are shared by them, ``extern __shared__`` gets a buffer of the launch's
-``shared_mem`` bytes, ``atomicAdd`` is a real atomic, ``__shfl_down_sync`` exchanges through a
-block-wide slot array between two barriers (so, as on a GPU, every thread of the block must call it),
-and the ``__f*_rn`` intrinsics are plain IEEE float operations (``-ffp-contract=off``: no FMA
-contraction). Blocks run one after another.
+The kernel source is compiled as C++ (g++) with a prelude that stands in for the CUDA runtime. Its
+only edit: shared arrays (``__shared__ T a[n]`` and ``extern __shared__ T a[]``) are taken from
+per-launch buffers that are refilled with garbage at every block start, as a device leaves them.
+Each block's threads are OS threads meeting at a real barrier (``__syncthreads``); blocks run one
+after another in a shuffled order; ``atomicAdd`` is a real atomic; ``__shfl_down_sync`` exchanges
+through a block-wide slot array between two barriers (so, as on a GPU, every thread of the block
+must call it); the ``__f*_rn`` / ``__d*_rn`` intrinsics are plain IEEE operations
+(``-ffp-contract=off``: no FMA contraction, as NVRTC with ``--fmad=false``).
 
-One ``extern "C"`` wrapper per kernel (an ``extern "C"`` name or a template instantiation) unpacks a ``void**`` argument array into the kernel's own
-parameter types, and a second reports their sizes: a launch whose arguments do not have the sizes
-the kernel declares (an ``np.int64`` passed for an ``int``, a Python scalar, a missing argument) fails
-here, as it would misbehave on a device.
+One ``extern "C"`` wrapper per kernel (an ``extern "C"`` name or a template instantiation) unpacks a
+``void**`` argument array into the kernel's own parameter types, and a second reports their sizes: a
+launch whose arguments do not match (an ``np.int64`` for an ``int``, an int64 array for ``const int*``,
+a Python scalar, a missing argument) fails here, as it would misbehave on a device. Array arguments
+sit between guard zones, so a store outside them fails too; so do launches beyond CUDA's limits.
 
 ``fake_cupy()`` is NumPy posing as CuPy for the dispatch functions (``import cupy as cp`` inside them);
 ``EmulatedModule`` stands in for ``backend.load_module``'s ``cupy.RawModule``.
@@ -207,9 +209,8 @@ def build(cu: str, names: list[str], workdir: Path) -> "EmulatedModule":
         raise RuntimeError("g++ is not on PATH")
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / f"host_{cu}.cpp"
-    prelude = PRELUDE
     (workdir / f"host_{cu}").write_text(_host_source(cu))
-    body = prelude.replace("KERNEL_SOURCE", f"host_{cu}") + APPLY + "".join(EXPORT.format(name=n, sym=_symbol(n)) for n in names)
+    body = PRELUDE.replace("KERNEL_SOURCE", f"host_{cu}") + APPLY + "".join(EXPORT.format(name=n, sym=_symbol(n)) for n in names)
     src.write_text(body)
     lib = workdir / f"host_{cu}.so"
     res = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-ffp-contract=off",

@@ -4,7 +4,7 @@ Three layers, so the kernel logic is checked even on machines without a GPU:
 
 * nvcc (here when nvcc is on PATH): every kernels/*.cu builds as CI builds it, and the
   instantiations the dispatch asks NVRTC for are the ones nvcc compiles.
-* host emulator (here when g++ is on PATH; tests/cuda_emulator.py): the unmodified ``median.cu``
+* host emulator (here when g++ is on PATH; tests/cuda_emulator.py): the ``median.cu`` source
   compiled as C++, each block's threads run as OS threads meeting at a real barrier
   (``__syncthreads``) and sharing the ``__shared__`` arrays; it is launched by
   ``filters._median_cuda`` itself with the exact grid, block, border maps and cval bits of
