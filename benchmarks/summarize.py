@@ -312,6 +312,13 @@ def section_finetune(e) -> list[str]:
     d = e["doc"]
     m, st = d["mean_dice"], d.get("settings", {})
     cut = f", fixed cut {st['threshold']}" if st.get("threshold") is not None else ""
+    if st.get("pseudo"):
+        return ["### Self-training each held-out fold model on its own mask of the stack (no labels)",
+                "",
+                f"{src(e)}; see docs/accuracy.md. Mean Dice on every slice, before -> after: "
+                f"{m['before']:.3f} -> {m['after']:.3f} at the model's cut, "
+                f"{m['before_at_0.5']:.3f} -> {m['after_at_0.5']:.3f} at 0.5.",
+                ""]
     return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack{cut}",
             "",
             f"{src(e)}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
@@ -391,6 +398,7 @@ def render(entries: list[dict]) -> str:
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
+           "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
            "",
            "## GPU",
