@@ -507,10 +507,11 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     for z0, x in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
         halo = _halo(z0, x.shape[0], min(step, nz - z0), c)
         acc.add_raw(z0, x[halo[0]:x.shape[0] - halo[1]])
-        products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo)
-        with timer("write"):
-            writers.write(z0, products)
-        acc.add(z0, products)
+        for z, products in _pieces_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo):
+            with timer("write"):
+                writers.write(z, products)
+            acc.add(z, products)
+            del products   # a piece's device arrays go before the next piece is computed
         if time.monotonic() - last >= cfg.checkpoint_seconds:
             with timer("checkpoint"):
                 ck.save(z0 + min(step, nz - z0), acc)
@@ -552,24 +553,26 @@ def plan_slices(slab_size: int, shape, free_bytes: int | None, fraction: float =
     return int(max(1, min(slab_size, fraction * free_bytes // per_slice)))
 
 
-def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict, halo=(0, 0)) -> dict:
-    """``_process_slab`` in pieces of at most ``budget["slices"]`` slices; a CUDA out-of-memory error halves
-    the pieces (for the rest of the run, with a warning) and retries, down to one slice. Every stage of pass 2
-    works slice by slice (a 2.5-D U-Net with its neighbours, which every piece gets as its own halo), so the
-    pieces give exactly the whole slab's result. ``x`` holds ``halo`` extra slices before and after z0's."""
+def _pieces_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict, halo=(0, 0)):
+    """``_process_slab`` in pieces of at most ``budget["slices"]`` slices, yielded as ``(first z, products)``;
+    a CUDA out-of-memory error halves the pieces (for the rest of the run, with a warning) and retries, down
+    to one slice. Every stage of pass 2 works slice by slice (a 2.5-D U-Net with its neighbours, which every
+    piece gets as its own halo), so the pieces give exactly the whole slab's result. The caller writes and
+    accumulates each piece before asking for the next: pieces are never concatenated, which would need the
+    whole slab's products on the device at once, the memory the split was made to save. ``x`` holds
+    ``halo`` extra slices before and after z0's."""
     import warnings
 
     lo, hi = halo
     n_core, c = x.shape[0] - lo - hi, _context(model)
-    parts, i = [], 0
+    i = 0
     while i < n_core:
         n = min(budget["slices"], n_core - i)
         a, b = lo + i, lo + i + n
         piece_halo = (min(c, a), min(c, x.shape[0] - b))
         try:
-            parts.append(_process_slab(x[a - piece_halo[0]:b + piece_halo[1]], z0 + i, znorm, cfg, timer, acc,
-                                       model, piece_halo))
-            i += n
+            products = _process_slab(x[a - piece_halo[0]:b + piece_halo[1]], z0 + i, znorm, cfg, timer, acc,
+                                     model, piece_halo)
         except Exception as err:
             if not backend.is_device_oom(err) or n == 1:
                 raise
@@ -577,10 +580,10 @@ def _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget: dict, halo
             budget["slices"] = max(1, n // 2)
             warnings.warn(f"out of device memory on slices {z0 + i}..{z0 + i + n}: continuing with "
                           f"{budget['slices']}-slice pieces", RuntimeWarning, stacklevel=2)
-    if len(parts) == 1:
-        return parts[0]
-    xp = backend.array_module(x)
-    return {k: xp.concatenate([p[k] for p in parts]) for k in parts[0]}
+            continue
+        yield z0 + i, products
+        del products
+        i += n
 
 
 def _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck):
@@ -619,12 +622,13 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     x = backend.to_device(data, device)
     acc.add_raw(z0, x[halo[0]:halo[0] + n_core])
     budget = {"slices": plan_slices(step, shape, backend.device_free_bytes() if device == "cuda" else None)}
-    products = _process_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo)
-    with timer("write"):
-        for name, partial in stores.items():
-            a = backend.to_host(products[name])
-            write_partial_slab(partial, z0, a.astype(np.uint8) * 255 if a.dtype == bool else a)
-    acc.add(z0, products)
+    for z, products in _pieces_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo):
+        with timer("write"):
+            for name, partial in stores.items():
+                a = backend.to_host(products[name])
+                write_partial_slab(partial, z, a.astype(np.uint8) * 255 if a.dtype == bool else a)
+        acc.add(z, products)
+        del products
     if acc.truth is not None:
         acc.truth.close()
     arrays, plain = acc.state()

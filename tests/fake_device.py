@@ -1,0 +1,368 @@
+"""A GPU that is not there: NumPy dressed as CuPy, strictly enough to run gpuheart's device paths end to end.
+
+``cuda_emulator`` runs each kernel's logic through its dispatch function. What it cannot show is the glue
+around the kernels on a device run: a device slab handed to NumPy, SciPy or a writer (CuPy refuses the
+implicit conversion), a device array mixed with a host one in arithmetic, a result left on the wrong side,
+a stream or pool call that does not exist. ``fake_gpu()`` installs stand-ins for ``cupy`` and ``cupyx`` in
+which
+
+* device arrays are ``DeviceArray``: NumPy memory behind an object that, like ``cupy.ndarray``, refuses
+  ``np.asarray``/``__array__`` and ufuncs or NumPy functions mixing it with a host array (``TypeError``),
+  moves to the host only through ``.get()`` / ``cupy.asnumpy``, and returns 0-d device arrays from
+  reductions and scalar indexing;
+* ``RawModule`` kernels are the host builds of ``cuda_emulator`` (every argument checked against the
+  kernel's parameters), fed with the arrays' own memory;
+* streams, events, devices and the memory pool are no-ops that keep CuPy's call signatures;
+* DLPack hands torch the array's memory as a CPU tensor (this torch has no CUDA), and a tensor comes back
+  through ``cupy.from_dlpack`` as a device array again.
+
+So a ``Pipeline`` with ``device = "cuda"`` runs every device branch on the CPU. It proves the glue and the
+kernels' logic, not speed, and not what only a real GPU does (asynchrony, memory limits, cuDNN).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import weakref
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+import cuda_emulator as emu
+
+_REFUSED = ("Implicit conversion to a NumPy array is not allowed (a device array on the fake GPU; "
+            "use .get() or cupy.asnumpy)")
+
+
+class DeviceArray(NDArrayOperatorsMixin):
+    """``cupy.ndarray`` on the fake GPU: host memory that NumPy may not take implicitly."""
+
+    __slots__ = ("_a",)
+    __array_priority__ = 100
+
+    def __init__(self, a: np.ndarray):
+        object.__setattr__(self, "_a", a)
+        _POOL.account(a)
+
+    # -- what CuPy refuses -----------------------------------------------------------------------
+    def __array__(self, *args, **kwargs):
+        raise TypeError(_REFUSED)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_strict(o) for o in kwargs["out"])
+        return _wrap(getattr(ufunc, method)(*(_strict(x) for x in inputs), **kwargs))
+
+    def __array_function__(self, func, types_, args, kwargs):
+        # CuPy implements NumPy functions on device arrays (NEP 18), but not with host arrays mixed in
+        return _wrap(func(*_strict_tree(args), **_strict_tree(kwargs)))
+
+    # -- what CuPy offers ------------------------------------------------------------------------
+    def get(self, stream=None, order="C", out=None):
+        if out is not None:
+            out[...] = self._a
+            return out
+        return np.array(self._a, order=order)
+
+    def set(self, arr, stream=None):
+        if isinstance(arr, DeviceArray):
+            raise TypeError("set() takes a host array")
+        self._a[...] = np.asarray(arr)
+
+    @property
+    def device(self):
+        return _DEVICE
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self._a.__array_interface__["data"][0])
+
+    def __dlpack__(self, *, stream=None, **kwargs):   # no streams on the host
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):   # __array_interface__, __array_struct__: NumPy's other ways in
+            raise AttributeError(name)
+        v = getattr(self._a, name)
+        if callable(v):
+            return lambda *a, **k: _wrap(v(*_loose_tree(a), **_loose_tree(k)))
+        return _wrap(v) if isinstance(v, np.ndarray) else v
+
+    def __getitem__(self, key):
+        return _wrap(self._a[_loose_tree(key)], scalars=True)
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and value.ndim:
+            raise TypeError("assigning a host array into a device array: move it with cupy.asarray first")
+        self._a[_loose_tree(key)] = _loose(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(v, scalars=True) for v in self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __index__(self):
+        return self._a.__index__()
+
+    def __repr__(self):
+        return f"fake_device_array({self._a!r})"
+
+
+def _wrap(v, scalars: bool = True):
+    if isinstance(v, np.ndarray):
+        return DeviceArray(v)
+    if scalars and isinstance(v, np.generic):  # CuPy reductions and scalar indexing give 0-d arrays
+        return DeviceArray(np.asarray(v))
+    if isinstance(v, tuple):
+        return tuple(_wrap(x, scalars) for x in v)
+    if isinstance(v, list):
+        return [_wrap(x, scalars) for x in v]
+    return v
+
+
+def _strict(x):
+    if isinstance(x, DeviceArray):
+        return x._a
+    if isinstance(x, np.ndarray) and x.ndim:
+        raise TypeError(f"a host array ({x.dtype}{list(x.shape)}) mixed with device arrays")
+    return x
+
+
+def _strict_tree(x):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_strict_tree(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _strict_tree(v) for k, v in x.items()}
+    return _strict(x)
+
+
+def _loose(x):
+    return x._a if isinstance(x, DeviceArray) else x
+
+
+def _loose_tree(x):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_loose_tree(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _loose_tree(v) for k, v in x.items()}
+    return _loose(x)
+
+
+class _Device:
+    id = 0
+    compute_capability = "90"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def use(self):
+        pass
+
+
+_DEVICE = _Device()
+
+
+class _Event:
+    def synchronize(self):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    @property
+    def done(self):
+        return True
+
+
+class _Stream:
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def record(self, event=None):
+        return event or _Event()
+
+    def wait_event(self, event):
+        if not isinstance(event, _Event):
+            raise TypeError(f"wait_event takes an Event, got {type(event).__name__}")
+
+
+class _Pool:
+    """CuPy's memory pool as far as gpuheart sees it: the bytes of live device arrays (each buffer counted
+    once, released when NumPy frees it), and a limit (``set_limit``) beyond which an allocation raises
+    ``OutOfMemoryError``, as a capped pool does."""
+
+    def __init__(self):
+        self.limit, self.used, self.live = 0, 0, set()
+
+    def account(self, a: np.ndarray) -> None:
+        if a.base is not None or not a.nbytes or id(a) in self.live:
+            return   # a view, or a buffer already counted
+        if self.limit and self.used + a.nbytes > self.limit:
+            raise OutOfMemoryError(a.nbytes, self.used, self.limit)
+        self.used += a.nbytes
+        self.live.add(id(a))
+        weakref.finalize(a, self._release, id(a), a.nbytes)
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live.discard(key)
+        self.used -= nbytes
+
+    def used_bytes(self):
+        return self.used
+
+    def total_bytes(self):
+        return self.used
+
+    def get_limit(self):
+        return self.limit
+
+    def set_limit(self, size=None, fraction=None):
+        self.limit = int(size or 0)
+
+    def free_all_blocks(self, stream=None):
+        pass
+
+
+class OutOfMemoryError(MemoryError):
+    def __init__(self, size=0, total=0, limit=0):
+        super().__init__(f"Out of memory allocating {size:,} bytes ({total:,} in use, limit {limit:,}; fake GPU)")
+
+
+_POOL = _Pool()
+
+
+class _ModuleShim:
+    """``cupy.RawModule``: the emulator's host build, given the arrays' memory."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def get_function(self, name):
+        kern = self.module.get_function(name)
+
+        def launch(grid, block, args, shared_mem=0):
+            for a in args:
+                if isinstance(a, np.ndarray) and a.ndim:
+                    raise TypeError(f"{name}: a host array passed to a kernel")
+            return kern(grid, block, tuple(_loose(a) for a in args), shared_mem=shared_mem)
+
+        return launch
+
+
+def _module_function(name: str):
+    fn = getattr(np, name)
+    if isinstance(fn, type) or not callable(fn):   # dtypes (cp.float32, cp.bool_) and constants
+        return fn
+    return lambda *a, **k: _wrap(fn(*_strict_tree(a), **_strict_tree(k)))
+
+
+def _asarray(x, dtype=None, order=None, copy=None, blocking=False):
+    if isinstance(x, DeviceArray):
+        a = x._a if dtype is None else x._a.astype(dtype, copy=False)
+        return DeviceArray(np.array(a, order=order or "K", copy=True) if copy else a)
+    return DeviceArray(np.array(x, dtype=dtype, order=order or "K", copy=True))  # a host->device copy
+
+
+def _empty(shape, dtype=float, order="C"):
+    a = np.empty(shape, dtype, order)
+    a.reshape(-1).view(np.uint8)[:] = 0xCD   # garbage, as a fresh device allocation holds
+    return DeviceArray(a)
+
+
+def make_cupy(modules: dict) -> tuple[types.ModuleType, types.ModuleType]:
+    """(cupy, cupyx) stand-ins whose RawModules come from ``modules`` ({file name: emulated module})."""
+    cp = types.ModuleType("cupy")
+    cp.__getattr__ = _module_function
+    cp.__version__ = "fake"
+    cp.ndarray = DeviceArray
+    cp.is_available = lambda: True
+    cp.asarray = _asarray
+    cp.array = lambda x, dtype=None, copy=True, order="K": _asarray(x, dtype, order, copy)
+    cp.ascontiguousarray = lambda x, dtype=None: _asarray(x, dtype, "C", copy=False) \
+        if isinstance(x, DeviceArray) and x._a.flags.c_contiguous and dtype in (None, x._a.dtype) \
+        else DeviceArray(np.ascontiguousarray(_strict(x), dtype=dtype))
+    cp.asnumpy = lambda x, stream=None, order="C", out=None: x.get(out=out) if isinstance(x, DeviceArray) \
+        else np.asarray(x)
+    cp.empty = _empty
+    cp.from_dlpack = lambda t: DeviceArray(np.from_dlpack(t))
+    cp.get_array_module = lambda *args: cp if any(isinstance(a, DeviceArray) for a in args) else np
+    cp.get_default_memory_pool = lambda: _POOL
+    cp.get_default_pinned_memory_pool = lambda: _Pool()
+    current = _Stream()
+    cp.cuda = types.SimpleNamespace(
+        Device=lambda i=0: _DEVICE, Stream=_Stream, Event=_Event, get_current_stream=lambda: current,
+        runtime=types.SimpleNamespace(memGetInfo=lambda: (8 << 30, 16 << 30), getDeviceCount=lambda: 1),
+        memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
+    cp.RawModule = lambda code=None, options=(), name_expressions=None, **kw: (_ for _ in ()).throw(
+        RuntimeError("the fake GPU loads modules through gpuheart.backend.load_module only"))
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype=float, order="C": np.empty(shape, dtype, order)
+    cupyx.zeros_pinned = lambda shape, dtype=float, order="C": np.zeros(shape, dtype, order)
+    return cp, cupyx
+
+
+def build_modules(workdir: Path, median_names: list[str], kernel_names) -> dict:
+    """Host builds of every kernels/*.cu file the device paths load."""
+    mods = {cu: emu.build(cu, kernel_names(cu), workdir) for cu in ("clahe.cu", "elementwise.cu", "morphology.cu")}
+    mods["median.cu"] = emu.build("median.cu", median_names, workdir)
+    return mods
+
+
+@contextlib.contextmanager
+def fake_gpu(modules: dict, monkeypatch):
+    """Inside: ``cupy`` is the fake, ``backend.cuda_available()`` is True and every kernel module comes
+    from ``modules``. Caches that remember the real CuPy are cleared on the way in and out."""
+    from gpuheart import backend, exposure, filters, morphology, unet
+
+    cp, cupyx = make_cupy(modules)
+    load = lambda name, *a, **k: _ModuleShim(modules[name])  # noqa: E731
+    caches = [backend._cupy, backend.cuda_available, filters._device_border_maps]
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", cp)
+        mp.setitem(sys.modules, "cupyx", cupyx)
+        for m in (exposure, filters, morphology):
+            mp.setattr(m, "load_module", load)
+        # the torch here has no CUDA: its CPU tensors stand for the device tensors a DLPack handover makes
+        mp.setattr(unet, "from_torch", lambda t: DeviceArray(np.from_dlpack(t.detach())))
+        mp.setattr(filters, "_CUDA_FAILED", {})
+        mp.setattr(exposure, "_warned", set())
+        mp.setattr(morphology, "_warned", set())
+        for c in caches:
+            getattr(c, "cache_clear", lambda: None)()
+        _POOL.limit = 0
+        try:
+            yield cp
+        finally:
+            _POOL.limit = 0
+            for c in caches:
+                getattr(c, "cache_clear", lambda: None)()

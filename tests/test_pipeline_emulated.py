@@ -1,0 +1,118 @@
+"""A whole ``gpuheart run`` on the fake GPU (tests/fake_device.py) equals the same run on the CPU.
+
+Every device branch of the pipeline runs: slabs uploaded through the pinned ring, z-normalization + asinh,
+CLAHE fused with robust scaling, both medians and the threshold, the U-Net fed by DLPack, the union, both
+closings, labelling and writing from device slabs. The kernels are the host builds of kernels/*.cu, device
+arrays refuse to be taken by NumPy implicitly, and any kernel that fails (and would fall back to the host
+on a real GPU) fails the test instead.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import cuda_emulator as emu
+import fake_device
+from test_kernels_emulated import _kernel_names
+from gpuheart import Pipeline, PipelineConfig, backend, filters
+from gpuheart.io import open_scan
+
+pytestmark = pytest.mark.skipif(not emu.available(), reason="g++ is not on PATH: no host emulator")
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    names = sorted({filters._cuda_plan((1, 64, 64), np.dtype(dt), size, hist)[0]
+                    for dt in (np.uint8, np.uint16, np.float32) for size in range(3, 16, 2) for hist in (True, False)})
+    return fake_device.build_modules(tmp_path_factory.mktemp("emu"), names, _kernel_names)
+
+
+def _cfg(device: str, method: str) -> PipelineConfig:
+    cfg = PipelineConfig(progress=False, device=device, slab_size=5)
+    cfg.segment.method = method
+    return cfg
+
+
+def _run(cfg, out, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = Pipeline(cfg).run(None, out, phantom_preset="tiny", **kw)
+    return result, [str(w.message) for w in caught]
+
+
+def _volumes(result) -> dict:
+    vols = {}
+    for channel, paths in result.outputs.items():
+        for kind, path in paths.items():
+            if path.name.endswith(".ome.zarr"):
+                with open_scan(path) as s:
+                    vols[channel, kind] = s.read_slab(0, 0, s.shape[0])
+    return vols
+
+
+@pytest.fixture(scope="module")
+def cpu_runs(tmp_path_factory):
+    return {m: _run(_cfg("cpu", m), tmp_path_factory.mktemp(f"cpu-{m}"))[0] for m in ("dom", "union")}
+
+
+@pytest.mark.parametrize("method", ["dom", "union"])
+def test_a_run_on_the_fake_gpu_equals_the_cpu_run(modules, cpu_runs, method, tmp_path, monkeypatch):
+    for m in modules.values():
+        m.launches.clear()
+    with fake_device.fake_gpu(modules, monkeypatch):
+        assert backend.resolve_device("auto") == "cuda"
+        gpu, said = _run(_cfg("cuda", method), tmp_path / "gpu")
+    failed = [w for w in said if "CUDA" in w or "kernel" in w or "device memory" in w]
+    assert not failed, failed
+    launched = {name.split("<")[0] for m in modules.values() for name, *_ in m.launches}
+    assert {"znorm_asinh_u16", "clahe_final_u8", "close_z_line", "close_cube"} <= launched, launched
+    assert any(n.startswith("median_") for n in launched), launched
+    cpu = cpu_runs[method]
+    got, want = _volumes(gpu), _volumes(cpu)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+    for channel in cpu.outputs:
+        assert gpu.summary[channel]["final_vs_truth"] == cpu.summary[channel]["final_vs_truth"], channel
+
+
+# -- the GPU-only tests of test_resume.py, on the fake GPU ------------------------------------------
+
+from test_resume import scan  # noqa: E402,F401 - the fixture those tests take
+
+
+def test_capped_pool_retries_smaller_slabs_on_the_fake_gpu(modules, scan, tmp_path, monkeypatch):  # noqa: F811
+    """test_resume's capped-pool test, with the fake pool counting live device buffers: the slab plan
+    sees the cap, a slab that does not fit raises the pool's OutOfMemoryError from inside the kernels'
+    wrappers, it is not swallowed by a host fallback, and the smaller pieces give the uncapped result."""
+    import test_resume
+
+    with fake_device.fake_gpu(modules, monkeypatch):
+        test_resume.test_capped_device_memory_pool_still_completes(scan, tmp_path, monkeypatch)
+
+
+def test_checkpointed_accumulator_takes_device_slabs_on_the_fake_gpu(modules, monkeypatch):
+    import test_resume
+
+    with fake_device.fake_gpu(modules, monkeypatch):
+        test_resume.test_accumulator_restored_from_a_checkpoint_accepts_device_slabs()
+
+
+def test_device_arrays_refuse_what_cupy_refuses(modules, monkeypatch):
+    with fake_device.fake_gpu(modules, monkeypatch) as cp:
+        x = cp.arange(6, dtype=np.float32).reshape(2, 3)
+        with pytest.raises(TypeError, match="Implicit conversion"):
+            np.asarray(x)
+        with pytest.raises(TypeError, match="mixed"):
+            x + np.ones(3, np.float32)
+        with pytest.raises(TypeError):
+            x[0] = np.zeros(3, np.float32)
+        assert isinstance(x.sum(), cp.ndarray) and float(x.sum()) == 15
+        assert isinstance(x + 1, cp.ndarray) and (cp.asnumpy(x * 2) == np.arange(6).reshape(2, 3) * 2).all()
+        cp.get_default_memory_pool().set_limit(size=x.nbytes + 8)
+        with pytest.raises(cp.cuda.memory.OutOfMemoryError):
+            cp.empty(4, np.float32)
+        del x
+        cp.empty(4, np.float32)  # the freed buffer is back in the budget
