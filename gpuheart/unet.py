@@ -416,7 +416,7 @@ def predict(model: nn.Module, image, tile: int = 256, overlap: int = 64, batch_s
                         use_amp, context_slices(model), (lo, hi))
     out = out[0] if image.ndim == 2 else out
     if not is_device_array(image):
-        return np.ascontiguousarray(from_torch(out.cpu()))
+        return np.ascontiguousarray(out.cpu().numpy())
     return from_torch(out)
 
 

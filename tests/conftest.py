@@ -23,9 +23,40 @@ def shared_data() -> Path:
     return d
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fake-gpu", action="store_true",
+                     help="run with the fake GPU of tests/fake_device.py (NumPy posing as CuPy, kernels on the host "
+                          "emulator), so the gpu tests run without one: `pytest -m gpu --fake-gpu`")
+
+
+def pytest_configure(config):
+    if not config.getoption("--fake-gpu"):
+        return
+    import tempfile
+
+    import fake_device
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpuheart-fake-gpu-"))
+    config._fake_gpu_patch = pytest.MonkeyPatch()
+    config._fake_gpu = fake_device.fake_gpu(fake_device.build_modules(workdir), config._fake_gpu_patch)
+    config._fake_gpu.__enter__()
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_fake_gpu", None) is not None:
+        config._fake_gpu.__exit__(None, None, None)
+        config._fake_gpu_patch.undo()
+
+
 def pytest_collection_modifyitems(config, items):
     from gpuheart.backend import cuda_available
 
+    if config.getoption("--fake-gpu"):
+        for item in items:
+            mark = item.get_closest_marker("real_gpu")
+            if mark is not None:
+                item.add_marker(pytest.mark.skip(reason="not on the fake GPU: " + mark.kwargs.get("reason", "")))
+        return
     if cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (cupy.is_available() is False)")

@@ -331,10 +331,15 @@ def make_cupy(modules: dict) -> tuple[types.ModuleType, types.ModuleType]:
     return cp, cupyx
 
 
-def build_modules(workdir: Path, median_names: list[str], kernel_names) -> dict:
-    """Host builds of every kernels/*.cu file the device paths load."""
-    mods = {cu: emu.build(cu, kernel_names(cu), workdir) for cu in ("clahe.cu", "elementwise.cu", "morphology.cu")}
-    mods["median.cu"] = emu.build("median.cu", median_names, workdir)
+def build_modules(workdir: Path, median_sizes=range(3, 32, 2)) -> dict:
+    """Host builds of every kernels/*.cu file the device paths load (the median for ``median_sizes``)."""
+    from gpuheart import filters
+    from test_kernels_emulated import _kernel_names
+
+    names = sorted({filters._cuda_plan((1, 64, 64), np.dtype(dt), size, hist)[0]
+                    for dt in (np.uint8, np.uint16, np.float32) for size in median_sizes for hist in (True, False)})
+    mods = {cu: emu.build(cu, _kernel_names(cu), workdir) for cu in ("clahe.cu", "elementwise.cu", "morphology.cu")}
+    mods["median.cu"] = emu.build("median.cu", names, workdir)
     return mods
 
 

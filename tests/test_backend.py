@@ -52,6 +52,7 @@ def test_kernel_dir_exists():
 
 
 @pytest.mark.gpu
+@pytest.mark.real_gpu(reason="needs PyTorch with CUDA: the fake GPU's tensors are CPU tensors")
 def test_cupy_torch_roundtrip_shares_device_memory():
     import cupy as cp
 

@@ -370,6 +370,7 @@ def test_gpu_large_slab_index_math():
 
 
 @pytest.mark.gpu
+@pytest.mark.real_gpu(reason="2.2 GB through a 3x3 median on the host emulator would take hours")
 def test_gpu_offsets_past_2_to_the_31():
     """A slab of more than 2**31 voxels (520 x 2048 x 2048 uint8, 2.2 GB): the last slices, whose
     offsets only 64-bit index math reaches, are filtered and closed like the CPU does."""
