@@ -252,6 +252,9 @@ class _Pool:
     def free_all_blocks(self, stream=None):
         pass
 
+    def n_free_blocks(self):
+        return 0
+
 
 class OutOfMemoryError(MemoryError):
     def __init__(self, size=0, total=0, limit=0):
@@ -371,3 +374,34 @@ def fake_gpu(modules: dict, monkeypatch):
             _POOL.limit = 0
             for c in caches:
                 getattr(c, "cache_clear", lambda: None)()
+
+
+def main(argv=None) -> int:
+    """``python tests/fake_device.py SCRIPT [ARGS...]``: run a script (a benchmark, say) on the fake GPU, as a
+    dry run of what a GPU session will execute."""
+    import runpy
+    import tempfile
+
+    import pytest
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(main.__doc__)
+        return 2
+    mods = build_modules(Path(tempfile.mkdtemp(prefix="gpuheart-fake-gpu-")))
+    mp = pytest.MonkeyPatch()
+    try:
+        with fake_gpu(mods, mp):
+            sys.argv = argv
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        mp.undo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
