@@ -823,7 +823,9 @@ class _Writers:
     def __init__(self, out: Path, shape, voxel, names: list[str], slab_size: int, resume_slices: int = 0):
         from .io import ZarrWriter
 
-        # one z-chunk per slab: a slab rewritten after a crash replaces whole chunks, never half of one
+        # one z-chunk per slab: a slab rewritten after a crash replaces whole chunks, never half of one (a slab
+        # split into pieces after a device out-of-memory error writes parts of a chunk, the whole slab before
+        # its checkpoint, so a resume still rewrites whole chunks)
         chunks = (slab_size, min(shape[1], 256), min(shape[2], 256))
         self.paths = {n: out / f"{n}.ome.zarr" for n in names}
         self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices,

@@ -231,7 +231,7 @@ class EmulatedKernel:
     """``kern(grid, block, args, shared_mem=0)`` as a ``cupy.RawKernel``; records its launches."""
 
     def __init__(self, lib, name: str, launches: list):
-        self.name, self.launches = name, launches
+        self.name, self.launches, self._lib = name, launches, lib
         self._run = getattr(lib, f"gh_run_{_symbol(name)}")
         sizes = (ctypes.c_int * 64)()
         n = getattr(lib, f"gh_sizes_{_symbol(name)}")(sizes)
@@ -273,9 +273,14 @@ class EmulatedKernel:
         result = []
         call = threading.Thread(target=lambda: result.append(self._run(
             *(ctypes.c_uint(v) for v in grid + block), ctypes.c_ulonglong(int(shared_mem)), ptrs)), daemon=True)
-        call.start()
-        call.join(LAUNCH_TIMEOUT_S)
+        if id(self._lib) in _BROKEN:
+            raise RuntimeError(f"{self.name}: an earlier launch of this host build hung; it cannot be used again")
+        with _LAUNCH_LOCK:   # a host build keeps its barrier and shared arenas in globals: one launch at a time
+            call.start()
+            call.join(LAUNCH_TIMEOUT_S)
         if call.is_alive():
+            # its threads still run and hold the build's globals (barrier, shared arenas): no more launches
+            _BROKEN.add(id(self._lib))
             _STUCK.append((keep, ptrs, args))
             raise TimeoutError(f"{self.name} did not finish in {LAUNCH_TIMEOUT_S} s on the emulator "
                                "(a __syncthreads that not every thread of a block reaches?)")
@@ -291,6 +296,8 @@ class EmulatedKernel:
 
 
 _STUCK: list = []
+_LAUNCH_LOCK = threading.Lock()
+_BROKEN: set = set()
 
 
 class EmulatedModule:

@@ -17,7 +17,9 @@ which
   through ``cupy.from_dlpack`` as a device array again.
 
 So a ``Pipeline`` with ``device = "cuda"`` runs every device branch on the CPU. It proves the glue and the
-kernels' logic, not speed, and not what only a real GPU does (asynchrony, memory limits, cuDNN).
+kernels' logic, not speed, and not what only a real GPU does (asynchrony, real memory limits, cuDNN, bf16
+U-Net inference: the fake runs the U-Net in fp32 on the CPU). Arithmetic follows this NumPy's type
+promotion, so a dtype that CuPy promotes differently (CuPy 13 follows NumPy 1's rules) cannot show here.
 """
 from __future__ import annotations
 
@@ -61,15 +63,26 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     # -- what CuPy offers ------------------------------------------------------------------------
     def get(self, stream=None, order="C", out=None):
-        if out is not None:
+        if out is not None:   # as CuPy: a host array of this shape and dtype, no casting
+            if not isinstance(out, np.ndarray) or out.shape != self._a.shape or out.dtype != self._a.dtype:
+                raise TypeError(f"get(out=...) needs a numpy.ndarray of {self._a.dtype}{list(self._a.shape)}")
             out[...] = self._a
             return out
         return np.array(self._a, order=order)
 
-    def set(self, arr, stream=None):
-        if isinstance(arr, DeviceArray):
-            raise TypeError("set() takes a host array")
-        self._a[...] = np.asarray(arr)
+    def set(self, arr, stream=None):   # as CuPy: a host ndarray of the same dtype and shape, contiguous target
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"set() takes a numpy.ndarray, got {type(arr).__name__}")
+        if arr.dtype != self._a.dtype or arr.shape != self._a.shape:
+            raise ValueError(f"set(): {arr.dtype}{list(arr.shape)} into {self._a.dtype}{list(self._a.shape)}")
+        if not self._a.flags.c_contiguous:
+            raise RuntimeError("set() into a non-contiguous device array")
+        self._a[...] = arr
+
+    @property
+    def __cuda_array_interface__(self):   # what code that tells CuPy-like arrays apart looks for
+        return {"shape": self._a.shape, "typestr": self._a.dtype.str, "version": 3,
+                "data": (self._a.__array_interface__["data"][0], False), "strides": None}
 
     @property
     def device(self):
@@ -97,8 +110,9 @@ class DeviceArray(NDArrayOperatorsMixin):
         return _wrap(self._a[_loose_tree(key)], scalars=True)
 
     def __setitem__(self, key, value):
-        if isinstance(value, np.ndarray) and value.ndim:
-            raise TypeError("assigning a host array into a device array: move it with cupy.asarray first")
+        if isinstance(value, (np.ndarray, list, tuple)) and np.ndim(value):   # CuPy's own error
+            raise ValueError("non-scalar numpy.ndarray cannot be used for fill (a host array assigned into a "
+                             "device array on the fake GPU: move it with cupy.asarray first)")
         self._a[_loose_tree(key)] = _loose(value)
 
     def __len__(self):
@@ -225,8 +239,12 @@ class _Pool:
         self.limit, self.used, self.live = 0, 0, set()
 
     def account(self, a: np.ndarray) -> None:
-        if a.base is not None or not a.nbytes or id(a) in self.live:
-            return   # a view, or a buffer already counted
+        while isinstance(a.base, np.ndarray):   # a view: its memory is its owner's (some NumPy results are
+            a = a.base                          # views of a fresh buffer: nonzero, fancy indexing, reshape)
+        if not a.nbytes or id(a) in self.live:
+            return   # a buffer already counted (or one NumPy does not own: DLPack from torch)
+        if a.base is not None and not isinstance(a.base, np.ndarray):
+            return   # memory owned outside NumPy (a torch tensor through DLPack): not the pool's
         if self.limit and self.used + a.nbytes > self.limit:
             raise OutOfMemoryError(a.nbytes, self.used, self.limit)
         self.used += a.nbytes

@@ -39,6 +39,28 @@ def _run(cfg, out, **kw):
     return result, [str(w.message) for w in caught]
 
 
+def _same_run(gpu, cpu) -> None:
+    """Every volume, every summary value and every report figure of two runs equal."""
+    got, want = _volumes(gpu), _volumes(cpu)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+    assert _measurements(gpu.summary) == _measurements(cpu.summary)
+    for channel in cpu.outputs:
+        with np.load(gpu.out_dir / channel / "figures.npz") as fa, np.load(cpu.out_dir / channel / "figures.npz") as fb:
+            assert set(fa.files) == set(fb.files)
+            for k in fb.files:
+                np.testing.assert_array_equal(fa[k], fb[k], err_msg=f"{channel} {k}")
+
+
+def _measurements(d):
+    """The summary without what differs between any two runs: paths, times, the device."""
+    if isinstance(d, dict):
+        return {k: _measurements(v) for k, v in d.items()
+                if not any(w in str(k) for w in ("path", "seconds", "device", "timings"))}
+    return d
+
+
 def _volumes(result) -> dict:
     vols = {}
     for channel, paths in result.outputs.items():
@@ -66,13 +88,7 @@ def test_a_run_on_the_fake_gpu_equals_the_cpu_run(modules, cpu_runs, method, tmp
     launched = {name.split("<")[0] for m in modules.values() for name, *_ in m.launches}
     assert {"znorm_asinh_u16", "clahe_final_u8", "close_z_line", "close_cube"} <= launched, launched
     assert any(n.startswith("median_") for n in launched), launched
-    cpu = cpu_runs[method]
-    got, want = _volumes(gpu), _volumes(cpu)
-    assert got.keys() == want.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
-    for channel in cpu.outputs:
-        assert gpu.summary[channel]["final_vs_truth"] == cpu.summary[channel]["final_vs_truth"], channel
+    _same_run(gpu, cpu_runs[method])
 
 
 # -- the GPU-only tests of test_resume.py, on the fake GPU ------------------------------------------
@@ -104,8 +120,10 @@ def test_device_arrays_refuse_what_cupy_refuses(modules, monkeypatch):
             np.asarray(x)
         with pytest.raises(TypeError, match="mixed"):
             x + np.ones(3, np.float32)
-        with pytest.raises(TypeError):
+        with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
             x[0] = np.zeros(3, np.float32)
+        with pytest.raises(ValueError):
+            x.set(np.zeros((2, 3), np.float64))
         assert isinstance(x.sum(), cp.ndarray) and float(x.sum()) == 15
         assert isinstance(x + 1, cp.ndarray) and (cp.asnumpy(x * 2) == np.arange(6).reshape(2, 3) * 2).all()
         cp.get_default_memory_pool().set_limit(size=x.nbytes + 8)
@@ -113,3 +131,19 @@ def test_device_arrays_refuse_what_cupy_refuses(modules, monkeypatch):
             cp.empty(4, np.float32)
         del x
         cp.empty(4, np.float32)  # the freed buffer is back in the budget
+
+
+def test_dask_run_on_the_fake_gpu_equals_the_cpu_run(modules, cpu_runs, tmp_path, monkeypatch):
+    """Pass 2 as Dask tasks on two in-process workers (threads, so they share the fake GPU): what a
+    dask-cuda cluster runs, slab by slab, with the tasks' device results merged on the client."""
+    distributed = pytest.importorskip("distributed")
+    with fake_device.fake_gpu(modules, monkeypatch):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                           dashboard_address=None)
+        with cluster, distributed.Client(cluster) as client:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gpu = Pipeline(_cfg("cuda", "dom")).run(None, tmp_path / "gpu", phantom_preset="tiny", client=client)
+    failed = [str(w.message) for w in caught if "CUDA" in str(w.message) or "kernel" in str(w.message)]
+    assert not failed, failed
+    _same_run(gpu, cpu_runs["dom"])
