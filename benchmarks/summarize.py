@@ -407,7 +407,8 @@ def render(entries: list[dict]) -> str:
         out += ["**No GPU numbers exist yet.** No GPU has been available to the sessions that measured these "
                 "results; gpuheart's CUDA kernels (median, CLAHE, fused elementwise, closings) are compiled in CI "
                 "and their logic runs on the CPU through a host emulator (tests/cuda_emulator.py, equal to the CPU "
-                "path), but they have not yet run on a GPU, so nothing is known of their speed. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
+                "path), and whole runs with `device = \"cuda\"` go through a fake GPU (tests/fake_device.py) and equal "
+                "the CPU run, but they have not yet run on a GPU, so nothing is known of their speed. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
                 "cuCIM CLAHE, gpuheart on CuPy arrays, the per-slice chain) are ready and skip without CUDA.",
                 ""]
     out += ["Goals (targets from the project's issues, **not results**):", "",

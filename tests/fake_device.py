@@ -395,7 +395,8 @@ def fake_gpu(modules: dict, monkeypatch):
 
 
 def main(argv=None) -> int:
-    """``python tests/fake_device.py SCRIPT [ARGS...]``: run a script (a benchmark, say) on the fake GPU, as a
+    """``python tests/fake_device.py SCRIPT [ARGS...]`` or ``python tests/fake_device.py -m MODULE [ARGS...]``:
+    run a script (a benchmark, say) or a module (``-m gpuheart run ... --device cuda``) on the fake GPU, as a
     dry run of what a GPU session will execute."""
     import runpy
     import tempfile
@@ -410,9 +411,13 @@ def main(argv=None) -> int:
     mp = pytest.MonkeyPatch()
     try:
         with fake_gpu(mods, mp):
-            sys.argv = argv
+            module = argv[1] if argv[0] == "-m" and len(argv) > 1 else None
+            sys.argv = argv[1:] if module else argv
             try:
-                runpy.run_path(argv[0], run_name="__main__")
+                if module:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(argv[0], run_name="__main__")
             except SystemExit as e:
                 return int(e.code or 0) if not isinstance(e.code, str) else 1
     finally:
