@@ -98,9 +98,14 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __dlpack_device__(self):
         return self._a.__dlpack_device__()
 
+    @property
+    def flags(self):   # CuPy's flags: no ``writeable``, ``aligned``...
+        f = self._a.flags
+        return types.SimpleNamespace(c_contiguous=f.c_contiguous, f_contiguous=f.f_contiguous, owndata=f.owndata)
+
     def __getattr__(self, name):
-        if name.startswith("__"):   # __array_interface__, __array_struct__: NumPy's other ways in
-            raise AttributeError(name)
+        if name.startswith("__") or name in _NUMPY_ONLY:   # __array_interface__ etc.: NumPy's other ways in
+            raise AttributeError(f"'cupy.ndarray' (fake) has no attribute {name!r}")
         v = getattr(self._a, name)
         if callable(v):
             return lambda *a, **k: _wrap(v(*_loose_tree(a), **_loose_tree(k)))
@@ -135,6 +140,11 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __repr__(self):
         return f"fake_device_array({self._a!r})"
+
+
+# numpy.ndarray attributes that cupy.ndarray does not have (the fake forwards the rest)
+_NUMPY_ONLY = frozenset({"ctypes", "setflags", "resize", "byteswap", "getfield", "setfield", "itemset", "tostring",
+                         "newbyteorder"})
 
 
 def _wrap(v, scalars: bool = True):
