@@ -238,6 +238,8 @@ class EmulatedKernel:
         self.param_sizes = list(sizes[:n])
 
     def __call__(self, grid, block, args, shared_mem=0):
+        if id(self._lib) in _BROKEN:
+            raise RuntimeError(f"{self.name}: an earlier launch of this host build hung; it cannot be used again")
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
         if np.prod(block) > 1024 or min(grid + block) < 1 or max(grid[1:]) > 65535 or grid[0] >= 2**31:
@@ -273,8 +275,6 @@ class EmulatedKernel:
         result = []
         call = threading.Thread(target=lambda: result.append(self._run(
             *(ctypes.c_uint(v) for v in grid + block), ctypes.c_ulonglong(int(shared_mem)), ptrs)), daemon=True)
-        if id(self._lib) in _BROKEN:
-            raise RuntimeError(f"{self.name}: an earlier launch of this host build hung; it cannot be used again")
         with _LAUNCH_LOCK:   # a host build keeps its barrier and shared arenas in globals: one launch at a time
             call.start()
             call.join(LAUNCH_TIMEOUT_S)

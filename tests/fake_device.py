@@ -59,7 +59,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __array_function__(self, func, types_, args, kwargs):
         # CuPy implements NumPy functions on device arrays (NEP 18), but not with host arrays mixed in
-        return _wrap(func(*_strict_tree(args), **_strict_tree(kwargs)))
+        return _wrap(func(*_tree(_strict, args), **_tree(_strict, kwargs)))
 
     # -- what CuPy offers ------------------------------------------------------------------------
     def get(self, stream=None, order="C", out=None):
@@ -108,17 +108,17 @@ class DeviceArray(NDArrayOperatorsMixin):
             raise AttributeError(f"'cupy.ndarray' (fake) has no attribute {name!r}")
         v = getattr(self._a, name)
         if callable(v):
-            return lambda *a, **k: _wrap(v(*_loose_tree(a), **_loose_tree(k)))
+            return lambda *a, **k: _wrap(v(*_tree(_loose, a), **_tree(_loose, k)))
         return _wrap(v) if isinstance(v, np.ndarray) else v
 
     def __getitem__(self, key):
-        return _wrap(self._a[_loose_tree(key)], scalars=True)
+        return _wrap(self._a[_tree(_loose, key)], scalars=True)
 
     def __setitem__(self, key, value):
         if isinstance(value, (np.ndarray, list, tuple)) and np.ndim(value):   # CuPy's own error
             raise ValueError("non-scalar numpy.ndarray cannot be used for fill (a host array assigned into a "
                              "device array on the fake GPU: move it with cupy.asarray first)")
-        self._a[_loose_tree(key)] = _loose(value)
+        self._a[_tree(_loose, key)] = _loose(value)
 
     def __len__(self):
         return len(self._a)
@@ -167,29 +167,21 @@ def _strict(x):
     return x
 
 
-def _strict_tree(x):
-    if isinstance(x, (tuple, list)):
-        return type(x)(_strict_tree(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _strict_tree(v) for k, v in x.items()}
-    return _strict(x)
-
-
 def _loose(x):
     return x._a if isinstance(x, DeviceArray) else x
 
 
-def _loose_tree(x):
+def _tree(f, x):
+    """``f`` applied to every leaf of nested tuples, lists and dicts (call arguments, index tuples)."""
     if isinstance(x, (tuple, list)):
-        return type(x)(_loose_tree(v) for v in x)
+        return type(x)(_tree(f, v) for v in x)
     if isinstance(x, dict):
-        return {k: _loose_tree(v) for k, v in x.items()}
-    return _loose(x)
+        return {k: _tree(f, v) for k, v in x.items()}
+    return f(x)
 
 
-class _Device:
-    id = 0
-    compute_capability = "90"
+class _NoOp:
+    """A context manager that synchronizes instantly: what devices and streams are on the host."""
 
     def __enter__(self):
         return self
@@ -199,6 +191,11 @@ class _Device:
 
     def synchronize(self):
         pass
+
+
+class _Device(_NoOp):
+    id = 0
+    compute_capability = "90"
 
     def use(self):
         pass
@@ -219,17 +216,8 @@ class _Event:
         return True
 
 
-class _Stream:
+class _Stream(_NoOp):
     def __init__(self, null=False, non_blocking=False, ptds=False):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def synchronize(self):
         pass
 
     def record(self, event=None):
@@ -252,7 +240,7 @@ class _Pool:
         while isinstance(a.base, np.ndarray):   # a view: its memory is its owner's (some NumPy results are
             a = a.base                          # views of a fresh buffer: nonzero, fancy indexing, reshape)
         if not a.nbytes or id(a) in self.live:
-            return   # a buffer already counted (or one NumPy does not own: DLPack from torch)
+            return   # empty, or a buffer already counted
         if a.base is not None and not isinstance(a.base, np.ndarray):
             return   # memory owned outside NumPy (a torch tensor through DLPack): not the pool's
         if self.limit and self.used + a.nbytes > self.limit:
@@ -301,11 +289,8 @@ class _ModuleShim:
     def get_function(self, name):
         kern = self.module.get_function(name)
 
-        def launch(grid, block, args, shared_mem=0):
-            for a in args:
-                if isinstance(a, np.ndarray) and a.ndim:
-                    raise TypeError(f"{name}: a host array passed to a kernel")
-            return kern(grid, block, tuple(_loose(a) for a in args), shared_mem=shared_mem)
+        def launch(grid, block, args, shared_mem=0):   # a host array among the arguments is refused
+            return kern(grid, block, tuple(_strict(a) for a in args), shared_mem=shared_mem)
 
         return launch
 
@@ -314,7 +299,7 @@ def _module_function(name: str):
     fn = getattr(np, name)
     if isinstance(fn, type) or not callable(fn):   # dtypes (cp.float32, cp.bool_) and constants
         return fn
-    return lambda *a, **k: _wrap(fn(*_strict_tree(a), **_strict_tree(k)))
+    return lambda *a, **k: _wrap(fn(*_tree(_strict, a), **_tree(_strict, k)))
 
 
 def _asarray(x, dtype=None, order=None, copy=None, blocking=False):
