@@ -9,6 +9,7 @@ without a GPU, where ``cupy.is_available()`` is False. Both mean "CPU".
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -307,16 +308,27 @@ def kernel_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "kernels"
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)".*$', re.M)
+
+
 def kernel_source(name: str) -> str:
+    """The source of ``kernels/<name>`` with its local ``#include "x.cuh"`` lines replaced by the
+    header's text: NVRTC gets no include path, and CuPy keys its kernel cache on the source it is
+    given, so a header edited later must be part of that source to trigger a rebuild."""
     path = kernel_dir() / name
     if not path.is_file():
         raise FileNotFoundError(f"CUDA kernel source {path} is missing from the installation")
-    return path.read_text()
+    return _LOCAL_INCLUDE.sub(lambda m: kernel_source(m.group(1)).replace("#pragma once\n", ""), path.read_text())
 
 
 # --fmad=false: no multiply-add contraction, so plain float arithmetic in a kernel rounds as the host
 # reference (and the host emulator, tests/cuda_emulator.py) does; the kernels' arithmetic is not their cost.
 NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
+# What CuPy appends to every RawModule compile after the options it is given (cupy.cuda.compiler.
+# _compile_with_cache_cuda, CuPy 13 and 14), so these win over ours: -ftz=true makes float32
+# arithmetic, __f*_rn intrinsics included, flush subnormals to zero. The kernels write the float32
+# operations whose subnormals matter as explicit non-.ftz PTX; nvrtc_ptx compiles with these too.
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 
 
 def nvrtc_ptx(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = (),
@@ -328,7 +340,7 @@ def nvrtc_ptx(name: str, name_expressions: tuple[str, ...] = (), options: tuple[
     from cupy.cuda import compiler
 
     prog = compiler._NVRTCProgram(kernel_source(name), name, name_expressions=list(name_expressions) or None)
-    ptx, mapping = prog.compile(NVRTC_OPTIONS + tuple(options) + (f"-arch={arch}",))
+    ptx, mapping = prog.compile(NVRTC_OPTIONS + tuple(options) + CUPY_APPENDED_OPTIONS + (f"-arch={arch}",))
     return (ptx.decode() if isinstance(ptx, bytes) else ptx), dict(mapping or {})
 
 

@@ -650,6 +650,7 @@ def _interpolate(bins, maps, ky, kx, out):
 
 ASINH_MAX_ULP = 2  # GPU asinh (double, rounded once) vs NumPy's float32 arcsinh (not correctly rounded)
 _CLAHE_MAX_BINS = 4096  # tile histogram in shared memory: 16 KB of int32 under the 48 KB default
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and .z)
 _CLAHE_CHUNK_BYTES = 256 << 20  # bins + levels + maps of the slices processed per launch
 _CLAHE_ENTRIES = ("int_to_bins_u8_b8", "int_to_bins_u8_b16", "int_to_bins_u16_b8", "int_to_bins_u16_b16",
                   "float_to_bins_f32_b8", "float_to_bins_f32_b16", "float_to_bins_f64_b8",
@@ -704,7 +705,8 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     x3 = x[None] if x.ndim == 2 else x
     nz, h, w = x3.shape
     nty, ntx = -(-h // ky), -(-w // kx)
-    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > 65535 or ntx >= 2**31:
+    # grid limits: tile_maps is (ntx, nty, slices), interp (w / 32, h / 8, slices); y and z <= 65535
+    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > 65535 or ntx >= 2**31 or -(-h // 8) > 65535:
         return None
     bin_dtype = np.uint8 if nbins <= 256 else np.uint16
     bsuf = "b8" if bin_dtype is np.uint8 else "b16"
@@ -842,9 +844,12 @@ def _robust_scale_cuda(x, low: float, high: float):
         if hi > lo:
             los[i], ks[i], valid[i] = np.float32(lo), np.float32(255.0 / (hi - lo)), 1
     out = cp.empty(s.shape, cp.uint8)
-    grid, block = _grid_stride(n, nz)
-    load_module("elementwise.cu").get_function("robust_scale_f32")(
-        grid, block, (s, out, np.int64(n), cp.asarray(los), cp.asarray(ks), cp.asarray(valid)))
+    kern = load_module("elementwise.cu").get_function("robust_scale_f32")
+    los, ks, valid = cp.asarray(los), cp.asarray(ks), cp.asarray(valid)
+    for c0 in range(0, nz, _MAX_GRID_Y):  # slices are blockIdx.y: at most 65535 per launch
+        c1 = min(nz, c0 + _MAX_GRID_Y)
+        grid, block = _grid_stride(n, c1 - c0)
+        kern(grid, block, (s[c0:c1], out[c0:c1], np.int64(n), los[c0:c1], ks[c0:c1], valid[c0:c1]))
     return out[0] if x.ndim == 2 else out
 
 

@@ -222,7 +222,11 @@ def _device_border_maps(h: int, w: int, r: int, mode: str, device_id: int):
     call would cost more than a whole 3x3 filter of a 2048 x 2048 slice."""
     import cupy as cp
 
-    return tuple(cp.asarray(m) for m in _border_maps(h, w, r, mode))
+    maps = tuple(cp.asarray(m) for m in _border_maps(h, w, r, mode))
+    # Once per entry: a copy from pageable memory may still be in flight when asarray returns, and a
+    # cached map is later read by kernels on whatever stream the caller uses then.
+    cp.cuda.get_current_stream().synchronize()
+    return maps
 
 
 def _median_device(x, size, mode, cval, out):

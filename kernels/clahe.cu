@@ -11,6 +11,8 @@
 // Float arithmetic uses explicit _rn intrinsics so nvcc cannot contract it into FMAs: the CPU
 // rounds after every operation. Offsets that multiply extents are 64-bit.
 
+#include "ieee_f32.cuh"  // gh_fsub, ...: float32 ops without flush-to-zero (see there)
+
 
 
 // ---- input -> bins -------------------------------------------------------------------------------
@@ -32,9 +34,9 @@ __device__ void int_to_bins_impl(const T* __restrict__ x, B* __restrict__ bins, 
 template <typename T> __device__ __forceinline__ T sub_rn(T a, T b);
 template <typename T> __device__ __forceinline__ T div_rn(T a, T b);
 template <typename T> __device__ __forceinline__ T mul_rn(T a, T b);
-template <> __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-template <> __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-template <> __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+template <> __device__ __forceinline__ float sub_rn(float a, float b) { return gh_fsub(a, b); }
+template <> __device__ __forceinline__ float div_rn(float a, float b) { return gh_fdiv(a, b); }
+template <> __device__ __forceinline__ float mul_rn(float a, float b) { return gh_fmul(a, b); }
 template <> __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 template <> __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 template <> __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
@@ -214,10 +216,10 @@ __device__ void interp_impl(const B* __restrict__ bins, const unsigned short* __
     const double m01 = mz[((long long)t0 * ntx + s1) * nbins + v];
     const double m10 = mz[((long long)t1 * ntx + s0) * nbins + v];
     const double m11 = mz[((long long)t1 * ntx + s1) * nbins + v];
-    float r = __double2float_rn(__dmul_rn(m00, __dmul_rn(i, iy)));
-    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m01, __dmul_rn(f, iy))));
-    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m10, __dmul_rn(i, fy))));
-    r = __fadd_rn(r, __double2float_rn(__dmul_rn(m11, __dmul_rn(f, fy))));
+    float r = gh_d2f(__dmul_rn(m00, __dmul_rn(i, iy)));
+    r = gh_fadd(r, gh_d2f(__dmul_rn(m01, __dmul_rn(f, iy))));
+    r = gh_fadd(r, gh_d2f(__dmul_rn(m10, __dmul_rn(i, fy))));
+    r = gh_fadd(r, gh_d2f(__dmul_rn(m11, __dmul_rn(f, fy))));
     levels[pix] = (unsigned short)r;  // truncation toward zero, r >= 0
 }
 

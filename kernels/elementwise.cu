@@ -6,11 +6,11 @@
 // the caller chunks), pixels of a slice a grid-stride loop over blockIdx.x, so the per-slice
 // constants are read once per thread and no 64-bit division per pixel is needed.
 
-
+#include "ieee_f32.cuh"  // gh_fadd, ...: float32 ops without flush-to-zero (see there)
 
 template <typename T> __device__ __forceinline__ float to_f32(T v) { return (float)v; }
 // int -> float and double -> float conversions round to nearest, like NumPy's astype(float32)
-template <> __device__ __forceinline__ float to_f32<double>(double v) { return __double2float_rn(v); }
+template <> __device__ __forceinline__ float to_f32<double>(double v) { return gh_d2f(v); }
 template <> __device__ __forceinline__ float to_f32<int>(int v) { return __int2float_rn(v); }
 
 // out = asinh(((float(x) - b_z) * g_z + B - B) / S)   (normalize != 0, ZNorm.apply then asinh_stretch)
@@ -31,9 +31,9 @@ __device__ void znorm_asinh_impl(const T* __restrict__ x, float* __restrict__ ou
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < plane;
          i += (long long)gridDim.x * blockDim.x) {
         float t = to_f32<T>(xs[i]);
-        if (normalize) t = __fadd_rn(__fmul_rn(__fsub_rn(t, bz), gz), B);
-        t = __fdiv_rn(__fsub_rn(t, B), S);
-        os[i] = do_asinh ? __double2float_rn(asinh((double)t)) : t;
+        if (normalize) t = gh_fadd(gh_fmul(gh_fsub(t, bz), gz), B);
+        t = gh_fdiv(gh_fsub(t, B), S);
+        os[i] = do_asinh ? gh_d2f(asinh(gh_f2d(t))) : t;
     }
 }
 
@@ -68,8 +68,8 @@ __device__ void robust_scale_impl(const T* __restrict__ x, unsigned char* __rest
          i += (long long)gridDim.x * blockDim.x) {
         unsigned char r = 0;
         if (ok) {
-            float y = __fmul_rn(__fsub_rn(to_f32<T>(xs[i]), l), s);
-            y = fminf(fmaxf(y, 0.0f), 255.0f);
+            float y = gh_fmul(gh_fsub(to_f32<T>(xs[i]), l), s);
+            y = gh_fmin(gh_fmax(y, 0.0f), 255.0f);
             r = (unsigned char)rintf(y);  // rintf: half to even, like np.rint
         }
         os[i] = r;

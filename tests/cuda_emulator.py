@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpuheart.backend import kernel_dir
+from gpuheart.backend import kernel_source
 
 PRELUDE = r"""
 #include <atomic>
@@ -192,7 +192,7 @@ def _host_source(cu: str) -> str:
     ``extern __shared__ T name[];`` points at the launch's dynamic shared memory, ``__shared__ T
     name[n];`` at an arena that is poisoned at each block start (a ``static`` array would keep the
     previous block's values, or start as zeros, where a device gives garbage)."""
-    text = (kernel_dir() / cu).read_text()
+    text = kernel_source(cu)
     text = _DYNAMIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)gh_dynamic_shared.data();", text)
     return _STATIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = gh_shared<{m.group(1)}>({m.group(3)});", text)
 

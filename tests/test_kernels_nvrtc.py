@@ -64,3 +64,69 @@ def test_median_instantiations_build_under_nvrtc(arch):
     ptx, mapping = backend.nvrtc_ptx("median.cu", tuple(names), arch=arch)
     assert set(mapping) == set(names)
     assert set(mapping.values()) <= _entries(ptx)
+
+
+# -- what only a device would show: CuPy's own compile options and the launch bounds --------------
+
+def test_nvrtc_ptx_appends_what_cupy_appends():
+    """CuPy adds -ftz=true after the caller's options (the last one wins): ``nvrtc_ptx`` must too, or
+    the PTX checked here is not the code a GPU runs."""
+    import inspect
+
+    from cupy.cuda import compiler
+
+    src = inspect.getsource(compiler._compile_with_cache_cuda)
+    for opt in ("-ftz=true",):
+        assert (f"'{opt}'" in src or f'"{opt}"' in src) == (opt in backend.CUPY_APPENDED_OPTIONS), opt
+
+
+# float32 operations that flush subnormals under -ftz=true: the parity the kernels promise keeps them
+_FTZ_F32 = re.compile(r"\b(?:add|sub|mul|div|fma)(?:\.rn)?\.ftz\.f32\b|\bcvt(?:\.rn)?\.ftz\.f(?:32\.f64|64\.f32)\b"
+                      r"|\b(?:min|max)\.ftz\.f32\b")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["clahe.cu", "elementwise.cu", "median.cu", "morphology.cu"])
+def test_float32_arithmetic_keeps_subnormals_under_cupys_ftz(name, arch):
+    _nvrtc_or_skip()
+    names = ()
+    if name == "median.cu":
+        names = tuple(sorted({filters._cuda_plan((1, 64, 64), dt, size, hist)[0] for dt in (np.uint8, np.uint16, np.float32)
+                              for size in range(3, 32, 2) for hist in (True, False)}))
+    ptx = backend.nvrtc_ptx(name, names, arch=arch)[0]
+    bad = sorted(set(_FTZ_F32.findall(ptx)))
+    assert not bad, f"{name}: float32 ops that flush subnormals under CuPy's -ftz=true: {bad}"
+
+
+def _max_threads(ptx: str) -> dict[str, int]:
+    """Entry -> the most threads per block its __launch_bounds__ allows (entries without none)."""
+    out = {}
+    for entry, body in re.findall(r"\.entry\s+(\w+)(.*?)\{", ptx, re.S):
+        m = re.search(r"\.maxntid\s+(\d+),\s*(\d+),\s*(\d+)", body)
+        if m:
+            out[entry] = int(m[1]) * int(m[2]) * int(m[3])
+    return out
+
+
+def test_median_blocks_fit_the_launch_bounds():
+    """A block larger than a kernel's __launch_bounds__ fails to launch on a device ("too many
+    resources requested"); the emulator ignores the attribute, so the plan is checked against the PTX."""
+    _nvrtc_or_skip()
+    plans = {}
+    for dt in (np.uint8, np.uint16, np.float32):
+        for size in range(3, 32, 2):
+            for hist in (True, False):
+                name, _, block, _ = filters._cuda_plan((1, 64, 64), dt, size, hist)
+                plans[name] = block
+    ptx, mapping = backend.nvrtc_ptx("median.cu", tuple(sorted(plans)))
+    bounds = _max_threads(ptx)
+    for name, block in plans.items():
+        assert mapping[name] in bounds, f"{name} has no __launch_bounds__"
+        assert int(np.prod(block)) <= bounds[mapping[name]], (name, block, bounds[mapping[name]])
+
+
+def test_kernel_source_inlines_local_headers():
+    """NVRTC gets no include path and CuPy's cache key is the source: headers must be inlined."""
+    for cu in ("clahe.cu", "elementwise.cu"):
+        text = backend.kernel_source(cu)
+        assert '#include "' not in text and "gh_fsub" in text and "#pragma once" not in text
