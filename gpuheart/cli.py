@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
     sg.add_argument("--channel", help="channel to segment (default: the first)")
     sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"))
-    sg.add_argument("--postprocess", action="store_true", help="apply the paper's closings too")
+    sg.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                    help="apply the paper's closings too (default: no, or the config's [postprocess] enabled "
+                         "when -c is given)")
     sg.add_argument("-c", "--config", help="TOML config file")
     sg.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sg.add_argument("--no-progress", action="store_true")
@@ -244,14 +246,26 @@ def _unique_names(inputs: list[str]) -> list[str]:
     return names
 
 
+def _fmt(v) -> str:
+    """A measurement for the console: 'n/a' where it is undefined (say, the CV of a one-slice stack)."""
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
 def _print_run(result) -> None:
     total = sum(result.timings.values())
     print(f"gpuheart: wrote {result.out_dir} in {total:.1f} s on {result.summary['device']}")
     for channel, z in result.resumed.items():
-        print(f"  {channel}: resumed an interrupted run at slice {z} of {result.summary[channel]['slices']}")
+        if channel in result.reused:
+            print(f"  {channel}: reused the finished results of an earlier run with the same input and settings "
+                  f"(--restart recomputes them)")
+        elif z >= result.summary[channel]["slices"]:
+            print(f"  {channel}: resumed an interrupted run at slice {z} of {z}: only the closings, mesh and "
+                  f"measurements were redone")
+        else:
+            print(f"  {channel}: resumed an interrupted run at slice {z} of {result.summary[channel]['slices']}")
     for channel, paths in result.outputs.items():
         s = result.summary[channel]
-        line = f"  {channel}: CV of slice means {s['detrended_cv_raw']:.3f} -> {s['detrended_cv_normalized']:.3f}"
+        line = f"  {channel}: CV of slice means {_fmt(s['detrended_cv_raw'])} -> {_fmt(s['detrended_cv_normalized'])}"
         if "snr_dom" in s:
             line += f", SNR {s['snr_preprocessed']:.1f} -> {s['snr_dom']:.1f} (difference of medians)"
         print(line)
@@ -268,6 +282,9 @@ def _print_run(result) -> None:
                   f"{t['total_length_um']:.0f} µm of vessel, mean radius {t['mean_radius_um']:.1f} µm")
         for kind, path in paths.items():
             print(f"    {kind}: {path}")
+    if result.summary.get("input", {}).get("voxel_size") is None and result.outputs:
+        print("  note: the input's metadata gives no voxel size and none was set: lengths, areas and volumes "
+              "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
     if result.report:
         print(f"  report: {result.report}")
     print("  stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
@@ -304,8 +321,9 @@ def _cmd_mesh(a) -> int:
     return EXIT_OK
 
 
-def _cmd_segment(a) -> int:
-    from .pipeline import Pipeline, PipelineConfig
+def _segment_config(a):
+    """The PipelineConfig of a ``segment`` command: the config file's (or the defaults), then the flags given."""
+    from .pipeline import PipelineConfig
 
     cfg = PipelineConfig.load(a.config) if a.config else PipelineConfig()
     if a.method:
@@ -317,7 +335,18 @@ def _cmd_segment(a) -> int:
     if a.device:
         cfg.device = a.device
     cfg.progress = not a.no_progress
-    cfg.postprocess.enabled = a.postprocess
+    if a.postprocess is not None or not a.config:  # segment's own default is steps 1-5, no closings
+        cfg.postprocess.enabled = bool(a.postprocess)
+    return cfg
+
+
+def _cmd_segment(a) -> int:
+    from .pipeline import Pipeline
+
+    cfg = _segment_config(a)
+    if Path(a.out).suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
+                         f"(gpuheart run writes OME-Zarr masks)")
     out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel)
     print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
     return EXIT_OK

@@ -213,7 +213,8 @@ def _open_tiff(path: Path):
     if not _is_tiff(path):
         raise ScanError(f"{path}: not a TIFF file (expected a TIFF, a folder of TIFFs or a Zarr store)")
     try:
-        return tifffile.TiffFile(path)
+        with _tifffile_errors():  # what it logs about a damaged tag: the callers' checks report the damage
+            return tifffile.TiffFile(path)
     except Exception as err:
         raise ScanError(f"{path}: truncated or corrupt TIFF ({err}); expected a readable TIFF header") from err
 
@@ -790,8 +791,9 @@ class ZarrWriter:
                  voxel_size: Sequence[float] | None = None, name: str | None = None, resume_slices: int = 0,
                  binary: bool = False):
         """``resume_slices=n`` reopens the partial store an interrupted run left and counts slices
-        ``[0, n)`` as written (the caller's checkpoint vouches for them); without a matching partial
-        store it starts afresh from slice 0 and ``resumed`` is 0."""
+        ``[0, n)`` as written (the caller's checkpoint vouches for them); when ``n`` covers every slice and
+        that store was already committed to ``path``, it is reopened from there. Without a matching store
+        it starts afresh from slice 0 and ``resumed`` is 0."""
         import numcodecs
         import zarr
 
@@ -844,6 +846,10 @@ class ZarrWriter:
         """Slices already written by an interrupted run (``n``) if its partial store matches, else 0."""
         import zarr
 
+        if n >= self.shape[0] and not self.partial.exists() and self.path.is_dir():
+            # every slice was written and the store already committed (the run was killed after pass 2,
+            # in the closings or the mesh): take it back as the partial store, to be committed again
+            os.replace(self.path, self.partial)
         try:
             arr = zarr.open_group(store=str(self.partial), mode="r+")["0"]
         except Exception:

@@ -273,6 +273,7 @@ class RunResult:
     summary: dict[str, Any]
     report: Path | None = None
     resumed: dict[str, int] = field(default_factory=dict)  # channel -> slice pass 2 continued at
+    reused: list[str] = field(default_factory=list)  # channels whose finished results an identical run left
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
@@ -334,7 +335,13 @@ class Pipeline:
         timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # an earlier run's summary and report would make this run look finished until it is
+        for old in (out_dir / "summary.json", out_dir / "report.html"):
+            old.unlink(missing_ok=True)
+        if (out_dir / "report").is_dir():
+            shutil.rmtree(out_dir / "report", ignore_errors=True)
         channels = cfg.channels or None
+        user_truth = dict(truth or {})
         if source is None:
             with timer("phantom"):
                 source, truth = _write_default_input(out_dir / "input", phantom_preset, cfg.progress)
@@ -345,8 +352,10 @@ class Pipeline:
                 cfg = replace(cfg, channel=dict(PHANTOM_CHANNEL_SETTINGS)).validate()
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
+            _check_channel_names(scan, cfg, user_truth)
             models: dict[str, Any] = {}  # weights path -> model, loaded once
             resumed: dict[str, int] = {}
+            reused: list[str] = []
             outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
             for channel in scan.channels:
@@ -355,6 +364,8 @@ class Pipeline:
                 ck = _Checkpoint(out_dir / channel, _fingerprint(ccfg, scan, channel, t), resume)
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
+                if ck.done:
+                    reused.append(channel)
                 model = None
                 if ccfg.uses_unet and not ck.done:
                     if ccfg.segment.weights not in models:
@@ -364,7 +375,7 @@ class Pipeline:
                                                                   model, ck, client)
                 summary[channel]["segmentation"] = ccfg.segment.method
         cfg.save(out_dir / "config.toml")
-        result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed)
+        result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
         if cfg.output.report:
             from .report import write_report
@@ -402,6 +413,22 @@ class Pipeline:
         return out_path
 
 
+def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
+    """A truth mask for a channel that is not processed is an error (no Dice would be reported, silently);
+    per-channel settings for a channel the scan does not have are reported (a config may serve many scans)."""
+    unknown = [c for c in truth if c not in scan.channels]
+    if unknown:
+        raise ConfigError(f"{scan.path}: truth given for channel(s) {', '.join(unknown)}, which this run does not "
+                          f"process (its channels: {', '.join(scan.channels)})")
+    unused = [c for c in cfg.channel if c not in scan.channels]
+    if unused and not cfg.channels:
+        import warnings
+
+        warnings.warn(f"{scan.path}: settings given for channel(s) {', '.join(unused)} (--preset or [channel.NAME]), "
+                      f"which the scan does not have (its channels: {', '.join(scan.channels)}); they are unused",
+                      stacklevel=3)
+
+
 def _load_model(cfg: PipelineConfig):
     from . import unet
 
@@ -414,12 +441,23 @@ def _load_model(cfg: PipelineConfig):
 def _write_default_input(folder: Path, preset: str, progress: bool):
     from .phantom import PhantomConfig, write_phantom
 
-    if not (folder / "scan").is_dir():  # reuse a phantom written by an earlier run of the same command
+    want = PhantomConfig.preset(preset)
+    if not (folder / "scan").is_dir() or not _same_phantom(folder, want):
+        # reuse a phantom written by an earlier run of the same command, never one of another preset
         if folder.exists():
             shutil.rmtree(folder)
-        write_phantom(PhantomConfig.preset(preset), folder, progress=progress)
+        write_phantom(want, folder, progress=progress)
     truth = {p.stem: str(p) for p in sorted((folder / "truth").glob("*.tif"))}
     return folder / "scan", truth
+
+
+def _same_phantom(folder: Path, want) -> bool:
+    """Whether ``folder/phantom.json`` records the configuration ``want``."""
+    try:
+        have = json.loads((folder / "phantom.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return json.loads(json.dumps(asdict(want), default=_jsonable)) == have
 
 
 def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model,
@@ -429,6 +467,8 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     if ck.done:
         return ck.result()
     out.mkdir(parents=True, exist_ok=True)
+    if not ck.next_z:  # a fresh start: nothing of an earlier run may pass for this one's, even if it fails
+        _remove_earlier_outputs(out)
     stats = ck.load_stats()
     if stats is None:
         with timer("stats (pass 1)"):
@@ -473,7 +513,17 @@ def _slice_stats(scan, channel: str, cfg: PipelineConfig) -> list:
     stats, nz, step = [], scan.shape[0], cfg.slab_size
     for z0 in _progress(range(0, nz, step), cfg.progress, f"{channel} stats slabs", total=-(-nz // step)):
         slab = scan.read_slab(channel, z0, min(z0 + step, nz))
-        stats += [exposure.slice_stats(s, z=z0 + i) for i, s in enumerate(slab)]
+        try:
+            stats += [exposure.slice_stats(s, z=z0 + i) for i, s in enumerate(slab)]
+        except ValueError as err:  # NaN/Inf pixels: say in which file and channel
+            from .io import ScanError
+
+            where = f"{scan.path} (channel {channel})"
+            files = getattr(getattr(scan._source, "src", None), "files", None)  # a per-slice folder's files
+            bad = [z0 + i for i, s in enumerate(slab) if not np.isfinite(s).all()]
+            if isinstance(files, dict) and channel in files and bad:
+                where = str(files[channel][bad[0]])
+            raise ScanError(f"{where}: {err}") from err
     return stats
 
 
@@ -488,7 +538,28 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
         writers.discard()
         acc.__init__(shape, acc.truth_path, acc.channel)
     ck.next_z = 0
+    _remove_earlier_outputs(out)
     return _Writers(out, shape, voxel, names, cfg.slab_size)
+
+
+# what a channel's run may write ([mesh] format may be any of these)
+_MESH_FORMATS = ("glb", "ply", "obj", "stl")
+_CHANNEL_OUTPUTS = (
+    [f"{n}.ome.zarr" for n in ("preprocessed", "dom_mask", "unet_mask", "mask_raw", "otsu_mask", "mask")]
+    + [f"{n}.tif" for n in ("dom_mask", "unet_mask", "mask_raw", "otsu_mask", "mask")]
+    + [f"{n}.{f}" for n in ("mesh", "largest_tree") for f in _MESH_FORMATS]
+    + ["components.csv", "voxel_components.csv", "tree_branches.csv", "tree.graphml", "figures.npz"])
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    """A channel computed afresh first removes what an earlier run (other settings or input) left in its
+    folder: an output this run does not write (say unet_mask after a switch to method "dom"), or one it
+    fails before replacing, would otherwise look like part of this run."""
+    from .io import _remove
+
+    for name in _CHANNEL_OUTPUTS:
+        if (out / name).exists() or (out / name).is_symlink():
+            _remove(out / name)
 
 
 def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
@@ -516,6 +587,9 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
             with timer("checkpoint"):
                 ck.save(z0 + min(step, nz - z0), acc)
             last = time.monotonic()
+    if ck.next_z < nz:  # pass 2 is complete: a run killed in the closings or the mesh does not redo it
+        with timer("checkpoint"):
+            ck.save(nz, acc)
 
 
 def _context(model) -> int:
@@ -606,6 +680,8 @@ def _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, wri
         if time.monotonic() - last >= cfg.checkpoint_seconds:
             ck.save(min(z0 + step, nz), acc)
             last = time.monotonic()
+    if ck.next_z < nz:
+        ck.save(nz, acc)
 
 
 def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
@@ -852,15 +928,40 @@ class _Writers:
 
 
 def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth) -> str:
-    """What must match for a resumed run to continue an earlier one: settings, input and channel."""
+    """What must match for a resumed run to continue an earlier one: settings, input and channel, and the
+    size and modification time of the files read (the scan, the truth mask, the U-Net weights), so a scan
+    re-exported under the same name, or weights retrained in place, are processed again, not reused."""
     import hashlib
 
     d = cfg.to_dict()
     d.pop("progress"), d.pop("checkpoint_seconds")
     desc = scan.describe()
+    weights = None
+    if cfg.uses_unet:
+        from .unet import default_weights_path
+
+        weights = _stamp(cfg.segment.weights or default_weights_path())
     key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "channels", "voxel_size")},
-           "channel": channel, "truth": str(truth) if truth else None}
+           "channel": channel, "truth": str(truth) if truth else None,
+           "files": {"input": _stamp(scan.path), "truth": _stamp(truth) if truth else None, "weights": weights}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp(path) -> list[int]:
+    """[files, bytes, newest modification time in ns] of a file, or of every file under a folder."""
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            st = path.stat()
+            return [1, st.st_size, st.st_mtime_ns]
+        n = size = newest = 0
+        for root, _dirs, files in os.walk(path):
+            for f in files:
+                st = os.stat(os.path.join(root, f))
+                n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+        return [n, size, newest]
+    except OSError:
+        return [0, 0, 0]
 
 
 class _Checkpoint:

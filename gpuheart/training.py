@@ -67,7 +67,10 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
         stats, keep, labels = [], [], []
         for z0 in range(0, nz, SLAB):
             z1 = min(nz, z0 + SLAB)
-            stats += [slice_stats(s, z=z0 + k) for k, s in enumerate(si.read_slab(ci, z0, z1))]
+            try:
+                stats += [slice_stats(s, z=z0 + k) for k, s in enumerate(si.read_slab(ci, z0, z1))]
+            except ValueError as err:  # NaN/Inf pixels: say in which file
+                raise ScanError(f"{stack.image}: {err}") from err
             lab = sl.read_slab(cl, z0, z1) > 0
             used = [k for k in range(z1 - z0) if not sparse or lab[k].any()]
             keep += [z0 + k for k in used]

@@ -268,6 +268,9 @@ def load_weights(path, device: str = "cpu") -> UNet:
     except Exception as err:  # pickle, zip or EOF errors alike; torch's text advises weights_only=False, wrongly here
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (not a readable PyTorch checkpoint: "
                          f"{type(err).__name__}); expected best.pt from gpuheart train") from err
+    if isinstance(ckpt, dict) and {"model", "opt", "state"} <= ckpt.keys():
+        raise ValueError(f"{path} is the training state that gpuheart train --resume continues from, not weights "
+                         f"to segment with: use best.pt in the same folder")
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (expected format {WEIGHTS_FORMAT!r})")
     model = UNet(**ckpt["hparams"])
@@ -734,6 +737,12 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
                          f"need both (check val_fraction and the volume depths)")
+    if not any(labs[v][z].any() for v, z in val_sl):
+        which = (f" (the last {cfg.val_fraction:.0%} of each stack's slices)" if cfg.split == "slab" else "")
+        warnings.warn(f"none of the {len(val_sl)} validation slices{which} has a labelled pixel: validation "
+                      f"Dice (1 for an empty prediction, 0 otherwise) cannot choose best.pt or calibrate its "
+                      f"threshold; label vessels in those slices, or pass "
+                      f"--sparse-labels to train and validate on the labelled slices only", stacklevel=2)
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}: expected 'plateau' or 'cosine'")
     if cfg.context < 0:

@@ -195,3 +195,50 @@ def test_batch_continues_past_a_failing_scan(tmp_path, capsys):
 def test_glob_matching_nothing_is_an_error(tmp_path, capsys):
     assert main(["run", str(tmp_path / "*.tif"), "-o", str(tmp_path / "o"), "--no-progress"]) == 1
     assert "matches no file" in capsys.readouterr().err
+
+
+def test_segment_refuses_an_output_that_is_not_a_tiff(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "mask.zarr"
+    assert main(["segment", str(tmp_path / "ph" / "scan"), "-o", str(out), "--method", "dom", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mask.zarr" in err and ".tif" in err and not out.exists()
+
+
+def test_rerun_says_what_it_reused_and_unknown_voxel_sizes_are_noted(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (5, 48, 48), dtype=np.uint16),
+                     photometric="minisblack")
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[output]\nreport = false\n')
+    argv = ["run", str(stack), "-o", str(tmp_path / "out"), "-c", str(cfg), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "assume 1 x 1 x 1 µm" in out and "C00: reused" not in out
+    assert main(argv) == 0
+    assert "C00: reused the finished results of an earlier run" in capsys.readouterr().out
+    assert main(argv + ["--voxel-size", "2", "1", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "C00: reused" not in out and "C00: resumed" not in out and "assume 1 x 1 x 1" not in out
+    assert main(argv + ["--truth", "C01", str(stack)]) == 1
+    assert "truth given for channel(s) C01" in capsys.readouterr().err
+
+
+def test_segment_postprocess_follows_the_flag_then_the_config_then_no(tmp_path):
+    """`segment` alone: no closings; with -c: the config's [postprocess] enabled; a flag overrides both."""
+    from gpuheart.cli import _parser, _segment_config
+    from gpuheart.pipeline import PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.postprocess.enabled = True
+    cfg.save(tmp_path / "run.toml")
+    base = ["segment", "in.tif", "-o", "m.tif"]
+    parse = _parser().parse_args
+    assert _segment_config(parse(base)).postprocess.enabled is False
+    assert _segment_config(parse(base + ["--postprocess"])).postprocess.enabled is True
+    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml")])).postprocess.enabled is True
+    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml"), "--no-postprocess"])).postprocess.enabled is False

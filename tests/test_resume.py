@@ -184,3 +184,109 @@ def test_accumulator_restored_from_a_checkpoint_accepts_device_slabs():
     acc2 = _ChannelAccumulator((4, 8, 8), None, "C00")
     acc2.load_state(*acc.state())
     acc2.add_raw(2, cp.ones((2, 8, 8), cp.uint16))
+
+
+def _fast_cfg(**extra):
+    from gpuheart import PipelineConfig
+
+    d = {"slab_size": 4, "progress": False, "segment": {"method": "dom"}, "output": {"report": False},
+         "mesh": {"enabled": False}, "graph": {"enabled": False}, "channels": ["C00"]}
+    for k, v in extra.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return PipelineConfig.from_dict(d)
+
+
+def _stack(scan, path, z0, z1):
+    import tifffile
+
+    with open_scan(scan, channels="C00") as s:
+        tifffile.imwrite(path, s.read_slab("C00", z0, z1))
+    return path
+
+
+def _volume(path):
+    with open_scan(path) as s:
+        return s.read_slab(0, 0, s.shape[0])
+
+
+def test_a_changed_input_file_is_processed_again_not_reused(scan, tmp_path):
+    """Same path, shape and dtype, other pixels (a scan re-exported under its old name): not the old results."""
+    from gpuheart import Pipeline
+
+    stack, out, cfg = tmp_path / "stack.tif", tmp_path / "out", _fast_cfg()
+    _stack(scan, stack, 0, 12)
+    Pipeline(cfg).run(stack, out)
+    assert Pipeline(cfg).run(stack, out).resumed == {"C00": 12}  # unchanged: reused
+    first = _volume(out / "C00" / "preprocessed.ome.zarr")
+    _stack(scan, stack, 20, 32)
+    os.utime(stack, ns=(time.time_ns(), time.time_ns() + 10**9))  # a coarse file system clock must see it too
+    again = Pipeline(cfg).run(stack, out)
+    assert again.resumed == {} and again.reused == []
+    assert not np.array_equal(_volume(out / "C00" / "preprocessed.ome.zarr"), first)
+
+
+def test_killed_after_pass_2_redoes_only_the_closings(scan, tmp_path, monkeypatch):
+    """Killed in the closings (after pass 2 committed its stores): the same command continues from there,
+    without computing a slab again, and gives the uninterrupted run's outputs."""
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=3600.0)  # only the checkpoint at the end of pass 2
+    ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+    real = pipeline._postprocess
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_postprocess", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+    monkeypatch.setattr(pipeline, "_postprocess", real)
+
+    def no_slabs(*a, **k):
+        raise AssertionError("pass 2 was computed again")
+
+    monkeypatch.setattr(pipeline, "_process_slab", no_slabs)
+    again = Pipeline(cfg).run(scan, tmp_path / "out")
+    assert again.resumed == {"C00": 40} and again.reused == []
+    for name in ("preprocessed", "dom_mask", "mask"):
+        np.testing.assert_array_equal(_volume(tmp_path / "out" / "C00" / f"{name}.ome.zarr"),
+                                      _volume(ref.out_dir / "C00" / f"{name}.ome.zarr"))
+
+
+def test_a_run_with_other_settings_leaves_no_outputs_of_the_earlier_one(scan, tmp_path):
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import ConfigError
+
+    out = tmp_path / "out"
+    Pipeline(_fast_cfg(output={"tiff": True})).run(scan, out)
+    assert (out / "C00" / "mask.ome.zarr").is_dir() and (out / "C00" / "mask.tif").is_file()
+    # without the closings the mask is the DoM mask itself: an old mask.ome.zarr would pass for this run's
+    result = Pipeline(_fast_cfg(postprocess={"enabled": False})).run(scan, out)
+    assert result.outputs["C00"]["mask"] == out / "C00" / "dom_mask.ome.zarr"
+    assert not (out / "C00" / "mask.ome.zarr").exists() and not (out / "C00" / "mask.tif").exists()
+    assert (out / "summary.json").is_file()
+    # a run that fails leaves no summary of an earlier one behind, so nothing there looks finished
+    bad_truth = tmp_path / "truth.tif"
+    import tifffile
+    tifffile.imwrite(bad_truth, np.zeros((40, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="truth mask has shape"):
+        Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out, truth={"C00": str(bad_truth)})
+    assert not (out / "summary.json").exists()
+    assert not (out / "C00" / "dom_mask.ome.zarr").exists()
+    with pytest.raises(ConfigError, match="truth given for channel.s. C07"):
+        Pipeline(_fast_cfg()).run(scan, out, truth={"C07": str(bad_truth)})
+
+
+def test_the_synthetic_scan_of_another_preset_is_written_not_reused(tmp_path):
+    from gpuheart.pipeline import _write_default_input
+
+    scan, _ = _write_default_input(tmp_path / "input", "tiny", progress=False)
+    with open_scan(scan) as s:
+        assert s.shape == (16, 64, 64)
+    mtime = (tmp_path / "input" / "phantom.json").stat().st_mtime_ns
+    _write_default_input(tmp_path / "input", "tiny", progress=False)  # same preset: reused
+    assert (tmp_path / "input" / "phantom.json").stat().st_mtime_ns == mtime
+    scan, _ = _write_default_input(tmp_path / "input", "default", progress=False)
+    with open_scan(scan) as s:
+        assert s.shape == (32, 256, 256)

@@ -496,3 +496,20 @@ def test_fixed_threshold_is_stored_instead_of_calibrated(tmp_path):
     assert res.history[0]["threshold"] == 0.5
     with pytest.raises(ValueError, match="threshold"):
         unet.train([img], [lab], _cfg(epochs=1, threshold=1.5), tmp_path / "x", progress=False)
+
+
+def test_validation_slices_without_labels_are_reported(tmp_path):
+    """Labels only in the first slices (the validation slices are the last ones): Dice cannot choose best.pt."""
+    img, lab = _synthetic()
+    lab[3:] = 0
+    with pytest.warns(UserWarning, match="validation slices .* has a labelled pixel.*--sparse-labels"):
+        unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
+
+
+def test_last_checkpoint_given_as_weights_points_to_best_pt(tmp_path):
+    model = UNet(depth=1, width=4)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+    unet._save_last(tmp_path / "last.pt", model, opt, sched, np.random.default_rng(0), {"epoch": 1}, TrainConfig())
+    with pytest.raises(ValueError, match="best.pt"):
+        unet.load_weights(tmp_path / "last.pt")
