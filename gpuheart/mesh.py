@@ -218,6 +218,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
 
 COMPONENT_COLUMNS = ("component", "faces", "vertices", "surface_area", "volume",
                      "x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
+# the CSV's header carries the units (µm, x y z order) so it is not mixed up with voxel_components.csv
+# (voxel indices, z y x order)
+COMPONENT_CSV_HEADER = ("component", "faces", "vertices", "surface_area_um2", "volume_um3",
+                        "x_min_um", "y_min_um", "z_min_um", "x_max_um", "y_max_um", "z_max_um")
 
 
 def component_table(vertices: np.ndarray, faces: np.ndarray) -> dict[str, np.ndarray]:
@@ -256,7 +260,7 @@ def write_component_table(table: dict[str, np.ndarray], path) -> None:
     """Write :func:`component_table` as CSV (header line, one row per component), atomically."""
     path = Path(path)
     n = len(table["component"])
-    lines = [",".join(COMPONENT_COLUMNS)]
+    lines = [",".join(COMPONENT_CSV_HEADER)]
     for i in range(n):
         lines.append(",".join(str(int(table[c][i])) if c in ("component", "faces", "vertices")
                               else f"{float(table[c][i]):.6g}" for c in COMPONENT_COLUMNS))

@@ -755,7 +755,7 @@ def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:
     """One row per 26-connected component of the final mask, largest first: voxels, volume, bounding box."""
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
     order = np.argsort(-sizes[1:], kind="stable")
-    rows = ["component,voxels,volume_um3,z_min,y_min,x_min,z_max,y_max,x_max"]
+    rows = ["component,voxels,volume_um3,z_min_index,y_min_index,x_min_index,z_max_index,y_max_index,x_max_index"]
     for i in order:
         rows.append(",".join(map(str, [i + 1, int(sizes[i + 1]), float(sizes[i + 1] * vs.prod()),
                                        *lo[i].tolist(), *(hi[i] - 1).tolist()])))

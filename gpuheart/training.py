@@ -63,6 +63,11 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
     with open_scan(stack.image) as si, open_scan(stack.label) as sl:
         if si.shape != sl.shape:
             raise ScanError(f"{stack.label}: label shape {sl.shape} differs from image shape {si.shape}")
+        for scan, path in ((si, stack.image), (sl, stack.label)):
+            if len(scan.channels) != 1:  # which channel the labels trace is not ours to guess
+                raise ScanError(f"{path}: has {len(scan.channels)} channels ({', '.join(scan.channels)}); "
+                                f"training expects one-channel image and label stacks: save the labelled "
+                                f"channel on its own")
         ci, cl, nz = si.channels[0], sl.channels[0], si.shape[0]
         stats, keep, labels = [], [], []
         for z0 in range(0, nz, SLAB):

@@ -227,8 +227,9 @@ def test_component_table_matches_separate_meshes(tmp_path):
     path = tmp_path / "components.csv"
     M.write_component_table(t, path)
     rows = np.genfromtxt(path, delimiter=",", names=True)
-    assert rows.dtype.names == M.COMPONENT_COLUMNS and len(rows) == 4
-    np.testing.assert_allclose(rows["volume"], t["volume"], rtol=1e-5)
+    assert rows.dtype.names == M.COMPONENT_CSV_HEADER and len(rows) == 4
+    assert M.COMPONENT_CSV_HEADER[3:6] == ("surface_area_um2", "volume_um3", "x_min_um")
+    np.testing.assert_allclose(rows["volume_um3"], t["volume"], rtol=1e-5)
 
 
 def test_largest_component(tmp_path):

@@ -233,8 +233,8 @@ def test_voxel_component_table_matches_scipy(tiny_run):
         k = int(r["component"])
         box = ndi.find_objects(lab)[k - 1]
         assert int(r["voxels"]) == int((lab == k).sum())
-        assert [int(r[c]) for c in ("z_min", "y_min", "x_min")] == [b.start for b in box]
-        assert [int(r[c]) for c in ("z_max", "y_max", "x_max")] == [b.stop - 1 for b in box]
+        assert [int(r[c]) for c in ("z_min_index", "y_min_index", "x_min_index")] == [b.start for b in box]
+        assert [int(r[c]) for c in ("z_max_index", "y_max_index", "x_max_index")] == [b.stop - 1 for b in box]
 
 
 def test_global_otsu_equals_the_whole_volume_threshold(tiny_run, tmp_path):

@@ -71,3 +71,12 @@ def test_train_sparse_labels_from_the_command_line(tmp_path, capsys):
     assert (tmp_path / "run" / "best.pt").is_file()
     assert main(["train", str(data), "-o", str(tmp_path / "ctx"), "--sparse-labels", "--context", "1", *common]) == 1
     assert "2.5-D" in capsys.readouterr().err
+
+
+def test_a_multichannel_image_is_refused_naming_its_channels(tmp_path):
+    img, lab = _stack(nz=4)
+    _pair(tmp_path, "two", img, lab)
+    two = np.stack([img, img], 1)  # (z, c, y, x)
+    tifffile.imwrite(tmp_path / "two_image.tif", two, imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(ScanError, match=r"two_image.tif: has 2 channels \(C00, C01\)"):
+        load_pair(find_pairs([tmp_path])[0])
