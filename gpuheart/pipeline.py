@@ -336,10 +336,9 @@ class Pipeline:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # an earlier run's summary and report would make this run look finished until it is
+        # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
         for old in (out_dir / "summary.json", out_dir / "report.html"):
             old.unlink(missing_ok=True)
-        if (out_dir / "report").is_dir():
-            shutil.rmtree(out_dir / "report", ignore_errors=True)
         channels = cfg.channels or None
         user_truth = dict(truth or {})
         if source is None:
@@ -443,7 +442,11 @@ def _write_default_input(folder: Path, preset: str, progress: bool):
 
     want = PhantomConfig.preset(preset)
     if not (folder / "scan").is_dir() or not _same_phantom(folder, want):
-        # reuse a phantom written by an earlier run of the same command, never one of another preset
+        # reuse a phantom written by an earlier run of the same command, never one of another preset;
+        # replace only a scan a run wrote (phantom.json), never a folder of the user's that happens to be there
+        if folder.exists() and any(folder.iterdir()) and not (folder / "phantom.json").is_file():
+            raise ConfigError(f"{folder} exists and is not a synthetic scan gpuheart wrote (no phantom.json); "
+                              f"a run without INPUT writes its synthetic scan there: choose another -o")
         if folder.exists():
             shutil.rmtree(folder)
         write_phantom(want, folder, progress=progress)

@@ -61,11 +61,13 @@ def test_sigkill_then_same_command_resumes_and_equals_uninterrupted(scan, tmp_pa
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "summary.json").exists()
-    assert not (out / "C00" / "mask.ome.zarr").exists()  # nothing that looks complete
+    at = manifest.read_text()[:300]  # where it was killed, for the messages below
+    assert not (out / "summary.json").exists(), at
+    assert not (out / "C00" / "mask.ome.zarr").exists(), at  # nothing that looks complete
 
-    again = subprocess.run(_cmd(scan, out, cfg), check=True, capture_output=True, text=True)
-    assert "resumed an interrupted run at slice" in again.stdout
+    again = subprocess.run(_cmd(scan, out, cfg), capture_output=True, text=True)
+    assert again.returncode == 0, f"killed at {at}\n{again.stdout}\n{again.stderr}"
+    assert "resumed an interrupted run at slice" in again.stdout, f"killed at {at}\n{again.stdout}"
     for name in ("preprocessed", "dom_mask", "mask"):
         with open_scan(ref / "C00" / f"{name}.ome.zarr") as a, open_scan(out / "C00" / f"{name}.ome.zarr") as b:
             np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
@@ -290,3 +292,20 @@ def test_the_synthetic_scan_of_another_preset_is_written_not_reused(tmp_path):
     scan, _ = _write_default_input(tmp_path / "input", "default", progress=False)
     with open_scan(scan) as s:
         assert s.shape == (32, 256, 256)
+
+
+def test_a_folder_of_the_users_where_the_synthetic_scan_goes_is_never_deleted(tmp_path):
+    from gpuheart.pipeline import ConfigError, _write_default_input
+
+    mine = tmp_path / "input"
+    (mine / "scan").mkdir(parents=True)
+    (mine / "scan" / "precious.tif").write_bytes(b"data")
+    with pytest.raises(ConfigError, match="not a synthetic scan gpuheart wrote"):
+        _write_default_input(mine, "tiny", progress=False)
+    assert (mine / "scan" / "precious.tif").read_bytes() == b"data"
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    from gpuheart import Pipeline
+    with pytest.raises(ConfigError):
+        Pipeline(_fast_cfg()).run(None, tmp_path, phantom_preset="tiny")
+    assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
