@@ -1,6 +1,7 @@
 """U-Net inference throughput: 256x256 tiles per second through ``unet.predict``.
 
-The project's reference point: a plain 16-channel U-Net in bf16 did about 6,600 tiles/s on an H100.
+The target, quoted in the project's issue (not a gpuheart measurement): a plain 16-channel U-Net in bf16 did about
+6,600 tiles/s on an H100.
 Run as a script for a JSON result (``python benchmarks/bench_unet.py``), or under pytest-benchmark.
 """
 from __future__ import annotations

@@ -218,8 +218,8 @@ def section_io(e) -> list[str]:
     out = ["### Reading a per-slice TIFF folder", "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}): {d['benchmark']}. Timing: {d.get('timing', '')}. "
            f"The slices of a slab are decoded by up to 8 threads (`GPUHEART_READ_THREADS`; {n} here); with one, "
-           f"tifffile decodes a page's strips with {d['machine'].get('tifffile_maxworkers', '?')} worker(s). The slices are "
-           "mostly noise, so the compressed files are barely smaller than the raw ones.", "",
+           f"tifffile decodes a page's strips with {d['machine'].get('tifffile_maxworkers', '?')} worker(s). "
+           + _io_sizes(d["results"]), "",
            f"| compression | 1 thread | {n} threads | speed-up | MiB on disk |", "|---|---:|---:|---:|---:|"]
     out += [f"| {k} | {ms(r['one_thread_s'])} | {ms(r['default_threads_s'])} | {r['speedup']:.2f}x | {r['mib_on_disk']:.0f} |"
             for k, r in d["results"].items()]
@@ -234,6 +234,18 @@ def section_io(e) -> list[str]:
                 f"| mask codec | {mw['mask_codec_s']:.3f} | {mw['mask_codec_mib']:.2f} |",
                 f"| speed-up | {mw['speedup']:.1f}x | |"]
     return out + [""]
+
+
+def _io_sizes(results: dict) -> str:
+    """What the MiB-on-disk column says about compression, from the numbers (LZW can make noise larger)."""
+    raw = (results.get("none") or {}).get("mib_on_disk")
+    other = {k: r["mib_on_disk"] for k, r in results.items() if k != "none" and "mib_on_disk" in r}
+    if not raw or not other:
+        return ""
+    sizes = ", ".join(f"{k} {v:.0f} MiB" for k, v in other.items())
+    larger = [k for k, v in other.items() if v > raw]
+    return (f"The slices are mostly noise, so compression saves little or nothing: {sizes} on disk against "
+            f"{raw:.0f} MiB uncompressed" + (f" ({' and '.join(larger)} larger than uncompressed)." if larger else "."))
 
 
 def section_mesh(e) -> list[str]:
@@ -273,7 +285,8 @@ def section_unet(e) -> list[str]:
               if (b := d.get("bf16_autocast")) else []),
             "",
             *_unet_sweep(d),
-            "Reference from the project: a plain 16-channel U-Net in bf16 did about 6,600 tiles/s on an H100.",
+            "Not a result: the project's reference point for a GPU is a figure quoted in its issues, about 6,600 "
+            "tiles/s for a plain 16-channel U-Net in bf16 on an H100; gpuheart has not been run on a GPU.",
             ""]
 
 
@@ -297,6 +310,9 @@ def section_accuracy(e) -> list[str]:
     st = d.get("settings", {})
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
     extra = {k: st[k] for k in ("seed", "context", "zoom", "phantoms") if st.get(k) not in (None, 0)}
+    # settings whose default is not 0/None: named when a run changed them, or two recipes read alike
+    extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"))
+                  if st.get(k) not in (None, default)})
     recipe += "".join(f", {k} {v}" for k, v in extra.items())
     ph = [r["phantom"]["unet"]["dice"] for r in d["per_stack"].values() if "phantom" in r]
     phantom = f" Fold models on the built-in scan's vessels: mean Dice {sum(ph) / len(ph):.3f}." if ph else ""
@@ -420,9 +436,10 @@ def render(entries: list[dict]) -> str:
         name = next((e["doc"].get("device_name") for e in mine if e["doc"].get("device_name")), None)
         out += [f"## {'CPU' if dev == 'cpu' else 'GPU'}: {name or dev} (`{dev}`)", ""]
         if dev == "cpu":
-            out += ["These CPU numbers come from a 2-core shared machine that was running other work (a U-Net "
-                    "training job) at the time: the ratios were measured side by side in one process and are "
-                    "the meaningful part; absolute times hold only for \"this 2-core CPU, under load\".", ""]
+            out += ["These CPU numbers come from a 2-core shared machine that was at times running other work "
+                    "(where a result recorded the 1-minute load average, its section gives it; 2 means both cores "
+                    "busy): the ratios were measured side by side in one process and are the meaningful part; "
+                    "absolute times hold only for \"this 2-core CPU, as loaded then\".", ""]
         for kind in ORDER:
             found = sorted((e for e in mine if e["kind"] == kind), key=lambda e: e["when"], reverse=True)
             if kind == "pytest-benchmark":

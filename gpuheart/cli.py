@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Write a deterministic synthetic 3-channel light-sheet scan with ground truth: "
                                     "OUT/scan (LaVision-style per-slice OME-TIFFs), OUT/truth, OUT/phantom.json.")
     ph.add_argument("out", help="output folder")
-    ph.add_argument("--preset", default="default", choices=["tiny", "default", "large"])
+    ph.add_argument("--preset", default="default", choices=["tiny", "default", "large"],
+                    help="tiny 16x64x64, default 32x256x256, large 16x2048x2048 (default: %(default)s)")
     ph.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the preset's shape")
     ph.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     ph.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -76,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("--method", choices=["unet", "dom", "union", "otsu"], help="default: the config's (union)")
     sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
     sg.add_argument("--channel", help="channel to segment (default: the first)")
-    sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"))
-    sg.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
-                    help="apply the paper's closings too (default: no, or the config's [postprocess] enabled "
-                         "when -c is given)")
+    sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                    help="voxel size in µm (default: from the input's metadata)")
+    sg.add_argument("--postprocess", action="store_true",
+                    help="apply the paper's closings too (step 6; default: no, whatever a -c config says)")
     sg.add_argument("-c", "--config", help="TOML config file")
-    sg.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: the config's, auto)")
     sg.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train the U-Net on labelled stacks",
@@ -129,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
 
     rp = sub.add_parser("report", help="write report.html for a finished run",
-                        description="Write OUT_DIR/report.html with PNG figures (projections before and after each "
-                                    "stage, slice-mean curves, line profile, overlays, mesh, stage times) from "
-                                    "what a run left in OUT_DIR. gpuheart run does this automatically.")
+                        description="Write OUT_DIR/report.html with a table of stage times and PNG figures "
+                                    "(projections before and after each stage, slice-mean curves, line profile, "
+                                    "overlays, mesh) from what a run left in OUT_DIR. gpuheart run does this "
+                                    "automatically.")
     rp.add_argument("out_dir", help="the output folder of a run (holds summary.json)")
 
     i = sub.add_parser("info", help="describe a scan", description="Print shape, dtype, channels, voxel size "
@@ -335,8 +337,8 @@ def _segment_config(a):
     if a.device:
         cfg.device = a.device
     cfg.progress = not a.no_progress
-    if a.postprocess is not None or not a.config:  # segment's own default is steps 1-5, no closings
-        cfg.postprocess.enabled = bool(a.postprocess)
+    # steps 1-5 unless asked: a config's [postprocess] enabled is true by default, so it cannot say "asked"
+    cfg.postprocess.enabled = bool(a.postprocess)
     return cfg
 
 

@@ -228,8 +228,9 @@ def test_rerun_says_what_it_reused_and_unknown_voxel_sizes_are_noted(tmp_path, c
     assert "truth given for channel(s) C01" in capsys.readouterr().err
 
 
-def test_segment_postprocess_follows_the_flag_then_the_config_then_no(tmp_path):
-    """`segment` alone: no closings; with -c: the config's [postprocess] enabled; a flag overrides both."""
+def test_segment_applies_the_closings_only_when_asked(tmp_path):
+    """`segment` is steps 1-5 whatever a config file says ([postprocess] enabled defaults to true there);
+    --postprocess adds step 6."""
     from gpuheart.cli import _parser, _segment_config
     from gpuheart.pipeline import PipelineConfig
 
@@ -239,6 +240,5 @@ def test_segment_postprocess_follows_the_flag_then_the_config_then_no(tmp_path):
     base = ["segment", "in.tif", "-o", "m.tif"]
     parse = _parser().parse_args
     assert _segment_config(parse(base)).postprocess.enabled is False
-    assert _segment_config(parse(base + ["--postprocess"])).postprocess.enabled is True
-    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml")])).postprocess.enabled is True
-    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml"), "--no-postprocess"])).postprocess.enabled is False
+    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml")])).postprocess.enabled is False
+    assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml"), "--postprocess"])).postprocess.enabled is True
