@@ -5,6 +5,7 @@ outputs, timings and summary numbers.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -86,7 +87,6 @@ class GraphConfig:
 @dataclass
 class OutputConfig:
     write_preprocessed: bool = True
-    write_mask: bool = True
     tiff: bool = False  # also write every mask as a multi-page TIFF beside its OME-Zarr
     report: bool = True  # report.html with figures at the end of the run
 
@@ -221,10 +221,19 @@ class PipelineConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
+# keys earlier versions wrote into config.toml, accepted with a warning so those files still load
+_RETIRED = {"OutputConfig": {"write_mask": "the final mask is always written: the mesh and measurements read it"}}
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
+    for key in set(data) & set(_RETIRED.get(cls.__name__, {})):  # config files written by earlier versions
+        import warnings
+
+        warnings.warn(f"{where}.{key} is no longer used ({_RETIRED[cls.__name__][key]}); ignored", stacklevel=4)
+        data = {k: v for k, v in data.items() if k != key}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -337,8 +346,7 @@ class Pipeline:
         out_dir.mkdir(parents=True, exist_ok=True)
         # an earlier run's summary and report would make this run look finished until it is
         # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
-        for old in (out_dir / "summary.json", out_dir / "report.html"):
-            old.unlink(missing_ok=True)
+        _remove_earlier_run_files(out_dir, cfg.output.report)
         channels = cfg.channels or None
         user_truth = dict(truth or {})
         if source is None:
@@ -355,12 +363,14 @@ class Pipeline:
             models: dict[str, Any] = {}  # weights path -> model, loaded once
             resumed: dict[str, int] = {}
             reused: list[str] = []
-            outputs, summary = {}, {"input": scan.describe(), "device": backend.resolve_device(cfg.device),
+            desc = scan.describe()  # once: for a Zarr store it sums every chunk file's size
+            outputs, summary = {}, {"input": desc, "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
+            stamps: dict = {}  # the files' stamps, taken once for every channel
             for channel in scan.channels:
                 t = (truth or {}).get(channel)
                 ccfg = cfg.for_channel(channel)
-                ck = _Checkpoint(out_dir / channel, _fingerprint(ccfg, scan, channel, t), resume)
+                ck = _Checkpoint(out_dir / channel, _fingerprint(ccfg, scan, channel, t, stamps, desc), resume)
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                 if ck.done:
@@ -410,6 +420,53 @@ class Pipeline:
                 voxel = m.voxel_size
             _zarr_to_tiff(mask_path, out_path, voxel)
         return out_path
+
+
+def _is_run_summary(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(d, dict) and {"outputs", "timings_s", "summary"} <= d.keys()
+
+
+def _is_run_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"<title>gpuheart report</title>" in f.read(4096)
+    except OSError:
+        return False
+
+
+def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:
+    """Remove the summary.json and report.html an earlier run left in ``out_dir``. A file of that name that no
+    gpuheart run wrote (OUT may be a folder of the user's) is never removed: it is an error when this run
+    would write over it, before anything is written."""
+    ours = []
+    for name, is_ours, writes in (("summary.json", _is_run_summary, True), ("report.html", _is_run_report, report)):
+        path = out_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if is_ours(path):
+            ours.append(path)
+        elif writes:
+            raise ConfigError(f"{path} was not written by gpuheart, and a run writes its {name} there: "
+                              f"choose another -o (or move that file)")
+    for path in ours:
+        path.unlink()
+
+
+def _check_inputs_are_not_outputs(out: Path, *inputs) -> None:
+    """A scan or truth mask given from among a channel's own outputs (``OUT/C00/mask.tif`` as truth) would be
+    removed or written over by the run that reads it."""
+    own = {(out / name).resolve() for name in _CHANNEL_OUTPUTS}
+    for given in inputs:
+        if given is None:
+            continue
+        p = Path(given).resolve()
+        if p in own or own.intersection(p.parents):
+            raise ConfigError(f"{given} is one of the outputs this run writes in {out} (it would be removed and "
+                              f"rewritten): copy it elsewhere first, or choose another -o")
 
 
 def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
@@ -469,6 +526,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
 
     if ck.done:
         return ck.result()
+    _check_inputs_are_not_outputs(out, scan.path, truth_path)
     out.mkdir(parents=True, exist_ok=True)
     if not ck.next_z:  # a fresh start: nothing of an earlier run may pass for this one's, even if it fails
         _remove_earlier_outputs(out)
@@ -540,7 +598,7 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
             return writers
         writers.discard()
         acc.__init__(shape, acc.truth_path, acc.channel)
-    ck.next_z = 0
+    ck.reset()
     _remove_earlier_outputs(out)
     return _Writers(out, shape, voxel, names, cfg.slab_size)
 
@@ -557,12 +615,14 @@ _CHANNEL_OUTPUTS = (
 def _remove_earlier_outputs(out: Path) -> None:
     """A channel computed afresh first removes what an earlier run (other settings or input) left in its
     folder: an output this run does not write (say unet_mask after a switch to method "dom"), or one it
-    fails before replacing, would otherwise look like part of this run."""
+    fails before replacing, would otherwise look like part of this run; also what a killed run left of
+    them (``.partial`` stores, an ``.old-<pid>`` copy from a kill while committing)."""
     from .io import _remove
 
     for name in _CHANNEL_OUTPUTS:
-        if (out / name).exists() or (out / name).is_symlink():
-            _remove(out / name)
+        for path in [out / name, out / f"{name}.partial", *out.glob(f"{glob.escape(name)}.old-*")]:
+            if path.exists() or path.is_symlink():
+                _remove(path)
 
 
 def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
@@ -930,48 +990,96 @@ class _Writers:
         return False
 
 
-def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth) -> str:
+def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | None = None,
+                 desc: dict | None = None) -> str:
     """What must match for a resumed run to continue an earlier one: settings, input and channel, and the
     size and modification time of the files read (the scan, the truth mask, the U-Net weights), so a scan
-    re-exported under the same name, or weights retrained in place, are processed again, not reused."""
+    re-exported under the same name, or weights retrained in place, are processed again, not reused.
+    ``stamps`` caches the files' stamps for one run (every channel reads the same scan), ``desc`` is the
+    scan's ``describe()`` if the caller has it."""
     import hashlib
+
+    stamps = {} if stamps is None else stamps
+
+    def stamp(path):
+        key = str(path)
+        if key not in stamps:
+            stamps[key] = _stamp(path)
+        return stamps[key]
 
     d = cfg.to_dict()
     d.pop("progress"), d.pop("checkpoint_seconds")
-    desc = scan.describe()
+    desc = desc or scan.describe()
     weights = None
     if cfg.uses_unet:
         from .unet import default_weights_path
 
-        weights = _stamp(cfg.segment.weights or default_weights_path())
+        weights = stamp(cfg.segment.weights or default_weights_path())
     key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "channels", "voxel_size")},
            "channel": channel, "truth": str(truth) if truth else None,
-           "files": {"input": _stamp(scan.path), "truth": _stamp(truth) if truth else None, "weights": weights}}
+           "files": {"input": stamp(scan.path), "truth": stamp(truth) if truth else None, "weights": weights}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+
+
 def _stamp(path) -> list[int]:
-    """[files, bytes, newest modification time in ns] of a file, or of every file under a folder."""
+    """[files, bytes, newest modification time in ns] of a file, or of the files under a folder.
+
+    In a Zarr store, an array's chunks are not visited (a scan may have hundreds of thousands, which a
+    network file system would take minutes to stat, on every run): its metadata files and its folder
+    stand for it (rewritten or renamed into place by an export, which creates the store anew)."""
     path = Path(path)
+    n = size = newest = 0
+
+    def add(st):
+        nonlocal n, size, newest
+        n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+
+    def walk(folder: str):
+        if _is_zarr_array(folder):
+            add(os.stat(folder))
+            for name in _ZARR_METADATA:
+                try:
+                    add(os.stat(os.path.join(folder, name)))
+                except FileNotFoundError:
+                    pass
+            return
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    walk(e.path)
+                else:
+                    add(e.stat())
+
     try:
         if not path.is_dir():
-            st = path.stat()
-            return [1, st.st_size, st.st_mtime_ns]
-        n = size = newest = 0
-        for root, _dirs, files in os.walk(path):
-            for f in files:
-                st = os.stat(os.path.join(root, f))
-                n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-        return [n, size, newest]
+            add(path.stat())
+        else:
+            walk(str(path))
     except OSError:
         return [0, 0, 0]
+    return [n, size, newest]
+
+
+def _is_zarr_array(folder: str) -> bool:
+    if os.path.isfile(os.path.join(folder, ".zarray")):
+        return True
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            return json.loads(f.read()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _Checkpoint:
     """The resume manifest of one channel in ``out/.resume/``: pass-1 statistics, how far pass 2 got
     (with the measurement state at that point), and, once the channel is complete, its result.
 
-    Files are written then renamed, so a kill at any moment leaves the previous checkpoint intact.
+    Files are written then renamed, so a kill at any moment leaves the previous checkpoint intact: the
+    measurement state of a checkpoint goes to files named after its slice (``acc-<next_z>.npz/.json``), and
+    the manifest, written last, names that slice, so it never pairs with another checkpoint's state.
     A manifest whose fingerprint differs (other settings or input) is ignored and replaced.
     """
 
@@ -1013,31 +1121,54 @@ class _Checkpoint:
         _atomic_write_bytes(self.dir / "stats.json", json.dumps([asdict(st) for st in stats], default=_jsonable).encode())
         self._write_manifest(stats=True, next_z=0)
 
+    def _acc_files(self, next_z: int) -> tuple[Path, Path]:
+        return self.dir / f"acc-{next_z}.npz", self.dir / f"acc-{next_z}.json"
+
+    def _remove_acc(self, keep: int | None = None) -> None:
+        """Remove the measurement states of other checkpoints than ``keep`` (all without it)."""
+        kept = {f.name for f in self._acc_files(keep)} if keep is not None else set()
+        for f in [*self.dir.glob("acc-*"), self.dir / "acc.npz", self.dir / "acc.json"]:
+            if f.name not in kept:
+                f.unlink(missing_ok=True)
+
     def restore(self, acc) -> int:
         """Load the measurement state of the last checkpoint into ``acc``; returns the slice to continue at."""
         if self.next_z <= 0:
             return 0
+        npz, plain = self._acc_files(self.next_z)
         try:
-            with np.load(self.dir / "acc.npz") as f:
+            with np.load(npz) as f:
                 arrays = {k: f[k] for k in f.files}
-            acc.load_state(arrays, json.loads((self.dir / "acc.json").read_text()))
+            acc.load_state(arrays, json.loads(plain.read_text()))
         except (OSError, ValueError, KeyError):
             self.next_z = 0
         return self.next_z
 
     def save(self, next_z: int, acc) -> None:
+        """Checkpoint: the state after slices ``[0, next_z)``. Its files are complete before the manifest
+        names them; the previous checkpoint's files go only after that."""
         arrays, plain = acc.state()
+        npz, plain_path = self._acc_files(next_z)
         tmp = self.dir / "acc.partial.npz"
         np.savez(tmp, **arrays)
-        os.replace(tmp, self.dir / "acc.npz")
-        _atomic_write_bytes(self.dir / "acc.json", json.dumps(plain, default=_jsonable).encode())
+        os.replace(tmp, npz)
+        _atomic_write_bytes(plain_path, json.dumps(plain, default=_jsonable).encode())
         self.next_z = next_z
         self._write_manifest(next_z=next_z)
+        self._remove_acc(keep=next_z)
+
+    def reset(self) -> None:
+        """Pass 2 starts again from slice 0, in the manifest too: a kill before the next checkpoint must not
+        leave it vouching for slices the fresh stores do not hold."""
+        self.next_z = 0
+        if self.manifest.get("next_z"):
+            self._write_manifest(next_z=0)
+        if self.dir.is_dir():
+            self._remove_acc()
 
     def finish(self, paths: dict, summary: dict) -> None:
-        for f in ("acc.npz", "acc.json"):
-            (self.dir / f).unlink(missing_ok=True)
         self._write_manifest(done=True, result={"paths": {k: str(v) for k, v in paths.items()}, "summary": summary})
+        self._remove_acc()
 
 
 class _ChannelAccumulator:

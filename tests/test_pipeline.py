@@ -292,3 +292,12 @@ def test_2p5d_unet_gets_a_z_halo_across_slab_cuts(tmp_path, tiny_run, monkeypatc
     assert 0.01 < want.mean() < 0.99
     # equal up to float rounding at the threshold (tiles are batched differently)
     assert np.mean(got != want) < 1e-4
+
+
+def test_a_config_file_with_a_retired_key_still_loads_with_a_warning(tmp_path):
+    from gpuheart.pipeline import PipelineConfig
+
+    (tmp_path / "old.toml").write_text("[output]\nwrite_mask = true\ntiff = true\n")
+    with pytest.warns(UserWarning, match="output.write_mask is no longer used"):
+        cfg = PipelineConfig.load(tmp_path / "old.toml")
+    assert cfg.output.tiff is True

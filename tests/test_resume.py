@@ -309,3 +309,147 @@ def test_a_folder_of_the_users_where_the_synthetic_scan_goes_is_never_deleted(tm
     with pytest.raises(ConfigError):
         Pipeline(_fast_cfg()).run(None, tmp_path, phantom_preset="tiny")
     assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
+
+
+def _same_run(got, ref):
+    for name in ("preprocessed", "dom_mask", "mask"):
+        np.testing.assert_array_equal(_volume(got / "C00" / f"{name}.ome.zarr"),
+                                      _volume(ref / "C00" / f"{name}.ome.zarr"), name)
+    a = json.loads((got / "summary.json").read_text())["summary"]["C00"]
+    b = json.loads((ref / "summary.json").read_text())["summary"]["C00"]
+    assert a == b
+
+
+def test_killed_between_a_checkpoints_state_and_its_manifest_resumes_exactly(scan, tmp_path, monkeypatch):
+    """A kill after a checkpoint's measurement state was written, before the manifest said which slice it
+    belongs to: the resumed run must not add those slices' sums twice (the SIGKILL test's rare failure)."""
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=0.0)
+    Pipeline(cfg).run(scan, tmp_path / "ref")
+    real = pipeline._Checkpoint._write_manifest
+
+    def killed_at_12(self, **fields):
+        if fields.get("next_z") == 12 and "stats" not in fields:
+            raise KeyboardInterrupt
+        return real(self, **fields)
+
+    monkeypatch.setattr(pipeline._Checkpoint, "_write_manifest", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path / "out")
+    monkeypatch.setattr(pipeline._Checkpoint, "_write_manifest", real)
+    again = Pipeline(cfg).run(scan, tmp_path / "out")
+    assert again.resumed == {"C00": 8}
+    _same_run(tmp_path / "out", tmp_path / "ref")
+    assert sorted(p.name for p in (tmp_path / "out" / "C00" / ".resume").iterdir()) == ["manifest.json", "stats.json"]
+
+
+def test_a_restart_from_slice_0_is_recorded_before_the_fresh_stores_fill(scan, tmp_path, monkeypatch):
+    """Killed after pass 2, one pass-2 output then removed: the rerun starts pass 2 again. Killed again before
+    its first checkpoint, the manifest must not still vouch for all 40 slices of the fresh, mostly empty stores."""
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=3600.0)
+    Pipeline(cfg).run(scan, tmp_path / "ref")
+    real_post, real_slab = pipeline._postprocess, pipeline._process_slab
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_postprocess", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path / "out")
+    monkeypatch.setattr(pipeline, "_postprocess", real_post)
+    import shutil
+    shutil.rmtree(tmp_path / "out" / "C00" / "dom_mask.ome.zarr")
+    calls = []
+
+    def second_slab_killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_slab(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", second_slab_killed)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path / "out")
+    monkeypatch.setattr(pipeline, "_process_slab", real_slab)
+    Pipeline(cfg).run(scan, tmp_path / "out")
+    _same_run(tmp_path / "out", tmp_path / "ref")
+
+
+def _zarr_copy(scan, path, z0, z1):
+    from gpuheart.io import ZarrWriter
+
+    with open_scan(scan, channels="C00") as s, \
+            ZarrWriter(path, (z1 - z0, *s.shape[1:]), s.dtype, chunks=(2, 64, 64)) as w:
+        w.write(0, s.read_slab("C00", z0, z1))
+    return path
+
+
+def test_a_zarr_inputs_stamp_skips_its_chunks_and_sees_a_re_export(scan, tmp_path):
+    """Stamping a Zarr store does not stat its chunk files (a scan can have hundreds of thousands), yet a
+    store exported again under the same name is processed again, not reused."""
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import _stamp
+
+    store, out, cfg = tmp_path / "scan.ome.zarr", tmp_path / "out", _fast_cfg()
+    _zarr_copy(scan, store, 0, 12)
+    chunks = [f for f in (store / "0").rglob("*") if f.is_file() and not f.name.startswith((".", "zarr"))]
+    assert len(chunks) > 1 and _stamp(store)[0] < len(chunks)
+    Pipeline(cfg).run(store, out)
+    assert Pipeline(cfg).run(store, out).reused == ["C00"]
+    first = _volume(out / "C00" / "preprocessed.ome.zarr")
+    time.sleep(0.01)
+    _zarr_copy(scan, store, 20, 32)  # written anew and renamed into place, as an export does
+    again = Pipeline(cfg).run(store, out)
+    assert again.resumed == {} and again.reused == []
+    assert not np.array_equal(_volume(out / "C00" / "preprocessed.ome.zarr"), first)
+
+
+def test_a_summary_or_report_of_the_users_in_out_is_never_removed(scan, tmp_path):
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import ConfigError
+
+    (tmp_path / "summary.json").write_text('{"mine": 1}')
+    (tmp_path / "report.html").write_text("<html>my notes</html>")
+    with pytest.raises(ConfigError, match="summary.json was not written by gpuheart"):
+        Pipeline(_fast_cfg()).run(scan, tmp_path)
+    assert (tmp_path / "summary.json").read_text() == '{"mine": 1}'
+    (tmp_path / "summary.json").unlink()
+    Pipeline(_fast_cfg()).run(scan, tmp_path)  # no report written: the user's report.html is left alone
+    assert (tmp_path / "report.html").read_text() == "<html>my notes</html>"
+    with pytest.raises(ConfigError, match="report.html was not written by gpuheart"):
+        Pipeline(_fast_cfg(output={"report": True})).run(scan, tmp_path)
+    assert (tmp_path / "report.html").read_text() == "<html>my notes</html>"
+    assert (tmp_path / "summary.json").is_file()  # gpuheart's own is checked first, removed only after
+
+
+def test_truth_or_input_among_the_runs_own_outputs_is_refused_not_removed(scan, tmp_path):
+    """An earlier run's mask.tif, corrected by hand and given as truth to a run with other settings in the
+    same OUT: the fresh channel would remove it with the earlier outputs."""
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import ConfigError
+
+    out = tmp_path / "out"
+    Pipeline(_fast_cfg(output={"tiff": True})).run(scan, out)
+    corrected = out / "C00" / "mask.tif"
+    before = corrected.read_bytes()
+    with pytest.raises(ConfigError, match="one of the outputs this run writes"):
+        Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out, truth={"C00": str(corrected)})
+    assert corrected.read_bytes() == before
+    with pytest.raises(ConfigError, match="one of the outputs this run writes"):
+        Pipeline(_fast_cfg(dom={"large": 13})).run(out / "C00" / "dom_mask.ome.zarr", out)
+    assert (out / "C00" / "dom_mask.ome.zarr").is_dir()
+
+
+def test_a_fresh_channel_removes_what_a_killed_run_left_of_its_outputs(scan, tmp_path):
+    from gpuheart import Pipeline
+
+    out = tmp_path / "out"
+    (out / "C00").mkdir(parents=True)
+    for name in ("mask.ome.zarr.old-12345", "unet_mask.ome.zarr.partial", "mask.tif.partial"):
+        (out / "C00" / name).mkdir()
+    (out / "C00" / "notes.old-1").write_text("mine")
+    Pipeline(_fast_cfg()).run(scan, out)
+    assert sorted(p.name for p in (out / "C00").iterdir() if "old" in p.name or "partial" in p.name) == ["notes.old-1"]
