@@ -382,6 +382,8 @@ class Pipeline:
                     model = models[ccfg.segment.weights]
                 outputs[channel], summary[channel] = _run_channel(scan, channel, ccfg, out_dir / channel, timer, t,
                                                                   model, ck, client)
+                if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after all
+                    resumed.pop(channel, None)
                 summary[channel]["segmentation"] = ccfg.segment.method
         cfg.save(out_dir / "config.toml")
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused)
@@ -1092,9 +1094,12 @@ class _Checkpoint:
                 self.manifest = m if m.get("fingerprint") == fingerprint else {}
             except (OSError, ValueError):
                 pass
+            if self.done and not all(Path(p).exists() for p in self.manifest["result"]["paths"].values()):
+                self.manifest = {}  # an output was deleted or moved since: compute the channel again
         elif self.dir.exists():
             shutil.rmtree(self.dir)
         self.next_z = int(self.manifest.get("next_z", 0))
+        self.restarted = False  # set when a resume had to start pass 2 again from slice 0
 
     @property
     def done(self) -> bool:
@@ -1160,6 +1165,7 @@ class _Checkpoint:
     def reset(self) -> None:
         """Pass 2 starts again from slice 0, in the manifest too: a kill before the next checkpoint must not
         leave it vouching for slices the fresh stores do not hold."""
+        self.restarted = self.restarted or self.next_z > 0
         self.next_z = 0
         if self.manifest.get("next_z"):
             self._write_manifest(next_z=0)

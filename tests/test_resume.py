@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -453,3 +454,39 @@ def test_a_fresh_channel_removes_what_a_killed_run_left_of_its_outputs(scan, tmp
     (out / "C00" / "notes.old-1").write_text("mine")
     Pipeline(_fast_cfg()).run(scan, out)
     assert sorted(p.name for p in (out / "C00").iterdir() if "old" in p.name or "partial" in p.name) == ["notes.old-1"]
+
+
+def test_a_finished_channel_whose_output_was_deleted_is_computed_again(scan, tmp_path):
+    import shutil
+
+    from gpuheart import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"slab_size": 8, "progress": False, "segment": {"method": "dom"},
+                                    "output": {"report": False}, "mesh": {"enabled": False},
+                                    "graph": {"enabled": False}, "channels": ["C00"]})
+    first = Pipeline(cfg).run(scan, tmp_path)
+    assert Pipeline(cfg).run(scan, tmp_path).reused == ["C00"]
+    shutil.rmtree(first.outputs["C00"]["mask"])
+    again = Pipeline(cfg).run(scan, tmp_path)
+    assert again.reused == [] and again.resumed == {}
+    assert all(Path(p).exists() for p in again.outputs["C00"].values())
+    assert again.summary["C00"] == first.summary["C00"]
+
+
+def test_a_resume_whose_stores_are_gone_is_not_reported_as_a_resume(scan, tmp_path, monkeypatch):
+    import shutil
+
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=3600.0)
+    real_post = pipeline._postprocess
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_postprocess", interrupt)  # killed after pass 2: its checkpoint says 40
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path)
+    monkeypatch.setattr(pipeline, "_postprocess", real_post)
+    shutil.rmtree(tmp_path / "C00" / "dom_mask.ome.zarr")
+    assert Pipeline(cfg).run(scan, tmp_path).resumed == {}  # pass 2 ran from slice 0: not a resume
