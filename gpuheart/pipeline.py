@@ -360,6 +360,10 @@ class Pipeline:
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
             _check_channel_names(scan, cfg, user_truth)
+            # every channel before any runs: a channel's fresh start removes files in its own folder, where
+            # another channel's truth may lie
+            for channel in scan.channels:
+                _check_inputs_are_not_outputs(out_dir / channel, scan.path, *(truth or {}).values())
             models: dict[str, Any] = {}  # weights path -> model, loaded once
             resumed: dict[str, int] = {}
             reused: list[str] = []
@@ -528,9 +532,8 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
 
     if ck.done:
         return ck.result()
-    _check_inputs_are_not_outputs(out, scan.path, truth_path)
     out.mkdir(parents=True, exist_ok=True)
-    if not ck.next_z:  # a fresh start: nothing of an earlier run may pass for this one's, even if it fails
+    if not ck.next_z and ck.earlier:  # a fresh start: nothing of an earlier run may pass for this one's
         _remove_earlier_outputs(out)
     stats = ck.load_stats()
     if stats is None:
@@ -601,7 +604,8 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
         writers.discard()
         acc.__init__(shape, acc.truth_path, acc.channel)
     ck.reset()
-    _remove_earlier_outputs(out)
+    if ck.earlier:
+        _remove_earlier_outputs(out)
     return _Writers(out, shape, voxel, names, cfg.slab_size)
 
 
@@ -1027,11 +1031,15 @@ _ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 
 
 def _stamp(path) -> list[int]:
-    """[files, bytes, newest modification time in ns] of a file, or of the files under a folder.
+    """[files, bytes, newest modification time in ns] of a file, or of the files a scan folder is read from.
 
+    A folder that is not a Zarr store is a per-slice TIFF folder: only its own TIFFs are read, so only they
+    count (its sub-folders may hold anything, OUT among them, whose files change with every run).
     In a Zarr store, an array's chunks are not visited (a scan may have hundreds of thousands, which a
     network file system would take minutes to stat, on every run): its metadata files and its folder
     stand for it (rewritten or renamed into place by an export, which creates the store anew)."""
+    from .io import _TIFF_SUFFIXES, _is_zarr_dir
+
     path = Path(path)
     n = size = newest = 0
 
@@ -1058,8 +1066,13 @@ def _stamp(path) -> list[int]:
     try:
         if not path.is_dir():
             add(path.stat())
-        else:
+        elif _is_zarr_dir(path):
             walk(str(path))
+        else:
+            with os.scandir(path) as entries:
+                for e in entries:
+                    if e.is_file() and os.path.splitext(e.name)[1].lower() in _TIFF_SUFFIXES:
+                        add(e.stat())
     except OSError:
         return [0, 0, 0]
     return [n, size, newest]
@@ -1088,6 +1101,9 @@ class _Checkpoint:
     def __init__(self, out: Path, fingerprint: str, enabled: bool = True):
         self.dir, self.fp = out / ".resume", fingerprint
         self.manifest = {}
+        # a gpuheart run has worked in this channel folder (it makes .resume before pass 2 writes anything):
+        # only then are outputs of an earlier run there to remove; otherwise the files are someone else's
+        self.earlier = self.dir.is_dir()
         if enabled:
             try:
                 m = json.loads((self.dir / "manifest.json").read_text())
@@ -1165,7 +1181,8 @@ class _Checkpoint:
     def reset(self) -> None:
         """Pass 2 starts again from slice 0, in the manifest too: a kill before the next checkpoint must not
         leave it vouching for slices the fresh stores do not hold."""
-        self.restarted = self.restarted or self.next_z > 0
+        # the manifest's next_z too: restore() zeroes next_z when the checkpoint's state files cannot be read
+        self.restarted = self.restarted or self.next_z > 0 or bool(self.manifest.get("next_z"))
         self.next_z = 0
         if self.manifest.get("next_z"):
             self._write_manifest(next_z=0)

@@ -8,8 +8,9 @@
 //   clahe_final      level -> float32 through the host-built per-slice min/max rescale table
 // or, for the preprocessing chain (CLAHE then robust scaling), instead of clahe_final:
 //   clahe_level_counts + clahe_final_u8   level histogram -> host-built uint8 table -> gather
-// Float arithmetic uses explicit _rn intrinsics so nvcc cannot contract it into FMAs: the CPU
-// rounds after every operation. Offsets that multiply extents are 64-bit.
+// Float arithmetic uses explicit round-to-nearest operations (__d*_rn intrinsics; float32: gh_* from
+// ieee_f32.cuh, which also keep subnormals) so nvcc cannot contract it into FMAs: the CPU rounds after
+// every operation. Offsets that multiply extents are 64-bit.
 
 #include "ieee_f32.cuh"  // gh_fsub, ...: float32 ops without flush-to-zero (see there)
 

@@ -1,10 +1,11 @@
 // Fused per-voxel stages of exposure.preprocess, equal to the NumPy chain operation for operation.
 //
-// Every float op is written as an explicit round-to-nearest intrinsic (__fsub_rn, __fmul_rn, ...):
+// Every float op is an explicit round-to-nearest operation (gh_fsub, gh_fmul, ... from ieee_f32.cuh):
 // NumPy rounds after each ufunc, and nvcc would otherwise be free to contract a*b + c into one FMA
-// (a single rounding), which changes the last bit. Slices are blockIdx.y (<= 65535 per launch,
-// the caller chunks), pixels of a slice a grid-stride loop over blockIdx.x, so the per-slice
-// constants are read once per thread and no 64-bit division per pixel is needed.
+// (a single rounding), which changes the last bit, and CuPy's -ftz=true would flush subnormals.
+// Slices are blockIdx.y (<= 65535 per launch, the caller chunks), pixels of a slice a grid-stride
+// loop over blockIdx.x, so the per-slice constants are read once per thread and no 64-bit division
+// per pixel is needed.
 
 #include "ieee_f32.cuh"  // gh_fadd, ...: float32 ops without flush-to-zero (see there)
 

@@ -68,7 +68,7 @@ def test_median_instantiations_build_under_nvrtc(arch):
 
 # -- what only a device would show: CuPy's own compile options and the launch bounds --------------
 
-def test_nvrtc_ptx_appends_what_cupy_appends():
+def test_nvrtc_ptx_appends_what_cupy_appends(monkeypatch):
     """CuPy adds -ftz=true after the caller's options (the last one wins): ``nvrtc_ptx`` must too, or
     the PTX checked here is not the code a GPU runs."""
     import inspect
@@ -78,6 +78,21 @@ def test_nvrtc_ptx_appends_what_cupy_appends():
     src = inspect.getsource(compiler._compile_with_cache_cuda)
     for opt in ("-ftz=true",):
         assert (f"'{opt}'" in src or f'"{opt}"' in src) == (opt in backend.CUPY_APPENDED_OPTIONS), opt
+    seen = []
+
+    class Program:  # records the options nvrtc_ptx compiles with
+        def __init__(self, *a, **k):
+            pass
+
+        def compile(self, options):
+            seen.append(tuple(options))
+            return "", {}
+
+    monkeypatch.setattr(compiler, "_NVRTCProgram", Program)
+    backend.nvrtc_ptx("elementwise.cu", options=("-ftz=false",))
+    (opts,) = seen
+    for opt in backend.CUPY_APPENDED_OPTIONS:  # present, and after the caller's, as CuPy puts them
+        assert opt in opts and opts.index("-ftz=false") < opts.index(opt), opts
 
 
 # float32 operations that flush subnormals under -ftz=true: the parity the kernels promise keeps them

@@ -448,7 +448,7 @@ def test_a_fresh_channel_removes_what_a_killed_run_left_of_its_outputs(scan, tmp
     from gpuheart import Pipeline
 
     out = tmp_path / "out"
-    (out / "C00").mkdir(parents=True)
+    (out / "C00" / ".resume").mkdir(parents=True)  # what a killed run leaves (made before pass 2 writes)
     for name in ("mask.ome.zarr.old-12345", "unet_mask.ome.zarr.partial", "mask.tif.partial"):
         (out / "C00" / name).mkdir()
     (out / "C00" / "notes.old-1").write_text("mine")
@@ -490,3 +490,60 @@ def test_a_resume_whose_stores_are_gone_is_not_reported_as_a_resume(scan, tmp_pa
     monkeypatch.setattr(pipeline, "_postprocess", real_post)
     shutil.rmtree(tmp_path / "C00" / "dom_mask.ome.zarr")
     assert Pipeline(cfg).run(scan, tmp_path).resumed == {}  # pass 2 ran from slice 0: not a resume
+
+
+def test_a_channel_folder_no_run_worked_in_keeps_files_of_output_names(scan, tmp_path):
+    """OUT/C00 without .resume was not made by a gpuheart run: files there that this run does not write
+    (a hand-made mask.tif, a mesh.obj) are someone's own, not an earlier run's outputs to remove."""
+    from gpuheart import Pipeline
+
+    out = tmp_path / "out"
+    (out / "C00").mkdir(parents=True)
+    for name in ("mask.tif", "mesh.obj", "unet_mask.ome.zarr"):
+        (out / "C00" / name).write_text("mine")
+    Pipeline(_fast_cfg()).run(scan, out)
+    assert all((out / "C00" / n).read_text() == "mine" for n in ("mask.tif", "mesh.obj", "unet_mask.ome.zarr"))
+
+
+def test_another_channels_truth_among_a_channels_outputs_is_refused_not_removed(scan, tmp_path):
+    """C00's truth is C01's earlier mask.tif: C01's fresh start would remove it after C00 had read it."""
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import ConfigError
+
+    out = tmp_path / "out"
+    Pipeline(_fast_cfg(channels=["C00", "C01"], output={"tiff": True})).run(scan, out)
+    corrected = out / "C01" / "mask.tif"
+    before = corrected.read_bytes()
+    with pytest.raises(ConfigError, match="one of the outputs this run writes"):
+        Pipeline(_fast_cfg(channels=["C00", "C01"], dom={"large": 13})).run(scan, out, truth={"C00": str(corrected)})
+    assert corrected.read_bytes() == before
+
+
+def test_a_resume_whose_checkpoint_state_is_lost_is_not_reported_as_a_resume(scan, tmp_path, monkeypatch):
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=3600.0)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_postprocess", interrupt)  # killed after pass 2: its checkpoint says 40
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).run(scan, tmp_path)
+    for f in (tmp_path / "C00" / ".resume").glob("acc-*"):
+        f.unlink()
+    assert Pipeline(cfg).run(scan, tmp_path).resumed == {}  # pass 2 ran from slice 0: not a resume
+
+
+def test_an_out_folder_inside_a_slice_folder_scan_does_not_change_its_stamp(scan, tmp_path):
+    """-o inside the scan's own folder: the run's outputs are not part of the input, so a rerun reuses them."""
+    import shutil
+
+    from gpuheart import Pipeline
+
+    folder = tmp_path / "scan"
+    shutil.copytree(scan, folder)
+    cfg = _fast_cfg()
+    Pipeline(cfg).run(folder, folder / "out")
+    assert Pipeline(cfg).run(folder, folder / "out").reused == ["C00"]
