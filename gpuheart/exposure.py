@@ -706,7 +706,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     nz, h, w = x3.shape
     nty, ntx = -(-h // ky), -(-w // kx)
     # grid limits: tile_maps is (ntx, nty, slices), interp (w / 32, h / 8, slices); y and z <= 65535
-    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > 65535 or ntx >= 2**31 or -(-h // 8) > 65535:
+    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > _MAX_GRID_Y or ntx >= 2**31 or -(-h // 8) > _MAX_GRID_Y:
         return None
     bin_dtype = np.uint8 if nbins <= 256 else np.uint16
     bsuf = "b8" if bin_dtype is np.uint8 else "b16"
@@ -734,7 +734,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     scale = np.float64((NR_OF_GRAY - 1 - 0) / n_pix)
     plane = h * w
     per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + 65536 * 2
-    chunk = int(max(1, min(nz, 65535, _CLAHE_CHUNK_BYTES // per_slice)))
+    chunk = int(max(1, min(nz, _MAX_GRID_Y, _CLAHE_CHUNK_BYTES // per_slice)))
     out = cp.empty((nz, h, w), cp.float32 if robust is None else cp.uint8)
     bin_tables: dict = {}
     final_tables: dict = {}
@@ -865,7 +865,7 @@ def _znorm_asinh_cuda(slab, znorm: "ZNorm", z0: int, normalize: bool, scale: flo
         return None
     x3 = slab[None] if slab.ndim == 2 else slab
     nz = x3.shape[0]
-    if nz > 65535 or (normalize and not (0 <= z0 and z0 + nz <= znorm.nz)):
+    if nz > _MAX_GRID_Y or (normalize and not (0 <= z0 and z0 + nz <= znorm.nz)):
         return None
     sl = slice(z0, z0 + nz)
     if normalize:
