@@ -12,6 +12,7 @@ so an interrupted run never leaves an output that looks complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -111,6 +112,16 @@ class Scan:
             raise ScanError(f"{self.path}: slab [{z0}, {z1}) is outside the scan "
                             f"(expected 0 <= z0 <= z1 <= {nz})")
         return self._src().read(c, int(z0), int(z1))
+
+    def slice_file(self, channel: str | int, z: int) -> Path:
+        """The file slice ``z`` of ``channel`` is read from: its own file in a per-slice folder, else the
+        scan itself (for messages that must name the file at fault)."""
+        src, c = self._src(), self._channel_index(channel)
+        if isinstance(src, _ChannelView):
+            src, c = src.src, src.index[c]
+        if isinstance(src, _TiffFolder):
+            return src.files[src.names[c]][z]
+        return self.path
 
     def iter_slabs(self, channel: str | int, slab_size: int, halo: int = 0) -> Iterator[Slab]:
         """Yield consecutive :class:`Slab` s of ``slab_size`` core slices, each with up to ``halo``
@@ -547,6 +558,66 @@ def _zarr_major() -> int:
     import zarr
 
     return int(zarr.__version__.split(".")[0])
+
+
+_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+
+
+def source_stamp(path) -> list[int]:
+    """[files, bytes, newest modification time in ns] of what a scan at ``path`` is read from, so a rerun can
+    tell that a scan (or a truth mask, or weights) was written anew under the same name.
+
+    A folder that is not a Zarr store is a per-slice TIFF folder: only its own TIFFs are read, so only they
+    count (its sub-folders may hold anything, OUT among them, whose files change with every run).
+    In a Zarr store, an array's chunks are not visited (a scan may have hundreds of thousands, which a
+    network file system would take minutes to stat, on every run): its metadata files and its folder
+    stand for it (rewritten or renamed into place by an export, which creates the store anew)."""
+    path = Path(path)
+    n = size = newest = 0
+
+    def add(st):
+        nonlocal n, size, newest
+        n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+
+    def walk(folder: str):
+        if _is_zarr_array(folder):
+            add(os.stat(folder))
+            for name in _ZARR_METADATA:
+                try:
+                    add(os.stat(os.path.join(folder, name)))
+                except FileNotFoundError:
+                    pass
+            return
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    walk(e.path)
+                else:
+                    add(e.stat())
+
+    try:
+        if not path.is_dir():
+            add(path.stat())
+        elif _is_zarr_dir(path):
+            walk(str(path))
+        else:
+            with os.scandir(path) as entries:
+                for e in entries:
+                    if e.is_file() and os.path.splitext(e.name)[1].lower() in _TIFF_SUFFIXES:
+                        add(e.stat())
+    except OSError:
+        return [0, 0, 0]
+    return [n, size, newest]
+
+
+def _is_zarr_array(folder: str) -> bool:
+    if os.path.isfile(os.path.join(folder, ".zarray")):
+        return True
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            return json.loads(f.read()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _is_zarr_dir(path: Path) -> bool:

@@ -584,12 +584,8 @@ def _slice_stats(scan, channel: str, cfg: PipelineConfig) -> list:
         except ValueError as err:  # NaN/Inf pixels: say in which file and channel
             from .io import ScanError
 
-            where = f"{scan.path} (channel {channel})"
-            files = getattr(getattr(scan._source, "src", None), "files", None)  # a per-slice folder's files
-            bad = [z0 + i for i, s in enumerate(slab) if not np.isfinite(s).all()]
-            if isinstance(files, dict) and channel in files and bad:
-                where = str(files[channel][bad[0]])
-            raise ScanError(f"{where}: {err}") from err
+            bad = next((z0 + i for i, s in enumerate(slab) if not np.isfinite(s).all()), z0)
+            raise ScanError(f"{scan.slice_file(channel, bad)} (channel {channel}): {err}") from err
     return stats
 
 
@@ -1005,12 +1001,14 @@ def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | 
     scan's ``describe()`` if the caller has it."""
     import hashlib
 
+    from .io import source_stamp
+
     stamps = {} if stamps is None else stamps
 
     def stamp(path):
         key = str(path)
         if key not in stamps:
-            stamps[key] = _stamp(path)
+            stamps[key] = source_stamp(path)
         return stamps[key]
 
     d = cfg.to_dict()
@@ -1025,67 +1023,6 @@ def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | 
            "channel": channel, "truth": str(truth) if truth else None,
            "files": {"input": stamp(scan.path), "truth": stamp(truth) if truth else None, "weights": weights}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
-_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
-
-
-def _stamp(path) -> list[int]:
-    """[files, bytes, newest modification time in ns] of a file, or of the files a scan folder is read from.
-
-    A folder that is not a Zarr store is a per-slice TIFF folder: only its own TIFFs are read, so only they
-    count (its sub-folders may hold anything, OUT among them, whose files change with every run).
-    In a Zarr store, an array's chunks are not visited (a scan may have hundreds of thousands, which a
-    network file system would take minutes to stat, on every run): its metadata files and its folder
-    stand for it (rewritten or renamed into place by an export, which creates the store anew)."""
-    from .io import _TIFF_SUFFIXES, _is_zarr_dir
-
-    path = Path(path)
-    n = size = newest = 0
-
-    def add(st):
-        nonlocal n, size, newest
-        n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-
-    def walk(folder: str):
-        if _is_zarr_array(folder):
-            add(os.stat(folder))
-            for name in _ZARR_METADATA:
-                try:
-                    add(os.stat(os.path.join(folder, name)))
-                except FileNotFoundError:
-                    pass
-            return
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    walk(e.path)
-                else:
-                    add(e.stat())
-
-    try:
-        if not path.is_dir():
-            add(path.stat())
-        elif _is_zarr_dir(path):
-            walk(str(path))
-        else:
-            with os.scandir(path) as entries:
-                for e in entries:
-                    if e.is_file() and os.path.splitext(e.name)[1].lower() in _TIFF_SUFFIXES:
-                        add(e.stat())
-    except OSError:
-        return [0, 0, 0]
-    return [n, size, newest]
-
-
-def _is_zarr_array(folder: str) -> bool:
-    if os.path.isfile(os.path.join(folder, ".zarray")):
-        return True
-    try:
-        with open(os.path.join(folder, "zarr.json"), "rb") as f:
-            return json.loads(f.read()).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 class _Checkpoint:

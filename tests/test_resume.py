@@ -392,7 +392,7 @@ def test_a_zarr_inputs_stamp_skips_its_chunks_and_sees_a_re_export(scan, tmp_pat
     """Stamping a Zarr store does not stat its chunk files (a scan can have hundreds of thousands), yet a
     store exported again under the same name is processed again, not reused."""
     from gpuheart import Pipeline
-    from gpuheart.pipeline import _stamp
+    from gpuheart.io import source_stamp as _stamp
 
     store, out, cfg = tmp_path / "scan.ome.zarr", tmp_path / "out", _fast_cfg()
     _zarr_copy(scan, store, 0, 12)
