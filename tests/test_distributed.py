@@ -78,3 +78,133 @@ def test_dask_run_gives_a_2p5d_unet_its_z_halo(client, tmp_path):
         x, y = a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0])
     assert 0.01 < (x > 0).mean() < 0.99
     assert np.mean(x != y) < 1e-4   # float rounding at the threshold only (tiles batched differently)
+
+
+# -- killed distributed runs -----------------------------------------------------------------------
+
+KILL_CONFIG = """
+slab_size = 2
+checkpoint_seconds = 0.0
+[segment]
+method = "dom"
+[output]
+report = false
+"""
+
+
+@pytest.fixture(scope="module")
+def scan40(tmp_path_factory):
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    folder = tmp_path_factory.mktemp("ph40") / "ph"
+    write_phantom(PhantomConfig.preset("default", shape=(40, 128, 128)), folder)
+    return folder / "scan"
+
+
+def _run_cmd(scan, out, cfg, *extra):
+    import sys
+
+    return [sys.executable, "-m", "gpuheart", "run", str(scan), "-o", str(out), "-c", str(cfg),
+            "--channels", "C00", "--no-progress", *extra]
+
+
+def _wait_for_slice(proc, out, z, timeout=180):
+    """Poll the run's manifest until it has checkpointed slice ``z``; False if the run ended first."""
+    import time
+
+    manifest = out / "C00" / ".resume" / "manifest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(manifest.read_text()).get("next_z", 0) >= z:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    return False
+
+
+def _assert_same_outputs(ref, out):
+    for name in ("preprocessed", "dom_mask", "mask"):
+        with open_scan(ref / "C00" / f"{name}.ome.zarr") as a, open_scan(out / "C00" / f"{name}.ome.zarr") as b:
+            np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
+    s = [json.loads((o / "summary.json").read_text())["summary"]["C00"] for o in (ref, out)]
+    for x in s:
+        x["mesh"].pop("path")
+    assert s[0] == s[1]
+
+
+@pytest.fixture(scope="module")
+def local_reference(scan40, tmp_path_factory):
+    import subprocess
+
+    d = tmp_path_factory.mktemp("ref")
+    cfg = d / "c.toml"
+    cfg.write_text(KILL_CONFIG)
+    subprocess.run(_run_cmd(scan40, d / "ref", cfg), check=True, capture_output=True)
+    return d / "ref", cfg
+
+
+def test_sigkill_of_a_dask_run_then_same_command_resumes_and_equals_a_local_run(scan40, local_reference, tmp_path):
+    """The whole process group (driver, scheduler, workers) killed as a batch system kills a job; the same
+    command then continues from the driver's last checkpoint, and the outputs equal an uninterrupted local run."""
+    import os
+    import signal
+    import subprocess
+
+    psutil = pytest.importorskip("psutil")
+    ref, cfg = local_reference
+    out = tmp_path / "out"
+    cmd = _run_cmd(scan40, out, cfg, "--dask", "local:2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    if not _wait_for_slice(proc, out, 10):
+        proc.communicate()
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    group = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(group) >= 3, "expected the driver and two worker processes"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    gone, alive = psutil.wait_procs([p for p in map(_proc, group) if p], timeout=10)
+    assert not alive, f"processes of the killed run still alive: {alive}"
+    at = (out / "C00" / ".resume" / "manifest.json").read_text()[:300]
+    assert not (out / "summary.json").exists(), at
+    assert not (out / "C00" / "mask.ome.zarr").exists(), at   # nothing that looks complete
+
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, f"killed at {at}\n{again.stdout}\n{again.stderr}"
+    assert "resumed an interrupted run at slice" in again.stdout, f"killed at {at}\n{again.stdout}"
+    _assert_same_outputs(ref, out)
+
+
+def _proc(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_output_equals_a_local_run(scan40, local_reference, tmp_path):
+    """SIGKILL to one worker process while slabs are in flight: Dask's nanny restarts it and reruns its
+    tasks (a slab rewritten whole, as a task writes every slice of it), so the run completes unchanged."""
+    import os
+    import signal
+    import subprocess
+
+    psutil = pytest.importorskip("psutil")
+    ref, cfg = local_reference
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_cmd(scan40, out, cfg, "--dask", "local:2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not _wait_for_slice(proc, out, 6):
+        proc.communicate()
+        pytest.skip("the run finished before a worker could be killed (machine too fast for this test)")
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "multiprocessing" in " ".join(c.cmdline())]
+    assert workers, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.kill(workers[0].pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{stdout}\n{stderr}"
+    assert "resumed" not in stdout
+    _assert_same_outputs(ref, out)
