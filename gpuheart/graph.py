@@ -162,6 +162,13 @@ def largest_tree(mask: np.ndarray, crop: bool = False):
     return labels[box] == keep, origin
 
 
+def pooled_offset_um(voxel_size, k: int) -> np.ndarray:
+    """(z, y, x) µm from a ``downsample_yx(.., k)`` voxel's index times its size to the centre of the
+    ``k x k`` voxels it pools."""
+    vs = np.asarray(voxel_size, np.float64)
+    return np.array([0.0, (k - 1) / 2 * vs[1], (k - 1) / 2 * vs[2]])
+
+
 def downsample_yx(mask: np.ndarray, k: int) -> np.ndarray:
     """``k x k`` max-pooling in (y, x) (any voxel set in a block sets the output voxel).
 
@@ -316,6 +323,10 @@ def _branch(i: int, u: int, v: int, path: np.ndarray, radii: np.ndarray, vs: np.
             smooth: int) -> Branch:
     """Measures of one voxel path (see the module docstring for their definitions)."""
     um = path * vs
+    if u == v and not np.array_equal(um[0], um[-1]):
+        # a loop through a multi-voxel branch point leaves and re-enters it at different voxels: close
+        # it through the branch point, so it is measured (and smoothed) as the ring it is
+        um = np.vstack([um, um[:1]])
     length = path_length(um, smooth)
     chord = float(np.linalg.norm(um[-1] - um[0]))
     tort = length / chord if chord > 0 else math.nan
@@ -340,8 +351,9 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
         raise ValueError(f"voxel_size must be three positive numbers (z, y, x), got {voxel_size}")
     k = int(downsample)
     mask = downsample_yx(mask, k)
+    # a pooled voxel j covers voxels kj .. kj + k - 1: its centre is (k - 1) / 2 voxels further on
+    origin = np.asarray(origin_um, np.float64) + pooled_offset_um(vs, k)
     vs = vs * np.array([1.0, k, k])
-    origin = np.asarray(origin_um, np.float64)
 
     skel = skeletonize(mask) if mask.any() else mask
     coords = np.argwhere(skel).astype(np.int64)

@@ -35,11 +35,12 @@ def snr(image, mask) -> float:
     """The paper's signal-to-noise ratio: mean value of the signal pixels / mean value of the image."""
     xp = array_module(image)
     image = image.astype(xp.float64)
+    mask = mask.astype(bool)   # before counting: gpuheart's masks are 0/255
     mean_all = float(image.mean())
     n_sig = int(mask.sum())
     if n_sig == 0 or mean_all == 0:
         return float("nan")
-    return float(image[mask.astype(bool)].sum()) / n_sig / mean_all
+    return float(image[mask].sum()) / n_sig / mean_all
 
 
 @dataclass

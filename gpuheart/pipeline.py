@@ -808,7 +808,8 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         sub = np.concatenate(parts)
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
     with timer("tree graph: skeleton"):
-        g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(np.array([z0, y0, x0]) * vs))
+        origin = np.array([z0, y0, x0]) * vs + graph.pooled_offset_um(vs, k)
+        g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(origin))
         paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
         graph.write_branches_csv(g, paths["tree_branches"])
         graph.write_graphml(g, paths["tree_graphml"])

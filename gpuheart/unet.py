@@ -370,6 +370,9 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
     """uint8 images become float32 / 255 (what training saw); floats are taken as already in [0, 1]."""
     if t.dtype == torch.uint8:
         return t.float() / 255
+    if not t.is_floating_point():   # a uint16 or int image would reach the model unscaled
+        raise ValueError(f"the U-Net takes uint8 (0-255) or float (0-1) images, got {t.dtype}: preprocess the "
+                         f"scan first (gpuheart.exposure.preprocess gives uint8)")
     return t.float()
 
 
@@ -788,7 +791,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
                                                      config=asdict(cfg)))
         else:
             state["bad_epochs"] += 1
-        stopped = state["bad_epochs"] >= cfg.patience
+        stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
         _save_last(last_path, model, opt, sched, rng, state, cfg)
         _write_log(state["history"], log_path)
         if hasattr(bar, "set_postfix"):

@@ -310,3 +310,29 @@ def test_failed_write_leaves_nothing(tmp_path, y_graph):
         vg.write_branches_csv(broken, target)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.graphml"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_downsampled_node_positions_are_the_centres_of_the_pooled_blocks(k):
+    vs = (2.0, 0.65, 0.65)
+    w = 3 * k   # three pooled voxels wide: Lee's skeleton of an odd-width tube is its axis
+    m = np.zeros((30, 24, 24), bool)
+    m[3:27, 4:4 + w, 4:4 + w] = True
+    g = vg.skeleton_graph(m, vs, downsample=k)
+    centre = (4 + (w - 1) / 2) * 0.65
+    np.testing.assert_allclose(g.node_pos_um[:, 1:], centre, atol=1e-9)
+
+
+def test_a_loop_through_a_multi_voxel_branch_point_is_measured_as_a_ring():
+    """Loops (u == v) have no chord, so no tortuosity, also when they leave and re-enter their branch
+    point at different voxels."""
+    loops = 0
+    for seed in (0, 6, 9):
+        rng = np.random.default_rng(seed)
+        g = vg.skeleton_graph(ndi.gaussian_filter(rng.random((30, 40, 40)), 1.5) > 0.53)
+        for b in g.branches:
+            if b.u == b.v:
+                loops += 1
+                assert math.isnan(b.tortuosity), (seed, b.id, len(b.path), b.tortuosity)
+                assert b.length_um >= np.linalg.norm(np.diff(b.path, axis=0), axis=1).sum() * 0.8
+    assert loops >= 3

@@ -66,3 +66,12 @@ def test_cl_dice_3d():
     vol = np.zeros((10, 10, 30), bool)
     vol[4:7, 4:7, 2:28] = True
     assert cl_dice(vol, vol) == pytest.approx(1.0)
+
+
+def test_snr_of_a_0_255_mask_equals_that_of_the_bool_mask():
+    from gpuheart.metrics import snr
+
+    rng = np.random.default_rng(0)
+    img = rng.random((8, 32, 32))
+    m = img > 0.7
+    assert snr(img, m.astype(np.uint8) * 255) == pytest.approx(snr(img, m)) and snr(img, m) > 1

@@ -513,3 +513,24 @@ def test_last_checkpoint_given_as_weights_points_to_best_pt(tmp_path):
     unet._save_last(tmp_path / "last.pt", model, opt, sched, np.random.default_rng(0), {"epoch": 1}, TrainConfig())
     with pytest.raises(ValueError, match="best.pt"):
         unet.load_weights(tmp_path / "last.pt")
+
+
+def _fixed_val_dice(monkeypatch, dices):
+    it = iter(dices)
+    monkeypatch.setattr(unet, "_validate", lambda *a, **k: (next(it), 0.5))
+
+
+def test_patience_running_out_on_the_last_epoch_is_not_an_early_stop(tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    _fixed_val_dice(monkeypatch, [0.5, 0.4])
+    res = unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1, patience=1), tmp_path / "a", progress=False)
+    assert res.epochs_run == 2 and not res.stopped_early
+    _fixed_val_dice(monkeypatch, [0.5, 0.4, 0.3])
+    res = unet.train([img], [lab], _cfg(epochs=3, steps_per_epoch=1, patience=1), tmp_path / "b", progress=False)
+    assert res.epochs_run == 2 and res.stopped_early
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_predict_refuses_integer_images_it_would_not_scale(dtype):
+    with pytest.raises(ValueError, match="uint8 .* or float"):
+        unet.predict(_tiny(), np.zeros((64, 64), dtype), tile=64, overlap=16)
