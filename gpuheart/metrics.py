@@ -98,17 +98,18 @@ def cl_dice(pred, truth) -> float:
 
     ``tprec = |skel(P) ∩ T| / |skel(P)|``, ``tsens = |skel(T) ∩ P| / |skel(T)|``,
     ``clDice = 2 tprec tsens / (tprec + tsens)``; skeletons by scikit-image's ``skeletonize``
-    (2-D, or Lee's 3-D method for volumes). Unlike Dice it is not dominated by the thick vessels,
+    (2-D, or Lee's 3-D method for volumes; a component the thinning erases keeps its deepest voxel,
+    see :func:`gpuheart.graph.skeleton`). Unlike Dice it is not dominated by the thick vessels,
     so losing capillaries shows. 1.0 when both masks are empty.
     """
-    from skimage.morphology import skeletonize
+    from .graph import skeleton
 
     p, t = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
     if not p.any() and not t.any():
         return 1.0
-    sp, st = skeletonize(p), skeletonize(t)
+    sp, st = skeleton(p), skeleton(t)
     tprec = (sp & t).sum() / sp.sum() if sp.any() else 0.0
     tsens = (st & p).sum() / st.sum() if st.any() else 0.0
     return float(2 * tprec * tsens / (tprec + tsens)) if tprec + tsens else 0.0

@@ -336,3 +336,25 @@ def test_a_loop_through_a_multi_voxel_branch_point_is_measured_as_a_ring():
                 assert math.isnan(b.tortuosity), (seed, b.id, len(b.path), b.tortuosity)
                 assert b.length_um >= np.linalg.norm(np.diff(b.path, axis=0), axis=1).sum() * 0.8
     assert loops >= 3
+
+
+def test_a_component_the_thinning_erases_keeps_a_centreline_voxel():
+    """Lee's thinning deletes some even-width objects entirely (scikit-image #3757): each still gets one
+    skeleton voxel, so a graph has a node for it and clDice sees it."""
+    from gpuheart.metrics import cl_dice
+
+    box = np.zeros((30, 20, 20), bool)
+    box[3:27, 4:16, 4:16] = True   # 24 x 12 x 12: skimage leaves nothing
+    assert not skeletonize(box).any()
+    s = vg.skeleton(box)
+    assert s.sum() == 1 and box[s].all()
+    assert vg.skeleton_graph(box).n_nodes == 1
+    assert cl_dice(box, box) == 1.0
+
+    tubes = np.zeros((20, 40, 40), bool)
+    for y in range(2, 38, 5):
+        tubes[:, y:y + 2, 10:12] = True   # 2x2 capillaries along z
+    truth = np.zeros_like(tubes)
+    truth[:, 2:4, 10:12] = True
+    assert cl_dice(tubes, tubes) == 1.0
+    assert cl_dice(tubes, truth) < 0.5   # seven false capillaries are not invisible
