@@ -307,29 +307,39 @@ class TileGrid:
     starts_x: list[int]
 
 
-def _starts(n: int, tile: int, stride: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, stride))
-    return starts + [n - tile]   # last tile flush with the end (overlaps its neighbour a bit more)
+def _aligned_starts(n: int, tile: int, stride: int, align: int) -> tuple[list[int], int]:
+    """Tile starts over a padded axis of length ``n`` > ``tile``, all multiples of ``align``, and the padding
+    to add at the end so that the last tile, flush with it, fits."""
+    stride = max(align, stride // align * align)
+    last = -(-(n - tile) // align) * align
+    starts = [s for s in range(0, n - tile, stride) if s < last] + [last]
+    return starts, last + tile - n
 
 
-def tile_grid(shape: tuple[int, int], tile: int = 256, overlap: int = 64) -> TileGrid:
+def tile_grid(shape: tuple[int, int], tile: int = 256, overlap: int = 64, align: int = 1) -> TileGrid:
     """Layout for a slice of ``shape``: ``overlap // 2`` reflect margin on every side so image borders are
-    seen with context, then extra bottom/right padding when the slice is smaller than a tile."""
+    seen with context (a slice no larger than a tile is centred in one tile instead).
+
+    Every tile starts a multiple of ``align`` pixels from the image origin (``predict`` passes the U-Net's
+    2**depth): a tile off its pooling grid is not a shifted copy of the whole-image network, so its
+    output would differ from its neighbours' where they overlap. To keep that, the margin is rounded up,
+    the stride rounded down, and the last tile rather padded past the end than pulled back off the grid.
+    """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
-    m = overlap // 2
+    if align < 1 or tile % align:
+        raise ValueError(f"tile {tile} must be a multiple of align {align}")
+    m = -(-(overlap // 2) // align) * align
     pads, starts = [], []
     for n in shape:
         if n <= tile:  # one tile covers it: spend the padding on context around it, not on a second tile
-            lo = (tile - n) // 2
+            lo = (tile - n) // 2 // align * align
             pads.append((lo, tile - n - lo))
             starts.append([0])
             continue
-        extra = max(0, tile - (n + 2 * m))
-        pads.append((m, m + extra))
-        starts.append(_starts(n + 2 * m + extra, tile, tile - overlap))
+        s, end = _aligned_starts(n + 2 * m, tile, tile - overlap, align)
+        pads.append((m, m + end))
+        starts.append(s)
     return TileGrid(tile, (pads[0], pads[1]), starts[0], starts[1])
 
 
@@ -445,7 +455,7 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
     """Blend tiled predictions of a float (z, y, x) tensor; returns float32 (z - sum(halo), y, x) on the
     same device. Slice k's input is slices k-context..k+context (the end slices repeated beyond the slab)."""
     z, h, w = slab.shape
-    grid = tile_grid((h, w), tile, overlap)
+    grid = tile_grid((h, w), tile, overlap, align=2 ** getattr(model, "depth", 0))
     padded = _reflect_pad(slab[:, None], grid.pad)[:, 0]
     if context:  # the end slices repeated once, so slice k's inputs are rows k .. k + 2 * context
         padded = padded[torch.arange(-context, z + context, device=slab.device).clamp_(0, z - 1)]

@@ -534,3 +534,31 @@ def test_patience_running_out_on_the_last_epoch_is_not_an_early_stop(tmp_path, m
 def test_predict_refuses_integer_images_it_would_not_scale(dtype):
     with pytest.raises(ValueError, match="uint8 .* or float"):
         unet.predict(_tiny(), np.zeros((64, 64), dtype), tile=64, overlap=16)
+
+
+@pytest.mark.parametrize("shape", [(596, 300), (2056, 2048), (100, 1000), (257, 529), (64, 65)])
+@pytest.mark.parametrize("tile,overlap,align", [(256, 64, 16), (128, 32, 16), (64, 16, 4), (64, 10, 8), (64, 60, 16)])
+def test_tiles_start_on_the_pooling_grid_and_cover_the_slice(shape, tile, overlap, align):
+    grid = tile_grid(shape, tile, overlap, align)
+    for n, (lo, hi), starts in zip(shape, grid.pad, (grid.starts_y, grid.starts_x)):
+        assert lo % align == 0 and all((s - lo) % align == 0 for s in starts)
+        assert starts[0] == 0 and starts[-1] + tile == lo + n + hi   # first and last flush with the padding
+        assert all(0 < b - a < tile for a, b in zip(starts, starts[1:]))   # overlapping, so covering
+        assert lo >= min(overlap // 2, (tile - n) // 2 // align * align)
+
+
+def test_a_tile_at_the_end_of_an_odd_sized_slice_agrees_with_the_whole_image_network():
+    """With no normalization a U-Net is translation-equivariant only in steps of 2**depth: the last tile of a
+    slice whose side is not such a multiple must still start on that grid, or its overlap disagrees."""
+    torch.manual_seed(0)
+    model = UNet(depth=3, width=4).eval()   # eval BatchNorm: a per-channel affine map, equivariant
+    image = np.random.default_rng(0).integers(0, 256, (596, 300), dtype=np.uint8)
+    tile, overlap = 256, 64
+    grid = tile_grid(image.shape, tile, overlap, align=8)
+    padded = np.pad(image.astype(np.float32) / 255, grid.pad, mode="reflect")
+    with torch.no_grad():
+        whole = model(torch.from_numpy(padded)[None, None])[0, 0].numpy()
+        c = slice(88, 168)   # tile centre: beyond the receptive field of the tile's zero-padded edges
+        for sy in grid.starts_y:
+            t = model(torch.from_numpy(padded[sy:sy + tile, :tile].copy())[None, None])[0, 0].numpy()
+            np.testing.assert_allclose(t[c, c], whole[sy + 88:sy + 168, 88:168], atol=1e-4)
