@@ -12,6 +12,12 @@ interpolated from the same two voxel values by both blocks and come out bit-iden
 are welded by an exact key (the float32 (y, x) pair read as one uint64). The result equals the
 whole-volume mesh (:func:`marching_cubes_volume`), vertex for vertex, face for face.
 
+Components (:func:`solid_components`): pieces of the solid, each its outer surface plus the inner
+surfaces of the cavities it encloses. They follow marching-cubes connectivity: voxels that touch only
+at an edge or a corner give separate surfaces, so separate components, while the voxel labelling of
+the tree graph (``morphology.label_slabs``) joins them (26-connected); ``largest_tree.<fmt>`` and the
+graph's tree can therefore differ by such corner-touching pieces.
+
 Unity and GLB: Unity's default 16-bit index buffers address at most 65,535 vertices per mesh.
 :func:`export_mesh` therefore splits a GLB into nodes (one mesh each) of at most 65,535 vertices
 (``max_vertices_per_node``); index accessors are written as uint32 (componentType 5125, how
@@ -38,7 +44,12 @@ UNITY_MAX_VERTICES = 65_535
 
 
 class MeshTooLargeError(ValueError):
-    """The exported file would exceed its byte budget."""
+    """The exported file would exceed its byte budget: about ``estimate`` bytes; ``fit_faces`` faces
+    (10% under the proportional count) would fit."""
+
+    def __init__(self, message: str, estimate: int = 0, fit_faces: int = 0):
+        super().__init__(message)
+        self.estimate, self.fit_faces = estimate, fit_faces
 
 
 # -- marching cubes ----------------------------------------------------------------------------
@@ -142,10 +153,15 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
 
 # -- measures ----------------------------------------------------------------------------------
 
+def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Signed volume of the tetrahedron each face spans with the origin; their sum is the enclosed volume."""
+    a, b, c = (vertices[faces[:, i]] for i in range(3))
+    return np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0
+
+
 def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Enclosed (signed) volume by the divergence theorem; positive for outward normals."""
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    return float(np.einsum("ij,ij->", a, np.cross(b, c)) / 6.0)
+    return float(_face_volumes(vertices, faces).sum())
 
 
 def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
@@ -174,6 +190,86 @@ def mesh_components(faces: np.ndarray, n_vertices: int) -> tuple[int, np.ndarray
     return len(used), flab.astype(np.int64)
 
 
+def _dense(labels: np.ndarray) -> tuple[int, np.ndarray]:
+    """Any integer labels renumbered 0..k-1: (k, labels)."""
+    used, lab = np.unique(labels, return_inverse=True)
+    return len(used), lab.astype(np.int64).ravel()
+
+
+def _vertex_labels(n_vertices: int, faces: np.ndarray, flab: np.ndarray) -> np.ndarray:
+    """Per-face labels as per-vertex labels (-1 for vertices no face uses)."""
+    vlab = np.full(n_vertices, -1, np.int64)
+    vlab[faces] = flab[:, None]
+    return vlab
+
+
+def solid_components(vertices: np.ndarray, faces: np.ndarray, voxel_size,
+                     ) -> tuple[int, np.ndarray]:
+    """Components of the solid: :func:`mesh_components`, except that the inner surface of each
+    enclosed cavity (a closed surface of negative volume) joins the component around it.
+
+    For meshes of :func:`marching_cubes_slabs` / :func:`marching_cubes_volume` made with this
+    ``voxel_size``: the enclosing component is found along the voxel grid lines (:func:`_cavity_owners`).
+    """
+    n, flab = mesh_components(faces, len(vertices))
+    vol = np.bincount(flab, _face_volumes(vertices, faces), n)
+    cav = np.flatnonzero(vol < 0)
+    if len(cav) == 0:
+        return n, flab
+    owner = _cavity_owners(vertices, _vertex_labels(len(vertices), faces, flab), vol, cav, voxel_size)
+    root = np.arange(n)
+    root[cav[owner >= 0]] = owner[owner >= 0]   # a cavity without an owner (none expected) stays apart
+    return _dense(root[flab])
+
+
+def _x_lines(vertices: np.ndarray, vlab: np.ndarray, voxel_size) -> tuple[np.ndarray, np.ndarray]:
+    """The vertices on x grid lines (y and z on the voxel grid), ordered by line and then x, and for
+    each the position in that order where its line ends."""
+    g = vertices[:, 1:] / np.asarray(voxel_size, np.float64)[1::-1]
+    r = np.rint(g)
+    # grid values are integers times the voxel size exactly; interpolated ones differ by far more
+    on = (vlab >= 0) & (np.abs(g - r) <= 1e-9 * (1.0 + np.abs(g))).all(1)
+    idx = np.flatnonzero(on)
+    idx = idx[np.lexsort((vertices[idx, 0], r[idx, 1], r[idx, 0]))]
+    line = r[idx]
+    new = np.ones(len(idx), bool)
+    new[1:] = (line[1:] != line[:-1]).any(1)
+    bounds = np.r_[np.flatnonzero(new), len(idx)]
+    return idx, bounds[np.cumsum(new)]
+
+
+def _cavity_owners(vertices: np.ndarray, vlab: np.ndarray, vol: np.ndarray, cav: np.ndarray,
+                   voxel_size) -> np.ndarray:
+    """For each cavity component, the component whose surface immediately encloses it (-1: none found).
+
+    A ray from a cavity vertex along its x grid line meets a marching-cubes surface only at the
+    vertices on that line (faces cross grid lines only at their vertices), so crossings are counted
+    exactly, without ray-triangle tests: the positive components crossed an odd number of times
+    enclose the cavity, and the innermost of them has the smallest volume (nested closed surfaces).
+    Cost: one sort of the grid-line vertices, plus the crossings along one line per cavity.
+    """
+    idx, end = _x_lines(vertices, vlab, voxel_size)
+    lab = vlab[idx]
+    owner = np.full(len(cav), -1, np.int64)
+    u, rfirst = np.unique(lab[::-1], return_index=True)
+    if len(u) == 0:
+        return owner
+    k = np.minimum(np.searchsorted(u, cav), len(u) - 1)
+    start = len(lab) - 1 - rfirst[k]            # each cavity's last vertex in line order: fewest crossings
+    cnt = np.where(u[k] == cav, end[start] - start - 1, 0)
+    ray = np.repeat(np.arange(len(cav)), cnt)
+    pos = np.arange(cnt.sum()) + np.repeat(start + 1 - (np.cumsum(cnt) - cnt), cnt)
+    pair, times = np.unique(ray * len(vol) + lab[pos], return_counts=True)
+    ray, hit = np.divmod(pair[times % 2 == 1], len(vol))
+    ray, hit = ray[vol[hit] > 0], hit[vol[hit] > 0]
+    order = np.lexsort((vol[hit], ray))         # per cavity, smallest enclosing volume first
+    ray, hit = ray[order], hit[order]
+    first = np.ones(len(ray), bool)
+    first[1:] = ray[1:] != ray[:-1]
+    owner[ray[first]] = hit[first]
+    return owner
+
+
 def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop vertices no face uses and renumber faces."""
     used = np.unique(faces)
@@ -182,36 +278,123 @@ def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.nda
     return vertices[used], remap[faces]
 
 
+def _drop_small(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, min_faces: int,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Remove the components (per-face ``labels``) with fewer than ``min_faces`` faces."""
+    if len(faces) == 0:
+        return vertices, faces, labels
+    n, lab = _dense(labels)
+    keep = (np.bincount(lab, minlength=n) >= min_faces)[lab]
+    v, f = compact(vertices, faces[keep])
+    return v, f, labels[keep]
+
+
 def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_faces: int = 20,
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Remove floating pieces with fewer than ``min_faces`` faces (components via shared vertices)."""
-    n, flab = mesh_components(faces, len(vertices))
-    if n == 0:
-        return vertices, faces
-    keep = np.bincount(flab, minlength=n) >= min_faces
-    return compact(vertices, faces[keep[flab]])
+                            labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove floating pieces with fewer than ``min_faces`` faces: components by shared vertices, or
+    by the per-face ``labels`` given (e.g. :func:`solid_components`, which keeps small cavities)."""
+    if labels is None:
+        labels = mesh_components(faces, len(vertices))[1]
+    v, f, _ = _drop_small(vertices, faces, labels, min_faces)
+    return v, f
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Quadric decimation (trimesh + fast-simplification) to at most about ``max_faces`` faces.
+    """Quadric decimation (fast-simplification, what trimesh's ``simplify_quadric_decimation`` runs)
+    to at most about ``max_faces`` faces.
 
     Returns the input unchanged when it is already small enough. Without ``fast-simplification``
     it warns and returns the input (the caller then sees the face count it did not ask for).
     """
-    if len(faces) <= max_faces:
-        return vertices, faces
-    import trimesh
+    v, f, _ = _decimate(vertices, faces, max_faces)
+    return v, f
 
+
+def _decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`decimate`, plus where each input vertex went (its output index, -1 where dropped)."""
+    same = np.arange(len(vertices))
+    if len(faces) <= max_faces:
+        return vertices, faces, same
     try:
-        import fast_simplification  # noqa: F401
+        import fast_simplification as fs
     except ImportError:
         warnings.warn("decimation skipped: install 'fast-simplification' for quadric decimation",
-                      RuntimeWarning, stacklevel=2)
-        return vertices, faces
-    m = trimesh.Trimesh(vertices, faces, process=False)
-    d = m.simplify_quadric_decimation(face_count=int(max_faces))
-    return np.asarray(d.vertices, np.float64), np.asarray(d.faces, np.int64)
+                      RuntimeWarning, stacklevel=3)
+        return vertices, faces, same
+    v, f, collapses = fs.simplify(vertices, faces, target_count=int(max_faces), return_collapses=True)
+    f = np.asarray(f, np.int64)
+    vmap = _collapse_map(len(vertices), faces, np.asarray(collapses, np.int64))
+    if not np.array_equal(vmap[faces][_kept_faces(vmap[faces])], f):
+        raise RuntimeError(f"fast-simplification {getattr(fs, '__version__', '?')}: its faces do not follow "
+                           "from its collapse history, so components cannot be carried through decimation")
+    return np.asarray(v, np.float64), f, vmap
+
+
+def _kept_faces(mapped: np.ndarray) -> np.ndarray:
+    """Faces whose three vertices are still distinct after a collapse map (the others are gone)."""
+    return (mapped[:, 0] != mapped[:, 1]) & (mapped[:, 1] != mapped[:, 2]) & (mapped[:, 2] != mapped[:, 0])
+
+
+def _collapse_map(n_vertices: int, faces: np.ndarray, collapses: np.ndarray) -> np.ndarray:
+    """Input vertex -> output vertex (-1: gone) of a decimation, from its collapse history
+    (``[kept, removed]`` pairs): a vertex goes where the survivor of its collapse group went, and the
+    survivors still in a face are numbered in input order (how fast-simplification compacts; checked
+    by the caller). For carrying component labels over: a collapse joins the two ends of an edge,
+    never two components. (``fast_simplification.replay_simplification`` maps the vertices of
+    vanished pieces to unrelated ones, and deletes points one at a time: quadratic.)
+    """
+    g = coo_matrix((np.ones(len(collapses), np.int8), (collapses[:, 0], collapses[:, 1])),
+                   shape=(n_vertices, n_vertices))
+    _, group = connected_components(g, directed=False)
+    gone = np.zeros(n_vertices, bool)
+    gone[collapses[:, 1]] = True
+    survivor = np.zeros(group.max() + 1, np.int64)
+    survivor[group[~gone]] = np.flatnonzero(~gone)
+    to = survivor[group]
+    mapped = to[faces]
+    used = np.unique(mapped[_kept_faces(mapped)])
+    out = np.full(n_vertices, -1, np.int64)
+    out[used] = np.arange(len(used))
+    return out[to]
+
+
+def _decimate_labelled(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, max_faces: int,
+                       min_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decimate a mesh with per-face component ``labels``, carrying them over, then drop the pieces
+    it left under ``min_faces`` (:func:`_drop_fragments`)."""
+    if len(faces) <= max_faces:
+        return vertices, faces, labels
+    vlab = _vertex_labels(len(vertices), faces, labels)
+    v, f, vmap = _decimate(vertices, faces, max_faces)
+    carried = np.full(len(v), -1, np.int64)
+    carried[vmap[vmap >= 0]] = vlab[vmap >= 0]
+    return _drop_fragments(v, f, carried[f[:, 0]], min_faces)
+
+
+def _drop_fragments(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, min_faces: int,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """After decimation, which shrinks small components and can pinch pieces off big ones: drop the
+    surface pieces under ``min_faces``, but keep a cavity wall (negative volume, any size) while an
+    outer piece of its component (``labels``) stays. A piece pinched off stays in its component.
+
+    The vertices are off the voxel grid now, so a wall's component comes from the labels, not from
+    :func:`_cavity_owners`.
+    """
+    n, piece = mesh_components(faces, len(vertices))
+    if n == 0:
+        return vertices, faces, labels
+    k, lab = _dense(labels)
+    src = np.zeros(n, np.int64)
+    src[piece] = lab                                # a piece lies in one component: one label
+    wall = np.bincount(piece, _face_volumes(vertices, faces), n) < 0
+    outer = ~wall & (np.bincount(piece, minlength=n) >= min_faces)
+    alive = np.zeros(k, bool)
+    alive[src[outer]] = True
+    keep = (outer | (wall & alive[src]))[piece]
+    v, f = compact(vertices, faces[keep])
+    return v, f, labels[keep]
 
 
 # -- per-component table, largest component ---------------------------------------------------
@@ -224,21 +407,24 @@ COMPONENT_CSV_HEADER = ("component", "faces", "vertices", "surface_area_um2", "v
                         "x_min_um", "y_min_um", "z_min_um", "x_max_um", "y_max_um", "z_max_um")
 
 
-def component_table(vertices: np.ndarray, faces: np.ndarray) -> dict[str, np.ndarray]:
+def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray | None = None,
+                    ) -> dict[str, np.ndarray]:
     """Per mesh component (largest face count first, numbered from 1): faces, vertices, surface
     area (µm²), enclosed volume (µm³) and bounding box (µm), as columns of equal length.
 
+    Components by shared vertices, or by the per-face ``labels`` given (:func:`solid_components`:
+    a cavity's inner surface counts with the component around it, its volume subtracted).
     Voxel counts are not here on purpose: surface components and voxel components (see
     ``morphology.label_slabs``) can differ where voxels touch only along an edge or a corner.
     """
-    n, flab = mesh_components(faces, len(vertices))
+    n, flab = mesh_components(faces, len(vertices)) if labels is None else _dense(labels)
     cols = {c: np.zeros(n) for c in COMPONENT_COLUMNS}
     if n == 0:
         return cols
     a, b, c = (vertices[faces[:, i]] for i in range(3))
     cr = np.cross(b - a, c - a)
     area = np.bincount(flab, np.linalg.norm(cr, axis=1) / 2.0, n)
-    vol = np.bincount(flab, np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0, n)
+    vol = np.bincount(flab, _face_volumes(vertices, faces), n)
     nf = np.bincount(flab, minlength=n)
     vlab = np.full(len(vertices), -1, np.int64)
     vlab[faces] = flab[:, None]
@@ -268,18 +454,18 @@ def write_component_table(table: dict[str, np.ndarray], path) -> None:
 
 
 def largest_component(vertices: np.ndarray, faces: np.ndarray, by: str = "volume",
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The single component with the largest enclosed volume (``by="volume"``) or face count."""
+                      labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The single component with the largest enclosed volume (``by="volume"``) or face count;
+    components by shared vertices or by the per-face ``labels`` given (:func:`solid_components`)."""
     if by not in ("volume", "faces"):
         raise ValueError(f"by must be 'volume' or 'faces', got {by!r}")
-    n, flab = mesh_components(faces, len(vertices))
+    n, flab = mesh_components(faces, len(vertices)) if labels is None else _dense(labels)
     if n == 0:
         return vertices[:0], faces
     if by == "faces":
         score = np.bincount(flab, minlength=n).astype(float)
     else:
-        a, b, c = (vertices[faces[:, i]] for i in range(3))
-        score = np.bincount(flab, np.einsum("ij,ij->i", a, np.cross(b, c)), n)
+        score = np.bincount(flab, _face_volumes(vertices, faces), n)
     return compact(vertices, faces[flab == int(np.argmax(score))])
 
 
@@ -358,11 +544,11 @@ def export_mesh(vertices: np.ndarray, faces: np.ndarray, path, max_bytes: int = 
         parts = [(vertices, faces)]
     est = _estimate_bytes(fmt, parts)
     if est > max_bytes:
-        ratio = max_bytes / est
+        fit = int(len(faces) * max_bytes / est * 0.9)
         raise MeshTooLargeError(
             f"{path}: a {fmt.upper()} of {len(vertices):,} vertices / {len(faces):,} faces would take "
             f"about {est:,} bytes, over the budget of {max_bytes:,}; decimate to about "
-            f"{int(len(faces) * ratio * 0.9):,} faces (max_faces) or raise max_bytes")
+            f"{fit:,} faces (max_faces) or raise max_bytes", est, fit)
     meshes = [trimesh.Trimesh(v, f, process=False) for v, f in parts]
     if fmt == "glb":
         scene = trimesh.Scene()
@@ -381,7 +567,13 @@ def export_mesh(vertices: np.ndarray, faces: np.ndarray, path, max_bytes: int = 
 
 @dataclass
 class MeshStats:
-    """What :func:`mesh_from_mask` wrote; areas in µm², volumes in µm³ (after filtering/decimation)."""
+    """What :func:`mesh_from_mask` wrote, all of it counted on the mesh written to ``path`` (after
+    filtering and decimation); areas in µm², volumes in µm³.
+
+    ``components`` are the :func:`solid_components` of the marching-cubes mesh that are in the file
+    (a cavity's inner surface, and any piece decimation pinched off, counts with its component);
+    ``components_removed`` are those not in the file (under ``min_faces``, before or after decimation).
+    """
     path: str
     vertices: int
     faces: int
@@ -392,30 +584,50 @@ class MeshStats:
     bytes: int
 
 
+def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_bytes):
+    """Decimate to ``max_faces`` (if given) and export; a file that would exceed ``max_bytes`` is
+    decimated further to the face count that fits, with a warning, and only raises
+    :class:`MeshTooLargeError` (writing nothing) when it still does not fit. Returns the mesh written
+    (vertices, faces, labels) and its size in bytes."""
+    if max_faces is not None:
+        vertices, faces, labels = _decimate_labelled(vertices, faces, labels, max_faces, min_faces)
+    try:
+        return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
+    except MeshTooLargeError as err:
+        if not 0 < err.fit_faces < len(faces):
+            raise
+        target = err.fit_faces
+        warnings.warn(f"{path}: {len(faces):,} faces would take about {err.estimate:,} bytes, over "
+                      f"max_bytes = {max_bytes:,}: decimating to about {target:,} faces to fit",
+                      RuntimeWarning, stacklevel=3)
+    vertices, faces, labels = _decimate_labelled(vertices, faces, labels, target, min_faces)
+    return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
+
+
 def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, voxel_size,
                    slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
                    level: float = 0.5, max_bytes: int = 1 << 30, table_path=None,
                    largest_path=None) -> MeshStats:
-    """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> drop pieces < ``min_faces``
-    -> decimate to ``max_faces`` (if given) -> file at ``out_path`` (format from its suffix).
+    """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> :func:`solid_components` ->
+    drop components < ``min_faces`` -> decimate to ``max_faces`` (if given; components it leaves
+    under ``min_faces`` dropped too) -> file at ``out_path`` (format from its suffix), decimated
+    further with a warning where it would exceed ``max_bytes``.
 
-    Optionally writes the :func:`component_table` CSV (``table_path``, before decimation, so
-    areas and volumes are those of the marching-cubes surface) and the largest component by
-    volume as its own mesh (``largest_path``, decimated like the whole).
+    Optionally writes the largest component by volume as its own mesh (``largest_path``, taken
+    before decimation and then decimated and fitted to ``max_bytes`` like the whole) and the
+    :func:`component_table` CSV of the mesh written (``table_path``). The main mesh is written
+    first, so a mesh that cannot fit raises before any file is written.
     """
     v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
-    n_before, _ = mesh_components(f, len(v))
-    v, f = remove_small_components(v, f, min_faces)
-    n_after, _ = mesh_components(f, len(v))
-    if table_path is not None:
-        write_component_table(component_table(v, f), table_path)
+    n_mc, lab = solid_components(v, f, voxel_size)
+    v, f, lab = _drop_small(v, f, lab, min_faces)
+    mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
-        lv, lf = largest_component(v, f)
-        if max_faces is not None:
-            lv, lf = decimate(lv, lf, max_faces)
-        export_mesh(lv, lf, largest_path, max_bytes=max_bytes)
-    if max_faces is not None:
-        v, f = decimate(v, f, max_faces)
-    nbytes = export_mesh(v, f, out_path, max_bytes=max_bytes)
-    return MeshStats(str(out_path), len(v), len(f), n_after, n_before - n_after,
-                     mesh_area(v, f) if len(f) else 0.0, mesh_volume(v, f) if len(f) else 0.0, nbytes)
+        lv, lf = largest_component(v, f, labels=lab)
+        _reduce_and_export(lv, lf, np.zeros(len(lf), np.int64), largest_path, max_faces, min_faces,
+                           max_bytes)
+    if table_path is not None:
+        write_component_table(component_table(mv, mf, mlab), table_path)
+    n = _dense(mlab)[0]
+    return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
+                     mesh_area(mv, mf) if len(mf) else 0.0, mesh_volume(mv, mf) if len(mf) else 0.0, nbytes)

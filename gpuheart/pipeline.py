@@ -70,7 +70,7 @@ class MeshConfig:
     format: str = "glb"  # glb, ply, obj or stl
     min_faces: int = 20
     max_faces: int = 0  # 0: keep every face
-    max_bytes: int = 1 << 30  # refuse to write a mesh file larger than this (game engines choke)
+    max_bytes: int = 1 << 30  # mesh files over this are decimated to fit (game engines choke); error if they cannot
     slab_size: int = 64
     largest: bool = True  # also write the largest connected tree as its own mesh
     component_table: bool = True

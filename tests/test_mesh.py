@@ -254,3 +254,131 @@ def test_float_volume_any_level(slab_size):
     assert (len(vs), len(fs)) == (len(v), len(f))
     assert M.mesh_volume(vs, fs) == pytest.approx(abs(M.mesh_volume(v, f)), rel=1e-6)
     assert (M.edge_face_counts(fs) == 2).all()
+
+
+def _file_mesh(path):
+    m = trimesh.load(path, force="mesh", process=False)
+    return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+
+
+def test_decimation_is_counted_on_the_mesh_written(tmp_path):
+    # decimation shrinks small pieces under min_faces and removes some outright: they are dropped
+    # after it, and the stats and the table describe the file, not the mesh before decimation
+    pytest.importorskip("fast_simplification")
+    m = ndi.gaussian_filter(np.random.default_rng(1).random((24, 40, 40)), 1.2) > 0.53
+    vs = (2.0, 0.65, 0.65)
+    v0, f0 = M.marching_cubes_volume(m, vs)
+    n_mc = M.solid_components(v0, f0, vs)[0]
+    st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "m.ply", vs, slab_size=9, min_faces=20,
+                          max_faces=len(f0) // 12, table_path=tmp_path / "c.csv")
+    v, f = _file_mesh(tmp_path / "m.ply")
+    n, flab = M.mesh_components(f, len(v))
+    assert (st.faces, st.vertices) == (len(f), len(v))
+    # a piece decimation pinched off counts with its component: at most as many as surface pieces
+    assert st.components <= n and st.components + st.components_removed == n_mc
+    assert np.bincount(flab).min() >= 20
+    rows = np.genfromtxt(tmp_path / "c.csv", delimiter=",", names=True)
+    assert len(rows) == st.components and rows["faces"].sum() == len(f)
+    assert rows["volume_um3"].sum() == pytest.approx(st.volume, rel=1e-4)
+    assert st.volume == pytest.approx(M.mesh_volume(v, f), rel=1e-4)
+
+
+def test_a_mesh_over_max_bytes_is_decimated_to_fit(tmp_path):
+    pytest.importorskip("fast_simplification")
+    m = _blob(2)
+    full = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "full.glb", (1, 1, 1), slab_size=7)
+    budget = int(full.bytes * 0.6)
+    with pytest.warns(RuntimeWarning, match="to fit"):
+        st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "out" / "mesh.glb", (1, 1, 1), slab_size=7,
+                              max_bytes=budget, largest_path=tmp_path / "out" / "largest_tree.glb")
+    assert st.bytes == (tmp_path / "out" / "mesh.glb").stat().st_size <= budget
+    assert 0 < (tmp_path / "out" / "largest_tree.glb").stat().st_size <= budget
+    assert st.faces < full.faces
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_mesh_that_cannot_fit_leaves_no_output(tmp_path):
+    m = _blob(2)
+    out = tmp_path / "out"
+    with pytest.raises(M.MeshTooLargeError, match="budget"):
+        M.mesh_from_mask(_reader(m), m.shape, out / "mesh.glb", (1, 1, 1), slab_size=7, max_bytes=3000,
+                         table_path=out / "components.csv", largest_path=out / "largest_tree.glb")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def _hollows(shape=(26, 26, 44)):
+    """A shell whose cavity holds a ball with a one-voxel cavity, and a box with a one-voxel cavity:
+    3 solids, 3 cavities (the one-voxel ones are 8-face surfaces, under min_faces=20)."""
+    m = _ball(shape, 11.0, (12.5, 12.5, 12.5)) & ~_ball(shape, 8.0, (12.5, 12.5, 12.5))
+    m |= _ball(shape, 4.5, (12.5, 12.5, 12.5))
+    m[12, 12, 12] = False
+    m[6:20, 6:20, 30:40] = True
+    m[12, 12, 35] = False
+    return m
+
+
+def test_a_cavity_belongs_to_the_component_around_it(tmp_path):
+    m = _hollows()
+    vs = (2.0, 0.65, 0.3)
+    lab, n = ndi.label(m)
+    assert n == 3 and ndi.label(~m)[1] == 4           # 3 solids; outside + 3 cavities
+    own = [M.marching_cubes_volume(lab == k, vs) for k in range(1, n + 1)]  # each with its cavities
+    own.sort(key=lambda vf: -len(vf[1]))
+    st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "m.ply", vs, slab_size=6, min_faces=20,
+                          table_path=tmp_path / "c.csv", largest_path=tmp_path / "largest.ply")
+    assert (st.components, st.components_removed) == (3, 0)
+    assert st.faces == sum(len(f) for _, f in own)     # the 8-face cavities are not removed
+    rows = np.genfromtxt(tmp_path / "c.csv", delimiter=",", names=True)
+    assert list(rows["faces"]) == [len(f) for _, f in own]
+    np.testing.assert_allclose(rows["volume_um3"], [M.mesh_volume(*vf) for vf in own], rtol=1e-5)
+    assert (rows["volume_um3"] > 0).all()
+    shell = max(own, key=lambda vf: M.mesh_volume(*vf))
+    lv, lf = _file_mesh(tmp_path / "largest.ply")
+    assert len(lf) == len(shell[1]) and M.mesh_components(lf, len(lv))[0] == 2  # outer + inner wall
+    assert M.mesh_volume(lv, lf) == pytest.approx(M.mesh_volume(*shell), rel=1e-5)
+
+
+def test_solid_components_on_random_shells():
+    # nested shells and balls at random places, voxel sizes random: components as the voxels count them
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        shape = (30, 34, 38)
+        m = np.zeros(shape, bool)
+        for _ in range(4):
+            c, r = rng.uniform(7, np.array(shape) - 7), rng.uniform(4, 10)
+            m = (m | _ball(shape, r, c)) & ~_ball(shape, r - 2.5, c)
+            m |= _ball(shape, r - 5, c)
+        vs = tuple(rng.uniform(0.3, 3.0, 3))
+        v, f = M.marching_cubes_volume(m, vs)
+        n, lab = M.solid_components(v, f, vs)
+        assert M.mesh_components(f, len(v))[0] > n       # there are cavities
+        assert n == ndi.label(m)[1] == ndi.label(m, np.ones((3, 3, 3)))[1]
+        assert (np.bincount(lab, M._face_volumes(v, f)) > 0).all()
+
+
+def test_cavities_stay_with_their_component_through_decimation(tmp_path):
+    pytest.importorskip("fast_simplification")
+    m = _hollows()
+    st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "m.ply", (1, 1, 1), slab_size=6, min_faces=20,
+                          max_faces=3000, table_path=tmp_path / "c.csv")
+    assert st.components == 3
+    v, f = _file_mesh(tmp_path / "m.ply")
+    n, flab = M.mesh_components(f, len(v))
+    vol = np.bincount(flab, M._face_volumes(v, f), n)
+    assert (vol < 0).sum() >= 1 and st.faces == len(f) <= 3000   # the shell's cavity is still there
+    assert (np.genfromtxt(tmp_path / "c.csv", delimiter=",", names=True)["volume_um3"] > 0).all()
+
+
+def test_decimation_carries_component_labels():
+    pytest.importorskip("fast_simplification")
+    m = _ball((30, 30, 40), 6, (8, 8, 8)) | _ball((30, 30, 40), 5, (22, 22, 30)) | _ball((30, 30, 40), 4, (8, 22, 30))
+    v, f = M.marching_cubes_volume(m)
+    lab = M.mesh_components(f, len(v))[1] * 10 + 3                 # any integers
+    v2, f2, lab2 = M._decimate_labelled(v, f, lab, len(f) // 3, 20)
+    n2, piece = M.mesh_components(f2, len(v2))
+    assert n2 == 3 and len(f2) <= len(f) // 3
+    # each piece keeps the label of the ball it came from: the same ball volumes in the same order
+    before = np.bincount(M._dense(lab)[1], M._face_volumes(v, f))
+    after = np.bincount(M._dense(lab2)[1], M._face_volumes(v2, f2))
+    np.testing.assert_allclose(after, before, rtol=0.05)
+    assert all(len(np.unique(lab2[piece == i])) == 1 for i in range(n2))

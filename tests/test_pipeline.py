@@ -301,3 +301,18 @@ def test_a_config_file_with_a_retired_key_still_loads_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="output.write_mask is no longer used"):
         cfg = PipelineConfig.load(tmp_path / "old.toml")
     assert cfg.output.tiff is True
+
+
+def test_a_mesh_over_max_bytes_is_decimated_and_the_run_finishes(tiny_run, tmp_path):
+    # the mesh is decimated to fit max_bytes (with a warning) instead of ending the run before the tree graph
+    pytest.importorskip("fast_simplification")
+    budget = int(tiny_run.summary["C00"]["mesh"]["bytes"] * 0.6)
+    cfg = _tiny_cfg(channels=["C00"], slab_size=5)
+    cfg.mesh.max_bytes = budget
+    cfg.output.report = False
+    with pytest.warns(RuntimeWarning, match="to fit"):
+        r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path / "out")
+    p, s = r.outputs["C00"], r.summary["C00"]
+    assert s["mesh"]["bytes"] == p["mesh"].stat().st_size <= budget
+    assert 0 < p["largest_tree"].stat().st_size <= budget
+    assert s["tree"]["n_branches"] > 0 and p["tree_graphml"].is_file()
