@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
     m.add_argument("--min-faces", type=int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
     m.add_argument("--max-faces", type=int, help="decimate to at most this many faces")
-    m.add_argument("--max-bytes", type=float, default=1e9, help="refuse larger files (default: 1e9 = 1 GB)")
+    m.add_argument("--max-bytes", type=float, default=1e9, help="decimate a mesh whose file would be larger to fit (default: 1e9 = 1 GB)")
     m.add_argument("--slab-size", type=int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")
@@ -277,7 +277,7 @@ def _print_run(result) -> None:
         if "mesh" in s:
             m = s["mesh"]
             print(f"    mesh: {m['faces']} faces, {m['components']} components "
-                  f"({m['components_removed']} under the face limit removed), {m['bytes'] / 1e6:.1f} MB")
+                  f"({m['components_removed']} under the face limit or lost in decimation removed), {m['bytes'] / 1e6:.1f} MB")
         if "tree" in s and "n_branches" in s["tree"]:
             t = s["tree"]
             print(f"    largest tree: {t['tree_voxels']} voxels, {t['n_branches']} branches, "
@@ -318,7 +318,7 @@ def _cmd_mesh(a) -> int:
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest)
     print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "
-          f"({st.components_removed} under {a.min_faces} faces removed), {st.bytes / 1e6:.1f} MB, "
+          f"({st.components_removed} under {a.min_faces} faces or lost in decimation removed), {st.bytes / 1e6:.1f} MB, "
           f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²")
     return EXIT_OK
 

@@ -313,7 +313,8 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
 
 def _decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`decimate`, plus where each input vertex went (its output index, -1 where dropped)."""
+    """:func:`decimate`, plus where each input vertex went (its output index, -1 where dropped; None where
+    that cannot be told)."""
     same = np.arange(len(vertices))
     if len(faces) <= max_faces:
         return vertices, faces, same
@@ -327,8 +328,11 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
     f = np.asarray(f, np.int64)
     vmap = _collapse_map(len(vertices), faces, np.asarray(collapses, np.int64))
     if not np.array_equal(vmap[faces][_kept_faces(vmap[faces])], f):
-        raise RuntimeError(f"fast-simplification {getattr(fs, '__version__', '?')}: its faces do not follow "
-                           "from its collapse history, so components cannot be carried through decimation")
+        # an undocumented numbering changed: the mesh is fine, only the component labels cannot be carried
+        warnings.warn(f"fast-simplification {getattr(fs, '__version__', '?')} numbers its output vertices in "
+                      "an order gpuheart does not know: components after decimation are taken from the "
+                      "decimated surface (a cavity's wall counts as its own piece)", RuntimeWarning, stacklevel=3)
+        vmap = None
     return np.asarray(v, np.float64), f, vmap
 
 
@@ -368,6 +372,8 @@ def _decimate_labelled(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarr
         return vertices, faces, labels
     vlab = _vertex_labels(len(vertices), faces, labels)
     v, f, vmap = _decimate(vertices, faces, max_faces)
+    if vmap is None:
+        return _drop_small(v, f, mesh_components(f, len(v))[1], min_faces)
     carried = np.full(len(v), -1, np.int64)
     carried[vmap[vmap >= 0]] = vlab[vmap >= 0]
     return _drop_fragments(v, f, carried[f[:, 0]], min_faces)
