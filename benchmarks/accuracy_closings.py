@@ -29,7 +29,7 @@ def closings(name, pre, lab, runs: Path) -> dict:
 
     pc = PostprocessConfig()
     model = unet.load_weights(runs / name / "best.pt")
-    umask = unet.predict(model, pre, tile=256, overlap=64) > model.meta.get("threshold", 0.5)
+    umask = unet.predict(model, pre) > model.meta.get("threshold", 0.5)
     dom = baselines(pre, lab)["dom_mask"]
     row = {}
     for key, mask in (("unet", umask), ("dom", dom), ("union", union(umask, dom))):

@@ -53,7 +53,7 @@ def main(argv=None):
         base = unet.load_weights(base_path)
         n = a.slices
         if a.pseudo:   # the model's own mask of every slice; the real labels only score
-            own = unet.predict(base, pre, tile=256, overlap=64) > base.meta.get("threshold", 0.5)
+            own = unet.predict(base, pre) > base.meta.get("threshold", 0.5)
             train_pre, train_lab, val_fraction, test_pre, test_lab = [pre], [own], 0.2, pre, lab
         else:
             train_pre, train_lab, val_fraction = [pre[:n]], [lab[:n]], 1 / n
@@ -67,7 +67,7 @@ def main(argv=None):
         tuned = unet.load_weights(res.best_path)
         row = {}
         for label, model in (("before", base), ("after", tuned)):
-            prob = unet.predict(model, test_pre, tile=256, overlap=64)
+            prob = unet.predict(model, test_pre)
             row[label] = score(prob > model.meta.get("threshold", 0.5), test_lab)
             row[label]["threshold"] = model.meta.get("threshold", 0.5)
             row[label]["dice_at_0.5"] = score(prob > 0.5, test_lab)["dice"]

@@ -45,8 +45,8 @@ class SegmentConfig:
     method: str = "union"  # "dom", "unet", "union" of both (the paper's choice), or "otsu" (global, streamed)
     weights: str = ""  # U-Net weights file; empty: the weights shipped inside gpuheart
     threshold: float = 0.0  # on the U-Net's probability; 0: the model's own (calibrated in training), else 0.5
-    tile: int = 256
-    overlap: int = 64
+    tile: int = 0  # inference tile side; 0: the tile the model was trained on (128 for the shipped one)
+    overlap: int = -1  # between inference tiles; -1: a quarter of the tile
     # bf16 on the CPU too (about 2x faster where the CPU has native bf16, ~0.03 % of mask pixels differ);
     # off by default so a CPU run gives the same mask on every machine. CUDA always uses bf16.
     cpu_bf16: bool = False
@@ -177,6 +177,9 @@ class PipelineConfig:
                               "output.write_preprocessed = true")
         if self.segment.method in ("dom", "union") and not self.dom.enabled:
             raise ConfigError(f"segment.method {self.segment.method!r} needs dom.enabled = true")
+        if self.segment.tile < 0 or self.segment.overlap < -1 or 0 < self.segment.tile <= self.segment.overlap:
+            raise ConfigError(f"segment.tile must be > 0 (0: the model's training tile) and segment.overlap in "
+                              f"[0, tile) (-1: a quarter of the tile), got {self.segment.tile}, {self.segment.overlap}")
         if self.mesh.format not in ("glb", "ply", "obj", "stl"):
             raise ConfigError(f"mesh.format must be glb, ply, obj or stl, got {self.mesh.format!r}")
         for name in self.channel:
@@ -882,7 +885,8 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, 
         from .unet import predict
 
         with timer("u-net"):
-            prob = predict(model, pre_halo, tile=cfg.segment.tile, overlap=cfg.segment.overlap, device=cfg.device,
+            prob = predict(model, pre_halo, tile=cfg.segment.tile or None,
+                           overlap=None if cfg.segment.overlap < 0 else cfg.segment.overlap, device=cfg.device,
                            amp=True if cfg.segment.cpu_bf16 else None, halo=halo)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     if cfg.segment.method == "union":

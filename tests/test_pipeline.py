@@ -316,3 +316,9 @@ def test_a_mesh_over_max_bytes_is_decimated_and_the_run_finishes(tiny_run, tmp_p
     assert s["mesh"]["bytes"] == p["mesh"].stat().st_size <= budget
     assert 0 < p["largest_tree"].stat().st_size <= budget
     assert s["tree"]["n_branches"] > 0 and p["tree_graphml"].is_file()
+
+
+@pytest.mark.parametrize("tile,overlap", [(-1, -1), (64, 64), (64, -2)])
+def test_bad_inference_tiles_are_config_errors(tile, overlap):
+    with pytest.raises(ConfigError, match="segment.tile"):
+        PipelineConfig.from_dict({"segment": {"tile": tile, "overlap": overlap}}).validate()

@@ -562,3 +562,16 @@ def test_a_tile_at_the_end_of_an_odd_sized_slice_agrees_with_the_whole_image_net
         for sy in grid.starts_y:
             t = model(torch.from_numpy(padded[sy:sy + tile, :tile].copy())[None, None])[0, 0].numpy()
             np.testing.assert_allclose(t[c, c], whole[sy + 88:sy + 168, 88:168], atol=1e-4)
+
+
+def test_predict_defaults_to_the_tile_the_model_was_trained_on():
+    """GroupNorm makes a tile's output depend on the tile's size, and the stored threshold was chosen at the
+    training tile: that is what inference uses unless told otherwise."""
+    model = _tiny()
+    assert unet.inference_tile(model) == (256, 64)   # no training record
+    model.meta = {"config": {"tile": 64}}
+    assert unet.inference_tile(model) == (64, 16) and unet.inference_tile(model, 128, 0) == (128, 0)
+    img = np.random.default_rng(2).integers(0, 256, (150, 170), dtype=np.uint8)
+    np.testing.assert_array_equal(predict(model, img, device="cpu"),
+                                  predict(model, img, tile=64, overlap=16, device="cpu"))
+    assert unet.inference_tile(unet.load_default()) == (128, 32)
