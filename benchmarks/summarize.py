@@ -50,6 +50,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "closings"
     if "per_stack" in doc and "at_best_threshold" in doc.get("mean", {}):
         return "probe"
+    if isinstance(doc.get("runs"), dict) and all("tile256_calibrated" in r.get("mean", {}) for r in doc["runs"].values()):
+        return "tiles"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -353,6 +355,19 @@ def section_probe(e) -> list[str]:
             ""]
 
 
+def section_tiles(e) -> list[str]:
+    runs = e["doc"]["runs"]
+    gains = [r["mean"]["training_calibrated"] - r["mean"]["tile256_calibrated"] for r in runs.values()]
+    first = next(iter(runs.values()))["mean"]
+    return ["### Inference tile: the training tile against 256-pixel tiles (same fold models)",
+            "",
+            f"{src(e)}; see docs/accuracy.md. {len(runs)} recipes' fold models; at the calibrated cut the training "
+            f"tile is ahead in {sum(g > 0 for g in gains)} of {len(gains)} (change {min(gains):+.3f} to "
+            f"{max(gains):+.3f}); first run ({next(iter(runs))}): {first['tile256_calibrated']:.3f} -> "
+            f"{first['training_calibrated']:.3f}.",
+            ""]
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return ["### The paper's closings on the held-out masks",
@@ -387,9 +402,9 @@ def section_session(e) -> list[str]:
 
 SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
-            "finetune": section_finetune, "probe": section_probe, "closings": section_closings,
+            "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
             "pytest-benchmark": section_session}
-ORDER = ["pipeline", "median", "clahe", "io", "mesh", "unet", "accuracy", "probe", "closings", "finetune",
+ORDER = ["pipeline", "median", "clahe", "io", "mesh", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -413,6 +428,7 @@ def render(entries: list[dict]) -> str:
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
+           "| inference tile: training tile vs 256 (no training) | `python benchmarks/accuracy_tiles.py --runs RUNS...` | `accuracy-tiles.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",

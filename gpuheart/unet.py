@@ -398,7 +398,7 @@ def inference_tile(model: nn.Module, tile: int | None = None, overlap: int | Non
     """Tile side and overlap to predict with. By default the tile the model was trained and validated on
     (``model.meta["config"]["tile"]``; 256 for a model without that record) and a quarter of it as overlap:
     with GroupNorm a tile's output depends on the tile's size, and the stored threshold and best epoch were
-    chosen at that size (held-out stacks: +0.002 to +0.016 Dice in all seven recipes measured, see
+    chosen at that size (held-out stacks: +0.002 to +0.016 Dice in all nine recipes measured, see
     docs/accuracy.md)."""
     if tile is None:
         tile = int((getattr(model, "meta", None) or {}).get("config", {}).get("tile", 256))
