@@ -146,6 +146,12 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
         keys = _plane_keys(v[top])
         order = np.argsort(keys)
         prev_keys, prev_ids = keys[order], ids[top][order]
+        if p1 < n_planes and np.any(prev_keys[1:] == prev_keys[:-1]):
+            # float input with a value within float32 rounding of the level: two seam vertices on
+            # different grid edges round to one (y, x), and the next slab cannot tell them apart
+            warnings.warn(f"seam vertices at padded plane {p1 - 1} coincide in float32; the mesh may be "
+                          "non-manifold there (use a level farther from the voxel values, or a bool mask)",
+                          RuntimeWarning, stacklevel=2)
     if not faces:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
     return _to_physical(np.concatenate(verts), voxel_size), _outward(np.concatenate(faces))

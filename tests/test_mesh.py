@@ -1,6 +1,7 @@
 """mesh: slab-wise marching cubes == whole-volume skimage, watertight, filtering, export."""
 import json
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -396,3 +397,16 @@ def test_an_unknown_vertex_numbering_in_decimation_warns_and_still_drops_small_p
         v2, f2, lab2 = M._decimate_labelled(v, f, lab, len(f) // 12, 20)
     assert len(f2) <= len(f) // 12 and len(lab2) == len(f2)
     assert np.bincount(M.mesh_components(f2, len(v2))[1]).min() >= 20
+
+
+def test_float_seam_vertices_that_coincide_in_float32_are_reported():
+    """A value within float32 rounding of the level puts two seam vertices of different grid edges on one
+    (y, x): the slab seam cannot weld them right, so it says so instead of failing silently."""
+    vol = np.zeros((4, 1004, 1004), np.float32)
+    vol[:, 1001, 1001] = 0.50001
+    with pytest.warns(RuntimeWarning, match="coincide in float32"):
+        M.marching_cubes_slabs(lambda a, b: vol[a:b], vol.shape, 2, level=0.5)
+    mask = vol > 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.marching_cubes_slabs(lambda a, b: mask[a:b], mask.shape, 2)
