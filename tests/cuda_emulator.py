@@ -281,7 +281,7 @@ class EmulatedKernel:
         if call.is_alive():
             # its threads still run and hold the build's globals (barrier, shared arenas): no more launches
             _BROKEN.add(id(self._lib))
-            _STUCK.append((keep, ptrs, args))
+            _STUCK.append((keep, ptrs, args, guarded))   # the guarded copies too: the kernel still writes them
             raise TimeoutError(f"{self.name} did not finish in {LAUNCH_TIMEOUT_S} s on the emulator "
                                "(a __syncthreads that not every thread of a block reaches?)")
         if result[0] == 1:
