@@ -151,8 +151,8 @@ class ZNorm:
     mean and standard deviation. A slice whose gain and offset differ from a base image by
     ``x_z = a_z * base + c_z`` (a_z > 0) maps exactly onto the same image for every z.
 
-    Dark slices (laser dropout, an empty end of the stack): when ``s_z < dark_ratio * S`` (or
-    ``s_z == 0``) the slice is flagged in ``dark`` and gets gain 1 instead of ``S / s_z``: there
+    Dark slices (laser dropout, an empty end of the stack): when ``s_z <= dark_ratio * S`` (``s_z == 0``
+    included) the slice is flagged in ``dark`` and gets gain 1 instead of ``S / s_z``: there
     is no signal to recover, and a gain of 100 would only turn its noise into fake structure. Its
     offset is still removed. Gains of other slices are capped to ``[1/max_gain, max_gain]``.
     """
@@ -256,12 +256,20 @@ def _check_nbins(nbins: int) -> None:
         raise ValueError(f"nbins must be >= 1, got {nbins}")
 
 
+def _robust_range(lo: float, hi: float, top) -> tuple[float, float]:
+    """robust_scale's (p_low, p_high), with the slice's maximum (``top()``, asked for only then) in place of a
+    p_high equal to p_low: otherwise a sparse bright structure on a flat background would be blanked."""
+    return (lo, hi) if hi > lo else (lo, float(top()))
+
+
 def robust_scale(x, low: float = 0.1, high: float = 99.9):
     """uint8 image: per (y, x) slice, percentile ``low`` -> 0 and ``high`` -> 255, clipped outside.
 
     ``y = round(clip((x - p_low) / (p_high - p_low), 0, 1) * 255)``; percentiles are NumPy's linear
     ones, computed per slice for a (z, y, x) slab (so the result is independent of slab cuts).
-    A slice with ``p_high == p_low`` (constant) gives zeros. NaN/Inf raises ``ValueError``.
+    Where ``p_high == p_low`` but the slice's maximum is higher (a flat background with fewer than
+    ``100 - high`` % brighter pixels: sparse fibres, a nearly empty end slice) the maximum takes
+    ``p_high``'s place, so those pixels are kept; a constant slice gives zeros. NaN/Inf raises ``ValueError``.
     """
     xp = array_module(x)
     _check_image("robust_scale", x)
@@ -278,7 +286,7 @@ def robust_scale(x, low: float = 0.1, high: float = 99.9):
         s = s.astype(xp.float32, copy=False)
         if s.dtype.kind == "f" and not bool(xp.isfinite(s).all()):
             raise ValueError(f"robust_scale: slice {i} has NaN/Inf pixels")
-        lo, hi = (float(v) for v in xp.percentile(s, [low, high]))
+        lo, hi = _robust_range(*(float(v) for v in xp.percentile(s, [low, high])), s.max)
         if not hi > lo:
             out[i] = 0
             continue
@@ -376,7 +384,7 @@ def _robust_level_table(counts: np.ndarray, float_dtype, low: float, high: float
     a = ftab[np.searchsorted(cum, lo_i, side="right")]
     b = ftab[np.searchsorted(cum, hi_i, side="right")]
     p = _lerp_like_numpy(a[None], b[None], gamma[None, :])[0]
-    lo, hi = float(p[0]), float(p[1])
+    lo, hi = _robust_range(float(p[0]), float(p[1]), ftab[present[-1]].item)
     if not hi > lo:
         return np.zeros(NR_OF_GRAY, np.uint8)
     y = (ftab - np.float32(lo)) * np.float32(255.0 / (hi - lo))
@@ -417,6 +425,8 @@ def _to_bins(x: np.ndarray, nbins: int):
     """
     from skimage.util import img_as_uint
 
+    if not x.dtype.isnative:   # '>u2' is not np.uint16: it would recurse through img_as_uint for ever
+        x = x.astype(x.dtype.newbyteorder("="))
     bin_dtype = np.uint8 if nbins <= 256 else np.uint16
     if x.dtype.kind == "f":
         float_dtype = np.float32 if x.dtype.itemsize <= 4 else np.float64
@@ -834,13 +844,14 @@ def _robust_scale_cuda(x, low: float, high: float):
     srt = cp.sort(flat, axis=1)
     a = cp.asnumpy(srt[:, cp.asarray(lo_i)])
     b = cp.asnumpy(srt[:, cp.asarray(hi_i)])
+    top = cp.asnumpy(srt[:, -1])
     del srt
     p = _lerp_like_numpy(a, b, gamma[None, :])
     los = np.zeros(nz, np.float32)
     ks = np.zeros(nz, np.float32)
     valid = np.zeros(nz, np.int32)
     for i in range(nz):
-        lo, hi = float(p[i, 0]), float(p[i, 1])
+        lo, hi = _robust_range(float(p[i, 0]), float(p[i, 1]), top[i].item)
         if hi > lo:
             los[i], ks[i], valid[i] = np.float32(lo), np.float32(255.0 / (hi - lo)), 1
     out = cp.empty(s.shape, cp.uint8)

@@ -63,6 +63,11 @@ def _check_size(size) -> int:
     return size
 
 
+def _native(x: np.ndarray) -> np.ndarray:
+    """A big-endian array (e.g. from a TIFF read without conversion) in native byte order, as scipy takes it."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def _check_image(x) -> None:
     if x.dtype not in DTYPES:
         raise TypeError(f"median supports uint8, uint16 and float32 images, got {x.dtype}")
@@ -130,7 +135,7 @@ def median(x, size: int, mode: str = "reflect", cval=0, out=None):
     """
     if is_device_array(x):
         return _median_device(x, size, mode, cval, out)
-    x = np.asarray(x)
+    x = _native(np.asarray(x))
     _check_image(x)
     size = _check_size(size)
     _check_mode(mode)
@@ -153,6 +158,8 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
     Bright thin structures (vessels) are positive; broad background is near 0.
     """
     xp = array_module(x)
+    if xp is np:
+        x = _native(np.asarray(x))
     _check_image(x)
     small, large = _check_size(small), _check_size(large)
     signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,

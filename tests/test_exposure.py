@@ -259,3 +259,22 @@ def test_exposure_does_not_import_torch():
              for a in n.names} | {(n.module or "").split(".")[0] for n in ast.walk(tree)
                                   if isinstance(n, ast.ImportFrom)}
     assert "torch" not in names
+
+
+def test_robust_scale_keeps_sparse_bright_pixels_on_a_flat_background():
+    """Under 0.1 % bright pixels (sparse fibres, a nearly empty slice): p_99.9 equals p_0.1, and the slice
+    must not be blanked; its maximum takes p_high's place."""
+    x = np.zeros((2, 100, 100), np.uint16)
+    x[0, 50, 40:43] = 5000   # 5 of 10,000 pixels
+    x[0, 60, 40:42] = 2500
+    out = robust_scale(x)
+    assert out[0, 50, 40] == 255 and out[0, 60, 40] == 128 and out[0].sum() == 3 * 255 + 2 * 128
+    assert not out[1].any()   # constant: zeros
+
+
+def test_big_endian_input_gives_the_native_result():
+    from gpuheart.exposure import clahe, clahe_robust_scale
+
+    x = np.random.default_rng(1).integers(0, 60000, (2, 40, 50)).astype(">u2")
+    np.testing.assert_array_equal(clahe(x), clahe(x.astype(np.uint16)))
+    np.testing.assert_array_equal(clahe_robust_scale(x), clahe_robust_scale(x.astype(np.uint16)))

@@ -214,3 +214,15 @@ def test_dom_bad_input():
         difference_of_medians(np.zeros((9, 9), np.uint8), small=4)
     with pytest.raises(TypeError):
         difference_of_medians(np.zeros((9, 9), np.int64))
+
+
+def test_big_endian_input_is_filtered_like_native():
+    from scipy import ndimage as ndi
+
+    from gpuheart.filters import difference_of_medians, median
+
+    x = np.random.default_rng(0).integers(0, 60000, (2, 30, 40)).astype(">u2")
+    want = median(x.astype(np.uint16), 5)
+    np.testing.assert_array_equal(median(x, 5), want)
+    np.testing.assert_array_equal(want[0], ndi.median_filter(x[0], 5, mode="reflect"))
+    np.testing.assert_array_equal(difference_of_medians(x), difference_of_medians(x.astype(np.uint16)))

@@ -152,7 +152,11 @@ def test_clahe_robust_scale_equals_the_two_steps(dtype, shape):
 def test_clahe_robust_scale_constant_slice_and_errors():
     x = _image((3, 40, 40), np.uint16, 2)
     x[1] = 7
-    np.testing.assert_array_equal(ex.clahe_robust_scale(x), ex.robust_scale(ex.clahe(x)))
+    x[2] = 0
+    x[2, 10, 10:12] = 5000   # 2 of 1600 pixels: p_99.9 is the background
+    got = ex.clahe_robust_scale(x)
+    np.testing.assert_array_equal(got, ex.robust_scale(ex.clahe(x)))
+    assert got[2, 10, 10] == 255 and got[2].max() == 255
     f = _image((2, 20, 20), np.float32, 2)
     f[1, 3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -256,6 +260,8 @@ def check_znorm_asinh(fused, dtype, normalize):
 def test_robust_scale_gpu_equals_cpu(cp, dtype):
     x = _image((4, 61, 83), dtype, 5)
     x[1] = x[1, 0, 0]  # a constant slice -> zeros
+    x[0] = 0
+    x[0, 3:5, 7] = 200  # sparse: p_high == p_low, the maximum takes its place
     got = ex.robust_scale(cp.asarray(x))
     assert isinstance(got, cp.ndarray) and got.dtype == np.uint8
     np.testing.assert_array_equal(got.get(), ex.robust_scale(x))
@@ -293,6 +299,8 @@ def test_clahe_robust_scale_gpu_equals_cpu(cp, dtype, shape):
     x = _image(shape, dtype, 12)
     if len(shape) == 3 and shape[1] > 1:
         x[1] = x[1, 0, 0]  # a constant slice
+        x[0] = 0
+        x[0, 1, :2] = 200  # sparse: p_high == p_low, the maximum takes its place
     got = ex.clahe_robust_scale(cp.asarray(x))
     assert isinstance(got, cp.ndarray) and got.dtype == np.uint8
     np.testing.assert_array_equal(got.get(), ex.clahe_robust_scale(x))
