@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -384,6 +385,7 @@ class Pipeline:
                     reused.append(channel)
                 model = None
                 if ccfg.uses_unet and not ck.done:
+                    _warn_if_preprocessing_differs_from_training(channel, ccfg.exposure)
                     if ccfg.segment.weights not in models:
                         models[ccfg.segment.weights] = _load_model(ccfg)
                     model = models[ccfg.segment.weights]
@@ -445,6 +447,16 @@ def _is_run_report(path: Path) -> bool:
             return b"<title>gpuheart report</title>" in f.read(4096)
     except OSError:
         return False
+
+
+def _warn_if_preprocessing_differs_from_training(channel: str, exposure: ExposureConfig) -> None:
+    """``gpuheart train`` preprocesses with the default [exposure] settings; a U-Net fed other preprocessing
+    sees images unlike those it learned from, and says nothing about it."""
+    changed = {k: v for k, v in asdict(exposure).items() if v != getattr(ExposureConfig(), k)}
+    if changed:
+        warnings.warn(f"channel {channel}: [exposure] {changed} differs from the defaults the U-Net was trained "
+                      f"on (gpuheart train preprocesses with the defaults), so its mask may be worse than its "
+                      f"scores; the difference of medians is not affected", RuntimeWarning, stacklevel=3)
 
 
 def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:

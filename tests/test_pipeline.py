@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -322,3 +323,19 @@ def test_a_mesh_over_max_bytes_is_decimated_and_the_run_finishes(tiny_run, tmp_p
 def test_bad_inference_tiles_are_config_errors(tile, overlap):
     with pytest.raises(ConfigError, match="segment.tile"):
         PipelineConfig.from_dict({"segment": {"tile": tile, "overlap": overlap}}).validate()
+
+
+def test_a_unet_run_on_other_preprocessing_than_training_warns(tmp_path):
+    """gpuheart train preprocesses with the default [exposure]: a U-Net run with other settings is told so."""
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    ph = write_phantom(PhantomConfig.preset("tiny"), tmp_path / "ph")
+    base = {"progress": False, "channels": ["C00"], "mesh": {"enabled": False}, "graph": {"enabled": False},
+            "output": {"report": False}}
+    cfg = PipelineConfig.from_dict({**base, "exposure": {"clip_limit": 0.02}})
+    with pytest.warns(RuntimeWarning, match=r"clip_limit.*differs from the defaults the U-Net was trained on"):
+        Pipeline(cfg).run(ph / "scan", tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Pipeline(PipelineConfig.from_dict({**base, "exposure": {"clip_limit": 0.02},
+                                           "segment": {"method": "dom"}})).run(ph / "scan", tmp_path / "b")
