@@ -1,7 +1,9 @@
 """Thresholding the difference of medians into vessel masks, and combining masks.
 
-The pipeline calls :func:`dom_mask` once per slab, so every threshold here is computed from the
-values it is given (one slab), never from the whole scan.
+Every threshold here is computed from the values it is given, never from the whole scan. The pipeline
+thresholds the difference of medians slice by slice (:func:`threshold_slices`), so its masks do not depend
+on how the scan was cut into slabs; :func:`dom_mask` thresholds whatever it is given at once (a slab: one
+threshold for the slab).
 """
 from __future__ import annotations
 
