@@ -146,7 +146,9 @@ class ZNorm:
         x' = (x - b_z) * g_z + B,      g_z = S / s_z,      B = median_z(b_z),  S = median_z(s_z)
 
     so every slice ends up with the stack's typical background ``B`` and spread ``S`` and the output
-    keeps the stack's units. ``method="robust"`` (default) uses ``b_z = p50`` (vessels are sparse, so
+    keeps the stack's units. The medians are over the slices with ``s_z > 0`` (all slices if none is):
+    blank slices (zero-filled ends, a padded stack) say nothing about the stack's spread, and were they
+    the majority, ``S = 0`` would turn every slice with signal down to ``1 / max_gain``. ``method="robust"`` (default) uses ``b_z = p50`` (vessels are sparse, so
     the median is background/tissue) and ``s_z = p99 - p1``; ``method="zscore"`` uses the slice
     mean and standard deviation. A slice whose gain and offset differ from a base image by
     ``x_z = a_z * base + c_z`` (a_z > 0) maps exactly onto the same image for every z.
@@ -186,7 +188,8 @@ class ZNorm:
             raise ValueError(f"slice z={bad} has non-finite statistics")
         if not (max_gain >= 1 and 0 <= dark_ratio < 1):
             raise ValueError(f"need max_gain >= 1 and 0 <= dark_ratio < 1, got {max_gain}, {dark_ratio}")
-        B, S = float(np.median(b)), float(np.median(s))
+        ref = s > 0 if (s > 0).any() else np.ones(s.shape, bool)
+        B, S = float(np.median(b[ref])), float(np.median(s[ref]))
         dark = (s <= dark_ratio * S) | (s <= 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.clip(S / s, 1.0 / max_gain, max_gain)

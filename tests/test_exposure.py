@@ -119,6 +119,18 @@ def test_znorm_dark_slices_are_flagged_not_amplified():
     assert zn.describe()["dark_slices"] == [3, 6]
 
 
+def test_znorm_reference_ignores_blank_slices_even_when_they_are_the_majority():
+    """A padded stack (zero-filled slices): B and S come from the slices with signal, so those are not
+    turned down to 1 / max_gain by an S of 0."""
+    stack, _ = _gain_offset_stack(nz=4)
+    padded = np.concatenate([np.zeros((6, *stack.shape[1:]), np.float32), stack])
+    ref = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(padded)])
+    assert zn.scale == ref.scale and zn.background == ref.background
+    np.testing.assert_array_equal(zn.gain[6:], ref.gain)
+    assert list(np.flatnonzero(zn.dark)) == list(range(6))
+
+
 def test_znorm_rejects_nonfinite_naming_z_and_bad_range():
     stack, _ = _gain_offset_stack(nz=8)
     zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
