@@ -32,8 +32,9 @@ __all__ = [
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TIFF_SUFFIXES = (".tif", ".tiff")
-_CHANNEL_RE = re.compile(r"_C(\d+)")
-_Z_RE = re.compile(r"Z(\d+)")
+# a token must end where its digits end: "_C57BL6" (a mouse strain) is no channel 57; "_ch1", "_z000" count
+_CHANNEL_RE = re.compile(r"_c(?:h)?(\d+)(?![a-z0-9])", re.IGNORECASE)
+_Z_RE = re.compile(r"(?<![a-z])z(\d+)", re.IGNORECASE)
 # Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
 _UNIT_UM = {
     "µm": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
@@ -516,7 +517,9 @@ def _holds_scan(d: Path) -> bool:
 
 def _scan_folder(path: Path) -> dict[str, list[Path]]:
     """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete."""
-    tiffs = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES]
+    # hidden files (macOS "._name.tif" resource forks) are not slices
+    tiffs = [p for p in path.iterdir()
+             if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES and not p.name.startswith(".")]
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
@@ -531,7 +534,11 @@ def _scan_folder(path: Path) -> dict[str, list[Path]]:
     for c in sorted(by_channel):
         name = f"C{c:02d}"
         items = by_channel[c]
-        if any(z is None for z, _ in items):
+        lacking = [p.name for z, p in items if z is None]
+        if lacking and len(lacking) < len(items):   # e.g. a MIP saved beside the slices: it would be a slice
+            raise ScanError(f"{path}: {lacking[0]!r} has no Z<number> slice token, unlike the other files of "
+                            f"channel {name}; expected only slices in the folder (move it elsewhere)")
+        if lacking:
             # no Z token: the order of the names is the z order
             files[name] = sorted((p for _, p in items), key=lambda p: _natural_key(p.name))
             continue

@@ -476,3 +476,27 @@ def test_ngff_group_with_channel_axis_and_nanometre_units(tmp_path):
         assert scan.channels == ["C00", "C01"] and scan.shape == (4, 6, 8)
         assert scan.voxel_size == pytest.approx((4.0, 0.65, 0.65))
         np.testing.assert_array_equal(scan.read_slab("C01", 1, 3), vol[1, 1:3])
+
+
+def test_folder_names_that_are_not_slice_tokens(tmp_path):
+    """Lower-case and 'ch' tokens are understood; a strain name is no channel; a stray file without a Z
+    token among slices is refused by name; hidden AppleDouble files are ignored."""
+    img = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    a = tmp_path / "a"
+    a.mkdir()
+    for c in (1, 2):
+        for z in range(3):
+            tifffile.imwrite(a / f"scan_ch{c}_z{z:03d}.tif", img + 10 * c + z)
+    (a / "._scan_ch1_z000.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with open_scan(a) as scan:
+        assert scan.channels == ["C01", "C02"] and scan.shape == (3, 4, 5)
+        assert int(scan.read_slice("C02", 2)[0, 0]) == 22
+    b = tmp_path / "b"
+    b.mkdir()
+    for z in range(3):
+        tifffile.imwrite(b / f"heart_C57BL6_Z{z:04d}.tif", img + z)
+    with open_scan(b) as scan:
+        assert scan.channels == ["C00"] and scan.shape == (3, 4, 5)
+    tifffile.imwrite(b / "heart_C57BL6_MIP.tif", img)
+    with pytest.raises(ScanError, match="heart_C57BL6_MIP.tif' has no Z<number> slice token"):
+        open_scan(b)
