@@ -3,11 +3,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):   # a voxel of 0, -2 or nan um gives volumes of 0, < 0 or nan
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", help="TOML config file (see config.toml written by any run)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
     r.add_argument("--channels", nargs="+", metavar="C", help="channels to process, e.g. C00 C01 (default: all)")
-    r.add_argument("--slab-size", type=int, help="z-slices per slab (default: 16)")
-    r.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in µm")
+    r.add_argument("--slab-size", type=_positive_int, help="z-slices per slab (default: 16)")
+    r.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in µm")
     r.add_argument("--truth", nargs=2, action="append", metavar=("CHANNEL", "MASK"),
                    help="score CHANNEL's mask against MASK (repeatable)")
     r.add_argument("--preset", action="append", metavar="CHANNEL=NAME",
@@ -60,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "GLB meshes over 65,535 vertices are split into nodes Unity can import.")
     m.add_argument("mask", help="mask: multi-page TIFF, per-slice folder or OME-Zarr (nonzero = inside)")
     m.add_argument("-o", "--out", required=True, help="output mesh: .glb, .ply, .obj or .stl")
-    m.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+    m.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
                    help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
-    m.add_argument("--min-faces", type=int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
-    m.add_argument("--max-faces", type=int, help="decimate to at most this many faces")
-    m.add_argument("--max-bytes", type=float, default=1e9, help="decimate a mesh whose file would be larger to fit (default: 1e9 = 1 GB)")
-    m.add_argument("--slab-size", type=int, default=64, help="z-slices meshed at a time (default: %(default)s)")
+    m.add_argument("--min-faces", type=_nonnegative_int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
+    m.add_argument("--max-faces", type=_nonnegative_int, help="decimate to at most this many faces (0: keep every face)")
+    m.add_argument("--max-bytes", type=_positive_float, default=1e9, help="decimate a mesh whose file would be larger to fit (default: 1e9 = 1 GB)")
+    m.add_argument("--slab-size", type=_positive_int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")
 
@@ -77,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("--method", choices=["unet", "dom", "union", "otsu"], help="default: the config's (union)")
     sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
     sg.add_argument("--channel", help="channel to segment (default: the first)")
-    sg.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+    sg.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
                     help="voxel size in µm (default: from the input's metadata)")
     sg.add_argument("--postprocess", action="store_true",
                     help="apply the paper's closings too (step 6; default: no, whatever a -c config says)")
@@ -92,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "checkpoint by validation Dice), last.pt (for --resume), log.csv, curves.png.")
     tr.add_argument("data", nargs="*", help="NAME_image.tif files or folders of them")
     tr.add_argument("-o", "--out", required=True, help="run folder")
-    tr.add_argument("--phantom", type=int, default=0, metavar="N",
+    tr.add_argument("--phantom", type=_nonnegative_int, default=0, metavar="N",
                     help="also train on N synthetic scans (default preset, seeds 1..N)")
     tr.add_argument("--exclude", nargs="*", default=[], help="stack names to leave out (held-out evaluation)")
     tr.add_argument("--finetune", nargs="?", const="default", metavar="WEIGHTS",
@@ -102,24 +124,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--sparse-labels", action="store_true",
                     help="train only on slices with at least one labelled pixel: label a few slices of a large stack "
                          "completely and leave the rest empty (they are skipped, not taught as background)")
-    tr.add_argument("--epochs", type=int, help="default: 60 (--finetune: 6)")
-    tr.add_argument("--steps", type=int, help="steps per epoch (default: 50; --finetune: 25)")
-    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--epochs", type=_positive_int, help="default: 60 (--finetune: 6)")
+    tr.add_argument("--steps", type=_positive_int, help="steps per epoch (default: 50; --finetune: 25)")
+    tr.add_argument("--batch-size", type=_positive_int, default=8)
     tr.add_argument("--threshold", type=float,
                     help="store this decision threshold instead of calibrating one on the validation slices "
                          "(--finetune: 0.5, as calibrating on a few slices is unreliable)")
-    tr.add_argument("--lr", type=float, help="learning rate (default: 1e-3; --finetune: 3e-4)")
+    tr.add_argument("--lr", type=_positive_float, help="learning rate (default: 1e-3; --finetune: 3e-4)")
     tr.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
                     help="learning rate: halved when validation Dice stalls (plateau, default), or a cosine decay "
                          "to 1e-6 over the epochs")
     tr.add_argument("--balance", choices=["pixel", "stack"], default="pixel",
                     help="draw training tiles uniformly per pixel (default) or give every stack the same share")
-    tr.add_argument("--tile", type=int, help="training tile side (default: 128; --finetune: the model's)")
-    tr.add_argument("--width", type=int, help="channels of the first U-Net level (default: 16)")
+    tr.add_argument("--tile", type=_positive_int, help="training tile side (default: 128; --finetune: the model's)")
+    tr.add_argument("--width", type=_positive_int, help="channels of the first U-Net level (default: 16)")
     tr.add_argument("--init", metavar="WEIGHTS",
                     help="start from these weights instead of random, with every other setting as given "
                          "(--finetune sets them for you)")
-    tr.add_argument("--context", type=int, metavar="K",
+    tr.add_argument("--context", type=_nonnegative_int, metavar="K",
                     help="2.5-D input: K neighbouring slices on each side as extra channels (default: 0, 2-D)")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], help="default: tversky_focal (the paper's)")
     tr.add_argument("--norm", choices=["batch", "group"],
@@ -313,10 +335,14 @@ def _cmd_mesh(a) -> int:
     from .pipeline import mask_reader
 
     with open_scan(a.mask) as m:
+        voxel_known = m.voxel_size is not None
         voxel = tuple(a.voxel_size) if a.voxel_size else (m.voxel_size or (1.0, 1.0, 1.0))
-        st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,
-                            slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces,
+        st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
+                            slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest)
+    if not a.voxel_size and not voxel_known:
+        print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
+              "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
     print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "
           f"({st.components_removed} under {a.min_faces} faces or lost in decimation removed), {st.bytes / 1e6:.1f} MB, "
           f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²")

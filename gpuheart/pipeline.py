@@ -351,7 +351,7 @@ class Pipeline:
         # an earlier run's summary and report would make this run look finished until it is
         # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
         _remove_earlier_run_files(out_dir, cfg.output.report)
-        channels = cfg.channels or None
+        channels = list(dict.fromkeys(cfg.channels)) or None   # "--channels C00 C00" runs C00 once
         user_truth = dict(truth or {})
         if source is None:
             with timer("phantom"):
@@ -412,6 +412,10 @@ class Pipeline:
 
         from .io import open_scan
 
+        src, dst = Path(source).resolve(), Path(out_path).resolve()
+        if dst == src or src in dst.parents:
+            raise ConfigError(f"{out_path}: is the input scan or lies in its folder (where it would be read as a "
+                              f"slice); expected an output path outside {source}")
         cfg = replace(self.config, mesh=replace(self.config.mesh, enabled=False),
                       graph=replace(self.config.graph, enabled=False))
         if channel:
@@ -429,7 +433,9 @@ class Pipeline:
             mask_path = result.outputs[cfg.channels[0]]["mask"]
             with open_scan(mask_path) as m:
                 voxel = m.voxel_size
-            _zarr_to_tiff(mask_path, out_path, voxel)
+            # an unknown voxel size stays unknown in the TIFF rather than becoming a calibrated 1 µm
+            known = result.summary.get("input", {}).get("voxel_size") is not None
+            _zarr_to_tiff(mask_path, out_path, voxel if known else None)
         return out_path
 
 

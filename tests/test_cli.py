@@ -242,3 +242,59 @@ def test_segment_applies_the_closings_only_when_asked(tmp_path):
     assert _segment_config(parse(base)).postprocess.enabled is False
     assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml")])).postprocess.enabled is False
     assert _segment_config(parse(base + ["-c", str(tmp_path / "run.toml"), "--postprocess"])).postprocess.enabled is True
+
+
+def test_segment_never_writes_over_its_input_or_into_its_slice_folder(tmp_path, capsys):
+    import hashlib
+
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (5, 40, 40), dtype=np.uint8))
+    before = hashlib.md5(stack.read_bytes()).hexdigest()
+    assert main(["segment", str(stack), "-o", str(stack), "--method", "dom", "--no-progress"]) == 1
+    assert "input scan" in capsys.readouterr().err and hashlib.md5(stack.read_bytes()).hexdigest() == before
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    scan = tmp_path / "ph" / "scan"
+    assert main(["segment", str(scan), "-o", str(scan / "mask.tif"), "--method", "dom", "--no-progress"]) == 1
+    assert not (scan / "mask.tif").exists()
+
+
+def test_segment_keeps_an_unknown_voxel_size_unknown(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from gpuheart.io import open_scan
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (5, 40, 40), dtype=np.uint8))
+    assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "--method", "dom", "--no-progress"]) == 0
+    with open_scan(tmp_path / "m.tif") as m:
+        assert m.voxel_size is None
+    assert main(["segment", str(stack), "-o", str(tmp_path / "v.tif"), "--method", "dom", "--no-progress",
+                 "--voxel-size", "5", "1", "1"]) == 0
+    with open_scan(tmp_path / "v.tif") as m:
+        assert m.voxel_size == pytest.approx((5, 1, 1))
+
+
+@pytest.mark.parametrize("args", [["mesh", "m.tif", "-o", "m.glb", "--voxel-size", "-2", "1", "1"],
+                                  ["mesh", "m.tif", "-o", "m.glb", "--voxel-size", "nan", "1", "1"],
+                                  ["mesh", "m.tif", "-o", "m.glb", "--max-faces", "-10"],
+                                  ["train", "lab", "-o", "r", "--epochs", "0"],
+                                  ["train", "lab", "-o", "r", "--steps", "0"],
+                                  ["train", "lab", "-o", "r", "--batch-size", "0"],
+                                  ["train", "lab", "-o", "r", "--tile", "0"],
+                                  ["run", "-o", "o", "--voxel-size", "0", "1", "1"]])
+def test_bad_numbers_on_the_command_line_are_refused_before_any_work(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "positive" in capsys.readouterr().err
+
+
+def test_a_channel_named_twice_runs_once(tmp_path, capsys):
+    assert main(["run", "-o", str(tmp_path / "o"), "--phantom-preset", "tiny", "--channels", "C00", "C00",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  C00:") == 1 and "reused" not in out
