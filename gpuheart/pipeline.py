@@ -109,6 +109,33 @@ CHANNEL_PRESETS: dict[str, dict] = {
 PHANTOM_CHANNEL_SETTINGS = {"C01": {"preset": "nerves"}}
 
 
+def _check_ranges(cfg: "PipelineConfig") -> None:
+    """Numbers a stage would only reject (or silently misuse) hours into a run, checked before it starts."""
+    e, p, m = cfg.exposure, cfg.postprocess, cfg.mesh
+    rules = [
+        ("checkpoint_seconds", cfg.checkpoint_seconds, cfg.checkpoint_seconds >= 0, ">= 0"),
+        ("exposure.clip_limit", e.clip_limit, e.clip_limit >= 0, ">= 0"),
+        ("exposure.kernel_size", e.kernel_size, e.kernel_size >= 1, ">= 1"),
+        ("exposure.asinh_scale", e.asinh_scale, e.asinh_scale >= 0, ">= 0 (0: the stack's own scale)"),
+        ("exposure.robust_low", e.robust_low, 0 <= e.robust_low < e.robust_high, "in [0, robust_high)"),
+        ("exposure.robust_high", e.robust_high, e.robust_high <= 100, "<= 100"),
+        ("dom.k", cfg.dom.k, cfg.dom.k > 0, "> 0"),
+        ("segment.threshold", cfg.segment.threshold, 0 <= cfg.segment.threshold < 1,
+         "in [0, 1) (0: the model's own)"),
+        ("postprocess.z_size", p.z_size, p.z_size >= 1 and p.z_size % 2 == 1, "an odd number >= 1"),
+        ("postprocess.z_iterations", p.z_iterations, p.z_iterations >= 0, ">= 0"),
+        ("postprocess.size3d", p.size3d, p.size3d >= 1 and p.size3d % 2 == 1, "an odd number >= 1"),
+        ("mesh.min_faces", m.min_faces, m.min_faces >= 0, ">= 0"),
+        ("mesh.max_faces", m.max_faces, m.max_faces >= 0, ">= 0 (0: every face)"),
+        ("mesh.max_bytes", m.max_bytes, m.max_bytes > 0, "> 0"),
+        ("mesh.slab_size", m.slab_size, m.slab_size >= 1, ">= 1"),
+        ("graph.max_voxels", cfg.graph.max_voxels, cfg.graph.max_voxels >= 1, ">= 1"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:   # NaN fails every comparison, so it lands here too
+            raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
 @dataclass
 class PipelineConfig:
     """Everything a run needs besides its input; defaults are the paper's settings.
@@ -183,6 +210,7 @@ class PipelineConfig:
                               f"[0, tile) (-1: a quarter of the tile), got {self.segment.tile}, {self.segment.overlap}")
         if self.mesh.format not in ("glb", "ply", "obj", "stl"):
             raise ConfigError(f"mesh.format must be glb, ply, obj or stl, got {self.mesh.format!r}")
+        _check_ranges(self)
         for name in self.channel:
             self.for_channel(name)
         return self

@@ -339,3 +339,15 @@ def test_a_unet_run_on_other_preprocessing_than_training_warns(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         Pipeline(PipelineConfig.from_dict({**base, "exposure": {"clip_limit": 0.02},
                                            "segment": {"method": "dom"}})).run(ph / "scan", tmp_path / "b")
+
+
+@pytest.mark.parametrize("section,key,value", [("postprocess", "z_iterations", -3), ("postprocess", "z_size", 4),
+                                               ("mesh", "max_faces", -5), ("graph", "max_voxels", -1),
+                                               ("segment", "threshold", 1.5), ("mesh", "min_faces", -1),
+                                               ("exposure", "robust_low", 99.95), ("exposure", "kernel_size", 0),
+                                               ("dom", "k", -1.0), ("exposure", "clip_limit", float("nan"))])
+def test_out_of_range_settings_are_named_before_the_run(section, key, value):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key} must be"):
+        PipelineConfig.from_dict({section: {key: value}}).validate()
+    with pytest.raises(ConfigError, match=rf"channel\.C01: {section}\.{key} must be"):
+        PipelineConfig.from_dict({"channel": {"C01": {section: {key: value}}}}).validate()
