@@ -7,6 +7,7 @@ trained on exactly the distribution it sees at inference, and hands arrays to ``
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,11 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
             labels.append(lab[used])
         if not keep:
             raise ScanError(f"{stack.label}: no slice has a labelled (nonzero) pixel, so there is nothing to train on")
+        share = float(np.mean([lab.mean() for lab in labels if lab.size])) if labels else 0.0
+        if share > 0.5:   # vessels are a minority of the voxels: this is likely the image, or inverted labels
+            warnings.warn(f"{stack.label}: {share:.0%} of the voxels are labelled (nonzero); expected a vessel "
+                          f"mask (0 background, nonzero vessel) - is it the image or an inverted mask?",
+                          RuntimeWarning, stacklevel=2)
         znorm = ZNorm.from_stats(stats)
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
     return np.concatenate(images), np.concatenate(labels)
@@ -118,7 +124,16 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
     if sparse and train_kw.get("context"):
         raise ValueError("sparse labels leave gaps between the slices trained on, so a 2.5-D model (context > 0) "
                          "would see the wrong neighbours; use a 2-D model (context 0)")
-    stacks = [s for s in find_pairs(paths) if s.name not in set(exclude)]
+    found = find_pairs(paths)
+    unknown = sorted(set(exclude) - {s.name for s in found})
+    if unknown:   # a misspelt held-out stack would silently be trained on
+        raise ValueError(f"--exclude {unknown[0]}: no labelled stack of that name; stacks: "
+                         f"{', '.join(s.name for s in found)}")
+    earlier = [n for n in ("best.pt", "last.pt") if (Path(out_dir) / n).is_file()]
+    if earlier and not resume:
+        raise ValueError(f"{out_dir}: holds a training run already ({earlier[0]}); --resume continues it, "
+                         f"or give another folder to start anew (nothing there is replaced)")
+    stacks = [s for s in found if s.name not in set(exclude)]
     images, labels = [], []
     for s in stacks:
         im, lab = load_pair(s, sparse=sparse)

@@ -80,3 +80,24 @@ def test_a_multichannel_image_is_refused_naming_its_channels(tmp_path):
     tifffile.imwrite(tmp_path / "two_image.tif", two, imagej=True, metadata={"axes": "ZCYX"})
     with pytest.raises(ScanError, match=r"two_image.tif: has 2 channels \(C00, C01\)"):
         load_pair(find_pairs([tmp_path])[0])
+
+
+def test_train_refuses_a_misspelt_exclude_and_a_folder_holding_a_run(tmp_path, capsys):
+    img, lab = _stack(nz=6)
+    data = _pair(tmp_path / "data", "s", img, lab)
+    _pair(tmp_path / "data", "t", img, lab)
+    common = ["--epochs", "1", "--steps", "1", "--batch-size", "2", "--tile", "32", "--width", "4", "--no-progress"]
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), "--exclude", "u", *common]) == 1
+    assert "--exclude u: no labelled stack of that name; stacks: s, t" in capsys.readouterr().err
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), "--exclude", "t", *common]) == 0
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), *common]) == 1
+    assert "holds a training run already" in capsys.readouterr().err
+    assert (tmp_path / "run" / "best.pt").read_bytes() == best
+
+
+def test_a_label_that_covers_most_voxels_is_questioned(tmp_path):
+    img, _ = _stack(nz=4)
+    (stack,) = find_pairs([_pair(tmp_path, "s", img, img)])   # the image given as its own label
+    with pytest.warns(RuntimeWarning, match="100% of the voxels are labelled"):
+        load_pair(stack)
