@@ -28,7 +28,7 @@ _MIP_STAGES = [("mip_raw", "raw"), ("mip_normalized", "z-normalized"),
 _MEASUREMENTS = [("detrended_cv_raw", "detrended CV of slice means, raw"),
                  ("detrended_cv_normalized", "detrended CV of slice means, normalized"),
                  ("preprocessed_mean", "mean of preprocessed image"),
-                 ("dom_mask_fraction", "mask fraction"),
+                 ("dom_mask_fraction", "difference-of-medians mask fraction"),
                  ("dom_mean", "mean of DoM image"),
                  ("snr_preprocessed", "SNR, preprocessed"),
                  ("snr_dom", "SNR, difference of medians")]
@@ -254,7 +254,7 @@ def _overlay(f: dict, path: Path) -> Path | None:
 
 
 def _find_mesh(folder: Path) -> Path | None:
-    for name in ("mesh.ply", "mesh.glb"):
+    for name in ("mesh.ply", "mesh.glb", "mesh.obj", "mesh.stl"):
         if (folder / name).is_file():
             return folder / name
     return None

@@ -125,6 +125,11 @@ def test_mesh_rendered_when_loadable(tmp_path, monkeypatch):
     src = img_sources(write_report(out))
     assert "report/C00_mesh.png" in src and loaded == [("mesh.glb", "mesh")]
     assert (out / "report" / "C00_mesh.png").read_bytes()[:8] == PNG_MAGIC
+    for fmt in ("stl", "obj"):   # every format a run writes gets its picture
+        loaded.clear()
+        out = make_run(tmp_path / f"run_{fmt}")
+        (out / "C00" / f"mesh.{fmt}").write_bytes(b"stub")
+        assert "report/C00_mesh.png" in img_sources(write_report(out)) and loaded == [(f"mesh.{fmt}", "mesh")]
 
 
 def test_mesh_skipped_without_trimesh(tmp_path, monkeypatch):
