@@ -374,8 +374,7 @@ class Pipeline:
 
         cfg = self.config
         timer = _Timer(backend.resolve_device(cfg.device))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = _writable_folder(Path(out_dir))
         # an earlier run's summary and report would make this run look finished until it is
         # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
         _remove_earlier_run_files(out_dir, cfg.output.report)
@@ -481,6 +480,22 @@ def _is_run_report(path: Path) -> bool:
             return b"<title>gpuheart report</title>" in f.read(4096)
     except OSError:
         return False
+
+
+def _writable_folder(path: Path) -> Path:
+    """``path`` as an existing folder this process can write in, or a ConfigError saying why not (before any
+    work, instead of the OS's errno text from deep inside the first write)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder; expected an output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".gpuheart-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write there ({err.strerror or err}); expected a writable output "
+                          f"folder") from None
+    return path
 
 
 def _warn_if_preprocessing_differs_from_training(channel: str, exposure: ExposureConfig) -> None:

@@ -85,8 +85,11 @@ def test_wrong_voxel_sizes(tmp_path, capsys, vs):
     vol = np.zeros((3, 16, 16), np.uint16)
     path = tmp_path / "v.tif"
     tifffile.imwrite(path, vol, photometric="minisblack")
-    err = _cli_error(capsys, ["run", str(path), "-o", str(tmp_path / "o"), "--voxel-size", *vs, "--no-progress"])
-    assert "voxel" in err
+    with pytest.raises(SystemExit) as e:   # refused by the argument parser, before any work
+        main(["run", str(path), "-o", str(tmp_path / "o"), "--voxel-size", *vs, "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--voxel-size: must be a positive finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unwritable_output_folder(tmp_path, capsys):

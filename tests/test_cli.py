@@ -298,3 +298,23 @@ def test_a_channel_named_twice_runs_once(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count("  C00:") == 1 and "reused" not in out
+
+
+def test_an_output_folder_that_cannot_be_one_is_named_in_one_line(tmp_path, capsys):
+    import os
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["run", "-o", str(afile), "--phantom-preset", "tiny", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "afile: exists and is not a folder" in err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        assert main(["run", "-o", str(ro), "--phantom-preset", "tiny", "--no-progress"]) == 1
+        assert "ro: cannot write there" in capsys.readouterr().err
+    finally:
+        os.chmod(ro, 0o700)
