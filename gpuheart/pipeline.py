@@ -422,6 +422,14 @@ class Pipeline:
                     resumed.pop(channel, None)
                 summary[channel]["segmentation"] = ccfg.segment.method
         cfg.save(out_dir / "config.toml")
+        # channel folders an earlier run worked in and this one left alone: not removed (the user may want
+        # them), but this run's config.toml and summary.json do not describe them, so say so
+        others = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and (d / ".resume").is_dir()
+                        and d.name not in outputs)
+        if others:
+            warnings.warn(f"{out_dir}: {', '.join(others)} hold(s) outputs of an earlier run with other channels "
+                          f"or settings, which this run's config.toml and summary.json do not describe",
+                          RuntimeWarning, stacklevel=2)
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
         if cfg.output.report:

@@ -318,3 +318,12 @@ def test_an_output_folder_that_cannot_be_one_is_named_in_one_line(tmp_path, caps
         assert "ro: cannot write there" in capsys.readouterr().err
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_a_rerun_with_fewer_channels_says_which_folders_it_did_not_redo(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "-o", str(out), "--phantom-preset", "tiny", "--no-progress"]) == 0
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"C01 hold\(s\) outputs of an earlier run"):
+        assert main(["run", "-o", str(out), "--phantom-preset", "tiny", "--channels", "C00", "--no-progress"]) == 0
+    assert (out / "C01").is_dir()
