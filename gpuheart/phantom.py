@@ -333,7 +333,9 @@ class Phantom:
             "C00": _Raster.build(self.vessels, cfg, 0),
             "C01": _Raster.build(self.nerves, cfg, self.shift_z["C01"]),
         }
-        self.halo = int(_PSF_TRUNCATE * cfg.psf_sigma_um[0] / cfg.voxel_size[0] + 0.5)
+        # scipy's reach, int(truncate * sigma + 0.5), with sigma computed first as _blur passes it: in another
+        # order the rounding can fall one slice short (e.g. 0.7 um blur at 1.4 um slices)
+        self.halo = int(_PSF_TRUNCATE * (cfg.psf_sigma_um[0] / cfg.voxel_size[0]) + 0.5)
         self._setup_tissue()
         self._illumination = self._make_illumination()
         self._hot = self._make_hot_pixels()

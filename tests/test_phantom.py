@@ -251,3 +251,11 @@ def test_generation_timing(capsys):
     t_default = time.perf_counter() - t0
     with capsys.disabled():
         print(f"\nphantom generation: tiny {t_tiny:.2f} s, default (3 channels) {t_default:.2f} s")
+
+
+@pytest.mark.parametrize("psf_z,vz", [(0.7, 1.4), (1.4, 1.2)])
+def test_partition_invariance_where_the_halo_rounding_is_tight(psf_z, vz):
+    """The z halo must reach as far as scipy's blur for any blur/voxel pair, not only the built-in 3 um / 4 um."""
+    ph = Phantom(PhantomConfig.preset("tiny", voxel_size=(vz, 1.0, 1.0), psf_sigma_um=(psf_z, 0.7, 0.7)))
+    whole = ph.slab("C00", 0, 16)
+    np.testing.assert_array_equal(np.concatenate([ph.slab("C00", z, z + 1) for z in range(16)]), whole)
