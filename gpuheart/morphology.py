@@ -121,7 +121,7 @@ def _on_device(what: str, fn, mask, h: int, z_edges, host):
             out = fn(mask, h, z_edges)
         except Exception as err:  # noqa: BLE001 - compile/launch failure: degrade to the host path
             if is_device_oom(err):
-                raise  # the caller shrinks its slabs and retries
+                raise  # the caller decides: pass 3 closes that slab on the host (postprocess_slabs)
             if what not in _warned:
                 _warned.add(what)
                 warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
@@ -203,11 +203,23 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
     """
     h = reach(z_size, z_iterations, size3d)
     nz = shape[0]
+    warned = False
     for z0, z1 in _slab_ranges(nz, slab_size):
         a, b = max(0, z0 - h), min(nz, z1 + h)
-        block = to_device(np.asarray(read_slab(a, b), dtype=bool), device)
-        out = postprocess(block, z_size, z_iterations, size3d, z_edges=(a == 0, b == nz))
-        yield z0, z1, to_host(out[z0 - a:z1 - a])
+        block = np.asarray(read_slab(a, b), dtype=bool)
+        edges = (a == 0, b == nz)
+        try:
+            out = to_host(postprocess(to_device(block, device), z_size, z_iterations, size3d, z_edges=edges))
+        except Exception as err:
+            if device == "cpu" or not is_device_oom(err):
+                raise
+            # the host path gives the same voxels; a run hours in should not end over its cheapest pass
+            if not warned:
+                warnings.warn(f"out of device memory closing slices {a}..{b}: closing such slabs on the host "
+                              "(same result, slower)", RuntimeWarning, stacklevel=2)
+                warned = True
+            out = postprocess(block, z_size, z_iterations, size3d, z_edges=edges)
+        yield z0, z1, out[z0 - a:z1 - a]
 
 
 # -- connected components ----------------------------------------------------------------------

@@ -143,3 +143,33 @@ def test_remove_small_slabs_equals_whole(slab_size):
     np.testing.assert_array_equal(ref, remove_small_objects(m, max_size=9, connectivity=1))
     got = _stream(morph.remove_small_slabs(_reader(m), shape, slab_size, 10), shape)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_a_slab_that_runs_out_of_device_memory_is_closed_on_the_host(monkeypatch):
+    """Pass 3 on a GPU: an out-of-memory error closes that slab on the host (same voxels) with one warning."""
+    from gpuheart import morphology as mo
+
+    rng = np.random.default_rng(0)
+    m = rng.random((20, 16, 16)) > 0.7
+    want = np.concatenate([c for _, _, c in mo.postprocess_slabs(lambda a, b: m[a:b], m.shape, 6)])
+
+    class FakeOOM(Exception):
+        pass
+
+    real, calls = mo.postprocess, []
+
+    def flaky(block, *args, **kw):
+        calls.append(1)
+        if len(calls) % 2:   # every other call "runs out"
+            raise FakeOOM("out of memory")
+        return real(block, *args, **kw)
+
+    monkeypatch.setattr(mo, "postprocess", flaky)
+    monkeypatch.setattr(mo, "to_device", lambda x, device: x)
+    monkeypatch.setattr(mo, "is_device_oom", lambda err: isinstance(err, FakeOOM))
+    with pytest.warns(RuntimeWarning, match="out of device memory closing slices"):
+        got = np.concatenate([c for _, _, c in mo.postprocess_slabs(lambda a, b: m[a:b], m.shape, 6, device="cuda")])
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(mo, "is_device_oom", lambda err: False)
+    with pytest.raises(FakeOOM):   # anything else is not swallowed
+        list(mo.postprocess_slabs(lambda a, b: m[a:b], m.shape, 6, device="cuda"))
