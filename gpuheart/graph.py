@@ -406,7 +406,9 @@ def summarize(graph: VesselGraph) -> dict:
     """Counts and totals of a :class:`VesselGraph` as plain Python numbers.
 
     ``mean_radius_um`` is length-weighted over branches; ``n_components`` counts connected
-    pieces; ``n_cycles`` (= branches - nodes + components) is 0 for a true tree.
+    pieces; ``n_cycles`` (= branches - nodes + components) is 0 for a true tree. A ring that lies wholly
+    inside one branch point's cluster of junction voxels (a few voxels across) is not among them: the
+    cluster is one node.
     ``degree_histogram[d]`` is the number of nodes of degree ``d``.
     """
     lengths = np.array([b.length_um for b in graph.branches], np.float64)
