@@ -110,8 +110,14 @@ def main(argv=None):
     p.add_argument("--balance", default="pixel", help="tile draws: pixel (every pixel alike) or stack (every stack alike)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
-    p.add_argument("--runs", default="/tmp/gpuheart-loso")
+    p.add_argument("--runs", help="a new folder for the fold models (default: a fresh /tmp/gpuheart-loso-*; "
+                                   "training refuses a folder that holds a run)")
     a = p.parse_args(argv)
+    if a.runs is None:
+        import tempfile
+
+        a.runs = tempfile.mkdtemp(prefix="gpuheart-loso-")
+    print(f"fold models go to {a.runs}", flush=True)
     stacks = load_stacks(Path(a.data))
     results = {}
     aug_kw = {} if a.zoom is None else {"aug": unet.AugmentConfig(scale=a.zoom)}

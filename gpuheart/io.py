@@ -32,9 +32,11 @@ __all__ = [
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TIFF_SUFFIXES = (".tif", ".tiff")
-# a token must end where its digits end: "_C57BL6" (a mouse strain) is no channel 57; "_ch1", "_z000" count
-_CHANNEL_RE = re.compile(r"_c(?:h)?(\d+)(?![a-z0-9])", re.IGNORECASE)
-_Z_RE = re.compile(r"(?<![a-z])z(\d+)", re.IGNORECASE)
+# a channel token ends where its digits end, or at a slice token: "_C57BL6" (a mouse strain) is no channel 57,
+# "_C01Z0000" is channel 1; "_ch1" counts. Slice tokens: "Z0000" anywhere (as LaVision writes them), and a
+# lower-case "z000" where no letter precedes it (so the z of "xyz" or "size3" is none)
+_CHANNEL_RE = re.compile(r"_c(?:h)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
+_Z_RE = re.compile(r"(?:Z|(?<![A-Za-z])z)(\d+)")
 # Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
 _UNIT_UM = {
     "µm": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
@@ -508,18 +510,21 @@ class _TiffFolder:
         pass
 
 
+def _is_slice_file_name(name: str) -> bool:
+    """A TIFF that may be a slice of a per-slice folder: hidden files (macOS "._name.tif" resource forks) are not."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _TIFF_SUFFIXES
+
+
 def _holds_scan(d: Path) -> bool:
     try:
-        return _is_zarr_dir(d) or any(f.is_file() and f.suffix.lower() in _TIFF_SUFFIXES for f in d.iterdir())
+        return _is_zarr_dir(d) or any(_is_slice_file_name(f.name) and f.is_file() for f in d.iterdir())
     except OSError:  # unreadable sub-folder: not worth mentioning
         return False
 
 
 def _scan_folder(path: Path) -> dict[str, list[Path]]:
     """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete."""
-    # hidden files (macOS "._name.tif" resource forks) are not slices
-    tiffs = [p for p in path.iterdir()
-             if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES and not p.name.startswith(".")]
+    tiffs = [p for p in path.iterdir() if _is_slice_file_name(p.name) and p.is_file()]
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
@@ -610,7 +615,7 @@ def source_stamp(path) -> list[int]:
         else:
             with os.scandir(path) as entries:
                 for e in entries:
-                    if e.is_file() and os.path.splitext(e.name)[1].lower() in _TIFF_SUFFIXES:
+                    if _is_slice_file_name(e.name) and e.is_file():
                         add(e.stat())
     except OSError:
         return [0, 0, 0]

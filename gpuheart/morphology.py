@@ -209,7 +209,8 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
         block = np.asarray(read_slab(a, b), dtype=bool)
         edges = (a == 0, b == nz)
         try:
-            out = to_host(postprocess(to_device(block, device), z_size, z_iterations, size3d, z_edges=edges))
+            out = postprocess(to_device(block, device), z_size, z_iterations, size3d, z_edges=edges)
+            out = to_host(out[z0 - a:z1 - a])   # only the slab comes back, not its halo
         except Exception as err:
             if device == "cpu" or not is_device_oom(err):
                 raise
@@ -218,8 +219,8 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
                 warnings.warn(f"out of device memory closing slices {a}..{b}: closing such slabs on the host "
                               "(same result, slower)", RuntimeWarning, stacklevel=2)
                 warned = True
-            out = postprocess(block, z_size, z_iterations, size3d, z_edges=edges)
-        yield z0, z1, out[z0 - a:z1 - a]
+            out = postprocess(block, z_size, z_iterations, size3d, z_edges=edges)[z0 - a:z1 - a]
+        yield z0, z1, out
 
 
 # -- connected components ----------------------------------------------------------------------

@@ -416,6 +416,7 @@ class Pipeline:
                     if ccfg.segment.weights not in models:
                         models[ccfg.segment.weights] = _load_model(ccfg)
                     model = models[ccfg.segment.weights]
+                    _check_tiles(channel, ccfg.segment, model)
                 outputs[channel], summary[channel] = _run_channel(scan, channel, ccfg, out_dir / channel, timer, t,
                                                                   model, ck, client)
                 if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after all
@@ -447,8 +448,11 @@ class Pipeline:
 
         from .io import open_scan
 
+        from .io import _is_zarr_dir
+
         src, dst = Path(source).resolve(), Path(out_path).resolve()
-        if dst == src or src in dst.parents:
+        # a slice folder reads only the files directly in it; a Zarr store owns everything below it
+        if dst == src or dst.parent == src or (src in dst.parents and _is_zarr_dir(src)):
             raise ConfigError(f"{out_path}: is the input scan or lies in its folder (where it would be read as a "
                               f"slice); expected an output path outside {source}")
         cfg = replace(self.config, mesh=replace(self.config.mesh, enabled=False),
@@ -490,16 +494,28 @@ def _is_run_report(path: Path) -> bool:
         return False
 
 
+def _check_tiles(channel: str, seg: SegmentConfig, model) -> None:
+    """The inference tile and overlap this model will get, checked before pass 1 rather than at the first slab."""
+    from .unet import inference_tile
+
+    tile, overlap = inference_tile(model, seg.tile or None, None if seg.overlap < 0 else seg.overlap)
+    align = 2 ** getattr(model, "depth", 0)
+    if tile % align or not 0 <= overlap < tile:
+        raise ConfigError(f"channel {channel}: segment.tile {tile} and segment.overlap {overlap} do not suit "
+                          f"this U-Net: expected a tile divisible by {align} (2**depth) and an overlap in [0, tile)")
+
+
 def _writable_folder(path: Path) -> Path:
     """``path`` as an existing folder this process can write in, or a ConfigError saying why not (before any
     work, instead of the OS's errno text from deep inside the first write)."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path}: exists and is not a folder; expected an output folder")
+    import tempfile
+
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".gpuheart-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):   # nameless where the OS allows: nothing left behind
+            pass
     except OSError as err:
         raise ConfigError(f"{path}: cannot write there ({err.strerror or err}); expected a writable output "
                           f"folder") from None

@@ -259,6 +259,8 @@ def test_segment_never_writes_over_its_input_or_into_its_slice_folder(tmp_path, 
     scan = tmp_path / "ph" / "scan"
     assert main(["segment", str(scan), "-o", str(scan / "mask.tif"), "--method", "dom", "--no-progress"]) == 1
     assert not (scan / "mask.tif").exists()
+    # a sub-folder of a slice folder is not read as slices: fine
+    assert main(["segment", str(scan), "-o", str(scan / "masks" / "m.tif"), "--method", "dom", "--no-progress"]) == 0
 
 
 def test_segment_keeps_an_unknown_voxel_size_unknown(tmp_path):

@@ -500,3 +500,29 @@ def test_folder_names_that_are_not_slice_tokens(tmp_path):
     tifffile.imwrite(b / "heart_C57BL6_MIP.tif", img)
     with pytest.raises(ScanError, match="heart_C57BL6_MIP.tif' has no Z<number> slice token"):
         open_scan(b)
+
+
+def test_slice_tokens_joined_to_channel_tokens_and_words(tmp_path):
+    img = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    a = tmp_path / "a"
+    a.mkdir()
+    for c in (0, 1):
+        for z in range(3):
+            tifffile.imwrite(a / f"s_C{c:02d}Z{z:04d}.tif", img + 10 * c + z)
+    with open_scan(a) as scan:
+        assert scan.channels == ["C00", "C01"] and scan.shape == (3, 4, 5)
+    b = tmp_path / "b"
+    b.mkdir()
+    for z in (0, 1, 3):   # a gap: only seen because "stackZ0001" has a slice token
+        tifffile.imwrite(b / f"stackZ{z:04d}.tif", img)
+    with pytest.raises(ScanError, match="no slice Z0002"):
+        open_scan(b)
+
+
+def test_hidden_files_do_not_change_a_slice_folders_stamp(tmp_path):
+    from gpuheart.io import source_stamp
+
+    folder = write_folder(tmp_path / "scan", {0: volume((3, 8, 10), seed=1)})
+    before = source_stamp(folder)
+    (folder / "._scan_C00_Z0000.tif").write_bytes(b"AppleDouble")
+    assert source_stamp(folder) == before

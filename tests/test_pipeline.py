@@ -351,3 +351,14 @@ def test_out_of_range_settings_are_named_before_the_run(section, key, value):
         PipelineConfig.from_dict({section: {key: value}}).validate()
     with pytest.raises(ConfigError, match=rf"channel\.C01: {section}\.{key} must be"):
         PipelineConfig.from_dict({"channel": {"C01": {section: {key: value}}}}).validate()
+
+
+@pytest.mark.parametrize("seg", [{"tile": 100}, {"overlap": 128}])
+def test_tiles_that_do_not_suit_the_model_are_refused_before_pass_1(tmp_path, seg, monkeypatch):
+    from gpuheart import pipeline as pl
+
+    monkeypatch.setattr(pl, "_run_channel", lambda *a, **k: pytest.fail("ran a channel"))
+    cfg = PipelineConfig.from_dict({"progress": False, "channels": ["C00"], "segment": seg,
+                                    "output": {"report": False}})
+    with pytest.raises(ConfigError, match="segment.tile .* do not suit this U-Net"):
+        Pipeline(cfg).run(None, tmp_path / "o", phantom_preset="tiny")
