@@ -68,6 +68,12 @@ def is_device_array(x: Any) -> bool:
     return cp is not None and isinstance(x, cp.ndarray)
 
 
+def native_byte_order(x: np.ndarray) -> np.ndarray:
+    """A host array in native byte order: a big-endian ('>u2') array, e.g. from a TIFF read without
+    conversion, is not of dtype np.uint16, so every dtype dispatch would miss it."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def array_module(x: Any):
     """numpy or cupy, whichever owns ``x`` (the CuPy ``get_array_module`` idea without needing CuPy)."""
     return _cupy() if is_device_array(x) else np

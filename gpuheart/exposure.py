@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .backend import (array_module, device_of, is_device_array, is_device_oom, load_module, to_device,
-                      to_host)
+from .backend import (array_module, device_of, is_device_array, is_device_oom, load_module, native_byte_order,
+                      to_device, to_host)
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
@@ -148,7 +148,8 @@ class ZNorm:
     so every slice ends up with the stack's typical background ``B`` and spread ``S`` and the output
     keeps the stack's units. The medians are over the slices with ``s_z > 0`` (all slices if none is):
     blank slices (zero-filled ends, a padded stack) say nothing about the stack's spread, and were they
-    the majority, ``S = 0`` would turn every slice with signal down to ``1 / max_gain``. ``method="robust"`` (default) uses ``b_z = p50`` (vessels are sparse, so
+    the majority, ``S = 0`` would turn every slice with signal down to ``1 / max_gain``.
+    ``method="robust"`` (default) uses ``b_z = p50`` (vessels are sparse, so
     the median is background/tissue) and ``s_z = p99 - p1``; ``method="zscore"`` uses the slice
     mean and standard deviation. A slice whose gain and offset differ from a base image by
     ``x_z = a_z * base + c_z`` (a_z > 0) maps exactly onto the same image for every z.
@@ -428,8 +429,7 @@ def _to_bins(x: np.ndarray, nbins: int):
     """
     from skimage.util import img_as_uint
 
-    if not x.dtype.isnative:   # '>u2' is not np.uint16: it would recurse through img_as_uint for ever
-        x = x.astype(x.dtype.newbyteorder("="))
+    x = native_byte_order(x)   # '>u2' is not np.uint16: it would recurse through img_as_uint for ever
     bin_dtype = np.uint8 if nbins <= 256 else np.uint16
     if x.dtype.kind == "f":
         float_dtype = np.float32 if x.dtype.itemsize <= 4 else np.float64

@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, is_device_array, is_device_oom, load_module, to_host
+from .backend import array_module, is_device_array, is_device_oom, load_module, native_byte_order, to_host
 
 MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
          "constant": "constant"}
@@ -61,11 +61,6 @@ def _check_size(size) -> int:
     if size % 2 == 0 or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"size must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size}")
     return size
-
-
-def _native(x: np.ndarray) -> np.ndarray:
-    """A big-endian array (e.g. from a TIFF read without conversion) in native byte order, as scipy takes it."""
-    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
 
 
 def _check_image(x) -> None:
@@ -135,7 +130,7 @@ def median(x, size: int, mode: str = "reflect", cval=0, out=None):
     """
     if is_device_array(x):
         return _median_device(x, size, mode, cval, out)
-    x = _native(np.asarray(x))
+    x = native_byte_order(np.asarray(x))
     _check_image(x)
     size = _check_size(size)
     _check_mode(mode)
@@ -159,7 +154,7 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
     """
     xp = array_module(x)
     if xp is np:
-        x = _native(np.asarray(x))
+        x = native_byte_order(np.asarray(x))
     _check_image(x)
     small, large = _check_size(small), _check_size(large)
     signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,

@@ -438,8 +438,7 @@ def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray 
     area = np.bincount(flab, np.linalg.norm(cr, axis=1) / 2.0, n)
     vol = np.bincount(flab, _face_volumes(vertices, faces), n)
     nf = np.bincount(flab, minlength=n)
-    vlab = np.full(len(vertices), -1, np.int64)
-    vlab[faces] = flab[:, None]
+    vlab = _vertex_labels(len(vertices), faces, flab)
     used = np.flatnonzero(vlab >= 0)
     order = used[np.argsort(vlab[used], kind="stable")]
     starts = np.searchsorted(vlab[order], np.arange(n))

@@ -494,11 +494,16 @@ def _is_run_report(path: Path) -> bool:
         return False
 
 
+def _tile_args(seg: SegmentConfig) -> tuple[int | None, int | None]:
+    """``predict``'s tile and overlap from the config's (0 and -1 mean "the model's own": None)."""
+    return seg.tile or None, None if seg.overlap < 0 else seg.overlap
+
+
 def _check_tiles(channel: str, seg: SegmentConfig, model) -> None:
     """The inference tile and overlap this model will get, checked before pass 1 rather than at the first slab."""
     from .unet import inference_tile
 
-    tile, overlap = inference_tile(model, seg.tile or None, None if seg.overlap < 0 else seg.overlap)
+    tile, overlap = inference_tile(model, *_tile_args(seg))
     align = 2 ** getattr(model, "depth", 0)
     if tile % align or not 0 <= overlap < tile:
         raise ConfigError(f"channel {channel}: segment.tile {tile} and segment.overlap {overlap} do not suit "
@@ -970,8 +975,8 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, 
         from .unet import predict
 
         with timer("u-net"):
-            prob = predict(model, pre_halo, tile=cfg.segment.tile or None,
-                           overlap=None if cfg.segment.overlap < 0 else cfg.segment.overlap, device=cfg.device,
+            tile, overlap = _tile_args(cfg.segment)
+            prob = predict(model, pre_halo, tile=tile, overlap=overlap, device=cfg.device,
                            amp=True if cfg.segment.cpu_bf16 else None, halo=halo)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     if cfg.segment.method == "union":
