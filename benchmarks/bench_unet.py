@@ -58,6 +58,24 @@ def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2,
             "bf16": dev == "cuda" if amp is None else bool(amp) and (dev == "cuda" or unet._cpu_bf16())}
 
 
+def inference_tile_vs_256(size: int, repeats: int = 3) -> dict:
+    """Seconds for one ``size``² slice with the pipeline's default tiles (the model's training tile, overlap a
+    quarter of it) and with 256-pixel tiles (overlap 64), interleaved in one run (best of ``repeats``)."""
+    model, x = _model(), _slab(1, size)[0]
+    train_tile, train_overlap = unet.inference_tile(model)
+    cases = {"training_tile": dict(tile=train_tile, overlap=train_overlap), "tile256": dict(tile=256, overlap=64)}
+    best = {k: float("inf") for k in cases}
+    for kw in cases.values():
+        unet.predict(model, x, device="cpu", **kw)   # warm-up
+    for _ in range(repeats):
+        for k, kw in cases.items():
+            t0 = time.perf_counter()
+            unet.predict(model, x, device="cpu", **kw)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {"size": size, "training_tile": train_tile, "seconds": best,
+            "ratio_training_over_256": best["training_tile"] / best["tile256"]}
+
+
 def test_unet_inference_cpu(benchmark):
     model, x = _model(), _slab(1, 512)
     benchmark.pedantic(unet.predict, args=(model, x), kwargs=dict(tile=256, overlap=0, device="cpu"),
@@ -101,6 +119,8 @@ def main() -> int:
     if dev == "cpu":  # measured side by side: fp32 (the CPU default) and bf16 autocast (opt-in)
         r["bf16_autocast"] = tiles_per_second(n_slices=1, size=1024, device=dev, amp=True)
         r["bf16_speedup"] = r["bf16_autocast"]["tiles_per_s"] / r["tiles_per_s"]
+        # what the pipeline's default inference tile costs against 256-pixel tiles, on a large and a small slice
+        r["inference_tile_vs_256"] = [inference_tile_vs_256(s) for s in (1024, 256)]
     if dev == "cuda":
         import cupy
 

@@ -286,10 +286,24 @@ def section_unet(e) -> list[str]:
                f"{b['tiles_per_s']:.1f} ({d.get('bf16_speedup', 0):.1f}x, same run) |"]
               if (b := d.get("bf16_autocast")) else []),
             "",
+            *_unet_tiles(d),
             *_unet_sweep(d),
             "Not a result: the project's reference point for a GPU is a figure quoted in its issues, about 6,600 "
             "tiles/s for a plain 16-channel U-Net in bf16 on an H100; gpuheart has not been run on a GPU.",
             ""]
+
+
+def _unet_tiles(d: dict) -> list[str]:
+    """The pipeline's default inference tile (the model's training tile) against 256-pixel tiles, per slice."""
+    rows = d.get("inference_tile_vs_256") or []
+    if not rows:
+        return []
+    out = ["Per slice, the pipeline's default tiles (the model's training tile, overlap a quarter) against 256-pixel "
+           "tiles (overlap 64), interleaved in the same run:", "",
+           "| slice | training tile | seconds, training tile | seconds, 256 | ratio |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {r['size']}x{r['size']} | {r['training_tile']} | {r['seconds']['training_tile']:.3f} | "
+            f"{r['seconds']['tile256']:.3f} | {r['ratio_training_over_256']:.2f} |" for r in rows]
+    return out + [""]
 
 
 def _unet_sweep(d: dict) -> list[str]:
