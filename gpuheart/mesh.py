@@ -63,9 +63,22 @@ def _mc_block(block: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray] 
     return v, f
 
 
+def _voxel_size(voxel_size) -> np.ndarray:
+    """``voxel_size`` as three positive (z, y, x) µm; a scan of unknown voxel size (``Scan.voxel_size``
+    is None) would otherwise give a mesh of NaN coordinates."""
+    try:
+        vs = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+    except (TypeError, ValueError):
+        vs = np.full(3, np.nan)
+    if not (np.isfinite(vs).all() and (vs > 0).all()):
+        raise ValueError(f"voxel_size={voxel_size!r}; expected (z, y, x) in µm, three positive numbers "
+                         "(pass (1, 1, 1) for voxel units)")
+    return vs
+
+
 def _to_physical(v_index: np.ndarray, voxel_size) -> np.ndarray:
     """Padded (z, y, x) index coordinates -> (x, y, z) µm of the unpadded volume."""
-    v = (np.asarray(v_index, np.float64) - 1.0) * np.asarray(voxel_size, np.float64)
+    v = (np.asarray(v_index, np.float64) - 1.0) * _voxel_size(voxel_size)
     return np.ascontiguousarray(v[:, ::-1])
 
 
@@ -78,11 +91,27 @@ def _outward(faces: np.ndarray) -> np.ndarray:
 def marching_cubes_volume(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Whole-volume reference: ``skimage.measure.marching_cubes`` of the zero-padded volume."""
+    _voxel_size(voxel_size)
     padded = np.pad(np.asarray(mask, np.float32), 1)
     out = _mc_block(padded, level)
     if out is None:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
     return _to_physical(out[0], voxel_size), _outward(out[1])
+
+
+def _as_reader(read_slab, shape) -> ReadSlab:
+    """``read_slab`` itself, or for an in-memory (z, y, x) mask (what the stage functions take elsewhere)
+    a reader of its slabs."""
+    if len(shape) != 3:
+        raise ValueError(f"shape must be the mask's (z, y, x), got {tuple(shape)}")
+    if callable(read_slab):
+        return read_slab
+    if getattr(read_slab, "shape", None) is None:
+        raise TypeError(f"expected a (z, y, x) mask array or a read_slab(z0, z1) callable, got "
+                        f"{type(read_slab).__name__}")
+    if tuple(read_slab.shape) != tuple(shape):
+        raise ValueError(f"the mask has shape {tuple(read_slab.shape)}, but shape={tuple(shape)} was given")
+    return lambda z0, z1: read_slab[z0:z1]
 
 
 def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int) -> np.ndarray:
@@ -91,7 +120,11 @@ def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int) -> np.ndarray:
     z0, z1 = max(p0 - 1, 0), min(p1 - 1, nz)
     block = np.zeros((p1 - p0, ny + 2, nx + 2), np.float32)
     if z1 > z0:
-        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = read_slab(z0, z1)
+        slab = read_slab(z0, z1)
+        if np.shape(slab) != (z1 - z0, ny, nx):
+            raise ValueError(f"read_slab({z0}, {z1}) returned shape {np.shape(slab)}; expected "
+                             f"{(z1 - z0, ny, nx)} for a mask of shape {tuple(shape)}")
+        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = slab
     return block
 
 
@@ -107,11 +140,14 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume`.
 
     Holds one slab (``slab_size + 1`` planes, as float32) plus the growing mesh in memory.
-    ``read_slab`` may return bool, integer or float slices; ``level`` should lie strictly between
-    voxel values (0.5 for masks) so no vertex falls on a grid point.
+    ``read_slab(z0, z1)`` returns slices z0..z1 of the mask (or pass the (z, y, x) mask array itself);
+    it may return bool, integer or float slices; ``level`` should lie strictly between
+    voxel values (0.5 for masks) so no vertex falls on a grid point. ``voxel_size``: (z, y, x) µm.
     """
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
+    _voxel_size(voxel_size)   # before the work, not after it
+    read_slab = _as_reader(read_slab, shape)
     n_planes = shape[0] + 2
     verts, faces = [], []
     n = 0
@@ -627,8 +663,10 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     Optionally writes the largest component by volume as its own mesh (``largest_path``, taken
     before decimation and then decimated and fitted to ``max_bytes`` like the whole) and the
     :func:`component_table` CSV of the mesh written (``table_path``). The main mesh is written
-    first, so a mesh that cannot fit raises before any file is written.
+    first, so a mesh that cannot fit raises before any file is written. ``read_slab`` may also be the
+    (z, y, x) mask array itself; ``voxel_size`` is (z, y, x) µm (``(1, 1, 1)`` for voxel units).
     """
+    voxel_size = tuple(_voxel_size(voxel_size))
     v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
     n_mc, lab = solid_components(v, f, voxel_size)
     v, f, lab = _drop_small(v, f, lab, min_faces)

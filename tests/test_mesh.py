@@ -410,3 +410,26 @@ def test_float_seam_vertices_that_coincide_in_float32_are_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         M.marching_cubes_slabs(lambda a, b: mask[a:b], mask.shape, 2)
+
+
+@pytest.mark.parametrize("voxel_size", [None, (1.0, float("nan"), 1.0), (0, 1, 1), (1, 1)])
+def test_an_unknown_or_bad_voxel_size_is_refused_before_a_file_is_written(tmp_path, voxel_size):
+    # open_scan gives voxel_size None for a TIFF without calibration: that wrote a GLB of NaN coordinates
+    m = _ball((9, 10, 11), r=3)
+    with pytest.raises(ValueError, match=r"voxel_size=.*\(z, y, x\)"):
+        M.mesh_from_mask(_reader(m), m.shape, tmp_path / "m.glb", voxel_size)
+    with pytest.raises(ValueError, match="voxel_size"):
+        M.marching_cubes_volume(m, voxel_size)
+    assert not list(tmp_path.iterdir())
+
+
+def test_mesh_from_mask_takes_the_mask_array_itself(tmp_path):
+    m = _ball((9, 10, 11), r=3)
+    ref = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "a.ply", (2, 1, 1))
+    got = M.mesh_from_mask(m, m.shape, tmp_path / "b.ply", (2, 1, 1))
+    assert (got.vertices, got.faces, got.volume) == (ref.vertices, ref.faces, ref.volume)
+    assert M.mesh_from_mask(m, m.shape, tmp_path / "c.ply", 2.0).volume > 0   # isotropic: one number
+    with pytest.raises(ValueError, match=r"mask has shape \(9, 10, 11\), but shape=\(9, 10, 12\)"):
+        M.mesh_from_mask(m, (9, 10, 12), tmp_path / "d.ply", (1, 1, 1))
+    with pytest.raises(ValueError, match=r"read_slab\(0, 9\) returned shape \(9, 10, 11\); expected \(9, 12, 11\)"):
+        M.marching_cubes_slabs(_reader(m), (9, 12, 11), 64)
