@@ -32,7 +32,12 @@ def detrended_cv(slice_means, order: int = 1) -> float:
 
 
 def snr(image, mask) -> float:
-    """The paper's signal-to-noise ratio: mean value of the signal pixels / mean value of the image."""
+    """The paper's signal-to-noise ratio: mean value of the signal pixels / mean value of the image.
+
+    ``mask`` (bool or 0/255) has ``image``'s shape; NaN when the mask is empty or the image's mean is 0.
+    """
+    if mask.shape != image.shape:
+        raise ValueError(f"snr needs a mask of the image's shape {image.shape}, got {mask.shape}")
     xp = array_module(image)
     image = image.astype(xp.float64)
     mask = mask.astype(bool)   # before counting: gpuheart's masks are 0/255

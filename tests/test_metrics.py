@@ -75,3 +75,9 @@ def test_snr_of_a_0_255_mask_equals_that_of_the_bool_mask():
     img = rng.random((8, 32, 32))
     m = img > 0.7
     assert snr(img, m.astype(np.uint8) * 255) == pytest.approx(snr(img, m)) and snr(img, m) > 1
+
+
+def test_snr_names_a_mask_of_another_shape():
+    # was numpy's "boolean index did not match indexed array along axis 0"
+    with pytest.raises(ValueError, match=r"mask of the image's shape \(4, 5\), got \(4, 4\)"):
+        snr(np.ones((4, 5)), np.ones((4, 4), bool))
