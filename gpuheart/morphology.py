@@ -234,7 +234,7 @@ def _structure(connectivity: int) -> np.ndarray:
 def remove_small(mask: np.ndarray, min_voxels: int, connectivity: int = 1) -> np.ndarray:
     """Whole-array reference: drop components (``scipy.ndimage.label``) with fewer than ``min_voxels``."""
     labels, _ = ndi.label(mask, _structure(connectivity))
-    sizes = np.bincount(labels.ravel())
+    sizes = np.bincount(labels.ravel(), minlength=1)  # an empty volume has no background label either
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels]

@@ -173,3 +173,9 @@ def test_a_slab_that_runs_out_of_device_memory_is_closed_on_the_host(monkeypatch
     monkeypatch.setattr(mo, "is_device_oom", lambda err: False)
     with pytest.raises(FakeOOM):   # anything else is not swallowed
         list(mo.postprocess_slabs(lambda a, b: m[a:b], m.shape, 6, device="cuda"))
+
+
+def test_remove_small_of_an_empty_volume():
+    for shape in [(0, 4, 4), (3, 0, 5)]:
+        out = morph.remove_small(np.zeros(shape, bool), 2)
+        assert out.shape == shape and out.dtype == bool
