@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .backend import as_torch, from_torch, is_device_array, resolve_device
+from .backend import as_torch, from_torch, is_device_array, native_byte_order, resolve_device
 
 WEIGHTS_FORMAT = "gpuheart-unet/1"
 
@@ -383,7 +383,11 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
     if not t.is_floating_point():   # a uint16 or int image would reach the model unscaled
         raise ValueError(f"the U-Net takes uint8 (0-255) or float (0-1) images, got {t.dtype}: preprocess the "
                          f"scan first (gpuheart.exposure.preprocess gives uint8)")
-    return t.float()
+    t = t.float()
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):   # one NaN pixel turns every tile it falls in (128 x 128 pixels) to NaN, read as background
+        raise ValueError(f"the U-Net takes float images in [0, 1], got one with {int(bad.sum())} NaN/Inf pixel(s)")
+    return t
 
 
 def context_slices(model: nn.Module) -> int:
@@ -426,8 +430,10 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
     only as such neighbours (they are not predicted and not returned). Beyond the slab, the end slice
     is repeated, so a slab cut without a halo of k differs from the whole stack near its cut.
     """
-    if image.ndim not in (2, 3):
-        raise ValueError(f"predict needs a (y, x) slice or (z, y, x) slab, got shape {image.shape}")
+    if image.ndim not in (2, 3) or 0 in image.shape[-2:]:
+        raise ValueError(f"predict needs a non-empty (y, x) slice or (z, y, x) slab, got shape {image.shape}")
+    if not is_device_array(image):
+        image = native_byte_order(image)   # DLPack refuses big-endian arrays (a TIFF read without conversion)
     lo, hi = (int(h) for h in halo)
     if lo < 0 or hi < 0 or (image.ndim == 2 and (lo or hi)) or (image.ndim == 3 and lo + hi >= image.shape[0]):
         raise ValueError(f"halo {halo} must be >= 0 and leave at least one slice of {image.shape} to predict")

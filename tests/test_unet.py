@@ -575,3 +575,25 @@ def test_predict_defaults_to_the_tile_the_model_was_trained_on():
     np.testing.assert_array_equal(predict(model, img, device="cpu"),
                                   predict(model, img, tile=64, overlap=16, device="cpu"))
     assert unet.inference_tile(unet.load_default()) == (128, 32)
+
+
+def test_predict_takes_big_endian_images_like_native_ones():
+    # a TIFF read without byte-order conversion gives '>f4'; DLPack refused it with a BufferError
+    img = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    model = _tiny()
+    np.testing.assert_array_equal(unet.predict(model, img.astype(">f4"), tile=64, overlap=16),
+                                  unet.predict(model, img, tile=64, overlap=16))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_predict_refuses_nan_and_inf_pixels(bad):
+    # one NaN pixel turned its whole tile to NaN probabilities, which every threshold reads as background
+    img = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    img[3, 4] = bad
+    with pytest.raises(ValueError, match="1 NaN/Inf pixel"):
+        unet.predict(_tiny(), img, tile=64, overlap=16)
+
+
+def test_predict_refuses_an_empty_slice_by_name():
+    with pytest.raises(ValueError, match=r"non-empty \(y, x\) slice .* got shape \(2, 0, 5\)"):
+        unet.predict(_tiny(), np.zeros((2, 0, 5), np.uint8), tile=64, overlap=16)
