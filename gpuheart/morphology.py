@@ -47,6 +47,14 @@ def _check_odd(name: str, size: int) -> int:
     return size
 
 
+def _check_iterations(name: str, n: int) -> int:
+    # a count (0: no z closing), not scipy's "iterations < 1 repeats until nothing changes"
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
+
+
 def _closing_padded(mask: np.ndarray, structure: np.ndarray, iterations: int,
                     pad: tuple[tuple[int, int], ...]) -> np.ndarray:
     """Closing of ``mask`` edge-padded by ``pad`` (per axis, before/after), cropped back."""
@@ -70,7 +78,7 @@ def close_z(mask: np.ndarray, size: int = 5, iterations: int = 5, *,
     docstring). ``z_edges`` says which z ends of ``mask`` are the volume's faces; internal ends
     (slab halos) are not padded, so the caller's halo must cover :func:`reach`.
     """
-    size = _check_odd("size", size)
+    size, iterations = _check_odd("size", size), _check_iterations("iterations", iterations)
     r = 2 * (size // 2) * iterations
     if is_device_array(mask):
         return _on_device("close_z", _close_z_cuda, mask, (size // 2) * iterations, z_edges,
@@ -126,7 +134,7 @@ def _on_device(what: str, fn, mask, h: int, z_edges, host):
                 _warned.add(what)
                 warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
                               "using the host path", RuntimeWarning, stacklevel=3)
-    if out is None:  # also where the CPU reference raises (bad shape, negative iterations)
+    if out is None:  # also where the CPU reference raises (bad shape)
         out = to_device(host(to_host(mask)), "cuda")
     return out
 
@@ -182,6 +190,7 @@ def _close_cube_cuda(mask, h: int, z_edges):
 def reach(z_size: int = 5, z_iterations: int = 5, size3d: int = 3) -> int:
     """Total z reach of :func:`postprocess` (all dilations + erosions): the halo a slab needs."""
     z_size, size3d = _check_odd("z_size", z_size), _check_odd("size3d", size3d)
+    z_iterations = _check_iterations("z_iterations", z_iterations)
     return 2 * (z_size // 2) * z_iterations + 2 * (size3d // 2)
 
 

@@ -179,3 +179,15 @@ def test_remove_small_of_an_empty_volume():
     for shape in [(0, 4, 4), (3, 0, 5)]:
         out = morph.remove_small(np.zeros(shape, bool), 2)
         assert out.shape == shape and out.dtype == bool
+
+
+def test_negative_iterations_are_refused_by_name():
+    # scipy reads iterations < 1 as "until nothing changes"; here it is a count, so a negative one is an
+    # error that says so (it was np.pad's "index can't contain negative values", and reach() went negative)
+    m = _random_mask((6, 4, 4), 0.3, 0)
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        morph.close_z(m, 5, -1)
+    with pytest.raises(ValueError, match="z_iterations must be >= 0"):
+        morph.reach(5, -1)
+    with pytest.raises(ValueError, match="z_iterations must be >= 0"):
+        list(morph.postprocess_slabs(_reader(m), m.shape, 2, 5, -1))
