@@ -62,7 +62,7 @@ class PhantomConfig:
     vignetting: float = 0.2
     drift: float = 0.3  # slow loss of signal over the depth
     jitter: float = 0.04  # per-slice multiplicative jitter (log-normal sigma)
-    dark_slice_at: float | None = 0.6  # fraction of the depth; None: no laser dropout
+    dark_slice_at: float | None = 0.6  # fraction of the depth; None (or under 3 slices): no laser dropout
     dark_gain: float = 0.02
     hot_pixels: int | None = None  # None: max(3, 2e-5 of the slice)
 
@@ -375,8 +375,9 @@ class Phantom:
     read_slab = slab
 
     def dark_slice(self) -> int | None:
-        """Index of the laser-dropout slice, or None."""
-        if self.cfg.dark_slice_at is None:
+        """Index of the laser-dropout slice, or None (also in stacks under 3 slices)."""
+        # a dropout is one dark slice between bright ones; in a 1-slice scan it would be the whole scan
+        if self.cfg.dark_slice_at is None or self.shape[0] < 3:
             return None
         return min(self.shape[0] - 1, int(round(self.cfg.dark_slice_at * (self.shape[0] - 1))))
 

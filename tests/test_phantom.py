@@ -259,3 +259,14 @@ def test_partition_invariance_where_the_halo_rounding_is_tight(psf_z, vz):
     ph = Phantom(PhantomConfig.preset("tiny", voxel_size=(vz, 1.0, 1.0), psf_sigma_um=(psf_z, 0.7, 0.7)))
     whole = ph.slab("C00", 0, 16)
     np.testing.assert_array_equal(np.concatenate([ph.slab("C00", z, z + 1) for z in range(16)]), whole)
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_a_stack_too_thin_for_a_dropout_has_none(slices):
+    """The laser dropout is one dark slice among bright ones: a 1- or 2-slice phantom (a 2-D test image) was
+    itself the dropout, every slice at 2 % of its signal (or half the stack)."""
+    cfg = PhantomConfig.preset("tiny", shape=(slices, 32, 32))
+    ph = Phantom(cfg)
+    assert ph.dark_slice() is None
+    assert np.array_equal(ph.slab("C00", 0, slices), Phantom(replace(cfg, dark_slice_at=None)).slab("C00", 0, slices))
+    assert Phantom(PhantomConfig.preset("tiny", shape=(3, 32, 32))).dark_slice() == 1
