@@ -93,6 +93,12 @@ class PhantomConfig:
             raise ValueError(f"shape must be 3 positive ints (z, y, x), got {self.shape}")
         if len(self.voxel_size) != 3 or min(self.voxel_size) <= 0:
             raise ValueError(f"voxel_size must be 3 positive µm values (z, y, x), got {self.voxel_size}")
+        if len(self.psf_sigma_um) != 3 or min(self.psf_sigma_um) < 0:
+            raise ValueError(f"psf_sigma_um must be 3 µm values >= 0 (z, y, x), got {self.psf_sigma_um}")
+        if int(self.seed) < 0:  # NumPy's seeding would say only "expected non-negative integer"
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.dark_slice_at is not None and not 0 <= self.dark_slice_at <= 1:
+            raise ValueError(f"dark_slice_at must be a fraction of the depth in [0, 1] or None, got {self.dark_slice_at}")
 
     @property
     def r_min(self) -> float:

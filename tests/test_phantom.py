@@ -270,3 +270,13 @@ def test_a_stack_too_thin_for_a_dropout_has_none(slices):
     assert ph.dark_slice() is None
     assert np.array_equal(ph.slab("C00", 0, slices), Phantom(replace(cfg, dark_slice_at=None)).slab("C00", 0, slices))
     assert Phantom(PhantomConfig.preset("tiny", shape=(3, 32, 32))).dark_slice() == 1
+
+
+@pytest.mark.parametrize("field,value", [("seed", -1), ("psf_sigma_um", (-1.0, 0.7, 0.7)),
+                                         ("psf_sigma_um", (1.0, 0.7)), ("dark_slice_at", 1.5),
+                                         ("dark_slice_at", -0.2)])
+def test_bad_config_values_are_refused_by_name(field, value):
+    # a negative seed failed in NumPy with "expected non-negative integer" (gpuheart phantom --seed -1), a
+    # negative blur sliced slabs at negative offsets, and dark_slice_at < 0 made dark_slice() a negative index
+    with pytest.raises(ValueError, match=field):
+        PhantomConfig.preset("tiny", **{field: value})
