@@ -26,7 +26,8 @@ from scipy.ndimage import gaussian_filter1d
 
 PHANTOM_CHANNELS = {"C00": "vessels", "C01": "nerves", "C02": "autofluorescence"}
 _CHANNEL_IDS = list(PHANTOM_CHANNELS)
-# Reference volume for the auto vessel/nerve counts: the "default" preset, 48x256x256 at (4, 1, 1) µm.
+# Reference volume for the auto vessel/nerve counts: PhantomConfig's own default, 48x256x256 at (4, 1, 1) µm
+# (the "default" preset's 32 slices get 4 trees and 4 fibres).
 _REF_VOLUME_UM3 = 192.0 * 256.0 * 256.0
 _PSF_TRUNCATE = 3.0
 
@@ -39,8 +40,8 @@ class PhantomConfig:
     voxel_size: tuple[float, float, float] = (4.0, 1.0, 1.0)
     seed: int = 0
     # geometry
-    n_roots: int | None = None  # vessel trees; None scales 6 per default-preset volume
-    n_nerves: int | None = None  # nerve fibres; None scales 6 per default-preset volume
+    n_roots: int | None = None  # vessel trees; None scales 6 per _REF_VOLUME_UM3
+    n_nerves: int | None = None  # nerve fibres; None scales 6 per _REF_VOLUME_UM3
     vessel_radius_um: float = 8.0  # root radius
     min_radius_um: float | None = None  # capillaries and nerves; None: max(min voxel, max voxel / 2)
     branch_length: float = 8.0  # branch length in units of its radius
