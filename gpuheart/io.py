@@ -745,9 +745,10 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
 
     ``channels`` keeps a subset, by name. ``voxel_size`` (z, y, x) µm overrides the metadata; otherwise it
     comes from OME PhysicalSize*, ImageJ spacing/resolution or NGFF scale, else None.
-    Raises :class:`ScanError` for anything missing, inconsistent or unreadable.
+    Raises :class:`ScanError` for anything missing, inconsistent or unreadable, ``TypeError`` for what is
+    not a path (an in-memory array: write it with :func:`write_tiff` first).
     """
-    path = Path(path)
+    path = _scan_path(path)
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
     if _is_zarr_dir(path):
@@ -775,6 +776,15 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
                 channels=[n for n in chosen], voxel_size=vs, format=src.format, _source=None)
     scan._source = _ChannelView(src, [names.index(n) for n in chosen])
     return scan
+
+
+def _scan_path(path) -> Path:
+    """``path`` as a Path, or a TypeError saying what a scan is (Path() would say only 'expected str')."""
+    if isinstance(path, (str, os.PathLike)):
+        return Path(path)
+    hint = (f"; for an in-memory {getattr(path, 'shape', '')} array, write it first with "
+            "gpuheart.io.write_tiff(path, array)" if hasattr(path, "shape") else "")
+    raise TypeError(f"expected the path of a TIFF, a folder of TIFFs or a Zarr store, got {type(path).__name__}{hint}")
 
 
 def _multi_page(path: Path) -> bool:

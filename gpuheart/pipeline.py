@@ -353,8 +353,9 @@ class _Timer:
 class Pipeline:
     """``Pipeline(config).run(source, out_dir)``: stream a scan through the stages.
 
-    ``source`` is anything :func:`gpuheart.io.open_scan` opens, or None for the built-in synthetic
-    scan (written to ``out_dir/input`` first, with its ground truth, so Dice is reported too).
+    ``source`` is the path of anything :func:`gpuheart.io.open_scan` opens, or None for the built-in synthetic
+    scan (written to ``out_dir/input`` first, with its ground truth, so Dice is reported too). An in-memory
+    array is refused (TypeError): write it with :func:`gpuheart.io.write_tiff` first.
     ``truth`` maps channel names to mask files (any format ``open_scan`` reads) to score against.
     """
 
@@ -370,8 +371,10 @@ class Pipeline:
         of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
         file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
         local run's."""
-        from .io import open_scan
+        from .io import _scan_path, open_scan
 
+        if source is not None:
+            _scan_path(source)   # an array is refused before an earlier run's summary is removed
         cfg = self.config
         timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = _writable_folder(Path(out_dir))
@@ -448,9 +451,9 @@ class Pipeline:
 
         from .io import open_scan
 
-        from .io import _is_zarr_dir
+        from .io import _is_zarr_dir, _scan_path
 
-        src, dst = Path(source).resolve(), Path(out_path).resolve()
+        src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
         # a slice folder reads only the files directly in it; a Zarr store owns everything below it
         if dst == src or dst.parent == src or (src in dst.parents and _is_zarr_dir(src)):
             raise ConfigError(f"{out_path}: is the input scan or lies in its folder (where it would be read as a "

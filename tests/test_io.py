@@ -300,6 +300,12 @@ def test_missing_path(tmp_path):
         open_scan(tmp_path / "nope.tif")
 
 
+def test_an_array_instead_of_a_path_is_named(tmp_path):
+    # was pathlib's "expected str, bytes or os.PathLike object, not ndarray"
+    with pytest.raises(TypeError, match=r"path of a TIFF.*got ndarray; .*\(3, 4, 5\) array.*write_tiff"):
+        open_scan(np.zeros((3, 4, 5), np.uint16))
+
+
 def test_empty_folder_and_folder_without_tiff(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScanError, match="no TIFF"):

@@ -362,3 +362,12 @@ def test_tiles_that_do_not_suit_the_model_are_refused_before_pass_1(tmp_path, se
                                     "output": {"report": False}})
     with pytest.raises(ConfigError, match="segment.tile .* do not suit this U-Net"):
         Pipeline(cfg).run(None, tmp_path / "o", phantom_preset="tiny")
+
+
+def test_a_numpy_volume_as_source_is_refused_by_name_before_anything_is_touched(tmp_path):
+    vol = np.zeros((3, 16, 16), np.uint16)
+    (tmp_path / "summary.json").write_text(json.dumps({"outputs": {}, "timings_s": {}, "summary": {}}))
+    for call in (lambda: Pipeline().run(vol, tmp_path), lambda: Pipeline().segment(vol, tmp_path / "m.tif")):
+        with pytest.raises(TypeError, match=r"path of a TIFF.*got ndarray.*write_tiff"):
+            call()
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "m.tif").exists()
