@@ -329,7 +329,8 @@ def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: b
         "config": {"device": run["device"], "segment_method": cfg.segment.method, "mesh": mesh, "report": report,
                    "graph": bool(getattr(getattr(cfg, "graph", None), "enabled", False)),
                    "slab_size": cfg.slab_size, "postprocess": cfg.postprocess.enabled,
-                   "write_preprocessed": cfg.output.write_preprocessed},
+                   "write_preprocessed": cfg.output.write_preprocessed,
+                   "unet_tile": cfg.segment.tile, "unet_overlap": cfg.segment.overlap},
         "notes": [n for n in [
             note,
             "setup (writing the scan) and a warm-up run on the tiny phantom are excluded from total_s",

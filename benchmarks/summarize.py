@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +110,31 @@ def dur(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def mean3(values) -> str:
+    """The mean of per-stack scores to three decimals, from the scores themselves (stored to four): a JSON's
+    own mean is already rounded to four, and rounding that again gave 0.670 for a mean of 0.67054."""
+    values = [Decimal(str(v)) for v in values]
+    return str((sum(values) / len(values)).quantize(Decimal("0.001"), ROUND_HALF_EVEN))
+
+
+# the day [segment] tile stopped defaulting to 256 (now the model's training tile; docs/accuracy.md)
+TILE_DEFAULT_CHANGED = "2026-11-26T14:05"
+
+
+def unet_tile(d: dict) -> str:
+    """Which inference tile a pipeline result's U-Net ran on; results from before the change do not say."""
+    c = d["config"]
+    if c.get("segment_method") not in ("unet", "union"):
+        return ""
+    if "unet_tile" in c:
+        return (" on the model's training tile (128 for the shipped one)" if c["unet_tile"] == 0
+                else f" on {c['unet_tile']}-pixel tiles")
+    if d.get("date", "") < TILE_DEFAULT_CHANGED:
+        return (" on 256-pixel U-Net tiles (the default until 2026-11-26; now the model's training tile, 128: "
+                "see the U-Net section)")
+    return ""
+
+
 def machine_line(doc: dict) -> str:
     m = doc.get("machine") or {}
     cpu = m.get("cpu_model") or m.get("processor") or m.get("machine") or "unknown CPU"
@@ -136,7 +162,7 @@ def section_pipeline(e) -> list[str]:
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Scan: {z} slices of {y}x{x} uint16 x {c} "
            f"channels (synthetic 'large' phantom, per-slice TIFFs); device `{d['config']['device']}`, "
-           f"segmentation `{d['config']['segment_method']}`, mesh {'on' if d['config']['mesh'] else 'off'}, "
+           f"segmentation `{d['config']['segment_method']}`{unet_tile(d)}, mesh {'on' if d['config']['mesh'] else 'off'}, "
            f"report {'on' if d['config']['report'] else 'off'}"
            + (f", tree graph {'on' if d['config']['graph'] else 'off'}." if "graph" in d["config"] else "."),
            "",
@@ -332,30 +358,34 @@ def section_accuracy(e) -> list[str]:
     recipe += "".join(f", {k} {v}" for k, v in extra.items())
     ph = [r["phantom"]["unet"]["dice"] for r in d["per_stack"].values() if "phantom" in r]
     phantom = f" Fold models on the built-in scan's vessels: mean Dice {sum(ph) / len(ph):.3f}." if ph else ""
+    m = {k: mean3(r[k]["dice"] for r in d["per_stack"].values()) if k in m else "-" for k in ("unet", "union",
+                                                                                              "otsu", "dom")}
     return [f"### Segmentation accuracy, leave one stack out ({recipe})",
             "",
-            f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']:.3f}, union "
-            f"{m.get('union', float('nan')):.3f}, global Otsu {m['otsu']:.3f}, difference of medians {m['dom']:.3f}."
+            f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']}, union "
+            f"{m['union']}, global Otsu {m['otsu']}, difference of medians {m['dom']}."
             + phantom,
             ""]
 
 
 def section_finetune(e) -> list[str]:
     d = e["doc"]
-    m, st = d["mean_dice"], d.get("settings", {})
+    st, rows = d.get("settings", {}), d["per_stack"].values()
+    m = {f"{k}{c}": mean3(r[k][f"dice{c}"] for r in rows) if all(f"dice{c}" in r[k] for r in rows) else "-"
+         for k in ("before", "after") for c in ("", "_at_0.5")}
     cut = f", fixed cut {st['threshold']}" if st.get("threshold") is not None else ""
     if st.get("pseudo"):
         return ["### Self-training each held-out fold model on its own mask of the stack (no labels)",
                 "",
                 f"{src(e)}; see docs/accuracy.md. Mean Dice on every slice, before -> after: "
-                f"{m['before']:.3f} -> {m['after']:.3f} at the model's cut, "
-                f"{m['before_at_0.5']:.3f} -> {m['after_at_0.5']:.3f} at 0.5.",
+                f"{m['before']} -> {m['after']} at the model's cut, "
+                f"{m['before_at_0.5']} -> {m['after_at_0.5']} at 0.5.",
                 ""]
     return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack{cut}",
             "",
             f"{src(e)}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
-            f"{m['before']:.3f} -> {m['after']:.3f} at the calibrated cut, "
-            f"{m.get('before_at_0.5', float('nan')):.3f} -> {m.get('after_at_0.5', float('nan')):.3f} at 0.5.",
+            f"{m['before']} -> {m['after']} at the calibrated cut, "
+            f"{m['before_at_0.5']} -> {m['after_at_0.5']} at 0.5.",
             ""]
 
 
@@ -444,7 +474,7 @@ def render(entries: list[dict]) -> str:
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
            "| inference tile: training tile vs 256 (no training) | `python benchmarks/accuracy_tiles.py --runs RUNS...` | `accuracy-tiles.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
-           "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5` | `accuracy-selftrain.json` |",
+           "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
            "",
            "## GPU",

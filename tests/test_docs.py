@@ -1,0 +1,48 @@
+"""docs/benchmarks.md is generated from benchmarks/results/*.json: what it says must be what those files hold."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _entry(s, name: str) -> dict:
+    return next(e for e in s.load(RESULTS) if e["path"].name == name)
+
+
+def test_benchmarks_page_is_the_rendered_results():
+    s = _summarize()
+    assert (REPO / "docs" / "benchmarks.md").read_text() == s.render(s.load(RESULTS)), \
+        "docs/benchmarks.md is stale: run python benchmarks/summarize.py"
+
+
+def test_means_are_rounded_once_from_the_per_stack_scores():
+    s = _summarize()
+    # global Otsu: 0.67054 from the five stacks (docs/accuracy.md: 0.671); the JSON's own mean says 0.6705
+    assert "global Otsu 0.671" in "\n".join(s.section_accuracy(_entry(s, "accuracy-loso.json")))
+    # 4 slices, after fine-tuning, at 0.5: 0.77352 from the stacks, 0.7735 in the JSON
+    assert "0.685 -> 0.774 at 0.5" in "\n".join(s.section_finetune(_entry(s, "accuracy-finetune-4.json")))
+    assert s.mean3([0.7725, 0.7725]) == "0.772"   # an exact tie goes to the even digit, not by binary accident
+
+
+def test_pipeline_section_names_the_unet_tile():
+    s = _summarize()
+    e = _entry(s, "cpu-pipeline.json")   # measured before the training-tile default, records no tile
+    assert "on 256-pixel U-Net tiles" in "\n".join(s.section_pipeline(e))
+    e["doc"]["config"].update(unet_tile=0)
+    assert "on the model's training tile" in "\n".join(s.section_pipeline(e))
+
+
+def test_measure_commands_write_the_files_they_name():
+    s = _summarize()
+    rows = [r for r in s.render([]).splitlines() if "accuracy_finetune.py" in r and "--pseudo" in r]
+    assert rows and all("--out benchmarks/results/accuracy-selftrain.json" in r for r in rows)
