@@ -256,8 +256,9 @@ def _check_percentiles(low: float, high: float) -> None:
 
 
 def _check_nbins(nbins: int) -> None:
-    if nbins < 1:
-        raise ValueError(f"nbins must be >= 1, got {nbins}")
+    # a float reached numba as a TypingError pages long (skimage refuses it too)
+    if isinstance(nbins, (bool, np.bool_)) or not isinstance(nbins, numbers.Integral) or nbins < 1:
+        raise ValueError(f"nbins must be an integer >= 1, got {nbins!r}")
 
 
 def _robust_range(lo: float, hi: float, top) -> tuple[float, float]:
@@ -335,7 +336,7 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
 def _kernel_size(kernel_size) -> tuple[int, int]:
     if isinstance(kernel_size, numbers.Number):
         kernel_size = (kernel_size, kernel_size)
-    if len(kernel_size) != 2:
+    if not hasattr(kernel_size, "__len__") or len(kernel_size) != 2:   # None: skimage's default, not ours
         raise ValueError(f"kernel_size must be an int or a (ky, kx) pair, got {kernel_size!r}")
     ks = tuple(int(k) for k in kernel_size)
     if min(ks) < 1:
@@ -957,7 +958,10 @@ def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = N
 
 
 def preprocess_volume(volume, cfg: ExposureConfig | None = None):
-    """:func:`preprocess` for an in-memory (z, y, x) stack: pass 1 over its slices, then the chain."""
+    """:func:`preprocess` for an in-memory (z, y, x) stack (or one (y, x) slice, returned as a (1, y, x)
+    stack): pass 1 over its slices, then the chain; uint8 of the stack's shape."""
+    if volume.ndim not in (2, 3):
+        raise ValueError(f"preprocess_volume expects a (z, y, x) stack or a (y, x) slice, got shape {volume.shape}")
     if volume.ndim == 2:
         volume = volume[None]
     znorm = ZNorm.from_stats([slice_stats(s, z=z) for z, s in enumerate(to_host(volume))])

@@ -290,3 +290,21 @@ def test_big_endian_input_gives_the_native_result():
     x = np.random.default_rng(1).integers(0, 60000, (2, 40, 50)).astype(">u2")
     np.testing.assert_array_equal(clahe(x), clahe(x.astype(np.uint16)))
     np.testing.assert_array_equal(clahe_robust_scale(x), clahe_robust_scale(x.astype(np.uint16)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kernel_size": None}, "kernel_size must be an int or a"),   # skimage's default; ours is 32
+    ({"nbins": 256.0}, "nbins must be an integer >= 1, got 256.0"),   # was a numba TypingError
+])
+def test_clahe_names_a_bad_argument(kwargs, message):
+    x = np.random.default_rng(0).random((20, 20)).astype(np.float32)
+    for fn in (clahe, exposure.clahe_robust_scale):
+        with pytest.raises(ValueError, match=message):
+            fn(x, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 2, 4, 4)])
+def test_preprocess_volume_names_the_shape_it_expects(shape):
+    # was "slice_stats expects one (y, x) slice, got shape ()" for a 1-D array
+    with pytest.raises(ValueError, match=r"preprocess_volume expects a \(z, y, x\) stack .* got shape"):
+        exposure.preprocess_volume(np.ones(shape, np.uint16))
