@@ -148,6 +148,8 @@ def largest_tree(mask: np.ndarray, crop: bool = False):
     :func:`gpuheart.morphology.label_slabs`.
     """
     mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:   # scipy said only "structure and input must have equal rank"
+        raise ValueError(f"mask must be 3-D (z, y, x), got shape {mask.shape}")
     labels, n = ndi.label(mask, np.ones((3, 3, 3), bool))
     if n == 0:
         tree = np.zeros_like(mask)

@@ -358,3 +358,9 @@ def test_a_component_the_thinning_erases_keeps_a_centreline_voxel():
     truth[:, 2:4, 10:12] = True
     assert cl_dice(tubes, tubes) == 1.0
     assert cl_dice(tubes, truth) < 0.5   # seven false capillaries are not invisible
+
+
+def test_largest_tree_names_a_mask_that_is_not_3d():
+    # was scipy's "structure and input must have equal rank"
+    with pytest.raises(ValueError, match=r"mask must be 3-D \(z, y, x\), got shape \(6, 7\)"):
+        vg.largest_tree(np.ones((6, 7), bool))
