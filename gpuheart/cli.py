@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", default="gpuheart-out", help="output folder (default: %(default)s)")
     r.add_argument("-c", "--config", help="TOML config file (see config.toml written by any run)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
-    r.add_argument("--channels", nargs="+", metavar="C", help="channels to process, e.g. C00 C01 (default: all)")
+    r.add_argument("--channels", nargs="+", metavar="C", help="channels to process, e.g. C00 C01 (default: all; of the built-in synthetic scan, the stained "
+                        "C00 and C01, not the autofluorescence C02)")
     r.add_argument("--slab-size", type=_positive_int, help="z-slices per slab (default: 16)")
     r.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in µm")
     r.add_argument("--truth", nargs=2, action="append", metavar=("CHANNEL", "MASK"),

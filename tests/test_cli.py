@@ -16,6 +16,14 @@ def test_help_everywhere(argv, capsys):
     assert "usage: gpuheart" in capsys.readouterr().out
 
 
+def test_run_help_says_which_channels_the_built_in_scan_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # a run without INPUT processes the channels with truth (pipeline: channels or list(truth)), not all three
+    assert "(default: all; of the built-in synthetic scan, the stained C00 and C01, not the autofluorescence C02)" in text
+
+
 def test_phantom_then_info_then_run(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
     scan = tmp_path / "ph" / "scan"
