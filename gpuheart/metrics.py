@@ -48,6 +48,17 @@ def snr(image, mask) -> float:
     return float(image[mask].sum()) / n_sig / mean_all
 
 
+def _as_mask(a, what: str):
+    """``a != 0`` for a bool or integer mask (gpuheart writes 0/255), and for a float one whose values are
+    0 or >= 1; a float between 0 and 1 (or NaN) is a probability map, whose every pixel above 0 would count."""
+    if a.dtype.kind == "f":
+        xp = array_module(a)
+        if bool(((a > 0) & (a < 1)).any()) or bool(xp.isnan(a).any()):
+            raise ValueError(f"{what} must be a mask (bool, 0/1 or 0/255), got float values between 0 and 1 "
+                             "or NaN: threshold probabilities first, e.g. prob > model.meta['threshold']")
+    return a.astype(bool)
+
+
 @dataclass
 class Confusion:
     """Voxel counts of a predicted mask against the truth; add slab by slab with ``update``."""
@@ -58,9 +69,10 @@ class Confusion:
     tn: int = 0
 
     def update(self, pred, truth) -> "Confusion":
+        """Add the counts of ``pred`` against ``truth``: masks of one shape (bool, 0/1 or 0/255)."""
         if pred.shape != truth.shape:
             raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
-        p, t = pred.astype(bool), truth.astype(bool)
+        p, t = _as_mask(pred, "prediction"), _as_mask(truth, "truth")
         tp = int((p & t).sum())
         fp = int(p.sum()) - tp
         fn = int(t.sum()) - tp
@@ -94,7 +106,8 @@ class Confusion:
 
 
 def dice(pred, truth) -> float:
-    """Sørensen-Dice coefficient of two boolean masks (1.0 when both are empty)."""
+    """Sørensen-Dice coefficient of two masks (bool, 0/1 or 0/255; 1.0 when both are empty). Probabilities
+    (``unet.predict``'s output) are refused: threshold them first."""
     return Confusion().update(pred, truth).dice
 
 
@@ -109,7 +122,7 @@ def cl_dice(pred, truth) -> float:
     """
     from .graph import skeleton
 
-    p, t = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
+    p, t = _as_mask(np.asarray(pred), "prediction"), _as_mask(np.asarray(truth), "truth")
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
     if not p.any() and not t.any():

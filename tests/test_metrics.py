@@ -81,3 +81,19 @@ def test_snr_names_a_mask_of_another_shape():
     # was numpy's "boolean index did not match indexed array along axis 0"
     with pytest.raises(ValueError, match=r"mask of the image's shape \(4, 5\), got \(4, 4\)"):
         snr(np.ones((4, 5)), np.ones((4, 4), bool))
+
+
+def test_dice_refuses_probabilities_and_nan_but_takes_float_masks():
+    # dice(predict(model, img), truth) counted every probability above 0 as vessel, silently
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 2:5] = True
+    prob = np.where(truth, 0.9, 0.02).astype(np.float32)
+    with pytest.raises(ValueError, match="threshold probabilities first"):
+        dice(prob, truth)
+    with pytest.raises(ValueError, match="truth must be a mask"):
+        Confusion().update(truth, np.where(truth, 1.0, np.nan))
+    from gpuheart.metrics import cl_dice
+    with pytest.raises(ValueError, match="threshold probabilities first"):
+        cl_dice(prob, truth)
+    assert dice(prob > 0.5, truth) == 1.0
+    assert dice(truth.astype(np.float32) * 255, truth.astype(np.float64)) == 1.0
