@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .backend import as_torch, from_torch, is_device_array, native_byte_order, resolve_device
+from .backend import (DeviceError, as_torch, from_torch, is_device_array, native_byte_order, resolve_device,
+                      to_device, to_host)
 
 WEIGHTS_FORMAT = "gpuheart-unet/1"
 
@@ -276,7 +277,33 @@ def load_weights(path, device: str = "cpu") -> UNet:
     model = UNet(**ckpt["hparams"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     model.meta = ckpt["meta"]
-    return model.to(resolve_device(device)).eval()
+    return model.to(torch_device(device)).eval()
+
+
+def _torch_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def torch_device(device: str = "auto") -> str:
+    """Where torch computes: :func:`resolve_device`, except that a CPU build of PyTorch beside a working CuPy
+    (e.g. ``pip install torch`` from the CPU index on a GPU desktop) runs the U-Net on the CPU with a warning
+    under ``auto``, and is a :class:`DeviceError` naming the cause under ``cuda`` (torch's own message is an
+    AssertionError deep inside ``.to``)."""
+    dev = resolve_device(device)
+    if dev == "cpu" or _torch_cuda():
+        return dev
+    why = (f"PyTorch {torch.__version__} here has no CUDA (a CPU build, or no driver it can use), although CuPy "
+           f"sees a GPU")
+    if device == "cuda":
+        raise DeviceError(f"device 'cuda' was requested but {why}; install a CUDA build of PyTorch or use --device cpu")
+    if "torch-cpu" not in _warned:
+        _warned.add("torch-cpu")
+        warnings.warn(f"{why}: the U-Net runs on the CPU (slow), the other stages on the GPU; install a CUDA "
+                      f"build of PyTorch for speed", stacklevel=3)
+    return "cpu"
+
+
+_warned: set[str] = set()
 
 
 def default_weights_path() -> Path:
@@ -387,6 +414,10 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):   # one NaN pixel turns every tile it falls in (128 x 128 pixels) to NaN, read as background
         raise ValueError(f"the U-Net takes float images in [0, 1], got one with {int(bad.sum())} NaN/Inf pixel(s)")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -0.5 or hi > 1.5:   # a 0-255 float slice or z-scores would be read as saturated vessel everywhere
+        raise ValueError(f"the U-Net takes float images in [0, 1] (or uint8 0-255), got values {lo:.3g} to "
+                         f"{hi:.3g}: pass the preprocessed uint8 slice, or divide a 0-255 float image by 255")
     return t
 
 
@@ -441,9 +472,11 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
     depth = getattr(model, "depth", 0)
     if tile % 2 ** depth:
         raise ValueError(f"tile {tile} must be divisible by 2**depth = {2 ** depth}")
+    if is_device_array(image) and torch_device("auto") == "cpu":   # torch cannot take the GPU array: via the host
+        return to_device(predict(model, to_host(image), tile, overlap, batch_size, "cpu", amp, halo))
     x = as_torch(image if image.flags.c_contiguous else _contiguous(image))
     # CuPy input is computed on its own GPU (x.device), NumPy input where ``device`` says
-    dev = x.device if is_device_array(image) else torch.device(resolve_device(device))
+    dev = x.device if is_device_array(image) else torch.device(torch_device(device))
     x = _to_unit_float(x.to(dev))
     slab = x[None] if image.ndim == 2 else x
     use_amp = (dev.type == "cuda") if amp is None else bool(amp) and (dev.type == "cuda" or _cpu_bf16())
@@ -764,7 +797,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = torch_device(cfg.device)
     vols, labs = _check_pairs(images, labels)
     train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
     if not train_sl or not val_sl:

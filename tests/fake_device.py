@@ -375,6 +375,7 @@ def fake_gpu(modules: dict, monkeypatch):
             mp.setattr(m, "load_module", load)
         # the torch here has no CUDA: its CPU tensors stand for the device tensors a DLPack handover makes
         mp.setattr(unet, "from_torch", lambda t: DeviceArray(np.from_dlpack(t.detach())))
+        mp.setattr(unet, "_torch_cuda", lambda: True)   # ... so torch counts as having CUDA, as on a GPU machine
         mp.setattr(filters, "_CUDA_FAILED", {})
         mp.setattr(exposure, "_warned", set())
         mp.setattr(morphology, "_warned", set())

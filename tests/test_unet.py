@@ -265,6 +265,50 @@ def test_predict_cupy_stays_on_device_and_matches_cpu():
     assert float(abs(bf16 - gpu).max()) < 0.05   # bf16 autocast: close, not equal
 
 
+
+def test_a_cpu_build_of_torch_beside_a_gpu_runs_the_unet_on_the_cpu(monkeypatch):
+    """CuPy sees a GPU but PyTorch is a CPU build (its CPU wheel on a GPU desktop): 'auto' warns and predicts
+    on the CPU, 'cuda' is a DeviceError naming the cause (was torch's AssertionError inside .to)."""
+    monkeypatch.setattr(unet, "resolve_device", lambda device="auto": "cpu" if device == "cpu" else "cuda")
+    monkeypatch.setattr(unet, "_torch_cuda", lambda: False)
+    monkeypatch.setattr(unet, "_warned", set())
+    with pytest.warns(UserWarning, match="U-Net runs on the CPU"):
+        assert unet.torch_device("auto") == "cpu"
+    assert unet.torch_device("cpu") == "cpu"
+    with pytest.raises(unet.DeviceError, match="CUDA build of PyTorch"):
+        unet.torch_device("cuda")
+    slab = np.random.default_rng(3).integers(0, 256, (1, 64, 64), dtype=np.uint8)
+    model = _tiny()
+    np.testing.assert_array_equal(predict(model, slab, tile=64, overlap=16),
+                                  predict(model, slab, tile=64, overlap=16, device="cpu"))
+
+
+@pytest.mark.gpu
+def test_cupy_input_with_a_cpu_build_of_torch_comes_back_on_the_device(monkeypatch):
+    cp = pytest.importorskip("cupy")
+    monkeypatch.setattr(unet, "_torch_cuda", lambda: False)
+    monkeypatch.setattr(unet, "_warned", set())
+    slab = np.random.default_rng(4).integers(0, 256, (2, 80, 70), dtype=np.uint8)
+    model = _tiny()
+    with pytest.warns(UserWarning, match="U-Net runs on the CPU"):
+        gpu = predict(model, cp.asarray(slab), tile=64, overlap=16)
+    assert isinstance(gpu, cp.ndarray) and gpu.shape == slab.shape
+    np.testing.assert_array_equal(cp.asnumpy(gpu), predict(model, slab, tile=64, overlap=16, device="cpu"))
+
+
+
+def test_float_images_far_outside_unit_range_are_refused():
+    """A float copy of a 0-255 slice (or z-scores) reached the model unscaled: nearly every pixel came out as
+    vessel. Values a little outside [0, 1] (interpolation overshoot) are still taken."""
+    model = _tiny()
+    img = np.random.default_rng(5).integers(0, 256, (64, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="divide a 0-255 float image by 255"):
+        predict(model, img, tile=64, overlap=16, device="cpu")
+    with pytest.raises(ValueError, match=r"got values -\d"):
+        predict(model, (img - img.mean()) / img.std() * 1.7, tile=64, overlap=16, device="cpu")
+    predict(model, np.clip(img / 255 * 1.02 - 0.01, -0.02, 1.02), tile=64, overlap=16, device="cpu")
+
+
 # -- weights -------------------------------------------------------------------------------------
 
 def test_weights_round_trip(tmp_path):
