@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .backend import is_device_array, is_device_oom, load_module, to_device, to_host
+from .backend import array_module, is_device_array, is_device_oom, load_module, to_device, to_host
 
 ReadSlab = Callable[[int, int], np.ndarray]
 
@@ -53,6 +53,17 @@ def _check_iterations(name: str, n: int) -> int:
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {n}")
     return n
+
+
+def _check_mask(mask) -> None:
+    """A (z, y, x) binary mask; a probability map would count every value above 0 as vessel."""
+    if mask.ndim != 3:
+        raise ValueError(f"the closings take a (z, y, x) mask, got shape {mask.shape}; a single slice is mask[None]")
+    if mask.dtype.kind == "f" and mask.size:
+        xp = array_module(mask)
+        if bool(xp.any((mask > 0) & (mask < 1))) or bool(xp.isnan(mask).any()):
+            raise ValueError("the closings take a binary mask (bool, 0/1 or 0/255), got float values between 0 "
+                             "and 1 (a probability map?): threshold it first, e.g. prob >= 0.5")
 
 
 def _closing_padded(mask: np.ndarray, structure: np.ndarray, iterations: int,
@@ -79,6 +90,7 @@ def close_z(mask: np.ndarray, size: int = 5, iterations: int = 5, *,
     (slab halos) are not padded, so the caller's halo must cover :func:`reach`.
     """
     size, iterations = _check_odd("size", size), _check_iterations("iterations", iterations)
+    _check_mask(mask)
     r = 2 * (size // 2) * iterations
     if is_device_array(mask):
         return _on_device("close_z", _close_z_cuda, mask, (size // 2) * iterations, z_edges,
@@ -93,6 +105,7 @@ def close_3d(mask: np.ndarray, size: int = 3, *,
              z_edges: tuple[bool, bool] = (True, True)) -> np.ndarray:
     """One closing with a ``size``-cube; out-of-volume voxels replicate the nearest voxel."""
     size = _check_odd("size", size)
+    _check_mask(mask)
     r = 2 * (size // 2)
     if is_device_array(mask):
         return _on_device("close_3d", _close_cube_cuda, mask, size // 2, z_edges,

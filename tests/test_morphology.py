@@ -191,3 +191,16 @@ def test_negative_iterations_are_refused_by_name():
         morph.reach(5, -1)
     with pytest.raises(ValueError, match="z_iterations must be >= 0"):
         list(morph.postprocess_slabs(_reader(m), m.shape, 2, 5, -1))
+
+
+def test_closings_name_a_mask_that_is_not_3d_or_not_binary():
+    """A 2-D mask failed inside np.pad with a broadcast error; a probability map was closed as if every value
+    above 0 were vessel. 0/1 and 0/255 float masks are still binary masks."""
+    with pytest.raises(ValueError, match=r"\(z, y, x\) mask, got shape \(8, 8\)"):
+        morph.postprocess(np.zeros((8, 8), bool))
+    prob = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    for fn in (morph.postprocess, morph.close_z, morph.close_3d):
+        with pytest.raises(ValueError, match="threshold it first"):
+            fn(prob)
+    m = prob > 0.7
+    np.testing.assert_array_equal(morph.postprocess(m.astype(np.float32) * 255), morph.postprocess(m))
