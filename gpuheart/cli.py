@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
     m.add_argument("--min-faces", type=_nonnegative_int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
     m.add_argument("--max-faces", type=_nonnegative_int, help="decimate to at most this many faces (0: keep every face)")
-    m.add_argument("--max-bytes", type=_positive_float, default=1e9, help="decimate a mesh whose file would be larger to fit (default: 1e9 = 1 GB)")
+    m.add_argument("--max-bytes", type=_positive_float, default=float(1 << 30),   # [mesh] max_bytes: run's limit
+                   help="decimate a mesh whose file would be larger to fit (default: 1073741824 = 1 GiB)")
     m.add_argument("--slab-size", type=_positive_int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")

@@ -24,6 +24,14 @@ def test_run_help_says_which_channels_the_built_in_scan_runs(capsys):
     assert "(default: all; of the built-in synthetic scan, the stained C00 and C01, not the autofluorescence C02)" in text
 
 
+def test_mesh_command_decimates_at_the_runs_size_limit():
+    from gpuheart.cli import _parser
+    from gpuheart.pipeline import MeshConfig
+
+    # gpuheart mesh on a run's mask must give the run's mesh: it used 1e9 against the config's 2**30
+    assert _parser().parse_args(["mesh", "m.tif", "-o", "m.glb"]).max_bytes == MeshConfig().max_bytes
+
+
 def test_phantom_then_info_then_run(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
     scan = tmp_path / "ph" / "scan"
