@@ -135,6 +135,11 @@ def unet_tile(d: dict) -> str:
     return ""
 
 
+def tiles_then(d: dict) -> str:
+    """Accuracy results scored before the training-tile default predicted on 256-pixel tiles; say so."""
+    return ", U-Net on 256-pixel tiles (the default then)" if d.get("date", "") < TILE_DEFAULT_CHANGED else ""
+
+
 def machine_line(doc: dict) -> str:
     m = doc.get("machine") or {}
     cpu = m.get("cpu_model") or m.get("processor") or m.get("machine") or "unknown CPU"
@@ -362,7 +367,7 @@ def section_accuracy(e) -> list[str]:
                                                                                               "otsu", "dom")}
     return [f"### Segmentation accuracy, leave one stack out ({recipe})",
             "",
-            f"{src(e)}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']}, union "
+            f"{src(e)}{tiles_then(e['doc'])}; per-stack tables in docs/accuracy.md. Mean Dice: U-Net {m['unet']}, union "
             f"{m['union']}, global Otsu {m['otsu']}, difference of medians {m['dom']}."
             + phantom,
             ""]
@@ -377,13 +382,13 @@ def section_finetune(e) -> list[str]:
     if st.get("pseudo"):
         return ["### Self-training each held-out fold model on its own mask of the stack (no labels)",
                 "",
-                f"{src(e)}; see docs/accuracy.md. Mean Dice on every slice, before -> after: "
+                f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice on every slice, before -> after: "
                 f"{m['before']} -> {m['after']} at the model's cut, "
                 f"{m['before_at_0.5']} -> {m['after_at_0.5']} at 0.5.",
                 ""]
     return [f"### Fine-tuning on {st.get('slices', '?')} labelled slices of each held-out stack{cut}",
             "",
-            f"{src(e)}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
+            f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice on the other slices, before -> after: "
             f"{m['before']} -> {m['after']} at the calibrated cut, "
             f"{m['before_at_0.5']} -> {m['after_at_0.5']} at 0.5.",
             ""]
@@ -393,7 +398,7 @@ def section_probe(e) -> list[str]:
     m = e["doc"]["mean"]
     return ["### What limits the held-out Dice (probes on the fold models)",
             "",
-            f"{src(e)}; see docs/accuracy.md. Mean Dice: calibrated {m['calibrated']:.3f}, best threshold per stack "
+            f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice: calibrated {m['calibrated']:.3f}, best threshold per stack "
             f"(chosen with its labels) {m['at_best_threshold']:.3f}, 8-fold TTA {m['tta8_calibrated']:.3f}"
             + (f", ensemble {m['ensemble_at_0.5']:.3f}" if "ensemble_at_0.5" in m else "") + ".",
             ""]
@@ -416,7 +421,7 @@ def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return ["### The paper's closings on the held-out masks",
             "",
-            f"{src(e)}; see docs/accuracy.md. Mean Dice as segmented -> after the closings: union "
+            f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice as segmented -> after the closings: union "
             f"{m['union']:.3f} -> {m['union_closed']:.3f}, U-Net {m['unet']:.3f} -> {m['unet_closed']:.3f}, "
             f"difference of medians {m['dom']:.3f} -> {m['dom_closed']:.3f}.",
             ""]

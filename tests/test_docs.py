@@ -42,6 +42,16 @@ def test_pipeline_section_names_the_unet_tile():
     assert "on the model's training tile" in "\n".join(s.section_pipeline(e))
 
 
+def test_accuracy_results_from_before_the_training_tile_default_say_their_tile():
+    s = _summarize()
+    for name, section in (("accuracy-loso.json", s.section_accuracy), ("accuracy-closings.json", s.section_closings),
+                          ("accuracy-finetune-4.json", s.section_finetune)):
+        e = _entry(s, name)
+        assert "U-Net on 256-pixel tiles" in "\n".join(section(e))
+        e["doc"]["date"] = "2026-11-27T00:00:00+00:00"
+        assert "256-pixel" not in "\n".join(section(e))
+
+
 def test_measure_commands_write_the_files_they_name():
     s = _summarize()
     rows = [r for r in s.render([]).splitlines() if "accuracy_finetune.py" in r and "--pseudo" in r]
