@@ -97,3 +97,48 @@ def test_dice_refuses_probabilities_and_nan_but_takes_float_masks():
         cl_dice(prob, truth)
     assert dice(prob > 0.5, truth) == 1.0
     assert dice(truth.astype(np.float32) * 255, truth.astype(np.float64)) == 1.0
+
+
+def test_detrended_cv_needs_more_points_than_the_trend_has_parameters():
+    # a line through two means leaves no residual: that is no measurement, not a CV of 0
+    assert np.isnan(detrended_cv([100.0, 120.0]))
+    assert np.isnan(detrended_cv([100.0, np.nan, 120.0]))
+    assert np.isnan(detrended_cv([1.0, 2.0, 3.0], order=2))
+
+
+def test_detrended_cv_fits_the_trend_at_the_slices_true_depths():
+    # a blank slice (NaN) in the middle does not shift the later slices' z: a pure line stays a line
+    means = 100 + 3.0 * np.arange(20)
+    means[[4, 5, 11]] = np.nan
+    assert detrended_cv(means) == pytest.approx(0.0, abs=1e-12)
+    ok = np.isfinite(means)
+    z = np.arange(20)[ok]
+    wiggle = means.copy()
+    wiggle[ok] += (-1.0) ** z
+    resid = wiggle[ok] - np.polyval(np.polyfit(z, wiggle[ok], 1), z)
+    assert detrended_cv(wiggle) == pytest.approx(resid.std() / wiggle[ok].mean(), rel=1e-12)
+
+
+def test_precision_and_recall_are_not_swapped():
+    truth = np.zeros((10, 10), bool)
+    truth[:5] = True                         # 50 voxels
+    pred = np.zeros_like(truth)
+    pred[:2] = True                          # 20 voxels, all inside the truth
+    pred[9, :5] = True                       # and 5 outside
+    c = Confusion().update(pred, truth)
+    assert (c.tp, c.fp, c.fn) == (20, 5, 30)
+    assert c.precision == pytest.approx(20 / 25)
+    assert c.recall == pytest.approx(20 / 50)
+    assert c.dice == pytest.approx(2 * 20 / (2 * 20 + 5 + 30))
+
+
+def test_cl_dice_penalises_a_skeleton_running_outside_the_truth():
+    from gpuheart.metrics import cl_dice
+
+    tube = np.zeros((9, 40), bool)
+    tube[3:6, 2:38] = True
+    half = tube.copy()
+    half[:, 20:] = False
+    # the whole tube predicted against half of it: every true centerline pixel is covered (tsens = 1),
+    # but about half of the predicted centerline lies outside the truth (tprec ~ 0.5)
+    assert cl_dice(tube, half) == pytest.approx(2 / 3, abs=0.06)
