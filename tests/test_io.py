@@ -532,3 +532,48 @@ def test_hidden_files_do_not_change_a_slice_folders_stamp(tmp_path):
     before = source_stamp(folder)
     (folder / "._scan_C00_Z0000.tif").write_bytes(b"AppleDouble")
     assert source_stamp(folder) == before
+
+
+# -- orders and voxel sizes that only show with unequal numbers -----------------------------------------
+
+def test_the_z_token_orders_slices_whatever_the_rest_of_the_name(tmp_path):
+    # e.g. slices saved in two sessions whose time stamps sort the other way round from z
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    for z in range(6):
+        stamp = "10-00-00" if z >= 3 else "11-00-00"
+        tifffile.imwrite(folder / f"{stamp}_heart Z{z:04d}.tif", np.full((4, 5), z, np.uint8))
+    with open_scan(folder) as scan:
+        np.testing.assert_array_equal(scan.read_slab(0, 0, 6)[:, 0, 0], np.arange(6))
+
+
+def test_ome_voxel_size_with_rectangular_pixels(tmp_path):
+    vol = volume((3, 6, 8))
+    f = tmp_path / "rect.ome.tif"
+    tifffile.imwrite(f, vol, ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 5.0, "PhysicalSizeY": 0.8, "PhysicalSizeX": 0.3})
+    with open_scan(f) as scan:
+        assert scan.voxel_size == pytest.approx((5.0, 0.8, 0.3))
+
+
+def test_ngff_scale_with_rectangular_pixels_and_a_multiscales_level_scale(tmp_path):
+    # NGFF 0.4: a multiscales-level coordinateTransformations applies after each dataset's own
+    zarr = pytest.importorskip("zarr")
+    vol = volume((4, 6, 8))
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    create = getattr(root, "create_array", None) or root.create_dataset  # zarr 3 or 2
+    create("0", shape=vol.shape, dtype=vol.dtype, chunks=(2, 6, 8))[:] = vol
+    root.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.5, 0.25]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [3.0, 1.0, 1.0]}],
+    }]
+    with open_scan(tmp_path / "img.ome.zarr") as scan:
+        assert scan.voxel_size == pytest.approx((6.0, 0.5, 0.25))
+    # and gpuheart's own writer with y != x
+    out = tmp_path / "mask.ome.zarr"
+    with ZarrWriter(out, vol.shape, vol.dtype, voxel_size=(4.0, 0.8, 0.3)) as w:
+        w.write(0, vol)
+    with open_scan(out) as scan:
+        assert scan.voxel_size == pytest.approx((4.0, 0.8, 0.3))
