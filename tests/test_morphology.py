@@ -204,3 +204,19 @@ def test_closings_name_a_mask_that_is_not_3d_or_not_binary():
             fn(prob)
     m = prob > 0.7
     np.testing.assert_array_equal(morph.postprocess(m.astype(np.float32) * 255), morph.postprocess(m))
+
+
+@pytest.mark.parametrize("params", [(5, 5, 3), (5, 5, 1), (3, 2, 5)])
+def test_postprocess_slabs_halo_covers_the_longest_bridged_gap(params):
+    """A gap just short enough to be bridged, cut by a slab boundary at every offset: the slab must see the
+    voxel beyond the gap, exactly :func:`reach` slices away (random masks seldom hold such a gap)."""
+    h = morph.reach(*params)
+    nz = 3 * h
+    for gap in range(h - 4, h + 1):
+        m = np.zeros((nz, 5, 5), bool)
+        m[2, 1:4, 1:4] = m[3 + gap, 1:4, 1:4] = True
+        m[2, 2, 2] = m[3 + gap, 2, 2] = True
+        whole = morph.postprocess(m, *params)
+        for z0 in range(3, 4 + gap):  # a slab starts inside the gap: its halo must reach slice 2
+            got = _stream(morph.postprocess_slabs(_reader(m), m.shape, z0, *params), m.shape)
+            np.testing.assert_array_equal(got, whole, err_msg=f"gap {gap}, cut at {z0}")
