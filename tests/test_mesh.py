@@ -433,3 +433,19 @@ def test_mesh_from_mask_takes_the_mask_array_itself(tmp_path):
         M.mesh_from_mask(m, (9, 10, 12), tmp_path / "d.ply", (1, 1, 1))
     with pytest.raises(ValueError, match=r"read_slab\(0, 9\) returned shape \(9, 10, 11\); expected \(9, 12, 11\)"):
         M.marching_cubes_slabs(_reader(m), (9, 12, 11), 64)
+
+
+def test_a_piece_of_exactly_min_faces_is_kept(tmp_path):
+    """'Pieces under min_faces are dropped': a single voxel (8 faces) stays at min_faces = 8 and goes at 9,
+    in mesh_from_mask (its own min_faces, not the default 20) and after decimation alike."""
+    m = _balls_and_specks()
+    v, f = M.marching_cubes_slabs(_reader(m), m.shape, 7)
+    _, flab = M.mesh_components(f, len(v))
+    for min_faces, kept in ((8, 4), (9, 2)):
+        v2, f2 = M.remove_small_components(v, f, min_faces)
+        assert M.mesh_components(f2, len(v2))[0] == kept
+        st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / f"m{min_faces}.ply", (1, 1, 1), min_faces=min_faces)
+        assert (st.components, st.components_removed) == (kept, 4 - kept)
+        # the filter that runs after decimation (_decimate_labelled) draws the same line
+        v3, f3, _ = M._drop_fragments(v, f, flab, min_faces)
+        assert M.mesh_components(f3, len(v3))[0] == kept
