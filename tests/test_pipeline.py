@@ -228,6 +228,8 @@ def test_voxel_component_table_matches_scipy(tiny_run):
     paths = tiny_run.outputs["C00"]
     with open_scan(paths["mask"]) as m:
         lab, n = ndi.label(m.read_slab(0, 0, m.shape[0]) > 0, np.ones((3, 3, 3)))
+        vs = m.voxel_size
+    assert len(set(vs)) > 1
     rows = list(csv.DictReader(open(paths["voxel_components"])))
     assert len(rows) == n
     for r in rows:
@@ -236,6 +238,7 @@ def test_voxel_component_table_matches_scipy(tiny_run):
         assert int(r["voxels"]) == int((lab == k).sum())
         assert [int(r[c]) for c in ("z_min_index", "y_min_index", "x_min_index")] == [b.start for b in box]
         assert [int(r[c]) for c in ("z_max_index", "y_max_index", "x_max_index")] == [b.stop - 1 for b in box]
+        assert float(r["volume_um3"]) == pytest.approx(int(r["voxels"]) * np.prod(vs))  # (4, 1, 1) µm voxels
 
 
 def test_global_otsu_equals_the_whole_volume_threshold(tiny_run, tmp_path):
@@ -293,6 +296,11 @@ def test_2p5d_unet_gets_a_z_halo_across_slab_cuts(tmp_path, tiny_run, monkeypatc
     assert 0.01 < want.mean() < 0.99
     # equal up to float rounding at the threshold (tiles are batched differently)
     assert np.mean(got != want) < 1e-4
+    # the report's raw profile comes from the middle slice, not from a slice of a slab's halo
+    figs = np.load(p["preprocessed"].parent / "figures.npz")
+    with open_scan(tiny_run.out_dir / "input" / "scan", channels=["C00"]) as s:
+        raw = s.read_slice("C00", int(figs["profile_z"]))
+    np.testing.assert_array_equal(figs["profile_raw"], raw[int(figs["profile_y"])].astype(np.float32))
 
 
 def test_a_config_file_with_a_retired_key_still_loads_with_a_warning(tmp_path):
@@ -371,3 +379,78 @@ def test_a_numpy_volume_as_source_is_refused_by_name_before_anything_is_touched(
         with pytest.raises(TypeError, match=r"path of a TIFF.*got ndarray.*write_tiff"):
             call()
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "m.tif").exists()
+
+
+def _volume(path):
+    from gpuheart.io import open_scan
+
+    with open_scan(path) as s:
+        return s.read_slab(0, 0, s.shape[0]), s.voxel_size
+
+
+def test_run_mesh_is_in_um_and_x_y_z_order(tiny_run):
+    """The mesh's coordinates are the mask's voxel centres times the (4, 1, 1) µm voxel size, as (x, y, z)."""
+    import trimesh
+
+    from gpuheart.mesh import marching_cubes_volume, remove_small_components
+
+    paths = tiny_run.outputs["C00"]
+    mask, vs = _volume(paths["mask"])
+    assert len(set(vs)) > 1
+    v, f = remove_small_components(*marching_cubes_volume(mask > 0, vs), 20)
+    mesh = trimesh.load(paths["mesh"], force="mesh")
+    np.testing.assert_allclose(mesh.bounds, [v.min(0), v.max(0)], atol=1e-4)
+
+
+def test_tree_graph_positions_are_um_in_the_scans_frame(tmp_path):
+    """The streamed tree graph (labelled in 3-slice slabs, cut to the tree's box) places its nodes where the
+    graph of the whole mask's largest 26-connected tree does, in µm of the scan (the box's offset included)."""
+    import networkx as nx
+
+    from gpuheart import graph, pipeline
+    from gpuheart.io import ZarrWriter
+
+    m = np.zeros((20, 30, 40), bool)
+    m[5:17, 12, 20] = True                     # a Y away from the volume's corner
+    for i in range(8):
+        m[16, 12 + i, 20 + i] = m[16, 12 - i, 20 + i] = True
+    m[2:4, 25:27, 3:5] = True                  # and a smaller piece
+    vs = (4.0, 1.0, 0.5)
+    with ZarrWriter(tmp_path / "mask.ome.zarr", m.shape, np.uint8, voxel_size=vs) as w:
+        w.write(0, m.astype(np.uint8) * 255)
+    cfg = PipelineConfig(progress=False, slab_size=3)
+    paths = {}
+    tree = pipeline._tree_graph(tmp_path / "mask.ome.zarr", tmp_path, vs, cfg, paths, pipeline._Timer("cpu"))
+    assert tree["downsample_yx"] == 1 and tree["components"] == 2
+    sub, origin = graph.largest_tree(m, crop=True)
+    ref = graph.skeleton_graph(sub, vs, origin_um=origin * np.asarray(vs))
+    g = nx.read_graphml(paths["tree_graphml"])
+    got = sorted((d["z_um"], d["y_um"], d["x_um"]) for _, d in g.nodes(data=True))
+    assert len(got) == ref.n_nodes > 2
+    np.testing.assert_allclose(got, sorted(map(tuple, ref.node_pos_um)))
+
+
+def test_snr_and_slice_means_are_the_whole_stacks(tiny_run):
+    """The streamed measurements equal their definitions on the whole volumes: the paper's SNR (signal mean
+    over image mean, signal = the DoM mask) of the preprocessed stack and of the DoM image (negative responses
+    as 0), and the mean of every z-normalized slice at its own z."""
+    from scipy import ndimage as ndi
+
+    from gpuheart import exposure
+    from gpuheart.io import open_scan
+
+    s, paths = tiny_run.summary["C00"], tiny_run.outputs["C00"]
+    cfg = PipelineConfig.load(tiny_run.out_dir / "config.toml").for_channel("C00")
+    pre, _ = _volume(paths["preprocessed"])
+    sig = _volume(paths["dom_mask"])[0] > 0
+    assert s["snr_preprocessed"] == pytest.approx(pre[sig].mean() / pre.mean(), rel=1e-9)
+    p = pre.astype(np.int32)
+    dom = np.stack([ndi.median_filter(x, cfg.dom.small, mode="reflect")
+                    - ndi.median_filter(x, cfg.dom.large, mode="reflect") for x in p])
+    dom = np.maximum(dom, 0).astype(np.float64)
+    assert s["snr_dom"] == pytest.approx(dom[sig].mean() / dom.mean(), rel=1e-9)
+    with open_scan(tiny_run.out_dir / "input" / "scan", channels=["C00"]) as sc:
+        raw = sc.read_slab("C00", 0, sc.shape[0])
+    zn = exposure.ZNorm.from_stats([exposure.slice_stats(x, z=z) for z, x in enumerate(raw)])
+    want = zn.apply(raw, 0).reshape(len(raw), -1).mean(axis=1)
+    np.testing.assert_allclose(s["slice_means_normalized"], want, rtol=1e-5)
