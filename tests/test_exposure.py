@@ -308,3 +308,55 @@ def test_preprocess_volume_names_the_shape_it_expects(shape):
     # was "slice_stats expects one (y, x) slice, got shape ()" for a 1-D array
     with pytest.raises(ValueError, match=r"preprocess_volume expects a \(z, y, x\) stack .* got shape"):
         exposure.preprocess_volume(np.ones(shape, np.uint16))
+
+
+# -- ZNorm and preprocess against numbers worked out by hand ----------------------------------------
+
+def _stats(p1, p50, p99):
+    """SliceStats with the given robust numbers; p25/p75 halfway, so a wrong percentile shows."""
+    return SliceStats(None, 100, p50, 1.0, p1, p99, p1, (p1 + p50) / 2, p50, (p50 + p99) / 2, p99)
+
+
+def test_znorm_robust_uses_the_median_and_the_p1_to_p99_spread():
+    zn = ZNorm.from_stats([_stats(0, 10, 100), _stats(10, 30, 210), _stats(5, 20, 405)])
+    np.testing.assert_array_equal(zn.background_z, [10, 30, 20])
+    np.testing.assert_array_equal(zn.scale_z, [100, 200, 400])
+    assert (zn.background, zn.scale) == (20.0, 200.0)
+    np.testing.assert_array_equal(zn.gain, [2.0, 1.0, 0.5])
+
+
+def test_znorm_gain_is_capped_both_ways():
+    # S = 100: a slice 20x brighter gets 1 / max_gain, not 1/20; with dark_ratio 0.01 a slice 20x
+    # dimmer is not dark and gets max_gain, not 20
+    stats = [_stats(0, 0, 100)] * 3 + [_stats(0, 0, 2000), _stats(0, 0, 5)]
+    zn = ZNorm.from_stats(stats, dark_ratio=0.01, max_gain=10.0)
+    assert zn.scale == 100.0 and not zn.dark.any()
+    np.testing.assert_allclose(zn.gain, [1, 1, 1, 0.1, 10], rtol=1e-15)
+
+
+def test_znorm_dark_rule_includes_its_boundary():
+    # documented as s_z <= dark_ratio * S: a spread of exactly a tenth of S is dark (gain 1, not 10)
+    zn = ZNorm.from_stats([_stats(0, 0, 100)] * 3 + [_stats(0, 0, 10), _stats(0, 0, 10.5)])
+    assert list(np.flatnonzero(zn.dark)) == [3]
+    assert zn.gain[3] == 1.0 and zn.gain[4] == pytest.approx(100 / 10.5)
+
+
+def test_preprocess_without_clahe_is_asinh_of_background_subtracted_over_S_then_0_1_99_9_scaling():
+    """The chain by hand: per-slice median / p1-p99 normalization, asinh((x' - B) / S), then the
+    paper's 0.1 / 99.9 percentiles to 0 / 255 (ExposureConfig's defaults)."""
+    rng = np.random.default_rng(11)
+    stack, _ = _gain_offset_stack(nz=3)
+    stack[1, 5:9, :] += rng.uniform(200, 2000, (4, stack.shape[2])).astype(np.float32)  # bright vessels
+    x = stack.astype(np.float64)
+    p1, p50, p99 = (np.percentile(x, q, axis=(1, 2)) for q in (1, 50, 99))
+    B, S = np.median(p50), np.median(p99 - p1)
+    norm = (x - p50[:, None, None]) * (S / (p99 - p1))[:, None, None] + B
+    a = np.arcsinh((norm - B) / S)
+    lo, hi = np.percentile(a, [0.1, 99.9], axis=(1, 2))
+    want = np.rint(np.clip((a - lo[:, None, None]) / (hi - lo)[:, None, None] * 255, 0, 255))
+    cfg = exposure.ExposureConfig(clahe=False)
+    assert (cfg.robust_low, cfg.robust_high) == (0.1, 99.9)
+    got = exposure.preprocess_volume(stack, cfg)
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1   # float32 arithmetic vs float64 at .5
+    assert (got != want).mean() < 1e-3
