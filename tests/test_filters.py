@@ -226,3 +226,13 @@ def test_big_endian_input_is_filtered_like_native():
     np.testing.assert_array_equal(median(x, 5), want)
     np.testing.assert_array_equal(want[0], ndi.median_filter(x[0], 5, mode="reflect"))
     np.testing.assert_array_equal(difference_of_medians(x), difference_of_medians(x.astype(np.uint16)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_difference_of_medians_borders_follow_mode_and_cval(mode):
+    # both medians must use the caller's border: a default 'reflect' on either passed every other test
+    x = random_image(np.random.default_rng(9), (30, 34), np.uint16)
+    dom = difference_of_medians(x, 3, 15, mode=mode, cval=1000)
+    ref = (ndi.median_filter(x, 3, mode=mode, cval=1000).astype(np.int64)
+           - ndi.median_filter(x, 15, mode=mode, cval=1000).astype(np.int64))
+    np.testing.assert_array_equal(dom, ref)

@@ -137,3 +137,19 @@ def test_noise_threshold_measures_the_negative_half():
     assert segment.negative_sigma(np.abs(ints)) == 0.0
     with pytest.raises(ValueError, match="k must be"):
         segment.threshold_value(sparse, "noise", -1)
+
+
+def test_union_of_overlapping_masks_keeps_the_overlap():
+    # the masks above are disjoint, where OR equals XOR; DoM and U-Net masks mostly agree on vessels
+    rng = np.random.default_rng(8)
+    a, b = rng.random((2, 3, 20, 20)) > 0.5
+    np.testing.assert_array_equal(union(a, b), a | b)
+    np.testing.assert_array_equal(union(a, a, b.astype(np.uint8) * 255), a | b)
+
+
+def test_dom_mask_border_follows_mode():
+    x = np.random.default_rng(9).integers(0, 4000, (30, 33), dtype=np.uint16)
+    for mode in ("nearest", "mirror", "wrap"):
+        dom = (ndi.median_filter(x, 3, mode=mode).astype(np.int64)
+               - ndi.median_filter(x, 9, mode=mode).astype(np.int64))
+        np.testing.assert_array_equal(dom_mask(x, 3, 9, threshold=25.0, mode=mode), dom > 25, err_msg=mode)
