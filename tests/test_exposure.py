@@ -360,3 +360,13 @@ def test_preprocess_without_clahe_is_asinh_of_background_subtracted_over_S_then_
     assert got.dtype == np.uint8
     assert np.abs(got.astype(int) - want).max() <= 1   # float32 arithmetic vs float64 at .5
     assert (got != want).mean() < 1e-3
+
+
+def test_an_all_blank_stack_normalizes_to_finite_values_and_preprocesses_to_zeros():
+    # no slice has signal: B and S come from all slices (a blank channel must not turn into NaN)
+    stack = np.stack([np.full((20, 24), v, np.uint16) for v in (7, 9, 8)])
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    assert (zn.background, zn.scale) == (8.0, 0.0) and zn.dark.all()
+    np.testing.assert_array_equal(zn.apply(stack, 0), np.full(stack.shape, 8.0, np.float32))
+    for cfg in (exposure.ExposureConfig(), exposure.ExposureConfig(clahe=False)):
+        np.testing.assert_array_equal(exposure.preprocess_volume(stack, cfg), np.zeros(stack.shape, np.uint8))
