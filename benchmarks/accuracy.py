@@ -107,6 +107,7 @@ def main(argv=None):
     p.add_argument("--schedule", default="plateau", help="learning-rate schedule: plateau or cosine")
     p.add_argument("--context", type=int, default=0, help="2.5-D: neighbouring slices each side as input channels")
     p.add_argument("--zoom", type=float, default=None, help="zoom augmentation range (AugmentConfig.scale)")
+    p.add_argument("--haze", type=float, default=None, help="haze augmentation peak (AugmentConfig.haze)")
     p.add_argument("--balance", default="pixel", help="tile draws: pixel (every pixel alike) or stack (every stack alike)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
@@ -120,7 +121,8 @@ def main(argv=None):
     print(f"fold models go to {a.runs}", flush=True)
     stacks = load_stacks(Path(a.data))
     results = {}
-    aug_kw = {} if a.zoom is None else {"aug": unet.AugmentConfig(scale=a.zoom)}
+    aug_over = {k: v for k, v in (("scale", a.zoom), ("haze", a.haze)) if v is not None}
+    aug_kw = {"aug": unet.AugmentConfig(**aug_over)} if aug_over else {}
     for held in a.only or list(stacks):
         t0 = time.time()
         from gpuheart.segment import union

@@ -167,6 +167,20 @@ class AugmentConfig:
     p_gamma: float = 0.3
     blur: float = 1.0            # with probability p_blur, Gaussian blur, sigma uniform in [0.5, blur] pixels
     p_blur: float = 0.2
+    haze: float = 0.0            # with probability p_haze, add a smooth bright field of peak in [0.1, haze]
+    p_haze: float = 0.3          # (autofluorescent tissue, a heart wall, scattered light): not vessel
+
+
+def haze_field(shape: tuple[int, int], peak: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth non-negative field over a (y, x) tile with maximum ``peak``: a few random blobs or bands
+    far wider than a vessel (coarse noise on a 2-6 cell grid, upsampled cubically)."""
+    cells = int(rng.integers(2, 7))
+    coarse = rng.normal(size=(cells + 1, cells + 1))
+    field = ndimage.zoom(coarse, (shape[0] / (cells + 1), shape[1] / (cells + 1)), order=3, mode="nearest",
+                         grid_mode=True)[:shape[0], :shape[1]]
+    field = np.clip(field - np.quantile(field, rng.uniform(0.3, 0.7)), 0, None)
+    top = field.max()
+    return (field * (peak / top) if top > 0 else field).astype(np.float32)
 
 
 def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
@@ -202,10 +216,12 @@ def geometric_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 
 def intensity_augment(image: np.ndarray, rng: np.random.Generator,
                       cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
-    """Blur, gamma, contrast, brightness and Gaussian noise on a float image in [0, 1]; the result is
+    """Haze, blur, gamma, contrast, brightness and Gaussian noise on a float image in [0, 1]; the result is
     clipped to [0, 1]. Blur and gamma stand in for a wider or narrower PSF and a different stain or
     detector response than the training stacks had."""
     image = image.astype(np.float32, copy=True)
+    if cfg.haze and rng.random() < cfg.p_haze:   # one field for all channels: haze changes slowly along z
+        image += haze_field(image.shape[-2:], rng.uniform(0.1, max(cfg.haze, 0.1)), rng)
     if cfg.blur and rng.random() < cfg.p_blur:
         sigma = rng.uniform(0.5, max(cfg.blur, 0.5))
         # in-plane only: the channels of a (c, y, x) image are neighbouring slices

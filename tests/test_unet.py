@@ -122,6 +122,23 @@ def test_intensity_augment_keeps_label_and_range():
     assert out_img.min() >= 0 and out_img.max() <= 1 and not np.array_equal(out_img, img)
 
 
+
+def test_haze_adds_a_smooth_bright_field_and_leaves_the_label():
+    """Haze augmentation: a non-negative field, peak as drawn, far smoother than a vessel edge, the same on
+    every channel of a 2.5-D image; the label is untouched and the default recipe does not use it."""
+    assert AugmentConfig().haze == 0
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        f = unet.haze_field((128, 96), 0.4, rng)
+        assert f.shape == (128, 96) and f.min() >= 0 and abs(f.max() - 0.4) < 1e-6
+        assert np.abs(np.diff(f, axis=0)).max() < 0.1 and np.abs(np.diff(f, axis=1)).max() < 0.1
+    img = np.zeros((3, 64, 64), np.float32)
+    cfg = AugmentConfig(rot90_flip=False, p_affine=0, noise=0, brightness=0, contrast=0, gamma=1, blur=0,
+                        haze=0.5, p_haze=1)
+    lab = np.zeros((64, 64), np.uint8)
+    out, out_lab = unet.augment_pair(img, lab, np.random.default_rng(5), cfg)
+    assert 0.1 <= out.max() <= 0.5 and np.array_equal(out[0], out[2]) and not out_lab.any()
+
 def test_zoom_scales_label_area():
     """A zoom by z changes a label's area by z**2, and the label stays binary and aligned with the image."""
     img = np.zeros((96, 96), np.float32)
