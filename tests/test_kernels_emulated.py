@@ -116,6 +116,43 @@ def test_clahe_kernels_constant_slice_and_nan(dev):
         ex.clahe(vol)  # as the CPU says
 
 
+def _heavily_clipped_tile(rng):
+    """A 32 x 32 tile whose histogram skimage's clip_histogram really restructures: 700 pixels in one
+    bin (clip limit 10, so bin_incr 2 and upper 8), 30 bins of exactly 8 (topped up to the limit),
+    20 bins of 4 (raised to 6) and the maximum."""
+    vals = np.concatenate([np.zeros(700), np.repeat(np.arange(30) * 4 + 40, 8),
+                           np.repeat(np.arange(20) * 3 + 170, 4), np.full(4, 255)])
+    return rng.permutation(vals.astype(np.uint8)).reshape(32, 32)
+
+
+def test_clahe_kernels_clip_and_redistribute_like_skimage(dev):
+    # random test images never clip more than nbins pixels from a tile, so the raise / top-up
+    # steps of the clip (bin_incr > 0) went unchecked: a top-up of bins > upper instead of >= upper
+    # passed every test
+    from skimage.exposure import equalize_adapthist
+
+    rng = np.random.default_rng(3)
+    t = _heavily_clipped_tile(rng)
+    x = np.block([[t, t[::-1]], [t[:, ::-1], t.T]])
+    want = equalize_adapthist(x, kernel_size=32).astype(np.float32)
+    np.testing.assert_array_equal(dev(ex._clahe_cuda, x, 0.01, (32, 32), 256), want)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 4000.0), (-0.5, 0.5)])
+def test_clahe_kernels_rescale_a_float_slice_with_min_0_or_span_1(dev, lo, hi):
+    # a float slice outside [0, 1] is rescaled by (x - min) / (max - min) even where min is 0 (raw
+    # counts with a zero) or max - min is 1: the kernel skipping the rescale unless both differ from
+    # the identity passed every test
+    from skimage.exposure import equalize_adapthist
+
+    x = (lo + np.random.default_rng(4).random((2, 40, 50)) * (hi - lo)).astype(np.float32)
+    x[:, 0, 0], x[:, 1, 1] = lo, hi
+    got = dev(ex._clahe_cuda, x, 0.01, (32, 32), 256)
+    for z in range(2):
+        want = equalize_adapthist((x[z] - np.float32(lo)) / np.float32(hi - lo), kernel_size=32)
+        np.testing.assert_array_equal(got[z], want)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(64, 64), (3, 45, 61), (2, 1, 5), (6, 33, 1)])
 def test_clahe_robust_scale_kernels_equal_cpu(dev, dtype, shape):
