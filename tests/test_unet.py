@@ -598,14 +598,18 @@ def test_predict_refuses_integer_images_it_would_not_scale(dtype):
 
 
 @pytest.mark.parametrize("shape", [(596, 300), (2056, 2048), (100, 1000), (257, 529), (64, 65)])
-@pytest.mark.parametrize("tile,overlap,align", [(256, 64, 16), (128, 32, 16), (64, 16, 4), (64, 10, 8), (64, 60, 16)])
+@pytest.mark.parametrize("tile,overlap,align", [(256, 64, 16), (128, 32, 16), (64, 16, 4), (64, 10, 8), (64, 60, 16),
+                                                (128, 0, 16)])
 def test_tiles_start_on_the_pooling_grid_and_cover_the_slice(shape, tile, overlap, align):
     grid = tile_grid(shape, tile, overlap, align)
     for n, (lo, hi), starts in zip(shape, grid.pad, (grid.starts_y, grid.starts_x)):
         assert lo % align == 0 and all((s - lo) % align == 0 for s in starts)
         assert starts[0] == 0 and starts[-1] + tile == lo + n + hi   # first and last flush with the padding
-        assert all(0 < b - a < tile for a, b in zip(starts, starts[1:]))   # overlapping, so covering
+        # overlapping by at least ``overlap`` where the grid allows (abutting at 0), so covering
+        assert all(0 < b - a <= max(tile - overlap, align) for a, b in zip(starts, starts[1:]))
         assert lo >= min(overlap // 2, (tile - n) // 2 // align * align)
+        if n > tile:   # tiled: at least overlap // 2 of reflected context before the first and after the last pixel
+            assert lo >= overlap // 2 and hi >= overlap // 2
 
 
 def test_a_tile_at_the_end_of_an_odd_sized_slice_agrees_with_the_whole_image_network():
@@ -658,3 +662,202 @@ def test_predict_refuses_nan_and_inf_pixels(bad):
 def test_predict_refuses_an_empty_slice_by_name():
     with pytest.raises(ValueError, match=r"non-empty \(y, x\) slice .* got shape \(2, 0, 5\)"):
         unet.predict(_tiny(), np.zeros((2, 0, 5), np.uint8), tile=64, overlap=16)
+
+
+# -- pinned by mutation testing ------------------------------------------------------------------
+
+class ProbOfChannel(torch.nn.Module):
+    """A stand-in model whose probability at a pixel is input channel ``pick`` at that pixel."""
+
+    depth = 0
+
+    def __init__(self, channels=1, pick=0):
+        super().__init__()
+        self.hparams = {"in_channels": channels}
+        self.pick = pick
+
+    def forward(self, x):
+        return torch.logit(x[:, self.pick:self.pick + 1].clamp(1e-4, 1 - 1e-4))
+
+
+def test_overlapping_tiles_blend_with_the_squared_sine_window():
+    """Each pixel is sum(w * p) / sum(w) over the tiles covering it, w = sin^2(pi (i + 0.5) / tile) in y times
+    the same in x (a plain sine, or a window in one axis only, passed every other test)."""
+    image = np.random.default_rng(9).integers(0, 256, (100, 90), dtype=np.uint8)
+    model, tile, overlap = _tiny(depth=2), 64, 32
+    grid = tile_grid(image.shape, tile, overlap, align=4)
+    padded = np.pad(image.astype(np.float32) / 255, grid.pad, mode="reflect")
+    w1 = np.sin(np.pi * (np.arange(tile) + 0.5) / tile) ** 2
+    win = np.outer(w1, w1)
+    num, den = np.zeros(padded.shape), np.zeros(padded.shape)
+    with torch.no_grad():
+        for sy in grid.starts_y:
+            for sx in grid.starts_x:
+                t = torch.from_numpy(padded[sy:sy + tile, sx:sx + tile].copy())[None, None]
+                num[sy:sy + tile, sx:sx + tile] += win * torch.sigmoid(model(t))[0, 0].numpy()
+                den[sy:sy + tile, sx:sx + tile] += win
+    (top, _), (left, _) = grid.pad
+    expected = (num / den)[top:top + 100, left:left + 90]
+    np.testing.assert_allclose(predict(model, image, tile=tile, overlap=overlap, device="cpu"), expected, atol=1e-5)
+
+
+def test_context_channels_are_the_slices_below_to_above_with_ends_repeated():
+    """Channel i of slice k is slice k - context + i, clamped to the stack, in predict and in the sampler alike."""
+    vol = np.random.default_rng(3).integers(10, 246, (5, 32, 32), dtype=np.uint8)
+    for pick, shift in ((0, -1), (2, 1)):
+        got = predict(ProbOfChannel(3, pick), vol, tile=32, overlap=8, device="cpu")
+        want = vol[np.clip(np.arange(5) + shift, 0, 4)] / 255
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    flat = np.repeat(np.arange(5, dtype=np.uint8)[:, None, None] * 10, 32, axis=1).repeat(32, axis=2)
+    for k, channels in ((0, [0, 0, 1]), (4, [3, 4, 4])):
+        sampler = unet.TileSampler([flat], [np.zeros_like(flat)], [(0, k)], 32, fg_fraction=0, context=1)
+        img, _ = sampler.sample(np.random.default_rng(0))
+        np.testing.assert_allclose(img[:, 0, 0], np.array(channels) * 10 / 255)
+
+
+def test_auto_batch_size_is_four_on_the_cpu_and_capped_by_pixels_on_a_gpu(monkeypatch):
+    model = _tiny()
+    assert unet._auto_batch_size(model, 256, torch.device("cpu")) == 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 50, 1 << 50))   # memory no limit
+    assert unet._auto_batch_size(model, 256, torch.device("cuda")) == 256
+    assert unet._auto_batch_size(model, 128, torch.device("cuda")) == 1024   # as many pixels in smaller tiles
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 1 << 50))
+    assert unet._auto_batch_size(model, 256, torch.device("cuda")) == 1
+
+
+def test_default_losses_equal_their_formulas():
+    """Tversky-Focal with alpha 0.7 on FN, beta 0.3 on FP, exponent 1 / (4/3); Dice+BCE half and half (NumPy)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (2, 1, 16, 16))
+    t = (rng.random(logits.shape) < 0.3).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    tp, fn, fp = (p * t).sum(), ((1 - p) * t).sum(), (p * (1 - t)).sum()
+    tversky = (1 - (tp + 1) / (tp + 0.7 * fn + 0.3 * fp + 1)) ** 0.75
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p))
+    dice = (2 * tp + 1) / (p.sum() + t.sum() + 1)
+    lt, tt = torch.from_numpy(logits).float(), torch.from_numpy(t).float()
+    assert float(tversky_focal_loss(lt, tt)) == pytest.approx(tversky, rel=1e-5)
+    assert float(dice_bce_loss(lt, tt)) == pytest.approx(0.5 * bce + 0.5 * (1 - dice), rel=1e-5)
+
+
+def test_geometric_augment_keeps_a_label_aligned_where_it_touches_the_border():
+    label = np.zeros((64, 64), np.uint8)
+    label[:, :12] = 1
+    label[:10, :] = 1
+    cfg = AugmentConfig(scale=1.3, p_affine=1, noise=0, brightness=0, contrast=0, gamma=1, blur=0)
+    for seed in range(10):
+        img, lab = geometric_augment(label.astype(np.float32), label, np.random.default_rng(seed), cfg)
+        assert np.mean((img > 0.5) != lab) < 0.01
+
+
+def test_geometric_augment_shifts_by_up_to_the_shift_fraction():
+    img = np.zeros((64, 64), np.float32)
+    img[30:34, 30:34] = 1
+    cfg = AugmentConfig(rot90_flip=False, rotate_deg=0, shift=0.0625, scale=1, p_affine=1,
+                        noise=0, brightness=0, contrast=0, gamma=1, blur=0)
+    from scipy import ndimage
+
+    moves = []
+    for seed in range(20):
+        out, lab = geometric_augment(img, img.astype(np.uint8), np.random.default_rng(seed), cfg)
+        moves.append(np.abs(np.array(ndimage.center_of_mass(out)) - 31.5))
+        assert np.mean((out > 0.5) != lab) < 0.01
+    assert np.max(moves) <= 4 + 1e-6 and np.max(moves) > 2   # up to 0.0625 * 64 = 4 pixels per axis
+
+
+def test_contrast_is_a_gain_about_the_tile_mean_and_blur_stays_in_plane():
+    rng = np.random.default_rng(0)
+    img = (0.3 + 0.4 * rng.random((32, 32))).astype(np.float32)
+    only_contrast = AugmentConfig(noise=0, brightness=0, contrast=0.15, gamma=1, blur=0)
+    for _ in range(5):
+        out = unet.intensity_augment(img, rng, only_contrast)
+        assert out.mean() == pytest.approx(img.mean(), abs=1e-5) and not np.allclose(out, img)
+    slices = np.stack([np.full((32, 32), v, np.float32) for v in (0.2, 0.5, 0.8)])   # 2.5-D: neighbours
+    only_blur = AugmentConfig(noise=0, brightness=0, contrast=0, gamma=1, blur=2.0, p_blur=1)
+    np.testing.assert_allclose(unet.intensity_augment(slices, rng, only_blur), slices, atol=1e-6)
+
+
+def test_a_tie_is_not_an_improvement(tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    _fixed_val_dice(monkeypatch, [0.5, 0.5, 0.5])
+    res = unet.train([img], [lab], _cfg(epochs=3, steps_per_epoch=1, patience=1), tmp_path, progress=False)
+    assert (res.best_epoch, res.epochs_run, res.stopped_early) == (1, 2, True)
+    assert unet.load_weights(res.best_path).meta["epoch"] == 1
+
+
+def test_plateau_halves_the_lr_after_lr_patience_epochs_without_a_better_dice_also_across_resume(
+        tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    dices = [0.5, 0.6, 0.6, 0.6, 0.7, 0.7]
+    cfg = dict(steps_per_epoch=1, lr_patience=1, lr_factor=0.5)
+    _fixed_val_dice(monkeypatch, dices)
+    full = unet.train([img], [lab], _cfg(epochs=6, **cfg), tmp_path / "a", progress=False)
+    # ReduceLROnPlateau(mode="max"): a reduction once more than lr_patience epochs in a row bring no better Dice
+    assert [r["lr"] for r in full.history] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 5e-3])
+    _fixed_val_dice(monkeypatch, dices[:3])
+    unet.train([img], [lab], _cfg(epochs=3, **cfg), tmp_path / "b", progress=False)
+    _fixed_val_dice(monkeypatch, dices[3:])
+    resumed = unet.train([img], [lab], _cfg(epochs=6, **cfg), tmp_path / "b", progress=False, resume=True)
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed_for_more_epochs(tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    _fixed_val_dice(monkeypatch, [0.5, 0.4, 0.3, 0.2])
+    first = unet.train([img], [lab], _cfg(epochs=3, steps_per_epoch=1, patience=1), tmp_path, progress=False)
+    assert first.stopped_early and first.epochs_run == 2
+    again = unet.train([img], [lab], _cfg(epochs=5, steps_per_epoch=1, patience=1), tmp_path, progress=False,
+                       resume=True)
+    assert again.epochs_run == 2 and again.stopped_early and len(again.history) == 2
+
+
+def test_validation_dice_and_threshold_calibration_on_known_probabilities():
+    """Probabilities equal to the image (a stand-in model): vessel pixels at 200/255 = 0.78, a bright background
+    patch at 150/255 = 0.59. Every threshold from 0.6 to 0.75 separates them exactly (Dice 1); at a fixed 0.5
+    the patch counts as false positives, Dice 2 TP / (2 TP + FP)."""
+    vol = np.full((4, 32, 32), 20, np.uint8)
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[:, 5:15, 5:25] = 1
+    vol[lab > 0] = 200
+    vol[:, 20:25, 5:15] = 150
+    cfg = TrainConfig(tile=32, threshold=None, amp=False)
+    dice, thr = unet._validate(ProbOfChannel(), [vol], [lab], [(0, 2), (0, 3)], cfg, "cpu")
+    assert dice == pytest.approx(1.0) and 0.6 <= thr <= 0.75
+    fixed = TrainConfig(tile=32, threshold=0.5, amp=False)
+    dice, thr = unet._validate(ProbOfChannel(), [vol], [lab], [(0, 2), (0, 3)], fixed, "cpu")
+    tp, fp = 2 * 200, 2 * 50
+    assert thr == 0.5 and dice == pytest.approx(2 * tp / (2 * tp + fp))
+
+
+def test_validation_of_a_2_5d_model_gives_it_the_real_neighbouring_slices():
+    """A model that predicts slice k from slice k - 1 scores Dice 1 on labels made that way, but only when the
+    first validation slice gets its real lower neighbour (not itself repeated)."""
+    rng = np.random.default_rng(0)
+    vol = np.where(rng.random((5, 32, 32)) < 0.2, 220, 20).astype(np.uint8)
+    lab = np.zeros_like(vol)
+    lab[1:] = vol[:-1] > 128
+    cfg = TrainConfig(tile=32, context=1, threshold=0.5, amp=False)
+    dice, _ = unet._validate(ProbOfChannel(3, pick=0), [vol], [lab], [(0, 3), (0, 4)], cfg, "cpu")
+    assert dice == pytest.approx(1.0)
+
+
+def test_split_rounds_slices_up_and_volumes_to_nearest():
+    assert split_slices([7], 0.2)[1] == [(0, 5), (0, 6)]           # ceil(1.4) = 2 validation slices
+    train, val = split_slices([3, 3, 3, 3], 0.3, by="volume")      # round(1.2) = 1 validation volume
+    assert {v for v, _ in val} == {3} and {v for v, _ in train} == {0, 1, 2}
+
+
+def test_resume_refuses_a_different_learning_rate(tmp_path):
+    """Only how long and where a run goes on may change: the optimizer state would override a new lr unseen."""
+    img, lab = _synthetic(1)
+    unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(lr 0.01 -> 0.001\)"):
+        unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1, lr=1e-3), tmp_path, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_a_fixed_threshold_of_0_or_1_is_refused(tmp_path, threshold):
+    # prob > 1 never holds, prob > 0 almost always: an empty or a full mask whatever the model learnt
+    img, lab = _synthetic()
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        unet.train([img], [lab], _cfg(epochs=1, threshold=threshold), tmp_path, progress=False)
