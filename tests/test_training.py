@@ -101,3 +101,27 @@ def test_a_label_that_covers_most_voxels_is_questioned(tmp_path):
     (stack,) = find_pairs([_pair(tmp_path, "s", img, img)])   # the image given as its own label
     with pytest.warns(RuntimeWarning, match="100% of the voxels are labelled"):
         load_pair(stack)
+
+
+def test_train_command_leaves_excluded_stacks_out_passes_balance_and_reads_0_1_labels(tmp_path, monkeypatch):
+    """What reaches unet.train: only the stacks not --exclude'd, 0/1 label files as vessel masks, --balance."""
+    from types import SimpleNamespace
+
+    from gpuheart import unet
+
+    img, lab = _stack(nz=4)
+    data = _pair(tmp_path / "data", "s", img, (lab > 0).astype(np.uint8))   # labels saved as 0/1
+    _pair(tmp_path / "data", "t", img[:, ::-1], lab)
+    seen = {}
+
+    def fake_train(images, labels, cfg, out_dir, progress=True, resume=False):
+        seen.update(images=images, labels=labels, cfg=cfg)
+        return SimpleNamespace(best_val_dice=0.0, best_epoch=0, epochs_run=0, stopped_early=False, best_path="x")
+
+    monkeypatch.setattr(unet, "train", fake_train)
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), "--exclude", "t", "--balance", "stack",
+                 "--no-progress"]) == 0
+    assert len(seen["images"]) == 1
+    np.testing.assert_array_equal(seen["images"][0], preprocess_volume(img))
+    np.testing.assert_array_equal(seen["labels"][0], lab > 0)
+    assert seen["cfg"].balance == "stack"
