@@ -180,6 +180,13 @@ def test_branches_partition_the_skeleton(seed):
     assert g.node_degree.sum() == 2 * len(g.branches)
     assert np.all([b.length_um > 0 and b.max_radius_um >= b.mean_radius_um > 0
                    for b in g.branches])
+    # radii: scipy's distance transform (outside the array is background) averaged over the path's voxels
+    edt = ndi.distance_transform_edt(np.pad(mask, 1), sampling=(1.5, 1.0, 1.0))[1:-1, 1:-1, 1:-1]
+    for b in g.branches:
+        r = edt[tuple(b.path.T)]
+        assert (b.mean_radius_um, b.max_radius_um) == pytest.approx((r.mean(), r.max()))
+        # a branch joins two nodes through path voxels; two voxels of one branch point are no branch
+        assert b.u != b.v or len(b.path) > 2
 
 
 def test_radii_match_scipy_distance_transform():
@@ -364,3 +371,47 @@ def test_largest_tree_names_a_mask_that_is_not_3d():
     # was scipy's "structure and input must have equal rank"
     with pytest.raises(ValueError, match=r"mask must be 3-D \(z, y, x\), got shape \(6, 7\)"):
         vg.largest_tree(np.ones((6, 7), bool))
+
+
+def _octagon(z=1):
+    ring = np.zeros((z, 7, 7), bool)   # the 12-voxel ring of test_ring_without_nodes_is_one_self_loop
+    ring[:, 1, 2:5] = ring[:, 5, 2:5] = ring[:, 2:5, 1] = ring[:, 2:5, 5] = True
+    return ring
+
+
+def test_summary_counts_cycles_per_component_and_isolated_points():
+    """Two separate rings and a lone voxel: 3 components, 2 independent cycles (m - n + c), and the lone
+    voxel in the degree histogram as degree 0."""
+    mask = np.zeros((3, 7, 20), bool)
+    mask[1:2, :, :7] = _octagon()
+    mask[1:2, :, 8:15] = _octagon()
+    mask[1, 3, 18] = True
+    s = vg.summarize(vg.skeleton_graph(mask, smooth=1))
+    assert (s["n_components"], s["n_cycles"], s["n_branches"]) == (3, 2, 2)
+    assert s["degree_histogram"] == {0: 1, 2: 2}
+
+
+def test_summary_mean_radius_is_length_weighted():
+    thin = capsules((11, 40, 90), VS, [((10, 8, 10), (10, 8, 80))], 2.0)    # long and thin
+    thick = capsules((11, 40, 90), VS, [((10, 28, 10), (10, 28, 30))], 4.0)  # short and thick
+    g = vg.skeleton_graph(thin | thick, VS)
+    lengths = np.array([b.length_um for b in g.branches])
+    radii = np.array([b.mean_radius_um for b in g.branches])
+    assert len(g.branches) == 2 and abs(radii[0] - radii[1]) > 1 and abs(lengths[0] - lengths[1]) > 20
+    assert vg.summarize(g)["mean_radius_um"] == pytest.approx((lengths * radii).sum() / lengths.sum())
+
+
+def test_a_branch_shorter_than_a_micrometre_has_a_tortuosity():
+    """Tortuosity is NaN only for loops (chord 0), not for short branches at sub-µm voxels."""
+    line = np.zeros((3, 3, 5), bool)
+    line[1, 1, 1:4] = True
+    (b,) = vg.skeleton_graph(line, (1.0, 0.4, 0.4), smooth=1).branches
+    assert b.length_um == pytest.approx(0.8) and b.tortuosity == pytest.approx(1.0)
+
+
+def test_a_closed_path_is_smoothed_around_the_ring_wherever_it_starts():
+    t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    ring = np.round(np.stack([np.zeros_like(t), 12 * np.sin(t), 7 * np.cos(t) + np.sin(3 * t)], 1))
+    lengths = [vg.path_length(np.vstack([r, r[:1]])) for r in (np.roll(ring, k, axis=0) for k in range(0, 40, 7))]
+    np.testing.assert_allclose(lengths, lengths[0], rtol=1e-12)
+    assert lengths[0] < vg.path_length(np.vstack([ring, ring[:1]]), smooth=1)
