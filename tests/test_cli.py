@@ -345,3 +345,129 @@ def test_a_rerun_with_fewer_channels_says_which_folders_it_did_not_redo(tmp_path
     with pytest.warns(RuntimeWarning, match=r"C01 hold\(s\) outputs of an earlier run"):
         assert main(["run", "-o", str(out), "--phantom-preset", "tiny", "--channels", "C00", "--no-progress"]) == 0
     assert (out / "C01").is_dir()
+
+
+def test_run_flags_override_the_config_file_and_a_preset_keeps_its_channel_table(tmp_path, monkeypatch):
+    """What each `run` flag sets (recorded, not run): --slab-size, --device, --channels, --voxel-size and
+    --no-progress win over the config file; --preset C01=NAME adds to the file's [channel.C01] table (README:
+    it does the same as that table's preset key); --restart means resume=False."""
+    from gpuheart import pipeline
+
+    seen = {}
+
+    class Recorded(Exception):
+        pass
+
+    class Recorder:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def run(self, source, out, **kw):
+            seen.update(source=source, **kw)
+            raise Recorded
+
+    monkeypatch.setattr(pipeline, "Pipeline", Recorder)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('slab_size = 8\nchannels = ["C02"]\n[channel.C01.postprocess]\nz_iterations = 2\n')
+    argv = ["run", "scan.tif", "-o", str(tmp_path / "o"), "-c", str(cfg)]
+    with pytest.raises(Recorded):
+        main(argv)
+    c = seen["cfg"]
+    assert (c.slab_size, c.channels, c.device, c.voxel_size, c.progress, seen["resume"]) == (8, ["C02"], "auto", [],
+                                                                                              True, True)
+    with pytest.raises(Recorded):
+        main(argv + ["--slab-size", "3", "--device", "cpu", "--channels", "C00", "C01", "--voxel-size", "4", "1", "1",
+                     "--preset", "C01=nerves", "--no-progress", "--restart"])
+    c = seen["cfg"]
+    assert (c.slab_size, c.channels, c.device, c.voxel_size, c.progress) == (3, ["C00", "C01"], "cpu", [4, 1, 1], False)
+    assert seen["resume"] is False and seen["source"] == "scan.tif"
+    c01 = c.for_channel("C01")
+    assert (c01.segment.method, c01.dom.threshold, c01.postprocess.z_iterations) == ("dom", "noise", 2)
+
+
+def test_batch_folders_are_the_scan_names_without_extensions_and_never_shared():
+    from gpuheart.cli import _unique_names
+
+    # two scans of one name would otherwise run into one folder, the second replacing the first's outputs
+    assert _unique_names(["a/heart.ome.tif", "b/heart.tif", "c/heart.ome.zarr/", "d/lung.tiff", "e/lung.zarr",
+                          "f/lung.ome.tiff"]) == ["heart", "heart-2", "heart-3", "lung", "lung-2", "lung-3"]
+
+
+def test_the_resume_message_says_where_the_run_continued(capsys):
+    from types import SimpleNamespace
+
+    from gpuheart.cli import _print_run
+
+    def result(z):
+        return SimpleNamespace(out_dir="o", timings={"read": 1.0}, outputs={}, report=None, reused=[],
+                               resumed={"C00": z}, summary={"device": "cpu", "C00": {"slices": 40}})
+
+    _print_run(result(40))   # killed after pass 2 (in the closings or the mesh)
+    assert "C00: resumed an interrupted run at slice 40 of 40: only the closings, mesh and measurements were " \
+           "redone" in capsys.readouterr().out
+    _print_run(result(12))
+    assert "C00: resumed an interrupted run at slice 12 of 40\n" in capsys.readouterr().out
+
+
+def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys):
+    from gpuheart import cli
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert main(["info", "scan.tif"]) == 130   # the shell's code for Ctrl-C, not a failure of the input
+    assert capsys.readouterr().err == "gpuheart: interrupted\n"
+
+
+def test_segment_flags_override_the_config_file(tmp_path):
+    from gpuheart.cli import _parser, _segment_config
+    from gpuheart.pipeline import PipelineConfig
+
+    cfg = PipelineConfig(device="cpu", voxel_size=[2.0, 1.0, 1.0])
+    cfg.segment.method = "unet"
+    cfg.save(tmp_path / "run.toml")
+    base = ["segment", "in.tif", "-o", "m.tif", "-c", str(tmp_path / "run.toml")]
+    parse = _parser().parse_args
+    c = _segment_config(parse(base))
+    assert (c.segment.method, c.segment.weights, c.voxel_size, c.device, c.progress) == ("unet", "", [2, 1, 1], "cpu",
+                                                                                         True)
+    c = _segment_config(parse(base + ["--method", "dom", "--weights", "w.pt", "--voxel-size", "4", "1", "1",
+                                      "--device", "auto", "--no-progress"]))
+    assert (c.segment.method, c.segment.weights, c.voxel_size, c.device, c.progress) == ("dom", "w.pt", [4, 1, 1],
+                                                                                         "auto", False)
+
+
+def test_mesh_zero_face_limits_keep_everything_and_voxel_size_wins_over_metadata(tmp_path):
+    """--max-faces 0 keeps every face and --min-faces 0 every piece (as 0 does in the config); a --voxel-size
+    given replaces the one in the mask's metadata."""
+    import numpy as np
+    import trimesh
+
+    from gpuheart.io import write_tiff
+
+    mask = np.zeros((8, 24, 24), np.uint8)
+    mask[2:6, 4:16, 6:12] = 255   # a box 4 x 12 x 6 voxels (z, y, x)
+    mask[3, 20, 20] = 255         # one voxel: a piece of 8 faces
+    write_tiff(tmp_path / "m.tif", mask, voxel_size=(2.0, 1.0, 1.0))
+
+    def mesh(name, *flags):
+        assert main(["mesh", str(tmp_path / "m.tif"), "-o", str(tmp_path / name), *flags]) == 0
+        return trimesh.load(tmp_path / name, force="mesh")
+
+    default, every = mesh("a.ply"), mesh("b.ply", "--min-faces", "0", "--max-faces", "0")
+    assert len(every.split(only_watertight=False)) == 2 and len(every.faces) == len(default.faces) + 8
+    ext = default.bounds[1] - default.bounds[0]               # (x, y, z) µm with the metadata's 2 µm slices
+    ext4 = mesh("c.ply", "--voxel-size", "4", "1", "1").bounds
+    np.testing.assert_allclose(ext4[1] - ext4[0], ext * [1, 1, 2])
+
+
+def test_train_flags_given_as_zero_still_override_the_finetune_recipe(monkeypatch):
+    from types import SimpleNamespace
+
+    from gpuheart import cli, unet
+
+    monkeypatch.setattr(unet, "load_weights", lambda p: SimpleNamespace(meta={"config": {"context": 1, "tile": 64}}))
+    s = cli._train_settings(cli._parser().parse_args(["train", "x", "-o", "y", "--finetune", "w.pt", "--context", "0",
+                                                      "--threshold", "0"]))
+    assert (s["context"], s["threshold"], s["tile"], s["init"]) == (0, 0.0, 64, "w.pt")
