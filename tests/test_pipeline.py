@@ -20,6 +20,12 @@ def test_config_defaults_are_the_papers():
     cfg = PipelineConfig()
     assert (cfg.exposure.clip_limit, cfg.exposure.kernel_size) == (0.01, 32)
     assert (cfg.dom.small, cfg.dom.large) == (3, 15)
+    # what README.md says a run does: closings 1x1x5 along z, 5 iterations, then 3x3x3; pieces under 20 faces
+    # removed; 1 GiB mesh limit; slabs of 16; a checkpoint every 30 s; the union of U-Net and DoM
+    p, m = cfg.postprocess, cfg.mesh
+    assert (p.enabled, p.z_size, p.z_iterations, p.size3d) == (True, 5, 5, 3)
+    assert (m.min_faces, m.max_faces, m.max_bytes, m.format) == (20, 0, 1 << 30, "glb")
+    assert (cfg.slab_size, cfg.checkpoint_seconds, cfg.segment.method, cfg.device) == (16, 30.0, "union", "auto")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -34,6 +40,11 @@ def test_config_defaults_are_the_papers():
     ("[channel.C01]\ndevice = 'cpu'\n", "cannot override device per channel"),
     ("[channel.C01.dom]\nlarge = 4\n", "odd"),
     ("[channel.C01.dom]\nthreshhold = 'noise'\n", "channel.C01.dom: unknown key"),
+    ("voxel_size = [0.0, 1.0, 1.0]\n", "three positive numbers"),
+    ("[dom]\nsmall = 5\nlarge = 5\n", "small < large"),
+    ("[dom]\nk = true\n", "expected float"),
+    ("[dom]\nenabled = false\n", "needs dom.enabled"),
+    ("[segment]\nmethod = 'otsu'\n[output]\nwrite_preprocessed = false\n", "needs output.write_preprocessed"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     p = tmp_path / "bad.toml"
@@ -110,6 +121,9 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
     for stage in ("read", "stats (pass 1)", "clahe + robust scale", "difference of medians", "closing", "mesh", "write"):
         assert tiny_run.timings[stage] >= 0
     assert tiny_run.report is not None and tiny_run.report.is_file()
+    from gpuheart.backend import resolve_device
+
+    assert summary["summary"]["device"] == resolve_device("auto") != "auto"   # the device used, not the setting
 
 
 def test_run_writes_a_watertight_mesh_of_the_final_mask(tiny_run):
@@ -353,12 +367,24 @@ def test_a_unet_run_on_other_preprocessing_than_training_warns(tmp_path):
                                                ("mesh", "max_faces", -5), ("graph", "max_voxels", -1),
                                                ("segment", "threshold", 1.5), ("mesh", "min_faces", -1),
                                                ("exposure", "robust_low", 99.95), ("exposure", "kernel_size", 0),
-                                               ("dom", "k", -1.0), ("exposure", "clip_limit", float("nan"))])
+                                               ("dom", "k", -1.0), ("exposure", "clip_limit", float("nan")),
+                                               ("mesh", "max_bytes", 0), ("mesh", "slab_size", 0)])
 def test_out_of_range_settings_are_named_before_the_run(section, key, value):
     with pytest.raises(ConfigError, match=rf"{section}\.{key} must be"):
         PipelineConfig.from_dict({section: {key: value}}).validate()
     with pytest.raises(ConfigError, match=rf"channel\.C01: {section}\.{key} must be"):
         PipelineConfig.from_dict({"channel": {"C01": {section: {key: value}}}}).validate()
+
+
+def test_settings_at_the_edges_of_their_ranges_are_accepted(tmp_path):
+    p = tmp_path / "edges.toml"
+    p.write_text("checkpoint_seconds = 0\n[exposure]\nrobust_low = 0.0\nrobust_high = 100.0\nasinh_scale = 0\n"
+                 "[dom]\nsmall = 1\nlarge = 3\nthreshold = 40\n[postprocess]\nz_size = 1\nz_iterations = 0\n"
+                 "size3d = 1\n[mesh]\nmin_faces = 0\nmax_faces = 0\nmax_bytes = 1\nslab_size = 1\n"
+                 "[graph]\nmax_voxels = 1\n")
+    cfg = PipelineConfig.load(p)
+    assert (cfg.exposure.robust_high, cfg.dom.small, cfg.mesh.max_bytes) == (100.0, 1, 1)
+    assert cfg.dom.threshold == "40"   # a number in TOML: a fixed DoM threshold ("otsu", "sigma", "noise" or a number)
 
 
 @pytest.mark.parametrize("seg", [{"tile": 100}, {"overlap": 128}])
