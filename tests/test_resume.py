@@ -547,3 +547,66 @@ def test_an_out_folder_inside_a_slice_folder_scan_does_not_change_its_stamp(scan
     cfg = _fast_cfg()
     Pipeline(cfg).run(folder, folder / "out")
     assert Pipeline(cfg).run(folder, folder / "out").reused == ["C00"]
+
+
+def test_a_rerun_that_differs_only_in_progress_bars_or_checkpoint_interval_reuses(scan, tmp_path):
+    """Neither changes an output: `gpuheart run` without --no-progress after a run with it is the same run."""
+    from gpuheart import Pipeline
+
+    Pipeline(_fast_cfg()).run(scan, tmp_path)
+    assert Pipeline(_fast_cfg(progress=True, checkpoint_seconds=5.0)).run(scan, tmp_path).reused == ["C00"]
+
+
+def test_a_truth_mask_corrected_in_place_is_scored_again_not_reused(scan, tmp_path):
+    """The same truth path, same size, other pixels (README: results are reused unless the truth changed)."""
+    import tifffile
+
+    from gpuheart import Pipeline
+
+    truth, out = tmp_path / "truth.tif", tmp_path / "out"
+    tifffile.imwrite(truth, np.zeros((40, 128, 128), np.uint8))
+    first = Pipeline(_fast_cfg()).run(scan, out, truth={"C00": str(truth)})
+    assert first.summary["C00"]["final_vs_truth"]["tp"] == 0
+    size = truth.stat().st_size
+    tifffile.imwrite(truth, _volume(first.outputs["C00"]["mask"]))   # the run's own mask: Dice 1
+    os.utime(truth, ns=(time.time_ns(), time.time_ns() + 10**9))    # a coarse file system clock must see it too
+    assert truth.stat().st_size == size
+    again = Pipeline(_fast_cfg()).run(scan, out, truth={"C00": str(truth)})
+    assert again.reused == [] and again.summary["C00"]["final_vs_truth"]["dice"] == 1.0
+
+
+def test_a_rerun_with_fewer_outputs_leaves_only_its_own_files(scan, tmp_path):
+    """Every file an earlier run with more outputs (TIFFs, mesh, tree graph) wrote is removed, so nothing in
+    the channel folder passes for this run's."""
+    from gpuheart import Pipeline
+
+    out = tmp_path / "out"
+    full = Pipeline(_fast_cfg(output={"tiff": True}, mesh={"enabled": True}, graph={"enabled": True})).run(scan, out)
+    assert {"mask_tiff", "mesh", "largest_tree", "components", "voxel_components", "tree_branches",
+            "tree_graphml"} <= set(full.outputs["C00"])
+    small = Pipeline(_fast_cfg(postprocess={"enabled": False})).run(scan, out)
+    own = {p.name for p in small.outputs["C00"].values()} | {"figures.npz", ".resume"}
+    assert sorted(p.name for p in (out / "C00").iterdir() if p.name not in own) == []
+
+
+def test_a_run_killed_while_writing_its_summary_leaves_none_and_the_same_command_finishes(scan, tmp_path,
+                                                                                          monkeypatch):
+    """summary.json is written then renamed: a half-written one would make the next run refuse OUT (a
+    summary.json gpuheart did not write) instead of finishing."""
+    from gpuheart import Pipeline
+
+    real = Path.write_bytes
+
+    def killed_halfway(self, data):
+        if self.name.startswith("summary.json"):
+            real(self, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return real(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(_fast_cfg()).run(scan, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    assert Pipeline(_fast_cfg()).run(scan, tmp_path).reused == ["C00"]
+    assert json.loads((tmp_path / "summary.json").read_text())["summary"]["C00"]["slices"] == 40
