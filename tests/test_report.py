@@ -187,3 +187,78 @@ def _dump_dom(page: Path, profile: Path) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
+
+
+def _drawn(monkeypatch) -> dict:
+    """What each figure shows, recorded as write_report saves it: PNG name -> suptitle and, per axes, title,
+    labels, legend, images and plotted lines."""
+    from gpuheart import report
+
+    real, seen = report._save, {}
+
+    def save(fig, path):
+        axes = []
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                         "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+                         "images": [np.asarray(im.get_array()) for im in ax.get_images()],
+                         "lines": [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]})
+        seen[path.name] = {"suptitle": fig.get_suptitle(), "axes": axes}
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    return seen
+
+
+def test_each_figure_shows_its_channels_stages_under_their_labels(tmp_path, monkeypatch):
+    out = make_run(tmp_path / "run")
+    seen = _drawn(monkeypatch)
+    page = write_report(out)
+    stages = {"mip_raw": "raw", "mip_normalized": "z-normalized", "mip_preprocessed": "asinh + CLAHE + scale",
+              "mip_dom": "difference of medians (>0)", "mip_mask": "mask", "mip_truth": "truth"}
+    for channel, keys in {"C00": list(stages), "C01": ["mip_raw", "mip_normalized", "mip_preprocessed"]}.items():
+        f = dict(np.load(out / channel / "figures.npz"))
+        mips = seen[f"{channel}_mips.png"]["axes"]
+        assert [a["title"] for a in mips] == [stages[k] for k in keys]
+        for a, k in zip(mips, keys):
+            np.testing.assert_array_equal(a["images"][0], f[k], err_msg=f"{channel} {k}")
+        prof = seen[f"{channel}_profile.png"]
+        want = [("raw", "profile_raw"), ("preprocessed", "profile_preprocessed"),
+                ("difference of medians", "profile_dom")][: 3 if channel == "C00" else 2]
+        assert [a["ylabel"] for a in prof["axes"]] == [label for label, _ in want]
+        for a, (_, k) in zip(prof["axes"], want):
+            np.testing.assert_array_equal(a["lines"][0], f[k])
+        assert prof["axes"][-1]["xlabel"] == "x (pixel)" and "(z = 3, y = 20)" in prof["suptitle"]
+    s = _channel_summary()
+    means = seen["C00_slice_means.png"]["axes"]
+    np.testing.assert_array_equal(means[0]["lines"][0], s["slice_means_raw"])
+    np.testing.assert_array_equal(means[1]["lines"][0], s["slice_means_normalized"])   # NaN where not reached
+    assert [a["legend"] for a in means] == [["raw (detrended CV 0.12)"], ["z-normalized (detrended CV 0.004)"]]
+    assert means[-1]["xlabel"] == "z (slice)"
+    f = dict(np.load(out / "C00" / "figures.npz"))
+    overlay = seen["C00_overlay.png"]["axes"][0]
+    np.testing.assert_array_equal(overlay["images"][0], f["mid_preprocessed"])
+    np.testing.assert_array_equal(overlay["images"][1][..., 3] > 0, f["mid_mask"] > 0)   # red where the mask is
+    assert "mask: red" in overlay["title"] and "truth: cyan outline" in overlay["title"]
+    text = page.read_text()
+    assert re.findall(r"<h2>Channel (.*?)</h2>", text) == ["C00", "C01", "C02"]   # not the input's table
+    assert re.search(r"SNR, preprocessed</td><td>2\.5<", text) and re.search(r"SNR, difference of medians</td><td>9\.75<",
+                                                                            text)
+    # every figure under its own name and description
+    alts = re.findall(r'<img src="([^"]+)" alt="([^"]+)">', text)
+    for src, alt in alts:
+        kind = {"maximum projections per stage": "mips", "slice means": "slice_means",
+                "difference-of-medians profile": "profile", "segmentation overlay": "overlay"}[alt.split(": ")[1]]
+        assert src == f"report/{alt.split(':')[0]}_{kind}.png"
+    assert len({src for src, _ in alts}) == len(alts) == 9
+
+
+def test_the_overlay_outlines_the_truth_only_where_the_middle_slice_has_some(tmp_path, monkeypatch):
+    out = make_run(tmp_path / "run")
+    f = dict(np.load(out / "C00" / "figures.npz"))
+    f["mid_truth"] = np.zeros_like(f["mid_truth"])   # truth elsewhere in the stack (its projection), none here
+    np.savez_compressed(out / "C00" / "figures.npz", **f)
+    seen = _drawn(monkeypatch)
+    write_report(out)
+    assert seen["C00_overlay.png"]["axes"][0]["title"] == "middle slice (mask: red)"
