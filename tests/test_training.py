@@ -125,3 +125,6 @@ def test_train_command_leaves_excluded_stacks_out_passes_balance_and_reads_0_1_l
     np.testing.assert_array_equal(seen["images"][0], preprocess_volume(img))
     np.testing.assert_array_equal(seen["labels"][0], lab > 0)
     assert seen["cfg"].balance == "stack"
+    assert seen["cfg"].aug.haze == 0   # off unless asked for
+    assert main(["train", str(data), "-o", str(tmp_path / "run2"), "--haze", "0.4", "--no-progress"]) == 0
+    assert seen["cfg"].aug.haze == 0.4 and seen["cfg"].aug.p_haze == 0.3
