@@ -356,7 +356,7 @@ def section_accuracy(e) -> list[str]:
     m = d["mean_dice"]
     st = d.get("settings", {})
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
-    extra = {k: st[k] for k in ("seed", "context", "zoom", "phantoms") if st.get(k) not in (None, 0)}
+    extra = {k: st[k] for k in ("seed", "context", "zoom", "haze", "phantoms") if st.get(k) not in (None, 0)}
     # settings whose default is not 0/None: named when a run changed them, or two recipes read alike
     extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"))
                   if st.get(k) not in (None, default)})
