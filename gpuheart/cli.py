@@ -407,15 +407,11 @@ def _train_settings(a) -> dict:
     given = dict(epochs=a.epochs, steps_per_epoch=a.steps, lr=a.lr, threshold=a.threshold, loss=a.loss,
                  tile=a.tile, width=a.width, norm=a.norm, context=a.context, init=a.init)
     settings.update({k: v for k, v in given.items() if v is not None})
+    if a.haze:
+        from .unet import AugmentConfig
+
+        settings["aug"] = AugmentConfig(haze=a.haze)
     return settings
-
-
-def _haze(a) -> dict:
-    if not a.haze:
-        return {}
-    from .unet import AugmentConfig
-
-    return {"aug": AugmentConfig(haze=a.haze)}
 
 
 def _cmd_train(a) -> int:
@@ -424,7 +420,7 @@ def _cmd_train(a) -> int:
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
                            sparse=a.sparse_labels, balance=a.balance,
                            progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
-                           device=a.device, **_train_settings(a), **_haze(a))
+                           device=a.device, **_train_settings(a))
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK

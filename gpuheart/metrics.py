@@ -48,14 +48,21 @@ def snr(image, mask) -> float:
     return float(image[mask].sum()) / n_sig / mean_all
 
 
+def has_fractions(a) -> bool:
+    """True for a float array with values strictly between 0 and 1, or NaN: a probability map, not a mask
+    (taken as ``a != 0``, its every pixel above 0 would count)."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return False
+    xp = array_module(a)
+    return bool(xp.any((a > 0) & (a < 1))) or bool(xp.isnan(a).any())
+
+
 def _as_mask(a, what: str):
     """``a != 0`` for a bool or integer mask (gpuheart writes 0/255), and for a float one whose values are
-    0 or >= 1; a float between 0 and 1 (or NaN) is a probability map, whose every pixel above 0 would count."""
-    if a.dtype.kind == "f":
-        xp = array_module(a)
-        if bool(((a > 0) & (a < 1)).any()) or bool(xp.isnan(a).any()):
-            raise ValueError(f"{what} must be a mask (bool, 0/1 or 0/255), got float values between 0 and 1 "
-                             "or NaN: threshold probabilities first, e.g. prob > model.meta['threshold']")
+    0 or >= 1; probabilities (:func:`has_fractions`) are refused."""
+    if has_fractions(a):
+        raise ValueError(f"{what} must be a mask (bool, 0/1 or 0/255), got float values between 0 and 1 "
+                         "or NaN: threshold probabilities first, e.g. prob > model.meta['threshold']")
     return a.astype(bool)
 
 

@@ -33,7 +33,8 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .backend import array_module, is_device_array, is_device_oom, load_module, to_device, to_host
+from .backend import is_device_array, is_device_oom, load_module, to_device, to_host
+from .metrics import has_fractions
 
 ReadSlab = Callable[[int, int], np.ndarray]
 
@@ -59,11 +60,9 @@ def _check_mask(mask) -> None:
     """A (z, y, x) binary mask; a probability map would count every value above 0 as vessel."""
     if mask.ndim != 3:
         raise ValueError(f"the closings take a (z, y, x) mask, got shape {mask.shape}; a single slice is mask[None]")
-    if mask.dtype.kind == "f" and mask.size:
-        xp = array_module(mask)
-        if bool(xp.any((mask > 0) & (mask < 1))) or bool(xp.isnan(mask).any()):
-            raise ValueError("the closings take a binary mask (bool, 0/1 or 0/255), got float values between 0 "
-                             "and 1 (a probability map?): threshold it first, e.g. prob >= 0.5")
+    if has_fractions(mask):
+        raise ValueError("the closings take a binary mask (bool, 0/1 or 0/255), got float values between 0 "
+                         "and 1 (a probability map?): threshold it first, e.g. prob >= 0.5")
 
 
 def _closing_padded(mask: np.ndarray, structure: np.ndarray, iterations: int,

@@ -427,10 +427,10 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the U-Net takes uint8 (0-255) or float (0-1) images, got {t.dtype}: preprocess the "
                          f"scan first (gpuheart.exposure.preprocess gives uint8)")
     t = t.float()
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):   # one NaN pixel turns every tile it falls in (128 x 128 pixels) to NaN, read as background
-        raise ValueError(f"the U-Net takes float images in [0, 1], got one with {int(bad.sum())} NaN/Inf pixel(s)")
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = (float(v) for v in torch.aminmax(t))   # one reduction (one device sync); NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):   # one NaN pixel turns its whole tile to NaN, read as background
+        raise ValueError(f"the U-Net takes float images in [0, 1], got one with {int((~torch.isfinite(t)).sum())} "
+                         f"NaN/Inf pixel(s)")
     if lo < -0.5 or hi > 1.5:   # a 0-255 float slice or z-scores would be read as saturated vessel everywhere
         raise ValueError(f"the U-Net takes float images in [0, 1] (or uint8 0-255), got values {lo:.3g} to "
                          f"{hi:.3g}: pass the preprocessed uint8 slice, or divide a 0-255 float image by 255")
