@@ -227,6 +227,11 @@ def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
         return x.get(out=out)
     arr = np.asarray(x)
     if out is not None:
+        # the same contract as CuPy's get(out=): no broadcasting, no casting, so code tested on the
+        # CPU does not break (or silently differ) once it runs on a GPU
+        if not isinstance(out, np.ndarray) or out.shape != arr.shape or out.dtype != arr.dtype:
+            raise TypeError(f"to_host(out=...) needs a numpy.ndarray of {arr.dtype}{list(arr.shape)}, got "
+                            f"{getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', ()))}")
         out[...] = arr
         return out
     return arr

@@ -192,3 +192,19 @@ def test_prefetch_cuda_path_logic_with_a_stand_in_cupy(monkeypatch):
     assert sum(1 for e in log if e == ("copy", "copy")) == 5
     assert sum(1 for e in log if e[0] == "current waits") == 5   # one per slab handed over
     assert sum(1 for e in log if e[0] == "sync") == 3   # slabs 3..5 wait for the DMA that used their buffer
+
+
+@pytest.mark.parametrize("out", [np.zeros((3, 4), np.uint16),     # broadcastable shape
+                                 np.zeros((2, 3, 4), np.float32),  # castable dtype
+                                 [0] * 24])                        # not an ndarray
+def test_to_host_out_must_match_like_cupy_get(out):
+    x = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    with pytest.raises(TypeError, match=r"uint16\[2, 3, 4\]"):
+        backend.to_host(x, out=out)
+
+
+def test_to_host_out_fills_and_returns_the_given_array():
+    x = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    out = np.zeros_like(x)
+    assert backend.to_host(x, out=out) is out
+    np.testing.assert_array_equal(out, x)
