@@ -536,6 +536,7 @@ def _scan_folder(path: Path) -> dict[str, list[Path]]:
         zm = _Z_RE.findall(p.name)
         by_channel.setdefault(int(cm[-1]) if cm else 0, []).append((int(zm[-1]) if zm else None, p))
     files: dict[str, list[Path]] = {}
+    spans: dict[str, list[int]] = {}   # the Z numbers of channels named by Z token
     for c in sorted(by_channel):
         name = f"C{c:02d}"
         items = by_channel[c]
@@ -557,7 +558,15 @@ def _scan_folder(path: Path) -> dict[str, list[Path]]:
         if missing:
             raise ScanError(f"{path}: channel {name} has no slice {_fmt_z(missing[0])} (found {_runs(zs)})")
         files[name] = [p for _, p in items]
+        spans[name] = zs
     counts = {n: len(fs) for n, fs in files.items()}
+    first = {n: z[0] for n, z in spans.items()}
+    if len(set(counts.values())) == 1 and len(set(first.values())) > 1:
+        # equal counts, shifted numbering (a channel that lost its first slice and gained one at the end):
+        # pairing slice i of each channel would misalign them by whole slices
+        detail = ", ".join(f"{n}: {_runs(zs)}" for n, zs in spans.items())
+        raise ScanError(f"{path}: channels cover different slices ({detail}); expected the same Z numbers in "
+                        f"every channel")
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{n}: {k}" for n, k in counts.items())
         raise ScanError(f"{path}: channels have different slice counts ({detail}); expected the same number")

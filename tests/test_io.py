@@ -341,6 +341,28 @@ def test_channels_with_different_slice_counts(tmp_path):
         open_scan(folder)
 
 
+def test_channels_numbered_over_different_slices_are_refused(tmp_path):
+    """Equal counts but shifted Z numbers: pairing them by position would misalign the channels."""
+    folder = write_folder(tmp_path / "scan", {0: volume((5, 4, 4)), 1: volume((5, 4, 4))})
+    for z in reversed(range(5)):   # C01 now holds Z0001-Z0005
+        (folder / lavision_filename("heart", 1, z)).rename(folder / lavision_filename("heart", 1, z + 1))
+    with pytest.raises(ScanError) as err:
+        open_scan(folder)
+    assert str(err.value) == (f"{folder}: channels cover different slices (C00: Z0000-Z0004, C01: Z0001-Z0005); "
+                              f"expected the same Z numbers in every channel")
+
+
+def test_numbering_may_start_above_zero_when_all_channels_agree(tmp_path):
+    folder = write_folder(tmp_path / "scan", {0: volume((3, 4, 4)), 1: volume((3, 4, 4), seed=1)})
+    for c in (0, 1):
+        for z in reversed(range(3)):
+            (folder / lavision_filename("heart", c, z)).rename(folder / lavision_filename("heart", c, z + 1))
+    scan = open_scan(folder)
+    assert scan.shape == (3, 4, 4)
+    np.testing.assert_array_equal(scan.read_slab("C01", 0, 3), volume((3, 4, 4), seed=1))
+    assert scan.slice_file("C01", 0).name == lavision_filename("heart", 1, 1)
+
+
 def test_slice_of_other_shape_or_dtype_names_file(tmp_path):
     folder = write_folder(tmp_path / "shape", {0: volume((5, 8, 8))})
     bad = folder / lavision_filename("heart", 0, 3)
