@@ -42,12 +42,18 @@ def negative_sigma(values) -> float:
     return float(np.sqrt(np.mean(neg * neg))) if neg.size else 0.0
 
 
+# Integer data spanning fewer values than this get skimage's one-bin-per-value Otsu (the DoM of uint16
+# slices spans at most 2 * 65535 + 1); wider integer data are binned as floats are (256 bins).
+_OTSU_INT_BINS = 1 << 18
+
+
 def threshold_value(values, method="otsu", k: float = 3.0) -> float:
     """The threshold for ``values`` (any shape; non-finite values ignored).
 
     ``method``:
       * ``"otsu"``: ``skimage.filters.threshold_otsu`` of the values (a constant input gives that
-        constant, so ``values > threshold`` selects nothing);
+        constant, so ``values > threshold`` selects nothing; integers spanning 2**18 values or more are
+        binned as floats, where skimage would need a bin per value);
       * ``"sigma"``: ``k * robust_sigma(values)`` = ``k * 1.4826 * MAD``. This is measured from 0,
         not from the median: it is meant for DoM values, whose background is centred on 0;
       * ``"noise"``: ``k * negative_sigma(values)``: k noise sigmas, the noise measured on the negative
@@ -64,6 +70,9 @@ def threshold_value(values, method="otsu", k: float = 3.0) -> float:
         v = _finite(values)
         if v.min() == v.max():  # skimage warns/varies here; the only sensible answer is the value
             return float(v.min())
+        if v.dtype.kind in "iu" and int(v.max()) - int(v.min()) >= _OTSU_INT_BINS:
+            # skimage gives integers one bin per value: a full-range int32 slice would need 32 GiB
+            v = v.astype(np.float64)   # 256 bins, as for float data
         return float(threshold_otsu(v))
     if method in ("sigma", "noise"):
         _check_k(k)
@@ -92,7 +101,8 @@ def threshold_slices(values, method="otsu", k: float = 3.0):
         t = np.full(values.shape[0], float(method))
         if not np.isfinite(t).all():
             raise ValueError(f"a fixed threshold must be finite, got {method!r}")
-    elif method == "otsu" and values.dtype.kind in "iu" and values.size:
+    elif method == "otsu" and values.dtype.kind in "iu" and values.size \
+            and int(values.max()) - int(values.min()) < _OTSU_INT_BINS:
         t = _otsu_from_histograms(values, xp)
     elif method == "noise" and values.dtype.kind in "iu" and values.size:
         _check_k(k)  # integers are finite: per-slice sums on the device, z numbers to the host

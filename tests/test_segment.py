@@ -23,6 +23,25 @@ def test_otsu_integer_values_match_skimage():
     assert threshold_value(dom, "otsu") == float(threshold_otsu(dom))
 
 
+def test_otsu_on_full_range_int32_bins_like_floats():
+    """skimage gives integers a bin per value (32 GiB for full-range int32); such data are binned as floats."""
+    rng = np.random.default_rng(4)
+    vals = np.concatenate([rng.normal(-1e9, 5e7, 3000), rng.normal(1e9, 5e7, 1000)])
+    vals = np.clip(vals, -2**31, 2**31 - 1).astype(np.int32).reshape(40, 100)
+    vals[0, 0], vals[0, 1] = -2**31, 2**31 - 1
+    expected = float(threshold_otsu(vals.astype(np.float64)))
+    assert threshold_value(vals, "otsu") == expected
+    slab = np.stack([vals, vals[::-1]])
+    np.testing.assert_array_equal(segment.threshold_slices(slab, "otsu").ravel(), [expected, expected])
+
+
+def test_otsu_just_below_the_float_binning_range_stays_exact():
+    vals = np.random.default_rng(5).integers(0, 1000, (30, 30)).astype(np.int32)
+    vals[0, 0], vals[0, 1] = 0, segment._OTSU_INT_BINS - 1
+    assert threshold_value(vals, "otsu") == float(threshold_otsu(vals))
+    assert segment.threshold_slices(vals[None], "otsu").item() == float(threshold_otsu(vals))
+
+
 def test_otsu_constant_values():
     assert threshold_value(np.full((5, 5), 7, np.int16), "otsu") == 7.0
 
