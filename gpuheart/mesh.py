@@ -88,11 +88,19 @@ def _outward(faces: np.ndarray) -> np.ndarray:
     return np.asarray(faces, np.int64)
 
 
+def _cut_integers(a, level: float) -> np.ndarray:
+    """Integer values as the mask ``a > level``: a 0/255 mask (what gpuheart writes) taken as values would put
+    its surface 0.5/255 of a voxel from the background, half a voxel out, instead of midway between voxels."""
+    a = np.asarray(a)
+    return a > level if a.dtype.kind in "iu" else a
+
+
 def marching_cubes_volume(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-volume reference: ``skimage.measure.marching_cubes`` of the zero-padded volume."""
+    """Whole-volume reference: ``skimage.measure.marching_cubes`` of the zero-padded volume (integer
+    values cut at ``level`` first, as in :func:`marching_cubes_slabs`)."""
     _voxel_size(voxel_size)
-    padded = np.pad(np.asarray(mask, np.float32), 1)
+    padded = np.pad(_cut_integers(mask, level).astype(np.float32), 1)
     out = _mc_block(padded, level)
     if out is None:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
@@ -114,8 +122,9 @@ def _as_reader(read_slab, shape) -> ReadSlab:
     return lambda z0, z1: read_slab[z0:z1]
 
 
-def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int) -> np.ndarray:
-    """Padded planes [p0, p1) of the zero-padded volume (plane p is volume slice p - 1)."""
+def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int, level: float) -> np.ndarray:
+    """Padded planes [p0, p1) of the zero-padded volume (plane p is volume slice p - 1), integer values
+    cut at ``level`` (:func:`_cut_integers`)."""
     nz, ny, nx = shape
     z0, z1 = max(p0 - 1, 0), min(p1 - 1, nz)
     block = np.zeros((p1 - p0, ny + 2, nx + 2), np.float32)
@@ -124,7 +133,7 @@ def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int) -> np.ndarray:
         if np.shape(slab) != (z1 - z0, ny, nx):
             raise ValueError(f"read_slab({z0}, {z1}) returned shape {np.shape(slab)}; expected "
                              f"{(z1 - z0, ny, nx)} for a mask of shape {tuple(shape)}")
-        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = slab
+        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = _cut_integers(slab, level)
     return block
 
 
@@ -141,8 +150,10 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
 
     Holds one slab (``slab_size + 1`` planes, as float32) plus the growing mesh in memory.
     ``read_slab(z0, z1)`` returns slices z0..z1 of the mask (or pass the (z, y, x) mask array itself);
-    it may return bool, integer or float slices; ``level`` should lie strictly between
-    voxel values (0.5 for masks) so no vertex falls on a grid point. ``voxel_size``: (z, y, x) µm.
+    it may return bool, integer or float slices. Integer slices are masks, cut at ``level`` first (a 0/255
+    mask gives the surface of its bool mask, midway between voxels); float slices are interpolated at
+    ``level``, which should lie strictly between voxel values (0.5 for masks) so no vertex falls on a
+    grid point. ``voxel_size``: (z, y, x) µm.
     """
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
@@ -155,7 +166,7 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     prev_ids = np.zeros(0, np.int64)
     for p0 in range(0, n_planes - 1, slab_size):
         p1 = min(p0 + slab_size + 1, n_planes)
-        out = _mc_block(_read_padded(read_slab, shape, p0, p1), level)
+        out = _mc_block(_read_padded(read_slab, shape, p0, p1, level), level)
         if out is None:
             prev_keys, prev_ids = np.zeros(0, np.uint64), np.zeros(0, np.int64)
             continue
@@ -664,7 +675,8 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     before decimation and then decimated and fitted to ``max_bytes`` like the whole) and the
     :func:`component_table` CSV of the mesh written (``table_path``). The main mesh is written
     first, so a mesh that cannot fit raises before any file is written. ``read_slab`` may also be the
-    (z, y, x) mask array itself; ``voxel_size`` is (z, y, x) µm (``(1, 1, 1)`` for voxel units).
+    (z, y, x) mask array itself (bool, or integer such as gpuheart's 0/255: voxels above ``level`` are
+    inside); ``voxel_size`` is (z, y, x) µm (``(1, 1, 1)`` for voxel units).
     """
     voxel_size = tuple(_voxel_size(voxel_size))
     v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
