@@ -13,10 +13,11 @@ are welded by an exact key (the float32 (y, x) pair read as one uint64). The res
 whole-volume mesh (:func:`marching_cubes_volume`), vertex for vertex, face for face.
 
 Components (:func:`solid_components`): pieces of the solid, each its outer surface plus the inner
-surfaces of the cavities it encloses. They follow marching-cubes connectivity: voxels that touch only
-at an edge or a corner give separate surfaces, so separate components, while the voxel labelling of
-the tree graph (``morphology.label_slabs``) joins them (26-connected); ``largest_tree.<fmt>`` and the
-graph's tree can therefore differ by such corner-touching pieces.
+surfaces of the cavities it encloses. They follow marching-cubes connectivity, which is that of 18-connected
+voxels: voxels sharing a face or an edge give one surface, voxels that touch only at a corner give separate
+surfaces, so separate components, while the voxel labelling of the tree graph (``morphology.label_slabs``)
+joins them (26-connected); ``largest_tree.<fmt>`` and the graph's tree can therefore differ by such
+corner-touching pieces.
 
 Unity and GLB: Unity's default 16-bit index buffers address at most 65,535 vertices per mesh.
 :func:`export_mesh` therefore splits a GLB into nodes (one mesh each) of at most 65,535 vertices
@@ -474,7 +475,7 @@ def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray 
     Components by shared vertices, or by the per-face ``labels`` given (:func:`solid_components`:
     a cavity's inner surface counts with the component around it, its volume subtracted).
     Voxel counts are not here on purpose: surface components and voxel components (see
-    ``morphology.label_slabs``) can differ where voxels touch only along an edge or a corner.
+    ``morphology.label_slabs``) can differ where voxels touch only at a corner.
     """
     n, flab = mesh_components(faces, len(vertices)) if labels is None else _dense(labels)
     cols = {c: np.zeros(n) for c in COMPONENT_COLUMNS}

@@ -468,3 +468,25 @@ def test_a_0_255_integer_mask_gives_the_mesh_of_the_bool_mask(tmp_path, dtype):
     assert M.mesh_volume(v, f) == pytest.approx(ref_volume, rel=1e-9)
     st = M.mesh_from_mask(m255, m.shape, tmp_path / "m.ply", vs, slab_size=6)
     assert (st.faces, st.volume) == (len(f_ref), pytest.approx(ref_volume, rel=1e-9))
+
+
+def test_mesh_components_are_the_18_connected_voxel_components():
+    """The docs said voxels touching only along an edge give separate surfaces: skimage's marching cubes
+    joins them, and only corner-touching voxels stay apart (two 8-face octahedra)."""
+    for d in np.ndindex(3, 3, 3):
+        step = np.array(d) - 1
+        if not step.any():
+            continue
+        m = np.zeros((5, 5, 5), bool)
+        m[2, 2, 2] = m[tuple(2 + step)] = True
+        v, f = M.marching_cubes_slabs(_reader(m), m.shape, 1)
+        touching = int(np.abs(step).sum())   # 1: a face, 2: an edge, 3: a corner
+        assert M.solid_components(v, f, (1, 1, 1))[0] == (2 if touching == 3 else 1)
+        if touching == 3:
+            assert np.bincount(M.mesh_components(f, len(v))[1]).tolist() == [8, 8]   # two single-voxel octahedra
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        m = rng.random(tuple(rng.integers(3, 9, 3))) < rng.uniform(0.05, 0.5)
+        v, f = M.marching_cubes_slabs(_reader(m), m.shape, int(rng.integers(1, 4)))
+        n = M.solid_components(v, f, (1, 1, 1))[0] if len(f) else 0
+        assert n == ndi.label(m, ndi.generate_binary_structure(3, 2))[1]
