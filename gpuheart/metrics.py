@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_host
 
 
 def detrended_cv(slice_means, order: int = 1) -> float:
@@ -21,7 +21,7 @@ def detrended_cv(slice_means, order: int = 1) -> float:
     slice-to-slice flicker that normalization is meant to remove. Non-finite means are skipped.
     Returns NaN when fewer than ``order + 2`` finite means exist or their mean is 0.
     """
-    m = np.asarray(slice_means, dtype=np.float64)
+    m = to_host(slice_means).astype(np.float64)
     z = np.arange(m.size, dtype=np.float64)
     ok = np.isfinite(m)
     if ok.sum() < order + 2 or m[ok].mean() == 0:
@@ -129,7 +129,8 @@ def cl_dice(pred, truth) -> float:
     """
     from .graph import skeleton
 
-    p, t = _as_mask(np.asarray(pred), "prediction"), _as_mask(np.asarray(truth), "truth")
+    # the skeletons are scikit-image's, on the host
+    p, t = _as_mask(to_host(pred), "prediction"), _as_mask(to_host(truth), "truth")
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
     if not p.any() and not t.any():

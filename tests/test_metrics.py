@@ -142,3 +142,33 @@ def test_cl_dice_penalises_a_skeleton_running_outside_the_truth():
     # the whole tube predicted against half of it: every true centerline pixel is covered (tsens = 1),
     # but about half of the predicted centerline lies outside the truth (tprec ~ 0.5)
     assert cl_dice(tube, half) == pytest.approx(2 / 3, abs=0.06)
+
+
+@pytest.mark.gpu
+def test_every_measurement_takes_cupy_arrays():
+    """The module promises NumPy or CuPy arrays; cl_dice and detrended_cv handed CuPy's device arrays to
+    NumPy, which CuPy refuses. Reference: the same formulas on the host arrays, written out."""
+    import cupy as cp
+    from scipy import ndimage as ndi
+    from skimage.morphology import skeletonize
+
+    from gpuheart.metrics import cl_dice
+
+    t = np.zeros((16, 20, 30), bool)
+    t[7:10, 4:7, 3:27] = True                    # a rod along x and one along z, odd widths: both keep a skeleton
+    t[2:14, 12:15, 12:15] = True
+    p = np.roll(t, 1, axis=1)                    # shifted by one voxel, and cut short: covers part of it
+    p[:, :, 18:] = False
+    sp, st = skeletonize(p), skeletonize(t)
+    lab = ndi.label(t, np.ones((3, 3, 3)))[0]
+    assert np.unique(lab[st]).size == lab.max() == 2 and sp.any()
+    tprec, tsens = (sp & t).sum() / sp.sum(), (st & p).sum() / st.sum()
+    assert 0 < tsens < 1 and 0 < tprec
+    assert cl_dice(cp.asarray(p), cp.asarray(t)) == pytest.approx(2 * tprec * tsens / (tprec + tsens))
+    means = 100 + 10 * (-1.0) ** np.arange(40)
+    assert detrended_cv(cp.asarray(means)) == pytest.approx(np.std(means - np.polyval(np.polyfit(np.arange(40), means, 1), np.arange(40))) / 100)
+    img = np.random.default_rng(3).random((20, 20))
+    assert snr(cp.asarray(img), cp.asarray(img > 0.5)) == pytest.approx(img[img > 0.5].mean() / img.mean())
+    c = Confusion().update(cp.asarray(p), cp.asarray(t))
+    assert (c.tp, c.fp, c.fn) == ((p & t).sum(), (p & ~t).sum(), (~p & t).sum())
+    assert dice(cp.asarray(p), cp.asarray(t)) == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
