@@ -172,3 +172,17 @@ def test_every_measurement_takes_cupy_arrays():
     c = Confusion().update(cp.asarray(p), cp.asarray(t))
     assert (c.tp, c.fp, c.fn) == ((p & t).sum(), (p & ~t).sum(), (~p & t).sum())
     assert dice(cp.asarray(p), cp.asarray(t)) == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_detrended_cv_is_the_documented_formula(order):
+    """cv = std(m_z - trend_z) / mean(m_z), trend the least-squares polynomial of degree ``order`` through
+    the finite means at their own z (written out here with lstsq on a Vandermonde matrix)."""
+    rng = np.random.default_rng(order)
+    m = rng.normal(100, 5, 60) + np.linspace(0, 30, 60) + 0.01 * np.arange(60) ** 2
+    m[[4, 17, 40]] = np.nan
+    z = np.arange(60.0)
+    ok = np.isfinite(m)
+    a = np.vander(z[ok], order + 1)
+    resid = m[ok] - a @ np.linalg.lstsq(a, m[ok], rcond=None)[0]
+    assert detrended_cv(m, order) == pytest.approx(np.sqrt(np.mean(resid ** 2)) / np.mean(m[ok]), rel=1e-9)
