@@ -649,17 +649,26 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
     :class:`MeshTooLargeError` (writing nothing) when it still does not fit. Returns the mesh written
     (vertices, faces, labels) and its size in bytes."""
     if max_faces is not None:
+        n = len(faces)
         vertices, faces, labels = _decimate_labelled(vertices, faces, labels, max_faces, min_faces)
+        if n and not len(faces):   # an empty file would look like an empty mask
+            raise ValueError(f"{path}: decimating {n:,} faces to max_faces = {max_faces:,} leaves every piece "
+                             f"under min_faces = {min_faces}: nothing would be written; raise max_faces")
     try:
         return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
     except MeshTooLargeError as err:
         if not 0 < err.fit_faces < len(faces):
             raise
-        target = err.fit_faces
+        target, estimate = err.fit_faces, err.estimate
         warnings.warn(f"{path}: {len(faces):,} faces would take about {err.estimate:,} bytes, over "
                       f"max_bytes = {max_bytes:,}: decimating to about {target:,} faces to fit",
                       RuntimeWarning, stacklevel=3)
+    n = len(faces)
     vertices, faces, labels = _decimate_labelled(vertices, faces, labels, target, min_faces)
+    if not len(faces):   # an empty file would look like an empty mask
+        raise MeshTooLargeError(f"{path}: fitting {n:,} faces into max_bytes = {max_bytes:,} leaves every piece "
+                                f"under min_faces = {min_faces}: nothing would be written; raise max_bytes",
+                                estimate, target)
     return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
 
 

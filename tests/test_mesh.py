@@ -490,3 +490,22 @@ def test_mesh_components_are_the_18_connected_voxel_components():
         v, f = M.marching_cubes_slabs(_reader(m), m.shape, int(rng.integers(1, 4)))
         n = M.solid_components(v, f, (1, 1, 1))[0] if len(f) else 0
         assert n == ndi.label(m, ndi.generate_binary_structure(3, 2))[1]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_budget_below_min_faces_is_an_error_not_an_empty_mesh(tmp_path):
+    """A ball fits no STL of 1,084 bytes (20 faces) once decimation must stay at or above min_faces."""
+    m = _ball()
+    out = tmp_path / "out"
+    n_faces = len(M.marching_cubes_volume(m)[1])
+    assert n_faces > 20 and 84 + 50 * 20 == 1084   # STL: 84-byte header, 50 bytes a face
+    with pytest.raises(M.MeshTooLargeError, match="leaves every piece under min_faces = 20"):
+        M.mesh_from_mask(m, m.shape, out / "mesh.stl", (1, 1, 1), max_bytes=1084)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_max_faces_below_min_faces_is_an_error_not_an_empty_mesh(tmp_path):
+    m = _ball()
+    with pytest.raises(ValueError, match="max_faces = 10 leaves every piece under min_faces = 20"):
+        M.mesh_from_mask(m, m.shape, tmp_path / "mesh.glb", (1, 1, 1), max_faces=10)
+    assert list(tmp_path.iterdir()) == []
