@@ -845,8 +845,9 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
                                                        patience=cfg.lr_patience, min_lr=cfg.min_lr)
     state = dict(epoch=0, best_dice=-1.0, best_epoch=0, bad_epochs=0, history=[])
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
+    data = _data_record(vols, labs)
     if resume and last_path.is_file():
-        state = _load_last(last_path, model, opt, sched, rng, cfg)
+        state = _load_last(last_path, model, opt, sched, rng, cfg, data)
     elif resume:
         warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=2)
 
@@ -871,7 +872,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         else:
             state["bad_epochs"] += 1
         stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
-        _save_last(last_path, model, opt, sched, rng, state, cfg)
+        _save_last(last_path, model, opt, sched, rng, state, cfg, data)
         _write_log(state["history"], log_path)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
@@ -908,19 +909,30 @@ def _step_lr(opt, sched, cfg: TrainConfig, epochs_done: int, val_dice: float) ->
         group["lr"] = lr
 
 
-def _save_last(path, model, opt, sched, rng, state, cfg) -> None:
+def _data_record(vols, labs) -> list:
+    """Per training volume its shape, pixel sum and labelled voxels: enough to tell other data on resume."""
+    return [[list(v.shape), int(v.sum(dtype=np.uint64)), int(np.count_nonzero(lb))] for v, lb in zip(vols, labs)]
+
+
+def _save_last(path, model, opt, sched, rng, state, cfg, data) -> None:
     _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                   "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                  "state": state, "config": asdict(cfg)}, path)
+                  "state": state, "config": asdict(cfg), "data": data}, path)
 
 
 # settings a resumed run may change: how long it goes on and where it runs, not what it learns
 RESUMABLE_CHANGES = ("epochs", "patience", "num_threads", "device")
 
 
-def _load_last(path, model, opt, sched, rng, cfg: TrainConfig) -> dict:
+def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> dict:
     """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # other data would be scored on other validation slices, so its Dice could not be compared with best.pt's
+    if ckpt.get("data", data) != data:
+        raise ValueError(f"{path}: cannot resume on other training data than that run's ({len(ckpt['data'])} "
+                         f"volumes then, {len(data)} now, or the same number with other shapes, pixels or labels); "
+                         f"give the same data (and --sparse-labels, --exclude, --phantom), or start a new run "
+                         f"from its weights with --init {Path(path).with_name('best.pt')}")
     now = asdict(cfg)
     changed = {k: (v, now.get(k)) for k, v in ckpt.get("config", {}).items()
                if k not in RESUMABLE_CHANGES and v != now.get(k)}

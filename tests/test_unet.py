@@ -861,3 +861,15 @@ def test_a_fixed_threshold_of_0_or_1_is_refused(tmp_path, threshold):
     img, lab = _synthetic()
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
         unet.train([img], [lab], _cfg(epochs=1, threshold=threshold), tmp_path, progress=False)
+
+
+def test_resume_refuses_other_training_data(tmp_path):
+    """best.pt's Dice was measured on that run's validation slices: another data set cannot continue the run."""
+    img, lab = _synthetic(1)
+    other_img, other_lab = _synthetic(2)
+    unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
+    for images, labels in (([other_img], [other_lab]), ([img, other_img], [lab, other_lab]), ([img], [1 - lab])):
+        with pytest.raises(ValueError, match=r"last.pt: cannot resume on other training data .*--init .*best.pt"):
+            unet.train(images, labels, _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False, resume=True)
+    more = unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False, resume=True)
+    assert [r["epoch"] for r in more.history] == [1, 2]
