@@ -60,6 +60,7 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
     import numpy as np
 
     from .exposure import ZNorm, preprocess, slice_stats
+    from .metrics import has_fractions
 
     with open_scan(stack.image) as si, open_scan(stack.label) as sl:
         if si.shape != sl.shape:
@@ -77,7 +78,11 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
                 stats += [slice_stats(s, z=z0 + k) for k, s in enumerate(si.read_slab(ci, z0, z1))]
             except ValueError as err:  # NaN/Inf pixels: say in which file
                 raise ScanError(f"{stack.image}: {err}") from err
-            lab = sl.read_slab(cl, z0, z1) > 0
+            lab = sl.read_slab(cl, z0, z1)
+            if has_fractions(lab):   # > 0 would make every pixel of a probability map vessel
+                raise ScanError(f"{stack.label}: holds float values between 0 and 1 (or NaN), a probability map; "
+                                f"expected a vessel mask (0 background, nonzero vessel): threshold it first")
+            lab = lab > 0
             used = [k for k in range(z1 - z0) if not sparse or lab[k].any()]
             keep += [z0 + k for k in used]
             labels.append(lab[used])

@@ -33,6 +33,7 @@ from torch import nn
 
 from .backend import (DeviceError, as_torch, from_torch, is_device_array, native_byte_order, resolve_device,
                       to_device, to_host)
+from .metrics import has_fractions
 
 WEIGHTS_FORMAT = "gpuheart-unet/1"
 
@@ -678,6 +679,9 @@ def _check_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if im.dtype != np.uint8:
             raise ValueError(f"pair {i}: images must be uint8 (preprocessed with gpuheart.exposure), "
                              f"got {im.dtype}")
+        if has_fractions(lb):   # > 0 would make every pixel of a probability map vessel
+            raise ValueError(f"pair {i}: labels must be a mask (0 background, nonzero vessel), got float values "
+                             f"between 0 and 1 or NaN (a probability map?): threshold it first")
         vols.append(im)
         labs.append((lb > 0).astype(np.uint8))
     return vols, labs

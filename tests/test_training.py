@@ -128,3 +128,14 @@ def test_train_command_leaves_excluded_stacks_out_passes_balance_and_reads_0_1_l
     assert seen["cfg"].aug.haze == 0   # off unless asked for
     assert main(["train", str(data), "-o", str(tmp_path / "run2"), "--haze", "0.4", "--no-progress"]) == 0
     assert seen["cfg"].aug.haze == 0.4 and seen["cfg"].aug.p_haze == 0.3
+
+
+def test_a_probability_map_as_label_is_refused_naming_the_file(tmp_path):
+    """> 0 would make every pixel of a probability map a vessel; 0/1 floats and 0/255 stay masks."""
+    img, lab = _stack(nz=4)
+    prob = np.where(lab > 0, 0.9, 0.05).astype(np.float32)
+    (stack,) = find_pairs([_pair(tmp_path / "p", "prob", img, prob)])
+    with pytest.raises(ScanError, match=r"prob_label.tif: holds float values between 0 and 1.*probability map"):
+        load_pair(stack)
+    (stack,) = find_pairs([_pair(tmp_path / "f", "f", img, (lab > 0).astype(np.float32))])
+    np.testing.assert_array_equal(load_pair(stack)[1], lab > 0)

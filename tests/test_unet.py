@@ -873,3 +873,9 @@ def test_resume_refuses_other_training_data(tmp_path):
             unet.train(images, labels, _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False, resume=True)
     more = unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False, resume=True)
     assert [r["epoch"] for r in more.history] == [1, 2]
+
+
+def test_train_refuses_probability_maps_as_labels(tmp_path):
+    img, lab = _synthetic()
+    with pytest.raises(ValueError, match=r"pair 0: labels must be a mask.*probability map"):
+        unet.train([img], [np.where(lab > 0, 0.8, 0.1)], _cfg(), tmp_path, progress=False)
