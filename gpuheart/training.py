@@ -144,6 +144,9 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
         im, lab = load_pair(s, sparse=sparse)
         images.append(im)
         labels.append(lab)
+    if stacks and not phantoms and not any(lab.any() for lab in labels):
+        raise ScanError(f"{', '.join(str(s.label) for s in stacks)}: no labelled (nonzero) pixel, so there is "
+                        f"nothing to train on; expected vessel masks (0 background, nonzero vessel)")
     for _, im, lab in phantom_pairs(phantoms):
         images.append(im)
         labels.append(lab)

@@ -823,8 +823,11 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
                          f"need both (check val_fraction and the volume depths)")
+    which = (f" (the last {cfg.val_fraction:.0%} of each stack's slices)" if cfg.split == "slab" else "")
+    if not any(labs[v][z].any() for v, z in train_sl):   # it would learn that there are no vessels, unwarned
+        raise ValueError(f"none of the {len(train_sl)} training slices (all but the {len(val_sl)} validation "
+                         f"slices{which}) has a labelled (nonzero) pixel: nothing to learn vessels from")
     if not any(labs[v][z].any() for v, z in val_sl):
-        which = (f" (the last {cfg.val_fraction:.0%} of each stack's slices)" if cfg.split == "slab" else "")
         warnings.warn(f"none of the {len(val_sl)} validation slices{which} has a labelled pixel: validation "
                       f"Dice (1 for an empty prediction, 0 otherwise) cannot choose best.pt or calibrate its "
                       f"threshold; label vessels in those slices, or pass "

@@ -139,3 +139,16 @@ def test_a_probability_map_as_label_is_refused_naming_the_file(tmp_path):
         load_pair(stack)
     (stack,) = find_pairs([_pair(tmp_path / "f", "f", img, (lab > 0).astype(np.float32))])
     np.testing.assert_array_equal(load_pair(stack)[1], lab > 0)
+
+
+def test_label_files_without_a_labelled_pixel_are_refused_by_name(tmp_path, capsys):
+    img, lab = _stack(nz=6)
+    data = _pair(tmp_path / "data", "s", img, np.zeros_like(lab))
+    _pair(tmp_path / "data", "t", img, np.zeros_like(lab))
+    common = ["--epochs", "1", "--steps", "1", "--batch-size", "2", "--tile", "32", "--width", "4", "--no-progress"]
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), *common]) == 1
+    err = capsys.readouterr().err
+    assert "s_label.tif" in err and "t_label.tif" in err and "no labelled (nonzero) pixel" in err
+    assert not (tmp_path / "run" / "best.pt").exists()
+    _pair(tmp_path / "data", "u", img, lab)   # an empty stack beside a labelled one: a background example
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), *common]) == 0

@@ -571,7 +571,8 @@ def test_last_checkpoint_given_as_weights_points_to_best_pt(tmp_path):
     model = UNet(depth=1, width=4)
     opt = torch.optim.Adam(model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
-    unet._save_last(tmp_path / "last.pt", model, opt, sched, np.random.default_rng(0), {"epoch": 1}, TrainConfig())
+    unet._save_last(tmp_path / "last.pt", model, opt, sched, np.random.default_rng(0), {"epoch": 1}, TrainConfig(),
+                    [])
     with pytest.raises(ValueError, match="best.pt"):
         unet.load_weights(tmp_path / "last.pt")
 
@@ -879,3 +880,14 @@ def test_train_refuses_probability_maps_as_labels(tmp_path):
     img, lab = _synthetic()
     with pytest.raises(ValueError, match=r"pair 0: labels must be a mask.*probability map"):
         unet.train([img], [np.where(lab > 0, 0.8, 0.1)], _cfg(), tmp_path, progress=False)
+
+
+def test_training_slices_without_any_label_are_refused(tmp_path):
+    """Labels only in the validation slices (the last ones) or none at all: there is nothing to learn from."""
+    img, lab = _synthetic()
+    lab[:3] = 0   # 6 slices: ceil(0.34 * 6) = 3 validation slices, the last ones
+    for labels in (lab, np.zeros_like(lab)):
+        with pytest.raises(ValueError, match=r"none of the 3 training slices \(all but the 3 validation slices "
+                                             r"\(the last 34% .*\) has a labelled"):
+            unet.train([img], [labels], _cfg(), tmp_path, progress=False)
+    assert not (tmp_path / "best.pt").exists()
