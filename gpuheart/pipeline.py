@@ -443,10 +443,13 @@ class Pipeline:
                 result.report = write_report(out_dir)
         return result
 
-    def segment(self, source, out_path, channel: str | None = None) -> Path:
+    def segment(self, source, out_path, channel: str | None = None, resume: bool = True) -> Path:
         """Steps 1-5 (and 6 when ``config.postprocess.enabled``) on one channel of ``source``, written
-        as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically)."""
-        import tempfile
+        as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically).
+
+        The run works in ``.<name>.gpuheart-work/`` beside ``out_path``, removed once the TIFF is written;
+        a killed segmentation leaves it, and the same call continues from its checkpoint (``resume=False``
+        starts over), as :meth:`run` does."""
         from dataclasses import replace
 
         from .io import open_scan
@@ -470,14 +473,21 @@ class Pipeline:
         cfg = replace(cfg, output=replace(cfg.output, write_preprocessed=keep_pre, report=False))
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".gpuheart-", dir=out_path.parent) as work:
-            result = Pipeline(cfg).run(source, work)
+        # a fixed name, not a fresh temporary folder: a killed segmentation of a large scan is resumed by the
+        # same command instead of starting over beside a hidden copy of what it had done
+        work = out_path.parent / f".{out_path.name}.gpuheart-work"
+        try:
+            result = Pipeline(cfg).run(source, work, resume=resume)
             mask_path = result.outputs[cfg.channels[0]]["mask"]
             with open_scan(mask_path) as m:
                 voxel = m.voxel_size
             # an unknown voxel size stays unknown in the TIFF rather than becoming a calibrated 1 µm
             known = result.summary.get("input", {}).get("voxel_size") is not None
             _zarr_to_tiff(mask_path, out_path, voxel if known else None)
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)  # a failure, not an interruption: nothing to resume
+            raise
+        shutil.rmtree(work, ignore_errors=True)
         return out_path
 
 

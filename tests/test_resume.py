@@ -610,3 +610,41 @@ def test_a_run_killed_while_writing_its_summary_leaves_none_and_the_same_command
     assert not (tmp_path / "summary.json").exists()
     assert Pipeline(_fast_cfg()).run(scan, tmp_path).reused == ["C00"]
     assert json.loads((tmp_path / "summary.json").read_text())["summary"]["C00"]["slices"] == 40
+
+
+def test_an_interrupted_segment_resumes_and_leaves_no_work_folder(scan, tmp_path, monkeypatch):
+    """gpuheart segment: killed halfway, the same call continues from its checkpoint (no slab before it is
+    computed again) and writes the uninterrupted mask; neither a finished nor a resumed call leaves its work
+    folder behind (a fresh temporary folder per call restarted from slice 0 and kept a hidden copy per kill)."""
+    import tifffile
+
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=0.0)
+    cfg.postprocess.enabled = False
+    ref = Pipeline(cfg).segment(scan, tmp_path / "ref" / "mask.tif")
+    out = tmp_path / "out" / "mask.tif"
+    real = pipeline._process_slab
+
+    def killed_at_20(x, z0, *a, **k):
+        if z0 >= 20:
+            raise KeyboardInterrupt
+        return real(x, z0, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", killed_at_20)
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).segment(scan, out)
+    assert not out.exists()
+    computed = []
+
+    def after_20_only(x, z0, *a, **k):
+        computed.append(z0)
+        return real(x, z0, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", after_20_only)
+    Pipeline(cfg).segment(scan, out)
+    assert min(computed) == 20
+    np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(ref))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mask.tif"]
+    assert sorted(p.name for p in ref.parent.iterdir()) == ["mask.tif"]
