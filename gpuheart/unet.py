@@ -574,7 +574,8 @@ def split_slices(depths: list[int], val_fraction: float, by: str = "slab") -> tu
     ``by="slab"``: the last ``ceil(val_fraction * z)`` slices of every volume are validation, so every
     volume (modality) is seen in both sets and neighbouring slices only leak across one boundary.
     ``by="volume"``: the last ``round(val_fraction * n)`` volumes (at least one) are validation.
-    Volumes of a single slice always go to training with ``by="slab"``.
+    With ``by="slab"``, volumes of a single slice (2-D images) are split like the slices of one stack:
+    the last ``ceil(val_fraction * n)`` of them are validation, at least one stays in training.
     """
     if by == "volume":
         if len(depths) < 2:
@@ -584,9 +585,13 @@ def split_slices(depths: list[int], val_fraction: float, by: str = "slab") -> tu
         return sum(vols[:-n_val], []), sum(vols[-n_val:], [])
     if by != "slab":
         raise ValueError(f"unknown split {by!r}: expected 'slab' or 'volume'")
+    singles = [v for v, d in enumerate(depths) if d == 1]
+    # else a folder of 2-D label pairs, the commonest annotation, would have no validation slice at all
+    n_single = min(len(singles) - 1, math.ceil(val_fraction * len(singles))) if singles else 0
+    single_val = set(singles[len(singles) - n_single:])
     train, val = [], []
     for v, d in enumerate(depths):
-        n_val = min(d - 1, math.ceil(val_fraction * d)) if d > 1 else 0
+        n_val = min(d - 1, math.ceil(val_fraction * d)) if d > 1 else int(v in single_val)
         train += [(v, k) for k in range(d - n_val)]
         val += [(v, k) for k in range(d - n_val, d)]
     return train, val
@@ -822,7 +827,8 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
     if not train_sl or not val_sl:
         raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
-                         f"need both (check val_fraction and the volume depths)")
+                         f"need both: give at least two labelled slices (one 2-D image cannot be split), or "
+                         f"check val_fraction")
     which = (f" (the last {cfg.val_fraction:.0%} of each stack's slices)" if cfg.split == "slab" else "")
     if not any(labs[v][z].any() for v, z in train_sl):   # it would learn that there are no vessels, unwarned
         raise ValueError(f"none of the {len(train_sl)} training slices (all but the {len(val_sl)} validation "

@@ -891,3 +891,20 @@ def test_training_slices_without_any_label_are_refused(tmp_path):
                                              r"\(the last 34% .*\) has a labelled"):
             unet.train([img], [labels], _cfg(), tmp_path, progress=False)
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_single_slice_images_are_split_like_the_slices_of_one_stack():
+    """A folder of 2-D label pairs: the last ceil(0.2 * n) images validate, at least one trains; stacks as before."""
+    assert split_slices([1] * 5, 0.2) == ([(0, 0), (1, 0), (2, 0), (3, 0)], [(4, 0)])
+    assert split_slices([1, 1], 0.2) == ([(0, 0)], [(1, 0)])
+    train, val = split_slices([1, 4, 1, 1], 0.5)   # singles 0, 2, 3: ceil(1.5) = 2 validate; the stack its last 2
+    assert sorted(val) == [(1, 2), (1, 3), (2, 0), (3, 0)] and sorted(train) == [(0, 0), (1, 0), (1, 1)]
+    assert split_slices([1], 0.2) == ([(0, 0)], [])
+
+
+def test_a_single_2d_image_is_refused_with_what_to_give(tmp_path):
+    img, lab = _synthetic(shape=(1, 64, 64))
+    with pytest.raises(ValueError, match=r"1 training and 0 validation slices; need both: give at least two labelled"):
+        unet.train([img], [lab], _cfg(), tmp_path, progress=False)
+    res = unet.train([img, img], [lab, lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
+    assert res.epochs_run == 1
