@@ -394,6 +394,7 @@ class Pipeline:
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
             _check_channel_names(scan, cfg, user_truth)
+            _check_truths(scan, user_truth)
             # every channel before any runs: a channel's fresh start removes files in its own folder, where
             # another channel's truth may lie
             for channel in scan.channels:
@@ -595,6 +596,22 @@ def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
         warnings.warn(f"{scan.path}: settings given for channel(s) {', '.join(unused)} (--preset or [channel.NAME]), "
                       f"which the scan does not have (its channels: {', '.join(scan.channels)}); they are unused",
                       stacklevel=3)
+
+
+def _check_truths(scan, truth: dict) -> None:
+    """Each truth mask opened and checked before the first channel runs (not hours later, at its channel).
+    A mask of several channels would be scored by its first one, silently: a scan given as truth by mistake
+    (every pixel of its first channel above 0 counts as vessel) passed as a poor segmentation."""
+    from .io import open_scan
+
+    for channel, path in truth.items():
+        with open_scan(path) as t:
+            if len(t.channels) != 1:
+                raise ConfigError(f"{path}: truth mask for channel {channel} has {len(t.channels)} channels "
+                                  f"({', '.join(t.channels)}); expected one (a mask, not a scan)")
+            if t.shape != tuple(scan.shape):
+                raise ConfigError(f"{path}: truth mask has shape {t.shape}, expected {tuple(scan.shape)} "
+                                  f"(the scan's channel {channel})")
 
 
 def _load_model(cfg: PipelineConfig):

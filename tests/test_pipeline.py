@@ -480,3 +480,19 @@ def test_snr_and_slice_means_are_the_whole_stacks(tiny_run):
     zn = exposure.ZNorm.from_stats([exposure.slice_stats(x, z=z) for z, x in enumerate(raw)])
     want = zn.apply(raw, 0).reshape(len(raw), -1).mean(axis=1)
     np.testing.assert_allclose(s["slice_means_normalized"], want, rtol=1e-5)
+
+
+def test_a_truth_of_several_channels_or_another_shape_is_refused_before_any_channel_runs(tiny_run, tmp_path):
+    """A scan given as truth by mistake was scored by its first channel (every pixel above 0 a vessel), and a
+    wrongly shaped truth for the second channel failed only after the first was computed."""
+    import tifffile
+
+    scan = tiny_run.out_dir / "input" / "scan"
+    cfg = _tiny_cfg(channels=["C00", "C01"])
+    with pytest.raises(ConfigError, match=r"3 channels \(C00, C01, C02\); expected one"):
+        Pipeline(cfg).run(scan, tmp_path / "a", truth={"C00": str(scan)})
+    short = tmp_path / "short.tif"
+    tifffile.imwrite(short, np.zeros((5, 64, 64), np.uint8))
+    with pytest.raises(ConfigError, match=r"shape \(5, 64, 64\), expected \(16, 64, 64\)"):
+        Pipeline(cfg).run(scan, tmp_path / "b", truth={"C01": str(short)})
+    assert not (tmp_path / "b" / "C00").exists()
