@@ -288,11 +288,29 @@ def _coerce(value, default, where):
         value = float(value) if ok else value
     elif isinstance(default, str) and where.endswith("threshold") and isinstance(value, (int, float)):
         ok, value = True, str(value)
+    elif isinstance(default, list):
+        # the list's items too: voxel_size = ["a", 1, 2] was a TypeError traceback in the range check
+        item = _LIST_ITEMS.get(where.rsplit(".", 1)[-1])
+        ok = isinstance(value, list) and all(_is(v, item) for v in value)
+        want = f"a list of {'strings' if item is str else 'numbers'}" if item else "list"
+        if ok and item is float:
+            value = [float(v) for v in value]
+        if not ok:
+            raise ConfigError(f"{where}: expected {want}, got {value!r}")
     else:
         ok = isinstance(value, type(default))
     if not ok:
         raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
     return value
+
+
+_LIST_ITEMS = {"channels": str, "voxel_size": float}
+
+
+def _is(value, item) -> bool:
+    if item is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return item is None or isinstance(value, item)
 
 
 def _threshold_arg(value: str):

@@ -496,3 +496,25 @@ def test_a_truth_of_several_channels_or_another_shape_is_refused_before_any_chan
     with pytest.raises(ConfigError, match=r"shape \(5, 64, 64\), expected \(16, 64, 64\)"):
         Pipeline(cfg).run(scan, tmp_path / "b", truth={"C01": str(short)})
     assert not (tmp_path / "b" / "C00").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('voxel_size = ["a", 1, 2]', r"config.voxel_size: expected a list of numbers, got \['a', 1, 2\]"),
+    ("voxel_size = [true, 1, 1]", "config.voxel_size: expected a list of numbers"),
+    ("channels = [1]", r"config.channels: expected a list of strings, got \[1\]"),
+])
+def test_config_list_items_of_the_wrong_type_are_named(tmp_path, text, message):
+    """A string in voxel_size was a TypeError traceback from the range check; true passed as 1 µm and a
+    number as a channel name reached the scan."""
+    p = tmp_path / "c.toml"
+    p.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        PipelineConfig.load(p)
+
+
+def test_config_voxel_size_of_integers_loads_as_floats(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('voxel_size = [4, 1, 0.5]\nchannels = ["C00"]\n')
+    cfg = PipelineConfig.load(p)
+    assert cfg.voxel_size == [4.0, 1.0, 0.5] and all(type(v) is float for v in cfg.voxel_size)
+    assert cfg.channels == ["C00"]
