@@ -813,7 +813,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
 
     Writes ``out_dir/best.pt`` (fp16 weights of the best validation Dice, for ``load_weights``),
     ``out_dir/last.pt`` (full state for ``resume=True``), ``out_dir/log.csv`` (one row per epoch) and
-    ``out_dir/curves.png``. Deterministic for a given seed on the CPU, also across an interruption
+    ``out_dir/curves.png``, both rewritten after every epoch. Deterministic for a given seed on the CPU, also across an interruption
     and resume (RNG states are checkpointed).
     """
     if cfg.loss not in LOSSES:
@@ -865,7 +865,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=2)
 
     loss_fn = LOSSES[cfg.loss]
-    stopped = state["bad_epochs"] >= cfg.patience
+    stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
     bar = _progress(range(state["epoch"], cfg.epochs), progress, initial=state["epoch"], total=cfg.epochs)
     for epoch in bar:
         if stopped:
@@ -885,8 +885,11 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         else:
             state["bad_epochs"] += 1
         stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
-        _save_last(last_path, model, opt, sched, rng, state, cfg, data)
+        # log and curves before last.pt: a run killed in between never has a last.pt ahead of its log,
+        # which a resume that finds nothing left to train would not write again
         _write_log(state["history"], log_path)
+        _plot_curves(state["history"], out_dir / "curves.png")   # every epoch, so a killed run has them too
+        _save_last(last_path, model, opt, sched, rng, state, cfg, data)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
     curves = _plot_curves(state["history"], out_dir / "curves.png")

@@ -908,3 +908,50 @@ def test_a_single_2d_image_is_refused_with_what_to_give(tmp_path):
         unet.train([img], [lab], _cfg(), tmp_path, progress=False)
     res = unet.train([img, img], [lab, lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
     assert res.epochs_run == 1
+
+
+def test_a_run_killed_mid_way_has_its_log_and_curves_so_far(tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    real, calls = unet._train_epoch, []
+
+    def killed_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(unet, "_train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        unet.train([img], [lab], _cfg(epochs=3, steps_per_epoch=1), tmp_path, progress=False)
+    assert [r["epoch"] for r in csv.DictReader(open(tmp_path / "log.csv"))] == ["1"]
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_a_kill_right_after_the_last_checkpoint_leaves_a_complete_log(tmp_path, monkeypatch):
+    """Killed once last.pt of the final epoch is written: the resume has nothing left to train, and the log
+    must already hold that epoch."""
+    img, lab = _synthetic()
+    real = unet._save_last
+
+    def killed_after_epoch_2(path, model, opt, sched, rng, state, *a):
+        real(path, model, opt, sched, rng, state, *a)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(unet, "_save_last", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False)
+    monkeypatch.setattr(unet, "_save_last", real)
+    res = unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1), tmp_path, progress=False, resume=True)
+    assert res.epochs_run == 2
+    assert [r["epoch"] for r in csv.DictReader(open(tmp_path / "log.csv"))] == ["1", "2"]
+
+
+def test_resuming_a_finished_run_reports_it_as_it_ended(tmp_path, monkeypatch):
+    """Patience ran out on the last of 3 epochs: not an early stop, neither then nor when resumed with 3 epochs."""
+    img, lab = _synthetic()
+    _fixed_val_dice(monkeypatch, [0.5, 0.4, 0.3])
+    cfg = _cfg(epochs=3, steps_per_epoch=1, patience=2)
+    first = unet.train([img], [lab], cfg, tmp_path, progress=False)
+    again = unet.train([img], [lab], cfg, tmp_path, progress=False, resume=True)
+    assert (first.stopped_early, first.epochs_run) == (again.stopped_early, again.epochs_run) == (False, 3)
