@@ -276,7 +276,8 @@ def test_a_run_with_other_settings_leaves_no_outputs_of_the_earlier_one(scan, tm
     with pytest.raises(ValueError, match="truth mask has shape"):
         Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out, truth={"C00": str(bad_truth)})
     assert not (out / "summary.json").exists()
-    assert not (out / "C00" / "dom_mask.ome.zarr").exists()
+    # refused before any channel started: the earlier outputs stay as its config.toml describes them
+    assert (out / "C00" / "dom_mask.ome.zarr").is_dir() and not (out / "C00" / "mask.ome.zarr").exists()
     with pytest.raises(ConfigError, match="truth given for channel.s. C07"):
         Pipeline(_fast_cfg()).run(scan, out, truth={"C07": str(bad_truth)})
 
