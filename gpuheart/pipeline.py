@@ -1047,12 +1047,15 @@ def _global_otsu(pre_path: Path, out: Path, voxel, cfg: PipelineConfig, acc) -> 
         else 255
     acc.otsu_threshold = float(thr)
     path = out / "otsu_mask.ome.zarr"
+    # pass 2 drew the DoM mask as "mask" (the only one it had); the segmentation is this one
+    acc.fig.pop("mip_mask", None), acc.fig.pop("mid_mask", None)
     with open_scan(pre_path) as p, ZarrWriter(path, p.shape, np.uint8, voxel_size=voxel, binary=True,
                                               chunks=(cfg.slab_size, min(p.shape[1], 256), min(p.shape[2], 256))) as w:
         for z0 in range(0, p.shape[0], cfg.slab_size):
             mask = p.read_slab(p.channels[0], z0, min(z0 + cfg.slab_size, p.shape[0])) > thr
             w.write(z0, mask.astype(np.uint8) * 255)
             acc.score("otsu", z0, mask)
+            acc.add_mask("mask", z0, mask)
     return path
 
 
@@ -1075,6 +1078,7 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
             with timer("write"):
                 w.write(z0, closed.astype(np.uint8) * 255)
             acc.score("final", z0, closed)
+            acc.add_mask("final", z0, closed)  # the report's figures of mask.ome.zarr, not of the mask before
     return out / "mask.ome.zarr"
 
 
@@ -1347,6 +1351,11 @@ class _ChannelAccumulator:
         s["pre_signal_sum"] += float(pre[dmask].sum(dtype=xp.float64))
         s["dom_sum"] += float(dom_pos.sum(dtype=xp.float64))
         s["dom_signal_sum"] += float(dom_pos[dmask].sum(dtype=xp.float64))
+
+    def add_mask(self, name, z0, mask):
+        """A slab of a mask made after pass 2 (the global Otsu mask, the closed mask), for the report."""
+        self._mip(name, mask)
+        self._keep_mid(name, z0, mask)
 
     def _keep_mid(self, name, z0, slab, row=False):
         mid = self._middle(name, z0, slab, row=row)

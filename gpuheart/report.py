@@ -22,7 +22,7 @@ REPORT_DIR = "report"  # figures folder, relative to out_dir (the page links are
 # MIP columns: (npz key, title). The order is the order of the stages.
 _MIP_STAGES = [("mip_raw", "raw"), ("mip_normalized", "z-normalized"),
                ("mip_preprocessed", "asinh + CLAHE + scale"), ("mip_dom", "difference of medians (>0)"),
-               ("mip_mask", "mask"), ("mip_truth", "truth")]
+               ("mip_mask", "mask"), ("mip_final", "mask after closings"), ("mip_truth", "truth")]
 
 # Measurement rows: (summary key, label). Missing keys are left out of the table.
 _MEASUREMENTS = [("detrended_cv_raw", "detrended CV of slice means, raw"),
@@ -240,11 +240,13 @@ def _overlay(f: dict, path: Path) -> Path | None:
     vmin, vmax = _stretch(img)
     ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
     legend = []
-    if "mid_mask" in f:
-        rgba = np.zeros(f["mid_mask"].shape + (4,), dtype=np.float32)
-        rgba[f["mid_mask"] > 0] = (1.0, 0.0, 0.0, 0.45)  # red, half transparent; clear elsewhere
+    # the mask the run wrote (mask.ome.zarr): after the closings when there were any
+    key, label = ("mid_final", "mask after closings") if "mid_final" in f else ("mid_mask", "mask")
+    if key in f:
+        rgba = np.zeros(f[key].shape + (4,), dtype=np.float32)
+        rgba[f[key] > 0] = (1.0, 0.0, 0.0, 0.45)  # red, half transparent; clear elsewhere
         ax.imshow(rgba, interpolation="nearest")
-        legend.append("mask: red")
+        legend.append(f"{label}: red")
     if "mid_truth" in f and f["mid_truth"].max() > 0:
         ax.contour(f["mid_truth"] > 0, levels=[0.5], colors="cyan", linewidths=0.8)
         legend.append("truth: cyan outline")

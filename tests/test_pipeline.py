@@ -518,3 +518,28 @@ def test_config_voxel_size_of_integers_loads_as_floats(tmp_path):
     cfg = PipelineConfig.load(p)
     assert cfg.voxel_size == [4.0, 1.0, 0.5] and all(type(v) is float for v in cfg.voxel_size)
     assert cfg.channels == ["C00"]
+
+
+def test_the_reports_mask_figures_show_the_segmentation_and_the_written_mask(tiny_run, tmp_path):
+    """figures.npz's "mask" projection and middle slice are the segmentation (with method "otsu" they were the
+    difference-of-medians mask, the only mask pass 2 had), and "final" is what mask.ome.zarr holds after the
+    closings (the report drew only the mask before them, under the name "mask")."""
+    from skimage.filters import threshold_otsu
+
+    from gpuheart.io import open_scan
+
+    cfg = _tiny_cfg("otsu", channels=["C00"], slab_size=3)
+    cfg.mesh.enabled = cfg.graph.enabled = False
+    r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path)
+    with open_scan(r.outputs["C00"]["preprocessed"]) as pre, open_scan(r.outputs["C00"]["mask"]) as m:
+        otsu = pre.read_slab(0, 0, pre.shape[0])
+        otsu = otsu > threshold_otsu(otsu)
+        final = m.read_slab(0, 0, m.shape[0]) > 0
+    mid = otsu.shape[0] // 2
+    # the closings changed both pictures, or this test could not tell the masks apart
+    assert not np.array_equal(final[mid], otsu[mid]) and not np.array_equal(final.max(0), otsu.max(0))
+    with np.load(tmp_path / "C00" / "figures.npz") as f:
+        np.testing.assert_array_equal(f["mip_mask"] > 0, otsu.max(axis=0))
+        np.testing.assert_array_equal(f["mid_mask"] > 0, otsu[mid])
+        np.testing.assert_array_equal(f["mip_final"] > 0, final.max(axis=0))
+        np.testing.assert_array_equal(f["mid_final"] > 0, final[mid])

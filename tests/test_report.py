@@ -262,3 +262,24 @@ def test_the_overlay_outlines_the_truth_only_where_the_middle_slice_has_some(tmp
     seen = _drawn(monkeypatch)
     write_report(out)
     assert seen["C00_overlay.png"]["axes"][0]["title"] == "middle slice (mask: red)"
+
+
+def test_the_overlay_and_projections_show_the_mask_after_the_closings_when_there_is_one(tmp_path, monkeypatch):
+    """The run's mask (mask.ome.zarr) is the one after the closings: the overlay reds it, not the mask
+    before them, and the projections show both, each under its own title."""
+    out = make_run(tmp_path / "run")
+    f = dict(np.load(out / "C00" / "figures.npz"))
+    closed = np.roll(f["mid_mask"], 3, axis=1)   # any image other than the mask before the closings
+    closed[:, :5] = 1
+    f.update(mid_final=closed, mip_final=closed)
+    np.savez_compressed(out / "C00" / "figures.npz", **f)
+    seen = _drawn(monkeypatch)
+    write_report(out)
+    overlay = seen["C00_overlay.png"]["axes"][0]
+    np.testing.assert_array_equal(overlay["images"][1][..., 3] > 0, closed > 0)
+    assert overlay["title"] == "middle slice (mask after closings: red, truth: cyan outline)"
+    mips = seen["C00_mips.png"]["axes"]
+    titles = [a["title"] for a in mips]
+    assert titles[-3:] == ["mask", "mask after closings", "truth"]
+    np.testing.assert_array_equal(mips[-3]["images"][0], f["mip_mask"])
+    np.testing.assert_array_equal(mips[-2]["images"][0], closed)
