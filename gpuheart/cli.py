@@ -192,7 +192,7 @@ def _cmd_run(a) -> int:
             raise ConfigError(f"--preset wants CHANNEL=NAME (e.g. C01=nerves), got {spec!r}")
         cfg.channel[channel] = {**cfg.channel.get(channel, {}), "preset": name}
     cfg.validate()
-    truth = {c: m for c, m in a.truth} if a.truth else None
+    truth = _truth_by_channel(a.truth)
     inputs = _expand_inputs(a.input)
     with _dask_client(a.dask) as client:
         if len(inputs) <= 1:
@@ -201,6 +201,19 @@ def _cmd_run(a) -> int:
             _print_run(result)
             return EXIT_OK
         return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth, resume=not a.restart, client=client)
+
+
+def _truth_by_channel(pairs) -> dict[str, str] | None:
+    """--truth CHANNEL MASK pairs as a dict; a channel given twice is an error, not a silent last-wins."""
+    from .pipeline import ConfigError
+
+    truth: dict[str, str] = {}
+    for channel, mask in pairs or ():
+        if channel in truth and truth[channel] != mask:
+            raise ConfigError(f"--truth {channel} given twice ({truth[channel]} and {mask}); expected one mask per "
+                              f"channel")
+        truth[channel] = mask
+    return truth or None
 
 
 def _dask_client(spec: str | None):

@@ -389,13 +389,24 @@ class Pipeline:
         of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
         file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
         local run's."""
-        from .io import _scan_path, open_scan
+        from .io import _scan_path
 
         if source is not None:
             _scan_path(source)   # an array is refused before an earlier run's summary is removed
+        created = not Path(out_dir).exists()
+        try:
+            return self._run(source, Path(out_dir), truth, phantom_preset, resume, client)
+        except BaseException:
+            if created:   # a scan that failed at once (a wrong path) leaves no empty OUT/<name>/ behind
+                _remove_if_empty(Path(out_dir))
+            raise
+
+    def _run(self, source, out_dir: Path, truth, phantom_preset: str, resume: bool, client) -> RunResult:
+        from .io import open_scan
+
         cfg = self.config
         timer = _Timer(backend.resolve_device(cfg.device))
-        out_dir = _writable_folder(Path(out_dir))
+        out_dir = _writable_folder(out_dir)
         # an earlier run's summary and report would make this run look finished until it is
         # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
         _remove_earlier_run_files(out_dir, cfg.output.report)
@@ -452,7 +463,7 @@ class Pipeline:
         if others:
             warnings.warn(f"{out_dir}: {', '.join(others)} hold(s) outputs of an earlier run with other channels "
                           f"or settings, which this run's config.toml and summary.json do not describe",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
         if cfg.output.report:
@@ -542,6 +553,13 @@ def _check_tiles(channel: str, seg: SegmentConfig, model) -> None:
                           f"this U-Net: expected a tile divisible by {align} (2**depth) and an overlap in [0, tile)")
 
 
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()   # refuses a folder with anything in it: work to resume from is never removed
+    except OSError:
+        pass
+
+
 def _writable_folder(path: Path) -> Path:
     """``path`` as an existing folder this process can write in, or a ConfigError saying why not (before any
     work, instead of the OS's errno text from deep inside the first write)."""
@@ -566,7 +584,7 @@ def _warn_if_preprocessing_differs_from_training(channel: str, exposure: Exposur
     if changed:
         warnings.warn(f"channel {channel}: [exposure] {changed} differs from the defaults the U-Net was trained "
                       f"on (gpuheart train preprocesses with the defaults), so its mask may be worse than its "
-                      f"scores; the difference of medians is not affected", RuntimeWarning, stacklevel=3)
+                      f"scores; the difference of medians is not affected", RuntimeWarning, stacklevel=4)
 
 
 def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:
@@ -613,7 +631,7 @@ def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
 
         warnings.warn(f"{scan.path}: settings given for channel(s) {', '.join(unused)} (--preset or [channel.NAME]), "
                       f"which the scan does not have (its channels: {', '.join(scan.channels)}); they are unused",
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def _check_truths(scan, truth: dict) -> None:

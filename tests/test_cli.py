@@ -205,7 +205,15 @@ def test_batch_continues_past_a_failing_scan(tmp_path, capsys):
     assert code == 1
     assert "1 succeeded, 1 failed" in captured.out and "b_image.tif" in captured.out
     assert (tmp_path / "out" / "a_image" / "summary.json").is_file()
-    assert not (tmp_path / "out" / "b_image" / "summary.json").exists()
+    assert not (tmp_path / "out" / "b_image").exists()   # no empty folder that looks like a run's
+
+
+def test_truth_given_twice_for_a_channel_is_an_error(tmp_path, capsys):
+    argv = ["run", str(tmp_path / "scan.tif"), "-o", str(tmp_path / "o"), "--no-progress",
+            "--truth", "C00", "a.tif", "--truth", "C00", "b.tif"]
+    assert main(argv) == 1
+    assert "--truth C00 given twice (a.tif and b.tif)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_glob_matching_nothing_is_an_error(tmp_path, capsys):

@@ -543,3 +543,16 @@ def test_the_reports_mask_figures_show_the_segmentation_and_the_written_mask(tin
         np.testing.assert_array_equal(f["mid_mask"] > 0, otsu[mid])
         np.testing.assert_array_equal(f["mip_final"] > 0, final.max(axis=0))
         np.testing.assert_array_equal(f["mid_final"] > 0, final[mid])
+
+
+def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(tmp_path):
+    """A wrong input path: the OUT folder the run created is removed again, an existing one is left."""
+    from gpuheart.io import ScanError
+
+    with pytest.raises(ScanError):
+        Pipeline().run(tmp_path / "no-such-scan.tif", tmp_path / "new" / "out")
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ScanError):
+        Pipeline().run(tmp_path / "no-such-scan.tif", tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
