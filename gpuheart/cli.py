@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="apply the paper's closings too (step 6; default: no, whatever a -c config says)")
     sg.add_argument("-c", "--config", help="TOML config file")
     sg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: the config's, auto)")
+    sg.add_argument("--restart", action="store_true",
+                    help="ignore the checkpoint of an earlier, interrupted segmentation into OUT and start over")
     sg.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train the U-Net on labelled stacks",
@@ -393,7 +395,10 @@ def _cmd_segment(a) -> int:
     if Path(a.out).suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
                          f"(gpuheart run writes OME-Zarr masks)")
-    out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel)
+    work = Path(a.out).parent / f".{Path(a.out).name}.gpuheart-work"   # where Pipeline.segment works
+    if work.is_dir() and not a.restart:
+        print(f"gpuheart: continuing the interrupted segmentation in {work} (--restart starts over)")
+    out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel, resume=not a.restart)
     print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
     return EXIT_OK
 

@@ -482,9 +482,7 @@ class Pipeline:
         starts over), as :meth:`run` does."""
         from dataclasses import replace
 
-        from .io import open_scan
-
-        from .io import _is_zarr_dir, _scan_path
+        from .io import _is_zarr_dir, _scan_path, open_scan
 
         src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
         # a slice folder reads only the files directly in it; a Zarr store owns everything below it

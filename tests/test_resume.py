@@ -649,3 +649,37 @@ def test_an_interrupted_segment_resumes_and_leaves_no_work_folder(scan, tmp_path
     np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(ref))
     assert sorted(p.name for p in out.parent.iterdir()) == ["mask.tif"]
     assert sorted(p.name for p in ref.parent.iterdir()) == ["mask.tif"]
+
+
+def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_path, monkeypatch, capsys):
+    from gpuheart import pipeline
+    from gpuheart.cli import main
+
+    cfg_path = tmp_path / "fast.toml"
+    _fast_cfg(checkpoint_seconds=0.0).save(cfg_path)
+    out = tmp_path / "out" / "mask.tif"
+    argv = ["segment", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]
+    real = pipeline._process_slab
+    computed = []
+
+    def killed_at_20(x, z0, *a, **k):
+        if z0 >= 20:
+            raise KeyboardInterrupt
+        return real(x, z0, *a, **k)
+
+    def counted(x, z0, *a, **k):
+        computed.append(z0)
+        return real(x, z0, *a, **k)
+
+    for restart in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "_process_slab", killed_at_20)
+            assert main(argv) == 130   # Ctrl-C
+        capsys.readouterr()
+        computed.clear()
+        monkeypatch.setattr(pipeline, "_process_slab", counted)
+        assert main(argv + ["--restart"] * restart) == 0
+        said = capsys.readouterr().out
+        assert ("continuing the interrupted segmentation" in said) is not restart
+        assert min(computed) == (0 if restart else 20)
+        monkeypatch.setattr(pipeline, "_process_slab", real)
