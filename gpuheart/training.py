@@ -129,6 +129,8 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
     if sparse and train_kw.get("context"):
         raise ValueError("sparse labels leave gaps between the slices trained on, so a 2.5-D model (context > 0) "
                          "would see the wrong neighbours; use a 2-D model (context 0)")
+    train_kw.setdefault("num_threads", os.cpu_count())
+    cfg = unet.TrainConfig(**train_kw)   # its settings checked before any data are read
     found = find_pairs(paths)
     unknown = sorted(set(exclude) - {s.name for s in found})
     if unknown:   # a misspelt held-out stack would silently be trained on
@@ -152,8 +154,6 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
         labels.append(lab)
     if not images:
         raise ScanError("no training data: give NAME_image.tif files or folders, or --phantom N")
-    train_kw.setdefault("num_threads", os.cpu_count())
-    cfg = unet.TrainConfig(**train_kw)
     return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume)
 
 

@@ -287,8 +287,9 @@ def load_weights(path, device: str = "cpu") -> UNet:
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (not a readable PyTorch checkpoint: "
                          f"{type(err).__name__}); expected best.pt from gpuheart train") from err
     if isinstance(ckpt, dict) and {"model", "opt", "state"} <= ckpt.keys():
-        raise ValueError(f"{path} is the training state that gpuheart train --resume continues from, not weights "
-                         f"to segment with: use best.pt in the same folder")
+        raise ValueError(f"{path} is the training state that gpuheart train --resume continues from, not a weights "
+                         f"file (to segment with, or to start training from with --init): use best.pt in the same "
+                         f"folder")
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (expected format {WEIGHTS_FORMAT!r})")
     model = UNet(**ckpt["hparams"])
@@ -735,6 +736,21 @@ class TrainConfig:
     augment: bool = True
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self):
+        self.check()   # a bad setting fails before data are loaded or a folder is made
+
+    def check(self) -> None:
+        """ValueError naming the first setting ``train`` cannot use (also run by ``train``: fields may be
+        changed after construction)."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: expected 'plateau' or 'cosine'")
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0 slices, got {self.context}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
 
 @dataclass
 class TrainResult:
@@ -816,12 +832,10 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     ``out_dir/curves.png``, both rewritten after every epoch. Deterministic for a given seed on the CPU, also across an interruption
     and resume (RNG states are checkpointed).
     """
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
+    cfg.check()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch_device(cfg.device)
     vols, labs = _check_pairs(images, labels)
     train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
@@ -838,12 +852,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
                       f"Dice (1 for an empty prediction, 0 otherwise) cannot choose best.pt or calibrate its "
                       f"threshold; label vessels in those slices, or pass "
                       f"--sparse-labels to train and validate on the labelled slices only", stacklevel=2)
-    if cfg.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"unknown schedule {cfg.schedule!r}: expected 'plateau' or 'cosine'")
-    if cfg.context < 0:
-        raise ValueError(f"context must be >= 0 slices, got {cfg.context}")
-    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {cfg.threshold}")
+    out_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run leaves no folder behind
     sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context, cfg.balance)
 
     torch.manual_seed(cfg.seed)

@@ -859,9 +859,32 @@ def test_resume_refuses_a_different_learning_rate(tmp_path):
 @pytest.mark.parametrize("threshold", [0.0, 1.0])
 def test_a_fixed_threshold_of_0_or_1_is_refused(tmp_path, threshold):
     # prob > 1 never holds, prob > 0 almost always: an empty or a full mask whatever the model learnt
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        _cfg(epochs=1, threshold=threshold)
+    cfg = _cfg(epochs=1)
+    cfg.threshold = threshold   # changed after construction: train checks again, before making its folder
     img, lab = _synthetic()
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
-        unet.train([img], [lab], _cfg(epochs=1, threshold=threshold), tmp_path, progress=False)
+        unet.train([img], [lab], cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [(dict(loss="dice"), "unknown loss 'dice'"),
+                                              (dict(schedule="step"), "unknown schedule 'step'"),
+                                              (dict(context=-1), "context must be >= 0")])
+def test_bad_train_settings_are_refused_when_the_config_is_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        unet.TrainConfig(**setting)
+
+
+def test_gpuheart_train_refuses_a_bad_threshold_before_reading_data(tmp_path, capsys):
+    from gpuheart.cli import main
+
+    # the data path does not exist: the threshold is what it must complain about, and no folder is made
+    assert main(["train", str(tmp_path / "missing"), "-o", str(tmp_path / "run"), "--threshold", "1.5",
+                 "--no-progress"]) == 1
+    assert "threshold must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_other_training_data(tmp_path):
@@ -955,3 +978,13 @@ def test_resuming_a_finished_run_reports_it_as_it_ended(tmp_path, monkeypatch):
     first = unet.train([img], [lab], cfg, tmp_path, progress=False)
     again = unet.train([img], [lab], cfg, tmp_path, progress=False, resume=True)
     assert (first.stopped_early, first.epochs_run) == (again.stopped_early, again.epochs_run) == (False, 3)
+
+
+def test_last_pt_given_as_weights_or_init_points_to_best_pt(tmp_path):
+    img, lab = _synthetic(1)
+    unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path / "a", progress=False)
+    last = tmp_path / "a" / "last.pt"
+    with pytest.raises(ValueError, match=r"training state .* not a weights file .*--init.*: use best.pt"):
+        unet.load_weights(last)
+    with pytest.raises(ValueError, match=r"training state .*: use best.pt"):
+        unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1, init=str(last)), tmp_path / "b", progress=False)
