@@ -522,8 +522,10 @@ def _holds_scan(d: Path) -> bool:
         return False
 
 
-def _scan_folder(path: Path) -> dict[str, list[Path]]:
-    """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete."""
+def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
+    """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete: those of
+    ``channels`` (names, as for :func:`open_scan`) only, when given, so a damaged channel that is not asked
+    for does not stop the others."""
     tiffs = [p for p in path.iterdir() if _is_slice_file_name(p.name) and p.is_file()]
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
@@ -537,8 +539,11 @@ def _scan_folder(path: Path) -> dict[str, list[Path]]:
         by_channel.setdefault(int(cm[-1]) if cm else 0, []).append((int(zm[-1]) if zm else None, p))
     files: dict[str, list[Path]] = {}
     spans: dict[str, list[int]] = {}   # the Z numbers of channels named by Z token
+    kept = set(_select_channels(path, [f"C{c:02d}" for c in sorted(by_channel)], channels))
     for c in sorted(by_channel):
         name = f"C{c:02d}"
+        if name not in kept:
+            continue
         items = by_channel[c]
         lacking = [p.name for z, p in items if z is None]
         if lacking and len(lacking) < len(items):   # e.g. a MIP saved beside the slices: it would be a slice
@@ -752,7 +757,8 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
     channel from ``_C<nn>``, z from ``Z<nnnn>``, natural order; no channel token means ``"C00"``), or a
     Zarr store (OME-NGFF image group, level 0; or a plain (z, y, x) / (c, z, y, x) array).
 
-    ``channels`` keeps a subset, by name. ``voxel_size`` (z, y, x) µm overrides the metadata; otherwise it
+    ``channels`` keeps a subset, by name (in a per-slice folder only their files are checked, so a damaged
+    channel that is not asked for does not stop the others). ``voxel_size`` (z, y, x) µm overrides the metadata; otherwise it
     comes from OME PhysicalSize*, ImageJ spacing/resolution or NGFF scale, else None.
     Raises :class:`ScanError` for anything missing, inconsistent or unreadable, ``TypeError`` for what is
     not a path (an in-memory array: write it with :func:`write_tiff` first).
@@ -764,7 +770,7 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
         src = _Zarr(path)
         names = [f"C{c:02d}" for c in range(src.nchannels)]
     elif path.is_dir():
-        files = _scan_folder(path)
+        files = _scan_folder(path, channels)   # only the channels asked for are checked and opened
         only = next(iter(files.values()))
         if len(files) == 1 and len(only) == 1 and _is_tiff(only[0]) and _multi_page(only[0]):
             src = _TiffStack(only[0])  # a folder holding one stack: open the stack

@@ -352,6 +352,23 @@ def test_channels_numbered_over_different_slices_are_refused(tmp_path):
                               f"expected the same Z numbers in every channel")
 
 
+def test_a_damaged_channel_not_asked_for_does_not_stop_the_others(tmp_path):
+    """--channels C00: a corrupt or missing C01 slice is C01's problem; opening C01 (or all) still names it."""
+    vols = {0: volume((6, 4, 4)), 1: volume((6, 4, 4), seed=1), 2: volume((6, 4, 4), seed=2)}
+    folder = write_folder(tmp_path / "scan", vols)
+    (folder / lavision_filename("heart", 1, 2)).write_bytes(b"not a tiff")
+    (folder / lavision_filename("heart", 2, 3)).unlink()
+    scan = open_scan(folder, channels=["C00"])
+    assert scan.channels == ["C00"] and scan.shape == (6, 4, 4)
+    np.testing.assert_array_equal(scan.read_slab("C00", 0, 6), vols[0])
+    with pytest.raises(ScanError, match=r"heart_C01_xyz-Table Z0002.ome.tif: not a TIFF file"):
+        open_scan(folder, channels=["C01"])
+    with pytest.raises(ScanError, match=r"channel C02 has no slice Z0003"):
+        open_scan(folder)
+    with pytest.raises(ScanError, match=r"unknown channel\(s\) 'C07'; available: C00, C01, C02"):
+        open_scan(folder, channels=["C07"])
+
+
 def test_numbering_may_start_above_zero_when_all_channels_agree(tmp_path):
     folder = write_folder(tmp_path / "scan", {0: volume((3, 4, 4)), 1: volume((3, 4, 4), seed=1)})
     for c in (0, 1):
