@@ -12,6 +12,11 @@ interpolated from the same two voxel values by both blocks and come out bit-iden
 are welded by an exact key (the float32 (y, x) pair read as one uint64). The result equals the
 whole-volume mesh (:func:`marching_cubes_volume`), vertex for vertex, face for face.
 
+Bounded memory: the mesh is held whole (about 430 bytes per face at the peak), so :func:`mesh_from_mask`
+first counts the faces the mask would give (:func:`estimate_faces`, exact for masks, streamed) and, over
+``max_memory_faces``, meshes the mask averaged over k x k x k voxel blocks instead (:func:`block_factor`),
+which has about k**2 times fewer faces: peak memory is then bounded by the budget, not by the slice count.
+
 Components (:func:`solid_components`): pieces of the solid, each its outer surface plus the inner
 surfaces of the cavities it encloses. They follow marching-cubes connectivity, which is that of 18-connected
 voxels: voxels sharing a face or an edge give one surface, voxels that touch only at a corner give separate
@@ -31,6 +36,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -123,6 +129,15 @@ def _as_reader(read_slab, shape) -> ReadSlab:
     return lambda z0, z1: read_slab[z0:z1]
 
 
+def _read_checked(read_slab: ReadSlab, shape, z0: int, z1: int):
+    """``read_slab(z0, z1)``, refused unless it has the shape asked for."""
+    slab = read_slab(z0, z1)
+    if np.shape(slab) != (z1 - z0, *shape[1:]):
+        raise ValueError(f"read_slab({z0}, {z1}) returned shape {np.shape(slab)}; expected "
+                         f"{(z1 - z0, *shape[1:])} for a mask of shape {tuple(shape)}")
+    return slab
+
+
 def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int, level: float) -> np.ndarray:
     """Padded planes [p0, p1) of the zero-padded volume (plane p is volume slice p - 1), integer values
     cut at ``level`` (:func:`_cut_integers`)."""
@@ -130,11 +145,7 @@ def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int, level: float) -> 
     z0, z1 = max(p0 - 1, 0), min(p1 - 1, nz)
     block = np.zeros((p1 - p0, ny + 2, nx + 2), np.float32)
     if z1 > z0:
-        slab = read_slab(z0, z1)
-        if np.shape(slab) != (z1 - z0, ny, nx):
-            raise ValueError(f"read_slab({z0}, {z1}) returned shape {np.shape(slab)}; expected "
-                             f"{(z1 - z0, ny, nx)} for a mask of shape {tuple(shape)}")
-        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = _cut_integers(slab, level)
+        block[z0 + 1 - p0:z1 + 1 - p0, 1:-1, 1:-1] = _cut_integers(_read_checked(read_slab, shape, z0, z1), level)
     return block
 
 
@@ -203,6 +214,94 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     if not faces:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
     return _to_physical(np.concatenate(verts), voxel_size), _outward(np.concatenate(faces))
+
+
+# -- face-count estimate, coarser grids (bounded memory) ----------------------------------------
+
+@lru_cache(maxsize=None)
+def _faces_per_cube() -> np.ndarray:
+    """Triangles ``skimage.measure.marching_cubes`` makes in one cube, by the cube's inside corners
+    (bit ``4 z + 2 y + x``), learnt from skimage itself on each of the 256 binary cubes: on a binary
+    volume cut at a level between 0 and 1 a cube's triangles depend on its own 8 corners only, so the
+    sum over the cubes is the mesh's exact face count (tests/test_mesh.py checks it on random volumes)."""
+    table = np.zeros(256, np.int64)
+    for c in range(1, 255):
+        cube = np.array([(c >> i) & 1 for i in range(8)], np.float32).reshape(2, 2, 2)
+        table[c] = len(measure.marching_cubes(cube, 0.5)[1])
+    return table
+
+
+def _squares(plane: np.ndarray) -> np.ndarray:
+    """The 4 inside-bits (``2 y + x``) of each square of the zero-padded plane (a bool (y, x) plane)."""
+    p = np.pad(plane, 1).view(np.uint8)
+    return p[:-1, :-1] | (p[:-1, 1:] << 1) | (p[1:, :-1] << 2) | (p[1:, 1:] << 3)
+
+
+def estimate_faces(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int = 64,
+                   level: float = 0.5) -> int:
+    """Faces :func:`marching_cubes_slabs` would give for this mask, from one streamed pass that keeps a
+    slab and two planes of cube codes (no mesh): exact for masks (bool or integer, or floats 0/1),
+    :func:`_faces_per_cube`. For float volumes it counts the mask ``value > level``, off by a few faces
+    per ambiguous cube. Thin or noisy masks give up to ~2.5 faces per inside/outside voxel-face transition,
+    smooth ones ~2, which is why the cubes are counted rather than the transitions scaled."""
+    read_slab = _as_reader(read_slab, shape)
+    table = _faces_per_cube()
+    nz, ny, nx = shape
+    below = np.zeros((ny + 1, nx + 1), np.uint8)   # the squares of the padding plane under slice 0
+    total = 0
+    for z0 in range(0, nz, max(1, slab_size)):
+        z1 = min(z0 + slab_size, nz)
+        for plane in _read_checked(read_slab, shape, z0, z1):
+            sq = _squares(np.asarray(plane) > level)
+            total += int(np.bincount((below | (sq << 4)).ravel(), minlength=256) @ table)
+            below = sq
+    return total + int(np.bincount(below.ravel(), minlength=256) @ table)   # the padding plane above
+
+
+def block_factor(estimate: int, max_memory_faces: int | None) -> int:
+    """The smallest k >= 1 with ``estimate / k**2 <= max_memory_faces``: surfaces scale with area, so a
+    grid k times coarser on every axis has about k**2 times fewer faces (fewer still where thin
+    structures vanish in the averaging)."""
+    if not max_memory_faces or estimate <= max_memory_faces:
+        return 1
+    k = max(1, int(np.sqrt(estimate / max_memory_faces)))
+    while estimate > max_memory_faces * k * k:
+        k += 1
+    return k
+
+
+# a block exactly half inside counts as inside; a level equal to a voxel value would put vertices on grid points,
+# which the seams cannot weld (marching_cubes_slabs). Averages of up to 2048 voxels never equal it.
+COARSE_LEVEL = 0.5 - 2.0 ** -12
+
+
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each k x k x k block of a (z, y, x) array as float32; a partial block at the far edges is the mean
+    of the voxels it has (a vessel leaving the scan keeps its cross-section there instead of thinning)."""
+    n = np.array(a.shape)
+    m = -(-n // k)
+    padded = np.zeros(tuple(m * k), np.float32)
+    padded[:n[0], :n[1], :n[2]] = a
+    s = padded.reshape(m[0], k, m[1], k, m[2], k).sum((1, 3, 5), dtype=np.float32)
+    cz, cy, cx = (np.minimum(k, n[i] - k * np.arange(m[i])).astype(np.float32) for i in range(3))
+    return s / (cz[:, None, None] * cy[:, None] * cx)
+
+
+def _block_reader(read_slab: ReadSlab, shape, k: int, level: float, slab_size: int,
+                  ) -> tuple[ReadSlab, tuple[int, int, int]]:
+    """A reader of the block-averaged mask (voxels cut at ``level``, then :func:`_block_mean`) and its shape.
+    The mask is read about ``slab_size`` slices at a time (a multiple of k), so the memory is that of k = 1."""
+    nz = shape[0]
+    step = k * max(1, slab_size // k)
+
+    def read(c0: int, c1: int) -> np.ndarray:
+        parts = []
+        for z0 in range(c0 * k, min(c1 * k, nz), step):
+            z1 = min(z0 + step, c1 * k, nz)
+            parts.append(_block_mean(np.asarray(_read_checked(read_slab, shape, z0, z1)) > level, k))
+        return np.concatenate(parts)
+
+    return read, tuple(-(-int(n) // k) for n in shape)
 
 
 # -- measures ----------------------------------------------------------------------------------
@@ -641,6 +740,8 @@ class MeshStats:
     surface_area: float
     volume: float
     bytes: int
+    block_factor: int = 1               # k > 1: meshed from the mask averaged over k x k x k voxel blocks
+    estimated_faces: int | None = None  # full-resolution marching-cubes faces (None: not estimated)
 
 
 def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_bytes):
@@ -672,10 +773,17 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
     return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
 
 
+# Peak memory of mesh_from_mask per marching-cubes face (tracemalloc, GLB with largest_path and table_path, no
+# decimation): 434 bytes on the phantom's vessel truth stacked to 256 x 256 x 256 (1.12 M faces, 486 MB), 509 at
+# 64 slices (282 k faces, where the slab weighs more). The default budget, 20 M faces, keeps the stage near
+# 8 GiB (20 M x 434 B); a slab of the mask comes on top.
+MAX_MEMORY_FACES = 20_000_000
+
+
 def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, voxel_size,
                    slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
                    level: float = 0.5, max_bytes: int = 1 << 30, table_path=None,
-                   largest_path=None) -> MeshStats:
+                   largest_path=None, max_memory_faces: int | None = MAX_MEMORY_FACES) -> MeshStats:
     """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> :func:`solid_components` ->
     drop components < ``min_faces`` -> decimate to ``max_faces`` (if given; components it leaves
     under ``min_faces`` dropped too) -> file at ``out_path`` (format from its suffix), decimated
@@ -687,10 +795,25 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     first, so a mesh that cannot fit raises before any file is written. ``read_slab`` may also be the
     (z, y, x) mask array itself (bool, or integer such as gpuheart's 0/255: voxels above ``level`` are
     inside); ``voxel_size`` is (z, y, x) µm (``(1, 1, 1)`` for voxel units).
+
+    Memory: the whole mesh is held (about 430 bytes per face, :data:`MAX_MEMORY_FACES`), so a first
+    streamed pass counts the faces the mask would give (:func:`estimate_faces`). Where they exceed
+    ``max_memory_faces`` (None or 0: no limit, no pass) the mask is meshed on a grid k times coarser
+    (:func:`block_factor`) with a RuntimeWarning: each k x k x k block becomes its fraction of inside voxels,
+    meshed at about 0.5 (:data:`COARSE_LEVEL`) with voxels k times larger, vertices placed at the block
+    centres' physical positions. Structures thinner than about half a block vanish.
     """
     voxel_size = tuple(_voxel_size(voxel_size))
-    v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
-    n_mc, lab = solid_components(v, f, voxel_size)
+    if max_memory_faces is not None and max_memory_faces < 0:
+        raise ValueError(f"max_memory_faces must be >= 0 (0 or None: no limit), got {max_memory_faces}")
+    read_slab = _as_reader(read_slab, shape)
+    est = estimate_faces(read_slab, shape, slab_size, level) if max_memory_faces else None
+    k = block_factor(est or 0, max_memory_faces)
+    if k > 1:
+        warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
+                      f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}) to bound "
+                      f"the memory; structures thinner than about {k / 2:g} voxels are lost", RuntimeWarning, stacklevel=2)
+    v, f, n_mc, lab = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k)
     v, f, lab = _drop_small(v, f, lab, min_faces)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
@@ -701,4 +824,20 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
         write_component_table(component_table(mv, mf, mlab), table_path)
     n = _dense(mlab)[0]
     return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
-                     mesh_area(mv, mf) if len(mf) else 0.0, mesh_volume(mv, mf) if len(mf) else 0.0, nbytes)
+                     mesh_area(mv, mf) if len(mf) else 0.0, mesh_volume(mv, mf) if len(mf) else 0.0, nbytes,
+                     k, est)
+
+
+def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int):
+    """Marching cubes and :func:`solid_components` of the mask, or for k > 1 of its k-block means: (vertices,
+    faces, component count, per-face labels)."""
+    if k == 1:
+        v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
+        return (v, f, *solid_components(v, f, voxel_size))
+    coarse = tuple(k * np.asarray(voxel_size))
+    read, cshape = _block_reader(read_slab, shape, k, level, slab_size)
+    v, f = marching_cubes_slabs(read, cshape, slab_size, coarse, COARSE_LEVEL)
+    n, lab = solid_components(v, f, coarse)   # on the coarse grid, before the shift takes vertices off it
+    # block i's centre is voxel i k + (k - 1) / 2, where the coarse grid puts it at i k
+    v += (k - 1) / 2 * np.asarray(voxel_size)[::-1]
+    return v, f, n, lab

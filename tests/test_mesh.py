@@ -509,3 +509,133 @@ def test_max_faces_below_min_faces_is_an_error_not_an_empty_mesh(tmp_path):
     with pytest.raises(ValueError, match="max_faces = 10 leaves every piece under min_faces = 20"):
         M.mesh_from_mask(m, m.shape, tmp_path / "mesh.glb", (1, 1, 1), max_faces=10)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- bounded memory: face estimate, coarser grids ---------------------------------------------
+
+def _thin_lines():
+    m = np.zeros((20, 24, 24), bool)
+    m[:, ::4, ::5] = True                                    # 1-voxel lines through the volume
+    i = np.arange(20)
+    m[i, i, 23 - i] = True                                   # a diagonal chain touching at corners
+    return m
+
+
+def _noise(p):
+    return lambda: np.random.default_rng(5).random((14, 16, 18)) < p
+
+
+ESTIMATE_SHAPES = {**SHAPES, "thin_lines": _thin_lines, "noise10": _noise(0.1), "noise50": _noise(0.5),
+                   "empty": lambda: np.zeros((3, 4, 5), bool), "full": lambda: np.ones((3, 4, 5), bool)}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATE_SHAPES))
+def test_the_face_estimate_is_skimage_face_count(name):
+    """The bound: exact (0 faces off) on masks, streamed in any slab size; gpuheart's 0/255 masks alike."""
+    m = ESTIMATE_SHAPES[name]()
+    want = len(measure.marching_cubes(np.pad(m.astype(np.float32), 1), 0.5)[1]) if m.any() else 0
+    for slab_size in (1, 3, 64):
+        assert M.estimate_faces(_reader(m), m.shape, slab_size) == want
+    assert M.estimate_faces((m * 255).astype(np.uint8), m.shape) == want
+
+
+def test_the_face_estimate_of_a_float_volume_is_close():
+    """Float volumes are counted as the mask value > level: ambiguous cubes may differ by a few faces."""
+    rng = np.random.default_rng(2)
+    vol = ndi.gaussian_filter(rng.random((20, 22, 24)), 1.2).astype(np.float32)
+    level = float(np.median(vol))
+    want = len(measure.marching_cubes(np.pad(vol, 1, constant_values=vol.min() - 1), level)[1])
+    assert M.estimate_faces(vol, vol.shape, level=level) == pytest.approx(want, rel=0.02)
+
+
+def _block_means(mask, k):
+    """The mean of each k x k x k block over the voxels that exist (NaN padding, then nanmean)."""
+    n = np.array(mask.shape)
+    m = -(-n // k)
+    a = np.full(tuple(m * k), np.nan)
+    a[:n[0], :n[1], :n[2]] = mask
+    return np.nanmean(a.reshape(m[0], k, m[1], k, m[2], k), axis=(1, 3, 5))
+
+
+def _coarse_reference(mask, k, vs):
+    """skimage on the zero-padded block means, k-times voxels, block centres at (k - 1) / 2 voxels."""
+    vs = np.asarray(vs, float)
+    v, f, _, _ = measure.marching_cubes(np.pad(_block_means(mask, k), 1), 0.5 - 2.0 ** -12, spacing=tuple(k * vs))
+    return (v - k * vs + (k - 1) / 2 * vs)[:, ::-1], f
+
+
+def _dense_blob(shape, seed=4):
+    return ndi.gaussian_filter(np.random.default_rng(seed).random(shape), 1.0) > 0.5
+
+
+@pytest.mark.parametrize("shape", [(24, 30, 36), (25, 31, 35)])   # whole blocks, and partial ones at the edges
+def test_over_max_memory_faces_the_mask_is_meshed_from_block_means(tmp_path, shape):
+    m = _dense_blob(shape)
+    vs = (2.0, 0.5, 0.75)
+    full = len(_skimage_reference(m, vs)[1])
+    budget = full // 5
+    k = next(k for k in range(1, 10) if full / k ** 2 <= budget)   # smallest k whose area scaling fits
+    assert k == 3
+    out = tmp_path / "mesh.ply"
+    with pytest.warns(RuntimeWarning, match=rf"about {full:,} marching-cubes faces.*block factor 3"):
+        st = M.mesh_from_mask(_reader(m), m.shape, out, vs, slab_size=2, min_faces=0, max_memory_faces=budget)
+    v, f = _coarse_reference(m, k, vs)
+    assert (st.block_factor, st.estimated_faces) == (k, full)
+    assert (st.vertices, st.faces) == (len(v), len(f))
+    assert st.surface_area == pytest.approx(M.mesh_area(v, f), rel=1e-6)
+    assert st.volume == pytest.approx(abs(M.mesh_volume(v, f)), rel=1e-6)
+    got = trimesh.load(out, process=False)
+    np.testing.assert_allclose(got.bounds, [v.min(0), v.max(0)], atol=1e-4)   # same place, same scale
+    assert got.is_watertight                                                  # coarse seams welded
+
+
+def _tube_lattice(nz, ny=64, nx=64):
+    """A reader of tubes along z (10 x 10 voxels every 16, thick enough to survive 4-voxel blocks): faces
+    grow with the slice count, nothing held."""
+    y, x = np.indices((ny, nx))
+    plane = ((y % 16) < 10) & ((x % 16) < 10)
+    return (lambda z0, z1: np.broadcast_to(plane, (z1 - z0, ny, nx)).astype(np.uint8) * 255), (nz, ny, nx)
+
+
+def _traced_peak(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_mesh_stage_memory_does_not_grow_with_the_slice_count(tmp_path):
+    def run(nz, budget):
+        read, shape = _tube_lattice(nz)
+        return _traced_peak(lambda: M.mesh_from_mask(
+            read, shape, tmp_path / f"{nz}.glb", (1, 1, 1), slab_size=16, table_path=tmp_path / "c.csv",
+            largest_path=tmp_path / "l.glb", max_memory_faces=budget))
+
+    budget = 25_000
+    bound = 500 * budget + 4 * (17 * 66 * 66 * 4)   # ~430 B a face (measured), and a few float32 slabs
+    for nz, k in ((64, 2), (256, 4)):                # 4 x the faces: blocks 2 x wider
+        with pytest.warns(RuntimeWarning, match=f"block factor {k}"):
+            st, peak = run(nz, budget)
+        # 16 tubes with 40 voxel edges around: 2 faces a slice per edge (plus the ends)
+        assert st.estimated_faces >= 16 * 40 * 2 * nz and st.block_factor == k
+        assert 0.5 * budget < st.faces < 1.1 * budget and peak < bound, (nz, st, peak, bound)
+    st, peak = run(256, None)                        # what the budget bounds: the whole mesh
+    assert st.faces >= 16 * 40 * 2 * 256 and peak > 5 * bound
+
+
+def test_under_max_memory_faces_nothing_changes(tmp_path):
+    m = _dense_blob((24, 30, 36))
+    vs = (2.0, 0.5, 0.75)
+    full = len(_skimage_reference(m, vs)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "a.ply", vs, min_faces=0, max_memory_faces=full)
+    ref = M.mesh_from_mask(_reader(m), m.shape, tmp_path / "b.ply", vs, min_faces=0, max_memory_faces=None)
+    assert (st.block_factor, st.estimated_faces, ref.block_factor, ref.estimated_faces) == (1, full, 1, None)
+    assert (tmp_path / "a.ply").read_bytes() == (tmp_path / "b.ply").read_bytes()
+    assert st.faces == full and st.volume == ref.volume and st.surface_area == ref.surface_area
+    with pytest.raises(ValueError, match="max_memory_faces must be >= 0"):
+        M.mesh_from_mask(m, m.shape, tmp_path / "c.ply", vs, max_memory_faces=-1)
