@@ -72,6 +72,9 @@ class MeshConfig:
     min_faces: int = 20
     max_faces: int = 0  # 0: keep every face
     max_bytes: int = 1 << 30  # mesh files over this are decimated to fit (game engines choke); error if they cannot
+    # the mesh is held whole (~430 B a face): a mask that would give more marching-cubes faces is meshed from
+    # k x k x k voxel-block means, k the smallest that fits (mesh.MAX_MEMORY_FACES: ~8 GiB); 0: no limit
+    max_memory_faces: int = 20_000_000
     slab_size: int = 64
     largest: bool = True  # also write the largest connected tree as its own mesh
     component_table: bool = True
@@ -128,6 +131,7 @@ def _check_ranges(cfg: "PipelineConfig") -> None:
         ("mesh.min_faces", m.min_faces, m.min_faces >= 0, ">= 0"),
         ("mesh.max_faces", m.max_faces, m.max_faces >= 0, ">= 0 (0: every face)"),
         ("mesh.max_bytes", m.max_bytes, m.max_bytes > 0, "> 0"),
+        ("mesh.max_memory_faces", m.max_memory_faces, m.max_memory_faces >= 0, ">= 0 (0: no limit)"),
         ("mesh.slab_size", m.slab_size, m.slab_size >= 1, ">= 1"),
         ("graph.max_voxels", cfg.graph.max_voxels, cfg.graph.max_voxels >= 1, ">= 1"),
     ]
@@ -1110,7 +1114,7 @@ def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -
         stats = mesh_from_mask(
             mask_reader(m), m.shape, out / f"mesh.{mc.format}",
             voxel or (1.0, 1.0, 1.0), slab_size=mc.slab_size, min_faces=mc.min_faces,
-            max_faces=mc.max_faces or None, max_bytes=mc.max_bytes,
+            max_faces=mc.max_faces or None, max_bytes=mc.max_bytes, max_memory_faces=mc.max_memory_faces or None,
             table_path=out / "components.csv" if mc.component_table else None,
             largest_path=out / f"largest_tree.{mc.format}" if mc.largest else None)
     paths["mesh"] = out / f"mesh.{mc.format}"

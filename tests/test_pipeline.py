@@ -143,6 +143,25 @@ def test_run_writes_a_watertight_mesh_of_the_final_mask(tiny_run):
     assert len(f) == stats["faces"]
 
 
+
+def test_a_mask_over_max_memory_faces_is_meshed_coarser_and_summary_json_says_so(tiny_run, tmp_path):
+    from skimage import measure
+
+    from gpuheart.io import open_scan
+
+    with open_scan(tiny_run.outputs["C00"]["mask"]) as m:   # skimage's face count of the full-resolution mask
+        full = len(measure.marching_cubes(np.pad((m.read_slab(0, 0, m.shape[0]) > 0).astype(np.float32), 1), 0.5)[1])
+    assert tiny_run.summary["C00"]["mesh"]["block_factor"] == 1
+    assert tiny_run.summary["C00"]["mesh"]["estimated_faces"] == full
+    cfg = _tiny_cfg(channels=["C00"], slab_size=5)
+    cfg.mesh.max_memory_faces = full // 5
+    cfg.output.report = False
+    with pytest.warns(RuntimeWarning, match="block factor 3"):   # the smallest k with full / k**2 <= full // 5
+        r = Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path / "out")
+    mesh = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]["C00"]["mesh"]
+    assert (mesh["block_factor"], mesh["estimated_faces"]) == (3, full)
+    assert 0 < mesh["faces"] <= full // 5 and r.summary["C00"]["mesh"] == mesh
+
 def test_final_mask_is_the_closing_of_the_raw_mask(tiny_run):
     from gpuheart.io import open_scan
     from gpuheart.morphology import postprocess
