@@ -1179,7 +1179,8 @@ def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | 
         return stamps[key]
 
     d = cfg.to_dict()
-    d.pop("progress"), d.pop("checkpoint_seconds")
+    # none of these changes a channel's outputs (the report is drawn from them afterwards)
+    d.pop("progress"), d.pop("checkpoint_seconds"), d["output"].pop("report")
     desc = desc or scan.describe()
     weights = None
     if cfg.uses_unet:

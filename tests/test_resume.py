@@ -558,6 +558,15 @@ def test_a_rerun_that_differs_only_in_progress_bars_or_checkpoint_interval_reuse
     assert Pipeline(_fast_cfg(progress=True, checkpoint_seconds=5.0)).run(scan, tmp_path).reused == ["C00"]
 
 
+def test_turning_the_report_on_afterwards_reuses_the_channels_and_writes_it(scan, tmp_path):
+    from gpuheart import Pipeline
+
+    Pipeline(_fast_cfg()).run(scan, tmp_path)   # report = false
+    assert not (tmp_path / "report.html").exists()
+    result = Pipeline(_fast_cfg(output={"report": True})).run(scan, tmp_path)
+    assert result.reused == ["C00"] and (tmp_path / "report.html").is_file()
+
+
 def test_a_truth_mask_corrected_in_place_is_scored_again_not_reused(scan, tmp_path):
     """The same truth path, same size, other pixels (README: results are reused unless the truth changed)."""
     import tifffile
