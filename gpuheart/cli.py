@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-faces", type=_nonnegative_int, help="decimate to at most this many faces (0: keep every face)")
     m.add_argument("--max-bytes", type=_positive_float, default=float(1 << 30),   # [mesh] max_bytes: run's limit
                    help="decimate a mesh whose file would be larger to fit (default: 1073741824 = 1 GiB)")
+    m.add_argument("--max-memory-faces", type=_nonnegative_int, default=20_000_000,   # [mesh] max_memory_faces
+                   help="the mesh is held whole (~430 bytes a face): a mask that would give more marching-cubes faces "
+                        "is meshed from k x k x k voxel-block means, k the smallest that fits, with a warning "
+                        "(default: %(default)s, ~8 GiB; 0: no limit)")
     m.add_argument("--slab-size", type=_positive_int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")
@@ -319,7 +323,8 @@ def _print_run(result) -> None:
         if "mesh" in s:
             m = s["mesh"]
             print(f"    mesh: {m['faces']} faces, {m['components']} components "
-                  f"({m['components_removed']} under the face limit or lost in decimation removed), {m['bytes'] / 1e6:.1f} MB")
+                  f"({m['components_removed']} under the face limit or lost in decimation removed), {m['bytes'] / 1e6:.1f} MB"
+                  + _blocks_note(m.get("block_factor", 1)))
         if "tree" in s and "n_branches" in s["tree"]:
             t = s["tree"]
             print(f"    largest tree: {t['tree_voxels']} voxels, {t['n_branches']} branches, "
@@ -359,14 +364,19 @@ def _cmd_mesh(a) -> int:
         voxel = tuple(a.voxel_size) if a.voxel_size else (m.voxel_size or (1.0, 1.0, 1.0))
         st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
-                            max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest)
+                            max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest,
+                            max_memory_faces=a.max_memory_faces or None)
     if not a.voxel_size and not voxel_known:
         print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
     print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "
           f"({st.components_removed} under {a.min_faces} faces or lost in decimation removed), {st.bytes / 1e6:.1f} MB, "
-          f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²")
+          f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²" + _blocks_note(st.block_factor))
     return EXIT_OK
+
+
+def _blocks_note(k: int) -> str:
+    return f", meshed from {k} x {k} x {k} voxel blocks (over max_memory_faces)" if k > 1 else ""
 
 
 def _segment_config(a):

@@ -479,3 +479,29 @@ def test_train_flags_given_as_zero_still_override_the_finetune_recipe(monkeypatc
     s = cli._train_settings(cli._parser().parse_args(["train", "x", "-o", "y", "--finetune", "w.pt", "--context", "0",
                                                       "--threshold", "0"]))
     assert (s["context"], s["threshold"], s["tile"], s["init"]) == (0, 0.0, 64, "w.pt")
+
+
+def test_mesh_over_max_memory_faces_meshes_voxel_blocks_in_the_same_place(tmp_path, capsys):
+    """--max-memory-faces (default: the run's [mesh] max_memory_faces): a box of whole 2 x 2 x 2 blocks meshed
+    from block means has the box's own bounds; the lone voxel (1/8 of a block) is gone."""
+    import numpy as np
+    import trimesh
+    from skimage import measure
+
+    from gpuheart.cli import _parser
+    from gpuheart.io import write_tiff
+    from gpuheart.pipeline import MeshConfig
+
+    assert _parser().parse_args(["mesh", "m.tif", "-o", "m.glb"]).max_memory_faces == MeshConfig().max_memory_faces
+    mask = np.zeros((8, 24, 24), np.uint8)
+    mask[2:6, 4:16, 6:12] = 255
+    mask[3, 20, 20] = 255
+    write_tiff(tmp_path / "m.tif", mask, voxel_size=(2.0, 1.0, 1.0))
+    faces = len(measure.marching_cubes(np.pad(mask > 0, 1).astype(np.float32), 0.5)[1])
+    with pytest.warns(RuntimeWarning, match="block factor 2"):   # faces / 4 fits faces // 2, faces / 1 does not
+        assert main(["mesh", str(tmp_path / "m.tif"), "-o", str(tmp_path / "m.ply"), "--min-faces", "0",
+                     "--max-memory-faces", str(faces // 2)]) == 0
+    assert "meshed from 2 x 2 x 2 voxel blocks" in capsys.readouterr().out
+    m = trimesh.load(tmp_path / "m.ply", force="mesh")
+    assert m.is_watertight and len(m.split()) == 1
+    np.testing.assert_allclose(m.bounds, [[5.5, 3.5, 3.0], [11.5, 15.5, 11.0]], atol=0.01)   # (x, y, z) µm
