@@ -263,29 +263,88 @@ def _find_mesh(folder: Path) -> Path | None:
 
 
 def _load_mesh(path: Path):
-    """(vertices, faces) via trimesh, or None when trimesh is not installed or the file does not load."""
+    """(vertices, faces) via trimesh, or None when trimesh is not installed or the file does not load; for a
+    binary STL (triangles, None) (:func:`_stl_triangles`).
+
+    ``process=False``: merging vertices (trimesh's default) costs about as much as the mesh itself and the
+    picture does not need it. trimesh would load an STL at ~500 bytes a face, more than the mesh stage
+    held (~430), so it is read from a memory map instead."""
     try:
         import trimesh
     except ImportError:
         return None
     try:
-        m = trimesh.load(path, force="mesh")  # force: a GLB loads as a Scene otherwise
+        if path.suffix.lower() == ".stl" and (tri := _stl_triangles(path)) is not None:
+            return tri, None
+        m = trimesh.load(path, force="mesh", process=False)  # force: a GLB loads as a Scene otherwise
         return np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64)
     except Exception:  # a broken mesh must not cost the rest of the report
         return None
 
 
+def _stl_triangles(path: Path):
+    """A binary STL's triangles as a read-only (n, 3, 3) float32 memory map, or None for a text STL."""
+    with open(path, "rb") as fh:
+        head = fh.read(84)
+    n = int(np.frombuffer(head[80:84], "<u4")[0]) if len(head) == 84 else -1
+    if n <= 0 or path.stat().st_size != 84 + 50 * n:
+        return None
+    rec = np.memmap(path, np.dtype([("n", "<f4", 3), ("v", "<f4", (3, 3)), ("a", "<u2")]), "r", 84, (n,))
+    return rec["v"]
+
+
+# Meshes with more faces than this are vertex-clustered on a _CLUSTER_GRID**3 grid, chunk by chunk, before the
+# quadric decimation: fast-simplification holds a few hundred bytes a face, so on the whole mesh the picture
+# would need about as much memory as the mesh stage; the clustered mesh is bounded by the grid (its faces lie in
+# a few grid**2 cells), whatever the scan's size. Smaller meshes are decimated directly (a finer picture).
+_CLUSTER_ABOVE = 400_000
+_CLUSTER_GRID = 192
+_CLUSTER_CHUNK = 1 << 18
+
+
 def _mesh(path: Path | None, png: Path, max_faces: int = 20000) -> Path | None:
     loaded = _load_mesh(path) if path is not None else None
-    if loaded is None or len(loaded[1]) == 0:
+    if loaded is None:
         return None
-    return draw_mesh(*loaded, png, max_faces=max_faces)
+    v, f = loaded
+    n = len(v) if f is None else len(f)
+    if n == 0:
+        return None
+    if f is None or n > _CLUSTER_ABOVE:
+        v, f = _cluster(v, f, _CLUSTER_GRID)
+    return draw_mesh(v, f, png, max_faces=max_faces, n_faces=n)
 
 
-def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000) -> Path:
+def _triangle_chunks(v, f):
+    """(m, 3, 3) corner positions of the faces, a chunk at a time (``f`` None: ``v`` holds the triangles)."""
+    n = len(v) if f is None else len(f)
+    for i in range(0, n, _CLUSTER_CHUNK):
+        yield np.asarray(v[i:i + _CLUSTER_CHUNK] if f is None else v[f[i:i + _CLUSTER_CHUNK]], np.float64)
+
+
+def _cluster(v, f, grid: int):
+    """Vertex clustering: corners snapped to the centres of cubic cells, ``grid`` along the longest side, faces
+    that collapse dropped, duplicates merged; streamed over :func:`_triangle_chunks`. Winding is not kept: the
+    picture shades both sides alike."""
+    bounds = np.array([(c.min((0, 1)), c.max((0, 1))) for c in _triangle_chunks(v, f)])
+    lo, hi = bounds[:, 0].min(0), bounds[:, 1].max(0)
+    cell = max(float((hi - lo).max()) / grid, 1e-12)
+    dims = tuple(int(d) for d in np.floor((hi - lo) / cell).astype(np.int64) + 1)
+    keys = [np.zeros((0, 3), np.int64)]
+    for tri in _triangle_chunks(v, f):
+        c = np.minimum(((tri - lo) / cell).astype(np.int64), np.array(dims) - 1)
+        k = np.sort(np.ravel_multi_index((c[..., 0], c[..., 1], c[..., 2]), dims), axis=1)
+        keys.append(np.unique(k[(k[:, 0] != k[:, 1]) & (k[:, 1] != k[:, 2])], axis=0))
+    used, inv = np.unique(np.unique(np.concatenate(keys), axis=0), return_inverse=True)
+    centres = lo + (np.stack(np.unravel_index(used, dims), axis=1) + 0.5) * cell
+    return centres, inv.reshape(-1, 3).astype(np.int64)
+
+
+def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000, n_faces: int | None = None) -> Path:
     """A shaded 3D view of a triangle mesh with at most ``max_faces`` faces, since matplotlib draws each
     polygon in Python and a heart mesh has millions: larger meshes are decimated for the picture (so
-    the surface stays closed), or, where decimation is unavailable, drawn from an even subset of faces."""
+    the surface stays closed), or, where decimation is unavailable, drawn from an even subset of faces.
+    ``n_faces``: the face count for the title, when ``faces`` is already a reduction of the mesh."""
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     plt = _pyplot()
@@ -308,7 +367,7 @@ def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000) -> Path:
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_zlabel("z")
-    ax.set_title(f"mesh ({len(faces)} faces; drawn with {len(fc)})", fontsize=9)
+    ax.set_title(f"mesh ({len(faces) if n_faces is None else n_faces} faces; drawn with {len(fc)})", fontsize=9)
     return _save(fig, png)
 
 

@@ -117,7 +117,7 @@ def test_mesh_rendered_when_loadable(tmp_path, monkeypatch):
     faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
                       [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
     loaded = []
-    stub = types.SimpleNamespace(load=lambda p, force=None: loaded.append((Path(p).name, force))
+    stub = types.SimpleNamespace(load=lambda p, force=None, **kw: loaded.append((Path(p).name, force))
                                  or types.SimpleNamespace(vertices=v, faces=faces))
     monkeypatch.setitem(sys.modules, "trimesh", stub)
     out = make_run(tmp_path / "run")
@@ -283,3 +283,31 @@ def test_the_overlay_and_projections_show_the_mask_after_the_closings_when_there
     assert titles[-3:] == ["mask", "mask after closings", "truth"]
     np.testing.assert_array_equal(mips[-3]["images"][0], f["mip_mask"])
     np.testing.assert_array_equal(mips[-2]["images"][0], closed)
+
+
+def test_a_large_mesh_is_drawn_from_a_vertex_clustered_one(tmp_path, monkeypatch):
+    """Over _CLUSTER_ABOVE faces the picture is drawn from a vertex clustering streamed in chunks, so it needs
+    far less memory than the mesh; an STL is read from a memory map. References: trimesh's sphere and STL reader."""
+    trimesh = pytest.importorskip("trimesh")
+    from gpuheart import report
+
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=10.0)            # 20480 faces
+    sphere.export(tmp_path / "mesh.stl")
+    tri = report._stl_triangles(tmp_path / "mesh.stl")
+    np.testing.assert_allclose(tri, trimesh.load(tmp_path / "mesh.stl", process=False).triangles, atol=1e-5)
+    monkeypatch.setattr(report, "_CLUSTER_CHUNK", 1000)                        # many chunks
+    v, f = report._cluster(np.asarray(sphere.vertices), np.asarray(sphere.faces), 16)
+    cell = 20.0 / 16
+    assert 0 < len(f) < len(sphere.faces) and len(np.unique(np.sort(f, 1), axis=0)) == len(f)
+    r = np.linalg.norm(v, axis=1)                                                # corners snapped to cell centres
+    assert np.abs(r - 10.0).max() <= cell * np.sqrt(3) / 2 + 1e-9
+    np.testing.assert_allclose(v.min(0), -10 + cell / 2, atol=cell)
+    drawn = []
+    monkeypatch.setattr(report, "draw_mesh", lambda v, f, png, max_faces, n_faces: drawn.append((len(f), n_faces)))
+    monkeypatch.setattr(report, "_CLUSTER_ABOVE", 1000)
+    monkeypatch.setattr(report, "_CLUSTER_GRID", 16)
+    for name in ("mesh.stl", "mesh.glb"):
+        if name == "mesh.glb":
+            sphere.export(tmp_path / name)
+        report._mesh(tmp_path / name, tmp_path / "m.png")
+    assert drawn == [(len(f), 20480)] * 2                                      # the file's count in the title
