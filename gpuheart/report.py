@@ -23,6 +23,9 @@ REPORT_DIR = "report"  # figures folder, relative to out_dir (the page links are
 _MIP_STAGES = [("mip_raw", "raw"), ("mip_normalized", "z-normalized"),
                ("mip_preprocessed", "asinh + CLAHE + scale"), ("mip_dom", "difference of medians (>0)"),
                ("mip_mask", "mask"), ("mip_final", "mask after closings"), ("mip_truth", "truth")]
+# 0/1 panels: drawn on a fixed 0..1 scale, since percentile limits turn a projection that is all ones
+# (a mask that covers every (y, x) somewhere in z, common for thick stacks) black, the look of an empty mask
+_BINARY_MIPS = {"mip_mask", "mip_final", "mip_truth"}
 
 # Measurement rows: (summary key, label). Missing keys are left out of the table.
 _MEASUREMENTS = [("detrended_cv_raw", "detrended CV of slice means, raw"),
@@ -187,7 +190,7 @@ def _mip_row(f: dict, path: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        vmin, vmax = _stretch(f[key])
+        vmin, vmax = (0.0, 1.0) if key in _BINARY_MIPS else _stretch(f[key])
         ax.imshow(f[key], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")

@@ -203,6 +203,7 @@ def _drawn(monkeypatch) -> dict:
             axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
                          "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
                          "images": [np.asarray(im.get_array()) for im in ax.get_images()],
+                         "clims": [im.get_clim() for im in ax.get_images()],
                          "lines": [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]})
         seen[path.name] = {"suptitle": fig.get_suptitle(), "axes": axes}
         return real(fig, path)
@@ -283,6 +284,20 @@ def test_the_overlay_and_projections_show_the_mask_after_the_closings_when_there
     assert titles[-3:] == ["mask", "mask after closings", "truth"]
     np.testing.assert_array_equal(mips[-3]["images"][0], f["mip_mask"])
     np.testing.assert_array_equal(mips[-2]["images"][0], closed)
+
+
+def test_a_mask_projection_that_is_all_ones_is_drawn_white(tmp_path, monkeypatch):
+    """A mask that covers every (y, x) at some z projects to all ones; percentile limits made that
+    (vmin = vmax = 1 -> 1..2) black, as if the mask were empty. Mask panels use 0 (black) .. 1 (white)."""
+    out = make_run(tmp_path / "run")
+    f = dict(np.load(out / "C00" / "figures.npz"))
+    f.update(mip_final=np.ones_like(f["mip_mask"]), mid_final=f["mid_mask"])
+    np.savez_compressed(out / "C00" / "figures.npz", **f)
+    seen = _drawn(monkeypatch)
+    write_report(out)
+    mips = {a["title"]: a for a in seen["C00_mips.png"]["axes"]}
+    for title in ("mask", "mask after closings", "truth"):
+        assert mips[title]["clims"] == [(0.0, 1.0)], title
 
 
 def test_a_large_mesh_is_drawn_from_a_vertex_clustered_one(tmp_path, monkeypatch):
