@@ -97,6 +97,8 @@ def _check_out(out, shape, dtype):
         got = (getattr(out, "shape", None), getattr(out, "dtype", None))
         raise ValueError(f"out must be a NumPy array of shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
                          f"got shape/dtype {got}")
+    if not out.flags.writeable:  # else OpenCV (sizes 3, 5) fails with its own overload-resolution error
+        raise ValueError("out must be writeable, got a read-only array")
     return out
 
 

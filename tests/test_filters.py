@@ -125,6 +125,16 @@ def test_out_argument_and_in_place():
         median(x, 5, out=np.empty((50, 60), np.uint16))
 
 
+@pytest.mark.parametrize("dtype, size", [(np.uint8, 3), (np.uint16, 5), (np.uint16, 7), (np.float32, 9)])
+def test_read_only_out_is_refused_with_a_value_error(dtype, size):
+    x = np.zeros((20, 30), dtype)
+    out = np.ones_like(x)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        median(x, size, out=out)
+    assert (out == 1).all()
+
+
 def test_non_contiguous_input():
     x = np.random.default_rng(5).integers(0, 65536, (80, 90), dtype=np.uint16)
     v = x[::2, ::3]
