@@ -300,7 +300,9 @@ def _fmt(v) -> str:
 
 
 def _print_run(result) -> None:
-    total = sum(result.timings.values())
+    from .report import run_seconds
+
+    total = run_seconds(result.timings)  # the background read overlaps the other stages: not added again
     print(f"gpuheart: wrote {result.out_dir} in {total:.1f} s on {result.summary['device']}")
     for channel, z in result.resumed.items():
         if channel in result.reused:

@@ -111,20 +111,38 @@ def _table(header, rows) -> str:
 
 def _header(run, summary) -> str:
     inp = summary.get("input", {})
-    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in inp.items()]
+    rows = [(k, _voxel(v) if k == "voxel_size" else json.dumps(v) if isinstance(v, (list, dict)) else v)
+            for k, v in inp.items()]
     return (f"<p>Output folder: <code>{_esc(run.get('out_dir', ''))}</code></p>"
             f"<h2>Input</h2>{_table(['property', 'value'], rows)}"
             f"<p>Device: <b>{_esc(summary.get('device', 'unknown'))}</b></p>")
 
 
+def _voxel(v) -> str:
+    if not v:  # the run's lengths, areas and volumes then assume 1 µm voxels (pipeline, mesh, tree graph)
+        return "not in the metadata: 1 x 1 x 1 µm assumed"
+    return " x ".join(f"{x:g}" for x in v) + " µm (z, y, x)"
+
+
 def _timing_table(timings, summary, channels) -> str:
     """Seconds per stage and throughput, slices (all channels together) per second of that stage."""
     n_slices = sum(int(summary[c].get("slices", 0)) for c in channels)
-    rows = [(stage, f"{s:.3f}", _num(n_slices / s) if s > 0 else "–") for stage, s in timings.items()]
-    total = sum(timings.values())
+    rows = [(stage + (" (background, overlapped)" if stage in OVERLAPPED else ""), f"{s:.3f}",
+             _num(n_slices / s) if s > 0 else "–") for stage, s in timings.items()]
+    total = run_seconds(timings)
     rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 else "–"))
     return (f"<h2>Timings</h2><p>{n_slices} slices in {len(channels)} channel(s).</p>"
             + _table(["stage", "seconds", "slices/s"], rows))
+
+
+# stages timed in a background thread while the others run: their seconds are already inside the others' wall
+# time ("input wait" is what the read leaves over), so a total that added them would count them twice
+OVERLAPPED = ("read",)
+
+
+def run_seconds(timings: dict) -> float:
+    """The run's seconds: every stage's, without the overlapped ones."""
+    return sum(v for k, v in timings.items() if k not in OVERLAPPED)
 
 
 def _measurement_table(s: dict) -> str:
@@ -136,6 +154,31 @@ def _measurement_table(s: dict) -> str:
         table += _table(["mask vs truth"] + _TRUTH_SCORES,
                         [(name, *(_num(v[k]) if k in v else "–" for k in _TRUTH_SCORES)) for name, v in scored])
     return table
+
+
+def _method_line(s: dict) -> str:
+    """How the channel was segmented and whether a truth mask scored it (the page's Dice rows need it)."""
+    method = s.get("segmentation", "unknown")
+    truth = ("scored against the truth mask given with --truth" if any(k.endswith("_vs_truth") for k in s)
+             else "no truth mask: no Dice")
+    return f"<p>Segmentation: <b>{_esc(method)}</b>; {truth}.</p>"
+
+
+def _structure_table(s: dict) -> str:
+    """The mesh and largest-tree numbers summary.json holds (the console prints them too)."""
+    rows = []
+    if m := s.get("mesh"):
+        k = int(m.get("block_factor", 1))
+        rows += [("mesh faces", _num(m.get("faces"))), ("mesh components", _num(m.get("components"))),
+                 ("mesh surface area (µm²)", _num(m.get("surface_area"))),
+                 ("mesh volume (µm³)", _num(m.get("volume")))]
+        if k > 1:
+            rows.append(("mesh made from voxel blocks (over max_memory_faces)", f"{k} x {k} x {k}"))
+    if (t := s.get("tree")) and "n_branches" in t:
+        rows += [("largest tree: voxels", _num(t.get("tree_voxels"))), ("largest tree: branches", _num(t["n_branches"])),
+                 ("largest tree: vessel length (µm)", _num(t.get("total_length_um"))),
+                 ("largest tree: mean radius (µm)", _num(t.get("mean_radius_um")))]
+    return _table(["structure", "value"], rows) if rows else ""
 
 
 def _img(fig_dir: Path, path: Path | None, alt: str) -> str:
@@ -152,9 +195,11 @@ def _channel_section(out_dir: Path, fig_dir: Path, channel: str, s: dict) -> str
             (_slice_means(s, fig_dir / f"{name}_slice_means.png"), "slice means"),
             (_profile(f, fig_dir / f"{name}_profile.png"), "difference-of-medians profile"),
             (_overlay(f, fig_dir / f"{name}_overlay.png"), "segmentation overlay"),
-            (_mesh(_find_mesh(out_dir / channel), fig_dir / f"{name}_mesh.png"), "mesh")]
+            (_mesh(_find_mesh(out_dir / channel), fig_dir / f"{name}_mesh.png",
+                   block_factor=int(s.get("mesh", {}).get("block_factor", 1))), "mesh")]
     imgs = "\n".join(_img(fig_dir, p, f"{channel}: {alt}") for p, alt in figs)
-    return f"<h2>Channel {_esc(channel)}</h2>\n{_measurement_table(s)}\n{imgs}"
+    return (f"<h2>Channel {_esc(channel)}</h2>\n{_method_line(s)}\n{_measurement_table(s)}\n"
+            f"{_structure_table(s)}\n{imgs}")
 
 
 # ---------------------------------------------------------------- figures (each returns its PNG path or None)
@@ -305,7 +350,7 @@ _CLUSTER_GRID = 192
 _CLUSTER_CHUNK = 1 << 18
 
 
-def _mesh(path: Path | None, png: Path, max_faces: int = 20000) -> Path | None:
+def _mesh(path: Path | None, png: Path, max_faces: int = 20000, block_factor: int = 1) -> Path | None:
     loaded = _load_mesh(path) if path is not None else None
     if loaded is None:
         return None
@@ -315,7 +360,7 @@ def _mesh(path: Path | None, png: Path, max_faces: int = 20000) -> Path | None:
         return None
     if f is None or n > _CLUSTER_ABOVE:
         v, f = _cluster(v, f, _CLUSTER_GRID)
-    return draw_mesh(v, f, png, max_faces=max_faces, n_faces=n)
+    return draw_mesh(v, f, png, max_faces=max_faces, n_faces=n, block_factor=block_factor)
 
 
 def _triangle_chunks(v, f):
@@ -343,11 +388,14 @@ def _cluster(v, f, grid: int):
     return centres, inv.reshape(-1, 3).astype(np.int64)
 
 
-def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000, n_faces: int | None = None) -> Path:
+def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000, n_faces: int | None = None,
+              block_factor: int = 1) -> Path:
     """A shaded 3D view of a triangle mesh with at most ``max_faces`` faces, since matplotlib draws each
     polygon in Python and a heart mesh has millions: larger meshes are decimated for the picture (so
     the surface stays closed), or, where decimation is unavailable, drawn from an even subset of faces.
-    ``n_faces``: the face count for the title, when ``faces`` is already a reduction of the mesh."""
+    ``n_faces``: the face count for the title, when ``faces`` is already a reduction of the mesh;
+    ``block_factor`` > 1: the mesh was made from k x k x k voxel blocks (summary.json), said in the title.
+    Coordinates are the mesh file's: (x, y, z) in µm."""
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     plt = _pyplot()
@@ -367,10 +415,12 @@ def draw_mesh(vertices, faces, png: Path, max_faces: int = 20000, n_faces: int |
     for setlim, a, b in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), lo, hi):
         setlim(a, b if b > a else a + 1)
     ax.set_box_aspect(np.maximum(hi - lo, 1e-9))  # physical proportions, not a stretched cube
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    ax.set_zlabel("z")
-    ax.set_title(f"mesh ({len(faces) if n_faces is None else n_faces} faces; drawn with {len(fc)})", fontsize=9)
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
+    ax.set_zlabel("z (µm)")
+    blocks = f", from {block_factor} x {block_factor} x {block_factor} voxel blocks" if block_factor > 1 else ""
+    ax.set_title(f"mesh ({len(faces) if n_faces is None else n_faces} faces{blocks}; drawn with {len(fc)})",
+                 fontsize=9)
     return _save(fig, png)
 
 

@@ -201,6 +201,7 @@ def _drawn(monkeypatch) -> dict:
         for ax in fig.axes:
             legend = ax.get_legend()
             axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                         "zlabel": ax.get_zlabel() if hasattr(ax, "get_zlabel") else None,
                          "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
                          "images": [np.asarray(im.get_array()) for im in ax.get_images()],
                          "clims": [im.get_clim() for im in ax.get_images()],
@@ -318,7 +319,7 @@ def test_a_large_mesh_is_drawn_from_a_vertex_clustered_one(tmp_path, monkeypatch
     assert np.abs(r - 10.0).max() <= cell * np.sqrt(3) / 2 + 1e-9
     np.testing.assert_allclose(v.min(0), -10 + cell / 2, atol=cell)
     drawn = []
-    monkeypatch.setattr(report, "draw_mesh", lambda v, f, png, max_faces, n_faces: drawn.append((len(f), n_faces)))
+    monkeypatch.setattr(report, "draw_mesh", lambda v, f, png, max_faces, n_faces, **kw: drawn.append((len(f), n_faces)))
     monkeypatch.setattr(report, "_CLUSTER_ABOVE", 1000)
     monkeypatch.setattr(report, "_CLUSTER_GRID", 16)
     for name in ("mesh.stl", "mesh.glb"):
@@ -326,3 +327,68 @@ def test_a_large_mesh_is_drawn_from_a_vertex_clustered_one(tmp_path, monkeypatch
             sphere.export(tmp_path / name)
         report._mesh(tmp_path / name, tmp_path / "m.png")
     assert drawn == [(len(f), 20480)] * 2                                      # the file's count in the title
+
+
+def _cell(text: str, label: str) -> str:
+    m = re.search(rf"<td>{re.escape(label)}</td><td>([^<]*)</td>", text)
+    assert m, label
+    return m.group(1)
+
+
+def test_the_page_says_how_each_channel_was_segmented_and_gives_its_mesh_and_tree(tmp_path, monkeypatch):
+    """summary.json's method, mesh and tree numbers reach the page (they did not: only the console had them),
+    and a mesh made from k x k x k voxel blocks says so in its table and picture, with axes in µm."""
+    out = make_run(tmp_path / "run")
+    run = json.loads((out / "summary.json").read_text())
+    mesh = {"faces": 1860, "components": 4, "surface_area": 15821.34, "volume": 51072.5, "block_factor": 3}
+    tree = {"n_branches": 24, "tree_voxels": 14306, "total_length_um": 452.046, "mean_radius_um": 3.0557}
+    run["summary"]["C00"].update(segmentation="union", mesh=mesh, tree=tree)
+    run["summary"]["C01"]["segmentation"] = "dom"
+    (out / "summary.json").write_text(json.dumps(run))
+    v = np.array([[x, y, z] for x in (0, 1) for y in (0, 2) for z in (0, 3)], dtype=float)
+    faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1]])
+    monkeypatch.setitem(sys.modules, "trimesh", types.SimpleNamespace(
+        load=lambda p, **kw: types.SimpleNamespace(vertices=v, faces=faces)))
+    (out / "C00" / "mesh.glb").write_bytes(b"stub")
+    seen = _drawn(monkeypatch)
+    text = write_report(out).read_text()
+    c00, c01 = text.split("<h2>Channel C01</h2>")[0], text.split("<h2>Channel C01</h2>")[1]
+    assert "Segmentation: <b>union</b>; scored against the truth" in c00
+    assert "Segmentation: <b>dom</b>; no truth mask" in c01.split("<h2>")[0]
+    assert _cell(c00, "mesh faces") == "1860" and _cell(c00, "mesh components") == "4"
+    assert _cell(c00, "mesh surface area (µm²)") == "1.582e+04" and _cell(c00, "mesh volume (µm³)") == "5.107e+04"
+    assert _cell(c00, "mesh made from voxel blocks (over max_memory_faces)") == "3 x 3 x 3"
+    assert _cell(c00, "largest tree: branches") == "24" and _cell(c00, "largest tree: vessel length (µm)") == "452"
+    assert _cell(c00, "largest tree: mean radius (µm)") == "3.056"
+    ax = seen["C00_mesh.png"]["axes"][0]
+    assert "6 faces, from 3 x 3 x 3 voxel blocks" in ax["title"]
+    assert (ax["xlabel"], ax["ylabel"], ax["zlabel"]) == ("x (µm)", "y (µm)", "z (µm)")
+    assert "structure" not in c01   # no mesh, no tree: no empty table
+
+
+def test_the_total_time_leaves_out_the_overlapped_read(tmp_path, capsys):
+    """"read" runs in a background thread while the other stages run ("input wait" is what it leaves over):
+    adding it counted the reading twice in the page's total and the console's "wrote ... in"."""
+    from gpuheart.cli import _print_run
+
+    out = make_run(tmp_path / "run")
+    run = json.loads((out / "summary.json").read_text())
+    run["timings_s"] = {"stats (pass 1)": 0.5, "read": 30.0, "input wait": 1.5, "difference of medians": 2.0}
+    (out / "summary.json").write_text(json.dumps(run))
+    text = write_report(out).read_text()
+    # 0.5 + 1.5 + 2.0 = 4 s for 21 slices (3 channels x 7)
+    assert re.search(r"<td>total</td><td>4\.000</td><td>5\.25<", text)
+    assert "read (background, overlapped)</td>" in text
+    result = types.SimpleNamespace(timings=run["timings_s"], out_dir=out, summary={"device": "cpu"}, resumed={},
+                                   reused=[], outputs={}, report=None)
+    _print_run(result)
+    assert "in 4.0 s on cpu" in capsys.readouterr().out
+
+
+def test_the_voxel_size_is_given_in_um_or_said_to_be_assumed(tmp_path):
+    out = make_run(tmp_path / "run")
+    assert _cell(write_report(out).read_text(), "voxel_size") == "5 x 1.2 x 1.2 µm (z, y, x)"
+    run = json.loads((out / "summary.json").read_text())
+    run["summary"]["input"]["voxel_size"] = None   # a TIFF without the metadata, no --voxel-size
+    (out / "summary.json").write_text(json.dumps(run))
+    assert _cell(write_report(out).read_text(), "voxel_size") == "not in the metadata: 1 x 1 x 1 µm assumed"
