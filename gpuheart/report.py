@@ -251,13 +251,18 @@ def _slice_means(s: dict, path: Path) -> Path | None:
     if not curves:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(len(curves), 1, figsize=(8, 2.4 * len(curves)), sharex=True, squeeze=False)
     for ax, (key, label, cv_key, colour) in zip(axes[:, 0], curves):
         m = np.array(s[key], dtype=np.float64)  # JSON NaN may arrive as None
-        ax.plot(np.arange(m.size), m, color=colour, label=f"{label} (detrended CV {_num(s.get(cv_key))})")
+        # markers: a line alone draws nothing for one slice, or for a slice between two NaN (unreached) ones
+        ax.plot(np.arange(m.size), m, color=colour, marker="o", markersize=2.5,
+                label=f"{label} (detrended CV {_num(s.get(cv_key))})")
         ax.set_ylabel("slice mean")
         ax.legend(loc="best", fontsize=8)
     axes[-1, 0].set_xlabel("z (slice)")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # slices, not -0.04 .. 0.04
     return _save(fig, path)
 
 

@@ -205,7 +205,9 @@ def _drawn(monkeypatch) -> dict:
                          "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
                          "images": [np.asarray(im.get_array()) for im in ax.get_images()],
                          "clims": [im.get_clim() for im in ax.get_images()],
-                         "lines": [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]})
+                         "lines": [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()],
+                         "markers": [line.get_marker() for line in ax.get_lines()],
+                         "xticks": list(ax.get_xticks())})
         seen[path.name] = {"suptitle": fig.get_suptitle(), "axes": axes}
         return real(fig, path)
 
@@ -392,3 +394,20 @@ def test_the_voxel_size_is_given_in_um_or_said_to_be_assumed(tmp_path):
     run["summary"]["input"]["voxel_size"] = None   # a TIFF without the metadata, no --voxel-size
     (out / "summary.json").write_text(json.dumps(run))
     assert _cell(write_report(out).read_text(), "voxel_size") == "not in the metadata: 1 x 1 x 1 µm assumed"
+
+
+def test_a_one_slice_scan_shows_its_slice_means(tmp_path, monkeypatch):
+    """One slice: the CVs are NaN (shown '–') and each curve is a single point, which a plain line does not
+    draw at all; the z axis had ticks at -0.04 .. 0.04. Each point gets a marker, ticks are whole slices."""
+    out = make_run(tmp_path / "run")
+    run = json.loads((out / "summary.json").read_text())
+    run["summary"]["C00"].update(slices=1, slice_means_raw=[145.2], slice_means_normalized=[139.9],
+                                 detrended_cv_raw=float("nan"), detrended_cv_normalized=float("nan"))
+    (out / "summary.json").write_text(json.dumps(run))
+    seen = _drawn(monkeypatch)
+    text = write_report(out).read_text()
+    axes = seen["C00_slice_means.png"]["axes"]
+    assert [a["lines"][0].tolist() for a in axes] == [[145.2], [139.9]]
+    assert all(a["markers"][0] not in ("None", "", " ", None) for a in axes)
+    assert all(float(t).is_integer() for t in axes[-1]["xticks"]), axes[-1]["xticks"]
+    assert _cell(text.split("Channel C01")[0], "detrended CV of slice means, raw") == "–"
