@@ -370,3 +370,19 @@ def test_an_all_blank_stack_normalizes_to_finite_values_and_preprocesses_to_zero
     np.testing.assert_array_equal(zn.apply(stack, 0), np.full(stack.shape, 8.0, np.float32))
     for cfg in (exposure.ExposureConfig(), exposure.ExposureConfig(clahe=False)):
         np.testing.assert_array_equal(exposure.preprocess_volume(stack, cfg), np.zeros(stack.shape, np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 300), (31, 33)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_clahe_on_slices_smaller_than_a_tile_read_only_and_strided(shape, dtype):
+    """Slices narrower than the 32 x 32 tile, given as read-only strided views (a memory-mapped TIFF),
+    equal skimage and are left as they were."""
+    rng = np.random.default_rng(11)
+    base = (rng.random((shape[0], 2 * shape[1])) ** 3 * 250).astype(dtype)
+    x = base[:, ::2]
+    x.flags.writeable = False
+    before = x.copy()
+    ref = equalize_adapthist(before, kernel_size=32, clip_limit=0.01).astype(np.float32)
+    np.testing.assert_array_equal(clahe(x), ref)
+    np.testing.assert_array_equal(exposure.clahe_robust_scale(x), robust_scale(ref))
+    np.testing.assert_array_equal(x, before)
