@@ -401,13 +401,13 @@ def _segment_config(a):
 
 
 def _cmd_segment(a) -> int:
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, segment_work_dir
 
     cfg = _segment_config(a)
     if Path(a.out).suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
                          f"(gpuheart run writes OME-Zarr masks)")
-    work = Path(a.out).parent / f".{Path(a.out).name}.gpuheart-work"   # where Pipeline.segment works
+    work = segment_work_dir(a.out)
     if work.is_dir() and not a.restart:
         print(f"gpuheart: continuing the interrupted segmentation in {work} (--restart starts over)")
     out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel, resume=not a.restart)

@@ -507,7 +507,7 @@ class Pipeline:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         # a fixed name, not a fresh temporary folder: a killed segmentation of a large scan is resumed by the
         # same command instead of starting over beside a hidden copy of what it had done
-        work = out_path.parent / f".{out_path.name}.gpuheart-work"
+        work = segment_work_dir(out_path)
         try:
             result = Pipeline(cfg).run(source, work, resume=resume)
             mask_path = result.outputs[cfg.channels[0]]["mask"]
@@ -553,6 +553,12 @@ def _check_tiles(channel: str, seg: SegmentConfig, model) -> None:
     if tile % align or not 0 <= overlap < tile:
         raise ConfigError(f"channel {channel}: segment.tile {tile} and segment.overlap {overlap} do not suit "
                           f"this U-Net: expected a tile divisible by {align} (2**depth) and an overlap in [0, tile)")
+
+
+def segment_work_dir(out_path) -> Path:
+    """The folder :meth:`Pipeline.segment` works in for ``out_path`` (left by a killed segmentation)."""
+    out_path = Path(out_path)
+    return out_path.parent / f".{out_path.name}.gpuheart-work"
 
 
 def _remove_if_empty(path: Path) -> None:
