@@ -913,6 +913,9 @@ class ExposureConfig:
     kernel_size: int = 32
     robust_low: float = 0.1
     robust_high: float = 99.9
+    # a slice whose robust spread is at most this share of the stack's is dark (laser dropout, an empty
+    # end): no signal, so it is written as 0 and no method may find vessels in it (see ZNorm)
+    dark_ratio: float = 0.1
 
 
 def _no_timer(stage):
@@ -930,9 +933,18 @@ def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = N
     compressed logarithmically. ``timer(stage)`` is a context manager for per-stage timing;
     ``keep_normalized(norm)`` lets a caller look at the normalized slab (measurements) without a copy.
     The pipeline, training and ``gpuheart segment`` all use this one function, so a model is trained
-    on exactly what it sees at inference.
+    on exactly what it sees at inference. Slices ``znorm`` flags as dark come out as 0.
     """
     cfg = cfg or ExposureConfig()
+    out = _preprocess(slab, znorm, z0, cfg, timer, keep_normalized)
+    # Per-slice CLAHE and robust scaling stretch a dark slice's noise over 0..255, where every method then
+    # finds "vessels" (the difference of medians marked 98 % of such a slice); it holds no signal, so 0.
+    for i in np.flatnonzero(znorm.dark[z0:z0 + (slab.shape[0] if slab.ndim == 3 else 1)]):
+        out[int(i) if slab.ndim == 3 else ...] = 0
+    return out
+
+
+def _preprocess(slab, znorm: "ZNorm", z0: int, cfg: ExposureConfig, timer, keep_normalized):
     stretched = None
     if is_device_array(slab):
         scale = cfg.asinh_scale or znorm.scale or 1.0
@@ -964,5 +976,7 @@ def preprocess_volume(volume, cfg: ExposureConfig | None = None):
         raise ValueError(f"preprocess_volume expects a (z, y, x) stack or a (y, x) slice, got shape {volume.shape}")
     if volume.ndim == 2:
         volume = volume[None]
-    znorm = ZNorm.from_stats([slice_stats(s, z=z) for z, s in enumerate(to_host(volume))])
+    cfg = cfg or ExposureConfig()
+    znorm = ZNorm.from_stats([slice_stats(s, z=z) for z, s in enumerate(to_host(volume))],
+                             dark_ratio=cfg.dark_ratio)
     return preprocess(volume, znorm, 0, cfg)

@@ -122,6 +122,7 @@ def _check_ranges(cfg: "PipelineConfig") -> None:
         ("exposure.asinh_scale", e.asinh_scale, e.asinh_scale >= 0, ">= 0 (0: the stack's own scale)"),
         ("exposure.robust_low", e.robust_low, 0 <= e.robust_low < e.robust_high, "in [0, robust_high)"),
         ("exposure.robust_high", e.robust_high, e.robust_high <= 100, "<= 100"),
+        ("exposure.dark_ratio", e.dark_ratio, 0 <= e.dark_ratio < 1, "in [0, 1) (0: only blank slices are dark)"),
         ("dom.k", cfg.dom.k, cfg.dom.k > 0, "> 0"),
         ("segment.threshold", cfg.segment.threshold, 0 <= cfg.segment.threshold < 1,
          "in [0, 1) (0: the model's own)"),
@@ -588,7 +589,9 @@ def _writable_folder(path: Path) -> Path:
 def _warn_if_preprocessing_differs_from_training(channel: str, exposure: ExposureConfig) -> None:
     """``gpuheart train`` preprocesses with the default [exposure] settings; a U-Net fed other preprocessing
     sees images unlike those it learned from, and says nothing about it."""
-    changed = {k: v for k, v in asdict(exposure).items() if v != getattr(ExposureConfig(), k)}
+    # dark_ratio only decides which slices come out blank, where the U-Net's mask is emptied anyway
+    changed = {k: v for k, v in asdict(exposure).items()
+               if v != getattr(ExposureConfig(), k) and k != "dark_ratio"}
     if changed:
         warnings.warn(f"channel {channel}: [exposure] {changed} differs from the defaults the U-Net was trained "
                       f"on (gpuheart train preprocesses with the defaults), so its mask may be worse than its "
@@ -707,7 +710,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         with timer("stats (pass 1)"):
             stats = _slice_stats(scan, channel, cfg)
         ck.save_stats(stats)
-    znorm = exposure.ZNorm.from_stats(stats)
+    znorm = exposure.ZNorm.from_stats(stats, dark_ratio=cfg.exposure.dark_ratio)
     acc = _ChannelAccumulator(scan.shape, truth_path, channel)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
@@ -1053,6 +1056,12 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, 
             prob = predict(model, pre_halo, tile=tile, overlap=overlap, device=cfg.device,
                            amp=True if cfg.segment.cpu_bf16 else None, halo=halo)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
+    # a dark slice (laser dropout) holds no signal, and a U-Net shown a blank tile may still answer
+    # vessel; leaving it empty lets the closing along z bridge it from its neighbours
+    for i in np.flatnonzero(znorm.dark[z0:z0 + pre.shape[0]]):
+        for name in ("dom_mask", "unet_mask"):
+            if name in out:
+                out[name][int(i)] = False
     if cfg.segment.method == "union":
         with timer("union"):
             out["mask_raw"] = segment.union(out["dom_mask"], out["unet_mask"])

@@ -94,8 +94,17 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
                           f"mask (0 background, nonzero vessel) - is it the image or an inverted mask?",
                           RuntimeWarning, stacklevel=2)
         znorm = ZNorm.from_stats(stats)
+        labels = np.concatenate(labels)
+        dark = znorm.dark[keep]
+        if dark.any():  # preprocessed to 0: vessels drawn there would teach the model to see them in the dark
+            warnings.warn(f"{stack.image}: slice(s) {[z for z, d in zip(keep, dark) if d]} are dark (laser dropout "
+                          f"or empty; spread <= {znorm.dark_ratio:g} of the stack's), so they are left out of "
+                          f"training", RuntimeWarning, stacklevel=2)
+            keep, labels = [z for z, d in zip(keep, dark) if not d], labels[~dark]
+            if not keep:
+                raise ScanError(f"{stack.image}: every labelled slice is dark (no signal), nothing to train on")
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
-    return np.concatenate(images), np.concatenate(labels)
+    return np.concatenate(images), labels
 
 
 def _runs(zs: list[int], most: int) -> list[tuple[int, int]]:

@@ -386,3 +386,45 @@ def test_clahe_on_slices_smaller_than_a_tile_read_only_and_strided(shape, dtype)
     np.testing.assert_array_equal(clahe(x), ref)
     np.testing.assert_array_equal(exposure.clahe_robust_scale(x), robust_scale(ref))
     np.testing.assert_array_equal(x, before)
+
+
+def _stack_with_dropout(dark=2):
+    rng = np.random.default_rng(5)
+    stack, _ = _gain_offset_stack(nz=5)
+    stack[1:4, 5:9, :] += rng.uniform(200, 2000, (3, 4, stack.shape[2])).astype(np.float32)
+    stack[dark] = 5 + rng.normal(0, 0.01, stack.shape[1:]).astype(np.float32)   # laser dropout
+    return stack
+
+
+def test_preprocess_writes_a_dark_slice_as_zero_and_the_others_as_the_chain_by_hand():
+    """CLAHE and the per-slice 0.1/99.9 scaling would stretch a dropout slice's noise over 0..255, where
+    the difference of medians then marked 98 % of it; it has no signal, so it comes out 0."""
+    stack = _stack_with_dropout(dark=2)
+    x = stack.astype(np.float64)
+    p1, p50, p99 = (np.percentile(x, q, axis=(1, 2)) for q in (1, 50, 99))
+    B, S = np.median(p50), np.median(p99 - p1)
+    assert (p99 - p1)[2] <= 0.1 * S   # the documented dark rule holds for slice 2 only
+    assert ((p99 - p1)[[0, 1, 3, 4]] > 0.1 * S).all()
+    norm = (x - p50[:, None, None]) * (S / (p99 - p1))[:, None, None] + B
+    a = np.arcsinh((norm - B) / S)
+    lo, hi = np.percentile(a, [0.1, 99.9], axis=(1, 2))
+    want = np.rint(np.clip((a - lo[:, None, None]) / (hi - lo)[:, None, None] * 255, 0, 255))
+    for cfg in (exposure.ExposureConfig(clahe=False), exposure.ExposureConfig()):
+        got = exposure.preprocess_volume(stack, cfg)
+        np.testing.assert_array_equal(got[2], 0)
+        assert all(got[z].max() > 0 for z in (0, 1, 3, 4))
+        if not cfg.clahe:
+            assert np.abs(got[[0, 1, 3, 4]].astype(int) - want[[0, 1, 3, 4]]).max() <= 1
+    # dark_ratio 0: only blank slices are dark, so slice 2's noise is stretched like any slice
+    got = exposure.preprocess_volume(stack, exposure.ExposureConfig(clahe=False, dark_ratio=0.0))
+    assert got[2].max() == 255
+
+
+def test_preprocess_of_one_slice_zeroes_it_only_when_it_is_the_dark_one():
+    stack = _stack_with_dropout(dark=2)
+    zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
+    whole = exposure.preprocess(stack, zn, 0)
+    for z in range(5):   # a (y, x) slice: the whole slice is zeroed, never its row 0
+        np.testing.assert_array_equal(exposure.preprocess(stack[z], zn, z), whole[z])
+    np.testing.assert_array_equal(exposure.preprocess(stack[1:4], zn, 1), whole[1:4])   # across slab cuts
+    assert (whole[2] == 0).all() and whole[1, 0].any()

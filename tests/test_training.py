@@ -152,3 +152,19 @@ def test_label_files_without_a_labelled_pixel_are_refused_by_name(tmp_path, caps
     assert not (tmp_path / "run" / "best.pt").exists()
     _pair(tmp_path / "data", "u", img, lab)   # an empty stack beside a labelled one: a background example
     assert main(["train", str(data), "-o", str(tmp_path / "run"), *common]) == 0
+
+
+def test_a_labelled_dark_slice_is_left_out_of_training_with_a_warning(tmp_path):
+    """A dropout slice is preprocessed to 0; vessels drawn on it (traced from its neighbours) would teach
+    the model to find vessels in a blank image."""
+    img, lab = _stack(nz=6)
+    img[2] = 300   # laser dropout: flat, spread 0 <= 0.1 of the stack's
+    (stack,) = find_pairs([_pair(tmp_path, "s", img, lab)])
+    with pytest.warns(RuntimeWarning, match=r"slice\(s\) \[2\] are dark"):
+        pre, got = load_pair(stack)
+    np.testing.assert_array_equal(pre, preprocess_volume(img)[[0, 1, 3, 4, 5]])
+    np.testing.assert_array_equal(got, lab[[0, 1, 3, 4, 5]] > 0)
+    img[:] = 300
+    (flat,) = find_pairs([_pair(tmp_path / "flat", "f", img, lab)])
+    with pytest.warns(RuntimeWarning), pytest.raises(ScanError, match="every labelled slice is dark"):
+        load_pair(flat)
