@@ -166,7 +166,7 @@ def test_slice_chain_gpuheart(benchmark, device_slice_clahe):
     def chain():
         pre = exposure.preprocess(x, znorm, 0)
         dom = filters.difference_of_medians(pre, 3, 15)
-        return dom > segment.threshold_slices(dom, "otsu")  # as the pipeline: histograms on the device
+        return dom > segment.dom_thresholds(dom, "otsu")  # as the pipeline: histograms on the device
 
     benchmark.group = "gpu per-slice chain uint16 2048"
     benchmark.extra_info["goal_ms_h100"] = GOALS_MS["slice chain"]

@@ -1047,7 +1047,7 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, 
         with timer("threshold"):
             thr = _threshold_arg(cfg.dom.threshold)
             # per slice, so the mask does not depend on how the stack was cut into slabs
-            out["dom_mask"] = out["dom"] > segment.threshold_slices(out["dom"], thr, cfg.dom.k)
+            out["dom_mask"] = out["dom"] > segment.dom_thresholds(out["dom"], thr, cfg.dom.k)
     if model is not None:
         from .unet import predict
 

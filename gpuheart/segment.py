@@ -136,11 +136,25 @@ def dom_mask(x, small: int = 3, large: int = 15, threshold="otsu", k: float = 3.
     """Vessel mask of a slice or slab: ``difference_of_medians(x, small, large) > threshold``.
 
     ``threshold`` is anything :func:`threshold_value` accepts; it is computed from this call's
-    DoM values (the whole slab when ``x`` is a slab). Returns a bool array of ``x``'s shape.
+    DoM values (the whole slab when ``x`` is a slab), an Otsu threshold floored at 0 (see
+    :func:`dom_thresholds`). Returns a bool array of ``x``'s shape.
     """
     dom = difference_of_medians(x, small, large, mode=mode)
     t = threshold_value(dom, threshold, k)
-    return dom > t
+    return dom > (max(t, 0.0) if threshold == "otsu" else t)
+
+
+def dom_thresholds(dom, method="otsu", k: float = 3.0):
+    """Per-slice thresholds of a difference-of-medians slab (:func:`threshold_slices`), an Otsu
+    threshold floored at 0.
+
+    A vessel is brighter than its surroundings, so a DoM at or below 0 is never one; yet Otsu of a
+    nearly flat slice's DoM (mostly exact zeros, a few steps of one grey level either way) can cut
+    below 0 and mark the whole slice. Otsu thresholds of real slices are far above 0, so the floor
+    changes nothing there.
+    """
+    t = threshold_slices(dom, method, k)
+    return array_module(t).maximum(t, 0) if method == "otsu" else t
 
 
 def union(*masks):

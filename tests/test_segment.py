@@ -104,8 +104,8 @@ def test_dom_mask_equals_scipy_reference():
     rng = np.random.default_rng(5)
     x = rng.integers(0, 4000, (40, 41), dtype=np.uint16)
     dom = (ndi.median_filter(x, 3).astype(np.int64) - ndi.median_filter(x, 9).astype(np.int64))
-    for thr in ("otsu", 25.0):
-        t = threshold_otsu(dom) if thr == "otsu" else thr
+    for thr in ("otsu", 25.0):   # Otsu floored at 0: this noise's own Otsu cut is negative
+        t = max(threshold_otsu(dom), 0) if thr == "otsu" else thr
         np.testing.assert_array_equal(dom_mask(x, 3, 9, threshold=thr), dom > t)
 
 
@@ -172,3 +172,29 @@ def test_dom_mask_border_follows_mode():
         dom = (ndi.median_filter(x, 3, mode=mode).astype(np.int64)
                - ndi.median_filter(x, 9, mode=mode).astype(np.int64))
         np.testing.assert_array_equal(dom_mask(x, 3, 9, threshold=25.0, mode=mode), dom > 25, err_msg=mode)
+
+
+def test_an_otsu_dom_threshold_never_falls_below_zero():
+    """A nearly flat slice (after CLAHE: one grey level with a few pixels one step either way) has a DoM of
+    mostly exact zeros; skimage's Otsu cuts it at the negative step, which marked 98 % of such a slice."""
+    from skimage.filters import threshold_otsu
+
+    from gpuheart.filters import difference_of_medians
+    from gpuheart.segment import dom_mask, dom_thresholds, threshold_slices
+
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64), 91, np.uint8)
+    img[rng.random(img.shape) < 0.19] = 0     # the grey-level counts of the tiny scan's dropout slice
+    img[rng.random(img.shape) < 0.04] = 182
+    dom = difference_of_medians(img, 3, 15)
+    assert threshold_otsu(dom) < 0 and (dom > threshold_otsu(dom)).mean() > 0.9   # the premise
+    assert float(threshold_slices(dom[None], "otsu")[0, 0, 0]) == threshold_otsu(dom)
+    assert float(dom_thresholds(dom[None], "otsu")[0, 0, 0]) == 0.0
+    np.testing.assert_array_equal(dom_mask(img, 3, 15, "otsu"), dom > 0)
+    assert (dom > 0).mean() < 0.1
+    # a real slice's threshold is positive and passes unchanged; fixed and noise thresholds are left alone
+    vessel = (20 + rng.integers(0, 6, img.shape)).astype(np.uint8)
+    vessel[30:33, :] = 250
+    d2 = difference_of_medians(vessel, 3, 15)
+    assert float(dom_thresholds(d2[None], "otsu")[0, 0, 0]) == threshold_otsu(d2) > 0
+    assert float(dom_thresholds(dom[None], -5.0)[0, 0, 0]) == -5.0
