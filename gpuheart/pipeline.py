@@ -1478,6 +1478,7 @@ class _ChannelAccumulator:
                 "snr_dom": (s["dom_signal_sum"] / n) / (s["dom_sum"] / s["pixels"]) if s["dom_sum"] else float("nan"),
             })
         if self.truth is not None:
+            out["truth"] = str(Path(self.truth_path).resolve())   # which mask the scores below are against
             for kind, c in self.confusion.items():
                 out[f"{kind}_vs_truth"] = c.scores()
             self.truth.close()

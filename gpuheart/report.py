@@ -159,8 +159,11 @@ def _measurement_table(s: dict) -> str:
 def _method_line(s: dict) -> str:
     """How the channel was segmented and whether a truth mask scored it (the page's Dice rows need it)."""
     method = s.get("segmentation", "unknown")
-    truth = ("scored against the truth mask given with --truth" if any(k.endswith("_vs_truth") for k in s)
-             else "no truth mask: no Dice")
+    if any(k.endswith("_vs_truth") for k in s):
+        truth = ("scored against the truth mask " + (f"<code>{_esc(s['truth'])}</code>" if s.get("truth")
+                                                      else "given with --truth"))
+    else:
+        truth = "no truth mask: no Dice"
     return f"<p>Segmentation: <b>{_esc(method)}</b>; {truth}.</p>"
 
 

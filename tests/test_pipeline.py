@@ -121,6 +121,11 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
     for stage in ("read", "stats (pass 1)", "clahe + robust scale", "difference of medians", "closing", "mesh", "write"):
         assert tiny_run.timings[stage] >= 0
     assert tiny_run.report is not None and tiny_run.report.is_file()
+    # the scores say which mask they are against, in summary.json and on the report page
+    for ch in ("C00", "C01"):
+        truth = (out / "input" / "truth" / f"{ch}.tif").resolve()
+        assert summary["summary"][ch]["truth"] == str(truth)
+        assert f"<code>{truth}</code>" in tiny_run.report.read_text()
     from gpuheart.backend import resolve_device
 
     assert summary["summary"]["device"] == resolve_device("auto") != "auto"   # the device used, not the setting
