@@ -473,9 +473,28 @@ def _cmd_info(a) -> int:
     if a.json:
         print(json.dumps(d, indent=2, default=str))
     else:
-        for k, v in d.items():
+        for k, v in _readable_info(d).items():
             print(f"{k}: {v}")
     return EXIT_OK
+
+
+def _readable_info(d: dict) -> dict:
+    """``Scan.describe()`` for a person: units on the voxel size and the sizes (``--json`` keeps raw numbers)."""
+    out = dict(d)
+    v = d.get("voxel_size")
+    out["voxel_size"] = (" x ".join(f"{x:g}" for x in v) + " µm (z, y, x)" if v
+                         else "not in the files (lengths come out in voxels unless a run is given --voxel-size Z Y X)")
+    for key in ("nbytes", "disk_bytes"):
+        if isinstance(d.get(key), (int, float)):
+            out[key] = f"{d[key]:,} bytes ({_human_bytes(d[key])})"
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

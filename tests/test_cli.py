@@ -39,6 +39,10 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
     assert main(["info", str(scan), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["channels"] == ["C00", "C01", "C02"]
+    assert info["voxel_size"] == [4.0, 1.0, 1.0] and info["nbytes"] == 3 * 16 * 64 * 64 * 2
+    assert main(["info", str(scan)]) == 0   # for a person: with units
+    text = capsys.readouterr().out
+    assert "voxel_size: 4 x 1 x 1 µm (z, y, x)" in text and "nbytes: 393,216 bytes (384.0 KiB)" in text
     cfg = tmp_path / "dom.toml"
     cfg.write_text('[segment]\nmethod = "dom"\n')
     assert main(["run", str(scan), "-o", str(tmp_path / "out"), "--channels", "C00", "--no-progress",
