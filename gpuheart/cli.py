@@ -483,7 +483,7 @@ def _readable_info(d: dict) -> dict:
     out = dict(d)
     v = d.get("voxel_size")
     out["voxel_size"] = (" x ".join(f"{x:g}" for x in v) + " µm (z, y, x)" if v
-                         else "not in the files (lengths come out in voxels unless a run is given --voxel-size Z Y X)")
+                         else "not in the files (a run assumes 1 x 1 x 1 µm unless given --voxel-size Z Y X)")
     for key in ("nbytes", "disk_bytes"):
         if isinstance(d.get(key), (int, float)):
             out[key] = f"{d[key]:,} bytes ({_human_bytes(d[key])})"
