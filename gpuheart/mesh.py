@@ -808,11 +808,12 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
         raise ValueError(f"max_memory_faces must be >= 0 (0 or None: no limit), got {max_memory_faces}")
     read_slab = _as_reader(read_slab, shape)
     est = estimate_faces(read_slab, shape, slab_size, level) if max_memory_faces else None
-    k = block_factor(est or 0, max_memory_faces)
+    k, coarse = _fitting_block_factor(read_slab, shape, slab_size, level, est or 0, max_memory_faces)
     if k > 1:
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
-                      f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}) to bound "
-                      f"the memory; structures thinner than about {k / 2:g} voxels are lost", RuntimeWarning, stacklevel=2)
+                      f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, about "
+                      f"{coarse:,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels are "
+                      f"lost", RuntimeWarning, stacklevel=2)
     v, f, n_mc, lab = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k)
     v, f, lab = _drop_small(v, f, lab, min_faces)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
@@ -826,6 +827,21 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
                      mesh_area(mv, mf) if len(mf) else 0.0, mesh_volume(mv, mf) if len(mf) else 0.0, nbytes,
                      k, est)
+
+
+def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, level: float, estimate: int,
+                          max_memory_faces: int | None) -> tuple[int, int]:
+    """(k, faces of the k-block mesh): :func:`block_factor`'s k, raised until the coarse grid's own face
+    count (one more streamed pass each) fits. The k**2 scaling is a heuristic: a lattice of tubes a few
+    blocks wide keeps more than 1/k**2 of its faces, and the budget is what bounds the memory."""
+    k = block_factor(estimate, max_memory_faces)
+    while k > 1:
+        read, cshape = _block_reader(read_slab, shape, k, level, slab_size)
+        faces = estimate_faces(read, cshape, slab_size, COARSE_LEVEL)
+        if faces <= max_memory_faces or max(cshape) == 1:
+            return k, faces
+        k += 1
+    return 1, estimate
 
 
 def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int):
