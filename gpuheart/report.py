@@ -69,7 +69,20 @@ def write_report(out_dir) -> Path:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)  # a reader never sees half a page
+    _remove_stale_figures(fig_dir, page)
     return path
+
+
+_FIGURE_KINDS = ("mips", "slice_means", "profile", "overlay", "mesh")
+
+
+def _remove_stale_figures(fig_dir: Path, page: str) -> None:
+    """Figures an earlier report drew (another channel, a mesh since turned off) that this page does not show:
+    left in report/ they pass for this run's. Only names this module writes are touched."""
+    shown = set(re.findall(rf'src="{REPORT_DIR}/([^"]+)"', page))
+    for png in fig_dir.glob("*.png"):
+        if png.name not in shown and png.stem.endswith(tuple(f"_{k}" for k in _FIGURE_KINDS)):
+            png.unlink()
 
 
 # ---------------------------------------------------------------- page parts (HTML strings)

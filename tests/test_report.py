@@ -106,6 +106,21 @@ def test_page_and_figures(tmp_path):
     assert re.search(r"mask vs truth</th>.*?<td>dom</td><td>0\.8</td>", text, re.S)
 
 
+def test_a_rerun_with_fewer_channels_leaves_no_figures_of_the_earlier_ones(tmp_path):
+    """report/ is the run's: figures of a channel the new summary does not have would pass for this run's."""
+    out = make_run(tmp_path / "run")
+    write_report(out)
+    assert {"C01_mips.png", "C01_slice_means.png"} <= {p.name for p in (out / "report").iterdir()}
+    (out / "report" / "my_notes.png").write_bytes(PNG_MAGIC)   # not a name the report writes: kept
+    run = json.loads((out / "summary.json").read_text())
+    del run["summary"]["C01"], run["summary"]["C02"]
+    (out / "summary.json").write_text(json.dumps(run))
+    page = write_report(out)
+    left = sorted(p.name for p in (out / "report").iterdir())
+    assert left == sorted([Path(s).name for s in img_sources(page)] + ["my_notes.png"]), left
+    assert not any(n.startswith(("C01", "C02")) for n in left)
+
+
 def test_missing_summary_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path)
