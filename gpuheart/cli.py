@@ -319,6 +319,11 @@ def _print_run(result) -> None:
         if "snr_dom" in s:
             line += f", SNR {s['snr_preprocessed']:.1f} -> {s['snr_dom']:.1f} (difference of medians)"
         print(line)
+        norm = s.get("normalization", {})
+        if norm.get("dark_slices"):   # blanked: the user must hear of it, and how to keep them
+            print(f"    dark slices (spread <= {norm.get('dark_ratio', 0.1):g} of the stack's, e.g. laser dropout): "
+                  f"{_z_ranges(norm['dark_slices'])}; written as 0, no vessels found there "
+                  f"([exposure] dark_ratio = 0 keeps all but blank ones)")
         scores = [f"{k.removesuffix('_vs_truth')} {v['dice']:.3f}" for k, v in s.items() if k.endswith("_vs_truth")]
         if scores:
             print("    Dice vs truth: " + ", ".join(scores))
@@ -476,6 +481,17 @@ def _cmd_info(a) -> int:
         for k, v in _readable_info(d).items():
             print(f"{k}: {v}")
     return EXIT_OK
+
+
+def _z_ranges(zs) -> str:
+    """'0-9, 19, 2000-2021' for sorted slice indices."""
+    out, start = [], None
+    for i, z in enumerate(zs):
+        start = z if start is None else start
+        if i + 1 == len(zs) or zs[i + 1] != z + 1:
+            out.append(f"{start}" if start == z else f"{start}-{z}")
+            start = None
+    return ", ".join(out)
 
 
 def _readable_info(d: dict) -> dict:

@@ -229,7 +229,7 @@ class ZNorm:
         """A JSON-ready summary for run reports."""
         return {"method": self.method, "background": self.background, "scale": self.scale,
                 "gain_min": float(self.gain.min()), "gain_max": float(self.gain.max()),
-                "dark_slices": [int(i) for i in np.flatnonzero(self.dark)]}
+                "dark_ratio": self.dark_ratio, "dark_slices": [int(i) for i in np.flatnonzero(self.dark)]}
 
 
 # -- asinh and robust scaling ---------------------------------------------------------------------

@@ -177,7 +177,10 @@ def _method_line(s: dict) -> str:
                                                       else "given with --truth"))
     else:
         truth = "no truth mask: no Dice"
-    return f"<p>Segmentation: <b>{_esc(method)}</b>; {truth}.</p>"
+    dark = s.get("normalization", {}).get("dark_slices") or []
+    note = (f" Dark slices (no signal; written as 0, no vessels found there): {_esc(', '.join(map(str, dark)))}."
+            if dark else "")
+    return f"<p>Segmentation: <b>{_esc(method)}</b>; {truth}.{note}</p>"
 
 
 def _structure_table(s: dict) -> str:

@@ -49,6 +49,17 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
                  "-c", str(cfg), "--truth", "C00", str(tmp_path / "ph" / "truth" / "C00.tif")]) == 0
     out = capsys.readouterr().out
     assert "Dice vs truth" in out and (tmp_path / "out" / "C00" / "dom_mask.ome.zarr").is_dir()
+    # the phantom's laser-dropout slice is blanked, and the user is told which and how to keep it
+    dark = json.loads((tmp_path / "ph" / "phantom.json").read_text())["dark_slice"]
+    assert f"dark slices (spread <= 0.1 of the stack's, e.g. laser dropout): {dark}; written as 0" in out
+    assert "dark_ratio = 0" in out
+
+
+def test_z_ranges_are_written_compactly():
+    from gpuheart.cli import _z_ranges
+
+    assert _z_ranges([0, 1, 2, 3, 9, 11, 12]) == "0-3, 9, 11-12"
+    assert _z_ranges([5]) == "5" and _z_ranges([]) == ""
 
 
 def test_run_with_a_channel_preset(tmp_path, capsys):
