@@ -96,13 +96,15 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
         znorm = ZNorm.from_stats(stats)
         labels = np.concatenate(labels)
         dark = znorm.dark[keep]
-        if dark.any():  # preprocessed to 0: vessels drawn there would teach the model to see them in the dark
-            warnings.warn(f"{stack.image}: slice(s) {[z for z, d in zip(keep, dark) if d]} are dark (laser dropout "
-                          f"or empty; spread <= {znorm.dark_ratio:g} of the stack's), so they are left out of "
-                          f"training", RuntimeWarning, stacklevel=2)
-            keep, labels = [z for z, d in zip(keep, dark) if not d], labels[~dark]
-            if not keep:
-                raise ScanError(f"{stack.image}: every labelled slice is dark (no signal), nothing to train on")
+        if dark.any() and labels[dark].any():
+            warnings.warn(f"{stack.image}: slice(s) {[z for z, d in zip(keep, dark) if d and labels[keep.index(z)].any()]} "
+                          f"are dark (laser dropout or empty; spread <= {znorm.dark_ratio:g} of the stack's) but "
+                          f"labelled: they are preprocessed to 0 as in a run, and their labels are not used",
+                          RuntimeWarning, stacklevel=2)
+        had = bool(labels.any())
+        labels[dark] = False   # vessels drawn on a blank image would teach the model to see them in the dark
+        if had and not labels.any():
+            raise ScanError(f"{stack.label}: every labelled slice is dark (no signal), so there is nothing to train on")
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
     return np.concatenate(images), labels
 
@@ -119,14 +121,18 @@ def _runs(zs: list[int], most: int) -> list[tuple[int, int]]:
 
 
 def phantom_pairs(n: int, preset: str = "default"):
-    """``n`` synthetic vessel-channel volumes (seeds 1..n) with their exact truth, preprocessed."""
+    """``n`` synthetic vessel-channel volumes (seeds 1..n) with their exact truth, preprocessed; the truth of a
+    dark (laser-dropout) slice is cleared, since the slice is preprocessed to 0, as in a run."""
     from .exposure import preprocess_volume
     from .phantom import Phantom, PhantomConfig
 
     for seed in range(1, n + 1):
         ph = Phantom(PhantomConfig.preset(preset, seed=seed))
         z = ph.shape[0]
-        yield f"phantom_seed{seed}", preprocess_volume(ph.slab("C00", 0, z)), ph.truth("C00", 0, z)
+        truth = ph.truth("C00", 0, z)
+        if ph.dark_slice() is not None:
+            truth[ph.dark_slice()] = False
+        yield f"phantom_seed{seed}", preprocess_volume(ph.slab("C00", 0, z)), truth
 
 
 def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bool = True,

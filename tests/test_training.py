@@ -154,17 +154,33 @@ def test_label_files_without_a_labelled_pixel_are_refused_by_name(tmp_path, caps
     assert main(["train", str(data), "-o", str(tmp_path / "run"), *common]) == 0
 
 
-def test_a_labelled_dark_slice_is_left_out_of_training_with_a_warning(tmp_path):
-    """A dropout slice is preprocessed to 0; vessels drawn on it (traced from its neighbours) would teach
-    the model to find vessels in a blank image."""
+def test_a_labelled_dark_slice_is_trained_as_the_blank_image_it_becomes(tmp_path):
+    """A dropout slice is preprocessed to 0 (as in a run, whose masks are empty there); vessels drawn on it
+    (traced from its neighbours) would teach the model to find vessels in a blank image. The slice stays, so
+    a 2.5-D model's neighbours are still the stack's."""
     img, lab = _stack(nz=6)
     img[2] = 300   # laser dropout: flat, spread 0 <= 0.1 of the stack's
     (stack,) = find_pairs([_pair(tmp_path, "s", img, lab)])
     with pytest.warns(RuntimeWarning, match=r"slice\(s\) \[2\] are dark"):
         pre, got = load_pair(stack)
-    np.testing.assert_array_equal(pre, preprocess_volume(img)[[0, 1, 3, 4, 5]])
-    np.testing.assert_array_equal(got, lab[[0, 1, 3, 4, 5]] > 0)
+    np.testing.assert_array_equal(pre, preprocess_volume(img))
+    assert not pre[2].any()
+    want = lab > 0
+    want[2] = False
+    np.testing.assert_array_equal(got, want)
     img[:] = 300
     (flat,) = find_pairs([_pair(tmp_path / "flat", "f", img, lab)])
     with pytest.warns(RuntimeWarning), pytest.raises(ScanError, match="every labelled slice is dark"):
         load_pair(flat)
+
+
+def test_phantom_training_pairs_have_no_vessels_on_the_blank_dropout_slice():
+    from gpuheart.phantom import Phantom, PhantomConfig
+    from gpuheart.training import phantom_pairs
+
+    (name, pre, truth), = phantom_pairs(1)
+    ph = Phantom(PhantomConfig.preset("default", seed=1))
+    d = ph.dark_slice()
+    assert ph.truth("C00", 0, ph.shape[0])[d].any()   # the geometry goes on through it
+    assert not pre[d].any() and not truth[d].any()
+    np.testing.assert_array_equal(np.delete(truth, d, 0), np.delete(ph.truth("C00", 0, ph.shape[0]), d, 0))
