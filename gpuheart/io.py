@@ -38,10 +38,14 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_RE = re.compile(r"_c(?:h)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
 _Z_RE = re.compile(r"(?:Z|(?<![A-Za-z])z)(\d+)")
 # Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
+# OME's UnitsLength symbols and NGFF's (UDUNITS-2) names, for the lengths a microscope can give.
 _UNIT_UM = {
     "µm": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
     "micrometer": 1.0, "micrometre": 1.0, "\\u00B5m": 1.0,
     "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6,
+    "Å": 1e-4, "\u212b": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6, "nanometre": 1e-3,
+    "millimetre": 1e3, "centimeter": 1e4, "centimetre": 1e4, "dm": 1e5, "decimeter": 1e5, "metre": 1e6,
+    "in": 25400.0, "inch": 25400.0, "ft": 304800.0, "foot": 304800.0,
 }
 
 
@@ -308,12 +312,17 @@ class _TiffStack:
             try:
                 series = tif.series[0]
                 len(tif.pages)  # walks every IFD now, so a broken chain is reported at open time
-            except Exception as err:
-                raise ScanError(f"{path}: corrupt TIFF ({err}); expected readable image pages") from err
+            except Exception as err:  # tifffile may log the reason and raise only IndexError(0)
+                why = (errors[0].getMessage() if errors else "no image page where its header points"
+                       if isinstance(err, IndexError) else f"{type(err).__name__}: {err}")
+                raise ScanError(f"{path}: corrupt TIFF ({why}); expected readable image pages") from err
         if errors:
             raise ScanError(f"{path}: truncated or corrupt TIFF ({errors[0].getMessage()}); "
                             f"expected a complete file")
+        pagewise = self._pagewise_stack(series)
         axes, shape = series.axes, tuple(series.shape)
+        if pagewise is not None:
+            axes, shape = "Q" + axes, (len(pagewise),) + shape
         if "S" in axes:
             raise ScanError(f"{path}: image has colour samples (axes {axes}); expected grayscale (z, y, x)")
         if axes[-2:] != "YX":
@@ -339,6 +348,8 @@ class _TiffStack:
         # Either every plane is its own page, or the data is one contiguous block (ImageJ > 4 GB,
         # tifffile "shaped" files whose later IFDs tifffile does not index).
         self.pages = series.pages if len(series.pages) == self.nplanes else None
+        if pagewise is not None:
+            self.pages = pagewise
         if self.pages is None:
             if series.dataoffset is None:
                 raise ScanError(f"{path}: {len(series.pages)} of {self.nplanes} pages present; "
@@ -353,6 +364,25 @@ class _TiffStack:
                                     f"{_page_end(page)}, file has {size} bytes")
         self.voxel_size = _voxel_from_tiff(tif)
         self.format = "tiff-hyperstack" if self.c_axis is not None else "tiff"
+
+    def _pagewise_stack(self, series) -> list | None:
+        """The pages of a stack written one page per series (tifffile's ``TiffWriter.write`` called once per
+        slice, its default ``contiguous=False``), which tifffile reports as one series per page; None when the
+        file holds one series (reduced-resolution copies, i.e. thumbnails and pyramid levels, aside).
+
+        Any other layout of several series (a second stack, a page of another shape among the slices) is
+        refused: reading only the first series would give a scan of fewer slices that looks complete."""
+        tif, path = self.tif, self.path
+        main = [s for s in tif.series if not getattr(s.keyframe, "is_reduced", False)]
+        if len(main) <= 1:
+            return None
+        if all(len(s.pages) == 1 and len(s.shape) == 2 and tuple(s.shape) == tuple(series.shape)
+               and s.dtype == series.dtype and s.pages[0] is not None for s in main):
+            return sorted((s.pages[0] for s in main), key=lambda p: p.index)
+        desc = "; ".join(f"{s.axes} {tuple(s.shape)} {s.dtype} from page {s.keyframe.index}" for s in main[:4])
+        more = f"; and {len(main) - 4} more" if len(main) > 4 else ""
+        raise ScanError(f"{path}: holds {len(main)} image series ({desc}{more}); expected one (z, y, x) stack "
+                        f"(or pages all of one shape and dtype): save the scan as a single series")
 
     def _plane_bytes(self) -> int:
         return self.shape[1] * self.shape[2] * self.dtype.itemsize
@@ -443,8 +473,10 @@ class _TiffFolder:
                 page = tif.pages.first
                 npages = len(tif.pages)
                 shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-            except Exception as err:
-                raise ScanError(f"{f}: corrupt TIFF ({err}); expected one 2D image") from err
+            except Exception as err:  # tifffile may log the reason and raise only IndexError(0)
+                why = (errors[0].getMessage() if errors else "no image page where its header points"
+                       if isinstance(err, IndexError) else f"{type(err).__name__}: {err}")
+                raise ScanError(f"{f}: corrupt TIFF ({why}); expected one 2D image") from err
             if errors:
                 raise ScanError(f"{f}: truncated or corrupt TIFF ({errors[0].getMessage()})")
             if npages != 1 or len(shape) != 2:
@@ -672,14 +704,26 @@ class _Zarr:
             if not ms:
                 raise ScanError(f"{path}: zarr group without OME-NGFF 'multiscales' metadata; "
                                 f"expected an OME-Zarr image or a plain zarr array")
-            ms0 = ms[0]
-            ds = ms0["datasets"][0]
             try:
-                arr = node[ds["path"]]
+                ms0 = ms[0]
+                ds = ms0["datasets"][0]
+                level0 = ds["path"]
+                if not isinstance(level0, str):
+                    raise TypeError(f"path {level0!r} is not a string")
+            except (KeyError, IndexError, TypeError, AttributeError) as err:
+                raise ScanError(f"{path}: malformed OME-NGFF 'multiscales' metadata ({type(err).__name__}: "
+                                f"{err}); expected a list of multiscales whose 'datasets' name level 0 by "
+                                f"its 'path'") from err
+            try:
+                arr = node[level0]
             except Exception as err:
-                raise ScanError(f"{path}: multiscales level 0 ({ds['path']!r}) is missing") from err
+                raise ScanError(f"{path}: multiscales level 0 ({level0!r}) is missing") from err
             raw_axes = ms0.get("axes") or list("tczyx"[-arr.ndim:])
-            axes = [a["name"] if isinstance(a, dict) else str(a) for a in raw_axes]
+            try:
+                axes = [str(a["name"]) if isinstance(a, dict) else str(a) for a in raw_axes]
+            except (KeyError, TypeError) as err:
+                raise ScanError(f"{path}: OME-NGFF axes {raw_axes!r} without a 'name'; expected axes such as "
+                                f"{{'name': 'z', 'type': 'space', 'unit': 'micrometer'}}") from err
             units = [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
             self.voxel_size = self._ngff_scale(ms0, ds, axes, units)
             self.format = "ome-zarr"
@@ -699,22 +743,27 @@ class _Zarr:
         self.dtype = np.dtype(arr.dtype)
 
     def _ngff_scale(self, ms0, ds, axes, units):
+        """(z, y, x) µm from the scale of level 0, or None: no unit, an unknown unit, or a scale that is not
+        one positive number per axis (like a TIFF's unusable calibration, it is not guessed at)."""
         def scale_of(transforms):
             for t in transforms or []:
                 if t.get("type") == "scale":
                     return [float(s) for s in t["scale"]]
             return [1.0] * len(axes)
 
-        scale = np.multiply(scale_of(ds.get("coordinateTransformations")),
-                            scale_of(ms0.get("coordinateTransformations")))
-        if not all(a in axes for a in "zyx") or len(scale) != len(axes):
+        try:
+            scales = [scale_of(ds.get("coordinateTransformations")), scale_of(ms0.get("coordinateTransformations"))]
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
+        if not all(a in axes for a in "zyx") or any(len(sc) != len(axes) for sc in scales):
+            return None
+        scale = np.multiply(*scales)
         out = []
         for a in "zyx":
             i = axes.index(a)
             v = _to_um(scale[i], units[i]) if units[i] else None
-            if v is None:
-                return None  # uncalibrated or unknown unit: do not guess
+            if v is None or not (np.isfinite(v) and v > 0):
+                return None  # uncalibrated, an unknown unit or an unusable scale: do not guess
             out.append(v)
         return tuple(out)
 
@@ -782,6 +831,12 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
         src = _TiffStack(path)
         names = [f"C{c:02d}" for c in range(src.nchannels)]
     try:
+        if np.dtype(src.dtype).kind not in "biuf":
+            raise ScanError(f"{path}: pixels are {np.dtype(src.dtype)}; expected integer, float or boolean "
+                            f"intensities")
+        if min(src.shape) < 1:
+            raise ScanError(f"{path}: image of shape {tuple(src.shape)} (z, y, x) is empty; expected at least one "
+                            f"slice of at least 1 x 1 pixels")
         chosen = _select_channels(path, names, channels)
         vs = src.voxel_size if voxel_size is None else _check_voxel_size(path, voxel_size)
     except Exception:

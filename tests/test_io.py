@@ -616,3 +616,129 @@ def test_ngff_scale_with_rectangular_pixels_and_a_multiscales_level_scale(tmp_pa
         w.write(0, vol)
     with open_scan(out) as scan:
         assert scan.voxel_size == pytest.approx((4.0, 0.8, 0.3))
+
+
+# -- stacks of several TIFF series, malformed NGFF metadata, pixels that are no intensities ---------------
+
+def test_a_stack_written_one_page_per_write_reads_every_page(tmp_path):
+    # tifffile's TiffWriter.write once per slice (its default contiguous=False) makes one series per page;
+    # reading only the first series gave a 1-slice scan that looked complete
+    vol = volume((5, 10, 12))
+    f = tmp_path / "pagewise.tif"
+    with tifffile.TiffWriter(f) as tw:
+        for s in vol:
+            tw.write(s)
+    with tifffile.TiffFile(f) as t:
+        assert len(t.series) == 5 and len(t.pages) == 5  # the layout this test is about
+    with open_scan(f) as scan:
+        assert scan.shape == (5, 10, 12) and scan.channels == ["C00"]
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 5), vol)
+        np.testing.assert_array_equal(scan.read_slab("C00", 3, 5), vol[3:5])
+
+
+def test_a_reduced_resolution_thumbnail_beside_the_stack_is_ignored(tmp_path):
+    vol = volume((4, 16, 16))
+    f = tmp_path / "thumb.tif"
+    with tifffile.TiffWriter(f) as tw:
+        tw.write(vol, photometric="minisblack", metadata={"axes": "ZYX"})
+        tw.write(vol[0, ::4, ::4], subfiletype=1, photometric="minisblack")  # subfiletype 1: reduced image
+    with open_scan(f) as scan:
+        assert scan.shape == (4, 16, 16)
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 4), vol)
+
+
+@pytest.mark.parametrize("layout", ["odd page", "two stacks"])
+def test_several_series_that_are_not_one_stack_are_refused(tmp_path, layout):
+    # tifffile groups same-shape pages into a series even across an odd page: reading series 0 skipped a slice
+    f = tmp_path / "multi.tif"
+    with tifffile.TiffWriter(f) as tw:
+        if layout == "odd page":
+            for shape in [(8, 8), (8, 8), (9, 8), (8, 8)]:
+                tw.write(volume((1,) + shape)[0], photometric="minisblack", metadata=None)
+        else:
+            tw.write(volume((4, 8, 8)), photometric="minisblack")
+            tw.write(volume((3, 6, 6)), photometric="minisblack")
+    with tifffile.TiffFile(f) as t:
+        assert len(t.series) == 2
+    with pytest.raises(ScanError, match=r"multi\.tif: holds 2 image series .*expected one \(z, y, x\) stack"):
+        open_scan(f)
+
+
+def _ngff(path, multiscales, shape=(4, 6, 8), dtype=np.uint16):
+    zarr = pytest.importorskip("zarr")
+    root = zarr.open_group(str(path), mode="w")
+    create = getattr(root, "create_array", None) or root.create_dataset  # zarr 3 or 2
+    create("0", shape=shape, dtype=dtype, chunks=shape)[:] = np.ones(shape, dtype)
+    root.attrs["multiscales"] = multiscales
+    return path
+
+
+_AXES = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+
+
+@pytest.mark.parametrize("multiscales", [
+    [{"version": "0.4", "axes": _AXES, "datasets": []}],
+    [{"version": "0.4", "axes": _AXES, "datasets": [{}]}],
+    {"version": "0.4", "datasets": [{"path": "0"}]},
+    [{"version": "0.4", "axes": [{"type": "space"}] * 3, "datasets": [{"path": "0"}]}],
+], ids=["no datasets", "dataset without path", "not a list", "axes without names"])
+def test_malformed_ngff_metadata_is_a_scan_error_naming_the_store(tmp_path, multiscales):
+    store = _ngff(tmp_path / "bad.ome.zarr", multiscales)
+    with pytest.raises(ScanError, match=r"bad\.ome\.zarr: .*(multiscales|axes)"):
+        open_scan(store)
+
+
+@pytest.mark.parametrize("scale", [[0, 1, 1], [-3, 1, 1], [3, 1], ["a", 1, 1]])
+def test_an_unusable_ngff_scale_leaves_the_voxel_size_unknown(tmp_path, scale):
+    store = _ngff(tmp_path / "s.ome.zarr", [{"version": "0.4", "axes": _AXES, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}])
+    with open_scan(store) as scan:
+        assert scan.voxel_size is None and scan.shape == (4, 6, 8)
+
+
+@pytest.mark.parametrize("unit, scale, um", [
+    ("centimeter", [5e-4, 1e-4, 2e-4], (5.0, 1.0, 2.0)),          # 1 cm = 10^4 µm
+    ("angstrom", [50000, 10000, 6500], (5.0, 1.0, 0.65)),         # 1 Å = 10^-4 µm
+    ("inch", [0.001, 0.0005, 0.0005], (25.4, 12.7, 12.7)),        # 1 in = 25.4 mm
+])
+def test_ngff_length_units_are_converted_to_micrometres(tmp_path, unit, scale, um):
+    axes = [{"name": a, "type": "space", "unit": unit} for a in "zyx"]
+    store = _ngff(tmp_path / "u.ome.zarr", [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}])
+    with open_scan(store) as scan:
+        assert scan.voxel_size == pytest.approx(um)
+
+
+def test_ome_tiff_in_angstrom_is_converted(tmp_path):
+    f = tmp_path / "a.ome.tif"
+    tifffile.imwrite(f, volume((3, 6, 8)), ome=True, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeZUnit": "µm", "PhysicalSizeY": 5000.0,
+        "PhysicalSizeYUnit": "Å", "PhysicalSizeX": 5000.0, "PhysicalSizeXUnit": "Å"})
+    with open_scan(f) as scan:
+        assert scan.voxel_size == pytest.approx((3.0, 0.5, 0.5))
+
+
+def test_complex_pixels_and_empty_arrays_are_refused_at_open(tmp_path):
+    # complex TIFF pixels reached exposure.slice_stats and ended in a TypeError traceback
+    zarr = pytest.importorskip("zarr")
+    f = tmp_path / "c.tif"
+    tifffile.imwrite(f, volume((3, 6, 8)).astype(np.complex64), photometric="minisblack")
+    with pytest.raises(ScanError, match=r"c\.tif: pixels are complex64; expected integer, float or boolean"):
+        open_scan(f)
+    for name, shape in [("z0.zarr", (0, 6, 8)), ("y0.zarr", (3, 0, 8))]:
+        arr = zarr.open_array(str(tmp_path / name), mode="w", shape=shape, dtype="u2")
+        assert arr.shape == shape
+        with pytest.raises(ScanError, match=rf"{name}: image of shape .* is empty"):
+            open_scan(tmp_path / name)
+
+
+def test_a_tiff_header_pointing_nowhere_says_so(tmp_path):
+    # a TIFF magic followed by garbage: tifffile only warns and raises IndexError(0), which read "corrupt TIFF (0)"
+    junk = b"II*\x00" + np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    (tmp_path / "junk.tif").write_bytes(junk)
+    with pytest.raises(ScanError, match=r"junk\.tif: corrupt TIFF \(no image page where its header points\)"):
+        open_scan(tmp_path / "junk.tif")
+    folder = write_folder(tmp_path / "f", {0: volume((3, 6, 8))})
+    (folder / lavision_filename("heart", 0, 1)).write_bytes(junk)
+    with pytest.raises(ScanError, match=r"Z0001\.ome\.tif: corrupt TIFF \(no image page where its header points\)"):
+        open_scan(folder)
