@@ -711,7 +711,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
             stats = _slice_stats(scan, channel, cfg)
         ck.save_stats(stats)
     znorm = exposure.ZNorm.from_stats(stats, dark_ratio=cfg.exposure.dark_ratio)
-    acc = _ChannelAccumulator(scan.shape, truth_path, channel)
+    acc = _ChannelAccumulator(scan.shape, truth_path, channel, znorm.dark)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:
         if client is None:
@@ -928,7 +928,7 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     with timer("read"), open_scan(src, channels=[channel]) as scan:
         data = scan.read_slab(channel, *_read_range(z0, step, shape[0], c))
     halo = _halo(z0, data.shape[0], n_core, c)
-    acc = _ChannelAccumulator(shape, truth, channel)
+    acc = _ChannelAccumulator(shape, truth, channel, znorm.dark)
     device = backend.resolve_device(cfg.device)
     x = backend.to_device(data, device)
     acc.add_raw(z0, x[halo[0]:halo[0] + n_core])
@@ -1318,8 +1318,11 @@ class _ChannelAccumulator:
     """What pass 2 keeps for the summary and the report: a few floats per slice and a few 2D images
     (maximum projections, one line profile, the middle slice), never the volume."""
 
-    def __init__(self, shape, truth_path, channel):
+    def __init__(self, shape, truth_path, channel, dark=None):
         self.shape, self.truth_path, self.channel = tuple(shape), truth_path, channel
+        # dark slices (ZNorm) are blank: counted, a scan's empty ends would pile up at 0 in the global
+        # Otsu histogram and dilute the SNR's mean
+        self.dark = np.zeros(shape[0], bool) if dark is None else np.asarray(dark, bool)
         self.n, self.mid = shape[0], shape[0] // 2
         self.norm_means = np.full(self.n, np.nan)
         self.histogram = np.zeros(256, np.int64)  # of the preprocessed uint8 volume, for a global Otsu
@@ -1364,9 +1367,11 @@ class _ChannelAccumulator:
         pre = products["preprocessed"]
         xp = backend.array_module(pre)
         s = self.sums
-        s["pixels"] += pre.size
-        s["pre_sum"] += float(pre.sum(dtype=xp.float64))
-        self.histogram += backend.to_host(xp.bincount(pre.ravel(), minlength=256))
+        lit = ~self.dark[z0:z0 + pre.shape[0]]
+        counted = pre if lit.all() else pre[xp.asarray(np.flatnonzero(lit))]
+        s["pixels"] += counted.size
+        s["pre_sum"] += float(counted.sum(dtype=xp.float64))
+        self.histogram += backend.to_host(xp.bincount(counted.ravel(), minlength=256))
         self._mip("preprocessed", pre)
         self._keep_mid("preprocessed", z0, pre, row=True)
         mask = products.get("mask_raw", products.get("unet_mask", products.get("dom_mask")))
@@ -1478,7 +1483,7 @@ class _ChannelAccumulator:
                 "snr_dom": (s["dom_signal_sum"] / n) / (s["dom_sum"] / s["pixels"]) if s["dom_sum"] else float("nan"),
             })
         if self.truth is not None:
-            out["truth"] = str(Path(self.truth_path).resolve())   # which mask the scores below are against
+            out["truth_path"] = str(Path(self.truth_path).resolve())   # which mask the scores below are against
             for kind, c in self.confusion.items():
                 out[f"{kind}_vs_truth"] = c.scores()
             self.truth.close()

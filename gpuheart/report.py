@@ -173,7 +173,7 @@ def _method_line(s: dict) -> str:
     """How the channel was segmented and whether a truth mask scored it (the page's Dice rows need it)."""
     method = s.get("segmentation", "unknown")
     if any(k.endswith("_vs_truth") for k in s):
-        truth = ("scored against the truth mask " + (f"<code>{_esc(s['truth'])}</code>" if s.get("truth")
+        truth = ("scored against the truth mask " + (f"<code>{_esc(s['truth_path'])}</code>" if s.get("truth_path")
                                                       else "given with --truth"))
     else:
         truth = "no truth mask: no Dice"

@@ -124,7 +124,7 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
     # the scores say which mask they are against, in summary.json and on the report page
     for ch in ("C00", "C01"):
         truth = (out / "input" / "truth" / f"{ch}.tif").resolve()
-        assert summary["summary"][ch]["truth"] == str(truth)
+        assert summary["summary"][ch]["truth_path"] == str(truth)
         assert f"<code>{truth}</code>" in tiny_run.report.read_text()
     from gpuheart.backend import resolve_device
 
@@ -336,8 +336,37 @@ def test_global_otsu_equals_the_whole_volume_threshold(tiny_run, tmp_path):
     p = r.outputs["C00"]
     with open_scan(p["preprocessed"]) as pre, open_scan(p["otsu_mask"]) as m:
         vol = pre.read_slab(0, 0, pre.shape[0])
-        np.testing.assert_array_equal(m.read_slab(0, 0, m.shape[0]) > 0, vol > threshold_otsu(vol))
-    assert "otsu_vs_truth" in r.summary["C00"] and r.summary["C00"]["otsu_threshold"] == threshold_otsu(vol)
+        lit = np.delete(vol, r.summary["C00"]["normalization"]["dark_slices"], 0)   # blank slices hold no data
+        np.testing.assert_array_equal(m.read_slab(0, 0, m.shape[0]) > 0, vol > threshold_otsu(lit))
+    assert "otsu_vs_truth" in r.summary["C00"] and r.summary["C00"]["otsu_threshold"] == threshold_otsu(lit)
+
+
+def test_empty_ends_of_a_scan_do_not_move_the_global_otsu_threshold_or_the_snr(tiny_run, tmp_path):
+    """Slices beyond the tissue are dark, so blank (0); counted, 20 of them would pile up at 0 in the one
+    histogram and pull Otsu's cut down, and dilute the mean the SNR divides by."""
+    n = 6   # a minority: were most slices empty, their spread would be the stack's typical one
+    import tifffile
+    from skimage.filters import threshold_otsu
+
+    from gpuheart.io import open_scan
+
+    with open_scan(tiny_run.out_dir / "input" / "scan", channels=["C00"]) as s:
+        raw = s.read_slab("C00", 0, s.shape[0])
+    rng = np.random.default_rng(0)
+    ends = (100 + rng.normal(0, 2, (n, *raw.shape[1:]))).astype(raw.dtype)   # camera offset and read noise
+    tifffile.imwrite(tmp_path / "padded.tif", np.concatenate([ends[:n // 2], raw, ends[n // 2:]]))
+    cfg = _tiny_cfg("otsu")
+    cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+    r = Pipeline(cfg).run(tmp_path / "padded.tif", tmp_path / "out")
+    s = r.summary["C00"]
+    dark = s["normalization"]["dark_slices"]
+    assert set(range(n // 2)) | set(range(n // 2 + len(raw), n + len(raw))) <= set(dark)
+    with open_scan(r.outputs["C00"]["preprocessed"]) as pre:
+        vol = pre.read_slab(0, 0, pre.shape[0])
+    lit = np.delete(vol, dark, 0)
+    assert not vol[dark].any() and threshold_otsu(vol) != threshold_otsu(lit)   # the premise
+    assert s["otsu_threshold"] == threshold_otsu(lit)
+    assert s["preprocessed_mean"] == pytest.approx(lit.mean(), rel=1e-12)
 
 
 def test_slab_pieces_are_planned_from_free_device_memory():
