@@ -768,7 +768,9 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
         if writers.resumed == start:
             return writers
         writers.discard()
-        acc.__init__(shape, acc.truth_path, acc.channel)
+    # from slice 0: nothing of a checkpoint's state may stay (restore() may have loaded part of it before
+    # failing), but the dark slices stay known: they are the z-normalization's, not the checkpoint's
+    acc.__init__(shape, acc.truth_path, acc.channel, acc.dark)
     ck.reset()
     if ck.earlier:
         _remove_earlier_outputs(out)

@@ -692,3 +692,53 @@ def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_pa
         assert ("continuing the interrupted segmentation" in said) is not restart
         assert min(computed) == (0 if restart else 20)
         monkeypatch.setattr(pipeline, "_process_slab", real)
+
+
+def _padded(scan, path, n=6):
+    """C00 of ``scan`` between n/2 + n/2 blank slices (the camera offset, no tissue): dark slices."""
+    import tifffile
+
+    with open_scan(scan, channels="C00") as s:
+        raw = s.read_slab("C00", 0, 24)
+    ends = np.full((n, *raw.shape[1:]), 100, raw.dtype)
+    tifffile.imwrite(path, np.concatenate([ends[:n // 2], raw, ends[n // 2:]]))
+    return path
+
+
+def test_a_resume_that_starts_pass_2_over_still_leaves_dark_slices_out_of_the_measurements(scan, tmp_path,
+                                                                                           monkeypatch):
+    """Killed in pass 2, then one partial store lost: the rerun starts pass 2 again from slice 0 with a fresh
+    measurement state, which must still know the dark slices (it forgot them: the blank ends were counted in
+    the global Otsu histogram and the preprocessed mean, unlike in an uninterrupted run)."""
+    import shutil
+
+    from skimage.filters import threshold_otsu
+
+    from gpuheart import Pipeline, pipeline
+
+    stack = _padded(scan, tmp_path / "padded.tif")
+    cfg = _fast_cfg(checkpoint_seconds=0.0, slab_size=2, segment={"method": "otsu"})
+    out = tmp_path / "out"
+    real = pipeline._process_slab
+
+    def killed_at_12(x, z0, *a, **k):
+        if z0 >= 12:
+            raise KeyboardInterrupt
+        return real(x, z0, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", killed_at_12)
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).run(stack, out)
+    shutil.rmtree(out / "C00" / "dom_mask.ome.zarr.partial")
+    r = Pipeline(cfg).run(stack, out)
+    assert r.resumed == {}   # pass 2 ran again from slice 0
+    s = r.summary["C00"]
+    dark = s["normalization"]["dark_slices"]
+    assert {0, 1, 2, 27, 28, 29} <= set(dark)
+    with open_scan(r.outputs["C00"]["preprocessed"]) as pre:
+        vol = pre.read_slab(0, 0, pre.shape[0])
+    lit = np.delete(vol, dark, 0)
+    assert threshold_otsu(vol) != threshold_otsu(lit)   # the premise: counting the dark slices shows
+    assert s["otsu_threshold"] == threshold_otsu(lit)
+    assert s["preprocessed_mean"] == pytest.approx(lit.mean(), rel=1e-12)
