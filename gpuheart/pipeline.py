@@ -1196,15 +1196,19 @@ def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | 
         return stamps[key]
 
     d = cfg.to_dict()
-    # none of these changes a channel's outputs (the report is drawn from them afterwards)
-    d.pop("progress"), d.pop("checkpoint_seconds"), d["output"].pop("report")
+    # none of these changes a channel's outputs (the report is drawn from them afterwards); nor do the
+    # channels chosen and other channels' overrides (``cfg`` is this channel's, its overrides applied), so
+    # `--channels C00` after a run of every channel reuses C00; "auto" counts as the device it resolves to
+    d.pop("progress"), d.pop("checkpoint_seconds"), d["output"].pop("report"), d.pop("channels"), d.pop("channel")
+    d["device"] = backend.resolve_device(cfg.device)
     desc = desc or scan.describe()
     weights = None
     if cfg.uses_unet:
         from .unet import default_weights_path
 
         weights = stamp(cfg.segment.weights or default_weights_path())
-    key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "channels", "voxel_size")},
+    # not the scan's "channels": a run of fewer channels opens the scan with only those
+    key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "voxel_size")},
            "channel": channel, "truth": str(truth) if truth else None,
            "files": {"input": stamp(scan.path), "truth": stamp(truth) if truth else None, "weights": weights}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

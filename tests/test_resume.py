@@ -742,3 +742,21 @@ def test_a_resume_that_starts_pass_2_over_still_leaves_dark_slices_out_of_the_me
     assert threshold_otsu(vol) != threshold_otsu(lit)   # the premise: counting the dark slices shows
     assert s["otsu_threshold"] == threshold_otsu(lit)
     assert s["preprocessed_mean"] == pytest.approx(lit.mean(), rel=1e-12)
+
+
+def test_choosing_fewer_channels_or_overriding_another_channel_reuses_a_finished_channel(scan, tmp_path):
+    """`--channels C00` after a run of C00 and C01, `--preset C01=nerves`, or `--device cpu` where "auto" ran
+    on the CPU: C00's outputs are those of its settings alone, so it is reused, not computed again (and a
+    killed run continued with fewer channels keeps its progress); C01 with other settings is computed again."""
+    from gpuheart import Pipeline, backend
+
+    out = tmp_path / "out"
+    both = Pipeline(_fast_cfg(channels=["C00", "C01"])).run(scan, out)
+    assert both.reused == []
+    assert Pipeline(_fast_cfg(channels=["C00"])).run(scan, out).reused == ["C00"]
+    nerves = _fast_cfg(channels=["C00", "C01"], channel={"C01": {"preset": "nerves"}})
+    again = Pipeline(nerves).run(scan, out)
+    assert again.reused == ["C00"]
+    assert again.summary["C00"] == both.summary["C00"]
+    other = _fast_cfg(channels=["C00", "C01"], device=backend.resolve_device("auto"))
+    assert Pipeline(other).run(scan, out).reused == ["C00"]   # C01 back to the plain settings: computed again
