@@ -413,9 +413,16 @@ def _cmd_segment(a) -> int:
         raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
                          f"(gpuheart run writes OME-Zarr masks)")
     work = segment_work_dir(a.out)
-    if work.is_dir() and not a.restart:
-        print(f"gpuheart: continuing the interrupted segmentation in {work} (--restart starts over)")
-    out = Pipeline(cfg).segment(a.input, a.out, channel=a.channel, resume=not a.restart)
+    found = work.is_dir() and not a.restart
+    if found:   # said now, before a long run; whether it could continue is known only after
+        print(f"gpuheart: found an interrupted segmentation in {work}: continuing it if its input and settings "
+              f"are these (--restart starts over)")
+    pipe = Pipeline(cfg)
+    out = pipe.segment(a.input, a.out, channel=a.channel, resume=not a.restart)
+    if found:
+        z = next(iter(pipe.last_run.resumed.values()), 0) if pipe.last_run else 0
+        print(f"gpuheart: continued the interrupted segmentation at slice {z}" if z else
+              "gpuheart: the interrupted segmentation had another input or other settings: started over")
     print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
     return EXIT_OK
 

@@ -384,6 +384,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig | None = None):
         self.config = (config or PipelineConfig()).validate()
+        self.last_run: RunResult | None = None   # what segment()'s run did (resumed where), for its caller
 
     def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | None = None,
             phantom_preset: str = "default", resume: bool = True, client=None) -> RunResult:
@@ -510,7 +511,7 @@ class Pipeline:
         # same command instead of starting over beside a hidden copy of what it had done
         work = segment_work_dir(out_path)
         try:
-            result = Pipeline(cfg).run(source, work, resume=resume)
+            result = self.last_run = Pipeline(cfg).run(source, work, resume=resume)
             mask_path = result.outputs[cfg.channels[0]]["mask"]
             with open_scan(mask_path) as m:
                 voxel = m.voxel_size

@@ -689,9 +689,21 @@ def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_pa
         monkeypatch.setattr(pipeline, "_process_slab", counted)
         assert main(argv + ["--restart"] * restart) == 0
         said = capsys.readouterr().out
-        assert ("continuing the interrupted segmentation" in said) is not restart
+        assert ("found an interrupted segmentation" in said) is not restart
+        assert ("continued the interrupted segmentation at slice 20" in said) is not restart
         assert min(computed) == (0 if restart else 20)
         monkeypatch.setattr(pipeline, "_process_slab", real)
+    # killed, then rerun with other settings: it cannot continue, and says it started over
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", killed_at_20)
+        assert main(argv) == 130
+    capsys.readouterr()
+    computed.clear()
+    monkeypatch.setattr(pipeline, "_process_slab", counted)
+    assert main(argv + ["--method", "otsu"]) == 0
+    said = capsys.readouterr().out
+    assert "had another input or other settings: started over" in said and "continued" not in said
+    assert min(computed) == 0
 
 
 def _padded(scan, path, n=6):
