@@ -777,6 +777,9 @@ class _Zarr:
             raise ScanError(f"{self.path}: cannot read slices {_fmt_z(z0)}-{_fmt_z(z1 - 1)}: {err}") from err
         if "z" not in self.axes:
             data = data[np.newaxis]
+        if data.dtype == self.dtype and data.flags.c_contiguous and data.flags.writeable:
+            # zarr decodes into a new array on every read (it keeps no chunk cache): already fresh, no copy
+            return data.reshape((z1 - z0,) + self.shape[1:])
         return np.array(data, dtype=self.dtype, copy=True).reshape((z1 - z0,) + self.shape[1:])
 
     def disk_bytes(self) -> int:

@@ -69,10 +69,52 @@ def _closing_padded(mask: np.ndarray, structure: np.ndarray, iterations: int,
                     pad: tuple[tuple[int, int], ...]) -> np.ndarray:
     """Closing of ``mask`` edge-padded by ``pad`` (per axis, before/after), cropped back."""
     padded = np.pad(np.asarray(mask, dtype=bool), pad, mode="edge")
-    out = ndi.binary_dilation(padded, structure, iterations=iterations)
-    out = ndi.binary_erosion(out, structure, iterations=iterations)
+    if structure.all() and iterations >= 1 and all(n % 2 for n in structure.shape):
+        # A box (the paper's line and cube): k dilations by a box of side n are one dilation by a box of side
+        # (n - 1) k + 1, with zeros outside as SciPy's border_value=0 has it, and a box is separable, so
+        # running max/min filters give the same voxels 5-10x faster than binary_dilation's k passes.
+        size = tuple((n - 1) * iterations + 1 for n in structure.shape)
+        out = _box(_box(padded.view(np.uint8), size, np.maximum), size, np.minimum).view(bool)
+    else:
+        out = ndi.binary_dilation(padded, structure, iterations=iterations)
+        out = ndi.binary_erosion(out, structure, iterations=iterations)
     crop = tuple(slice(b, out.shape[i] - a) for i, (b, a) in enumerate(pad))
     return out[crop]
+
+
+def _box(u8: np.ndarray, size: tuple[int, ...], op) -> np.ndarray:
+    """``op`` (np.maximum: dilation, np.minimum: erosion) over a centred box of odd ``size``, zeros outside the
+    array: scipy.ndimage's maximum/minimum_filter with mode="constant", cval=0."""
+    out = u8
+    for axis, n in enumerate(size):
+        if n == 1:
+            continue
+        if axis == 0:   # SciPy's 1-D filters copy each strided z-line: whole planes at a time is ~5x faster
+            out = _planes(out, n, op)
+        else:
+            f = ndi.maximum_filter1d if op is np.maximum else ndi.minimum_filter1d
+            out = f(out, n, axis=axis, mode="constant", cval=0)
+    return out
+
+
+def _planes(x: np.ndarray, n: int, op) -> np.ndarray:
+    """``op`` over the centred window of ``n`` (odd) planes along axis 0, zeros beyond the ends: windows of
+    1, 2, 4, ... planes by doubling, then one window of n from the powers of two that sum to n."""
+    r = n // 2
+    p = np.zeros((x.shape[0] + 2 * r, *x.shape[1:]), x.dtype)
+    p[r:r + x.shape[0]] = x
+    powers, w, length = {1: p}, p, 1   # w[i] = op over p[i:i + length]
+    while 2 * length <= n:
+        w = op(w[:-length], w[length:])
+        length *= 2
+        powers[length] = w
+    out, start = None, 0
+    for length in sorted(powers, reverse=True):
+        if n - start >= length:
+            part = powers[length][start:start + x.shape[0]]
+            out = part.copy() if out is None else op(out, part, out=out)
+            start += length
+    return out
 
 
 def _z_pad(r: int, z_edges: tuple[bool, bool]) -> tuple[int, int]:
@@ -219,7 +261,8 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
     """Stream :func:`postprocess` over z: yields ``(z0, z1, mask[z0:z1])`` (NumPy) equal to the whole result.
 
     Each slab is read with a halo of :func:`reach` slices on both sides (clipped to the volume).
-    Peak memory is one slab plus ``2 * reach`` slices (and SciPy's temporaries). With ``device="cuda"``
+    Peak memory is one slab plus ``2 * reach`` slices, and SciPy's temporaries of one band of rows
+    (:func:`_postprocess_in_bands`). With ``device="cuda"``
     each slab is closed on the GPU by the kernels (same voxels) and only the result comes back.
     """
     h = reach(z_size, z_iterations, size3d)
@@ -229,19 +272,48 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
         a, b = max(0, z0 - h), min(nz, z1 + h)
         block = np.asarray(read_slab(a, b), dtype=bool)
         edges = (a == 0, b == nz)
+        core = slice(z0 - a, z1 - a)
+        if device == "cpu":
+            out = _postprocess_in_bands(block, core, z_size, z_iterations, size3d, edges)
+            del block   # else it lives on while the next block is read: two blocks at the peak
+            yield z0, z1, out
+            continue
         try:
             out = postprocess(to_device(block, device), z_size, z_iterations, size3d, z_edges=edges)
-            out = to_host(out[z0 - a:z1 - a])   # only the slab comes back, not its halo
+            out = to_host(out[core])   # only the slab comes back, not its halo
         except Exception as err:
-            if device == "cpu" or not is_device_oom(err):
+            if not is_device_oom(err):
                 raise
             # the host path gives the same voxels; a run hours in should not end over its cheapest pass
             if not warned:
                 warnings.warn(f"out of device memory closing slices {a}..{b}: closing such slabs on the host "
                               "(same result, slower)", RuntimeWarning, stacklevel=2)
                 warned = True
-            out = postprocess(block, z_size, z_iterations, size3d, z_edges=edges)[z0 - a:z1 - a]
+            out = _postprocess_in_bands(block, core, z_size, z_iterations, size3d, edges)
+        del block
         yield z0, z1, out
+
+
+BAND_VOXELS = 1 << 23   # host closings work on bands of rows of about this many voxels (8 MiB of bool)
+
+
+def _postprocess_in_bands(block: np.ndarray, core: slice, z_size: int, z_iterations: int, size3d: int,
+                          z_edges: tuple[bool, bool]) -> np.ndarray:
+    """``postprocess(block)[core]`` computed a band of rows at a time. The z-closing works column by column and
+    the cube closing reaches ``2 * (size3d // 2)`` rows either way, so a band read with that many extra rows
+    gives exactly the whole block's rows, while SciPy's padded copies and outputs are a band's size, not the
+    block's (with a z halo of :func:`reach` slices a block is several slabs deep: on 2048² slices those
+    copies were over 1 GiB, the host peak of a run)."""
+    nzb, ny, nx = block.shape
+    hy = 2 * (size3d // 2)
+    rows = max(1, BAND_VOXELS // max(1, nzb * nx))
+    out = np.empty((core.stop - core.start, ny, nx), bool)
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        ya, yb = max(0, y0 - hy), min(ny, y1 + hy)
+        part = postprocess(block[:, ya:yb], z_size, z_iterations, size3d, z_edges=z_edges)
+        out[:, y0:y1] = part[core, y0 - ya:y1 - ya]
+    return out
 
 
 # -- connected components ----------------------------------------------------------------------

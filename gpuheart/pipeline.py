@@ -1004,7 +1004,14 @@ def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:
 
 def mask_reader(scan):
     """``read_slab(z0, z1)`` -> bool slab of a one-channel mask scan (nonzero = inside), for the streamed stages."""
-    return lambda z0, z1: scan.read_slab(scan.channels[0], z0, z1) > 0
+    def read(z0, z1):
+        a = scan.read_slab(scan.channels[0], z0, z1)   # a fresh array (Scan.read_slab): ours to overwrite
+        if a.dtype == np.uint8 and a.flags.c_contiguous and a.flags.writeable:
+            # in place: pass 3 reads slabs several times the slab size deep, and "a > 0" held two of them
+            return np.not_equal(a, 0, out=a.view(bool))
+        return a > 0
+
+    return read
 
 
 def _zarr_to_tiff(src: Path, dst: Path, voxel) -> Path:
@@ -1114,7 +1121,7 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
                                          device=backend.resolve_device(cfg.device)), timer, "closing")
         for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
             with timer("write"):
-                w.write(z0, closed.astype(np.uint8) * 255)
+                w.write(z0, closed.view(np.uint8) * 255)   # a bool is one byte, 0 or 1
             acc.score("final", z0, closed)
             acc.add_mask("final", z0, closed)  # the report's figures of mask.ome.zarr, not of the mask before
     return out / "mask.ome.zarr"
@@ -1378,7 +1385,9 @@ class _ChannelAccumulator:
         counted = pre if lit.all() else pre[xp.asarray(np.flatnonzero(lit))]
         s["pixels"] += counted.size
         s["pre_sum"] += float(counted.sum(dtype=xp.float64))
-        self.histogram += backend.to_host(xp.bincount(counted.ravel(), minlength=256))
+        # slice by slice: bincount widens its input to 8-byte integers (a whole slab was pass 2's largest array)
+        if len(counted):
+            self.histogram += backend.to_host(sum(xp.bincount(sl.ravel(), minlength=256) for sl in counted))
         self._mip("preprocessed", pre)
         self._keep_mid("preprocessed", z0, pre, row=True)
         mask = products.get("mask_raw", products.get("unet_mask", products.get("dom_mask")))

@@ -120,8 +120,8 @@ def _otsu_from_histograms(values, xp) -> np.ndarray:
 
     lo, hi = int(values.min()), int(values.max())
     nb, z = hi - lo + 1, values.shape[0]
-    idx = (values.astype(xp.int64) - lo) + xp.arange(z, dtype=xp.int64).reshape(-1, 1, 1) * nb
-    counts = to_host(xp.bincount(idx.ravel(), minlength=z * nb)).reshape(z, nb)
+    # one slice at a time: an int64 index of the whole slab was the largest array of pass 2 (8 bytes a voxel)
+    counts = to_host(xp.stack([xp.bincount((v.astype(xp.int64) - lo).ravel(), minlength=nb) for v in values]))
     out = np.empty(z)
     for i, c in enumerate(counts):
         used = np.flatnonzero(c)

@@ -255,6 +255,26 @@ def test_plain_zarr_arrays(tmp_path):
         np.testing.assert_array_equal(scan.read_slice("C01", 3), v4[1, 3])
 
 
+
+def test_every_zarr_read_is_a_fresh_array_the_caller_may_overwrite(tmp_path):
+    """Pass 3 turns the mask it reads into bool in place; a read must never share memory with another read
+    (or with zarr's chunks), whichever store layout and dtype."""
+    zarr = pytest.importorskip("zarr")
+    v = volume((6, 5, 7))
+    zarr.save_array(str(tmp_path / "a.zarr"), v)
+    with ZarrWriter(tmp_path / "m.ome.zarr", (6, 5, 7), np.uint8, voxel_size=(1, 1, 1), binary=True) as w:
+        w.write(0, (v > v.mean()).astype(np.uint8) * 255)
+    for path, want in ((tmp_path / "a.zarr", v), (tmp_path / "m.ome.zarr", (v > v.mean()).astype(np.uint8) * 255)):
+        with open_scan(path) as scan:
+            a = scan.read_slab(0, 1, 4)
+            assert a.flags.writeable
+            a[:] = 0
+            b = scan.read_slab(0, 1, 4)
+            assert not np.shares_memory(a, b)
+            np.testing.assert_array_equal(b, want[1:4])
+            np.testing.assert_array_equal(scan.read_slab(0, 0, 6), want)
+
+
 # -- write_tiff --------------------------------------------------------------------------------------
 
 def test_write_tiff_streams_slices_and_keeps_voxel_size(tmp_path):

@@ -79,6 +79,22 @@ def test_postprocess_slabs_equals_whole(slab_size):
     np.testing.assert_array_equal(got, whole)
 
 
+@pytest.mark.parametrize("band_voxels", [1, 2 * 50 * 12, 3 * 50 * 12, 10 ** 9])   # bands of 1, 2, 3 rows, one band
+@pytest.mark.parametrize("params", [(5, 5, 3), (3, 2, 5), (1, 0, 3), (5, 1, 1)])
+def test_the_host_closes_bands_of_rows_with_the_whole_blocks_answer(monkeypatch, band_voxels, params):
+    """Bands of rows bound SciPy's temporaries; each is read with the cube closing's reach in rows, so the
+    result is the whole volume's closing (scipy on the edge-padded volume) voxel for voxel."""
+    shape = (50, 11, 12)
+    m = _random_mask(shape, 0.15, 7)
+    monkeypatch.setattr(morph, "BAND_VOXELS", band_voxels)
+    z_size, it, cube = params
+    want = _scipy_closing_nearest(_scipy_closing_nearest(m, np.ones((z_size, 1, 1), bool), it,
+                                                         ((2 * (z_size // 2) * it,) * 2, (0, 0), (0, 0))),
+                                  np.ones((cube,) * 3, bool), 1, ((2 * (cube // 2),) * 2,) * 3)
+    got = _stream(morph.postprocess_slabs(_reader(m), shape, 7, z_size, it, cube), shape)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_postprocess_slabs_other_params():
     shape = (17, 8, 9)
     m = _random_mask(shape, 0.2, 5)
@@ -220,3 +236,13 @@ def test_postprocess_slabs_halo_covers_the_longest_bridged_gap(params):
         for z0 in range(3, 4 + gap):  # a slab starts inside the gap: its halo must reach slice 2
             got = _stream(morph.postprocess_slabs(_reader(m), m.shape, z0, *params), m.shape)
             np.testing.assert_array_equal(got, whole, err_msg=f"gap {gap}, cut at {z0}")
+
+
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 1, 1), (5, 3, 3), (21, 1, 1), (31, 3, 5), (3, 3, 3), (7, 1, 1)])
+@pytest.mark.parametrize("nz", [1, 2, 6, 40])
+def test_box_max_and_min_equal_scipy_filters_with_zeros_outside(size, nz):
+    """The closings' fast path (whole planes at a time along z) against scipy.ndimage's own box filters,
+    windows longer than the stack included."""
+    u8 = (np.random.default_rng(nz).random((nz, 9, 11)) > 0.7).astype(np.uint8)
+    for op, ref in ((np.maximum, ndi.maximum_filter), (np.minimum, ndi.minimum_filter)):
+        np.testing.assert_array_equal(morph._box(u8, size, op), ref(u8, size=size, mode="constant", cval=0))
