@@ -636,11 +636,7 @@ def test_an_interrupted_segment_resumes_and_leaves_no_work_folder(scan, tmp_path
     out = tmp_path / "out" / "mask.tif"
     real = pipeline._process_slab
 
-    def killed_at_20(x, z0, *a, **k):
-        if z0 >= 20:
-            raise KeyboardInterrupt
-        return real(x, z0, *a, **k)
-
+    killed_at_20 = _process_slab_killed_at(20)
     with monkeypatch.context() as m:
         m.setattr(pipeline, "_process_slab", killed_at_20)
         with pytest.raises(KeyboardInterrupt):
@@ -671,11 +667,7 @@ def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_pa
     real = pipeline._process_slab
     computed = []
 
-    def killed_at_20(x, z0, *a, **k):
-        if z0 >= 20:
-            raise KeyboardInterrupt
-        return real(x, z0, *a, **k)
-
+    killed_at_20 = _process_slab_killed_at(20)
     def counted(x, z0, *a, **k):
         computed.append(z0)
         return real(x, z0, *a, **k)
@@ -706,6 +698,20 @@ def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_pa
     assert min(computed) == 0
 
 
+def _process_slab_killed_at(z_kill: int):
+    """pipeline._process_slab, interrupted (Ctrl-C) on reaching slice ``z_kill``."""
+    from gpuheart import pipeline
+
+    real = pipeline._process_slab
+
+    def killed(x, z0, *a, **k):
+        if z0 >= z_kill:
+            raise KeyboardInterrupt
+        return real(x, z0, *a, **k)
+
+    return killed
+
+
 def _padded(scan, path, n=6):
     """C00 of ``scan`` between n/2 + n/2 blank slices (the camera offset, no tissue): dark slices."""
     import tifffile
@@ -731,13 +737,8 @@ def test_a_resume_that_starts_pass_2_over_still_leaves_dark_slices_out_of_the_me
     stack = _padded(scan, tmp_path / "padded.tif")
     cfg = _fast_cfg(checkpoint_seconds=0.0, slab_size=2, segment={"method": "otsu"})
     out = tmp_path / "out"
-    real = pipeline._process_slab
 
-    def killed_at_12(x, z0, *a, **k):
-        if z0 >= 12:
-            raise KeyboardInterrupt
-        return real(x, z0, *a, **k)
-
+    killed_at_12 = _process_slab_killed_at(12)
     with monkeypatch.context() as m:
         m.setattr(pipeline, "_process_slab", killed_at_12)
         with pytest.raises(KeyboardInterrupt):
