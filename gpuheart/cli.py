@@ -492,13 +492,9 @@ def _cmd_info(a) -> int:
 
 def _z_ranges(zs) -> str:
     """'0-9, 19, 2000-2021' for sorted slice indices."""
-    out, start = [], None
-    for i, z in enumerate(zs):
-        start = z if start is None else start
-        if i + 1 == len(zs) or zs[i + 1] != z + 1:
-            out.append(f"{start}" if start == z else f"{start}-{z}")
-            start = None
-    return ", ".join(out)
+    from .io import _runs
+
+    return _runs(zs, fmt=str)
 
 
 def _readable_info(d: dict) -> dict:

@@ -179,16 +179,24 @@ def _fmt_z(z: int) -> str:
     return f"Z{z:04d}"
 
 
-def _runs(zs: Sequence[int]) -> str:
-    """'Z0000-Z0006, Z0008-Z0019' for sorted z indices."""
+def _runs(zs: Sequence[int], fmt=_fmt_z) -> str:
+    """'Z0000-Z0006, Z0008-Z0019' for sorted z indices (``fmt=str``: '0-6, 8-19')."""
     out, start = [], None
     for i, z in enumerate(zs):
         if start is None:
             start = z
         if i + 1 == len(zs) or zs[i + 1] != z + 1:
-            out.append(_fmt_z(start) if start == z else f"{_fmt_z(start)}-{_fmt_z(z)}")
+            out.append(fmt(start) if start == z else f"{fmt(start)}-{fmt(z)}")
             start = None
     return ", ".join(out)
+
+
+def _corrupt_reason(err: Exception, errors: list) -> str:
+    """Why tifffile could not open a file: the reason it logged, else its exception (it may log the reason
+    and raise only IndexError(0))."""
+    if errors:
+        return errors[0].getMessage()
+    return "no image page where its header points" if isinstance(err, IndexError) else f"{type(err).__name__}: {err}"
 
 
 def _natural_key(name: str) -> tuple:
@@ -312,10 +320,9 @@ class _TiffStack:
             try:
                 series = tif.series[0]
                 len(tif.pages)  # walks every IFD now, so a broken chain is reported at open time
-            except Exception as err:  # tifffile may log the reason and raise only IndexError(0)
-                why = (errors[0].getMessage() if errors else "no image page where its header points"
-                       if isinstance(err, IndexError) else f"{type(err).__name__}: {err}")
-                raise ScanError(f"{path}: corrupt TIFF ({why}); expected readable image pages") from err
+            except Exception as err:
+                raise ScanError(f"{path}: corrupt TIFF ({_corrupt_reason(err, errors)}); "
+                                f"expected readable image pages") from err
         if errors:
             raise ScanError(f"{path}: truncated or corrupt TIFF ({errors[0].getMessage()}); "
                             f"expected a complete file")
@@ -473,10 +480,8 @@ class _TiffFolder:
                 page = tif.pages.first
                 npages = len(tif.pages)
                 shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-            except Exception as err:  # tifffile may log the reason and raise only IndexError(0)
-                why = (errors[0].getMessage() if errors else "no image page where its header points"
-                       if isinstance(err, IndexError) else f"{type(err).__name__}: {err}")
-                raise ScanError(f"{f}: corrupt TIFF ({why}); expected one 2D image") from err
+            except Exception as err:
+                raise ScanError(f"{f}: corrupt TIFF ({_corrupt_reason(err, errors)}); expected one 2D image") from err
             if errors:
                 raise ScanError(f"{f}: truncated or corrupt TIFF ({errors[0].getMessage()})")
             if npages != 1 or len(shape) != 2:
