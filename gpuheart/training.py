@@ -96,10 +96,11 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
         znorm = ZNorm.from_stats(stats)
         labels = np.concatenate(labels)
         dark = znorm.dark[keep]
-        if dark.any() and labels[dark].any():
-            warnings.warn(f"{stack.image}: slice(s) {[z for z, d in zip(keep, dark) if d and labels[keep.index(z)].any()]} "
-                          f"are dark (laser dropout or empty; spread <= {znorm.dark_ratio:g} of the stack's) but "
-                          f"labelled: they are preprocessed to 0 as in a run, and their labels are not used",
+        drawn = [int(z) for z in np.asarray(keep)[dark & labels.any(axis=(1, 2))]]
+        if drawn:
+            warnings.warn(f"{stack.image}: slice(s) {drawn} are dark (laser dropout or empty; spread <= "
+                          f"{znorm.dark_ratio:g} of the stack's) but labelled: they are preprocessed to 0 as in a "
+                          f"run, and their labels are not used",
                           RuntimeWarning, stacklevel=2)
         had = bool(labels.any())
         labels[dark] = False   # vessels drawn on a blank image would teach the model to see them in the dark
@@ -123,16 +124,16 @@ def _runs(zs: list[int], most: int) -> list[tuple[int, int]]:
 def phantom_pairs(n: int, preset: str = "default"):
     """``n`` synthetic vessel-channel volumes (seeds 1..n) with their exact truth, preprocessed; the truth of a
     dark (laser-dropout) slice is cleared, since the slice is preprocessed to 0, as in a run."""
-    from .exposure import preprocess_volume
+    from .exposure import ZNorm, preprocess, slice_stats
     from .phantom import Phantom, PhantomConfig
 
     for seed in range(1, n + 1):
         ph = Phantom(PhantomConfig.preset(preset, seed=seed))
         z = ph.shape[0]
-        truth = ph.truth("C00", 0, z)
-        if ph.dark_slice() is not None:
-            truth[ph.dark_slice()] = False
-        yield f"phantom_seed{seed}", preprocess_volume(ph.slab("C00", 0, z)), truth
+        vol, truth = ph.slab("C00", 0, z), ph.truth("C00", 0, z)
+        znorm = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(vol)])   # as preprocess_volume
+        truth[znorm.dark] = False   # the slices preprocess blanks, whatever made them dark
+        yield f"phantom_seed{seed}", preprocess(vol, znorm), truth
 
 
 def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bool = True,
