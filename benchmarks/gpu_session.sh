@@ -31,8 +31,10 @@ cat "$OUT/device.txt"
 # 1. parity and device tests: every kernel equal to its CPU reference, OOM retry under a capped pool, DLPack
 step 220 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu-tests.log" 2>&1
 tail -5 "$OUT/gpu-tests.log"
-# 2. kernels against cupyx / cuCIM on 2048x2048 slices (writes <gpu>-<date>.json/.md into $OUT)
-step 100 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py --benchmark-only \
+# 2. kernels against cupyx / cuCIM on 2048x2048 slices, closings against cupyx on a 48x1024x1024 mask
+#    (writes <gpu>-<date>.json/.md into $OUT)
+step 100 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
+  benchmarks/bench_morphology.py::test_closings_gpu --benchmark-only \
   --benchmark-min-rounds=5 --benchmark-max-time=0.5
 # 3. U-Net inference tiles/s (bf16, automatic batch size)
 step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/cuda-unet.json "$OUT/unet.json"

@@ -2,8 +2,8 @@
 
     python benchmarks/summarize.py [--results benchmarks/results] [--out docs/benchmarks.md]
 
-Knows the formats written by bench_filters.py (median), bench_exposure.py (CLAHE), bench_io.py, bench_mesh.py,
-bench_pipeline.py (kind "pipeline") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
+Knows the formats written by bench_filters.py (median), bench_morphology.py (closings), bench_exposure.py
+(CLAHE), bench_io.py, bench_mesh.py, bench_pipeline.py (kind "pipeline") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
 device and day); other JSON files are listed by name. One section per device, newest result of each
 kind first; every table says where and when it was measured.
 """
@@ -35,6 +35,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("median filter"):
         return "median"
+    if str(doc.get("benchmark", "")).startswith("binary closings"):
+        return "morphology"
     if str(doc.get("benchmark", "")).startswith("read_slab"):
         return "io"
     if "clahe" in doc and isinstance(doc.get("results"), dict):
@@ -219,6 +221,23 @@ def section_median(e) -> list[str]:
         oc = f"{r['ratio_to_opencv']:.2f}" if r.get("ratio_to_opencv") else "- (no OpenCV path)"
         out.append(f"| {r['dtype']} | {r['size']}x{r['size']} | {ms(t.get('gpuheart'))} | {ms(t.get('scipy'))} | "
                    f"{ms(t.get('opencv'))} | {r['speedup_vs_scipy']:.0f}x | {oc} |")
+    return out + [""]
+
+
+def section_morphology(e) -> list[str]:
+    d = e["doc"]
+    out = ["### Closings (pass 3), a vessel-like mask",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d.get('benchmark', '')}; {d.get('note', '')}. "
+           "The SciPy baseline: edge-pad, `binary_dilation` then `binary_erosion` with `iterations`, crop.",
+           "",
+           "| mask (z, y, x) | foreground before -> after | gpuheart | scipy.ndimage | speed-up |",
+           "|---|---|---:|---:|---:|"]
+    for r in d["results"]:
+        t = r["seconds"]
+        out.append(f"| {'x'.join(map(str, r['shape_zyx']))} | {r['foreground_before']:.1%} -> "
+                   f"{r['foreground_after']:.1%} | {ms(t['gpuheart'])} | {ms(t['scipy'])} | "
+                   f"{r['speedup_vs_scipy']:.1f}x |")
     return out + [""]
 
 
@@ -449,11 +468,12 @@ def section_session(e) -> list[str]:
     return out + [""]
 
 
-SECTIONS = {"pipeline": section_pipeline, "median": section_median, "clahe": section_clahe, "io": section_io,
+SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology": section_morphology,
+            "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
             "pytest-benchmark": section_session}
-ORDER = ["pipeline", "median", "clahe", "io", "mesh", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
+ORDER = ["pipeline", "median", "morphology", "clahe", "io", "mesh", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -471,6 +491,7 @@ def render(entries: list[dict]) -> str:
            "|---|---|---|",
            "| end-to-end pipeline | `python benchmarks/bench_pipeline.py --slices 8 --size 2048 --channels 3` | `<device>-pipeline.json` |",
            "| median vs scipy / OpenCV | `python benchmarks/bench_filters.py` | `cpu-filters.json` |",
+           "| closings vs scipy.ndimage | `python benchmarks/bench_morphology.py` | `cpu-morphology.json` |",
            "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
            "| reading per-slice TIFFs, 1 thread vs several; mask codec | `python benchmarks/bench_io.py` | `cpu-io.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",

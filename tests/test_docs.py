@@ -36,10 +36,24 @@ def test_means_are_rounded_once_from_the_per_stack_scores():
 
 def test_pipeline_section_names_the_unet_tile():
     s = _summarize()
-    e = _entry(s, "cpu-pipeline.json")   # measured before the training-tile default, records no tile
-    assert "on 256-pixel U-Net tiles" in "\n".join(s.section_pipeline(e))
+    e = _entry(s, "cpu-pipeline.json")
     e["doc"]["config"].update(unet_tile=0)
     assert "on the model's training tile" in "\n".join(s.section_pipeline(e))
+    e["doc"]["config"].update(unet_tile=256)
+    assert "on 256-pixel tiles" in "\n".join(s.section_pipeline(e))
+    # a result measured before the training-tile default records no tile: it ran on 256-pixel tiles
+    del e["doc"]["config"]["unet_tile"]
+    e["doc"]["date"] = "2026-11-26T08:15:00+00:00"
+    assert "on 256-pixel U-Net tiles" in "\n".join(s.section_pipeline(e))
+
+
+def test_closings_section_is_the_morphology_result():
+    s = _summarize()
+    e = _entry(s, "cpu-morphology.json")
+    assert e["kind"] == "morphology"
+    r = e["doc"]["results"][0]
+    line = next(x for x in s.section_morphology(e) if x.startswith("| 48x1024x1024"))
+    assert f"{r['speedup_vs_scipy']:.1f}x" in line and s.ms(r["seconds"]["scipy"]) in line
 
 
 def test_accuracy_results_from_before_the_training_tile_default_say_their_tile():
