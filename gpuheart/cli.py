@@ -313,6 +313,8 @@ def _print_run(result) -> None:
                   f"measurements were redone")
         else:
             print(f"  {channel}: resumed an interrupted run at slice {z} of {result.summary[channel]['slices']}")
+    for channel, why in getattr(result, "started_over", {}).items():   # a result-like object may lack it
+        print(f"  {channel}: started over, not continuing the earlier run in {result.out_dir / channel}: {why}")
     for channel, paths in result.outputs.items():
         s = result.summary[channel]
         line = f"  {channel}: CV of slice means {_fmt(s['detrended_cv_raw'])} -> {_fmt(s['detrended_cv_normalized'])}"
@@ -420,9 +422,12 @@ def _cmd_segment(a) -> int:
     pipe = Pipeline(cfg)
     out = pipe.segment(a.input, a.out, channel=a.channel, resume=not a.restart)
     if found:
-        z = next(iter(pipe.last_run.resumed.values()), 0) if pipe.last_run else 0
+        run = pipe.last_run
+        z = next(iter(run.resumed.values()), 0) if run else 0
+        why = next(iter(run.started_over.values()), None) if run else None
         print(f"gpuheart: continued the interrupted segmentation at slice {z}" if z else
-              "gpuheart: the interrupted segmentation had another input or other settings: started over")
+              f"gpuheart: could not continue the interrupted segmentation "
+              f"({why or 'it had saved no checkpoint of its work yet'}): started over")
     print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
     return EXIT_OK
 

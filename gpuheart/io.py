@@ -956,6 +956,9 @@ class ZarrWriter:
     at zstd level 3, which wrote a 16-slice 2048² 0/255 mask slab about 2x faster and a quarter
     smaller than the byte-shuffled level 5 used for images (benchmarks/bench_io.py). One multiscale
     level ``"0"``; axes z, y, x in micrometer; scale = voxel size (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
+
+    Every chunk is written, all-zero ones too (zarr 3 skips those by default): a resumed run can then tell a
+    chunk file lost from the ``.partial`` store (which zarr would read back as zeros) from an empty one.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
@@ -964,7 +967,8 @@ class ZarrWriter:
         """``resume_slices=n`` reopens the partial store an interrupted run left and counts slices
         ``[0, n)`` as written (the caller's checkpoint vouches for them); when ``n`` covers every slice and
         that store was already committed to ``path``, it is reopened from there. Without a matching store
-        it starts afresh from slice 0 and ``resumed`` is 0."""
+        it starts afresh from slice 0 and ``resumed`` is 0, and ``mismatch`` says why (no store, another
+        shape, chunk files of slices ``[0, n)`` missing, ...)."""
         import numcodecs
         import zarr
 
@@ -984,6 +988,7 @@ class ZarrWriter:
         self.voxel_size = None if voxel_size is None else _check_voxel_size(self.path, voxel_size)
         self._written = np.zeros(z, bool)
         self._closed = False
+        self.mismatch: str | None = None   # why a resume could not reopen the partial store
         if not self.path.parent.is_dir():
             raise ScanError(f"{self.path}: parent folder {self.path.parent} does not exist")
         self.resumed = self._reopen(resume_slices) if resume_slices > 0 else 0
@@ -997,8 +1002,9 @@ class ZarrWriter:
                 root = zarr.open_group(store=str(self.partial), mode="w", zarr_format=2)
                 self.arr = root.create_array(
                     "0", shape=self.shape, chunks=self.chunks, dtype=self.dtype, compressors=compressor,
-                    fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
-            else:  # zarr 2.18
+                    fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"},
+                    config={"write_empty_chunks": True})
+            else:  # zarr 2.18 (writes empty chunks by default)
                 root = zarr.open_group(str(self.partial), mode="w")
                 self.arr = root.create_dataset("0", shape=self.shape, chunks=self.chunks, dtype=self.dtype,
                                                compressor=compressor, fill_value=0, dimension_separator="/")
@@ -1015,21 +1021,51 @@ class ZarrWriter:
 
     def _reopen(self, n: int) -> int:
         """Slices already written by an interrupted run (``n``) if its partial store matches, else 0."""
-        import zarr
-
         if n >= self.shape[0] and not self.partial.exists() and self.path.is_dir():
             # every slice was written and the store already committed (the run was killed after pass 2,
             # in the closings or the mesh): take it back as the partial store, to be committed again
             os.replace(self.path, self.partial)
+        if not self.partial.is_dir():
+            self.mismatch = "is gone"
+            return 0
         try:
-            arr = zarr.open_group(store=str(self.partial), mode="r+")["0"]
-        except Exception:
+            arr = _open_for_writing(self.partial)
+        except Exception as err:
+            self.mismatch = f"cannot be opened ({err})"
             return 0
         if tuple(arr.shape) != self.shape or np.dtype(arr.dtype) != self.dtype or tuple(arr.chunks) != self.chunks:
+            self.mismatch = (f"holds shape {tuple(arr.shape)}, {np.dtype(arr.dtype)}, chunks {tuple(arr.chunks)}; "
+                             f"expected {self.shape}, {self.dtype}, chunks {self.chunks}")
+            return 0
+        missing = self._missing_chunks(n)
+        if missing:
+            # zarr reads a missing chunk as fill value 0: resuming would leave those voxels silently empty
+            cz = self.chunks[0]
+            z = sorted({iz for iz, _, _ in missing})
+            self.mismatch = (f"lacks {len(missing)} chunk file(s) of the slices the checkpoint vouches for "
+                             f"(slices {_runs([i for iz in z for i in range(iz * cz, min((iz + 1) * cz, self.shape[0]))])}"
+                             f"; e.g. 0/{'/'.join(map(str, missing[0]))})")
             return 0
         self.arr = arr
         self._written[:n] = True
         return n
+
+    def _missing_chunks(self, n: int) -> list[tuple[int, int, int]]:
+        """The chunks lying wholly inside slices ``[0, n)`` whose file is not in the partial store (every chunk
+        is written, empty ones too, so none may be absent). One directory listing per z-chunk and row of chunks."""
+        (nz, ny, nx), (cz, cy, cx) = self.shape, self.chunks
+        full = min(n, nz)
+        kz = full // cz + (1 if full == nz and nz % cz else 0)
+        want = {str(i) for i in range(-(-nx // cx))}
+        missing = []
+        for iz in range(kz):
+            for iy in range(-(-ny // cy)):
+                try:
+                    have = set(os.listdir(self.partial / "0" / str(iz) / str(iy)))
+                except OSError:
+                    have = set()
+                missing += [(iz, iy, int(ix)) for ix in sorted(want - have, key=int)]
+        return missing
 
     def write(self, z0: int, data) -> None:
         """Write ``data`` ((z, y, x), or one (y, x) slice) into slices ``[z0, z0 + len(data))``."""
@@ -1089,14 +1125,25 @@ class ZarrWriter:
             self.close()
 
 
+def _open_for_writing(partial: Path):
+    """Array ``"0"`` of a :class:`ZarrWriter`'s partial store, opened to write empty chunks too, as it was
+    created (in zarr 3 that is a setting of the open array, not of the store; zarr 2 writes them by default).
+    Refused when its chunk files are not named ``z/y/x`` (the layout a resume checks)."""
+    import zarr
+
+    arr = zarr.open_group(store=str(partial), mode="r+")["0"]
+    meta = json.loads((partial / "0" / ".zarray").read_text())
+    if meta.get("dimension_separator") != "/":
+        raise ValueError(f"chunk keys separated by {meta.get('dimension_separator')!r}, expected '/'")
+    return arr.with_config({"write_empty_chunks": True}) if _zarr_major() >= 3 else arr
+
+
 def write_partial_slab(partial: str | os.PathLike, z0: int, data) -> None:
     """Write slices ``[z0, z0 + len(data))`` into the ``.partial`` store of a :class:`ZarrWriter` from another
     process (a Dask worker); the writer that owns the store commits it. Slabs must cover whole z-chunks so
     two workers never write the same chunk."""
-    import zarr
-
     try:
-        arr = zarr.open_group(store=str(partial), mode="r+")["0"]
+        arr = _open_for_writing(Path(partial))
         arr[z0:z0 + len(data)] = _host(data).astype(arr.dtype, copy=False)
     except Exception as err:
         raise ScanError(f"{partial}: writing slices [{z0}, {z0 + len(data)}) failed: {err}") from err

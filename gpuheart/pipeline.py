@@ -338,6 +338,8 @@ class RunResult:
     report: Path | None = None
     resumed: dict[str, int] = field(default_factory=dict)  # channel -> slice pass 2 continued at
     reused: list[str] = field(default_factory=list)  # channels whose finished results an identical run left
+    # channel -> why the checkpoint an earlier run left in its folder was neither continued nor reused (one line)
+    started_over: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
@@ -391,7 +393,8 @@ class Pipeline:
         """Process ``source`` into ``out_dir``. With ``resume`` (the default), a run that was killed
         continues from its last checkpoint when started again with the same input and settings (a
         manifest in ``out_dir/<channel>/.resume`` records completed work); the outputs equal those of
-        an uninterrupted run. ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs
+        an uninterrupted run (``RunResult.started_over`` says, per channel, why an earlier run's checkpoint
+        could not be used). ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs
         of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
         file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
         local run's."""
@@ -437,6 +440,7 @@ class Pipeline:
             models: dict[str, Any] = {}  # weights path -> model, loaded once
             resumed: dict[str, int] = {}
             reused: list[str] = []
+            started_over: dict[str, str] = {}
             desc = scan.describe()  # once: for a Zarr store it sums every chunk file's size
             outputs, summary = {}, {"input": desc, "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
@@ -444,7 +448,8 @@ class Pipeline:
             for channel in scan.channels:
                 t = (truth or {}).get(channel)
                 ccfg = cfg.for_channel(channel)
-                ck = _Checkpoint(out_dir / channel, _fingerprint(ccfg, scan, channel, t, stamps, desc), resume)
+                key = _fingerprint_key(ccfg, scan, channel, t, stamps, desc)
+                ck = _Checkpoint(out_dir / channel, _hash(key), resume, key=key)
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                 if ck.done:
@@ -460,6 +465,8 @@ class Pipeline:
                                                                   model, ck, client)
                 if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after all
                     resumed.pop(channel, None)
+                if ck.why:
+                    started_over[channel] = ck.why
                 summary[channel]["segmentation"] = ccfg.segment.method
         cfg.save(out_dir / "config.toml")
         # channel folders an earlier run worked in and this one left alone: not removed (the user may want
@@ -470,7 +477,8 @@ class Pipeline:
             warnings.warn(f"{out_dir}: {', '.join(others)} hold(s) outputs of an earlier run with other channels "
                           f"or settings, which this run's config.toml and summary.json do not describe",
                           RuntimeWarning, stacklevel=3)
-        result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused)
+        result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
+                           started_over=started_over)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
         if cfg.output.report:
             from .report import write_report
@@ -768,6 +776,7 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
         writers = _Writers(out, shape, voxel, names, cfg.slab_size, resume_slices=start)
         if writers.resumed == start:
             return writers
+        ck.why = writers.mismatch
         writers.discard()
     # from slice 0: nothing of a checkpoint's state may stay (restore() may have loaded part of it before
     # failing), but the dark slices stay known: they are the z-normalization's, not the checkpoint's
@@ -1165,6 +1174,9 @@ class _Writers:
                                  binary=n in MASK_OUTPUTS)
                    for n, p in self.paths.items()}
         self.resumed = min((w.resumed for w in self._w.values()), default=resume_slices)
+        # why a store could not be reopened at the checkpoint (the first one's reason)
+        self.mismatch = next((f"its partial store {w.partial.name} {w.mismatch}" for w in self._w.values()
+                              if w.resumed < resume_slices and w.mismatch), None)
 
     def discard(self):
         for w in self._w.values():
@@ -1186,13 +1198,23 @@ class _Writers:
 
 def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | None = None,
                  desc: dict | None = None) -> str:
+    """The hash of :func:`_fingerprint_key`."""
+    return _hash(_fingerprint_key(cfg, scan, channel, truth, stamps, desc))
+
+
+def _hash(key: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint_key(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | None = None,
+                     desc: dict | None = None) -> dict:
     """What must match for a resumed run to continue an earlier one: settings, input and channel, and the
     size and modification time of the files read (the scan, the truth mask, the U-Net weights), so a scan
     re-exported under the same name, or weights retrained in place, are processed again, not reused.
     ``stamps`` caches the files' stamps for one run (every channel reads the same scan), ``desc`` is the
-    scan's ``describe()`` if the caller has it."""
-    import hashlib
-
+    scan's ``describe()`` if the caller has it. Plain JSON data: the manifest keeps it, to say what differs."""
     from .io import source_stamp
 
     stamps = {} if stamps is None else stamps
@@ -1219,7 +1241,58 @@ def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | 
     key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "voxel_size")},
            "channel": channel, "truth": str(truth) if truth else None,
            "files": {"input": stamp(scan.path), "truth": stamp(truth) if truth else None, "weights": weights}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _stamp_change(what: str, old, new) -> str:
+    """``source_stamp`` [files, bytes, newest mtime] before and now, in words."""
+    try:
+        (n0, b0, t0), (n1, b1, t1) = old, new
+    except (TypeError, ValueError):
+        return f"{what} changed since"
+    said = [f"{n0} -> {n1} files"] * (n0 != n1) + [f"{b0} -> {b1} bytes"] * (b0 != b1)
+    if t0 != t1:
+        said.append("modified since" if t1 > t0 else "an older modification time")
+    return f"{what} changed ({', '.join(said) or 'stamp differs'})"
+
+
+def _why_not_the_same(old, new) -> str:
+    """One line: what differs between an earlier run's fingerprint key (from its manifest) and this run's."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "the earlier run had other settings or input (its checkpoint does not record which)"
+    why = []
+    oi, ni = old.get("input") or {}, new.get("input") or {}
+    if oi.get("path") != ni.get("path"):
+        why.append(f"another input ({oi.get('path')} -> {ni.get('path')})")
+    else:
+        why += [f"the input's {k} changed ({oi.get(k)} -> {ni.get(k)})" for k in ni if oi.get(k) != ni.get(k)]
+        of, nf = old.get("files") or {}, new.get("files") or {}
+        if not why and of.get("input") != nf.get("input"):
+            why.append(_stamp_change(f"the input {ni.get('path')}", of.get("input"), nf.get("input")))
+    if old.get("channel") != new.get("channel"):
+        why.append(f"another channel ({old.get('channel')} -> {new.get('channel')})")
+    if old.get("truth") != new.get("truth"):
+        why.append(f"another truth mask ({old.get('truth') or 'none'} -> {new.get('truth') or 'none'})")
+    elif new.get("truth") and (old.get("files") or {}).get("truth") != new["files"].get("truth"):
+        why.append(_stamp_change(f"the truth mask {new['truth']}", old["files"].get("truth"), new["files"]["truth"]))
+    oc, nc = _flat(old.get("config") or {}), _flat(new.get("config") or {})
+    diff = [k for k in sorted(oc.keys() | nc.keys()) if oc.get(k) != nc.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} {oc.get(k)!r} -> {nc.get(k)!r}" for k in diff[:4])
+        why.append(f"other settings ({shown}{f', and {len(diff) - 4} more' if len(diff) > 4 else ''})")
+    elif (old.get("files") or {}).get("weights") != (new.get("files") or {}).get("weights"):
+        why.append(_stamp_change("the U-Net weights", old["files"].get("weights"), new["files"].get("weights")))
+    return "; ".join(why) or "the earlier run had other settings or input"
 
 
 class _Checkpoint:
@@ -1232,20 +1305,34 @@ class _Checkpoint:
     A manifest whose fingerprint differs (other settings or input) is ignored and replaced.
     """
 
-    def __init__(self, out: Path, fingerprint: str, enabled: bool = True):
-        self.dir, self.fp = out / ".resume", fingerprint
+    def __init__(self, out: Path, fingerprint: str, enabled: bool = True, key: dict | None = None):
+        self.dir, self.fp, self.key = out / ".resume", fingerprint, key
         self.manifest = {}
+        # why an earlier run's checkpoint here is neither continued nor reused (None: there is none, or it is)
+        self.why: str | None = None
         # a gpuheart run has worked in this channel folder (it makes .resume before pass 2 writes anything):
         # only then are outputs of an earlier run there to remove; otherwise the files are someone else's
         self.earlier = self.dir.is_dir()
         if enabled:
+            path = self.dir / "manifest.json"
             try:
-                m = json.loads((self.dir / "manifest.json").read_text())
-                self.manifest = m if m.get("fingerprint") == fingerprint else {}
-            except (OSError, ValueError):
+                m = json.loads(path.read_text())
+                if not isinstance(m, dict):
+                    raise ValueError(f"a JSON {type(m).__name__}, not an object")
+            except FileNotFoundError:
                 pass
-            if self.done and not all(Path(p).exists() for p in self.manifest["result"]["paths"].values()):
-                self.manifest = {}  # an output was deleted or moved since: compute the channel again
+            except (OSError, ValueError) as err:
+                self.why = f"its checkpoint {path} is unreadable ({err})"
+            else:
+                if m.get("fingerprint") == fingerprint:
+                    self.manifest = m
+                else:
+                    self.why = _why_not_the_same(m.get("key"), key)
+            if self.done:
+                gone = [p for p in self.manifest["result"]["paths"].values() if not Path(p).exists()]
+                if gone:   # an output was deleted or moved since: compute the channel again
+                    self.manifest = {}
+                    self.why = f"the finished run's {gone[0]} was deleted or moved since"
         elif self.dir.exists():
             shutil.rmtree(self.dir)
         self.next_z = int(self.manifest.get("next_z", 0))
@@ -1261,6 +1348,8 @@ class _Checkpoint:
 
     def _write_manifest(self, **fields):
         self.manifest = {**self.manifest, **fields, "fingerprint": self.fp}
+        if self.key is not None:   # what the fingerprint is of: a later run with another one says what differs
+            self.manifest["key"] = self.key
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(self.dir / "manifest.json", json.dumps(self.manifest, default=_jsonable).encode())
 
@@ -1295,7 +1384,8 @@ class _Checkpoint:
             with np.load(npz) as f:
                 arrays = {k: f[k] for k in f.files}
             acc.load_state(arrays, json.loads(plain.read_text()))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError) as err:
+            self.why = f"the checkpoint's measurement state at slice {self.next_z} ({npz.name}) is unreadable ({err})"
             self.next_z = 0
         return self.next_z
 

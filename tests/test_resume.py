@@ -694,7 +694,8 @@ def test_gpuheart_segment_says_it_continues_and_restart_starts_over(scan, tmp_pa
     monkeypatch.setattr(pipeline, "_process_slab", counted)
     assert main(argv + ["--method", "otsu"]) == 0
     said = capsys.readouterr().out
-    assert "had another input or other settings: started over" in said and "continued" not in said
+    assert "could not continue the interrupted segmentation (other settings (" in said and "continued" not in said
+    assert "segment.method 'dom' -> 'otsu'" in said and "): started over" in said, said
     assert min(computed) == 0
 
 
@@ -773,3 +774,125 @@ def test_choosing_fewer_channels_or_overriding_another_channel_reuses_a_finished
     assert again.summary["C00"] == both.summary["C00"]
     other = _fast_cfg(channels=["C00", "C01"], device=backend.resolve_device("auto"))
     assert Pipeline(other).run(scan, out).reused == ["C00"]   # C01 back to the plain settings: computed again
+
+
+def _killed_run(cfg, scan, out, monkeypatch, z_kill=20):
+    from gpuheart import Pipeline, pipeline
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(z_kill))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).run(scan, out)
+
+
+def _chunk_files(store):
+    """Chunk files of array "0" of a (partial) store, as 'z/y/x' keys."""
+    root = Path(store) / "0"
+    return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def test_a_chunk_file_lost_from_a_partial_store_restarts_pass_2_instead_of_reading_zeros(scan, tmp_path,
+                                                                                        monkeypatch):
+    """Killed at slice 20, then one chunk file of slices [0, 20) deleted from a .partial store: zarr reads a
+    missing chunk as 0, so continuing gave a mask with those voxels empty. The rerun must start pass 2 over,
+    say why, and equal an uninterrupted run. Both a chunk with vessels and an all-zero one (blank slices,
+    which zarr 3 would not write at all by default) are checked."""
+    import zarr
+
+    from gpuheart import Pipeline
+
+    assert zarr.config.get("array.write_empty_chunks") is False   # zarr's default: why empty chunks need care
+    stack = _padded(scan, tmp_path / "padded.tif")   # slices 0-2 blank: the first 2-slice chunk is all zero
+    cfg = _fast_cfg(checkpoint_seconds=0.0, slab_size=2)
+    ref = Pipeline(cfg).run(stack, tmp_path / "ref")
+    dom_ref = _volume(ref.outputs["C00"]["dom_mask"])
+    assert not dom_ref[0:2].any() and dom_ref[10:12].any()   # the premise: chunk 0 empty, chunk 5 not
+    for lost in ("0/0/0", "5/0/0"):
+        out = tmp_path / f"out-{lost.replace('/', '_')}"
+        _killed_run(cfg, stack, out, monkeypatch)
+        partial = out / "C00" / "dom_mask.ome.zarr.partial"
+        assert _chunk_files(partial) == [f"{z}/0/0" for z in range(10)]   # every chunk of [0, 20), empty too
+        (partial / "0" / lost).unlink()
+        again = Pipeline(cfg).run(stack, out)
+        assert again.resumed == {}, lost
+        why = again.started_over["C00"]
+        assert "dom_mask.ome.zarr.partial" in why and "chunk" in why and f"0/{lost}" in why, why
+        np.testing.assert_array_equal(_volume(again.outputs["C00"]["dom_mask"]), dom_ref)
+        assert again.summary["C00"] == ref.summary["C00"]
+
+
+def test_a_chunk_lost_from_a_store_committed_before_the_closings_restarts_pass_2(scan, tmp_path, monkeypatch):
+    """Killed in the closings: pass 2's stores are committed and taken back on resume; a chunk lost from one
+    of them is seen there too."""
+    from gpuheart import Pipeline, pipeline
+
+    cfg = _fast_cfg(checkpoint_seconds=3600.0)
+    ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_postprocess", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).run(scan, tmp_path / "out")
+    (tmp_path / "out" / "C00" / "preprocessed.ome.zarr" / "0" / "3" / "0" / "0").unlink()
+    again = Pipeline(cfg).run(scan, tmp_path / "out")
+    assert again.resumed == {} and "preprocessed.ome.zarr.partial" in again.started_over["C00"]
+    _same_run(tmp_path / "out", ref.out_dir)
+
+
+def test_a_run_that_cannot_continue_an_earlier_one_says_why(scan, tmp_path, monkeypatch):
+    """One line per channel, as data (RunResult.started_over) and from `gpuheart run`: which setting differs
+    (with both values), which input changed, a truth mask given now, an unreadable checkpoint or state file,
+    a finished run's output deleted. Nothing is said on a first run, a continued or reused one, or --restart."""
+    import shutil
+
+    from gpuheart import Pipeline
+
+    cfg, out = _fast_cfg(checkpoint_seconds=0.0), tmp_path / "out"
+    stack = _stack(scan, tmp_path / "stack.tif", 0, 24)
+    _killed_run(cfg, stack, out, monkeypatch, z_kill=8)
+    other = _fast_cfg(checkpoint_seconds=0.0, dom={"large": 13})
+    assert Pipeline(other).run(stack, out).started_over == {"C00": "other settings (dom.large 15 -> 13)"}
+    assert Pipeline(other).run(stack, out).started_over == {}   # reused
+    _stack(scan, stack, 1, 25)   # the same name written anew: same size, newer file
+    os.utime(stack, ns=(time.time_ns(), time.time_ns() + 10**9))
+    why = Pipeline(other).run(stack, out).started_over["C00"]
+    assert why == f"the input {stack} changed (modified since)", why
+    truth = _stack(scan, tmp_path / "truth.tif", 0, 24)
+    why = Pipeline(other).run(stack, out, truth={"C00": str(truth)}).started_over["C00"]
+    assert why == f"another truth mask (none -> {truth})", why
+    assert Pipeline(other).run(stack, out, resume=False).started_over == {}   # --restart: asked for
+    shutil.rmtree(out / "C00" / "mask.ome.zarr")
+    why = Pipeline(other).run(stack, out).started_over["C00"]
+    assert why == f"the finished run's {out / 'C00' / 'mask.ome.zarr'} was deleted or moved since", why
+
+    _killed_run(cfg, stack, out, monkeypatch, z_kill=8)
+    for f in (out / "C00" / ".resume").glob("acc-*.npz"):
+        f.write_bytes(b"cut short")
+    r = Pipeline(cfg).run(stack, out)
+    assert r.resumed == {} and "measurement state at slice 8 (acc-8.npz) is unreadable" in r.started_over["C00"]
+
+    _killed_run(other, stack, out, monkeypatch, z_kill=8)   # (the finished run was cfg's: other ones)
+    manifest = out / "C00" / ".resume" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    r = Pipeline(other).run(stack, out)
+    assert r.resumed == {} and f"its checkpoint {manifest} is unreadable" in r.started_over["C00"]
+
+
+def test_gpuheart_run_prints_why_it_started_over(scan, tmp_path, monkeypatch, capsys):
+    from gpuheart.cli import main
+
+    cfg, out = _fast_cfg(checkpoint_seconds=0.0), tmp_path / "out"
+    _killed_run(cfg, scan, out, monkeypatch, z_kill=8)
+    cfg_path = tmp_path / "c.toml"
+    _fast_cfg(checkpoint_seconds=0.0, dom={"large": 13}).save(cfg_path)
+    capsys.readouterr()
+    assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert (f"  C00: started over, not continuing the earlier run in {out / 'C00'}: "
+            f"other settings (dom.large 15 -> 13)\n") in said, said
+    assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
+    assert "started over" not in capsys.readouterr().out
+
