@@ -541,6 +541,17 @@ def _is_run_summary(path: Path) -> bool:
     return isinstance(d, dict) and {"outputs", "timings_s", "summary"} <= d.keys()
 
 
+def _json_error(path: Path) -> str | None:
+    """Why ``path`` is not readable JSON (None when it is)."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    except ValueError as err:   # UnicodeDecodeError too
+        return f"not valid JSON: {err}"
+    return None
+
+
 def _is_run_report(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -619,6 +630,10 @@ def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:
         if is_ours(path):
             ours.append(path)
         elif writes:
+            bad = _json_error(path) if name == "summary.json" else None
+            if bad:   # cut short or damaged: whose it was cannot be told, so it is not removed either
+                raise ConfigError(f"{path} is unreadable ({bad}), and a run writes its {name} there: if an "
+                                  f"earlier gpuheart run left it, delete it and run again; else choose another -o")
             raise ConfigError(f"{path} was not written by gpuheart, and a run writes its {name} there: "
                               f"choose another -o (or move that file)")
     for path in ours:

@@ -55,7 +55,11 @@ def write_report(out_dir) -> Path:
     Channels whose ``figures.npz`` is missing get their numbers but no figures.
     """
     out_dir = Path(out_dir)
-    run = json.loads((out_dir / "summary.json").read_text())
+    try:
+        run = json.loads((out_dir / "summary.json").read_bytes())
+    except ValueError as err:   # cut short or damaged (UnicodeDecodeError too)
+        raise ValueError(f"{out_dir / 'summary.json'}: not valid JSON ({err}); expected the summary a gpuheart "
+                         f"run writes: delete it and give the run's command again (it reuses finished channels)") from None
     fig_dir = out_dir / REPORT_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     summary = run.get("summary", {})

@@ -896,3 +896,27 @@ def test_gpuheart_run_prints_why_it_started_over(scan, tmp_path, monkeypatch, ca
     assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
     assert "started over" not in capsys.readouterr().out
 
+
+def test_a_corrupt_summary_json_in_out_is_called_unreadable_not_someone_elses(scan, tmp_path, capsys):
+    """A summary.json cut short (a full disk, a copy that stopped) was reported as 'not written by gpuheart'.
+    It is neither removed nor called someone else's: the error says it is not valid JSON and what to do;
+    `gpuheart report` on it names the file too."""
+    from gpuheart import Pipeline
+    from gpuheart.cli import main
+    from gpuheart.pipeline import ConfigError
+
+    Pipeline(_fast_cfg()).run(scan, tmp_path)
+    summary = tmp_path / "summary.json"
+    cut = summary.read_text()[:100]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut)   # the premise: the standard library cannot parse it
+    summary.write_text(cut)
+    with pytest.raises(ConfigError) as err:
+        Pipeline(_fast_cfg()).run(scan, tmp_path)
+    msg = str(err.value)
+    assert str(summary) in msg and "not valid JSON" in msg and "delete it" in msg, msg
+    assert "not written by gpuheart" not in msg
+    assert summary.read_text() == cut
+    assert main(["report", str(tmp_path)]) == 1
+    said = capsys.readouterr().err
+    assert str(summary) in said and "not valid JSON" in said, said
