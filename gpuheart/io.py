@@ -1135,7 +1135,12 @@ def _open_for_writing(partial: Path):
     meta = json.loads((partial / "0" / ".zarray").read_text())
     if meta.get("dimension_separator") != "/":
         raise ValueError(f"chunk keys separated by {meta.get('dimension_separator')!r}, expected '/'")
-    return arr.with_config({"write_empty_chunks": True}) if _zarr_major() >= 3 else arr
+    if _zarr_major() < 3:
+        return arr
+    if not hasattr(arr, "with_config"):  # zarr 3.0.x, which pyproject excludes: say so rather than AttributeError
+        raise ValueError(f"zarr {zarr.__version__} cannot set write_empty_chunks on an open array; "
+                         "expected zarr 2.18 or >= 3.1")
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def write_partial_slab(partial: str | os.PathLike, z0: int, data) -> None:
