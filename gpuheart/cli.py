@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         "C00 and C01, not the autofluorescence C02)")
     r.add_argument("--slab-size", type=_positive_int, help="z-slices per slab (default: 16)")
     r.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in µm")
-    r.add_argument("--truth", nargs=2, action="append", metavar=("CHANNEL", "MASK"),
-                   help="score CHANNEL's mask against MASK (repeatable)")
+    r.add_argument("--truth", nargs="+", action="append", metavar="[CHANNEL] MASK",
+                   help="score CHANNEL's mask against MASK (repeatable); CHANNEL may be left out for a one-channel "
+                        "scan")
     r.add_argument("--preset", action="append", metavar="CHANNEL=NAME",
                    help="segment CHANNEL with a named preset of settings, e.g. C01=nerves (repeatable; presets: "
                         "nerves, vessels; see README 'Settings per channel')")
@@ -210,11 +211,17 @@ def _cmd_run(a) -> int:
 
 
 def _truth_by_channel(pairs) -> dict[str, str] | None:
-    """--truth CHANNEL MASK pairs as a dict; a channel given twice is an error, not a silent last-wins."""
+    """--truth [CHANNEL] MASK as a dict (channel None: the scan's only one, named once it is open); a channel
+    given twice is an error, not a silent last-wins."""
     from .pipeline import ConfigError
 
-    truth: dict[str, str] = {}
-    for channel, mask in pairs or ():
+    truth: dict[str | None, str] = {}
+    for values in pairs or ():
+        # "--truth MASK SCAN" would otherwise read as channel MASK: the scan given after --truth is swallowed
+        if len(values) > 2 or (len(values) == 2 and Path(values[0]).exists()):
+            raise ConfigError(f"--truth takes [CHANNEL] MASK, got {' '.join(values)}; give the scan before --truth "
+                              f"(gpuheart run SCAN --truth MASK) and --truth once per channel")
+        channel, mask = (None, values[0]) if len(values) == 1 else values
         if channel in truth and truth[channel] != mask:
             raise ConfigError(f"--truth {channel} given twice ({truth[channel]} and {mask}); expected one mask per "
                               f"channel")

@@ -388,7 +388,7 @@ class Pipeline:
         self.config = (config or PipelineConfig()).validate()
         self.last_run: RunResult | None = None   # what segment()'s run did (resumed where), for its caller
 
-    def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | None = None,
+    def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | str | os.PathLike | None = None,
             phantom_preset: str = "default", resume: bool = True, client=None) -> RunResult:
         """Process ``source`` into ``out_dir``. With ``resume`` (the default), a run that was killed
         continues from its last checkpoint when started again with the same input and settings (a
@@ -397,7 +397,8 @@ class Pipeline:
         could not be used). ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs
         of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
         file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
-        local run's."""
+        local run's. ``truth`` maps channel names to labelled masks to score against; a bare path is the mask of
+        a one-channel scan's (or a one-channel run's) channel."""
         from .io import _scan_path
 
         if source is not None:
@@ -420,8 +421,10 @@ class Pipeline:
         # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
         _remove_earlier_run_files(out_dir, cfg.output.report)
         channels = list(dict.fromkeys(cfg.channels)) or None   # "--channels C00 C00" runs C00 once
-        user_truth = dict(truth or {})
-        if source is None:
+        # a bare path is the truth of a one-channel scan's channel (key None until the scan is open)
+        user_truth = {None: truth} if isinstance(truth, (str, os.PathLike)) else dict(truth or {})
+        phantom = source is None
+        if phantom:
             with timer("phantom"):
                 source, truth = _write_default_input(out_dir / "input", phantom_preset, cfg.progress)
             channels = channels or list(truth)  # the phantom's stained channels, not autofluorescence
@@ -431,6 +434,9 @@ class Pipeline:
                 cfg = replace(cfg, channel=dict(PHANTOM_CHANNEL_SETTINGS)).validate()
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
+            user_truth = _name_the_only_channel(scan, user_truth)
+            if not phantom:
+                truth = user_truth
             _check_channel_names(scan, cfg, user_truth)
             _check_truths(scan, user_truth)
             # every channel before any runs: a channel's fresh start removes files in its own folder, where
@@ -651,6 +657,22 @@ def _check_inputs_are_not_outputs(out: Path, *inputs) -> None:
         if p in own or own.intersection(p.parents):
             raise ConfigError(f"{given} is one of the outputs this run writes in {out} (it would be removed and "
                               f"rewritten): copy it elsewhere first, or choose another -o")
+
+
+def _name_the_only_channel(scan, truth: dict) -> dict:
+    """A truth mask given without a channel (key None) is the scan's only channel's; with several channels
+    it is refused, naming them, rather than scored against a guess."""
+    if None not in truth:
+        return truth
+    if len(scan.channels) != 1:
+        raise ConfigError(f"{scan.path}: a truth mask ({truth[None]}) was given without a channel, but this run "
+                          f"processes {len(scan.channels)} channels ({', '.join(scan.channels)}); name one: "
+                          f"--truth CHANNEL MASK (Python: truth={{'CHANNEL': path}})")
+    named = {k: v for k, v in truth.items() if k is not None}
+    only = scan.channels[0]
+    if only in named and named[only] != truth[None]:
+        raise ConfigError(f"truth for channel {only} given twice ({named[only]} and {truth[None]}); expected one mask")
+    return {**named, only: truth[None]}
 
 
 def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:

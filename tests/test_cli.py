@@ -521,3 +521,47 @@ def test_mesh_over_max_memory_faces_meshes_voxel_blocks_in_the_same_place(tmp_pa
     m = trimesh.load(tmp_path / "m.ply", force="mesh")
     assert m.is_watertight and len(m.split()) == 1
     np.testing.assert_allclose(m.bounds, [[5.5, 3.5, 3.0], [11.5, 15.5, 11.0]], atol=0.01)   # (x, y, z) µm
+
+
+def test_truth_without_a_channel_is_the_one_channel_scans(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    from gpuheart import Pipeline
+    from gpuheart.pipeline import PipelineConfig
+
+    rng = np.random.default_rng(1)
+    stack, mask = tmp_path / "stack.tif", tmp_path / "mask.tif"
+    img = rng.integers(0, 4000, (5, 48, 48), dtype=np.uint16)
+    tifffile.imwrite(stack, img, photometric="minisblack")
+    tifffile.imwrite(mask, (img > 3000).astype(np.uint8) * 255, photometric="minisblack")
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[output]\nreport = false\n[mesh]\nenabled = false\n')
+    argv = ["run", str(stack), "-o", str(tmp_path / "out"), "-c", str(cfg), "--no-progress"]
+    assert main(argv + ["--truth", str(mask)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # Dice written out against the file's own masks, not our metrics
+    import zarr
+
+    got = np.asarray(zarr.open_group(str(tmp_path / "out" / "C00" / "dom_mask.ome.zarr"), mode="r")["0"]) > 0
+    truth = img > 3000
+    want = 2 * (got & truth).sum() / (got.sum() + truth.sum())
+    assert summary["summary"]["C00"]["dom_vs_truth"]["dice"] == pytest.approx(want, abs=1e-6)
+    # the same from Python, with a bare path
+    r = Pipeline(PipelineConfig.load(cfg)).run(stack, tmp_path / "py", truth=str(mask), resume=False)
+    assert r.summary["C00"]["dom_vs_truth"]["dice"] == pytest.approx(want, abs=1e-6)
+
+
+def test_truth_without_a_channel_is_refused_for_several_channels_and_a_scan_after_it(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "ph"), "--preset", "tiny", "--no-progress"]) == 0
+    capsys.readouterr()
+    truth = str(tmp_path / "ph" / "truth" / "C00.tif")
+    assert main(["run", str(tmp_path / "ph" / "scan"), "-o", str(tmp_path / "o"), "--no-progress",
+                 "--truth", truth]) == 1
+    err = capsys.readouterr().err
+    assert "without a channel" in err and "C00, C01, C02" in err and "--truth CHANNEL MASK" in err
+    # the scan after --truth would be read as "channel MASK, mask SCAN"
+    assert main(["run", "-o", str(tmp_path / "o2"), "--no-progress", "--truth", truth,
+                 str(tmp_path / "ph" / "scan")]) == 1
+    assert "give the scan before --truth" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
