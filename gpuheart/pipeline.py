@@ -414,6 +414,7 @@ class Pipeline:
     def _run(self, source, out_dir: Path, truth, phantom_preset: str, resume: bool, client) -> RunResult:
         from .io import open_scan
 
+        started = time.monotonic()
         cfg = self.config
         timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = _writable_folder(out_dir)
@@ -483,6 +484,13 @@ class Pipeline:
             warnings.warn(f"{out_dir}: {', '.join(others)} hold(s) outputs of an earlier run with other channels "
                           f"or settings, which this run's config.toml and summary.json do not describe",
                           RuntimeWarning, stacklevel=3)
+        # what this run itself did, for throughput: reused channels cost it nothing, a resumed one only its
+        # remaining slices, and with Dask the stage seconds are summed over the workers, so only this wall
+        # time is the run's
+        summary["this_run"] = {
+            "wall_s": time.monotonic() - started, "computed": [c for c in outputs if c not in reused],
+            "reused": list(reused), "resumed_at": {c: z for c, z in resumed.items() if c not in reused},
+            "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock"}
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
                            started_over=started_over)
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())

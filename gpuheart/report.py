@@ -142,14 +142,27 @@ def _voxel(v) -> str:
 
 
 def _timing_table(timings, summary, channels) -> str:
-    """Seconds per stage and throughput, slices (all channels together) per second of that stage."""
-    n_slices = sum(int(summary[c].get("slices", 0)) for c in channels)
+    """Seconds per stage and throughput: slices (all channels together) this run computed, per second."""
+    this = summary.get("this_run")
+    if this is None:   # a summary.json from before runs recorded what they computed: every channel counts
+        n_slices = sum(int(summary[c].get("slices", 0)) for c in channels)
+        total, note = run_seconds(timings), f"{n_slices} slices in {len(channels)} channel(s)."
+    else:
+        # a reused channel took no time in this run, and a resumed one computed only its remaining slices
+        n_slices = sum(int(summary[c].get("slices", 0)) - int(this["resumed_at"].get(c, 0))
+                       for c in this["computed"] if c in summary)
+        total = float(this["wall_s"])
+        note = f"{n_slices} slices computed in {len(this['computed'])} channel(s)"
+        if this["resumed_at"]:
+            note += " (continuing an interrupted run: " + ", ".join(
+                f"{c} from slice {z}" for c, z in this["resumed_at"].items()) + ")"
+        note += (f"; reused from an earlier run, not counted: {', '.join(this['reused'])}." if this["reused"]
+                 else ".")
+        note += f" Stage seconds: {this['stage_seconds']}; the total is the run's wall-clock time."
     rows = [(stage + (" (background, overlapped)" if stage in OVERLAPPED else ""), f"{s:.3f}",
-             _num(n_slices / s) if s > 0 else "–") for stage, s in timings.items()]
-    total = run_seconds(timings)
-    rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 else "–"))
-    return (f"<h2>Timings</h2><p>{n_slices} slices in {len(channels)} channel(s).</p>"
-            + _table(["stage", "seconds", "slices/s"], rows))
+             _num(n_slices / s) if s > 0 and n_slices else "–") for stage, s in timings.items()]
+    rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 and n_slices else "–"))
+    return f"<h2>Timings</h2><p>{_esc(note)}</p>" + _table(["stage", "seconds", "slices/s"], rows)
 
 
 # stages timed in a background thread while the others run: their seconds are already inside the others' wall

@@ -43,6 +43,9 @@ def test_dask_run_equals_local_run(client, tmp_path):
             with open_scan(local.outputs[ch][kind]) as a, open_scan(dist.outputs[ch][kind]) as b:
                 np.testing.assert_array_equal(a.read_slab(0, 0, a.shape[0]), b.read_slab(0, 0, b.shape[0]))
     assert _summary(tmp_path / "local") == _summary(tmp_path / "dask")
+    # the stage seconds of a Dask run are summed over its workers: the report must not call them the run's time
+    assert "worker-seconds" in dist.summary["this_run"]["stage_seconds"]
+    assert local.summary["this_run"]["stage_seconds"] == "wall clock"
     with np.load(local.out_dir / "C00" / "figures.npz") as fa, np.load(dist.out_dir / "C00" / "figures.npz") as fb:
         assert set(fa.files) == set(fb.files)
         for k in fa.files:

@@ -426,3 +426,44 @@ def test_a_one_slice_scan_shows_its_slice_means(tmp_path, monkeypatch):
     assert all(a["markers"][0] not in ("None", "", " ", None) for a in axes)
     assert all(float(t).is_integer() for t in axes[-1]["xticks"]), axes[-1]["xticks"]
     assert _cell(text.split("Channel C01")[0], "detrended CV of slice means, raw") == "–"
+
+
+def test_throughput_counts_only_what_this_run_computed_over_its_wall_time(tmp_path, capsys):
+    """A rerun that reused finished channels, or resumed one, reported every channel's slices as its own; with
+    Dask the stage seconds are summed over workers, so their sum is not the run's time."""
+    from gpuheart.cli import _print_run
+
+    out = make_run(tmp_path / "run")
+    run = json.loads((out / "summary.json").read_text())
+    run["timings_s"] = {"stats (pass 1)": 3.0, "difference of medians": 7.0}   # worker-seconds: 10 s in all
+    run["summary"]["this_run"] = {"wall_s": 4.0, "computed": ["C00", "C01"], "reused": ["C02"],
+                                  "resumed_at": {"C01": 5}, "stage_seconds": "summed over the Dask workers "
+                                                                               "(worker-seconds)"}
+    (out / "summary.json").write_text(json.dumps(run))
+    text = write_report(out).read_text()
+    # C00's 7 slices and C01's last 2 (resumed at 5 of 7); C02 reused: 9 slices over the 4 s wall time
+    assert re.search(r"<td>total</td><td>4\.000</td><td>2\.25<", text)
+    assert "9 slices computed in 2 channel(s) (continuing an interrupted run: C01 from slice 5)" in text
+    assert "not counted: C02" in text and "worker-seconds" in text
+    result = types.SimpleNamespace(timings=run["timings_s"], out_dir=out, summary=run["summary"], resumed={},
+                                   reused=[], outputs={}, report=None)
+    _print_run(result)
+    assert "in 4.0 s on cpu" in capsys.readouterr().out
+
+
+def test_a_rerun_that_reused_every_channel_reports_no_throughput(tmp_path):
+    import tifffile
+
+    from gpuheart import Pipeline, PipelineConfig
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (5, 48, 48), dtype=np.uint16),
+                     photometric="minisblack")
+    cfg = PipelineConfig.from_dict({"progress": False, "segment": {"method": "dom"}, "mesh": {"enabled": False}})
+    first = Pipeline(cfg).run(stack, tmp_path / "out")
+    assert first.summary["this_run"]["computed"] == ["C00"] and first.summary["this_run"]["wall_s"] > 0
+    again = Pipeline(cfg).run(stack, tmp_path / "out")
+    assert again.summary["this_run"]["computed"] == [] and again.summary["this_run"]["reused"] == ["C00"]
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "0 slices computed in 0 channel(s); reused from an earlier run, not counted: C00" in text
+    assert re.search(r"<td>total</td><td>[0-9.]+</td><td>–<", text)
