@@ -559,11 +559,26 @@ def _holds_scan(d: Path) -> bool:
         return False
 
 
+def _channel_number(name: str) -> int:
+    cm = _CHANNEL_RE.findall(name)
+    return int(cm[-1]) if cm else 0
+
+
+def _raise_broken(link: Path):
+    raise ScanError(f"{link}: a broken link to {os.readlink(link)}, which does not exist; expected a slice TIFF "
+                    f"(is the disk it points to mounted?)")
+
+
 def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
     """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete: those of
     ``channels`` (names, as for :func:`open_scan`) only, when given, so a damaged channel that is not asked
     for does not stop the others."""
-    tiffs = [p for p in path.iterdir() if _is_slice_file_name(p.name) and p.is_file()]
+    named = [p for p in path.iterdir() if _is_slice_file_name(p.name)]
+    tiffs = [p for p in named if p.is_file()]
+    # a link whose file is gone (a moved or unmounted disk) would otherwise be reported as a missing slice
+    broken = {(_channel_number(p.name), p) for p in named if p.is_symlink() and not p.exists()}
+    if not tiffs and broken:
+        _raise_broken(min(broken)[1])
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
@@ -571,9 +586,8 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         raise ScanError(f"{path}: folder holds no TIFF files (expected *.tif/*.tiff slices){hint}")
     by_channel: dict[int, list[tuple[int | None, Path]]] = {}
     for p in tiffs:
-        cm = _CHANNEL_RE.findall(p.name)
         zm = _Z_RE.findall(p.name)
-        by_channel.setdefault(int(cm[-1]) if cm else 0, []).append((int(zm[-1]) if zm else None, p))
+        by_channel.setdefault(_channel_number(p.name), []).append((int(zm[-1]) if zm else None, p))
     files: dict[str, list[Path]] = {}
     spans: dict[str, list[int]] = {}   # the Z numbers of channels named by Z token
     kept = set(_select_channels(path, [f"C{c:02d}" for c in sorted(by_channel)], channels))
@@ -581,6 +595,9 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         name = f"C{c:02d}"
         if name not in kept:
             continue
+        for bc, b in sorted(broken):
+            if bc == c:
+                _raise_broken(b)
         items = by_channel[c]
         lacking = [p.name for z, p in items if z is None]
         if lacking and len(lacking) < len(items):   # e.g. a MIP saved beside the slices: it would be a slice

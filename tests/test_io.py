@@ -762,3 +762,27 @@ def test_a_tiff_header_pointing_nowhere_says_so(tmp_path):
     (folder / lavision_filename("heart", 0, 1)).write_bytes(junk)
     with pytest.raises(ScanError, match=r"Z0001\.ome\.tif: corrupt TIFF \(no image page where its header points\)"):
         open_scan(folder)
+
+
+def test_a_slice_that_is_a_broken_link_is_named_as_one(tmp_path):
+    import os
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for c in (0, 1):
+        for z in range(3):
+            tifffile.imwrite(folder / lavision_filename("h", c, z), np.full((4, 4), z, np.uint16))
+    gone = folder / lavision_filename("h", 1, 1)
+    gone.unlink()
+    os.symlink(tmp_path / "elsewhere" / gone.name, gone)
+    with pytest.raises(ScanError) as err:
+        open_scan(folder)
+    msg = str(err.value)
+    assert gone.name in msg and "broken link" in msg and str(tmp_path / "elsewhere") in msg
+    with open_scan(folder, channels=["C00"]) as scan:   # the other channel's link does not stop C00
+        np.testing.assert_array_equal(scan.read_slab("C00", 0, 3)[:, 0, 0], [0, 1, 2])
+    for p in folder.iterdir():   # nothing but broken links: not "holds no TIFF files"
+        if p != gone:
+            p.unlink()
+    with pytest.raises(ScanError, match="broken link"):
+        open_scan(folder)
