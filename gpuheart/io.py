@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -270,6 +271,13 @@ def _voxel_from_tiff(tif) -> tuple[float, float, float] | None:
                     size.append(None if v is None else _to_um(float(v), pixels.get(f"PhysicalSize{ax}Unit", "µm")))
                 if all(s is not None and s > 0 for s in size):
                     return tuple(size)
+                if size[0] is None and all(s is not None and s > 0 for s in size[1:]):
+                    # one plane per file often carries no z step: say what is known rather than drop it silently
+                    warnings.warn(f"{tif.filehandle.path}: the OME metadata gives the pixel size ({size[1]:g} x {size[2]:g} "
+                                  f"µm) but no z step (PhysicalSizeZ), so the voxel size is unknown; give it with "
+                                  f"--voxel-size Z {size[1]:g} {size[2]:g} (Python: voxel_size=(z, y, x))",
+                                  stacklevel=2)
+                    return None
         if tif.is_imagej and tif.imagej_metadata:
             meta = tif.imagej_metadata
             unit = meta.get("unit")
@@ -822,6 +830,20 @@ class _Zarr:
 
 # -- opening -----------------------------------------------------------------------------------------
 
+def _open_source(path: Path, channels):
+    if _is_zarr_dir(path):
+        src = _Zarr(path)
+        return src, [f"C{c:02d}" for c in range(src.nchannels)]
+    if path.is_dir():
+        files = _scan_folder(path, channels)   # only the channels asked for are checked and opened
+        only = next(iter(files.values()))
+        if not (len(files) == 1 and len(only) == 1 and _is_tiff(only[0]) and _multi_page(only[0])):
+            return _TiffFolder(path, files), list(files)
+        path = only[0]  # a folder holding one stack: open the stack
+    src = _TiffStack(path)
+    return src, [f"C{c:02d}" for c in range(src.nchannels)]
+
+
 def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = None,
               voxel_size: Sequence[float] | None = None) -> Scan:
     """Open a scan lazily: metadata is read now (all TIFF headers are checked), pixels on demand.
@@ -840,21 +862,10 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
     path = _scan_path(path)
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
-    if _is_zarr_dir(path):
-        src = _Zarr(path)
-        names = [f"C{c:02d}" for c in range(src.nchannels)]
-    elif path.is_dir():
-        files = _scan_folder(path, channels)   # only the channels asked for are checked and opened
-        only = next(iter(files.values()))
-        if len(files) == 1 and len(only) == 1 and _is_tiff(only[0]) and _multi_page(only[0]):
-            src = _TiffStack(only[0])  # a folder holding one stack: open the stack
-            names = [f"C{c:02d}" for c in range(src.nchannels)]
-        else:
-            src = _TiffFolder(path, files)
-            names = list(files)
-    else:
-        src = _TiffStack(path)
-        names = [f"C{c:02d}" for c in range(src.nchannels)]
+    with warnings.catch_warnings():
+        if voxel_size is not None:   # given: no advice about what the metadata lacks
+            warnings.filterwarnings("ignore", message=".*no z step")
+        src, names = _open_source(path, channels)
     try:
         if np.dtype(src.dtype).kind not in "biuf":
             raise ScanError(f"{path}: pixels are {np.dtype(src.dtype)}; expected integer, float or boolean "

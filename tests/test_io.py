@@ -786,3 +786,20 @@ def test_a_slice_that_is_a_broken_link_is_named_as_one(tmp_path):
             p.unlink()
     with pytest.raises(ScanError, match="broken link"):
         open_scan(folder)
+
+
+def test_ome_slices_without_a_z_step_say_what_they_give_and_what_is_missing(tmp_path):
+    import warnings
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for z in range(3):
+        tifffile.imwrite(folder / lavision_filename("h", 0, z), np.zeros((4, 4), np.uint16), ome=True,
+                         metadata={"PhysicalSizeX": 1.5, "PhysicalSizeY": 1.5})
+    with pytest.warns(UserWarning, match=r"pixel size \(1\.5 x 1\.5 µm\) but no z step.*--voxel-size Z 1\.5 1\.5"):
+        with open_scan(folder) as scan:
+            assert scan.voxel_size is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # given by the user: nothing to advise
+        with open_scan(folder, voxel_size=(4, 1.5, 1.5)) as scan:
+            assert scan.voxel_size == (4.0, 1.5, 1.5)
