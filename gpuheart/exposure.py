@@ -328,7 +328,9 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
     Departure from skimage: float input is used as is only when it lies in [0, 1]; anything else
     (which skimage either rejects, outside [-1, 1], or clips at 0, in [-1, 0)) is first mapped
     linearly from [min, max] to [0, 1], so an asinh-stretched slice with negative values keeps its
-    sub-background detail. A (z, y, x) slab is equalized per slice (skimage would use 3-D tiles).
+    sub-background detail. float16 is computed as float32: skimage scales it to uint16 in float16, where
+    65535 overflows, and returns a constant image. A (z, y, x) slab is equalized per slice (skimage would
+    use 3-D tiles).
     """
     _check_image("clahe", x)
     _check_nbins(nbins)

@@ -232,12 +232,25 @@ def test_clahe_slab_is_per_slice_and_constant_input():
     np.testing.assert_array_equal(clahe(const, kernel_size=8), _sk(const, 8, 0.01))
 
 
-@pytest.mark.parametrize("dtype", [np.int16, np.bool_, np.float64])
+@pytest.mark.parametrize("dtype", [np.int16, np.bool_, np.float64, np.int8, np.int32, np.uint32])
 def test_clahe_other_dtypes_match_skimage(dtype):
     rng = np.random.default_rng(7)
-    x = (rng.integers(-300, 3000, (60, 50)) if dtype == np.int16 else rng.random((60, 50)) ** 2)
+    if dtype in (np.int32, np.uint32):   # beyond uint16's range
+        x = rng.integers(0 if dtype == np.uint32 else -70000, 2**31 - 1, (60, 50))
+    elif np.dtype(dtype).kind in "iu":
+        x = rng.integers(-100 if dtype == np.int8 else -300, 100 if dtype == np.int8 else 3000, (60, 50))
+    else:
+        x = rng.random((60, 50)) ** 2
     x = (x > 0.3) if dtype == np.bool_ else x.astype(dtype)
     np.testing.assert_allclose(clahe(x, kernel_size=16), _sk(x, 16, 0.01), rtol=0, atol=1e-6)
+
+
+def test_clahe_float16_is_equalized_as_float32():
+    # documented departure: skimage scales float16 to uint16 in float16 (65535 overflows) and returns all ones
+    x = (np.random.default_rng(8).random((60, 50)) ** 2).astype(np.float16)
+    out = clahe(x, kernel_size=16)
+    np.testing.assert_allclose(out, _sk(x.astype(np.float32), 16, 0.01), rtol=0, atol=1e-6)
+    assert out.min() == 0.0 and out.max() == 1.0
 
 
 def test_clahe_float_outside_unit_range_is_min_max_mapped():
