@@ -14,6 +14,9 @@ uint16), ``cucim.skimage.filters.median``, ``cucim.skimage.exposure.equalize_ada
 one fail to compile or launch, gpuheart warns once and filters on the host, and the number then
 measures that round trip: check the warnings in the pytest output), and the per-slice
 chain (z-normalize -> asinh -> CLAHE -> robust scale -> difference of medians -> threshold).
+Preprocessing: the fused z-normalize + asinh kernel against the same arithmetic as CuPy expressions, and
+``exposure.preprocess`` against the same steps from CuPy + cuCIM's ``equalize_adapthist`` + ``cupy.percentile``.
+The closings are in bench_morphology.py (against cupyx.scipy.ndimage).
 
 Goals on an H100 (targets, not results): median 15x15 <= 0.5 ms, median 3x3 <= 0.05 ms,
 CLAHE <= 0.5 ms, per-slice chain <= 3 ms.
@@ -170,4 +173,60 @@ def test_slice_chain_gpuheart(benchmark, device_slice_clahe):
 
     benchmark.group = "gpu per-slice chain uint16 2048"
     benchmark.extra_info["goal_ms_h100"] = GOALS_MS["slice chain"]
+    _timed_on_device(benchmark, chain)
+
+
+# -- preprocessing (paper steps 1-2): gpuheart's fused kernels against what CuPy + cuCIM give -----------
+
+def _znorm_for(device_slice_clahe):
+    from gpuheart import exposure
+
+    return exposure.ZNorm.from_stats([exposure.slice_stats(device_slice_clahe.get(), z=0)])
+
+
+def test_znorm_asinh_gpuheart(benchmark, device_slice_clahe):
+    """elementwise.cu's znorm_asinh kernel: z-normalization and asinh in one pass."""
+    from gpuheart import exposure
+
+    x, znorm = device_slice_clahe[None], _znorm_for(device_slice_clahe)
+    benchmark.group = "gpu z-normalize + asinh uint16 2048"
+    _timed_on_device(benchmark, exposure._znorm_asinh_cuda, x, znorm, 0, True, znorm.scale)
+
+
+def test_znorm_asinh_cupy(benchmark, device_slice_clahe):
+    """The same arithmetic as separate CuPy expressions (what ZNorm.apply and asinh_stretch do on CuPy)."""
+    from gpuheart import exposure
+
+    x, znorm = device_slice_clahe[None], _znorm_for(device_slice_clahe)
+    benchmark.group = "gpu z-normalize + asinh uint16 2048"
+    _timed_on_device(benchmark, lambda: exposure.asinh_stretch(znorm.apply(x, 0) - np.float32(znorm.background),
+                                                               znorm.scale))
+
+
+def test_preprocess_gpuheart(benchmark, device_slice_clahe):
+    """Steps 1-2 as the pipeline runs them: fused z-norm + asinh, then CLAHE fused with robust scaling."""
+    from gpuheart import exposure
+
+    x, znorm = device_slice_clahe[None], _znorm_for(device_slice_clahe)
+    benchmark.group = "gpu preprocessing uint16 2048 (z-norm, asinh, CLAHE, robust scale)"
+    _timed_on_device(benchmark, exposure.preprocess, x, znorm, 0)
+
+
+def test_preprocess_cupy_cucim(benchmark, device_slice_clahe):
+    """The same steps from off-the-shelf parts: CuPy arithmetic, cuCIM's equalize_adapthist, cupy.percentile."""
+    cu_exposure = _cucim_or_skip("exposure")
+    import cupy as cp
+
+    from gpuheart import exposure
+
+    x, znorm = device_slice_clahe, _znorm_for(device_slice_clahe)
+
+    def chain():
+        s = exposure.asinh_stretch(znorm.apply(x, 0) - np.float32(znorm.background), znorm.scale)
+        lo, hi = s.min(), s.max()
+        c = cu_exposure.equalize_adapthist((s - lo) / (hi - lo), kernel_size=32, clip_limit=0.01)
+        p_lo, p_hi = cp.percentile(c, [0.1, 99.9])
+        return (cp.clip((c - p_lo) / (p_hi - p_lo), 0, 1) * 255).astype(cp.uint8)
+
+    benchmark.group = "gpu preprocessing uint16 2048 (z-norm, asinh, CLAHE, robust scale)"
     _timed_on_device(benchmark, chain)

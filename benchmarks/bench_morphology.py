@@ -103,7 +103,7 @@ def test_closings_gpu(benchmark, mask, impl):
 
     def timed():
         f(d)
-        cp.cuda.Stream.null.synchronize()
+        cp.cuda.get_current_stream().synchronize()
 
     benchmark.group = f"closings {'x'.join(map(str, mask.shape))} (device)"
     benchmark(timed)
