@@ -54,10 +54,10 @@ def _same_run(gpu, cpu) -> None:
 
 
 def _measurements(d):
-    """The summary without what differs between any two runs: paths, times, the device."""
+    """The summary without what differs between any two runs: paths, times (wall_s), the device."""
     if isinstance(d, dict):
         return {k: _measurements(v) for k, v in d.items()
-                if not any(w in str(k) for w in ("path", "seconds", "device", "timings"))}
+                if not any(w in str(k) for w in ("path", "seconds", "device", "timings", "wall_s"))}
     return d
 
 
