@@ -1241,12 +1241,6 @@ class _Writers:
         return False
 
 
-def _fingerprint(cfg: PipelineConfig, scan, channel: str, truth, stamps: dict | None = None,
-                 desc: dict | None = None) -> str:
-    """The hash of :func:`_fingerprint_key`."""
-    return _hash(_fingerprint_key(cfg, scan, channel, truth, stamps, desc))
-
-
 def _hash(key: dict) -> str:
     import hashlib
 
