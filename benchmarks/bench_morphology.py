@@ -111,21 +111,12 @@ def test_closings_gpu(benchmark, mask, impl):
 
 # -- script mode: side-by-side ratios -----------------------------------------------------------
 
-def _machine_info() -> dict:
-    """benchmarks/conftest.py's description of this machine (loaded by path, as bench_pipeline.py does)."""
-    spec = importlib.util.spec_from_file_location("_gpuheart_bench_conftest", Path(__file__).with_name("conftest.py"))
+def _sibling(name: str):
+    """Another file of benchmarks/, loaded by path (conftest: the machine's description; bench_filters: best_of)."""
+    spec = importlib.util.spec_from_file_location(f"_gpuheart_bench_{name}", Path(__file__).with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.machine_info("cpu")
-
-
-def best_of(f, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return mod
 
 
 def main(argv=None) -> int:
@@ -140,6 +131,7 @@ def main(argv=None) -> int:
     if not np.array_equal(ours, ref):
         print("gpuheart's closings differ from the SciPy reference: not timing a wrong answer", file=sys.stderr)
         return 1
+    best_of = _sibling("bench_filters").best_of
     t = {"gpuheart": best_of(lambda: gpuheart_closings(m), args.runs),
          "scipy": best_of(lambda: scipy_closings(m), max(1, args.runs - 1))}
     row = {"shape_zyx": list(m.shape), "foreground_before": float(m.mean()), "foreground_after": float(ref.mean()),
@@ -151,7 +143,7 @@ def main(argv=None) -> int:
         "benchmark": f"binary closings: z-line 1x1x{Z_SIZE} x{Z_ITER}, then one {CUBE}x{CUBE}x{CUBE} cube "
                      "(edge-replicated borders)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": _machine_info(),
+        "machine": _sibling("conftest").machine_info("cpu"),
         "note": "times are the best of several runs, measured side by side in one process; outputs checked equal",
         "results": [row],
     }
