@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGPIPE = 141   # what a shell reports for a command its reader stopped reading (128 + SIGPIPE)
 
 
 def _positive_int(text: str) -> int:
@@ -545,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpuheart: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # what reads our output (head, a closed pager) has gone: no error to report, and none again at exit
+        # when Python flushes stdout into the same closed pipe
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
     except (ValueError, OSError, RuntimeError) as err:
         # our errors (ScanError, ConfigError, DeviceError) carry a one-line message naming the file;
         # a user should not have to read a traceback to learn that a slice is missing

@@ -565,3 +565,21 @@ def test_truth_without_a_channel_is_refused_for_several_channels_and_a_scan_afte
                  str(tmp_path / "ph" / "scan")]) == 1
     assert "give the scan before --truth" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`gpuheart run ... | head` printed 'gpuheart: error: [Errno 32] Broken pipe', twice, after a complete run."""
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (4, 32, 32), dtype=np.uint16),
+                     photometric="minisblack")
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[mesh]\nenabled = false\n[output]\nreport = false\n')
+    cmd = (f"{sys.executable} -m gpuheart run {stack} -o {tmp_path / 'out'} -c {cfg} --no-progress | true; "
+           f"echo rc=${{PIPESTATUS[0]}}")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "Broken pipe" not in p.stderr and "Error" not in p.stderr, p.stderr
+    assert "rc=141" in p.stdout
+    assert (tmp_path / "out" / "summary.json").is_file()
