@@ -85,8 +85,13 @@ def make_config(device: str, channels: int, mesh: bool, report: bool, graph: boo
     from gpuheart import PipelineConfig
     from gpuheart.unet import default_weights_path
 
+    from gpuheart.pipeline import PHANTOM_CHANNEL_SETTINGS
+
     cfg = PipelineConfig(device=device, progress=False)
     cfg.channels = ["C00", "C01", "C02"][:channels]
+    # the nerve channel with the nerve preset, as `gpuheart run` gives the built-in scan: with vessel settings
+    # it was 12 % mask, and skeletonizing that junk was half of the run (C02, autofluorescence, has no preset)
+    cfg.channel = dict(PHANTOM_CHANNEL_SETTINGS)
     cfg.mesh.enabled = mesh
     cfg.output.report = report
     if hasattr(cfg, "graph"):
@@ -330,7 +335,8 @@ def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: b
                    "graph": bool(getattr(getattr(cfg, "graph", None), "enabled", False)),
                    "slab_size": cfg.slab_size, "postprocess": cfg.postprocess.enabled,
                    "write_preprocessed": cfg.output.write_preprocessed,
-                   "unet_tile": cfg.segment.tile, "unet_overlap": cfg.segment.overlap},
+                   "unet_tile": cfg.segment.tile, "unet_overlap": cfg.segment.overlap,
+                   "channel_settings": cfg.channel},
         "notes": [n for n in [
             note,
             "setup (writing the scan) and a warm-up run on the tiny phantom are excluded from total_s",

@@ -171,7 +171,9 @@ def section_pipeline(e) -> list[str]:
            f"channels (synthetic 'large' phantom, per-slice TIFFs); device `{d['config']['device']}`, "
            f"segmentation `{d['config']['segment_method']}`{unet_tile(d)}, mesh {'on' if d['config']['mesh'] else 'off'}, "
            f"report {'on' if d['config']['report'] else 'off'}"
-           + (f", tree graph {'on' if d['config']['graph'] else 'off'}." if "graph" in d["config"] else "."),
+           + (f", tree graph {'on' if d['config']['graph'] else 'off'}" if "graph" in d["config"] else "")
+           + "".join(f"; {ch} with the `{v['preset']}` preset" for ch, v in
+                     (d["config"].get("channel_settings") or {}).items() if "preset" in v) + ".",
            "",
            f"Run: **{d['total_s']:.1f} s** for {d['slice_channels']} slice-channels = "
            f"{d['slices_per_s']:.3f} slice-channels/s ({d['seconds_per_slice_channel']:.2f} s each). "
