@@ -330,7 +330,13 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
     linearly from [min, max] to [0, 1], so an asinh-stretched slice with negative values keeps its
     sub-background detail. float16 is computed as float32: skimage scales it to uint16 in float16, where
     65535 overflows, and returns a constant image. A (z, y, x) slab is equalized per slice (skimage would
-    use 3-D tiles).
+    use 3-D tiles). A float slice whose max - min overflows its type (float32 from -3e38 to 3e38) is
+    halved first, which is exact and leaves (x - min) / (max - min) as it is.
+
+    Integers other than uint8/uint16 go through skimage's ``img_as_uint`` as in skimage, so the result
+    equals skimage's: negative values become 0 and a type wider than 16 bits is scaled from its full range
+    (int32 by 2**-15, int64 by 2**-47). Where that loses data (negative pixels, values above 65535) a
+    ``RuntimeWarning`` says so; pass such data as float or uint16 to equalize its own range.
     """
     _check_image("clahe", x)
     _check_nbins(nbins)
@@ -341,6 +347,7 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
         if out is not None:
             return out
     h = to_host(x)  # the host path: CPU input, or a CuPy input the kernels do not cover
+    _warn_lossy_int_conversion(h)
     if h.ndim == 2:
         out = _clahe_slice(h, clip_limit, ks, nbins)
     else:
@@ -428,6 +435,7 @@ def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int =
         if out is not None:
             return out
         return robust_scale(clahe(x, clip_limit, kernel_size, nbins), low, high)
+    _warn_lossy_int_conversion(x)
     x3 = x[None] if x.ndim == 2 else x
     out = np.empty(x3.shape, np.uint8)
     final_tables: dict = {}
@@ -437,6 +445,31 @@ def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int =
         table = _robust_level_table(counts, float_dtype, low, high, final_tables)
         _gather(table, levels, out[i])
     return out[0] if x.ndim == 2 else out
+
+
+def _warn_lossy_int_conversion(x: np.ndarray) -> None:
+    """Warn where skimage's img_as_uint, which CLAHE applies to integers other than uint8/uint16 as
+    ``equalize_adapthist`` does, throws information away: negative values become 0, and a type wider than
+    16 bits with values above 65535 is scaled from its full range (int32: divided by 2**15, int64: 2**47),
+    which can leave a handful of grey levels or one. The result still equals skimage's; the warning says so."""
+    if x.dtype.kind not in "iu" or x.dtype in (np.uint8, np.uint16) or x.size == 0:
+        return
+    lo, hi = int(x.min()), int(x.max())
+    lossy = []
+    if lo < 0:
+        lossy.append(f"its {int(np.count_nonzero(x < 0))} negative pixel(s) become 0")
+    if x.dtype.itemsize > 2 and hi > np.iinfo(np.uint16).max:
+        from skimage.util import img_as_uint
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            u = img_as_uint(np.array([max(lo, 0), hi], x.dtype))
+        lossy.append(f"its values {max(lo, 0)}..{hi} are scaled from the whole {x.dtype} range onto uint16, "
+                     f"leaving {int(u[1]) - int(u[0]) + 1} grey level(s)")
+    if lossy:
+        warnings.warn(f"clahe: {x.dtype} input is converted to uint16 as skimage's equalize_adapthist does: "
+                      f"{' and '.join(lossy)}; to equalize the data's own range, pass it as float (mapped "
+                      f"from [min, max] to [0, 1]) or as uint16", RuntimeWarning, stacklevel=3)
 
 
 def _to_bins(x: np.ndarray, nbins: int):
@@ -454,6 +487,11 @@ def _to_bins(x: np.ndarray, nbins: int):
         lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"clahe: input has {int(np.count_nonzero(~np.isfinite(x)))} NaN/Inf pixels")
+        if _span_overflows(lo, hi, float_dtype):
+            # max - min beyond the float type (x - min) / (max - min) is computed in: it gave inf - inf = NaN,
+            # and a NaN bin index read outside the table (a segfault). Halving is exact, and the ratio of
+            # the halves is the ratio of the wholes
+            x, lo, hi = x * float_dtype(0.5), lo * 0.5, hi * 0.5
         shift, div, table = _float_bin_params(lo, hi, float_dtype, nbins, bin_dtype)
         out = np.empty(x.shape, bin_dtype)
         _float_to_bins(x, shift, div, float_dtype(np.iinfo(np.uint16).max), table, out)
@@ -464,6 +502,12 @@ def _to_bins(x: np.ndarray, nbins: int):
     out = np.empty(x.shape, bin_dtype)
     _gather(table, x, out)
     return out, np.float64
+
+
+def _span_overflows(lo: float, hi: float, float_dtype) -> bool:
+    """Whether max - min of a slice with extremes lo, hi overflows float_dtype (e.g. float32 from -3e38 to 3e38)."""
+    with np.errstate(over="ignore"):
+        return not np.isfinite(float_dtype(hi) - float_dtype(lo))
 
 
 def _float_bin_params(lo: float, hi: float, float_dtype, nbins: int, bin_dtype):
@@ -751,6 +795,8 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
             i = int(np.flatnonzero(bad)[0])
             n = int(cp.count_nonzero(~cp.isfinite(flat[i])))
             raise ValueError(f"clahe: input has {n} NaN/Inf pixels")
+        if any(_span_overflows(a, b, float_dtype) for a, b in zip(lo_all.tolist(), hi_all.tolist())):
+            return None  # a slice's max - min overflows the float type: the host path halves it first
 
     mod = load_module("clahe.cu")
     to_bins = mod.get_function(f"{'float' if dt.kind == 'f' else 'int'}_to_bins_{suffix}_{bsuf}")

@@ -441,3 +441,50 @@ def test_preprocess_of_one_slice_zeroes_it_only_when_it_is_the_dark_one():
         np.testing.assert_array_equal(exposure.preprocess(stack[z], zn, z), whole[z])
     np.testing.assert_array_equal(exposure.preprocess(stack[1:4], zn, 1), whole[1:4])   # across slab cuts
     assert (whole[2] == 0).all() and whole[1, 0].any()
+
+
+@pytest.mark.parametrize("dtype,power", [(np.float32, 119), (np.float64, 1015)])
+def test_clahe_float_whose_span_overflows_its_type(dtype, power):
+    # max - min beyond the float type: (x - min) / (max - min) was inf - inf = NaN, and the NaN bin index
+    # read outside the lookup table (a segfault). Known answer: x = (y - 500) * 2**power with y whole
+    # numbers in [0, 1000] is exact, and so is its map to [0, 1]: it is y / 1000, which skimage equalizes
+    y = np.random.default_rng(11).integers(0, 1001, (70, 90)).astype(dtype)
+    y[0, 0], y[0, 1] = 0, 1000
+    x = (y - dtype(500)) * dtype(2.0 ** power)
+    with np.errstate(over="ignore"):
+        assert np.isfinite(x).all() and not np.isfinite(np.array(x.max(), dtype) - np.array(x.min(), dtype))
+    want = _sk(y / dtype(1000), 32, 0.01)
+    np.testing.assert_array_equal(clahe(x), want)
+    np.testing.assert_array_equal(clahe(np.stack([x, x])), np.stack([want, want]))
+    from gpuheart.exposure import clahe_robust_scale
+    np.testing.assert_array_equal(clahe_robust_scale(x), robust_scale(want))
+
+
+def test_clahe_warns_where_skimages_integer_conversion_loses_data():
+    # skimage's img_as_uint (which equalize_adapthist applies, and so do we, to stay equal to it) scales an
+    # int64 from its full range: 200000 / 2**47 rounds to 0, one grey level, a constant output
+    import warnings as w
+
+    rng = np.random.default_rng(12)
+    wide = rng.integers(0, 200001, (60, 50)).astype(np.int64)
+    with pytest.warns(RuntimeWarning, match=r"int64 input .*scaled from the whole int64 range.*leaving 1 grey level"):
+        out = clahe(wide, kernel_size=16)
+    np.testing.assert_array_equal(out, _sk(wide, 16, 0.01))
+    assert np.ptp(out) == 0
+    # int32 from -5000 to 5000: skimage sets the negative half to 0
+    neg = rng.integers(-5000, 5001, (60, 50)).astype(np.int32)
+    n_neg = int((neg < 0).sum())
+    with pytest.warns(RuntimeWarning, match=rf"int32 input .*its {n_neg} negative pixel\(s\) become 0"):
+        out = clahe(neg, kernel_size=16)
+    with w.catch_warnings():
+        w.simplefilter("ignore")   # skimage's own 'Downcasting int32 to uint16' note
+        np.testing.assert_array_equal(out, _sk(neg, 16, 0.01))
+    from gpuheart.exposure import clahe_robust_scale
+    with pytest.warns(RuntimeWarning, match="negative pixel"):
+        clahe_robust_scale(neg, kernel_size=16)
+    # lossless conversions stay quiet: uint16, non-negative int16 (scaled up), int32 within uint16's range
+    for ok in (wide.astype(np.uint16), (wide // 8).astype(np.int16), (wide // 4).astype(np.int32)):
+        with w.catch_warnings(record=True) as got:
+            w.simplefilter("always")
+            clahe(ok, kernel_size=16)
+        assert not [g for g in got if issubclass(g.category, RuntimeWarning)], ok.dtype

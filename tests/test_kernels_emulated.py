@@ -153,6 +153,17 @@ def test_clahe_kernels_rescale_a_float_slice_with_min_0_or_span_1(dev, lo, hi):
         np.testing.assert_array_equal(got[z], want)
 
 
+@pytest.mark.parametrize("dtype,power", [(np.float32, 119), (np.float64, 1015)])
+def test_clahe_kernels_leave_a_span_overflowing_the_float_type_to_the_host(dev, dtype, power):
+    # max - min beyond the float type: the kernel's (x - min) / (max - min) would be NaN; the host path
+    # halves such a slice first (exact), so the dispatch declines it
+    y = np.random.default_rng(11).integers(0, 1001, (2, 30, 40)).astype(dtype)
+    x = (y - dtype(500)) * dtype(2.0 ** power)
+    x[1] = y[1]   # one such slice is enough
+    assert dev(ex._clahe_cuda, x, 0.01, (32, 32), 256) is None
+    assert dev(ex._clahe_cuda, x, 0.01, (32, 32), 256, (0.1, 99.9)) is None
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(64, 64), (3, 45, 61), (2, 1, 5), (6, 33, 1)])
 def test_clahe_robust_scale_kernels_equal_cpu(dev, dtype, shape):

@@ -218,6 +218,31 @@ def test_clahe_gpu_matches_skimage_and_edge_cases(cp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,power", [(np.float32, 119), (np.float64, 1015)])
+def test_clahe_gpu_float_whose_span_overflows_its_type(cp, dtype, power):
+    # max - min beyond the float type made (x - min) / (max - min) NaN (a segfault on the host path);
+    # known answer as in test_exposure: x = (y - 500) * 2**power maps exactly to y / 1000
+    y = np.random.default_rng(11).integers(0, 1001, (2, 70, 90)).astype(dtype)
+    y[:, 0, 0], y[:, 0, 1] = 0, 1000
+    x = (y - dtype(500)) * dtype(2.0 ** power)
+    got = ex.clahe(cp.asarray(x))
+    assert isinstance(got, cp.ndarray)
+    for z in range(2):
+        want = skexp.equalize_adapthist(y[z] / dtype(1000), kernel_size=32, clip_limit=0.01).astype(np.float32)
+        np.testing.assert_array_equal(got[z].get(), want)
+    np.testing.assert_array_equal(ex.clahe_robust_scale(cp.asarray(x)).get(), ex.clahe_robust_scale(x))
+
+
+@pytest.mark.gpu
+def test_clahe_gpu_warns_where_skimages_integer_conversion_loses_data(cp):
+    neg = np.random.default_rng(12).integers(-5000, 5001, (40, 50)).astype(np.int32)
+    with pytest.warns(RuntimeWarning, match="int32 input .*negative pixel"):
+        got = ex.clahe(cp.asarray(neg))
+    with pytest.warns(RuntimeWarning, match="int32 input .*negative pixel"):
+        np.testing.assert_array_equal(got.get(), ex.clahe(neg))
+
+
+@pytest.mark.gpu
 def test_clahe_kernel_failure_falls_back_with_one_warning(cp, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated NVRTC failure")
