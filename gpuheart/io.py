@@ -861,6 +861,9 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
     """
     path = _scan_path(path)
     if not path.exists():
+        if path.is_symlink():   # the scan itself on a moved or unmounted disk, as a slice can be
+            raise ScanError(f"{path}: a broken link to {os.readlink(path)}, which does not exist; expected a TIFF, "
+                            f"a folder of TIFFs or a Zarr store (is the disk it points to mounted?)")
         raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
     with warnings.catch_warnings():
         if voxel_size is not None:   # given: no advice about what the metadata lacks

@@ -788,6 +788,20 @@ def test_a_slice_that_is_a_broken_link_is_named_as_one(tmp_path):
         open_scan(folder)
 
 
+def test_a_scan_that_is_a_broken_link_is_named_as_one(tmp_path):
+    import os
+
+    for name in ("stack.tif", "store.ome.zarr", "folder"):
+        link = tmp_path / f"link-{name}"
+        os.symlink(tmp_path / "unmounted" / name, link)
+        with pytest.raises(ScanError) as err:
+            open_scan(link)
+        msg = str(err.value)
+        assert str(link) in msg and "broken link" in msg and str(tmp_path / "unmounted" / name) in msg
+    with pytest.raises(ScanError, match="no such file or folder"):   # a plain missing path stays as it was
+        open_scan(tmp_path / "nothing.tif")
+
+
 def test_ome_slices_without_a_z_step_say_what_they_give_and_what_is_missing(tmp_path):
     import warnings
 
