@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
                    help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
     m.add_argument("--min-faces", type=_nonnegative_int, default=20, help="drop pieces with fewer faces (default: %(default)s)")
-    m.add_argument("--max-faces", type=_nonnegative_int, help="decimate to at most this many faces (0: keep every face)")
+    m.add_argument("--max-faces", type=_nonnegative_int,
+                   help="decimate to at most this many faces (0: keep every face; a warning says when "
+                        "decimation has to stop above it)")
     m.add_argument("--max-bytes", type=_positive_float, default=float(1 << 30),   # [mesh] max_bytes: run's limit
                    help="decimate a mesh whose file would be larger to fit (default: 1073741824 = 1 GiB)")
     m.add_argument("--max-memory-faces", type=_nonnegative_int, default=20_000_000,   # [mesh] max_memory_faces

@@ -455,7 +455,8 @@ def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_faces: 
 def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
              ) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation (fast-simplification, what trimesh's ``simplify_quadric_decimation`` runs)
-    to at most about ``max_faces`` faces.
+    to at most about ``max_faces`` faces; it can stop above that, where no edge is left whose collapse
+    keeps the surface valid (spongy or many small pieces).
 
     Returns the input unchanged when it is already small enough. Without ``fast-simplification``
     it warns and returns the input (the caller then sees the face count it did not ask for).
@@ -755,6 +756,10 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
         if n and not len(faces):   # an empty file would look like an empty mask
             raise ValueError(f"{path}: decimating {n:,} faces to max_faces = {max_faces:,} leaves every piece "
                              f"under min_faces = {min_faces}: nothing would be written; raise max_faces")
+        if len(faces) > max_faces:   # quadric decimation stops where every further collapse would break the surface
+            warnings.warn(f"{path}: decimation stopped at {len(faces):,} faces, above max_faces = {max_faces:,} "
+                          f"(no edge left that collapses without breaking the surface, as in spongy or many small "
+                          f"pieces); a higher min_faces drops small pieces", RuntimeWarning, stacklevel=3)
     try:
         return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
     except MeshTooLargeError as err:
