@@ -1277,10 +1277,17 @@ def _fingerprint_key(cfg: PipelineConfig, scan, channel: str, truth, stamps: dic
 
         weights = stamp(cfg.segment.weights or default_weights_path())
     # not the scan's "channels": a run of fewer channels opens the scan with only those
-    key = {"config": d, "input": {k: desc.get(k) for k in ("path", "shape", "dtype", "voxel_size")},
-           "channel": channel, "truth": str(truth) if truth else None,
+    inp = {k: desc.get(k) for k in ("path", "shape", "dtype", "voxel_size")}
+    # the files, not how they were spelled: `run scan -o out` and `run /data/scan -o /data/out` are one run
+    inp["path"] = _absolute(inp["path"])
+    key = {"config": d, "input": inp,
+           "channel": channel, "truth": _absolute(truth) if truth else None,
            "files": {"input": stamp(scan.path), "truth": stamp(truth) if truth else None, "weights": weights}}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _absolute(path) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 def _flat(d, prefix="") -> dict:
@@ -1368,7 +1375,7 @@ class _Checkpoint:
                 else:
                     self.why = _why_not_the_same(m.get("key"), key)
             if self.done:
-                gone = [p for p in self.manifest["result"]["paths"].values() if not Path(p).exists()]
+                gone = [p for p in self._result_paths().values() if not p.exists()]
                 if gone:   # an output was deleted or moved since: compute the channel again
                     self.manifest = {}
                     self.why = f"the finished run's {gone[0]} was deleted or moved since"
@@ -1381,9 +1388,19 @@ class _Checkpoint:
     def done(self) -> bool:
         return bool(self.manifest.get("done"))
 
-    def result(self):
+    def _result_paths(self) -> dict:
+        # kept relative to the channel folder, so OUT given as another path to the same folder (from
+        # another working directory, absolute, through a link) still finds them; older manifests kept
+        # the paths as that run was given them
         r = self.manifest["result"]
-        return {k: Path(v) for k, v in r["paths"].items()}, r["summary"]
+        base = self.dir.parent if r.get("relative_to_channel") else Path()
+        return {k: base / v for k, v in r["paths"].items()}
+
+    def result(self):
+        paths, summary = self._result_paths(), self.manifest["result"]["summary"]
+        if isinstance(summary.get("mesh"), dict) and "path" in summary["mesh"] and "mesh" in paths:
+            summary["mesh"]["path"] = str(paths["mesh"])
+        return paths, summary
 
     def _write_manifest(self, **fields):
         self.manifest = {**self.manifest, **fields, "fingerprint": self.fp}
@@ -1453,7 +1470,8 @@ class _Checkpoint:
             self._remove_acc()
 
     def finish(self, paths: dict, summary: dict) -> None:
-        self._write_manifest(done=True, result={"paths": {k: str(v) for k, v in paths.items()}, "summary": summary})
+        rel = {k: os.path.relpath(v, self.dir.parent) for k, v in paths.items()}
+        self._write_manifest(done=True, result={"paths": rel, "relative_to_channel": True, "summary": summary})
         self._remove_acc()
 
 

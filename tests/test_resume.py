@@ -920,3 +920,28 @@ def test_a_corrupt_summary_json_in_out_is_called_unreadable_not_someone_elses(sc
     assert main(["report", str(tmp_path)]) == 1
     said = capsys.readouterr().err
     assert str(summary) in said and "not valid JSON" in said, said
+
+
+def test_the_same_files_given_by_another_path_spelling_reuse_the_results(scan, tmp_path, monkeypatch):
+    """`gpuheart run stack.tif -o out --truth t.tif` in one folder, then the same files and OUT as absolute
+    paths from another folder: the same run, reused, not 'another input' computed again from scratch."""
+    import tifffile
+
+    from gpuheart import Pipeline
+
+    work = tmp_path / "work"
+    work.mkdir()
+    stack = _stack(scan, work / "stack.tif", 0, 12)
+    tifffile.imwrite(work / "truth.tif", (tifffile.imread(stack) > np.median(tifffile.imread(stack))).astype(np.uint8))
+    cfg = _fast_cfg()
+    monkeypatch.chdir(work)
+    first = Pipeline(cfg).run("stack.tif", "out", truth="truth.tif")
+    assert first.reused == [] and first.started_over == {}
+    monkeypatch.chdir(tmp_path)
+    again = Pipeline(cfg).run(work / "stack.tif", work / "out", truth=str(work / "truth.tif"))
+    assert again.started_over == {} and again.reused == ["C00"]
+    # the reused outputs are named as this run names OUT, so they are found from here
+    assert again.outputs["C00"]["mask"] == work / "out" / "C00" / "mask.ome.zarr"
+    monkeypatch.chdir(work / "out")
+    third = Pipeline(cfg).run("../stack.tif", ".", truth="../truth.tif")
+    assert third.reused == ["C00"] and all(p.exists() for p in third.outputs["C00"].values())
