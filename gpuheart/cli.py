@@ -21,6 +21,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _dask_spec(text: str) -> str:
+    """``--dask``: ``local:N`` needs N >= 1 (``local:0`` would wait for workers forever); an address or
+    ``local-cuda`` is passed on as given."""
+    if text.startswith("local:"):
+        n = text.split(":", 1)[1]
+        if not (n.isdigit() and int(n) >= 1):
+            raise argparse.ArgumentTypeError(f"local:N needs N, the number of worker processes, to be a positive "
+                                             f"integer, got {text!r}")
+    return text
+
+
 def _nonnegative_int(text: str) -> int:
     v = int(text)
     if v < 0:
@@ -63,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                         "nerves, vessels; see README 'Settings per channel')")
     r.add_argument("--phantom-preset", default="default", choices=["tiny", "default", "large"],
                    help="size of the built-in synthetic scan when no INPUT is given (default: %(default)s)")
-    r.add_argument("--dask", metavar="ADDRESS|local:N",
+    r.add_argument("--dask", metavar="ADDRESS|local:N", type=_dask_spec,
                    help="run the slabs on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N "
                         "local worker processes (with dask-cuda installed, local-cuda starts one worker per GPU)")
     r.add_argument("--restart", action="store_true",

@@ -583,3 +583,22 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path):
     assert "Broken pipe" not in p.stderr and "Error" not in p.stderr, p.stderr
     assert "rc=141" in p.stdout
     assert (tmp_path / "out" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("spec", ["local:0", "local:-2", "local:x", "local:", "local:2.5"])
+def test_dask_local_without_a_positive_worker_count_is_refused_before_anything_runs(spec, tmp_path, capsys):
+    """--dask local:0 started a cluster with no workers and waited for them forever; local:x stopped with
+    "invalid literal for int() with base 10: 'x'", which names neither the option nor what it takes."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-o", str(tmp_path / "out"), "--dask", spec, "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dask" in err and "local:N" in err and repr(spec) in err
+    assert not (tmp_path / "out").exists()  # refused before the synthetic scan was written
+
+
+def test_dask_addresses_and_positive_local_counts_pass_the_parser():
+    from gpuheart.cli import _parser
+
+    for spec in ("local:1", "local:16", "local-cuda", "tcp://scheduler:8786", "scheduler:8786"):
+        assert _parser().parse_args(["run", "--dask", spec]).dask == spec
