@@ -317,6 +317,10 @@ def _unique_names(inputs: list[str]) -> list[str]:
     return names
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _fmt(v) -> str:
     """A measurement for the console: 'n/a' where it is undefined (say, the CV of a one-slice stack)."""
     return "n/a" if v is None or v != v else f"{v:.3f}"
@@ -356,7 +360,7 @@ def _print_run(result) -> None:
             print("    Dice vs truth: " + ", ".join(scores))
         if "mesh" in s:
             m = s["mesh"]
-            print(f"    mesh: {m['faces']} faces, {m['components']} components "
+            print(f"    mesh: {m['faces']} faces, {_count(m['components'], 'component')} "
                   f"({m['components_removed']} under the face limit or lost in decimation removed), {m['bytes'] / 1e6:.1f} MB"
                   + _blocks_note(m.get("block_factor", 1)))
         if "tree" in s and "n_branches" in s["tree"]:
@@ -403,7 +407,7 @@ def _cmd_mesh(a) -> int:
     if not a.voxel_size and not voxel_known:
         print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
-    print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {st.components} components "
+    print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {_count(st.components, 'component')} "
           f"({st.components_removed} under {a.min_faces} faces or lost in decimation removed), {st.bytes / 1e6:.1f} MB, "
           f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²" + _blocks_note(st.block_factor))
     return EXIT_OK
@@ -453,7 +457,8 @@ def _cmd_segment(a) -> int:
         print(f"gpuheart: continued the interrupted segmentation at slice {z}" if z else
               f"gpuheart: could not continue the interrupted segmentation "
               f"({why or 'it had saved no checkpoint of its work yet'}): started over")
-    print(f"gpuheart: wrote {out} ({cfg.segment.method} mask, uint8 0/255)")
+    closed = " after the paper's closings" if cfg.postprocess.enabled else ""
+    print(f"gpuheart: wrote {out} ({cfg.segment.method} mask{closed}, uint8 0/255)")
     return EXIT_OK
 
 

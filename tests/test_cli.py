@@ -602,3 +602,21 @@ def test_dask_addresses_and_positive_local_counts_pass_the_parser():
 
     for spec in ("local:1", "local:16", "local-cuda", "tcp://scheduler:8786", "scheduler:8786"):
         assert _parser().parse_args(["run", "--dask", spec]).dask == spec
+
+
+def test_segment_says_the_closings_were_applied_and_mesh_counts_in_words(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (4, 32, 32), dtype=np.uint16),
+                     photometric="minisblack")
+    for extra, said in (([], "(dom mask, uint8"), (["--postprocess"], "(dom mask after the paper's closings, uint8")):
+        assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "--method", "dom", "--no-progress",
+                     *extra]) == 0
+        assert said in capsys.readouterr().out
+    zz, yy, xx = np.mgrid[:20, :20, :20]
+    tifffile.imwrite(tmp_path / "ball.tif", (((zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2) < 36).astype(np.uint8) * 255)
+    assert main(["mesh", str(tmp_path / "ball.tif"), "-o", str(tmp_path / "ball.ply")]) == 0
+    out = capsys.readouterr().out
+    assert " 1 component (" in out and "1 components" not in out
