@@ -572,8 +572,8 @@ def _channel_number(name: str) -> int:
     return int(cm[-1]) if cm else 0
 
 
-def _raise_broken(link: Path):
-    raise ScanError(f"{link}: a broken link to {os.readlink(link)}, which does not exist; expected a slice TIFF "
+def _raise_broken(link: Path, expected: str = "a slice TIFF"):
+    raise ScanError(f"{link}: a broken link to {os.readlink(link)}, which does not exist; expected {expected} "
                     f"(is the disk it points to mounted?)")
 
 
@@ -862,8 +862,7 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
     path = _scan_path(path)
     if not path.exists():
         if path.is_symlink():   # the scan itself on a moved or unmounted disk, as a slice can be
-            raise ScanError(f"{path}: a broken link to {os.readlink(path)}, which does not exist; expected a TIFF, "
-                            f"a folder of TIFFs or a Zarr store (is the disk it points to mounted?)")
+            _raise_broken(path, "a TIFF, a folder of TIFFs or a Zarr store")
         raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
     with warnings.catch_warnings():
         if voxel_size is not None:   # given: no advice about what the metadata lacks

@@ -456,7 +456,7 @@ class Pipeline:
                 t = (truth or {}).get(channel)
                 ccfg = cfg.for_channel(channel)
                 key = _fingerprint_key(ccfg, scan, channel, t, stamps, desc)
-                ck = _Checkpoint(out_dir / channel, _hash(key), resume, key=key)
+                ck = _Checkpoint(out_dir / channel, key, resume)
                 if ck.next_z or ck.done:
                     resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                 if ck.done:
@@ -1351,8 +1351,8 @@ class _Checkpoint:
     A manifest whose fingerprint differs (other settings or input) is ignored and replaced.
     """
 
-    def __init__(self, out: Path, fingerprint: str, enabled: bool = True, key: dict | None = None):
-        self.dir, self.fp, self.key = out / ".resume", fingerprint, key
+    def __init__(self, out: Path, key: dict, enabled: bool = True):
+        self.dir, self.fp, self.key = out / ".resume", _hash(key), key
         self.manifest = {}
         # why an earlier run's checkpoint here is neither continued nor reused (None: there is none, or it is)
         self.why: str | None = None
@@ -1370,7 +1370,7 @@ class _Checkpoint:
             except (OSError, ValueError) as err:
                 self.why = f"its checkpoint {path} is unreadable ({err})"
             else:
-                if m.get("fingerprint") == fingerprint:
+                if m.get("fingerprint") == self.fp:
                     self.manifest = m
                 else:
                     self.why = _why_not_the_same(m.get("key"), key)
@@ -1403,9 +1403,8 @@ class _Checkpoint:
         return paths, summary
 
     def _write_manifest(self, **fields):
-        self.manifest = {**self.manifest, **fields, "fingerprint": self.fp}
-        if self.key is not None:   # what the fingerprint is of: a later run with another one says what differs
-            self.manifest["key"] = self.key
+        # the key too, what the fingerprint is of: a later run with another one says what differs
+        self.manifest = {**self.manifest, **fields, "fingerprint": self.fp, "key": self.key}
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(self.dir / "manifest.json", json.dumps(self.manifest, default=_jsonable).encode())
 
