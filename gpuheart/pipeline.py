@@ -13,7 +13,9 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,8 @@ class GraphConfig:
 
     enabled: bool = True
     max_voxels: int = 50_000_000  # the tree's bounding box is downsampled in (y, x) to stay under this
+    # computed in a worker thread while the mesh and the next channel go on (the outputs are the same)
+    background: bool = True
 
 
 @dataclass
@@ -452,29 +456,37 @@ class Pipeline:
             outputs, summary = {}, {"input": desc, "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
             stamps: dict = {}  # the files' stamps, taken once for every channel
-            for channel in scan.channels:
-                t = (truth or {}).get(channel)
-                ccfg = cfg.for_channel(channel)
-                key = _fingerprint_key(ccfg, scan, channel, t, stamps, desc)
-                ck = _Checkpoint(out_dir / channel, key, resume)
-                if ck.next_z or ck.done:
-                    resumed[channel] = scan.shape[0] if ck.done else ck.next_z
-                if ck.done:
-                    reused.append(channel)
-                model = None
-                if ccfg.uses_unet and not ck.done:
-                    _warn_if_preprocessing_differs_from_training(channel, ccfg.exposure)
-                    if ccfg.segment.weights not in models:
-                        models[ccfg.segment.weights] = _load_model(ccfg)
-                    model = models[ccfg.segment.weights]
-                    _check_tiles(channel, ccfg.segment, model)
-                outputs[channel], summary[channel] = _run_channel(scan, channel, ccfg, out_dir / channel, timer, t,
-                                                                  model, ck, client)
-                if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after all
-                    resumed.pop(channel, None)
-                if ck.why:
-                    started_over[channel] = ck.why
-                summary[channel]["segmentation"] = ccfg.segment.method
+            graphs, ok = _TreeGraphs(timer), False
+            try:
+                for channel in scan.channels:
+                    graphs.settle(wait=False)  # finish the channels whose graph is in, for a resume
+                    t = (truth or {}).get(channel)
+                    ccfg = cfg.for_channel(channel)
+                    key = _fingerprint_key(ccfg, scan, channel, t, stamps, desc)
+                    ck = _Checkpoint(out_dir / channel, key, resume)
+                    if ck.next_z or ck.done:
+                        resumed[channel] = scan.shape[0] if ck.done else ck.next_z
+                    if ck.done:
+                        reused.append(channel)
+                    model = None
+                    if ccfg.uses_unet and not ck.done:
+                        _warn_if_preprocessing_differs_from_training(channel, ccfg.exposure)
+                        if ccfg.segment.weights not in models:
+                            models[ccfg.segment.weights] = _load_model(ccfg)
+                        model = models[ccfg.segment.weights]
+                        _check_tiles(channel, ccfg.segment, model)
+                    outputs[channel], summary[channel] = _run_channel(scan, channel, ccfg, out_dir / channel, timer,
+                                                                      t, model, ck, client, graphs)
+                    if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after
+                        # all
+                        resumed.pop(channel, None)
+                    if ck.why:
+                        started_over[channel] = ck.why
+                    summary[channel]["segmentation"] = ccfg.segment.method
+                graphs.settle(wait=True)
+                ok = True
+            finally:
+                graphs.close(ok)
         cfg.save(out_dir / "config.toml")
         # channel folders an earlier run worked in and this one left alone: not removed (the user may want
         # them), but this run's config.toml and summary.json do not describe them, so say so
@@ -751,7 +763,10 @@ def _same_phantom(folder: Path, want) -> bool:
 
 
 def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, truth_path, model,
-                 ck: "_Checkpoint", client=None):
+                 ck: "_Checkpoint", client=None, graphs: "_TreeGraphs | None" = None):
+    """One channel's passes and outputs. Its tree graph goes to ``graphs`` (computed inline without one),
+    which finishes the channel's checkpoint once the graph is in; the returned paths and summary get the
+    graph's entries then."""
     from . import exposure
 
     if ck.done:
@@ -779,6 +794,13 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     seg = paths.get("otsu_mask") or paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
     if seg is not None:
         paths["mask"] = _postprocess(seg, out, voxel, cfg, timer, acc) if cfg.postprocess.enabled else seg
+    graphs = graphs or _TreeGraphs()
+    tree_paths: dict = {}  # its own dict: the worker must not add keys to one this thread iterates
+    tree = None
+    if cfg.graph.enabled and "mask" in paths:  # first, so that it overlaps the mesh
+        bg = cfg.graph.background
+        tree = graphs.start(lambda: _tree_graph(paths["mask"], out, voxel, cfg, tree_paths, timer,
+                                                BACKGROUND if bg else ""), bg)
     if cfg.output.tiff:
         with timer("write"):
             _write_tiffs(paths, voxel)
@@ -787,12 +809,82 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     if cfg.mesh.enabled and "mask" in paths:
         with timer("mesh"):
             summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
-    if cfg.graph.enabled and "mask" in paths:
-        summary["tree"] = _tree_graph(paths["mask"], out, voxel, cfg, paths, timer)
     with timer("report figures"):
         acc.save_figures(out / "figures.npz")
-    ck.finish(paths, summary)
+
+    def finish(tree_summary):
+        if tree is not None:
+            summary["tree"] = tree_summary
+            paths.update(tree_paths)
+        ck.finish(paths, summary)
+
+    graphs.then(tree, finish)
     return paths, summary
+
+
+# marks the seconds of a stage run in a worker thread, overlapped with the others: they are not added to the
+# run's total (what they cost it is their "wait" stage)
+BACKGROUND = " (background)"
+
+
+class _TreeGraphs:
+    """Tree graphs computed in one worker thread while this thread goes on with the channel's mesh and the
+    next channel's passes.
+
+    A tree graph is CPU work (SciPy's labelling, skimage's thinning, which releases the GIL): in a GPU run
+    the CPU would otherwise wait for the device there, and on the CPU the two share the cores. One worker,
+    so graphs run one at a time and at most one tree's box (``graph.max_voxels``) is held beside the next
+    channel's slabs. A channel's checkpoint says done only once its graph is in.
+    """
+
+    def __init__(self, timer: "_Timer | None" = None):
+        self._timer = timer or _Timer()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Future, Any]] = []  # (graph, what finishes its channel), in channel order
+
+    def start(self, fn, background: bool = True) -> Future:
+        """``fn()`` in the worker, or here (as a completed future) when not ``background``."""
+        if background:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpuheart-tree-graph")
+            return self._pool.submit(fn)
+        done: Future = Future()
+        done.set_result(fn())   # an error is raised here, as before there was a worker
+        return done
+
+    def then(self, graph: Future | None, finish) -> None:
+        """``finish(graph's result)`` in this thread once ``graph`` is in (None: no graph, at once)."""
+        if graph is None:
+            graph = Future()
+            graph.set_result(None)
+        self._pending.append((graph, finish))
+        self.settle(wait=False)
+
+    def settle(self, wait: bool) -> None:
+        """Finish the channels whose graph is in, in order; with ``wait``, all of them (a graph's error is
+        raised here)."""
+        while self._pending and (wait or self._pending[0][0].done()):
+            graph, finish = self._pending.pop(0)
+            if not graph.done():  # what the background graphs cost the run: the time it waits for them
+                with self._timer("tree graph: wait"):
+                    futures_wait([graph])
+            finish(graph.result())
+
+    def close(self, ok: bool) -> None:
+        """Stop the worker. After an error or an interrupt, no queued graph starts and the one running is
+        waited for (the thinning cannot be stopped); the channels whose graph is in are still finished, so
+        that a rerun reuses them instead of redoing their closings and mesh."""
+        if not ok:
+            for graph, _ in self._pending:
+                graph.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if not ok:
+            for graph, finish in self._pending:
+                if graph.done() and not graph.cancelled() and graph.exception() is None:
+                    with suppress(Exception):  # the error being raised matters more than this one
+                        finish(graph.result())
+            self._pending.clear()
 
 
 def _slice_stats(scan, channel: str, cfg: PipelineConfig) -> list:
@@ -1003,11 +1095,13 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
     return arrays, plain, dict(timer.seconds)
 
 
-def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict, timer: "_Timer") -> dict:
+def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict, timer: "_Timer",
+                stage_suffix: str = "") -> dict:
     """The largest connected vascular tree as a skeleton graph (branches CSV + GraphML).
 
     Components are found by streamed labelling (one slab in memory); only the tree's bounding box is
-    then held, downsampled in (y, x) when it would exceed ``graph.max_voxels``.
+    then held, downsampled in (y, x) when it would exceed ``graph.max_voxels``. ``stage_suffix`` marks
+    the stages' seconds as overlapped with others (:data:`BACKGROUND`).
     """
     from . import graph
     from .io import open_scan
@@ -1015,7 +1109,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
 
     # two stages, because they scale differently: the labelling with the scan, the skeleton with the
     # tree's (pooled, capped) box
-    with timer("tree graph: labelling"), open_scan(mask_path) as m:
+    with timer("tree graph: labelling" + stage_suffix), open_scan(mask_path) as m:
         read = mask_reader(m)
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
@@ -1034,7 +1128,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))
         sub = np.concatenate(parts)
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
-    with timer("tree graph: skeleton"):
+    with timer("tree graph: skeleton" + stage_suffix):
         origin = np.array([z0, y0, x0]) * vs + graph.pooled_offset_um(vs, k)
         g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(origin))
         paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
@@ -1269,6 +1363,7 @@ def _fingerprint_key(cfg: PipelineConfig, scan, channel: str, truth, stamps: dic
     # channels chosen and other channels' overrides (``cfg`` is this channel's, its overrides applied), so
     # `--channels C00` after a run of every channel reuses C00; "auto" counts as the device it resolves to
     d.pop("progress"), d.pop("checkpoint_seconds"), d["output"].pop("report"), d.pop("channels"), d.pop("channel")
+    d["graph"].pop("background")
     d["device"] = backend.resolve_device(cfg.device)
     desc = desc or scan.describe()
     weights = None

@@ -161,18 +161,28 @@ def _timing_table(timings, summary, channels) -> str:
         note += f" Stage seconds: {this['stage_seconds']}; the total is the run's wall-clock time."
     rows = [(stage + (" (background, overlapped)" if stage in OVERLAPPED else ""), f"{s:.3f}",
              _num(n_slices / s) if s > 0 and n_slices else "–") for stage, s in timings.items()]
+    if any(overlapped(stage) for stage in timings):
+        note += " Background stages ran beside the others: their seconds are not in the total."
     rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 and n_slices else "–"))
     return f"<h2>Timings</h2><p>{_esc(note)}</p>" + _table(["stage", "seconds", "slices/s"], rows)
 
 
 # stages timed in a background thread while the others run: their seconds are already inside the others' wall
-# time ("input wait" is what the read leaves over), so a total that added them would count them twice
+# time ("input wait" is what the read leaves over, "tree graph: wait" what the graphs do), so a total that
+# added them would count them twice
 OVERLAPPED = ("read",)
+
+
+def overlapped(stage: str) -> bool:
+    """Whether ``stage`` ran in a background thread beside the others (the read, the tree graphs)."""
+    from .pipeline import BACKGROUND
+
+    return stage in OVERLAPPED or stage.endswith(BACKGROUND)
 
 
 def run_seconds(timings: dict) -> float:
     """The run's seconds: every stage's, without the overlapped ones."""
-    return sum(v for k, v in timings.items() if k not in OVERLAPPED)
+    return sum(v for k, v in timings.items() if not overlapped(k))
 
 
 def _measurement_table(s: dict) -> str:
