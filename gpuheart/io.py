@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
@@ -1067,35 +1068,53 @@ class ZarrWriter:
             self.mismatch = (f"holds shape {tuple(arr.shape)}, {np.dtype(arr.dtype)}, chunks {tuple(arr.chunks)}; "
                              f"expected {self.shape}, {self.dtype}, chunks {self.chunks}")
             return 0
-        missing = self._missing_chunks(n)
-        if missing:
-            # zarr reads a missing chunk as fill value 0: resuming would leave those voxels silently empty
+        missing, cut = self._bad_chunks(n)
+        if missing or cut:
+            # zarr reads a missing chunk as fill value 0, and one cut short fails to decode (zarr renames a chunk
+            # file into place without fsync, so after a power loss or OS crash it can be empty or short; or a
+            # copy of OUT was cut short): resuming would lose those voxels or fail in pass 3
             cz = self.chunks[0]
-            z = sorted({iz for iz, _, _ in missing})
-            self.mismatch = (f"lacks {len(missing)} chunk file(s) of the slices the checkpoint vouches for "
+            bad = missing or cut
+            z = sorted({iz for iz, _, _ in bad})
+            what = (f"lacks {len(missing)} chunk file(s)" if missing else
+                    f"has {len(cut)} chunk file(s) cut short or corrupt")
+            self.mismatch = (f"{what} of the slices the checkpoint vouches for "
                              f"(slices {_runs([i for iz in z for i in range(iz * cz, min((iz + 1) * cz, self.shape[0]))])}"
-                             f"; e.g. 0/{'/'.join(map(str, missing[0]))})")
+                             f"; e.g. 0/{'/'.join(map(str, bad[0]))})")
             return 0
         self.arr = arr
         self._written[:n] = True
         return n
 
-    def _missing_chunks(self, n: int) -> list[tuple[int, int, int]]:
+    def _bad_chunks(self, n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """The chunks lying wholly inside slices ``[0, n)`` whose file is not in the partial store (every chunk
-        is written, empty ones too, so none may be absent). One directory listing per z-chunk and row of chunks."""
+        is written, empty ones too, so none may be absent), and those whose file is cut short: a Blosc chunk
+        (what this writer writes) whose size is not the compressed size its 16-byte header gives, or whose
+        header does not give the chunk's size uncompressed; an uncompressed chunk not of the chunk's size in
+        bytes (stores with another codec: only missing files are seen). One directory listing per z-chunk and
+        row of chunks, and one 16-byte read per chunk file (about 0.1 s for 4096 chunks on a local disk)."""
         (nz, ny, nx), (cz, cy, cx) = self.shape, self.chunks
         full = min(n, nz)
         kz = full // cz + (1 if full == nz and nz % cz else 0)
         want = {str(i) for i in range(-(-nx // cx))}
-        missing = []
+        chunk_bytes = cz * cy * cx * self.dtype.itemsize   # zarr format 2 stores edge chunks whole too
+        try:
+            codec = (json.loads((self.partial / "0" / ".zarray").read_text()).get("compressor") or {}).get("id", "")
+        except (OSError, ValueError, AttributeError):
+            codec = "?"
+        missing, cut = [], []
         for iz in range(kz):
             for iy in range(-(-ny // cy)):
+                row = self.partial / "0" / str(iz) / str(iy)
                 try:
-                    have = set(os.listdir(self.partial / "0" / str(iz) / str(iy)))
+                    have = set(os.listdir(row))
                 except OSError:
                     have = set()
                 missing += [(iz, iy, int(ix)) for ix in sorted(want - have, key=int)]
-        return missing
+                if codec in ("blosc", ""):
+                    cut += [(iz, iy, int(ix)) for ix in sorted(want & have, key=int)
+                            if not _whole_chunk(row / ix, codec, chunk_bytes)]
+        return missing, cut
 
     def write(self, z0: int, data) -> None:
         """Write ``data`` ((z, y, x), or one (y, x) slice) into slices ``[z0, z0 + len(data))``."""
@@ -1153,6 +1172,23 @@ class ZarrWriter:
             self.abort()
         else:
             self.close()
+
+
+def _whole_chunk(f: Path, codec: str, nbytes: int) -> bool:
+    """Whether chunk file ``f`` is whole: uncompressed (``codec`` ""), ``nbytes`` long; Blosc, as long as the
+    compressed size in its header (bytes 12-15), which gives ``nbytes`` uncompressed (bytes 4-7)."""
+    try:
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if codec == "":
+                return size == nbytes
+            head = fh.read(16)
+    except OSError:
+        return False
+    if len(head) < 16:
+        return False
+    raw, _, packed = struct.unpack("<III", head[4:16])
+    return raw == nbytes and packed == size
 
 
 def _open_for_writing(partial: Path):
