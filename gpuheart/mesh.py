@@ -432,12 +432,16 @@ def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _drop_small(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, min_faces: int,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Remove the components (per-face ``labels``) with fewer than ``min_faces`` faces."""
+                dropped: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Remove the components (per-face ``labels``) with fewer than ``min_faces`` faces (their count in
+    ``dropped["small"]`` if given)."""
     if len(faces) == 0:
         return vertices, faces, labels
     n, lab = _dense(labels)
-    keep = (np.bincount(lab, minlength=n) >= min_faces)[lab]
+    big = np.bincount(lab, minlength=n) >= min_faces
+    if dropped is not None:
+        dropped["small"] = int(np.count_nonzero(~big))
+    keep = big[lab]
     v, f = compact(vertices, faces[keep])
     return v, f, labels[keep]
 
@@ -519,22 +523,26 @@ def _collapse_map(n_vertices: int, faces: np.ndarray, collapses: np.ndarray) -> 
 
 
 def _decimate_labelled(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, max_faces: int,
-                       min_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       min_faces: int, dropped: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decimate a mesh with per-face component ``labels``, carrying them over, then drop the pieces
-    it left under ``min_faces`` (:func:`_drop_fragments`)."""
+    it left under ``min_faces`` (:func:`_drop_fragments`). ``dropped``, if given, gets the faces the
+    decimation left and the pieces dropped then, as ``small`` (under ``min_faces``) and ``flat`` (no
+    outer surface: a cavity wall whose component lost its outside, or a piece decimated flat)."""
     if len(faces) <= max_faces:
         return vertices, faces, labels
     vlab = _vertex_labels(len(vertices), faces, labels)
     v, f, vmap = _decimate(vertices, faces, max_faces)
+    if dropped is not None:
+        dropped["faces"] = len(f)
     if vmap is None:
-        return _drop_small(v, f, mesh_components(f, len(v))[1], min_faces)
+        return _drop_small(v, f, mesh_components(f, len(v))[1], min_faces, dropped)
     carried = np.full(len(v), -1, np.int64)
     carried[vmap[vmap >= 0]] = vlab[vmap >= 0]
-    return _drop_fragments(v, f, carried[f[:, 0]], min_faces)
+    return _drop_fragments(v, f, carried[f[:, 0]], min_faces, dropped)
 
 
 def _drop_fragments(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, min_faces: int,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    dropped: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """After decimation, which shrinks small components and can pinch pieces off big ones: drop the
     surface pieces under ``min_faces``, but keep a cavity wall (negative volume, any size) while an
     outer piece of its component (``labels``) stays. A piece pinched off stays in its component.
@@ -553,6 +561,9 @@ def _drop_fragments(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray,
     alive = np.zeros(k, bool)
     alive[src[outer]] = True
     keep = (outer | (wall & alive[src]))[piece]
+    if dropped is not None:
+        dropped["small"] = int(np.count_nonzero(~wall & ~outer))
+        dropped["flat"] = int(np.count_nonzero(wall & ~alive[src]))
     v, f = compact(vertices, faces[keep])
     return v, f, labels[keep]
 
@@ -745,6 +756,22 @@ class MeshStats:
     estimated_faces: int | None = None  # full-resolution marching-cubes faces (None: not estimated)
 
 
+def _left_nothing(dropped: dict, min_faces: int) -> str:
+    """What a decimation that left no face to write did (``dropped`` from :func:`_decimate_labelled`)."""
+    left = dropped.get("faces", 0)
+    if not left:
+        return "leaves no face"
+    small, flat = dropped.get("small", 0), dropped.get("flat", 0)
+    flat_why = ("flat or inside-out (no enclosed volume: a closed surface needs at least 4 faces), dropped as "
+                "cavity walls without an outer surface")
+    if small and flat:
+        return (f"leaves every piece under min_faces = {min_faces} ({small:,}) or {flat_why} ({flat:,}); "
+                f"{left:,} faces in all")
+    if flat:
+        return f"leaves {left:,} faces, all in {flat:,} piece(s) {flat_why}"
+    return f"leaves every piece under min_faces = {min_faces} ({small:,} piece(s), {left:,} faces)"
+
+
 def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_bytes):
     """Decimate to ``max_faces`` (if given) and export; a file that would exceed ``max_bytes`` is
     decimated further to the face count that fits, with a warning, and only raises
@@ -752,10 +779,11 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
     (vertices, faces, labels) and its size in bytes."""
     if max_faces is not None:
         n = len(faces)
-        vertices, faces, labels = _decimate_labelled(vertices, faces, labels, max_faces, min_faces)
+        dropped: dict = {}
+        vertices, faces, labels = _decimate_labelled(vertices, faces, labels, max_faces, min_faces, dropped)
         if n and not len(faces):   # an empty file would look like an empty mask
-            raise ValueError(f"{path}: decimating {n:,} faces to max_faces = {max_faces:,} leaves every piece "
-                             f"under min_faces = {min_faces}: nothing would be written; raise max_faces")
+            raise ValueError(f"{path}: decimating {n:,} faces to max_faces = {max_faces:,} "
+                             f"{_left_nothing(dropped, min_faces)}: nothing would be written; raise max_faces")
         if len(faces) > max_faces:   # quadric decimation stops where every further collapse would break the surface
             warnings.warn(f"{path}: decimation stopped at {len(faces):,} faces, above max_faces = {max_faces:,} "
                           f"(no edge left that collapses without breaking the surface, as in spongy or many small "
@@ -770,10 +798,11 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
                       f"max_bytes = {max_bytes:,}: decimating to about {target:,} faces to fit",
                       RuntimeWarning, stacklevel=3)
     n = len(faces)
-    vertices, faces, labels = _decimate_labelled(vertices, faces, labels, target, min_faces)
+    dropped = {}
+    vertices, faces, labels = _decimate_labelled(vertices, faces, labels, target, min_faces, dropped)
     if not len(faces):   # an empty file would look like an empty mask
-        raise MeshTooLargeError(f"{path}: fitting {n:,} faces into max_bytes = {max_bytes:,} leaves every piece "
-                                f"under min_faces = {min_faces}: nothing would be written; raise max_bytes",
+        raise MeshTooLargeError(f"{path}: fitting {n:,} faces into max_bytes = {max_bytes:,} "
+                                f"{_left_nothing(dropped, min_faces)}: nothing would be written; raise max_bytes",
                                 estimate, target)
     return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
 

@@ -511,6 +511,33 @@ def test_max_faces_below_min_faces_is_an_error_not_an_empty_mesh(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_max_faces_under_4_with_min_faces_0_says_what_left_nothing_not_min_faces(tmp_path, capsys):
+    """--min-faces 0 with --max-faces 1 or 2: the error said every piece was left 'under min_faces = 0', which
+    none can be. Quadric decimation takes a closed surface (at least 4 faces) down to no face at all, or to a
+    flat pair of triangles that encloses no volume and, its float volume a hair below 0, is dropped as a
+    cavity wall without its outside; the message must say which."""
+    import fast_simplification
+    import tifffile
+
+    from gpuheart.cli import main
+
+    m = _ball()
+    v, f = M.marching_cubes_volume(m)
+    assert len(fast_simplification.simplify(v, f, target_count=1)[1]) == 0   # the premise of max_faces = 1
+    with pytest.raises(ValueError, match=r"max_faces = 1 leaves no face: nothing would be written") as err:
+        M.mesh_from_mask(m, m.shape, tmp_path / "mesh.glb", (1, 1, 1), min_faces=0, max_faces=1)
+    assert "min_faces" not in str(err.value), err.value
+    # the case reported (gpuheart mesh --min-faces 0 --max-faces 2): two faces left, in a flat piece
+    m = _ball((24, 24, 24), 8.0, (12, 12, 12))
+    tifffile.imwrite(tmp_path / "m.tif", m.astype(np.uint8))
+    assert main(["mesh", str(tmp_path / "m.tif"), "-o", str(tmp_path / "m.ply"), "--min-faces", "0",
+                 "--max-faces", "2"]) == 1
+    said = capsys.readouterr().err
+    assert "m.ply" in said and "max_faces = 2 leaves 2 faces, all in 1 piece(s) flat" in said, said
+    assert "min_faces" not in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+
+
 def test_max_faces_that_decimation_cannot_reach_is_said_not_silently_exceeded(tmp_path):
     """A spongy mask (half its voxels set at random) stops quadric decimation far above a small max_faces:
     the file then holds more faces than asked for, and a warning must say so with the count in the file."""
