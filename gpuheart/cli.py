@@ -46,6 +46,14 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _haze_peak(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:   # AugmentConfig.check says the same to Python callers
+        raise argparse.ArgumentTypeError(f"is the peak of a bright field added to the 0-1 image: expected a "
+                                         f"value in (0, 1], got {text} (above 1 it only saturates the tiles)")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpuheart",
@@ -161,8 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                          "to 1e-6 over the epochs")
     tr.add_argument("--balance", choices=["pixel", "stack"], default="pixel",
                     help="draw training tiles uniformly per pixel (default) or give every stack the same share")
-    tr.add_argument("--haze", type=_positive_float, metavar="PEAK",
-                    help="haze augmentation: add smooth bright fields (peak 0.1-PEAK of the 0-1 image) to 30%% of the "
+    tr.add_argument("--haze", type=_haze_peak, metavar="PEAK",
+                    help="haze augmentation: add smooth bright fields (peak 0.1-PEAK of the 0-1 image, PEAK in (0, 1]) to 30%% of the "
                          "tiles, labels unchanged, for stains with bright autofluorescent tissue (default: off)")
     tr.add_argument("--tile", type=_positive_int, help="training tile side (default: 128; --finetune: the model's)")
     tr.add_argument("--width", type=_positive_int, help="channels of the first U-Net level (default: 16)")

@@ -171,6 +171,16 @@ class AugmentConfig:
     haze: float = 0.0            # with probability p_haze, add a smooth bright field of peak in [0.1, haze]
     p_haze: float = 0.3          # (autofluorescent tissue, a heart wall, scattered light): not vessel
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """ValueError for a haze peak outside (0, 1] (0: off): the image is 0-1, so a field above 1 only
+        saturates the tiles it is added to (also run by ``TrainConfig.check``: fields may change later)."""
+        if not (self.haze == 0 or 0 < self.haze <= 1):   # NaN fails both
+            raise ValueError(f"haze = {self.haze} is the peak of a bright field added to the 0-1 image; expected "
+                             f"0 (off) or a value in (0, 1]: above 1 it only saturates the tiles")
+
 
 def haze_field(shape: tuple[int, int], peak: float, rng: np.random.Generator) -> np.ndarray:
     """A smooth non-negative field over a (y, x) tile with maximum ``peak``: a few random blobs or bands
@@ -750,6 +760,7 @@ class TrainConfig:
             raise ValueError(f"context must be >= 0 slices, got {self.context}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        self.aug.check()
 
 
 @dataclass

@@ -887,6 +887,36 @@ def test_gpuheart_train_refuses_a_bad_threshold_before_reading_data(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("peak", [5.0, 1.01, -0.5, float("nan")])
+def test_a_haze_peak_outside_0_to_1_is_refused(tmp_path, capsys, peak):
+    """The image is 0-1: a haze field peaking above 1 only saturates the tiles it is added to, and a negative
+    one darkens them. gpuheart train --haze 5 was accepted; AugmentConfig took any number."""
+    from gpuheart.cli import main
+
+    want = r"haze = .* expected 0 \(off\) or a value in \(0, 1\]"
+    with pytest.raises(ValueError, match=want):
+        unet.AugmentConfig(haze=peak)
+    cfg = _cfg(epochs=1)
+    cfg.aug.haze = peak   # changed after construction: train checks again, before making its folder
+    img, lab = _synthetic()
+    with pytest.raises(ValueError, match=want):
+        unet.train([img], [lab], cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path / "missing"), "-o", str(tmp_path / "run"), "--haze", str(peak)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --haze" in err and "expected a value in (0, 1]" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_haze_peaks_in_0_to_1_and_0_for_off_are_taken():
+    from gpuheart.cli import _parser
+
+    for peak in (0.0, 0.05, 0.5, 1.0):
+        assert unet.AugmentConfig(haze=peak).haze == peak
+    assert _parser().parse_args(["train", "d", "-o", "r", "--haze", "1"]).haze == 1.0
+
+
 def test_resume_refuses_other_training_data(tmp_path):
     """best.pt's Dice was measured on that run's validation slices: another data set cannot continue the run."""
     img, lab = _synthetic(1)
