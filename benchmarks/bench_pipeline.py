@@ -358,6 +358,49 @@ def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: b
     }
 
 
+def compare_graph_background(slices: int, size: int, channels: int, pairs: int = 2, device: str = "auto",
+                             workdir: str | None = None) -> dict:
+    """The tree graph in a worker thread ([graph] background, the default) against in turn, on one scan,
+    alternating (in turn first) so that drift in the machine's load falls on both; mesh on, as `gpuheart run`.
+    The outputs are checked equal before any time is reported."""
+    from dataclasses import replace
+
+    cfg, note = make_config(device, channels, mesh=True, report=False)
+    base = Path(tempfile.mkdtemp(prefix="gpuheart-bench-", dir=workdir))
+    times: dict[str, list] = {"in turn": [], "background": []}
+    stages: dict[str, list] = {"in turn": [], "background": []}
+    try:
+        write_scan(base / "input", slices, size)
+        for i in range(pairs):
+            for name, bg in (("in turn", False), ("background", True)):
+                c = replace(cfg, graph=replace(cfg.graph, background=bg))
+                run = run_pipeline(base / "input" / "scan", base / f"out-{name}-{i}".replace(" ", "-"), c, False)
+                times[name].append(run["total_s"])
+                stages[name].append({k: v for k, v in run["stages_s"].items() if k.startswith("tree graph")
+                                     or k in ("mesh", "u-net")})
+        for ch in cfg.channels:
+            for f in ("tree_branches.csv", "tree.graphml", "voxel_components.csv"):
+                a, b = (base / "out-in-turn-0" / ch / f), (base / "out-background-0" / ch / f)
+                if a.exists() != b.exists() or (a.exists() and a.read_bytes() != b.read_bytes()):
+                    raise AssertionError(f"{ch}/{f} differs between the two modes")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    info = _conftest().machine_info(device)
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "kind": "pipeline-graph-overlap",
+        "benchmark": "Pipeline.run with the tree graph in a worker thread ([graph] background = true) against "
+                     "in turn (false), alternating on one scan; outputs checked equal",
+        "device_label": info["device_label"], "device_name": info["device_name"],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
+        "scan": {"shape_zyx": [slices, size, size], "channels": channels},
+        "config": {"segment_method": cfg.segment.method, "mesh": True, "channel_settings": cfg.channel},
+        "notes": [n for n in [note, "each total_s is one whole run; the scan is written once, before"] if n],
+        "total_s": times, "stages_s": stages, "best_s": best,
+        "speedup_best": best["in turn"] / best["background"],
+    }
+
+
 def print_report(doc: dict):
     print(f"{doc['device_name']} ({doc['config']['device']}), scan {doc['scan']['shape_zyx']} x "
           f"{doc['scan']['channels']} ch, segment={doc['config']['segment_method']}")
@@ -393,7 +436,18 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="where the temporary scan goes (default: the system temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary scan and outputs")
     ap.add_argument("--no-tracemalloc", action="store_true", help="do not trace NumPy allocations")
+    ap.add_argument("--compare-graph-background", type=int, metavar="PAIRS",
+                    help="instead: PAIRS alternating runs with the tree graph in turn and in a worker thread "
+                         "(default out: benchmarks/results/<device>-pipeline-graph-overlap.json)")
     args = ap.parse_args(argv)
+    if args.compare_graph_background:
+        doc = compare_graph_background(args.slices, args.size, args.channels, args.compare_graph_background,
+                                       args.device, args.workdir)
+        print(json.dumps({k: doc[k] for k in ("total_s", "best_s", "speedup_best")}, indent=1))
+        out = Path(args.out) if args.out else RESULTS / f"{doc['device_label']}-pipeline-graph-overlap.json"
+        out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
+        return 0
     doc = measure(args.slices, args.size, args.channels, args.device, args.mesh, args.report, args.workdir,
                   args.keep, not args.no_tracemalloc, graph=not args.no_graph)
     print_report(doc)
