@@ -794,13 +794,14 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     seg = paths.get("otsu_mask") or paths.get("mask_raw") or paths.get("unet_mask") or paths.get("dom_mask")
     if seg is not None:
         paths["mask"] = _postprocess(seg, out, voxel, cfg, timer, acc) if cfg.postprocess.enabled else seg
+    bg = cfg.graph.background and graphs is not None  # without a _TreeGraphs to wait for it: inline
     graphs = graphs or _TreeGraphs()
     tree_paths: dict = {}  # its own dict: the worker must not add keys to one this thread iterates
     tree = None
     if cfg.graph.enabled and "mask" in paths:  # first, so that it overlaps the mesh
-        bg = cfg.graph.background
-        tree = graphs.start(lambda: _tree_graph(paths["mask"], out, voxel, cfg, tree_paths, timer,
-                                                BACKGROUND if bg else ""), bg)
+        mask_path = paths["mask"]
+        tree = graphs.start(lambda stop: _tree_graph(mask_path, out, voxel, cfg, tree_paths, timer,
+                                                     BACKGROUND if bg else "", stop), bg, channel)
     if cfg.output.tiff:
         with timer("write"):
             _write_tiffs(paths, voxel)
@@ -827,6 +828,10 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
 BACKGROUND = " (background)"
 
 
+class _GraphStopped(Exception):
+    """A background tree graph told to stop: its channel cannot be finished (the run was interrupted)."""
+
+
 class _TreeGraphs:
     """Tree graphs computed in one worker thread while this thread goes on with the channel's mesh and the
     next channel's passes.
@@ -841,15 +846,23 @@ class _TreeGraphs:
         self._timer = timer or _Timer()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Future, Any]] = []  # (graph, what finishes its channel), in channel order
+        # every graph given to the worker, (graph, its stop event, channel): from start() on, before its
+        # channel's mesh, so that an interrupt there still reaches it
+        self._submitted: list[tuple[Future, threading.Event, str]] = []
 
-    def start(self, fn, background: bool = True) -> Future:
-        """``fn()`` in the worker, or here (as a completed future) when not ``background``."""
+    def start(self, fn, background: bool = True, channel: str = "") -> Future:
+        """``fn(stop)`` in the worker, or here (as a completed future) when not ``background``. ``stop`` is
+        a :class:`threading.Event`, set when the graph's channel can no longer be finished: the graph then
+        raises :class:`_GraphStopped` at its next slab."""
+        stop = threading.Event()
         if background:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpuheart-tree-graph")
-            return self._pool.submit(fn)
+            graph = self._pool.submit(fn, stop)
+            self._submitted.append((graph, stop, channel))
+            return graph
         done: Future = Future()
-        done.set_result(fn())   # an error is raised here, as before there was a worker
+        done.set_result(fn(stop))   # an error is raised here, as before there was a worker
         return done
 
     def then(self, graph: Future | None, finish) -> None:
@@ -864,21 +877,42 @@ class _TreeGraphs:
         """Finish the channels whose graph is in, in order; with ``wait``, all of them (a graph's error is
         raised here)."""
         while self._pending and (wait or self._pending[0][0].done()):
-            graph, finish = self._pending.pop(0)
+            graph, finish = self._pending[0]
             if not graph.done():  # what the background graphs cost the run: the time it waits for them
                 with self._timer("tree graph: wait"):
                     futures_wait([graph])
+            # taken off only now: interrupted while waiting, the channel is still close()'s to finish
+            self._pending.pop(0)
             finish(graph.result())
 
     def close(self, ok: bool) -> None:
-        """Stop the worker. After an error or an interrupt, no queued graph starts and the one running is
-        waited for (the thinning cannot be stopped); the channels whose graph is in are still finished, so
-        that a rerun reuses them instead of redoing their closings and mesh."""
-        if not ok:
-            for graph, _ in self._pending:
-                graph.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """Stop the worker. After an error or an interrupt, no queued graph starts; a running graph whose
+        channel is otherwise finished is waited for (the thinning cannot be stopped), so that a rerun reuses
+        the channel instead of redoing its closings and mesh; one whose channel was cut short (its mesh, say)
+        is of no use and stops at its next slab. The channels whose graph is in are still finished."""
+        stops = [stop for _, stop, _ in self._submitted]
+        try:
+            if not ok:
+                wanted = {id(graph) for graph, _ in self._pending}
+                running = []
+                for graph, stop, channel in self._submitted:
+                    if graph.cancel() or graph.done():
+                        continue
+                    if id(graph) not in wanted:
+                        stop.set()
+                    running.append((graph, channel, id(graph) in wanted))
+                if running and futures_wait([g for g, _, _ in running], timeout=0.5).not_done:
+                    import sys
+
+                    print("gpuheart: " + "; ".join(
+                        f"waiting for {channel}'s tree graph, so that a rerun reuses {channel}" if keep else
+                        f"stopping {channel}'s tree graph" for _, channel, keep in running)
+                        + " (Ctrl-C to stop now)", file=sys.stderr, flush=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        finally:
+            for stop in stops:   # a second interrupt while waiting: the graph stops at its next slab
+                stop.set()
         if not ok:
             for graph, finish in self._pending:
                 if graph.done() and not graph.cancelled() and graph.exception() is None:
@@ -1096,12 +1130,13 @@ def _slab_task(z0, src, channel, shape, step, cfg, znorm, model, stores, truth):
 
 
 def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict, timer: "_Timer",
-                stage_suffix: str = "") -> dict:
+                stage_suffix: str = "", stop: "threading.Event | None" = None) -> dict:
     """The largest connected vascular tree as a skeleton graph (branches CSV + GraphML).
 
     Components are found by streamed labelling (one slab in memory); only the tree's bounding box is
     then held, downsampled in (y, x) when it would exceed ``graph.max_voxels``. ``stage_suffix`` marks
-    the stages' seconds as overlapped with others (:data:`BACKGROUND`).
+    the stages' seconds as overlapped with others (:data:`BACKGROUND`); once ``stop`` is set, the graph
+    raises :class:`_GraphStopped` at its next slab (or before its skeleton).
     """
     from . import graph
     from .io import open_scan
@@ -1110,7 +1145,13 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
     # two stages, because they scale differently: the labelling with the scan, the skeleton with the
     # tree's (pooled, capped) box
     with timer("tree graph: labelling" + stage_suffix), open_scan(mask_path) as m:
-        read = mask_reader(m)
+        read_mask = mask_reader(m)
+
+        def read(z0, z1):
+            if stop is not None and stop.is_set():
+                raise _GraphStopped
+            return read_mask(z0, z1)
+
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3)
         if labels.n_components == 0:
             return {"branches": 0, "note": "empty mask"}
@@ -1128,6 +1169,8 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))
         sub = np.concatenate(parts)
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
+    if stop is not None and stop.is_set():
+        raise _GraphStopped
     with timer("tree graph: skeleton" + stage_suffix):
         origin = np.array([z0, y0, x0]) * vs + graph.pooled_offset_um(vs, k)
         g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(origin))

@@ -120,3 +120,112 @@ def test_the_background_setting_does_not_stop_a_rerun_from_reusing(scan, tmp_pat
     """It changes no output, so it is not part of what a resumed run must match."""
     _run(scan, tmp_path, _cfg(True, channels=["C00"]))
     assert Pipeline(_cfg(False, channels=["C00"])).run(scan, tmp_path).reused == ["C00"]
+
+
+# -- interrupts (Ctrl-C) while a graph is in the worker ------------------------------------------------------
+
+
+def _manifest(folder):
+    return json.loads((folder / ".resume" / "manifest.json").read_text())
+
+
+def test_ctrl_c_while_the_run_waits_for_the_last_graph_still_finishes_that_channel(scan, tmp_path, monkeypatch,
+                                                                                   capfd):
+    """A real SIGINT while the run waits for the last channel's graph: the graph is waited for (it was
+    running), so its channel must be finished and reused by the same command, not redone."""
+    import signal
+    import time
+
+    waiting, calls = threading.Event(), []
+    real_wait, real_skeleton = pipeline.futures_wait, graph.skeleton_graph
+
+    def futures_wait(fs, *a, **k):
+        waiting.set()
+        return real_wait(fs, *a, **k)
+
+    def skeleton(*a, **k):
+        calls.append(threading.current_thread().name)
+        assert waiting.wait(30), "the run never waited for the graph"
+        time.sleep(0.2)  # until it blocks: a signal just before that would wait for the graph to end
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C, to the waiting main thread
+        time.sleep(1.0)  # a thinning long enough to be told about
+        return real_skeleton(*a, **k)
+
+    monkeypatch.setattr(pipeline, "futures_wait", futures_wait)
+    monkeypatch.setattr(graph, "skeleton_graph", skeleton)
+    cfg = _cfg(channels=["C00"])
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path)
+    assert calls and calls[0].startswith("gpuheart-tree-graph")
+    assert (tmp_path / "C00" / "tree.graphml").exists()  # the graph ran to its end: it was waited for
+    assert _manifest(tmp_path / "C00").get("done"), "C00's graph was waited for, but C00 was not finished"
+    assert "waiting for C00's tree graph" in capfd.readouterr().err
+    monkeypatch.setattr(graph, "skeleton_graph", real_skeleton)
+    again = Pipeline(cfg).run(scan, tmp_path)
+    assert again.reused == ["C00"] and again.summary["C00"]["tree"]["n_branches"] > 0
+
+
+def test_ctrl_c_in_a_channels_mesh_does_not_run_its_queued_graph(scan, tmp_path, monkeypatch):
+    """C00's graph runs; C01's waits in the queue behind it; Ctrl-C in C01's mesh. C00's graph is waited
+    for and C00 finished, but C01's graph, whose channel cannot be finished, must not start: the user
+    would wait for a whole graph whose result is thrown away."""
+    import time
+
+    c01_mesh, calls = threading.Event(), []
+    real_mesh, real_skeleton = pipeline._mesh, graph.skeleton_graph
+
+    def mesh(mask, out, *a, **k):
+        if out.name == "C01":
+            c01_mesh.set()
+            raise KeyboardInterrupt
+        return real_mesh(mask, out, *a, **k)
+
+    def skeleton(*a, **k):
+        calls.append(a[0].shape)
+        if len(calls) == 1:  # C00's: still running when C01's graph is queued and the interrupt comes
+            assert c01_mesh.wait(30)
+            time.sleep(0.5)
+        return real_skeleton(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_mesh", mesh)
+    monkeypatch.setattr(graph, "skeleton_graph", skeleton)
+    cfg = _cfg(channels=["C00", "C01"], mesh={"enabled": True})
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path)
+    assert len(calls) == 1, "C01's queued graph ran after the interrupt"
+    assert not (tmp_path / "C01" / "tree.graphml").exists()
+    assert _manifest(tmp_path / "C00").get("done") and not _manifest(tmp_path / "C01").get("done")
+
+
+def test_ctrl_c_in_the_mesh_stops_the_channels_own_graph_at_its_next_slab(scan, tmp_path, monkeypatch):
+    """Ctrl-C in C00's mesh while C00's graph labels its mask: C00 cannot be finished, so its graph is of
+    no use; it must stop at its next slab instead of being waited for to its end (the skeleton)."""
+    import time
+
+    labelling, calls, reads = threading.Event(), [], []
+    real_mesh, real_reader, real_skeleton = pipeline._mesh, pipeline.mask_reader, graph.skeleton_graph
+
+    def reader(m):
+        read = real_reader(m)
+
+        def slow(z0, z1):
+            if threading.current_thread().name.startswith("gpuheart-tree-graph"):
+                reads.append((z0, z1))
+                labelling.set()
+                time.sleep(0.3)
+            return read(z0, z1)
+        return slow
+
+    def mesh(*a, **k):
+        assert labelling.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "mask_reader", reader)
+    monkeypatch.setattr(pipeline, "_mesh", mesh)
+    monkeypatch.setattr(graph, "skeleton_graph", lambda *a, **k: calls.append(1) or real_skeleton(*a, **k))
+    cfg = _cfg(channels=["C00"], mesh={"enabled": True})
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg).run(scan, tmp_path)
+    # 16 slices in slabs of 5: 4 reads to label, more to cut out the tree; the graph stopped after the first
+    assert len(reads) <= 2 and not calls, f"the graph went on after the interrupt: {len(reads)} slabs read"
+    assert not _manifest(tmp_path / "C00").get("done")
