@@ -704,3 +704,61 @@ def test_under_max_memory_faces_nothing_changes(tmp_path):
     assert st.faces == full and st.volume == ref.volume and st.surface_area == ref.surface_area
     with pytest.raises(ValueError, match="max_memory_faces must be >= 0"):
         M.mesh_from_mask(m, m.shape, tmp_path / "c.ply", vs, max_memory_faces=-1)
+
+
+# -- the O(faces) bookkeeping equals the np.unique / np.cross formulations it replaced ----------------------
+
+def _blob_mesh(seed=3, shape=(24, 40, 40)):
+    rng = np.random.default_rng(seed)
+    m = ndi.gaussian_filter(rng.random(shape), 1.2) > 0.55   # many pieces, some with cavities
+    v, f, _, _ = measure.marching_cubes(np.pad(m, 1).astype(np.float32), 0.5, spacing=(2.0, 0.5, 0.5))
+    return v, f.astype(np.int64)
+
+
+def test_face_volumes_are_the_einsum_cross_triple_product_bit_for_bit():
+    v, f = _blob_mesh()
+    for verts in (v, v.astype(np.float64) * 1.7 - 3.0):
+        a, b, c = (verts[f[:, i]] for i in range(3))
+        np.testing.assert_array_equal(M._face_volumes(verts, f), np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0)
+
+
+def test_compact_and_dense_number_as_np_unique_does():
+    v, f = _blob_mesh()
+    keep = np.random.default_rng(0).random(len(f)) < 0.3   # leaves vertices unused
+    used = np.unique(f[keep])
+    cv, cf = M.compact(v, f[keep])
+    np.testing.assert_array_equal(cv, v[used])
+    np.testing.assert_array_equal(cf, np.searchsorted(used, f[keep]))
+    rng = np.random.default_rng(1)
+    for labels in (rng.integers(0, 50, 999), rng.integers(0, 10 ** 12, 999), rng.integers(-9, 9, 999),
+                   np.zeros(0, np.int64)):
+        want_n, want = len(np.unique(labels)), np.unique(labels, return_inverse=True)[1].ravel()
+        n, got = M._dense(labels)
+        assert n == want_n and got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+def test_split_for_unity_parts_are_the_np_unique_renumbering_of_each_run():
+    v, f = _blob_mesh()
+    parts = M.split_for_unity(v, f, 500)
+    s = 0
+    for pv, pf in parts:
+        run = f[s:s + len(pf)]
+        used, local = np.unique(run, return_inverse=True)
+        np.testing.assert_array_equal(pv, v[used])
+        np.testing.assert_array_equal(pf, local.reshape(-1, 3))
+        # maximal: one more face would have taken the part over the limit
+        assert len(used) <= 500 and (s + len(pf) == len(f) or len(np.unique(f[s:s + len(pf) + 1])) > 500)
+        s += len(pf)
+    assert s == len(f)
+
+
+def test_component_table_boxes_are_each_components_vertex_extremes():
+    v, f = _blob_mesh()
+    t = M.component_table(v, f)
+    n, flab = M.mesh_components(f, len(v))
+    order = np.argsort(-np.bincount(flab, minlength=n), kind="stable")   # the table's rows, largest first
+    for row, comp in enumerate(order):
+        pts = v[np.unique(f[flab == comp])]
+        for i, ax in enumerate("xyz"):
+            assert t[f"{ax}_min"][row] == pts[:, i].min() and t[f"{ax}_max"][row] == pts[:, i].max()
