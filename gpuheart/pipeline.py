@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -832,6 +832,39 @@ class _GraphStopped(Exception):
     """A background tree graph told to stop: its channel cannot be finished (the run was interrupted)."""
 
 
+class _GraphWorker:
+    """One daemon thread running what is submitted to it, in order (a one-thread ThreadPoolExecutor, whose
+    thread Python 3.13 joins at exit: after a second Ctrl-C ``gpuheart run`` then hung until the thinning
+    ended, and a third printed a traceback; a daemon thread does not keep the process alive)."""
+
+    def __init__(self, name: str):
+        import queue
+
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():   # False: cancelled while queued
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # noqa: BLE001 - the future carries it to the main thread
+                    future.set_exception(err)
+            del item, future, fn, args   # nothing of a finished graph is held while the queue waits
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._queue.put(None)
+        if wait:
+            self._thread.join()
+
+
 class _TreeGraphs:
     """Tree graphs computed in one worker thread while this thread goes on with the channel's mesh and the
     next channel's passes.
@@ -844,7 +877,7 @@ class _TreeGraphs:
 
     def __init__(self, timer: "_Timer | None" = None):
         self._timer = timer or _Timer()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _GraphWorker | None = None
         self._pending: list[tuple[Future, Any]] = []  # (graph, what finishes its channel), in channel order
         # every graph given to the worker, (graph, its stop event, channel): from start() on, before its
         # channel's mesh, so that an interrupt there still reaches it
@@ -857,7 +890,7 @@ class _TreeGraphs:
         stop = threading.Event()
         if background:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpuheart-tree-graph")
+                self._pool = _GraphWorker("gpuheart-tree-graph")
             graph = self._pool.submit(fn, stop)
             self._submitted.append((graph, stop, channel))
             return graph

@@ -229,3 +229,26 @@ def test_ctrl_c_in_the_mesh_stops_the_channels_own_graph_at_its_next_slab(scan, 
     # 16 slices in slabs of 5: 4 reads to label, more to cut out the tree; the graph stopped after the first
     assert len(reads) <= 2 and not calls, f"the graph went on after the interrupt: {len(reads)} slabs read"
     assert not _manifest(tmp_path / "C00").get("done")
+
+
+def test_a_process_interrupted_while_a_graph_runs_exits_without_waiting_for_it(tmp_path):
+    """A second Ctrl-C while close() waits leaves the main thread with a graph still running. Python 3.13
+    joins every non-daemon thread (a ThreadPoolExecutor's included) at exit, so `gpuheart run` hung until
+    the thinning ended and a third Ctrl-C printed a traceback; the worker must not keep the process alive."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import time\n"
+        "from gpuheart.pipeline import _TreeGraphs\n"
+        "g = _TreeGraphs()\n"
+        "g.start(lambda stop: time.sleep(30), True, 'C00')\n"  # a thinning that no stop reaches
+        "time.sleep(0.5)\n"
+        "raise SystemExit(130)\n")  # what main() does after the second KeyboardInterrupt
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert time.monotonic() - t0 < 15, "the process waited for the graph's thread at exit"
+    assert "Traceback" not in proc.stderr
