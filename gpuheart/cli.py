@@ -304,8 +304,8 @@ def _run_batch(pipeline, inputs: list[str], out: Path, truth, resume: bool = Tru
         try:
             _print_run(pipeline.run(src, out / name, truth=truth, resume=resume, client=client))
         except (ValueError, OSError, RuntimeError) as err:
-            failed.append((src, str(err)))
-            print(f"gpuheart: error: {err}", file=sys.stderr)
+            failed.append((src, _with_notes(err)))
+            print(f"gpuheart: error: {_with_notes(err)}", file=sys.stderr)
     print(f"gpuheart: batch done: {len(inputs) - len(failed)} succeeded, {len(failed)} failed")
     for src, err in failed:
         print(f"  FAILED {src}: {err}")
@@ -583,8 +583,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         # our errors (ScanError, ConfigError, DeviceError) carry a one-line message naming the file;
         # a user should not have to read a traceback to learn that a slice is missing
-        print(f"gpuheart: error: {err}", file=sys.stderr)
+        print(f"gpuheart: error: {_with_notes(err)}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _with_notes(err: BaseException) -> str:
+    """The message and its notes (e.g. which channel's background stage raised it), as a traceback shows them."""
+    return "; ".join([str(err), *getattr(err, "__notes__", [])])
 
 
 if __name__ == "__main__":

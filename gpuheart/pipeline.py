@@ -916,7 +916,15 @@ class _TreeGraphs:
                     futures_wait([graph])
             # taken off only now: interrupted while waiting, the channel is still close()'s to finish
             self._pending.pop(0)
-            finish(graph.result())
+            try:
+                result = graph.result()
+            except Exception as err:   # raised maybe a channel later: say whose it was
+                channel = next((c for g, _, c in self._submitted if g is graph), None)
+                if channel:
+                    err.__notes__ = [*getattr(err, "__notes__", []),
+                                     f"in {channel}'s tree graph (computed in the background while the run went on)"]
+                raise
+            finish(result)
 
     def close(self, ok: bool) -> None:
         """Stop the worker. After an error or an interrupt, no queued graph starts; a running graph whose

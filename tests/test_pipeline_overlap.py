@@ -116,6 +116,23 @@ def test_an_error_in_the_graph_is_the_runs_error_and_the_channel_is_not_finished
     assert not manifest.get("done")
 
 
+def test_an_error_in_a_background_graph_names_its_channel(scan, tmp_path, monkeypatch, capsys):
+    """Raised when the run next waits for it, maybe in a later channel's turn: it must not look like that
+    channel's error."""
+    from gpuheart import cli
+
+    def broken(*a, **k):
+        raise ValueError("the skeleton broke")
+
+    monkeypatch.setattr(graph, "skeleton_graph", broken)
+    with pytest.raises(ValueError, match="the skeleton broke") as info:
+        Pipeline(_cfg(channels=["C00"])).run(scan, tmp_path / "py")
+    assert any("C00's tree graph" in note for note in info.value.__notes__)
+    assert cli.main(["run", str(scan), "-o", str(tmp_path / "cli"), "--channels", "C00", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "gpuheart: error: the skeleton broke; in C00's tree graph (computed in the background" in err
+
+
 def test_the_background_setting_does_not_stop_a_rerun_from_reusing(scan, tmp_path):
     """It changes no output, so it is not part of what a resumed run must match."""
     _run(scan, tmp_path, _cfg(True, channels=["C00"]))
