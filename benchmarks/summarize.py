@@ -3,7 +3,7 @@
     python benchmarks/summarize.py [--results benchmarks/results] [--out docs/benchmarks.md]
 
 Knows the formats written by bench_filters.py (median), bench_morphology.py (closings), bench_exposure.py
-(CLAHE), bench_io.py, bench_mesh.py, bench_pipeline.py (kind "pipeline") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
+(CLAHE), bench_io.py, bench_mesh.py, bench_mesh_stage.py, bench_pipeline.py (kinds "pipeline", "pipeline-graph-overlap") and benchmarks/conftest.py (kind "pytest-benchmark", one file per
 device and day); other JSON files are listed by name. One section per device, newest result of each
 kind first; every table says where and when it was measured.
 """
@@ -31,8 +31,10 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 # -- reading -----------------------------------------------------------------------------------------
 
 def kind_of(doc: dict, path: Path) -> str:
-    if doc.get("kind") in ("pipeline", "pytest-benchmark"):
+    if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap"):
         return doc["kind"]
+    if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
+        return "mesh-stage"
     if str(doc.get("benchmark", "")).startswith("median filter"):
         return "median"
     if str(doc.get("benchmark", "")).startswith("binary closings"):
@@ -322,6 +324,38 @@ def section_mesh(e) -> list[str]:
             ""]
 
 
+def section_mesh_stage(e) -> list[str]:
+    d = e["doc"]
+    st, best = d["stats"], d["best_s"]
+    z, y, x = d["shape"]
+    out = ["### The mesh stage, whole (`mesh_from_mask`)",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}; {z}x{y}x{x}, "
+           f"{d['mask_fraction']:.0%} inside: {st['faces']:,} faces, {st['components']:,} components written. "
+           f"Best of {len(next(iter(d['seconds'].values())))} alternating rounds.",
+           "",
+           "| mesh.py | seconds |", "|---|---:|"]
+    out += [f"| {'this commit' if k == 'current' else 'commit ' + k} | {v:.1f} |" for k, v in best.items()]
+    if d.get("against_commit"):
+        out += ["", f"Speed-up {d['speedup_best']:.2f}x; both wrote the same bytes (mesh, largest component, "
+                "component table) and the same statistics."]
+    return out + [""]
+
+
+def section_graph_overlap(e) -> list[str]:
+    d = e["doc"]
+    z, y, x = d["scan"]["shape_zyx"]
+    t = d["total_s"]
+    rows = [f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f}x |" for i, (a, b) in enumerate(zip(t["in turn"],
+                                                                                          t["background"]))]
+    return ["### Tree graph in a worker thread vs in turn (whole runs)",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}. Scan {z}x{y}x{x} x "
+            f"{d['scan']['channels']} channels, segmentation {d['config']['segment_method']}, mesh on.",
+            "",
+            "| pair | in turn, s | background, s | ratio |", "|---:|---:|---:|---:|"] + rows + [""]
+
+
 def section_unet(e) -> list[str]:
     d = e["doc"]
     where = d.get("gpu") or f"{d.get('machine', '?')}, {d.get('cpus', '?')} cores, {d.get('torch_threads', '?')} torch threads"
@@ -474,8 +508,9 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
-            "pytest-benchmark": section_session}
-ORDER = ["pipeline", "median", "morphology", "clahe", "io", "mesh", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
+            "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage,
+            "pipeline-graph-overlap": section_graph_overlap}
+ORDER = ["pipeline", "pipeline-graph-overlap", "median", "morphology", "clahe", "io", "mesh", "mesh-stage", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -496,7 +531,9 @@ def render(entries: list[dict]) -> str:
            "| closings vs scipy.ndimage | `python benchmarks/bench_morphology.py` | `cpu-morphology.json` |",
            "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
            "| reading per-slice TIFFs, 1 thread vs several; mask codec | `python benchmarks/bench_io.py` | `cpu-io.json` |",
+           "| tree graph in a worker thread vs in turn | `python benchmarks/bench_pipeline.py --slices 8 --size 1024 --compare-graph-background 3` | `<device>-pipeline-graph-overlap.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
+           "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",

@@ -1,0 +1,130 @@
+"""The whole mesh stage, not only marching cubes: ``mesh.mesh_from_mask`` with what a run writes (GLB split
+for Unity, the largest component, the component table) on a dense, spongy mask (autofluorescence segmented
+as vessels gives such masks: millions of faces, thousands of pieces, cavities).
+
+pytest-benchmark:   python -m pytest benchmarks/bench_mesh_stage.py --benchmark-only
+side by side:       python benchmarks/bench_mesh_stage.py [--shape 16 1024 1024] [--against REV]
+                    (writes benchmarks/results/cpu-mesh-stage.json)
+
+``--against REV`` loads ``gpuheart/mesh.py`` as it was at git revision REV and times it alternately with the
+current one on the same mask, after checking that both write the same bytes (mesh, largest component,
+table) and the same statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "cpu-mesh-stage.json"
+VOXEL = (2.0, 0.5, 0.5)
+
+
+def sponge(shape, seed: int = 0) -> np.ndarray:
+    """Smoothed noise cut at its median: a spongy bool mask, about half inside."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    return np.concatenate([ndi.gaussian_filter(rng.random((min(8, shape[0] - z),) + tuple(shape[1:]),
+                                                          np.float32), (0.8, 2.0, 2.0)) > 0.5
+                           for z in range(0, shape[0], 8)])
+
+
+def run_stage(mesh_module, mask: np.ndarray, out: Path, tag: str):
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    st = mesh_module.mesh_from_mask(mask, mask.shape, out / f"{tag}.glb", VOXEL, slab_size=8,
+                                    table_path=out / f"{tag}.csv", largest_path=out / f"{tag}-largest.glb")
+    return time.perf_counter() - t, st
+
+
+def module_at(rev: str):
+    """gpuheart/mesh.py of git revision ``rev``, imported as a module of the gpuheart package."""
+    src = subprocess.run(["git", "show", f"{rev}:gpuheart/mesh.py"], cwd=HERE.parent, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="gpuheart-mesh-rev-")) / "mesh_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("gpuheart._mesh_at_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "gpuheart"
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def small_sponge():
+    return sponge((8, 256, 256))
+
+
+def test_mesh_stage(benchmark, small_sponge, tmp_path):
+    from gpuheart import mesh
+
+    benchmark.pedantic(run_stage, args=(mesh, small_sponge, tmp_path, "m"), rounds=2, iterations=1)
+
+
+def main(argv=None) -> dict:
+    from gpuheart import mesh
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[16, 1024, 1024])
+    ap.add_argument("--against", metavar="REV", help="also time gpuheart/mesh.py of this git revision")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    mask = sponge(tuple(a.shape))
+    sides = {"current": mesh}
+    if a.against:   # named by its commit, which stays meaningful after HEAD moves on
+        a.against = subprocess.run(["git", "rev-parse", "--short", a.against], cwd=HERE.parent, check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        sides[a.against] = module_at(a.against)
+    times: dict[str, list] = {k: [] for k in sides}
+    stats = {}
+    with tempfile.TemporaryDirectory(prefix="gpuheart-mesh-stage-") as tmp:
+        for r in range(a.rounds):   # alternating, so load from other users hits both sides alike
+            for name, mod in sides.items():
+                dt, st = run_stage(mod, mask, Path(tmp) / name, "mesh")
+                times[name].append(dt)
+                stats[name] = {k: v for k, v in asdict(replace(st, path="")).items() if k != "path"}
+        if a.against:
+            for f in ("mesh.glb", "mesh.csv", "mesh-largest.glb"):
+                if (Path(tmp) / "current" / f).read_bytes() != (Path(tmp) / a.against / f).read_bytes():
+                    raise AssertionError(f"{f} differs between the current mesh.py and {a.against}'s")
+            if stats["current"] != stats[a.against]:
+                raise AssertionError(f"statistics differ: {stats}")
+    best = {k: min(v) for k, v in times.items()}
+    out = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                       "cpu_count": os.cpu_count(),
+                       "python": sys.version.split()[0], "numpy": np.__version__,
+                       "load_avg_1min": os.getloadavg()[0]},
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "benchmark": "mesh.mesh_from_mask with a GLB, its largest component and the component table, on a "
+                        "spongy mask (smoothed noise > 0.5)",
+           "shape": list(a.shape), "voxel_size": list(VOXEL), "mask_fraction": float(mask.mean()),
+           "stats": stats["current"], "seconds": times, "best_s": best,
+           "against_commit": a.against, "identical_outputs_checked": bool(a.against)}
+    if a.against:
+        out["speedup_best"] = best[a.against] / best["current"]
+    print(json.dumps({k: out[k] for k in ("best_s", "stats") if k in out}, indent=1),
+          f"\nspeed-up: {out.get('speedup_best', float('nan')):.2f}x" if a.against else "")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
