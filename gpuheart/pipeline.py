@@ -477,8 +477,7 @@ class Pipeline:
                         _check_tiles(channel, ccfg.segment, model)
                     outputs[channel], summary[channel] = _run_channel(scan, channel, ccfg, out_dir / channel, timer,
                                                                       t, model, ck, client, graphs)
-                    if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0 after
-                        # all
+                    if ck.restarted:  # its stores did not match the checkpoint: pass 2 ran from slice 0
                         resumed.pop(channel, None)
                     if ck.why:
                         started_over[channel] = ck.why
