@@ -622,8 +622,9 @@ def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray 
     vlab = _vertex_labels(len(vertices), faces, flab)
     used = np.flatnonzero(vlab >= 0)
     # unbuffered min/max per component: no sort of the vertices by component
-    lo = np.full((n, 3), np.inf, vertices.dtype)
-    hi = np.full((n, 3), -np.inf, vertices.dtype)
+    big = np.finfo(vertices.dtype).max if vertices.dtype.kind == "f" else np.iinfo(vertices.dtype).max
+    lo = np.full((n, 3), big, vertices.dtype)
+    hi = np.full((n, 3), -big if vertices.dtype.kind in "fi" else 0, vertices.dtype)
     np.minimum.at(lo, vlab[used], vertices[used])
     np.maximum.at(hi, vlab[used], vertices[used])
     nv = np.bincount(vlab[used], minlength=n)

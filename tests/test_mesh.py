@@ -753,8 +753,10 @@ def test_split_for_unity_parts_are_the_np_unique_renumbering_of_each_run():
     assert s == len(f)
 
 
-def test_component_table_boxes_are_each_components_vertex_extremes():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_component_table_boxes_are_each_components_vertex_extremes(dtype):
     v, f = _blob_mesh()
+    v = (v * 2).astype(dtype)   # integer positions too (a user's grid-aligned mesh)
     t = M.component_table(v, f)
     n, flab = M.mesh_components(f, len(v))
     order = np.argsort(-np.bincount(flab, minlength=n), kind="stable")   # the table's rows, largest first
