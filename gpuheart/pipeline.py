@@ -126,7 +126,9 @@ def _check_ranges(cfg: "PipelineConfig") -> None:
         ("exposure.asinh_scale", e.asinh_scale, e.asinh_scale >= 0, ">= 0 (0: the stack's own scale)"),
         ("exposure.robust_low", e.robust_low, 0 <= e.robust_low < e.robust_high, "in [0, robust_high)"),
         ("exposure.robust_high", e.robust_high, e.robust_high <= 100, "<= 100"),
-        ("exposure.dark_ratio", e.dark_ratio, 0 <= e.dark_ratio < 1, "in [0, 1) (0: only blank slices are dark)"),
+        ("exposure.dark_ratio", e.dark_ratio, 0 <= e.dark_ratio < 1, "in [0, 1) (0, with dark_neighbour_ratio = 0: only blank slices are dark)"),
+        ("exposure.dark_neighbour_ratio", e.dark_neighbour_ratio, 0 <= e.dark_neighbour_ratio < 1,
+         "in [0, 1) (0: no slice is dark for dipping below its neighbours)"),
         ("dom.k", cfg.dom.k, cfg.dom.k > 0, "> 0"),
         ("segment.threshold", cfg.segment.threshold, 0 <= cfg.segment.threshold < 1,
          "in [0, 1) (0: the model's own)"),
@@ -634,9 +636,9 @@ def _writable_folder(path: Path) -> Path:
 def _warn_if_preprocessing_differs_from_training(channel: str, exposure: ExposureConfig) -> None:
     """``gpuheart train`` preprocesses with the default [exposure] settings; a U-Net fed other preprocessing
     sees images unlike those it learned from, and says nothing about it."""
-    # dark_ratio only decides which slices come out blank, where the U-Net's mask is emptied anyway
+    # the dark ratios only decide which slices come out blank, where the U-Net's mask is emptied anyway
     changed = {k: v for k, v in asdict(exposure).items()
-               if v != getattr(ExposureConfig(), k) and k != "dark_ratio"}
+               if v != getattr(ExposureConfig(), k) and k not in ("dark_ratio", "dark_neighbour_ratio")}
     if changed:
         warnings.warn(f"channel {channel}: [exposure] {changed} differs from the defaults the U-Net was trained "
                       f"on (gpuheart train preprocesses with the defaults), so its mask may be worse than its "
@@ -778,7 +780,8 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
         with timer("stats (pass 1)"):
             stats = _slice_stats(scan, channel, cfg)
         ck.save_stats(stats)
-    znorm = exposure.ZNorm.from_stats(stats, dark_ratio=cfg.exposure.dark_ratio)
+    znorm = exposure.ZNorm.from_stats(stats, dark_ratio=cfg.exposure.dark_ratio,
+                                      dark_neighbour_ratio=cfg.exposure.dark_neighbour_ratio)
     acc = _ChannelAccumulator(scan.shape, truth_path, channel, znorm.dark)
     voxel = tuple(cfg.voxel_size) or scan.voxel_size
     with _open_writers(out, scan.shape, voxel, cfg, ck, acc) as writers:

@@ -51,7 +51,8 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
     assert "Dice vs truth" in out and (tmp_path / "out" / "C00" / "dom_mask.ome.zarr").is_dir()
     # the phantom's laser-dropout slice is blanked, and the user is told which and how to keep it
     dark = json.loads((tmp_path / "ph" / "phantom.json").read_text())["dark_slice"]
-    assert f"dark slices (spread <= 0.1 of the stack's, e.g. laser dropout): {dark}; written as 0" in out
+    assert (f"dark slices (spread <= 0.1 of the stack's, or <= 0.35 of the slices' on both sides, e.g. laser "
+            f"dropout): {dark}; written as 0") in out
     assert "dark_ratio = 0" in out
 
 

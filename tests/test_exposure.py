@@ -428,9 +428,39 @@ def test_preprocess_writes_a_dark_slice_as_zero_and_the_others_as_the_chain_by_h
         assert all(got[z].max() > 0 for z in (0, 1, 3, 4))
         if not cfg.clahe:
             assert np.abs(got[[0, 1, 3, 4]].astype(int) - want[[0, 1, 3, 4]]).max() <= 1
-    # dark_ratio 0: only blank slices are dark, so slice 2's noise is stretched like any slice
-    got = exposure.preprocess_volume(stack, exposure.ExposureConfig(clahe=False, dark_ratio=0.0))
+    # both ratios 0: only blank slices are dark, so slice 2's noise is stretched like any slice; with only
+    # dark_ratio 0, slice 2 still dips below its neighbours
+    got = exposure.preprocess_volume(stack, exposure.ExposureConfig(clahe=False, dark_ratio=0.0,
+                                                                    dark_neighbour_ratio=0.0))
     assert got[2].max() == 255
+    np.testing.assert_array_equal(
+        exposure.preprocess_volume(stack, exposure.ExposureConfig(clahe=False, dark_ratio=0.0))[2], 0)
+
+
+def _spreads(*s):
+    return [_stats(0, 10, v) for v in s]
+
+
+def test_znorm_a_slice_dipping_below_both_neighbours_is_dark():
+    """A dropout in a sparse channel: its spread is camera noise, about 0.2 of its neighbours' (the phantom's
+    nerve channel), above dark_ratio's 0.1 of the stack's."""
+    zn = ZNorm.from_stats(_spreads(100, 104, 98, 20, 101, 99, 103))
+    assert list(np.flatnonzero(zn.dark)) == [3] and zn.gain[3] == 1.0
+    # the rule is the median of up to 3 slices on each side: 0.35 of the lower side's median and under
+    assert ZNorm.from_stats(_spreads(100, 100, 35, 100, 200)).dark.tolist() == [False, False, True, False, False]
+    assert not ZNorm.from_stats(_spreads(100, 100, 35.5, 100, 200)).dark.any()
+    assert ZNorm.from_stats(_spreads(100, 104, 98, 20, 101), dark_neighbour_ratio=0.0).dark.sum() == 0
+    assert ZNorm.from_stats(_spreads(100, 104, 98, 20, 101)).describe()["dark_neighbour_ratio"] == 0.35
+
+
+@pytest.mark.parametrize("spreads", [
+    (20, 100, 100, 100, 100),                 # a dim first slice: no neighbour before it
+    (100, 100, 100, 100, 20),                 # nor after the last
+    (100, 80, 60, 45, 34, 26, 20),            # a gradual fall with depth, 0.75 a slice
+    (100, 100, 100, 30, 30, 30, 30, 100),     # dark for longer than the neighbours looked at: the global rule's
+])
+def test_znorm_edges_gradual_falls_and_long_dark_runs_are_not_dips(spreads):
+    assert not ZNorm.from_stats(_spreads(*spreads), dark_ratio=0.0).dark.any()
 
 
 def test_preprocess_of_one_slice_zeroes_it_only_when_it_is_the_dark_one():

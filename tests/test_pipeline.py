@@ -241,6 +241,16 @@ def test_the_dark_slice_no_longer_floods_the_dom_mask_of_the_built_in_scan(tiny_
     assert f"Dark slices (no signal; written as 0, no vessels found there): {dark}." in tiny_run.report.read_text()
 
 
+def test_the_sparse_nerve_channels_dropout_slice_is_dark_too(tiny_run):
+    """In C01 (0.1 % signal) the dropout only falls to about 0.2 of the stack's spread (camera noise stays),
+    above dark_ratio's 0.1; it dips below both neighbours, which the neighbour rule catches."""
+    import json
+
+    dark = json.loads((tiny_run.out_dir / "input" / "phantom.json").read_text())["dark_slice"]
+    norm = tiny_run.summary["C01"]["normalization"]
+    assert norm["dark_slices"] == [dark] and norm["dark_neighbour_ratio"] == 0.35
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path, tiny_run):
     cfg = _tiny_cfg("unet")
     cfg.segment.weights = str(tmp_path / "nope.pt")
