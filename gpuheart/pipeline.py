@@ -15,7 +15,7 @@ import warnings
 from collections import defaultdict
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -1027,7 +1027,6 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     device = backend.resolve_device(cfg.device)
     nz, step = scan.shape[0], cfg.slab_size
     starts = range(ck.next_z, nz, step)
-    last = time.monotonic()
     # planned from free device memory, and shrunk for good after a device out-of-memory error
     budget = {"slices": plan_slices(step, scan.shape, backend.device_free_bytes() if device == "cuda" else None)}
     # read in a background thread (its time is "read", overlapped) and, on CUDA, copied to the device on
@@ -1035,19 +1034,23 @@ def _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck):
     c = _context(model)
     # a 2.5-D U-Net needs c neighbouring slices beyond each end of the slab (read with it: a z-halo)
     reads = _timed(((z0, scan.read_slab(channel, *_read_range(z0, step, nz, c))) for z0 in starts), timer, "read")
-    slabs = _timed(backend.prefetch(reads, device), timer, "input wait")
-    for z0, x in _progress(slabs, cfg.progress, f"{channel} slabs", total=len(starts)):
-        halo = _halo(z0, x.shape[0], min(step, nz - z0), c)
-        acc.add_raw(z0, x[halo[0]:x.shape[0] - halo[1]])
-        for z, products in _pieces_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo):
-            with timer("write"):
-                writers.write(z, products)
-            acc.add(z, products)
-            del products   # a piece's device arrays go before the next piece is computed
-        if time.monotonic() - last >= cfg.checkpoint_seconds:
-            with timer("checkpoint"):
-                ck.save(z0 + min(step, nz - z0), acc)
-            last = time.monotonic()
+    last = time.monotonic()
+    # closed on the way out, whatever the way: its reader thread reads the scan, which the caller closes next
+    # (left to the garbage collector, an error or Ctrl-C here kept it reading a closed file)
+    with closing(backend.prefetch(reads, device)) as prefetched:
+        for z0, x in _progress(_timed(prefetched, timer, "input wait"), cfg.progress, f"{channel} slabs",
+                               total=len(starts)):
+            halo = _halo(z0, x.shape[0], min(step, nz - z0), c)
+            acc.add_raw(z0, x[halo[0]:x.shape[0] - halo[1]])
+            for z, products in _pieces_with_retry(x, z0, znorm, cfg, timer, acc, model, budget, halo):
+                with timer("write"):
+                    writers.write(z, products)
+                acc.add(z, products)
+                del products   # a piece's device arrays go before the next piece is computed
+            if time.monotonic() - last >= cfg.checkpoint_seconds:
+                with timer("checkpoint"):
+                    ck.save(z0 + min(step, nz - z0), acc)
+                last = time.monotonic()
     if ck.next_z < nz:  # pass 2 is complete: a run killed in the closings or the mesh does not redo it
         with timer("checkpoint"):
             ck.save(nz, acc)

@@ -251,6 +251,25 @@ def test_the_sparse_nerve_channels_dropout_slice_is_dark_too(tiny_run):
     assert norm["dark_slices"] == [dark] and norm["dark_neighbour_ratio"] == 0.35
 
 
+def test_an_error_in_pass_2_stops_the_slab_reader_before_the_scan_closes(tmp_path, monkeypatch, tiny_run):
+    """The reader thread reads the scan; left running until the garbage collector closed its generator, after
+    an error or Ctrl-C it went on reading a scan the run had closed ('reading array from closed file')."""
+    import threading
+
+    from gpuheart import pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("pass 2 broke")
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(pipeline, "_pieces_with_retry", broken)
+    with pytest.raises(RuntimeError, match="pass 2 broke") as info:
+        Pipeline(_tiny_cfg(slab_size=2)).run(tiny_run.out_dir / "input" / "scan", tmp_path)
+    # while the traceback is held (as by the CLI's handler, or a user's except block), pass 2's frames live on
+    readers = [t for t in set(threading.enumerate()) - before if t.name == "gpuheart-prefetch" and t.is_alive()]
+    assert info.value and not readers
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path, tiny_run):
     cfg = _tiny_cfg("unet")
     cfg.segment.weights = str(tmp_path / "nope.pt")
