@@ -463,6 +463,18 @@ def test_znorm_edges_gradual_falls_and_long_dark_runs_are_not_dips(spreads):
     assert not ZNorm.from_stats(_spreads(*spreads), dark_ratio=0.0).dark.any()
 
 
+def test_znorm_many_dips_are_a_pattern_whose_dim_slices_are_evened_out_not_blanked():
+    """Every other slice 3.3x dimmer (flicker, one side of a dual illumination failing): that is signal for
+    the gains, not 20 dropouts; blanking them would throw away half the stack."""
+    zn = ZNorm.from_stats(_spreads(*[100, 30] * 20))
+    assert not zn.dark.any()
+    np.testing.assert_allclose(zn.gain[1::2] / zn.gain[0::2], 100 / 30)
+    # two dropouts in 40 slices are still dropouts
+    two = [100.0] * 40
+    two[10] = two[30] = 20.0
+    assert list(np.flatnonzero(ZNorm.from_stats(_spreads(*two)).dark)) == [10, 30]
+
+
 def test_preprocess_of_one_slice_zeroes_it_only_when_it_is_the_dark_one():
     stack = _stack_with_dropout(dark=2)
     zn = ZNorm.from_stats([slice_stats(s, z=i) for i, s in enumerate(stack)])
