@@ -141,6 +141,24 @@ def test_median_gpuheart_radix(benchmark, device_slice, monkeypatch):
     _timed_on_device(benchmark, filters.median, device_slice, 15)
 
 
+SLAB = 16  # slices per pass-2 slab in the pipeline (slab_size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_median_gpuheart_slab(benchmark, device_slice, size):
+    """One call on a 16-slice slab, as pass 2 calls it: per slice, the launch and Python overhead of a
+    single-slice call (tens of microseconds) is shared by 16 slices. Time per slice = time / 16."""
+    import cupy as cp
+
+    from gpuheart.filters import median
+
+    slab = cp.ascontiguousarray(cp.broadcast_to(device_slice, (SLAB,) + device_slice.shape))
+    benchmark.group = f"gpu median {device_slice.dtype.name} {size}x{size}, {SLAB}-slice slab (per call)"
+    benchmark.extra_info["slices"] = SLAB
+    benchmark.extra_info["goal_ms_h100_per_slice"] = GOALS_MS[f"median {size}x{size}"]
+    _timed_on_device(benchmark, median, slab, size)
+
+
 # -- CLAHE ----------------------------------------------------------------------------------------
 
 def test_clahe_cucim(benchmark, device_slice_clahe):
@@ -173,6 +191,26 @@ def test_slice_chain_gpuheart(benchmark, device_slice_clahe):
 
     benchmark.group = "gpu per-slice chain uint16 2048"
     benchmark.extra_info["goal_ms_h100"] = GOALS_MS["slice chain"]
+    _timed_on_device(benchmark, chain)
+
+
+def test_slice_chain_gpuheart_slab(benchmark, device_slice_clahe):
+    """The chain on a 16-slice slab, as pass 2 runs it (per slice = time / 16)."""
+    import cupy as cp
+
+    from gpuheart import exposure, filters, segment
+
+    x = cp.ascontiguousarray(cp.broadcast_to(device_slice_clahe, (SLAB,) + device_slice_clahe.shape))
+    znorm = exposure.ZNorm.from_stats([exposure.slice_stats(device_slice_clahe.get(), z=z) for z in range(SLAB)])
+
+    def chain():
+        pre = exposure.preprocess(x, znorm, 0)
+        dom = filters.difference_of_medians(pre, 3, 15)
+        return dom > segment.dom_thresholds(dom, "otsu")
+
+    benchmark.group = f"gpu per-slice chain uint16 2048, {SLAB}-slice slab (per call)"
+    benchmark.extra_info["slices"] = SLAB
+    benchmark.extra_info["goal_ms_h100_per_slice"] = GOALS_MS["slice chain"]
     _timed_on_device(benchmark, chain)
 
 

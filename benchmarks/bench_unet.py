@@ -35,14 +35,21 @@ def _slab(n_slices: int, size: int = 2048, device: str = "cpu"):
     return backend.to_device(x, device)
 
 
-def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2, amp=None, batch_size=None) -> dict:
-    """Time ``predict`` on ``n_slices`` slices of ``size``² with 256 tiles (overlap 0: tiles = pixels / 256²)."""
+_MODELS: dict = {}
+
+
+def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2, amp=None, batch_size=None,
+                     compile=None) -> dict:
+    """Time ``predict`` on ``n_slices`` slices of ``size``² with 256 tiles (overlap 0: tiles = pixels / 256²).
+    One model object per device, so a compiled model is compiled once (in the untimed warm-up)."""
     dev = backend.resolve_device(device)
-    model, x = _model(), _slab(n_slices, size, dev)
+    model, x = _MODELS.setdefault(dev, _model()), _slab(n_slices, size, dev)
     grid = unet.tile_grid((size, size), 256, overlap)
     n_tiles = n_slices * len(grid.starts_y) * len(grid.starts_x)
-    kw = dict(tile=256, overlap=overlap, device=dev, amp=amp, batch_size=batch_size)
-    unet.predict(model, x, **kw)  # warm-up (cuDNN autotune, allocations) on the shapes timed below
+    kw = dict(tile=256, overlap=overlap, device=dev, amp=amp, batch_size=batch_size, compile=compile)
+    t0 = time.perf_counter()
+    unet.predict(model, x, **kw)  # warm-up (compilation, cuDNN autotune, allocations) on the shapes timed below
+    warmup = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeats):
         if dev == "cuda":
@@ -55,7 +62,8 @@ def tiles_per_second(n_slices=1, size=1024, device="auto", overlap=0, repeats=2,
             cupy.cuda.Device().synchronize()
         best = min(best, time.perf_counter() - t0)
     return {"device": dev, "tiles": n_tiles, "seconds": best, "tiles_per_s": n_tiles / best,
-            "bf16": dev == "cuda" if amp is None else bool(amp) and (dev == "cuda" or unet._cpu_bf16())}
+            "bf16": dev == "cuda" if amp is None else bool(amp) and (dev == "cuda" or unet._cpu_bf16()),
+            "compiled": unet._use_compile(compile, __import__("torch").device(dev)), "warmup_s": warmup}
 
 
 def inference_tile_vs_256(size: int, repeats: int = 3) -> dict:
@@ -97,18 +105,14 @@ def test_unet_inference_cuda(benchmark):
 
 
 def cuda_sweep() -> list[dict]:
-    """Tiles/s on the GPU for fixed batch sizes, with and without cuDNN autotuning, side by side in one run:
-    the data to check the automatic batch size against (and whether predict should turn autotuning on)."""
-    import torch
-
+    """Tiles/s on the GPU of the uncompiled model for fixed batch sizes, side by side in one run: the data to
+    check the automatic batch size against. (Compiled, each batch shape would compile again: ~20 s each.)
+    cuDNN autotuning made no difference on an H200 (2026-11-27), so it is no longer swept."""
     rows = []
-    for bench in (False, True):
-        torch.backends.cudnn.benchmark = bench
-        for bs in (32, 64, 128, 256, 512, None):
-            r = tiles_per_second(n_slices=8, size=2048, device="cuda", batch_size=bs)
-            rows.append({"cudnn_benchmark": bench, "batch_size": bs or "auto", "tiles_per_s": round(r["tiles_per_s"])})
-            print(rows[-1], flush=True)
-    torch.backends.cudnn.benchmark = False
+    for bs in (64, 256, 512, None):
+        r = tiles_per_second(n_slices=8, size=2048, device="cuda", batch_size=bs, compile=False)
+        rows.append({"compiled": False, "batch_size": bs or "auto", "tiles_per_s": round(r["tiles_per_s"])})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -126,6 +130,9 @@ def main() -> int:
 
         r["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         r["auto_batch_size"] = unet._auto_batch_size(_model(), 256, __import__("torch").device("cuda"))
+        # side by side in this run: the same predict with torch.compile off (the default before 2026-11-27)
+        r["uncompiled"] = tiles_per_second(n_slices=8, size=2048, device=dev, compile=False)
+        r["compiled_speedup"] = r["tiles_per_s"] / r["uncompiled"]["tiles_per_s"]
         r["sweep"] = cuda_sweep()
     r.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              torch_threads=__import__("torch").get_num_threads(), date=time.strftime("%Y-%m-%d"))

@@ -221,6 +221,23 @@ def synchronizer(device: str):
     return lambda: cp.cuda.get_current_stream().synchronize()
 
 
+def reduce_rows(flat, op: str):
+    """``flat.<op>(axis=1)`` for ``op`` in min, max, all, any, of a (rows, n) NumPy or CuPy array.
+
+    CuPy reduces each row of an axis reduction in one thread block (CUB's segmented reduce): on an H200
+    that took 0.8 ms for one 2048 x 2048 float32 slice, a quarter of the preprocessing. Cut into k
+    chunks, the rows become rows x k segments reduced in parallel, then k per row. These operations
+    are exact in any order, so the result is the same (NaN propagates through min/max as before).
+    """
+    import math
+
+    rows, n = flat.shape
+    k = math.gcd(n, 4096)
+    if k < 64 or n // k < 64:
+        return getattr(flat, op)(axis=1)
+    return getattr(getattr(flat.reshape(rows, k, n // k), op)(axis=2), op)(axis=1)
+
+
 def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     """A NumPy array for ``x`` (a device->host copy for CuPy arrays, none for NumPy)."""
     if is_device_array(x):

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from .backend import (array_module, device_of, is_device_array, is_device_oom, load_module, native_byte_order,
-                      to_device, to_host)
+                      reduce_rows, to_device, to_host)
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
@@ -226,7 +226,7 @@ class ZNorm:
         out *= g
         out += np.float32(self.background)
         if out.dtype.kind == "f" and x.dtype.kind in "fc":
-            finite = xp.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
+            finite = reduce_rows(xp.isfinite(out).reshape(out.shape[0], -1), "all")
             if not bool(finite.all()):
                 z = z0 + int(to_host(xp.flatnonzero(~finite))[0])
                 n = int(xp.count_nonzero(~xp.isfinite(x[z - z0])))
@@ -762,6 +762,7 @@ KERNEL_ENTRIES = {"clahe.cu": _CLAHE_ENTRIES, "elementwise.cu": _ELEMENTWISE_ENT
 _ZNORM_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.int16): "i16",
                  np.dtype(np.int32): "i32", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _warned: set[str] = set()
+_LEVEL_COUNT_CHUNK = 32768   # pixels per block and pass of clahe_level_counts (GH_COUNT_CHUNK in clahe.cu)
 
 
 def _try_cuda(what: str, fn, *args):
@@ -813,7 +814,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     flat = x3.reshape(nz, -1)
     # one device->host copy for both ends of every slice; a NaN or an infinity shows in them, so the
     # finiteness check needs no pass (nor copy) of its own
-    lo_all, hi_all = cp.asnumpy(cp.stack([flat.min(axis=1), flat.max(axis=1)]))
+    lo_all, hi_all = cp.asnumpy(cp.stack([reduce_rows(flat, "min"), reduce_rows(flat, "max")]))
     if dt.kind == "f":
         bad = ~(np.isfinite(lo_all) & np.isfinite(hi_all))
         if bad.any():  # the CPU raises on the first such slice, with its count
@@ -878,13 +879,14 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
         del maps, bins
         if robust is not None:
             counts = cp.zeros((nc, NR_OF_GRAY), cp.uint32)
-            mod.get_function("clahe_level_counts")(grid, block, (levels, np.int64(plane), counts))
+            count_grid = (min(-(-plane // _LEVEL_COUNT_CHUNK), 2048), nc)
+            mod.get_function("clahe_level_counts")(count_grid, (256,), (levels, np.int64(plane), counts))
             tabs = [_robust_level_table(c, float_dtype, *robust, final_tables) for c in cp.asnumpy(counts)]
             mod.get_function("clahe_final_u8")(grid, block, (levels, cp.asarray(np.stack(tabs)), np.int64(plane),
                                                              out[c0:c1]))
             continue
         lflat = levels.reshape(nc, -1)
-        lmin, lmax = cp.asnumpy(cp.stack([lflat.min(axis=1), lflat.max(axis=1)]))
+        lmin, lmax = cp.asnumpy(cp.stack([reduce_rows(lflat, "min"), reduce_rows(lflat, "max")]))
         ftabs = []
         for a, b in zip(lmin, lmax):
             key = (float(a), float(b))
@@ -925,7 +927,7 @@ def _robust_scale_cuda(x, low: float, high: float):
     nz = x3.shape[0]
     s = cp.ascontiguousarray(x3.astype(cp.float32, copy=False))  # as the CPU: float32 first
     flat = s.reshape(nz, -1)
-    bad = cp.asnumpy(~cp.isfinite(flat).all(axis=1))
+    bad = cp.asnumpy(~reduce_rows(cp.isfinite(flat), "all"))
     if bad.any():
         raise ValueError(f"robust_scale: slice {int(np.flatnonzero(bad)[0])} has NaN/Inf pixels")
     n = flat.shape[1]

@@ -208,3 +208,25 @@ def test_to_host_out_fills_and_returns_the_given_array():
     out = np.zeros_like(x)
     assert backend.to_host(x, out=out) is out
     np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("shape", [(3, 4096 * 64), (2, 2048 * 2048 // 64), (4, 2000), (1, 64 * 64 + 7)])
+@pytest.mark.parametrize("op", ["min", "max", "all", "any"])
+def test_reduce_rows_equals_the_axis_reduction(shape, op):
+    from gpuheart.backend import reduce_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    if op in ("all", "any"):
+        x = x > (2.5 if op == "any" else -2.5)
+    got = reduce_rows(x, op)
+    np.testing.assert_array_equal(got, getattr(x, op)(axis=1))
+
+
+def test_reduce_rows_propagates_nan_like_the_axis_reduction():
+    from gpuheart.backend import reduce_rows
+
+    x = np.ones((2, 4096 * 64), np.float32)
+    x[1, 12345] = np.nan
+    for op in ("min", "max"):
+        np.testing.assert_array_equal(reduce_rows(x, op), getattr(x, op)(axis=1))

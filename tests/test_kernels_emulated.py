@@ -238,3 +238,20 @@ def test_robust_scale_kernel_in_slice_chunks(dev, monkeypatch):
     np.testing.assert_array_equal(dev(ex._robust_scale_cuda, x, 0.1, 99.9), ex.robust_scale(x))
     grids = [grid for n, grid, *_ in dev.launches["elementwise.cu"] if n == "robust_scale_f32"]
     assert [g[1] for g in grids] == [3, 3, 1]
+
+
+def test_level_counts_kernel_loops_over_chunks_and_keeps_16_bit_counters_from_overflowing(modules):
+    """clahe_level_counts counts chunks of 32768 pixels in shared 16-bit counters: with fewer blocks than
+    chunks each block loops, a level filling a whole chunk (32768 of one value) must not carry into its
+    neighbour's half-word, and the partial last chunk ends at the slice's end."""
+    rng = np.random.default_rng(0)
+    plane = 3 * ex._LEVEL_COUNT_CHUNK + 1234
+    levels = rng.integers(0, 16384, (2, plane)).astype(np.uint16)
+    levels[0, :ex._LEVEL_COUNT_CHUNK] = 4097           # one chunk of a single odd level (high half-word)
+    levels[0, ex._LEVEL_COUNT_CHUNK:2 * ex._LEVEL_COUNT_CHUNK] = 4096   # and of its even neighbour
+    levels[1, ::7] = 16383
+    counts = np.zeros((2, 16384), np.uint32)
+    kern = modules["clahe.cu"].get_function("clahe_level_counts")
+    kern((2, 2), (256,), (levels, np.int64(plane), counts))   # 2 blocks per slice for 4 chunks
+    for z in range(2):
+        np.testing.assert_array_equal(counts[z], np.bincount(levels[z], minlength=16384))

@@ -2,6 +2,7 @@
 import csv
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1018,3 +1019,87 @@ def test_last_pt_given_as_weights_or_init_points_to_best_pt(tmp_path):
         unet.load_weights(last)
     with pytest.raises(ValueError, match=r"training state .*: use best.pt"):
         unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1, init=str(last)), tmp_path / "b", progress=False)
+
+
+# -- torch.compile on the GPU ------------------------------------------------------------------------------
+
+class _RecordingCompile:
+    """Stands in for torch.compile: records the batch shapes the compiled model is called with, or fails."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.compiled, self.shapes, self.fail = 0, [], fail
+
+    def __call__(self, model, **kw):
+        self.compiled += 1
+
+        def run(x):
+            self.shapes.append(tuple(x.shape))
+            if self.fail is not None:
+                raise self.fail
+            return model(x)
+        return run
+
+
+def test_compiled_prediction_pads_every_batch_to_one_shape_and_compiles_once(monkeypatch):
+    fake = _RecordingCompile()
+    monkeypatch.setattr(unet.torch, "compile", fake)
+    monkeypatch.setattr(unet, "_compiled_models", type(unet._compiled_models)())
+    torch.manual_seed(0)
+    model = UNet(depth=2, width=4, norm="group").eval()
+    slab = np.random.default_rng(1).integers(0, 256, (3, 100, 130), dtype=np.uint8)
+    ref = predict(model, slab, tile=64, overlap=16, batch_size=5, device="cpu", compile=False)
+    got = predict(model, slab, tile=64, overlap=16, batch_size=5, device="cpu", compile=True)
+    again = predict(model, slab[:2], tile=64, overlap=16, batch_size=5, device="cpu", compile=True)
+    assert fake.compiled == 1                             # one compilation per model, kept across calls
+    assert set(fake.shapes) == {(5, 1, 64, 64)}           # 3 x 9 tiles = 27: the last batch of 2 padded to 5
+    np.testing.assert_allclose(got, ref, atol=1e-5)       # padding tiles change nothing (GroupNorm is per tile)
+    np.testing.assert_allclose(again, ref[:2], atol=1e-5)
+
+
+def test_a_compile_failure_warns_once_and_predicts_uncompiled(monkeypatch):
+    fake = _RecordingCompile(fail=RuntimeError("no working triton installation"))
+    monkeypatch.setattr(unet.torch, "compile", fake)
+    monkeypatch.setattr(unet, "_compiled_models", type(unet._compiled_models)())
+    monkeypatch.setattr(unet, "_warned", set())
+    model = _tiny()
+    image = np.random.default_rng(2).integers(0, 256, (90, 70), dtype=np.uint8)
+    ref = predict(model, image, tile=64, overlap=16, device="cpu", compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the U-Net failed.*triton"):
+        got = predict(model, image, tile=64, overlap=16, device="cpu", compile=True)
+    np.testing.assert_array_equal(got, ref)
+    calls = len(fake.shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(predict(model, image, tile=64, overlap=16, device="cpu", compile=True), ref)
+    assert len(fake.shapes) == calls and fake.compiled == 1   # not tried again for this model
+
+
+def test_a_device_oom_in_the_compiled_model_is_not_taken_for_a_compile_failure(monkeypatch):
+    """The pipeline shrinks its slabs and retries on an out-of-memory error; a fallback would hide it."""
+    monkeypatch.setattr(unet.torch, "compile", _RecordingCompile(fail=torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(unet, "_compiled_models", type(unet._compiled_models)())
+    with pytest.raises(torch.OutOfMemoryError):
+        predict(_tiny(), np.zeros((64, 64), np.uint8), tile=64, overlap=16, device="cpu", compile=True)
+
+
+def test_compile_is_on_for_cuda_by_default_and_off_on_the_cpu_or_by_environment(monkeypatch):
+    monkeypatch.delenv("GPUHEART_UNET_COMPILE", raising=False)
+    assert unet._use_compile(None, torch.device("cuda")) and not unet._use_compile(None, torch.device("cpu"))
+    assert not unet._use_compile(False, torch.device("cuda")) and unet._use_compile(True, torch.device("cpu"))
+    monkeypatch.setenv("GPUHEART_UNET_COMPILE", "0")
+    assert not unet._use_compile(None, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.real_gpu(reason="torch.compile for CUDA (Triton kernels)")
+def test_compiled_gpu_prediction_agrees_with_uncompiled():
+    cp = pytest.importorskip("cupy")
+    model = unet.load_default()
+    thr = model.meta["threshold"]
+    slab = cp.asarray(np.random.default_rng(3).integers(0, 256, (2, 300, 260), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # a compile failure must fail this test, not fall back
+        compiled = predict(model, slab, compile=True)
+    eager = predict(model, slab, compile=False)
+    assert float(((compiled > thr) != (eager > thr)).mean()) < 1e-3
+    assert float(abs(compiled - eager).max()) < 0.05
