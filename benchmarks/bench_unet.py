@@ -116,6 +116,15 @@ def cuda_sweep() -> list[dict]:
     return rows
 
 
+def _sibling_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_gpuheart_bench_conftest", Path(__file__).with_name("conftest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> int:
     dev = backend.resolve_device("auto")
     r = tiles_per_second(n_slices=8 if dev == "cuda" else 1, size=2048 if dev == "cuda" else 1024, device=dev)
@@ -129,6 +138,7 @@ def main() -> int:
         import cupy
 
         r["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        r["device_label"], r["device_name"] = _sibling_conftest().slug(r["gpu"]), r["gpu"]   # as the other results
         r["auto_batch_size"] = unet._auto_batch_size(_model(), 256, __import__("torch").device("cuda"))
         # side by side in this run: the same predict with torch.compile off (the default before 2026-11-27)
         r["uncompiled"] = tiles_per_second(n_slices=8, size=2048, device=dev, compile=False)
@@ -136,7 +146,7 @@ def main() -> int:
         r["sweep"] = cuda_sweep()
     r.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              torch_threads=__import__("torch").get_num_threads(), date=time.strftime("%Y-%m-%d"))
-    out = Path(__file__).parent / "results" / f"{name}-unet.json"
+    out = Path(__file__).parent / "results" / f"{r.get('device_label', name)}-unet.json"
     out.write_text(json.dumps(r, indent=2))
     print(json.dumps(r, indent=2))
     return 0

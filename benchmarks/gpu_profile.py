@@ -1,6 +1,6 @@
 """Where the GPU time goes: U-Net forward variants and the per-slice chain, by kernel (diagnostics for a lent GPU).
 
-    PYTHONPATH=. python3 benchmarks/gpu_profile.py OUT.json
+    PYTHONPATH=. python3 benchmarks/gpu_profile.py OUT.json [--only chain|unet]
 
 Not a benchmark of record: it answers "what to change" questions. U-Net: 256 tiles of 256x256 through the
 shipped model in several precision / memory-layout / compile variants, forward only, each best of 10 after
@@ -228,9 +228,16 @@ def chain_profile(out):
 def main():
     import cupy as cp
 
-    dest = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-profile.json")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default="gpu-profile.json")
+    ap.add_argument("--only", choices=("chain", "unet"), help="one part (default: both)")
+    args = ap.parse_args()
+    dest = Path(args.out)
     out = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "date": time.strftime("%Y-%m-%d")}
-    for part in (chain_profile, unet_variants):
+    parts = {"chain": chain_profile, "unet": unet_variants}
+    for part in [parts[args.only]] if args.only else parts.values():
         try:
             part(out)
         except Exception:

@@ -6,9 +6,10 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-carry/dask-wheels \
 #     dask==2026.8.0 distributed==2026.8.0 dask-cuda partd locket tblib zict tornado
 # then: run(carry=[".gpu-carry"], timeout_s=580, command="bash benchmarks/gpu_session.sh")
-# It writes at most 7 files to $OUT (the device tool's folder that comes back; benchmarks/results/gpu-session
+# It writes at most 8 files to $OUT (the device tool's folder that comes back; benchmarks/results/gpu-session
 # when unset): device.txt, gpu-tests.log, the benchmark JSON + markdown named after the GPU, unet.json,
-# pipeline.json, session.log. Each step has its own time limit so one slow step cannot eat the others, and
+# chain-profile.json, pipeline.json, session.log. Each step has its own time limit so one slow step cannot eat
+# the others, and
 # the last steps get what is left of BUDGET seconds; copy the JSON into benchmarks/results/ and regenerate
 # docs/benchmarks.md (python benchmarks/summarize.py).
 set -u
@@ -41,12 +42,14 @@ step 150 env OMP_NUM_THREADS=2 $PY -m pytest -q -rfEs -m gpu -p no:cacheprovider
   > "$OUT/gpu-tests.log" 2>&1
 tail -15 "$OUT/gpu-tests.log"
 # 2. U-Net inference tiles/s (bf16, automatic batch size, and a sweep of batch sizes)
-step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/cuda-unet.json "$OUT/unet.json"
+step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/nvidia-*-unet.json "$OUT/unet.json"
 # 3. kernels against cupyx / cuCIM on 2048x2048 slices, closings against cupyx on a 48x1024x1024 mask
 #    (writes <gpu>-<date>.json/.md into $OUT)
 step 80 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
   benchmarks/bench_morphology.py::test_closings_gpu --benchmark-only \
   --benchmark-min-rounds=5 --benchmark-max-time=0.5
+# 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
+step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain > /dev/null 2>&1
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
 #    full-scan projection and the device memory peaks (keeps 40 s for step 5)
 step "$(left 40)" $PY benchmarks/bench_pipeline.py --slices 16 --device cuda --mesh --no-tracemalloc \
