@@ -372,11 +372,23 @@ def section_unet(e) -> list[str]:
                f"{b['tiles_per_s']:.1f} ({d.get('bf16_speedup', 0):.1f}x, same run) |"]
               if (b := d.get("bf16_autocast")) else []),
             "",
+            *_unet_compiled(d),
             *_unet_tiles(d),
             *_unet_sweep(d),
             "Not a result: the project's reference point for a GPU is a figure quoted in its issues, about 6,600 "
-            "tiles/s for a plain 16-channel U-Net in bf16 on an H100; gpuheart has not been run on a GPU.",
+            "tiles/s for a plain 16-channel U-Net in bf16 on an H100, not measured here.",
             ""]
+
+
+def _unet_compiled(d: dict) -> list[str]:
+    """The default (torch.compile on CUDA) against the same predict uncompiled, side by side in one run."""
+    u = d.get("uncompiled")
+    if not u:
+        return []
+    return [f"`torch.compile` (the default on CUDA since 2026-11-27): {d['tiles_per_s']:,.0f} tiles/s, against "
+            f"{u['tiles_per_s']:,.0f} uncompiled in the same run ({d.get('compiled_speedup', 0):.1f}x); compiling "
+            f"took {d.get('warmup_s', 0):.0f} s once (the untimed warm-up call). Automatic batch size: "
+            f"{d.get('auto_batch_size', '?')} tiles.", ""]
 
 
 def _unet_tiles(d: dict) -> list[str]:
@@ -393,14 +405,19 @@ def _unet_tiles(d: dict) -> list[str]:
 
 
 def _unet_sweep(d: dict) -> list[str]:
-    """The GPU batch-size sweep (bench_unet.cuda_sweep), one row per batch size, autotuning off and on."""
+    """The GPU batch-size sweep (bench_unet.cuda_sweep), one row per batch size: uncompiled (since 2026-11-27),
+    or in older results autotuning off and on."""
     rows = d.get("sweep") or []
     if not rows:
         return []
+    auto = d.get("auto_batch_size", "?")
+    if "compiled" in rows[0]:
+        return ["Uncompiled, by batch size (same run):", "", "| batch size | tiles/s |", "|---|---:|",
+                *[f"| {r['batch_size']}{f' (= {auto})' if r['batch_size'] == 'auto' else ''} | {r['tiles_per_s']} |"
+                  for r in rows], ""]
     by = {}
     for r in rows:
         by.setdefault(str(r["batch_size"]), {})[r["cudnn_benchmark"]] = r["tiles_per_s"]
-    auto = d.get("auto_batch_size", "?")
     return ["| batch size | tiles/s | tiles/s with cuDNN autotuning |", "|---|---:|---:|",
             *[f"| {bs}{f' (= {auto})' if bs == 'auto' else ''} | {v.get(False, '-')} | {v.get(True, '-')} |"
               for bs, v in by.items()], ""]
