@@ -235,7 +235,10 @@ def main():
     ap.add_argument("--only", choices=("chain", "unet"), help="one part (default: both)")
     args = ap.parse_args()
     dest = Path(args.out)
-    out = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "date": time.strftime("%Y-%m-%d")}
+    gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    label = __import__("re").sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")   # as benchmarks/conftest.py's slug
+    out = {"kind": "gpu-profile", "gpu": gpu, "device_label": label, "device_name": gpu,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
     parts = {"chain": chain_profile, "unet": unet_variants}
     for part in [parts[args.only]] if args.only else parts.values():
         try:

@@ -31,7 +31,7 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 # -- reading -----------------------------------------------------------------------------------------
 
 def kind_of(doc: dict, path: Path) -> str:
-    if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap"):
+    if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile"):
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
@@ -518,6 +518,30 @@ def section_session(e) -> list[str]:
         goal = (b.get("extra_info") or {}).get("goal_ms_h100")
         out.append(f"| {g} | `{b['name']}` | {ms(s['min'])} | {ms(s['median'])} | {s['rounds']} | "
                    f"{s['median'] / best[g]:.2f} | {f'<= {goal} ms (H100)' if goal else ''} |")
+    return out + [""] + [f"- {n}" for n in d.get("notes", [])] + ([""] if d.get("notes") else [])
+
+
+def section_gpu_profile(e) -> list[str]:
+    """benchmarks/gpu_profile.py --only chain: each step of the per-slice chain, wall clock against the GPU's
+    own timeline (CUDA events), and the kernels' summed GPU time."""
+    d = e["doc"]
+    before = {r["step"]: r for r in (d.get("before") or {}).get("chain_steps_2048_uint16", [])}
+    out = ["### Per-slice chain by step (diagnostics, benchmarks/gpu_profile.py)", "",
+           f"Measured {e['when']} on {d.get('gpu', '?')} ({src(e)}): one 2048x2048 uint16 slice on the device, "
+           "best of 20 calls with a synchronize (wall) and of 10 between CUDA events (GPU timeline, idle gaps "
+           "included).", ""]
+    if before:
+        b = d["before"]
+        out += [f"'Before': {b.get('what', 'an earlier run')} ({b.get('source', '?')}); not side by side.", ""]
+    out += ["| step | wall, ms | events, ms |" + (" before: wall, ms |" if before else ""),
+            "|---|---:|---:|" + ("---:|" if before else "")]
+    for r in d.get("chain_steps_2048_uint16", []):
+        b = before.get(r["step"], {})
+        out.append(f"| {r['step']} | {r.get('wall_ms', '-')} | {r.get('events_ms', '-')} |"
+                   + (f" {b.get('wall_ms', '-')} |" if before else ""))
+    out.append("")
+    for n in d.get("notes", []):
+        out.append(f"- {n}")
     return out + [""]
 
 
@@ -526,8 +550,8 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage,
-            "pipeline-graph-overlap": section_graph_overlap}
-ORDER = ["pipeline", "pipeline-graph-overlap", "median", "morphology", "clahe", "io", "mesh", "mesh-stage", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
+            "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile}
+ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "io", "mesh", "mesh-stage", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
          "pytest-benchmark"]
 
 
