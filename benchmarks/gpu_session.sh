@@ -43,17 +43,19 @@ xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 6 --dist load)
 step 150 env OMP_NUM_THREADS=2 GPUHEART_UNET_COMPILE=0 $PY -m pytest -q -rfEs -m gpu -p no:cacheprovider "${xdist[@]}" tests/ \
   > "$OUT/gpu-tests.log" 2>&1
 tail -15 "$OUT/gpu-tests.log"
-# 2. U-Net inference tiles/s (bf16, automatic batch size, and a sweep of batch sizes)
-step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/nvidia-*-unet.json "$OUT/unet.json"
-# 3. kernels against cupyx / cuCIM on 2048x2048 slices, closings against cupyx on a 48x1024x1024 mask
-#    (writes <gpu>-<date>.json/.md into $OUT)
-step 80 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
+# 2. kernels against cupyx / cuCIM on 2048x2048 slices and 16-slice slabs, closings against cupyx on a
+#    48x1024x1024 mask (writes <gpu>-<date>.json/.md into $OUT at the end only: 29 entries took over 80 s on an
+#    H200 on 2026-11-27, cuCIM's CLAHE and preprocessing ~0.65 s a call, so it has 150 s)
+step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
   benchmarks/bench_morphology.py::test_closings_gpu --benchmark-only \
-  --benchmark-min-rounds=5 --benchmark-max-time=0.5
+  --benchmark-min-rounds=5 --benchmark-max-time=0.25
+# 3. U-Net inference tiles/s (bf16, automatic batch size, compiled and not, and a sweep of batch sizes; ~40 s)
+step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/nvidia-*-unet.json "$OUT/unet.json"
 # 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
 step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain > /dev/null 2>&1
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
-#    full-scan projection and the device memory peaks (keeps 40 s for step 5)
+#    full-scan projection and the device memory peaks (keeps 40 s for step 5). It needs ~150 s: writing the
+#    scan ~40 s, the warm-up ~25 s (compiling the U-Net), the run ~70 s (H200, 2026-11-27).
 step "$(left 40)" $PY benchmarks/bench_pipeline.py --slices 16 --device cuda --mesh --no-tracemalloc \
   --out "$OUT/pipeline.json"
 # 5. dask-cuda's LocalCUDACluster against a local GPU run (wheels in .gpu-carry/dask-wheels, if carried)
