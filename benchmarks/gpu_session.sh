@@ -52,7 +52,7 @@ step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py 
 # 3. U-Net inference tiles/s (bf16, automatic batch size, compiled and not, and a sweep of batch sizes; ~40 s)
 step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/nvidia-*-unet.json "$OUT/unet.json"
 # 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
-step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain > /dev/null 2>&1
+step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
 #    full-scan projection and the device memory peaks (keeps 40 s for step 5). It needs ~150 s: writing the
 #    scan ~40 s, the warm-up ~25 s (compiling the U-Net), the run ~70 s (H200, 2026-11-27).
