@@ -306,13 +306,10 @@ def _block_reader(read_slab: ReadSlab, shape, k: int, level: float, slab_size: i
 
 # -- measures ----------------------------------------------------------------------------------
 
-def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Signed volume of the tetrahedron each face spans with the origin; their sum is the enclosed volume."""
-    # np.einsum("ij,ij->i", a, np.cross(b, c)) with the cross product done as np.cross does it (the same
-    # bits) but on contiguous coordinate columns: three times as fast as np.cross on (n, 3) rows
-    vt = np.ascontiguousarray(vertices.T)
-    (b0, b1, b2), (c0, c1, c2) = ([vt[k][faces[:, i]] for k in range(3)] for i in (1, 2))
-    cross = np.empty((len(faces), 3), vt.dtype)
+def _cross_columns(b0, b1, b2, c0, c1, c2) -> np.ndarray:
+    """np.cross(b, c) of (n, 3) rows given as coordinate columns, with np.cross's operations in its order (the
+    same bits): three times as fast as np.cross on rows."""
+    cross = np.empty((len(b0), 3), np.result_type(b0, c0))
     x = b1 * c2
     x -= b2 * c1
     cross[:, 0] = x
@@ -322,7 +319,23 @@ def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     np.multiply(b0, c1, out=x)
     x -= b1 * c0
     cross[:, 2] = x
-    return np.einsum("ij,ij->i", vertices[faces[:, 0]], cross) / 6.0
+    return cross
+
+
+def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Signed volume of the tetrahedron each face spans with the origin; their sum is the enclosed volume."""
+    vt = np.ascontiguousarray(vertices.T)
+    b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in (1, 2))
+    return np.einsum("ij,ij->i", vertices[faces[:, 0]], _cross_columns(*b, *c)) / 6.0
+
+
+def _face_norms(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """|(b - a) x (c - a)| of each face (twice its area): ``np.linalg.norm(np.cross(b - a, c - a), axis=1)``,
+    bit for bit, from coordinate columns."""
+    vt = np.ascontiguousarray(vertices.T)
+    a, b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in range(3))
+    cross = _cross_columns(*(b[k] - a[k] for k in range(3)), *(c[k] - a[k] for k in range(3)))
+    return np.linalg.norm(cross, axis=1)
 
 
 def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
@@ -331,8 +344,7 @@ def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
 
 
 def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    return float(np.linalg.norm(np.cross(b - a, c - a), axis=1).sum() / 2.0)
+    return float(_face_norms(vertices, faces).sum() / 2.0)
 
 
 def edge_face_counts(faces: np.ndarray) -> np.ndarray:
@@ -377,15 +389,16 @@ def _vertex_labels(n_vertices: int, faces: np.ndarray, flab: np.ndarray) -> np.n
 
 
 def solid_components(vertices: np.ndarray, faces: np.ndarray, voxel_size,
-                     ) -> tuple[int, np.ndarray]:
+                     face_volumes: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """Components of the solid: :func:`mesh_components`, except that the inner surface of each
     enclosed cavity (a closed surface of negative volume) joins the component around it.
 
     For meshes of :func:`marching_cubes_slabs` / :func:`marching_cubes_volume` made with this
     ``voxel_size``: the enclosing component is found along the voxel grid lines (:func:`_cavity_owners`).
+    ``face_volumes``: :func:`_face_volumes` of this mesh, if the caller has it.
     """
     n, flab = mesh_components(faces, len(vertices))
-    vol = np.bincount(flab, _face_volumes(vertices, faces), n)
+    vol = np.bincount(flab, _face_volumes(vertices, faces) if face_volumes is None else face_volumes, n)
     cav = np.flatnonzero(vol < 0)
     if len(cav) == 0:
         return n, flab
@@ -457,15 +470,21 @@ def _drop_small(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, min
                 dropped: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Remove the components (per-face ``labels``) with fewer than ``min_faces`` faces (their count in
     ``dropped["small"]`` if given)."""
+    v, f, labels, _ = _drop_small_keeping(vertices, faces, labels, min_faces, dropped)
+    return v, f, labels
+
+
+def _drop_small_keeping(vertices, faces, labels, min_faces: int, dropped: dict | None = None, per_face=None):
+    """:func:`_drop_small`, also filtering an array of per-face values (None stays None)."""
     if len(faces) == 0:
-        return vertices, faces, labels
+        return vertices, faces, labels, per_face
     n, lab = _dense(labels)
     big = np.bincount(lab, minlength=n) >= min_faces
     if dropped is not None:
         dropped["small"] = int(np.count_nonzero(~big))
     keep = big[lab]
     v, f = compact(vertices, faces[keep])
-    return v, f, labels[keep]
+    return v, f, labels[keep], None if per_face is None else per_face[keep]
 
 
 def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_faces: int = 20,
@@ -601,6 +620,7 @@ COMPONENT_CSV_HEADER = ("component", "faces", "vertices", "surface_area_um2", "v
 
 
 def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray | None = None,
+                    face_norms: np.ndarray | None = None, face_volumes: np.ndarray | None = None,
                     ) -> dict[str, np.ndarray]:
     """Per mesh component (largest face count first, numbered from 1): faces, vertices, surface
     area (µm²), enclosed volume (µm³) and bounding box (µm), as columns of equal length.
@@ -608,16 +628,16 @@ def component_table(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray 
     Components by shared vertices, or by the per-face ``labels`` given (:func:`solid_components`:
     a cavity's inner surface counts with the component around it, its volume subtracted).
     Voxel counts are not here on purpose: surface components and voxel components (see
-    ``morphology.label_slabs``) can differ where voxels touch only at a corner.
+    ``morphology.label_slabs``) can differ where voxels touch only at a corner. ``face_norms`` and
+    ``face_volumes``: :func:`_face_norms` and :func:`_face_volumes` of this mesh, if the caller has them.
     """
     n, flab = mesh_components(faces, len(vertices)) if labels is None else _dense(labels)
     cols = {c: np.zeros(n) for c in COMPONENT_COLUMNS}
     if n == 0:
         return cols
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    area = np.bincount(flab, np.linalg.norm(np.cross(b - a, c - a), axis=1) / 2.0, n)
-    del a, b, c
-    vol = np.bincount(flab, _face_volumes(vertices, faces), n)
+    norms = _face_norms(vertices, faces) if face_norms is None else face_norms
+    area = np.bincount(flab, norms / 2.0, n)
+    vol = np.bincount(flab, _face_volumes(vertices, faces) if face_volumes is None else face_volumes, n)
     nf = np.bincount(flab, minlength=n)
     vlab = _vertex_labels(len(vertices), faces, flab)
     used = np.flatnonzero(vlab >= 0)
@@ -648,9 +668,11 @@ def write_component_table(table: dict[str, np.ndarray], path) -> None:
 
 
 def largest_component(vertices: np.ndarray, faces: np.ndarray, by: str = "volume",
-                      labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      labels: np.ndarray | None = None, face_volumes: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """The single component with the largest enclosed volume (``by="volume"``) or face count;
-    components by shared vertices or by the per-face ``labels`` given (:func:`solid_components`)."""
+    components by shared vertices or by the per-face ``labels`` given (:func:`solid_components`);
+    ``face_volumes``: :func:`_face_volumes` of this mesh, if the caller has it."""
     if by not in ("volume", "faces"):
         raise ValueError(f"by must be 'volume' or 'faces', got {by!r}")
     n, flab = mesh_components(faces, len(vertices)) if labels is None else _dense(labels)
@@ -659,7 +681,7 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray, by: str = "volume
     if by == "faces":
         score = np.bincount(flab, minlength=n).astype(float)
     else:
-        score = np.bincount(flab, _face_volumes(vertices, faces), n)
+        score = np.bincount(flab, _face_volumes(vertices, faces) if face_volumes is None else face_volumes, n)
     return compact(vertices, faces[flab == int(np.argmax(score))])
 
 
@@ -879,18 +901,20 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, about "
                       f"{coarse:,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels are "
                       f"lost", RuntimeWarning, stacklevel=2)
-    v, f, n_mc, lab = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k)
-    v, f, lab = _drop_small(v, f, lab, min_faces)
+    v, f, n_mc, lab, fv = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k)
+    v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
-        lv, lf = largest_component(v, f, labels=lab)
+        lv, lf = largest_component(v, f, labels=lab, face_volumes=fv)
         _reduce_and_export(lv, lf, np.zeros(len(lf), np.int64), largest_path, max_faces, min_faces,
                            max_bytes)
+    # per-face measures of the mesh written, once for the table and the totals (each is a pass over its faces)
+    norms, vols = (_face_norms(mv, mf), _face_volumes(mv, mf)) if len(mf) else (None, None)
     if table_path is not None:
-        write_component_table(component_table(mv, mf, mlab), table_path)
+        write_component_table(component_table(mv, mf, mlab, norms, vols), table_path)
     n = _dense(mlab)[0]
     return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
-                     mesh_area(mv, mf) if len(mf) else 0.0, mesh_volume(mv, mf) if len(mf) else 0.0, nbytes,
+                     float(norms.sum() / 2.0) if len(mf) else 0.0, float(vols.sum()) if len(mf) else 0.0, nbytes,
                      k, est)
 
 
@@ -911,14 +935,15 @@ def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, level: flo
 
 def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int):
     """Marching cubes and :func:`solid_components` of the mask, or for k > 1 of its k-block means: (vertices,
-    faces, component count, per-face labels)."""
+    faces, component count, per-face labels, per-face volumes or None where they are not at hand)."""
     if k == 1:
         v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
-        return (v, f, *solid_components(v, f, voxel_size))
+        fv = _face_volumes(v, f)   # kept for the largest component's volumes
+        return (v, f, *solid_components(v, f, voxel_size, fv), fv)
     coarse = tuple(k * np.asarray(voxel_size))
     read, cshape = _block_reader(read_slab, shape, k, level, slab_size)
     v, f = marching_cubes_slabs(read, cshape, slab_size, coarse, COARSE_LEVEL)
     n, lab = solid_components(v, f, coarse)   # on the coarse grid, before the shift takes vertices off it
     # block i's centre is voxel i k + (k - 1) / 2, where the coarse grid puts it at i k
     v += (k - 1) / 2 * np.asarray(voxel_size)[::-1]
-    return v, f, n, lab
+    return v, f, n, lab, None   # the shift changes each face's origin tetrahedron

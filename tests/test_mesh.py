@@ -722,6 +722,20 @@ def test_face_volumes_are_the_einsum_cross_triple_product_bit_for_bit():
         np.testing.assert_array_equal(M._face_volumes(verts, f), np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0)
 
 
+def test_face_norms_are_the_norm_of_np_cross_bit_for_bit():
+    v, f = _blob_mesh()
+    for verts in (v, v.astype(np.float64) * 1.7 - 3.0, v.astype(np.int32)):
+        a, b, c = (verts[f[:, i]] for i in range(3))
+        want = np.linalg.norm(np.cross(b - a, c - a), axis=1)
+        got = M._face_norms(verts, f)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    t = M.component_table(v, f)
+    given = M.component_table(v, f, face_norms=M._face_norms(v, f), face_volumes=M._face_volumes(v, f))
+    for k in t:
+        np.testing.assert_array_equal(given[k], t[k])
+
+
 def test_compact_and_dense_number_as_np_unique_does():
     v, f = _blob_mesh()
     keep = np.random.default_rng(0).random(len(f)) < 0.3   # leaves vertices unused
