@@ -106,14 +106,39 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 (h
     machine_info["gpuheart"] = info
 
 
+_written = {"n": 0}   # benchmark entries already written by this session
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """Write what is measured so far after each benchmark, so a run stopped by a time limit (the GPU
+    session's steps have one) keeps its finished entries; the file merges entries by name."""
+    config = _config.get("config")
+    if config is not None:
+        _save(config, final=False)
+
+
+_config: dict = {}
+
+
+def pytest_configure(config):
+    _config["config"] = config
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Write the day's results for this device (pytest-benchmark's own hook wrapper has already
     computed the stats; with --benchmark-disable there are none and nothing is written)."""
+    _save(session.config, final=True)
+
+
+def _save(config, final: bool):
     if os.environ.get("GPUHEART_BENCH_NO_SAVE"):
         return
-    bs = getattr(session.config, "_benchmarksession", None)
+    bs = getattr(config, "_benchmarksession", None)
     if bs is None or getattr(bs, "disabled", False):
         return
+    if not final and len(getattr(bs, "benchmarks", [])) == _written["n"]:
+        return   # no new entry since the last write
+    _written["n"] = len(getattr(bs, "benchmarks", []))
     rows = []
     for bench in getattr(bs, "benchmarks", []):
         try:
@@ -129,7 +154,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not rows:
         return
     try:
-        write_session(rows)
+        write_session(rows, quiet=not final)
     except Exception as err:  # never turn a finished benchmark run into a failure
         print(f"\nbenchmarks/conftest.py: could not write results: {type(err).__name__}: {err}", file=sys.stderr)
 
@@ -138,7 +163,7 @@ def _plain(x):
     return json.loads(json.dumps(x, default=str)) if x is not None else None
 
 
-def write_session(rows: list[dict], out_dir: Path | None = None) -> Path:
+def write_session(rows: list[dict], out_dir: Path | None = None, quiet: bool = False) -> Path:
     out_dir = Path(os.environ.get("GPUHEART_BENCH_RESULTS") or out_dir or RESULTS)
     info = machine_info()
     date = time.strftime("%Y-%m-%d")
@@ -159,7 +184,8 @@ def write_session(rows: list[dict], out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps(doc, indent=2) + "\n")
     _atomic_write(path.with_suffix(".md"), markdown_table(doc))
-    print(f"\nbenchmarks/conftest.py: wrote {path} and {path.with_suffix('.md').name}")
+    if not quiet:
+        print(f"\nbenchmarks/conftest.py: wrote {path} and {path.with_suffix('.md').name}")
     return path
 
 
