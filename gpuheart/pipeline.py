@@ -53,8 +53,9 @@ class SegmentConfig:
     # bf16 on the CPU too (about 2x faster where the CPU has native bf16, ~0.03 % of mask pixels differ);
     # off by default so a CPU run gives the same mask on every machine. CUDA always uses bf16.
     cpu_bf16: bool = False
-    # torch.compile the U-Net on CUDA (about 20 s once per run; 6x the tiles/s on an H200); no effect on the CPU.
-    # GPUHEART_UNET_COMPILE=0 in the environment turns it off too
+    # torch.compile the U-Net on CUDA for channels of at least unet.COMPILE_MIN_VOXELS (1e9, ~240 slices of
+    # 2048x2048), where its ~20 s once per run pays back (4.5x the tiles/s on an H200); smaller runs and the CPU
+    # run uncompiled. GPUHEART_UNET_COMPILE=0 in the environment turns it off too
     compile: bool = True
 
 
@@ -1280,6 +1281,14 @@ def _pass2_outputs(cfg: PipelineConfig) -> list[str]:
     return names
 
 
+def _compile_pays(cfg: PipelineConfig, nz: int, yx) -> bool:
+    """Whether this channel is large enough for torch.compile of the U-Net to pay back (CUDA only, where
+    ``predict`` turns it on by default)."""
+    from .unet import COMPILE_MIN_VOXELS
+
+    return cfg.segment.compile and nz * int(yx[0]) * int(yx[1]) >= COMPILE_MIN_VOXELS
+
+
 def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, halo=(0, 0)) -> dict:
     """Paper steps 1-5 on one slab: preprocessing, difference of medians, U-Net, union. ``x`` starts at
     slice ``z0 - halo[0]``; the halo slices are preprocessed for a 2.5-D U-Net only, not returned."""
@@ -1305,7 +1314,7 @@ def _process_slab(x, z0, znorm, cfg: PipelineConfig, timer: _Timer, acc, model, 
             tile, overlap = _tile_args(cfg.segment)
             prob = predict(model, pre_halo, tile=tile, overlap=overlap, device=cfg.device,
                            amp=True if cfg.segment.cpu_bf16 else None, halo=halo,
-                           compile=None if cfg.segment.compile else False)
+                           compile=None if _compile_pays(cfg, znorm.nz, pre.shape[-2:]) else False)
             out["unet_mask"] = prob > (cfg.segment.threshold or getattr(model, "meta", {}).get("threshold", 0.5))
     # a dark slice (laser dropout) holds no signal, and a U-Net shown a blank tile may still answer
     # vessel; leaving it empty lets the closing along z bridge it from its neighbours

@@ -491,7 +491,9 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
     13,000 tiles/s (benchmarks/results: fused GroupNorm, casts and upsampling), for about 20 s of compiling
     once per model and process; the masks differ from uncompiled bf16 as bf16 differs from fp32 (about
     6e-5 of pixels). Batches are padded to one shape so it compiles once. Where compiling fails (no Triton,
-    no C compiler) it warns once and runs the model as it is.
+    no C compiler) it warns once and runs the model as it is. It pays back from about 60,000 tiles of 256x256
+    (~1e9 voxels at the pipeline's overlapping 128-pixel tiles; :data:`COMPILE_MIN_VOXELS`): for a few slices,
+    pass ``compile=False``.
 
     A 2.5-D model (``context_slices(model) = k > 0``) sees every slice with its k neighbours on each
     side; ``halo = (lo, hi)`` says that the first ``lo`` and last ``hi`` slices of the slab are there
@@ -570,6 +572,13 @@ def _predict_slab(model: nn.Module, slab: torch.Tensor, tile: int, overlap: int,
                 i += k1 - k0
     (top, _), (left, _) = grid.pad
     return (acc[:, top:top + h, left:left + w] / wsum[top:top + h, left:left + w]).contiguous()
+
+
+# Where torch.compile pays back its ~23 s on an H200 (2026-11-27: 2,142 -> 9,666 tiles/s of 256x256, so ~0.36 ms
+# saved a tile; ~63,000 tiles): about 4e9 voxels at 256-pixel tiles without overlap, and about half of that at
+# the pipeline's 128-pixel tiles overlapping by 32 (1.8x the tiles per voxel). Per channel, with the compiled
+# model shared by the run's other channels: 1e9, about 240 slices of 2048x2048.
+COMPILE_MIN_VOXELS = 1_000_000_000
 
 
 def _use_compile(compile: bool | None, dev: torch.device) -> bool:
@@ -862,7 +871,8 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
         # validation slices are a contiguous run (split_slices); a 2.5-D model gets their real neighbours
         lo, hi = min(cfg.context, ks[0]), min(cfg.context, vols[v].shape[0] - 1 - ks[-1])
         prob = predict(model, vols[v][ks[0] - lo:ks[-1] + 1 + hi], tile=cfg.tile, overlap=cfg.tile // 4,
-                       device=device, amp=cfg.amp and device == "cuda", halo=(lo, hi))
+                       device=device, amp=cfg.amp and device == "cuda", halo=(lo, hi),
+                       compile=False)   # a few slices per epoch: ~20 s of compiling would not pay back
         t = labs[v][ks] > 0
         ts += int(t.sum())
         for i, thr in enumerate(thresholds):

@@ -687,3 +687,25 @@ def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(ScanError):
         Pipeline().run(tmp_path / "no-such-scan.tif", tmp_path / "mine")
     assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("allowed, min_voxels, want", [(True, None, False), (True, 1, None), (False, 1, False)])
+def test_the_unet_is_compiled_only_for_channels_large_enough_to_pay_it_back(tmp_path, tiny_run, monkeypatch,
+                                                                          allowed, min_voxels, want):
+    """A small run would spend ~20 s compiling for a second of inference: predict is told compile=False
+    below unet.COMPILE_MIN_VOXELS per channel, or when [segment] compile is off; None (on for CUDA) above."""
+    from gpuheart import unet
+    from gpuheart.unet import UNet, save_weights
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    weights = save_weights(UNet(width=4, depth=2), tmp_path / "w.pt")
+    seen = []
+    real = unet.predict
+    monkeypatch.setattr(unet, "predict", lambda *a, **k: seen.append(k.get("compile", "absent")) or real(*a, **k))
+    if min_voxels is not None:
+        monkeypatch.setattr(unet, "COMPILE_MIN_VOXELS", min_voxels)
+    cfg = _tiny_cfg("unet", channels=["C00"])
+    cfg.segment.weights, cfg.segment.compile, cfg.mesh.enabled = str(weights), allowed, False
+    Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path / "out")
+    assert seen and set(seen) == {want}
