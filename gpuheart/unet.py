@@ -487,9 +487,9 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
     memory layout (same numbers, faster convolutions on the CPU, the layout cuDNN prefers for bf16).
 
     ``compile``: run the model through ``torch.compile`` (None, the default: on CUDA only, unless the
-    environment sets GPUHEART_UNET_COMPILE=0). On an H200 that took the shipped model from about 2,200 to
-    13,000 tiles/s (benchmarks/results: fused GroupNorm, casts and upsampling), for about 20 s of compiling
-    once per model and process; the masks differ from uncompiled bf16 as bf16 differs from fp32 (about
+    environment sets GPUHEART_UNET_COMPILE=0). On an H200 that took predict with the shipped model from 2,142
+    to 9,666 256x256 tiles/s (benchmarks/results/nvidia-h200-unet.json: GroupNorm, its casts and the upsampling
+    fused), for about 20 s of compiling once per model and process; the masks differ from uncompiled bf16 as bf16 differs from fp32 (about
     6e-5 of pixels). Batches are padded to one shape so it compiles once. Where compiling fails (no Triton,
     no C compiler) it warns once and runs the model as it is. It pays back from about 60,000 tiles of 256x256
     (~1e9 voxels at the pipeline's overlapping 128-pixel tiles; :data:`COMPILE_MIN_VOXELS`): for a few slices,

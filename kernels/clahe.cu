@@ -261,8 +261,8 @@ extern "C" __global__ void clahe_final(const unsigned short* __restrict__ levels
 // chunks of GH_COUNT_CHUNK consecutive pixels into 16-bit counters in shared memory, two to a word (a
 // chunk cannot overflow one), then adds the non-zero ones to the slice's counts. One global atomic per
 // pixel was slow (0.47 ms for a 2048 x 2048 slice on an H200): neighbouring pixels share levels, so the
-// atomics of a warp collide. The grid's x extent must be ceil(plane / GH_COUNT_CHUNK) or fewer blocks
-// (gpuheart.exposure._LEVEL_COUNT_CHUNK is the same number); blocks loop over the chunks.
+// atomics of a warp collide. Blocks loop over the chunks, so any grid is correct; ceil(plane /
+// GH_COUNT_CHUNK) blocks or fewer leave none idle (gpuheart.exposure._LEVEL_COUNT_CHUNK is the same number).
 #define GH_COUNT_CHUNK 32768
 extern "C" __global__ void clahe_level_counts(const unsigned short* __restrict__ levels,
                                               long long plane, unsigned int* __restrict__ counts)
