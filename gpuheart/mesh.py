@@ -331,11 +331,28 @@ def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def _face_norms(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """|(b - a) x (c - a)| of each face (twice its area): ``np.linalg.norm(np.cross(b - a, c - a), axis=1)``,
-    bit for bit, from coordinate columns."""
+    bit for bit, from coordinate columns: the cross product's components as np.cross computes them, each
+    squared and summed left to right as norm's reduction over a row of three does (integers as float64,
+    as norm converts them), without the (n, 3) array between."""
     vt = np.ascontiguousarray(vertices.T)
     a, b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in range(3))
-    cross = _cross_columns(*(b[k] - a[k] for k in range(3)), *(c[k] - a[k] for k in range(3)))
-    return np.linalg.norm(cross, axis=1)
+    u = [b[k] - a[k] for k in range(3)]
+    w = [c[k] - a[k] for k in range(3)]
+    del a, b, c
+
+    def square(x):
+        return np.square(x if x.dtype.kind == "f" else x.astype(np.float64))
+
+    x = u[1] * w[2]
+    x -= u[2] * w[1]
+    total = square(x)
+    np.multiply(u[2], w[0], out=x)
+    x -= u[0] * w[2]
+    total += square(x)
+    np.multiply(u[0], w[1], out=x)
+    x -= u[1] * w[0]
+    total += square(x)
+    return np.sqrt(total, out=total)
 
 
 def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:

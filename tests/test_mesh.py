@@ -724,10 +724,14 @@ def test_face_volumes_are_the_einsum_cross_triple_product_bit_for_bit():
 
 def test_face_norms_are_the_norm_of_np_cross_bit_for_bit():
     v, f = _blob_mesh()
-    for verts in (v, v.astype(np.float64) * 1.7 - 3.0, v.astype(np.int32)):
-        a, b, c = (verts[f[:, i]] for i in range(3))
+    rng = np.random.default_rng(0)   # and magnitudes far apart, where the order of the sum shows
+    wide = rng.normal(size=(5000, 3)) * rng.choice([1e-3, 1.0, 1e3], size=(5000, 1))
+    for verts, faces in ((v, f), (v.astype(np.float64) * 1.7 - 3.0, f), (v.astype(np.int32), f),
+                         (wide.astype(np.float32), rng.integers(0, 5000, (50000, 3))),
+                         (wide, rng.integers(0, 5000, (50000, 3)))):
+        a, b, c = (verts[faces[:, i]] for i in range(3))
         want = np.linalg.norm(np.cross(b - a, c - a), axis=1)
-        got = M._face_norms(verts, f)
+        got = M._face_norms(verts, faces)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
     t = M.component_table(v, f)
