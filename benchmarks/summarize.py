@@ -555,6 +555,28 @@ ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphol
          "pytest-benchmark"]
 
 
+def _goal_measurements(mine: list[dict]) -> list[str]:
+    """One cell per GPU_GOALS row from a device's latest results ('-' where none measured it)."""
+    def latest(kind):
+        found = sorted((e for e in mine if e["kind"] == kind), key=lambda e: e["when"], reverse=True)
+        return found[0]["doc"] if found else None
+
+    session, pipeline = latest("pytest-benchmark"), latest("pipeline")
+    med = {b["name"]: b["stats"]["median"] for b in (session or {}).get("benchmarks", [])}
+
+    def per_call(*names):
+        got = [f"{ms(med[n])} ({n.split('[')[-1].split('-')[0]})" if "[" in n else ms(med[n])
+               for n in names if n in med]
+        return ", ".join(got) + " per single-slice call" if got else "-"
+
+    full = (pipeline or {}).get("projection", {}).get("by_stage_s")
+    return [per_call("test_median_gpuheart[uint8-15]", "test_median_gpuheart[uint16-15]"),
+            per_call("test_median_gpuheart[uint8-3]", "test_median_gpuheart[uint16-3]"),
+            per_call("test_clahe_gpuheart"),
+            per_call("test_slice_chain_gpuheart"),
+            f"{dur(full)} projected (not measured)" if full else "-"]
+
+
 def render(entries: list[dict]) -> str:
     devices = sorted({e["device"] for e in entries}, key=lambda d: (d != "cpu", d))
     gpu_devices = [d for d in devices if d != "cpu"]
@@ -593,9 +615,13 @@ def render(entries: list[dict]) -> str:
                 "the CPU run, but they have not yet run on a GPU, so nothing is known of their speed. The GPU baselines (`benchmarks/bench_gpu_baselines.py`: cupyx and cuCIM median, "
                 "cuCIM CLAHE, gpuheart on CuPy arrays, the per-slice chain) are ready and skip without CUDA.",
                 ""]
-    out += ["Goals (targets from the project's issues, **not results**):", "",
-            "| what | goal | on |", "|---|---|---|"]
-    out += [f"| {w} | {g} | {dev} |" for w, g, dev in GPU_GOALS]
+    measured = {dev: _goal_measurements([e for e in entries if e["device"] == dev]) for dev in gpu_devices}
+    out += ["Goals (targets from the project's issues, **not results**), and the latest measurement per GPU (its "
+            "section below says how and when):", "",
+            "| what | goal | on |" + "".join(f" {d} |" for d in gpu_devices),
+            "|---|---|---|" + "---|" * len(gpu_devices)]
+    out += [f"| {w} | {g} | {dev} |" + "".join(f" {measured[d][i]} |" for d in gpu_devices)
+            for i, (w, g, dev) in enumerate(GPU_GOALS)]
     out.append("")
     for dev in devices:
         mine = [e for e in entries if e["device"] == dev]
