@@ -149,25 +149,18 @@ def unet_variants(out):
         rows.append(row)
     out["unet_forward_256_tiles"] = rows
     # the kernels of today's predict path, forward only
-    try:
-        from torch.profiler import ProfilerActivity, profile
+    model = base.to(memory_format=cl)
+    x = x32.contiguous(memory_format=cl)
 
-        model = base.to(memory_format=cl)
-        x = x32.contiguous(memory_format=cl)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    model(x)
-            torch.cuda.synchronize()
-        out["unet_top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        print(out["unet_top_kernels"], flush=True)
-    except Exception as err:
-        out["unet_top_kernels"] = f"{type(err).__name__}: {err}"
+    def forward():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    out["unet_top_kernels"] = _top_kernels(forward, 3, 15)
 
 
 def chain_profile(out):
     import cupy as cp
-    import torch
 
     from gpuheart import exposure, filters, segment
 
@@ -210,19 +203,32 @@ def chain_profile(out):
         print(row, flush=True)
         rows.append(row)
     out["chain_steps_2048_uint16"] = rows
+
+    def chain():
+        p = exposure.preprocess(x3, znorm, 0)
+        d = filters.difference_of_medians(p, 3, 15)
+        return d > segment.dom_thresholds(d, "otsu")
+
+    out["chain_top_kernels"] = _top_kernels(chain, 5, 25, cpu=True)
+
+
+def _top_kernels(fn, calls: int, rows: int, cpu: bool = False) -> str:
+    """torch.profiler's table of the kernels ``calls`` calls of ``fn`` ran (CUPTI sees CuPy's too), by GPU
+    time; the error, as text, where profiling fails."""
     try:
+        import torch
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
-                p = exposure.preprocess(x3, znorm, 0)
-                d = filters.difference_of_medians(p, 3, 15)
-                _ = d > segment.dom_thresholds(d, "otsu")
-            cp.cuda.Device().synchronize()
-        out["chain_top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-        print(out["chain_top_kernels"], flush=True)
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
     except Exception as err:
-        out["chain_top_kernels"] = f"{type(err).__name__}: {err}"
+        table = f"{type(err).__name__}: {err}"
+    print(table, flush=True)
+    return table
 
 
 def main():
