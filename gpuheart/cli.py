@@ -180,8 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--context", type=_nonnegative_int, metavar="K",
                     help="2.5-D input: K neighbouring slices on each side as extra channels (default: 0, 2-D)")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], help="default: tversky_focal (the paper's)")
-    tr.add_argument("--norm", choices=["batch", "group"],
-                    help="normalization layers: batch, or group (batch-size independent; default)")
+    tr.add_argument("--norm", choices=["batch", "group", "none"],
+                    help="normalization layers: batch, group (batch-size independent; default), or none "
+                         "(keeps a tile's absolute brightness; output independent of the tile size)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

@@ -42,23 +42,35 @@ WEIGHTS_FORMAT = "gpuheart-unet/1"
 
 # -- model ---------------------------------------------------------------------------------------
 
+NORMS = ("batch", "group", "none")
+
+
 def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
         # gcd keeps the group count a divisor of the channel count for any width
         return nn.GroupNorm(math.gcd(8, channels), channels)
-    raise ValueError(f"unknown norm {kind!r}: expected 'batch' or 'group'")
+    raise ValueError(f"unknown norm {kind!r}: expected one of {', '.join(NORMS)}")
 
 
 class ConvBlock(nn.Sequential):
-    """Two (3x3 conv -> norm -> ReLU); the conv has no bias because the norm adds one."""
+    """Two (3x3 conv -> norm -> ReLU); the conv has a bias only without a norm (a norm adds its own)."""
 
     def __init__(self, c_in: int, c_out: int, norm: str = "batch"):
+        bias = norm == "none"
         super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias), _norm_layer(norm, c_out), nn.ReLU(inplace=True),
         )
+        if norm == "none":
+            # He initialisation: PyTorch's default shrinks the signal ~3x a layer, which a norm would undo
+            for m in self:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
 
 
 class Up(nn.Module):

@@ -25,13 +25,35 @@ def _tiny(depth=2, width=4, seed=0):
 # -- model ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("up", ["bilinear", "transpose"])
-@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
 def test_unet_shapes(norm, up):
     model = UNet(in_channels=2, out_channels=3, depth=3, width=6, norm=norm, up=up).eval()
     out = model(torch.rand(2, 2, 48, 40))
     assert out.shape == (2, 3, 48, 40)
     with pytest.raises(ValueError, match="divisible by 8"):
         model(torch.rand(1, 2, 44, 40))
+
+
+def test_unet_without_norm_sees_a_tiles_brightness_and_keeps_its_signal():
+    """GroupNorm divides a tile's features by the tile's own spread, so a tile and the same tile at a quarter of
+    its brightness give nearly one output; without a norm the brightness reaches the output, and He
+    initialisation keeps the signal from vanishing over the 18 convolutions."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 64, 64)
+    outs = {}
+    for norm in ("group", "none"):
+        torch.manual_seed(0)
+        model = UNet(depth=3, width=8, norm=norm).eval()
+        with torch.no_grad():
+            outs[norm] = (model(x), model(x / 4))
+    g, n = outs["group"], outs["none"]
+    assert (g[0] - g[1]).abs().max() < 0.05 * (n[0] - n[1]).abs().max()
+    assert n[0].std() > 1e-2
+    model = UNet(norm="none")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert all(c.bias is not None for c in convs)
+    with pytest.raises(ValueError, match="batch, group, none"):
+        UNet(norm="layer")
 
 
 def test_default_unet_is_paper_size():
