@@ -100,6 +100,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per training step")
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
     p.add_argument("--loss", default="tversky_focal")
     p.add_argument("--norm", default="group")
@@ -132,6 +133,7 @@ def main(argv=None):
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
                                loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, balance=a.balance,
+                               batch_size=a.batch_size,
                                **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
