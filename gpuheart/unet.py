@@ -839,6 +839,8 @@ class TrainConfig:
         changed after construction)."""
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}: expected one of {', '.join(NORMS)}")
         if self.schedule not in ("plateau", "cosine"):
             raise ValueError(f"unknown schedule {self.schedule!r}: expected 'plateau' or 'cosine'")
         if self.context < 0:
