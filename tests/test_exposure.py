@@ -222,6 +222,25 @@ def test_clahe_matches_skimage_random(h, w, ky, kx, clip_limit, nbins, seed):
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("nbins, bin_dtype", [(256, np.uint8), (100, np.uint8), (1000, np.uint16), (16384, np.uint16)])
+@pytest.mark.parametrize("ends", [(0, 65535), (0, 0), (65535, 65535), (7, 7), (0, 1), (258, 21444), (1000, 1003),
+                                  (65534, 65535), (12345, 54321)])
+def test_a_bin_table_is_skimages_rescale_of_every_uint16_value(ends, nbins, bin_dtype, full):
+    """The table is computed over the slice's span only, the rest being copies of its ends: every one of the
+    65536 entries must still be skimage's rescale_intensity -> round -> bin of that value."""
+    from skimage.exposure import rescale_intensity
+
+    exposure._bin_table_cached.cache_clear()
+    e0, e1 = ends
+    table = exposure._bin_table_cached(e0, e1, nbins, np.dtype(bin_dtype), full, None if full else np.dtype(np.uint16))
+    u16 = np.arange(65536, dtype=np.uint16)
+    ref = rescale_intensity(u16, in_range=(e0, e1), out_range=(0, exposure.NR_OF_GRAY - 1))
+    ref = (np.round(ref).astype(np.uint16) // (1 + exposure.NR_OF_GRAY // nbins)).astype(bin_dtype)
+    assert table.dtype == bin_dtype and table.shape == (65536,) and not table.flags.writeable
+    np.testing.assert_array_equal(table, ref)
+
+
 def test_clahe_slab_is_per_slice_and_constant_input():
     rng = np.random.default_rng(5)
     slab = np.stack([_skewed(rng, (40, 45), np.uint16) for _ in range(3)])
