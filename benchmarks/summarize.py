@@ -31,7 +31,8 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 # -- reading -----------------------------------------------------------------------------------------
 
 def kind_of(doc: dict, path: Path) -> str:
-    if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile"):
+    if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile", "gil",
+                           "clahe-bin-table"):
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
@@ -356,6 +357,31 @@ def section_graph_overlap(e) -> list[str]:
             "| pair | in turn, s | background, s | ratio |", "|---:|---:|---:|---:|"] + rows + [""]
 
 
+def section_gil(e) -> list[str]:
+    d = e["doc"]
+    rows = [f"| {name} | {min(r['serial_s']):.3f} | {min(r['two_threads_s']):.3f} | {r['speedup_best']:.2f}x |"
+            for name, r in d["blocks"].items()]
+    return ["### Which mesh and tree-graph building blocks run side by side in threads",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Two inputs one after the other, then in two "
+            "threads at once (best of the repeats): about 2x where the work releases Python's GIL, about 1x "
+            "where it holds it.",
+            "",
+            "| building block | serial, s | two threads, s | ratio |", "|---|---:|---:|---:|"] + rows + [""]
+
+
+def section_bin_table(e) -> list[str]:
+    d = e["doc"]
+    med = d["median_ms"]
+    rev = d["against_commit"]
+    return ["### CLAHE's per-slice bin table (uint16 input), against an older commit",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['keys']}; identical tables checked. "
+            f"Median per table: {med[rev]:.3f} ms at {rev}, {med['current']:.3f} ms now "
+            f"({d['speedup_median']:.1f}x). On a GPU this is host time per slice of the chain.",
+            ""]
+
+
 def section_unet(e) -> list[str]:
     d = e["doc"]
     where = d.get("gpu") or f"{d.get('machine', '?')}, {d.get('cpus', '?')} cores, {d.get('torch_threads', '?')} torch threads"
@@ -430,7 +456,8 @@ def section_accuracy(e) -> list[str]:
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
     extra = {k: st[k] for k in ("seed", "context", "zoom", "haze", "phantoms") if st.get(k) not in (None, 0)}
     # settings whose default is not 0/None: named when a run changed them, or two recipes read alike
-    extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"))
+    extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"), ("tile", 128),
+                                              ("batch_size", 8))
                   if st.get(k) not in (None, default)})
     recipe += "".join(f", {k} {v}" for k, v in extra.items())
     ph = [r["phantom"]["unet"]["dice"] for r in d["per_stack"].values() if "phantom" in r]
@@ -550,8 +577,10 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage,
-            "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile}
-ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "io", "mesh", "mesh-stage", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
+            "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile, "gil": section_gil,
+            "clahe-bin-table": section_bin_table}
+ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
+         "mesh", "mesh-stage", "gil", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -597,6 +626,8 @@ def render(entries: list[dict]) -> str:
            "| tree graph in a worker thread vs in turn | `python benchmarks/bench_pipeline.py --slices 8 --size 1024 --compare-graph-background 3` | `<device>-pipeline-graph-overlap.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
+           "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
+           "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
