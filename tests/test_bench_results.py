@@ -31,8 +31,9 @@ def test_a_run_killed_after_a_benchmark_has_written_it(tmp_path):
     shutil.copy(ROOT / "benchmarks" / "conftest.py", d / "conftest.py")
     (d / "bench_kill.py").write_text(BENCH)
     out = tmp_path / "results"
-    env = dict(os.environ, GPUHEART_BENCH_RESULTS=str(out), PYTHONPATH=str(ROOT))
-    env.pop("GPUHEART_BENCH_NO_SAVE", None)
+    # not an xdist worker's variables: pytest-benchmark would take the child for a worker and disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "GPUHEART_BENCH_NO_SAVE"))}
+    env.update(GPUHEART_BENCH_RESULTS=str(out), PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(d / "bench_kill.py"),
                         "--benchmark-only"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stdout + r.stderr
