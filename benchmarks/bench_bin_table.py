@@ -10,11 +10,9 @@ both give the same tables.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,19 +21,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-
-def exposure_at(rev: str):
-    """gpuheart/exposure.py of git revision ``rev``, imported as a module of the gpuheart package."""
-    src = subprocess.run(["git", "show", f"{rev}:gpuheart/exposure.py"], cwd=HERE.parent, check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="gpuheart-exposure-rev-")) / "exposure_at_rev.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("gpuheart._exposure_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def ms_per_table(mod, keys) -> float:
@@ -48,7 +33,7 @@ def ms_per_table(mod, keys) -> float:
 
 
 def main(argv=None) -> int:
-    from conftest import machine_info
+    from conftest import machine_info, module_at
 
     from gpuheart import exposure
 
@@ -57,7 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(HERE / "results" / "cpu-clahe-bin-table.json"))
     a = p.parse_args(argv)
-    old = exposure_at(a.against)
+    # named by its commit, which stays meaningful after HEAD moves on
+    a.against = subprocess.run(["git", "rev-parse", "--short", a.against], cwd=HERE.parent, check=True,
+                               capture_output=True, text=True).stdout.strip()
+    old = module_at(a.against, "exposure")
     rng = np.random.default_rng(0)
     # 12-bit camera slices: minimum 50-400, span 2000-4000 grey values
     keys = [(int(lo), int(lo + span)) for lo, span in zip(rng.integers(50, 400, 300), rng.integers(2000, 4000, 300))]

@@ -13,7 +13,6 @@ table) and the same statistics.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -51,20 +50,6 @@ def run_stage(mesh_module, mask: np.ndarray, out: Path, tag: str):
     return time.perf_counter() - t, st
 
 
-def module_at(rev: str):
-    """gpuheart/mesh.py of git revision ``rev``, imported as a module of the gpuheart package."""
-    src = subprocess.run(["git", "show", f"{rev}:gpuheart/mesh.py"], cwd=HERE.parent, check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="gpuheart-mesh-rev-")) / "mesh_at_rev.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("gpuheart._mesh_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "gpuheart"
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def small_sponge():
     return sponge((8, 256, 256))
@@ -90,7 +75,10 @@ def main(argv=None) -> dict:
     if a.against:   # named by its commit, which stays meaningful after HEAD moves on
         a.against = subprocess.run(["git", "rev-parse", "--short", a.against], cwd=HERE.parent, check=True,
                                    capture_output=True, text=True).stdout.strip()
-        sides[a.against] = module_at(a.against)
+        sys.path.insert(0, str(HERE))
+        from conftest import module_at
+
+        sides[a.against] = module_at(a.against, "mesh")
     times: dict[str, list] = {k: [] for k in sides}
     stats = {}
     with tempfile.TemporaryDirectory(prefix="gpuheart-mesh-stage-") as tmp:

@@ -99,6 +99,26 @@ def machine_info(device: str = "auto") -> dict:
     }
 
 
+def module_at(rev: str, name: str):
+    """``gpuheart/<name>.py`` of git revision ``rev``, imported as a module of the gpuheart package (for
+    benchmarks that time the current code against an older commit's, alternating, in one process)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:gpuheart/{name}.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix=f"gpuheart-{name}-rev-")) / f"{name}_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"gpuheart._{name}_at_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "gpuheart"
+    sys.modules[spec.name] = mod   # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # -- pytest-benchmark hooks -----------------------------------------------------------------------
 
 def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 (hook, not the function)
