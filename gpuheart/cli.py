@@ -182,7 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], help="default: tversky_focal (the paper's)")
     tr.add_argument("--norm", choices=["batch", "group", "none"],
                     help="normalization layers: batch, group (batch-size independent; default), or none "
-                         "(keeps a tile's absolute brightness; output independent of the tile size)")
+                         "(keeps a tile's absolute brightness; away from tile borders the output does not "
+                         "depend on the tile size)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
