@@ -37,7 +37,7 @@ def test_unet_shapes(norm, up):
 def test_unet_without_norm_sees_a_tiles_brightness_and_keeps_its_signal():
     """GroupNorm divides a tile's features by the tile's own spread, so a tile and the same tile at a quarter of
     its brightness give nearly one output; without a norm the brightness reaches the output, and He
-    initialisation keeps the signal from vanishing over the 18 convolutions."""
+    initialisation keeps the signal from vanishing over its convolutions."""
     torch.manual_seed(0)
     x = torch.rand(1, 1, 64, 64)
     outs = {}
