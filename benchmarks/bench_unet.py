@@ -116,15 +116,6 @@ def cuda_sweep() -> list[dict]:
     return rows
 
 
-def _sibling_conftest():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_gpuheart_bench_conftest", Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main() -> int:
     dev = backend.resolve_device("auto")
     r = tiles_per_second(n_slices=8 if dev == "cuda" else 1, size=2048 if dev == "cuda" else 1024, device=dev)
@@ -138,7 +129,10 @@ def main() -> int:
         import cupy
 
         r["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        r["device_label"], r["device_name"] = _sibling_conftest().slug(r["gpu"]), r["gpu"]   # as the other results
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from conftest import slug
+
+        r["device_label"], r["device_name"] = slug(r["gpu"]), r["gpu"]   # as the other results
         r["auto_batch_size"] = unet._auto_batch_size(_model(), 256, __import__("torch").device("cuda"))
         # side by side in this run: the same predict with torch.compile off (the default before 2026-11-27)
         r["uncompiled"] = tiles_per_second(n_slices=8, size=2048, device=dev, compile=False)

@@ -21,6 +21,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 
 def _sibling(name):
@@ -242,7 +243,9 @@ def main():
     args = ap.parse_args()
     dest = Path(args.out)
     gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    label = __import__("re").sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")   # as benchmarks/conftest.py's slug
+    from conftest import slug
+
+    label = slug(gpu)
     out = {"kind": "gpu-profile", "gpu": gpu, "device_label": label, "device_name": gpu,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     parts = {"chain": chain_profile, "unet": unet_variants}

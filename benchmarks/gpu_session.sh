@@ -44,13 +44,14 @@ step 150 env OMP_NUM_THREADS=2 GPUHEART_UNET_COMPILE=0 $PY -m pytest -q -rfEs -m
   > "$OUT/gpu-tests.log" 2>&1
 tail -15 "$OUT/gpu-tests.log"
 # 2. kernels against cupyx / cuCIM on 2048x2048 slices and 16-slice slabs, closings against cupyx on a
-#    48x1024x1024 mask (writes <gpu>-<date>.json/.md into $OUT at the end only: 29 entries took over 80 s on an
-#    H200 on 2026-11-27, cuCIM's CLAHE and preprocessing ~0.65 s a call, so it has 150 s)
+#    48x1024x1024 mask (writes <gpu>-<date>.json/.md into $OUT after every entry: 29 entries took over 80 s on
+#    an H200 on 2026-11-27, cuCIM's CLAHE and preprocessing ~0.65 s a call, so it has 150 s)
 step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
   benchmarks/bench_morphology.py::test_closings_gpu --benchmark-only \
   --benchmark-min-rounds=5 --benchmark-max-time=0.25
 # 3. U-Net inference tiles/s (bf16, automatic batch size, compiled and not, and a sweep of batch sizes; ~40 s)
-step 90 $PY benchmarks/bench_unet.py && cp benchmarks/results/nvidia-*-unet.json "$OUT/unet.json"
+# (the newest *-unet.json is this run's: results of other GPUs are committed beside it)
+step 90 $PY benchmarks/bench_unet.py && cp "$(ls -t benchmarks/results/*-unet.json | head -1)" "$OUT/unet.json"
 # 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
 step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
