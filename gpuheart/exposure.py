@@ -632,6 +632,28 @@ def _reflect_index(n: int, k: int, ntiles: int) -> np.ndarray:
     return np.pad(np.arange(n, dtype=np.int32), pad, mode="reflect")[k // 2:k // 2 + ntiles * k]
 
 
+def _reflect_maps(x3, ky: int, kx: int, nty: int, ntx: int):
+    """:func:`_reflect_index` of the rows and columns of ``x3``'s slices, on its device (cached there)."""
+    import cupy as cp
+
+    h, w = x3.shape[-2:]
+    dev = getattr(x3, "device", None)
+    if not hasattr(dev, "id"):  # NumPy standing in for CuPy (the emulator's tests)
+        return cp.asarray(_reflect_index(h, ky, nty)), cp.asarray(_reflect_index(w, kx, ntx))
+    return _device_reflect_maps(h, w, ky, kx, nty, ntx, dev.id)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_reflect_maps(h: int, w: int, ky: int, kx: int, nty: int, ntx: int, device_id: int):
+    # two host->device copies and np.pad per call cost more than a tile-map kernel; as in
+    # filters._device_border_maps, synchronize once so a cached map is never read mid-copy
+    import cupy as cp
+
+    maps = cp.asarray(_reflect_index(h, ky, nty)), cp.asarray(_reflect_index(w, kx, ntx))
+    cp.cuda.get_current_stream().synchronize()
+    return maps
+
+
 @njit(parallel=True, cache=True)
 def _gather(table, src, out):
     for y in prange(src.shape[0]):
@@ -776,6 +798,7 @@ _ZNORM_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(
                  np.dtype(np.int32): "i32", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _warned: set[str] = set()
 _LEVEL_COUNT_CHUNK = 32768   # pixels per block and pass of clahe_level_counts (GH_COUNT_CHUNK in clahe.cu)
+_ROBUST_TABLE_THREADS = 256  # the block of clahe_robust_tables_* (GH_RT_THREADS in clahe.cu)
 
 
 def _try_cuda(what: str, fn, *args):
@@ -825,62 +848,49 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     bsuf = "b8" if bin_dtype is np.uint8 else "b16"
     x3 = cp.ascontiguousarray(x3.astype(float_dtype, copy=False) if dt.kind == "f" else x3)
     flat = x3.reshape(nz, -1)
-    # one device->host copy for both ends of every slice; a NaN or an infinity shows in them, so the
-    # finiteness check needs no pass (nor copy) of its own
-    lo_all, hi_all = cp.asnumpy(cp.stack([reduce_rows(flat, "min"), reduce_rows(flat, "max")]))
-    if dt.kind == "f":
-        bad = ~(np.isfinite(lo_all) & np.isfinite(hi_all))
-        if bad.any():  # the CPU raises on the first such slice, with its count
-            i = int(np.flatnonzero(bad)[0])
-            n = int(cp.count_nonzero(~cp.isfinite(flat[i])))
-            raise ValueError(f"clahe: input has {n} NaN/Inf pixels")
-        if any(_span_overflows(a, b, float_dtype) for a, b in zip(lo_all.tolist(), hi_all.tolist())):
-            return None  # a slice's max - min overflows the float type: the host path halves it first
+    # every slice's extremes stay on the device: the tables below are built there from them
+    ext = cp.stack([reduce_rows(flat, "min"), reduce_rows(flat, "max")])
 
     mod = load_module("clahe.cu")
-    to_bins = mod.get_function(f"{'float' if dt.kind == 'f' else 'int'}_to_bins_{suffix}_{bsuf}")
+    kind = "float" if dt.kind == "f" else "int"
+    to_bins = mod.get_function(f"{kind}_to_bins_{suffix}_{bsuf}")
+    bin_tables = mod.get_function(f"clahe_bin_tables_{suffix}_{bsuf}")
     tile_maps = mod.get_function(f"clahe_tile_maps_{bsuf}")
     interp = mod.get_function(f"clahe_interp_{bsuf}")
-    final = mod.get_function("clahe_final")
-    rowmap = cp.asarray(_reflect_index(h, ky, nty))
-    colmap = cp.asarray(_reflect_index(w, kx, ntx))
+    fsuf = "f32" if float_dtype is np.float32 else "f64"
+    rowmap, colmap = _reflect_maps(x3, ky, kx, nty, ntx)
     n_pix = ky * kx
     clim = int(np.clip(clip_limit * n_pix, 1, None)) if clip_limit > 0.0 else n_pix
     scale = np.float64((NR_OF_GRAY - 1 - 0) / n_pix)
     plane = h * w
-    per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + 65536 * 2
+    tsize = 256 if dt == np.uint8 else 65536
+    per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + tsize * 2
     chunk = int(max(1, min(nz, _MAX_GRID_Y, _CLAHE_CHUNK_BYTES // per_slice)))
     out = cp.empty((nz, h, w), cp.float32 if robust is None else cp.uint8)
-    bin_tables: dict = {}
-    final_tables: dict = {}
+    if dt.kind == "f":  # float_to_bins' per-slice (x - shift) / div, written by clahe_bin_tables
+        shift, div = cp.empty(nz, float_dtype), cp.empty(nz, float_dtype)
+        rescale = cp.empty(nz, cp.int32)
+    else:  # unused by the integer tables
+        shift = div = cp.empty(nz, dt)
+        rescale = cp.empty(nz, cp.int32)
+    bin_div = np.uint32(1 + NR_OF_GRAY // nbins)
+    if robust is not None:
+        lo_i, hi_i, gamma = _linear_percentile_plan(plane, list(robust))
+        plan = (np.int64(lo_i[0]), np.int64(lo_i[1]), np.int64(hi_i[0]), np.int64(hi_i[1]),
+                np.float64(gamma[0]), np.float64(gamma[1]))
     for c0 in range(0, nz, chunk):
         c1 = min(nz, c0 + chunk)
         nc = c1 - c0
         src = x3[c0:c1]
         bins = cp.empty((nc, h, w), bin_dtype)
         grid, block = _grid_stride(plane, nc)
-        # per-slice lookup tables, built on the host by the CPU path's own functions
+        tables = cp.empty((nc, tsize), bin_dtype)
+        bin_tables(*_grid_stride(tsize, nc), (ext, np.int32(nz), np.int32(c0), np.int32(tsize), bin_div, tables,
+                                              shift[c0:c1], div[c0:c1], rescale[c0:c1]))
         if dt.kind == "f":
-            params = []
-            for z in range(c0, c1):
-                key = (float(lo_all[z]), float(hi_all[z]))
-                if key not in bin_tables:
-                    bin_tables[key] = _float_bin_params(*key, float_dtype, nbins, bin_dtype)
-                params.append(bin_tables[key])
-            shift = cp.asarray(np.array([p[0] for p in params], float_dtype))
-            div = cp.asarray(np.array([p[1] for p in params], float_dtype))
-            rescale = cp.asarray(np.array([int(p[1] != 1 or p[0] != 0) for p in params], np.int32))
-            tables = cp.asarray(np.stack([p[2] for p in params]))
-            to_bins(grid, block, (src, bins, np.int64(plane), shift, div, rescale, tables))
+            to_bins(grid, block, (src, bins, np.int64(plane), shift[c0:c1], div[c0:c1], rescale[c0:c1], tables))
         else:
-            tabs = []
-            for z in range(c0, c1):
-                key = (lo_all[z].item(), hi_all[z].item())
-                if key not in bin_tables:
-                    bin_tables[key] = _int_bin_table(lo_all[z], hi_all[z], dt, nbins, bin_dtype)
-                tabs.append(bin_tables[key])
-            tables = cp.asarray(np.stack(tabs))
-            to_bins(grid, block, (src, bins, np.int64(plane), tables, np.int32(tables.shape[1])))
+            to_bins(grid, block, (src, bins, np.int64(plane), tables, np.int32(tsize)))
         maps = cp.empty((nc, nty, ntx, nbins), cp.uint16)
         tile_maps((ntx, nty, nc), (256,), (bins, np.int32(h), np.int32(w), rowmap, colmap, np.int32(ky),
                                            np.int32(kx), np.int32(nbins), np.int32(clim), scale, maps),
@@ -889,24 +899,32 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
         interp((-(-w // 32), -(-h // 8), nc), (32, 8),
                (bins, maps, np.int32(h), np.int32(w), np.int32(ky), np.int32(kx), np.int32(nty),
                 np.int32(ntx), np.int32(nbins), levels))
-        del maps, bins
+        del maps, bins, tables
         if robust is not None:
             counts = cp.zeros((nc, NR_OF_GRAY), cp.uint32)
             count_grid = (min(-(-plane // _LEVEL_COUNT_CHUNK), 2048), nc)
             mod.get_function("clahe_level_counts")(count_grid, (256,), (levels, np.int64(plane), counts))
-            tabs = [_robust_level_table(c, float_dtype, *robust, final_tables) for c in cp.asnumpy(counts)]
-            mod.get_function("clahe_final_u8")(grid, block, (levels, cp.asarray(np.stack(tabs)), np.int64(plane),
-                                                             out[c0:c1]))
+            u8_tables = cp.empty((nc, NR_OF_GRAY), cp.uint8)
+            mod.get_function(f"clahe_robust_tables_{fsuf}")((nc,), (_ROBUST_TABLE_THREADS,),
+                                                             (counts,) + plan + (u8_tables,))
+            mod.get_function("clahe_final_u8")(grid, block, (levels, u8_tables, np.int64(plane), out[c0:c1]))
             continue
         lflat = levels.reshape(nc, -1)
-        lmin, lmax = cp.asnumpy(cp.stack([reduce_rows(lflat, "min"), reduce_rows(lflat, "max")]))
-        ftabs = []
-        for a, b in zip(lmin, lmax):
-            key = (float(a), float(b))
-            if key not in final_tables:
-                final_tables[key] = _final_table(*key, float_dtype)
-            ftabs.append(final_tables[key])
-        final(grid, block, (levels, cp.asarray(np.stack(ftabs)), np.int64(plane), out[c0:c1]))
+        lext = cp.stack([reduce_rows(lflat, "min"), reduce_rows(lflat, "max")])
+        ftables = cp.empty((nc, NR_OF_GRAY), cp.float32)
+        mod.get_function(f"clahe_final_tables_{fsuf}")(*_grid_stride(NR_OF_GRAY, nc), (lext, np.int32(nc), ftables))
+        mod.get_function("clahe_final")(grid, block, (levels, ftables, np.int64(plane), out[c0:c1]))
+    if dt.kind == "f":
+        # the one device->host copy of a call, after every launch: both ends of every slice. A NaN or an
+        # infinity shows in them (its slices' bins are garbage, never returned)
+        lo_all, hi_all = cp.asnumpy(ext)
+        bad = ~(np.isfinite(lo_all) & np.isfinite(hi_all))
+        if bad.any():  # the CPU raises on the first such slice, with its count
+            i = int(np.flatnonzero(bad)[0])
+            n = int(cp.count_nonzero(~cp.isfinite(flat[i])))
+            raise ValueError(f"clahe: input has {n} NaN/Inf pixels")
+        if any(_span_overflows(a, b, float_dtype) for a, b in zip(lo_all.tolist(), hi_all.tolist())):
+            return None  # a slice's max - min overflows the float type: the host path halves it first
     return out[0] if x.ndim == 2 else out
 
 

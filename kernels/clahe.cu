@@ -1,16 +1,18 @@
 // CLAHE equal bit for bit to gpuheart.exposure.clahe (CPU, itself equal to skimage's
-// equalize_adapthist). Four launches per chunk of slices; slices are blockIdx.z (or .y):
-//   *_to_bins        input -> bin index through the host-built per-slice table (skimage's 14-bit
-//                    rescale and // (1 + 16384 // nbins) folded into one lookup, as on the CPU)
+// equalize_adapthist). Per chunk of slices; slices are blockIdx.z (or .y):
+//   clahe_bin_tables input value -> bin index per slice, from the slice's extremes (skimage's 14-bit
+//                    rescale and // (1 + 16384 // nbins) folded into one table, as on the CPU)
+//   *_to_bins        input -> bin index through that table
 //   clahe_tile_maps  one block per tile: shared-memory histogram, skimage's clip/redistribute,
 //                    cumulative map (uint16: maps are <= 16383, half the memory of int32)
 //   clahe_interp     per pixel: the float32 bilinear blend of four tile maps, truncated to a level
-//   clahe_final      level -> float32 through the host-built per-slice min/max rescale table
-// or, for the preprocessing chain (CLAHE then robust scaling), instead of clahe_final:
-//   clahe_level_counts + clahe_final_u8   level histogram -> host-built uint8 table -> gather
-// Float arithmetic uses explicit round-to-nearest operations (__d*_rn intrinsics; float32: gh_* from
-// ieee_f32.cuh, which also keep subnormals) so nvcc cannot contract it into FMAs: the CPU rounds after
-// every operation. Offsets that multiply extents are 64-bit.
+//   clahe_final_tables + clahe_final   level -> float32 through the per-slice min/max rescale table
+// or, for the preprocessing chain (CLAHE then robust scaling), instead of the last two:
+//   clahe_level_counts + clahe_robust_tables + clahe_final_u8   level histogram -> uint8 table -> gather
+// Every table is built on the device from values already there, so a call copies nothing back per
+// slice. Float arithmetic uses explicit round-to-nearest operations (__d*_rn intrinsics; float32: gh_*
+// from ieee_f32.cuh, which also keep subnormals) so nvcc cannot contract it into FMAs: the CPU rounds
+// after every operation. Offsets that multiply extents are 64-bit.
 
 #include "ieee_f32.cuh"  // gh_fsub, ...: float32 ops without flush-to-zero (see there)
 
@@ -59,7 +61,7 @@ __device__ void float_to_bins_impl(const T* __restrict__ x, B* __restrict__ bins
         T v = x[(long long)z * plane + i];
         if (rs) v = div_rn<T>(sub_rn<T>(v, sh), dv);
         T u = rint_t(mul_rn<T>(v, umax));
-        u = u < (T)0 ? (T)0 : (u > umax ? umax : u);
+        u = u >= (T)0 ? (u > umax ? umax : u) : (T)0;  // a NaN (reported by the caller) reads bin 0
         bins[(long long)z * plane + i] = tab[(unsigned int)u];
     }
 }
@@ -82,6 +84,110 @@ FLOAT_TO_BINS(f32_b8, float, unsigned char)
 FLOAT_TO_BINS(f32_b16, float, unsigned short)
 FLOAT_TO_BINS(f64_b8, double, unsigned char)
 FLOAT_TO_BINS(f64_b16, double, unsigned short)
+
+// ---- per-slice tables built on the device ----------------------------------------------------------
+//
+// The tables the CPU path builds per slice (gpuheart.exposure._bin_table, _final_table and
+// _robust_level_table), computed here from the slice's extremes or level histogram where those already
+// are, so a call makes no device->host round trip per slice: on an H200 the host side of those
+// tables (copies, syncs, NumPy on 16384-entry arrays) was ~1.4 ms of a 1.6 ms CLAHE call. The same
+// float64 / float32 operations in the same order as NumPy, each rounded (the *_rn intrinsics).
+
+// skimage's 14-bit bin of the uint16 value u for a slice whose uint16 extremes are e0 <= e1
+// (_bins_of): clip to [e0, e1], rescale to [0, 16383] in float64, round half to even, // div.
+__device__ __forceinline__ unsigned int gh_bin_of(double u, double e0, double e1, unsigned int div)
+{
+    double v = fmin(fmax(u, e0), e1);
+    if (e0 != e1) v = __dadd_rn(__dmul_rn(__ddiv_rn(__dsub_rn(v, e0), __dsub_rn(e1, e0)), 16383.0), 0.0);
+    else v = fmin(fmax(v, 0.0), 16383.0);
+    if (!(v >= 0.0)) v = 0.0;  // NaN extremes (input the caller rejects): keep the bin in range
+    return (unsigned int)fmin(rint(v), 16383.0) / div;
+}
+
+// img_as_uint of one float: rint(v * 65535) in the float type, clipped to [0, 65535] (NaN -> 0).
+template <typename T> __device__ __forceinline__ T gh_as_uint16(T v)
+{
+    const T u = rint_t(mul_rn<T>(v, (T)65535));
+    return u >= (T)0 ? (u > (T)65535 ? (T)65535 : u) : (T)0;
+}
+
+template <typename T> __device__ __forceinline__ T gh_from_double(double v);
+template <> __device__ __forceinline__ float gh_from_double(double v) { return gh_d2f(v); }
+template <> __device__ __forceinline__ double gh_from_double(double v) { return v; }
+__device__ __forceinline__ float gh_to_f32(float v) { return v; }
+__device__ __forceinline__ float gh_to_f32(double v) { return gh_d2f(v); }
+__device__ __forceinline__ double gh_to_f64(float v) { return gh_f2d(v); }  // keeps a subnormal
+__device__ __forceinline__ double gh_to_f64(double v) { return v; }
+
+// Grid (blocks, slices): slice z's table (tsize entries: 256 for uint8, else 65536), from its
+// extremes ext[z0 + z] (min) and ext[nz + z0 + z] (max). KIND 0: uint8 (skimage's img_as_uint is
+// x * 257), 1: uint16, 2: float (T), whose shift / div / rescale (_float_bin_params) are written
+// for float_to_bins: (x - min) / (max - min) in T when the slice leaves [0, 1], max - min taken in
+// float64 and rounded to T as NumPy does with Python floats.
+template <typename T, typename B, int KIND>
+__device__ void bin_tables_impl(const T* __restrict__ ext, int nz, int z0, int tsize, unsigned int div,
+                                B* __restrict__ tables, T* __restrict__ shift, T* __restrict__ dv,
+                                int* __restrict__ rescale)
+{
+    const int z = blockIdx.y;
+    const T lo = ext[z0 + z], hi = ext[nz + z0 + z];
+    double e0, e1;
+    if constexpr (KIND == 2) {
+        const bool rs = lo < (T)0 || hi > (T)1;
+        const T sh = rs ? lo : (T)0;
+        const T d = rs ? (hi > lo ? gh_from_double<T>(__dsub_rn(gh_to_f64(hi), gh_to_f64(lo))) : (T)__uint_as_float(0x7F800000u)) : (T)1;
+        const bool apply = d != (T)1 || sh != (T)0;  // _rescale01
+        e0 = gh_to_f64(gh_as_uint16<T>(apply ? div_rn<T>(sub_rn<T>(lo, sh), d) : lo));
+        e1 = gh_to_f64(gh_as_uint16<T>(apply ? div_rn<T>(sub_rn<T>(hi, sh), d) : hi));
+        if (blockIdx.x == 0 && threadIdx.x == 0) { shift[z] = sh; dv[z] = d; rescale[z] = apply; }
+    } else {
+        const double s = KIND == 0 ? 257.0 : 1.0;
+        e0 = (double)lo * s;
+        e1 = (double)hi * s;
+    }
+    B* tab = tables + (long long)z * tsize;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < tsize; i += gridDim.x * blockDim.x)
+        tab[i] = (B)gh_bin_of((double)i * (KIND == 0 ? 257.0 : 1.0), e0, e1, div);
+}
+
+#define BIN_TABLES(SUFFIX, T, B, KIND)                                                           \
+    extern "C" __global__ void clahe_bin_tables_##SUFFIX(const T* ext, int nz, int z0, int tsize,  \
+                                                         unsigned int div, B* tables, T* shift,   \
+                                                         T* dv, int* rescale)                     \
+    { bin_tables_impl<T, B, KIND>(ext, nz, z0, tsize, div, tables, shift, dv, rescale); }
+BIN_TABLES(u8_b8, unsigned char, unsigned char, 0)
+BIN_TABLES(u8_b16, unsigned char, unsigned short, 0)
+BIN_TABLES(u16_b8, unsigned short, unsigned char, 1)
+BIN_TABLES(u16_b16, unsigned short, unsigned short, 1)
+BIN_TABLES(f32_b8, float, unsigned char, 2)
+BIN_TABLES(f32_b16, float, unsigned short, 2)
+BIN_TABLES(f64_b8, double, unsigned char, 2)
+BIN_TABLES(f64_b16, double, unsigned short, 2)
+
+// skimage's final rescale of one 14-bit level for a slice whose levels span [imin, imax]
+// (_final_table): clip, (v - imin) / (imax - imin) in the float type T, then float32.
+template <typename T> __device__ __forceinline__ float gh_final_value(int level, int imin, int imax)
+{
+    T v = (T)min(max(level, imin), imax);
+    if (imin != imax) v = div_rn<T>(sub_rn<T>(v, (T)imin), (T)(imax - imin));
+    else v = v > (T)1 ? (T)1 : v;  // clip(v, 0, 1) of a level >= 0
+    return gh_to_f32(v);
+}
+
+// Grid (blocks, slices): the 16384-entry float32 table of slice z from its levels' extremes
+// lext[z] (min) and lext[nz + z] (max).
+template <typename T>
+__device__ void final_tables_impl(const unsigned short* __restrict__ lext, int nz, float* __restrict__ tables)
+{
+    const int z = blockIdx.y;
+    const int imin = lext[z], imax = lext[nz + z];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 16384; i += gridDim.x * blockDim.x)
+        tables[(long long)z * 16384 + i] = gh_final_value<T>(i, imin, imax);
+}
+extern "C" __global__ void clahe_final_tables_f32(const unsigned short* lext, int nz, float* tables)
+{ final_tables_impl<float>(lext, nz, tables); }
+extern "C" __global__ void clahe_final_tables_f64(const unsigned short* lext, int nz, float* tables)
+{ final_tables_impl<double>(lext, nz, tables); }
 
 // ---- per-tile clipped histograms and maps ---------------------------------------------------------
 
@@ -305,3 +411,94 @@ extern "C" __global__ void clahe_final_u8(const unsigned short* __restrict__ lev
         out[p] = tab[min((int)levels[p], 16383)];
     }
 }
+
+// Grid (slices), GH_RT_THREADS threads: slice z's uint8 table over the 14-bit levels from its level
+// histogram counts[z] (_robust_level_table): the final rescale spans its first..last present level;
+// percentile j interpolates the order statistics klo[j] and khi[j] with weight g[j] (NumPy's linear
+// method: _linear_percentile_plan, the same for every slice), found on the cumulative histogram
+// (searchsorted right: the first level whose cumulative count exceeds k) and blended as numpy's _lerp
+// (float32 difference, float64 blend); then (value - lo) * (255 / (hi - lo)) in float32, clipped to
+// [0, 255] and rounded half to even. T is the final rescale's float type.
+#define GH_RT_THREADS 256
+#define GH_RT_PER (16384 / GH_RT_THREADS)
+
+__device__ __forceinline__ double gh_lerp(float a, float b, double g)
+{
+    const double d = gh_f2d(gh_fsub(b, a));
+    return g >= 0.5 ? __dsub_rn(gh_f2d(b), __dmul_rn(d, __dsub_rn(1.0, g))) : __dadd_rn(gh_f2d(a), __dmul_rn(d, g));
+}
+
+template <typename T>
+__device__ void robust_tables_impl(const unsigned int* __restrict__ counts, long long klo0, long long klo1,
+                                   long long khi0, long long khi1, double g0, double g1,
+                                   unsigned char* __restrict__ tables)
+{
+    __shared__ unsigned long long part[GH_RT_THREADS];
+    __shared__ int firsts[GH_RT_THREADS], lasts[GH_RT_THREADS];
+    __shared__ int at[4], span[2], valid;
+    __shared__ float lo32, k32;
+    const int z = blockIdx.x, tid = threadIdx.x;
+    const unsigned int* c = counts + (long long)z * 16384;
+    const int b0 = tid * GH_RT_PER;
+    unsigned long long s = 0;
+    int first = 16384, last = -1;
+    for (int i = b0; i < b0 + GH_RT_PER; ++i) {
+        const unsigned int v = c[i];
+        s += v;
+        if (v) { first = min(first, i); last = i; }
+    }
+    part[tid] = s;
+    firsts[tid] = first;
+    lasts[tid] = last;
+    __syncthreads();
+    if (tid == 0) {  // 256 partial sums: exclusive prefix and the present span, sequentially
+        unsigned long long run = 0;
+        int f = 16384, l = -1;
+        for (int t = 0; t < GH_RT_THREADS; ++t) {
+            const unsigned long long v = part[t];
+            part[t] = run;
+            run += v;
+            f = min(f, firsts[t]);
+            l = max(l, lasts[t]);
+        }
+        span[0] = f;
+        span[1] = l;
+    }
+    __syncthreads();
+    const long long ks[4] = {klo0, klo1, khi0, khi1};
+    unsigned long long cum = part[tid];
+    for (int i = b0; i < b0 + GH_RT_PER; ++i) {
+        const unsigned long long prev = cum;
+        cum += c[i];
+        for (int j = 0; j < 4; ++j)
+            if ((long long)prev <= ks[j] && ks[j] < (long long)cum) at[j] = i;
+    }
+    __syncthreads();
+    const int imin = span[0], imax = span[1];
+    if (tid == 0) {
+        const double p0 = gh_lerp(gh_final_value<T>(at[0], imin, imax), gh_final_value<T>(at[2], imin, imax), g0);
+        const double p1 = gh_lerp(gh_final_value<T>(at[1], imin, imax), gh_final_value<T>(at[3], imin, imax), g1);
+        const double hi = p1 > p0 ? p1 : gh_f2d(gh_final_value<T>(imax, imin, imax));  // _robust_range
+        valid = hi > p0;
+        lo32 = gh_d2f(p0);
+        k32 = gh_d2f(__ddiv_rn(255.0, __dsub_rn(hi, p0)));
+    }
+    __syncthreads();
+    unsigned char* tab = tables + (long long)z * 16384;
+    for (int i = tid; i < 16384; i += GH_RT_THREADS) {
+        unsigned char o = 0;
+        if (valid) {
+            const float y = gh_fmul(gh_fsub(gh_final_value<T>(i, imin, imax), lo32), k32);
+            o = (unsigned char)rintf(gh_fmin(gh_fmax(y, 0.0f), 255.0f));
+        }
+        tab[i] = o;
+    }
+}
+extern "C" __global__ void clahe_robust_tables_f32(const unsigned int* counts, long long klo0, long long klo1,
+                                                   long long khi0, long long khi1, double g0, double g1,
+                                                   unsigned char* tables)
+{ robust_tables_impl<float>(counts, klo0, klo1, khi0, khi1, g0, g1, tables); }
+extern "C" __global__ void clahe_robust_tables_f64(const unsigned int* counts, long long klo0, long long klo1,
+                                                   long long khi0, long long khi1, double g0, double g1,
+                                                   unsigned char* tables)
+{ robust_tables_impl<double>(counts, klo0, klo1, khi0, khi1, g0, g1, tables); }
