@@ -161,10 +161,9 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
     small, large = _check_size(small), _check_size(large)
     signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,
               np.dtype(np.float32): np.float32}[np.dtype(x.dtype)]
-    # CuPy input stays on its device: two kernel launches, a cast and a subtraction.
-    dom = median(x, small, mode, cval).astype(signed)
-    dom -= median(x, large, mode, cval)
-    return dom if xp is np else xp.asarray(dom)
+    # One subtraction in the signed type (both medians cast on the fly, exactly: uint8 fits int16, uint16
+    # int32): on a device one elementwise kernel and no signed copy of the small median in between.
+    return xp.subtract(median(x, small, mode, cval), median(x, large, mode, cval), dtype=signed)
 
 
 # -- CUDA dispatch (kernels/median.cu) --------------------------------------------------------
