@@ -181,6 +181,7 @@ def chain_profile(out):
         "preprocess": lambda: exposure.preprocess(x3, znorm, 0),
         "median 3x3 u8": lambda: filters.median(pre, 3),
         "median 15x15 u8": lambda: filters.median(pre, 15),
+        "median 3x3 u16": lambda: filters.median(x3, 3),
         "difference_of_medians": lambda: filters.difference_of_medians(pre, 3, 15),
         "dom_thresholds otsu": lambda: segment.dom_thresholds(dom, "otsu"),
         "threshold compare": lambda: dom > segment.dom_thresholds(dom, "otsu"),
@@ -211,6 +212,33 @@ def chain_profile(out):
         return d > segment.dom_thresholds(d, "otsu")
 
     out["chain_top_kernels"] = _top_kernels(chain, 5, 25, cpu=True)
+    host = {name: steps[name] for name in ("clahe (uint16 in)", "preprocess", "median 3x3 u8",
+                                           "dom_thresholds otsu")}
+    host["chain"] = chain
+    out["chain_host_profile"] = {name: _host_profile(f) for name, f in host.items()}
+
+
+def _host_profile(fn, calls: int = 50, rows: int = 15) -> list[dict]:
+    """Where the host time of ``calls`` calls of ``fn`` goes (cProfile, by own time per call): the steps
+    whose wall clock is far above their kernels' are host-bound, and this names the Python behind it."""
+    import cProfile
+    import pstats
+
+    import cupy as cp
+
+    fn()
+    cp.cuda.get_current_stream().synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:rows]
+    return [{"function": f"{Path(f).name}:{line}:{name}", "calls_per_call": round(nc / calls, 2),
+             "own_us_per_call": round(tt / calls * 1e6, 1), "cumulative_us_per_call": round(ct / calls * 1e6, 1)}
+            for (f, line, name), (_, nc, tt, ct, _) in top]
 
 
 def _top_kernels(fn, calls: int, rows: int, cpu: bool = False) -> str:
