@@ -567,6 +567,15 @@ def section_gpu_profile(e) -> list[str]:
         out.append(f"| {r['step']} | {r.get('wall_ms', '-')} | {r.get('events_ms', '-')} |"
                    + (f" {b.get('wall_ms', '-')} |" if before else ""))
     out.append("")
+    host = d.get("chain_host_profile") or {}
+    if host:
+        out += ["Host time by function (cProfile over 50 calls; own time per call, the five largest):", "",
+                "| step | function | calls | own, us | cumulative, us |", "|---|---|---:|---:|---:|"]
+        for step, rows in host.items():
+            for r in rows[:5]:
+                out.append(f"| {step} | `{r['function']}` | {r['calls_per_call']} | {r['own_us_per_call']} | "
+                           f"{r['cumulative_us_per_call']} |")
+        out.append("")
     for n in d.get("notes", []):
         out.append(f"- {n}")
     return out + [""]
