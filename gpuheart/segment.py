@@ -8,10 +8,11 @@ threshold for the slab).
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 
-from .backend import array_module, to_host
+from .backend import array_module, is_device_array, is_device_oom, load_module, reduce_rows, to_host
 from .filters import difference_of_medians
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this = sigma for Gaussian noise
@@ -92,11 +93,17 @@ def threshold_slices(values, method="otsu", k: float = 3.0):
     For integer values (difference of medians of uint8/uint16 images) and Otsu, the per-slice histograms are
     counted where the data lives and only they (z x value range counts) come to the host, instead of every
     slice; the thresholds equal ``skimage.filters.threshold_otsu`` of each slice, which bins integer images
-    the same way. Other cases call :func:`threshold_value` per slice.
+    the same way. For CuPy integers of at most 16 bits (planes up to 2**24 pixels) the whole computation stays
+    on the device (``kernels/threshold.cu``): no device->host copy, no wait. Other cases call
+    :func:`threshold_value` per slice.
     """
     xp = array_module(values)
     if values.ndim != 3:
         raise ValueError(f"threshold_slices expects a (z, y, x) slab, got shape {values.shape}")
+    if method == "otsu" and is_device_array(values):
+        t = _try_cuda("otsu", _otsu_cuda, values)
+        if t is not None:
+            return t
     if isinstance(method, numbers.Real) and not isinstance(method, (bool, np.bool_)):
         t = np.full(values.shape[0], float(method))
         if not np.isfinite(t).all():
@@ -129,6 +136,71 @@ def _otsu_from_histograms(values, xp) -> np.ndarray:
         # skimage's integer histogram spans the slice's own [min, max]; a constant slice gives its value
         out[i] = lo + a if a == b else threshold_otsu(hist=(c[a:b + 1], np.arange(lo + a, lo + b + 1)))
     return out
+
+
+# -- CUDA path (CuPy integer slabs of <= 16 bits): kernels/threshold.cu, equal to the host path above -------
+
+_OTSU_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.int8): "i8", np.dtype(np.uint16): "u16",
+                np.dtype(np.int16): "i16"}
+THRESHOLD_ENTRIES = tuple(f"otsu_{k}_{s}" for k in ("hist", "threshold") for s in _OTSU_SUFFIX.values())
+_OTSU_THREADS = 256            # OTSU_THREADS in kernels/threshold.cu
+_OTSU_MAX_PLANE = 1 << 24      # float32 class weights (skimage's) are exact integers up to here
+_OTSU_PIXELS_PER_BLOCK = 16384
+_OTSU_COUNTS_BYTES = 64 << 20  # the counts of one chunk of slices (16-bit: 256 KiB a slice)
+_MAX_GRID_Y = 65535
+_warned: set[str] = set()
+
+
+def _try_cuda(what: str, fn, *args):
+    """``fn(*args)``; a ValueError and a device out-of-memory error propagate; any other failure (NVRTC
+    compile error, launch failure) warns once per operation and returns None (host path)."""
+    try:
+        return fn(*args)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any CUDA failure must degrade to the host path
+        if is_device_oom(err):
+            raise
+        if what not in _warned:
+            _warned.add(what)
+            warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
+                          "using the host path from now on for such calls", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _otsu_cuda(values):
+    """Per-slice Otsu thresholds of a CuPy (z, y, x) integer slab of at most 16 bits, (z, 1, 1) float64 on
+    the device, equal to :func:`_otsu_from_histograms`; None for what it does not cover.
+
+    No device->host copy and no synchronization: the slice extremes (``reduce_rows``) stay on the device,
+    where the histogram kernel reads each slice's offset and span and the Otsu kernel (one block per slice)
+    writes the thresholds. The host path costs two syncs for the slab's extremes, a copy of the counts and
+    skimage per slice: ~1 ms a 2048 x 2048 slice on an H200, for ~0.12 ms of kernels.
+    """
+    import cupy as cp
+
+    suffix = _OTSU_SUFFIX.get(np.dtype(values.dtype))
+    nz, ny, nx = values.shape
+    plane = ny * nx
+    if suffix is None or values.size == 0 or plane > _OTSU_MAX_PLANE:
+        return None
+    nbins = 256 if values.dtype.itemsize == 1 else 65536
+    x = cp.ascontiguousarray(values)
+    flat = x.reshape(nz, plane)
+    lo, hi = reduce_rows(flat, "min"), reduce_rows(flat, "max")
+    mod = load_module("threshold.cu")
+    hist, otsu = mod.get_function(f"otsu_hist_{suffix}"), mod.get_function(f"otsu_threshold_{suffix}")
+    out = cp.empty(nz, cp.float64)
+    chunk = max(1, min(nz, _MAX_GRID_Y, _OTSU_COUNTS_BYTES // (4 * nbins)))
+    counts = cp.empty((chunk, nbins), cp.uint32)
+    bx = max(1, min(-(-plane // _OTSU_PIXELS_PER_BLOCK), 1024))
+    for c0 in range(0, nz, chunk):
+        c1 = min(nz, c0 + chunk)
+        cnt = counts[:c1 - c0]
+        cnt.fill(0)
+        hist((bx, c1 - c0), (_OTSU_THREADS,), (flat[c0:c1], np.int64(plane), lo[c0:c1], hi[c0:c1], cnt))
+        otsu((c1 - c0,), (_OTSU_THREADS,), (cnt, lo[c0:c1], hi[c0:c1], out[c0:c1]))
+    return out.reshape(nz, 1, 1)
 
 
 def dom_mask(x, small: int = 3, large: int = 15, threshold="otsu", k: float = 3.0,

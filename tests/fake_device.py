@@ -13,6 +13,9 @@ which
 * ``RawModule`` kernels are the host builds of ``cuda_emulator`` (every argument checked against the
   kernel's parameters), fed with the arrays' own memory;
 * streams, events, devices and the memory pool are no-ops that keep CuPy's call signatures;
+* ``cupyx.allow_synchronize(False)`` makes every device->host read (``.get()``, ``cupy.asnumpy``, ``int()``,
+  ``bool()``, ``.item()`` ...) raise ``cupyx.DeviceSynchronized``, so a test can demand that a device path
+  never waits for the device;
 * DLPack hands torch the array's memory as a CPU tensor (this torch has no CUDA), and a tensor comes back
   through ``cupy.from_dlpack`` as a device array again.
 
@@ -36,6 +39,29 @@ import cuda_emulator as emu
 
 _REFUSED = ("Implicit conversion to a NumPy array is not allowed (a device array on the fake GPU; "
             "use .get() or cupy.asnumpy)")
+
+
+class DeviceSynchronized(RuntimeError):
+    """``cupyx.DeviceSynchronized``: a device->host read inside ``cupyx.allow_synchronize(False)``."""
+
+
+_SYNC = {"allowed": True}   # cupyx.allow_synchronize's switch (one flag: the fake has no threads of its own)
+
+
+def _host_read(what: str) -> None:
+    """Every way a device array's values reach the host passes here (``get``, ``int()``, ``bool()`` ...)."""
+    if not _SYNC["allowed"]:
+        raise DeviceSynchronized(f"{what}: a device->host read inside cupyx.allow_synchronize(False) (fake GPU)")
+
+
+@contextlib.contextmanager
+def allow_synchronize(allow: bool):
+    """``cupyx.allow_synchronize``: with ``False``, a device->host read raises ``DeviceSynchronized``."""
+    old, _SYNC["allowed"] = _SYNC["allowed"], bool(allow)
+    try:
+        yield
+    finally:
+        _SYNC["allowed"] = old
 
 
 class DeviceArray(NDArrayOperatorsMixin):
@@ -63,6 +89,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     # -- what CuPy offers ------------------------------------------------------------------------
     def get(self, stream=None, order="C", out=None):
+        _host_read("get")
         if out is not None:   # as CuPy: a host array of this shape and dtype, no casting
             if not isinstance(out, np.ndarray) or out.shape != self._a.shape or out.dtype != self._a.dtype:
                 raise TypeError(f"get(out=...) needs a numpy.ndarray of {self._a.dtype}{list(self._a.shape)}")
@@ -106,6 +133,8 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __getattr__(self, name):
         if name.startswith("__") or name in _NUMPY_ONLY:   # __array_interface__ etc.: NumPy's other ways in
             raise AttributeError(f"'cupy.ndarray' (fake) has no attribute {name!r}")
+        if name in _HOST_READS:
+            _host_read(name)
         v = getattr(self._a, name)
         if callable(v):
             return lambda *a, **k: _wrap(v(*_tree(_loose, a), **_tree(_loose, k)))
@@ -127,15 +156,19 @@ class DeviceArray(NDArrayOperatorsMixin):
         return (_wrap(v, scalars=True) for v in self._a)
 
     def __bool__(self):
+        _host_read("__bool__")
         return bool(self._a)
 
     def __int__(self):
+        _host_read("__int__")
         return int(self._a)
 
     def __float__(self):
+        _host_read("__float__")
         return float(self._a)
 
     def __index__(self):
+        _host_read("__index__")
         return self._a.__index__()
 
     def __repr__(self):
@@ -145,6 +178,10 @@ class DeviceArray(NDArrayOperatorsMixin):
 # numpy.ndarray attributes that cupy.ndarray does not have (the fake forwards the rest)
 _NUMPY_ONLY = frozenset({"ctypes", "setflags", "resize", "byteswap", "getfield", "setfield", "itemset", "tostring",
                          "newbyteorder"})
+
+
+# forwarded numpy.ndarray methods that hand the values to the host
+_HOST_READS = frozenset({"item", "tolist", "tobytes"})
 
 
 def _wrap(v, scalars: bool = True):
@@ -344,6 +381,8 @@ def make_cupy(modules: dict) -> tuple[types.ModuleType, types.ModuleType]:
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=float, order="C": np.empty(shape, dtype, order)
     cupyx.zeros_pinned = lambda shape, dtype=float, order="C": np.zeros(shape, dtype, order)
+    cupyx.allow_synchronize = allow_synchronize
+    cupyx.DeviceSynchronized = DeviceSynchronized
     return cp, cupyx
 
 
@@ -354,7 +393,8 @@ def build_modules(workdir: Path, median_sizes=range(3, 32, 2)) -> dict:
 
     names = sorted({filters._cuda_plan((1, 64, 64), np.dtype(dt), size, hist)[0]
                     for dt in (np.uint8, np.uint16, np.float32) for size in median_sizes for hist in (True, False)})
-    mods = {cu: emu.build(cu, _kernel_names(cu), workdir) for cu in ("clahe.cu", "elementwise.cu", "morphology.cu")}
+    mods = {cu: emu.build(cu, _kernel_names(cu), workdir)
+            for cu in ("clahe.cu", "elementwise.cu", "morphology.cu", "threshold.cu")}
     mods["median.cu"] = emu.build("median.cu", names, workdir)
     return mods
 
@@ -363,7 +403,7 @@ def build_modules(workdir: Path, median_sizes=range(3, 32, 2)) -> dict:
 def fake_gpu(modules: dict, monkeypatch):
     """Inside: ``cupy`` is the fake, ``backend.cuda_available()`` is True and every kernel module comes
     from ``modules``. Caches that remember the real CuPy are cleared on the way in and out."""
-    from gpuheart import backend, exposure, filters, morphology, unet
+    from gpuheart import backend, exposure, filters, morphology, segment, unet
 
     cp, cupyx = make_cupy(modules)
     load = lambda name, *a, **k: _ModuleShim(modules[name])  # noqa: E731
@@ -371,7 +411,7 @@ def fake_gpu(modules: dict, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setitem(sys.modules, "cupy", cp)
         mp.setitem(sys.modules, "cupyx", cupyx)
-        for m in (exposure, filters, morphology):
+        for m in (exposure, filters, morphology, segment):
             mp.setattr(m, "load_module", load)
         # the torch here has no CUDA: its CPU tensors stand for the device tensors a DLPack handover makes
         mp.setattr(unet, "from_torch", lambda t: DeviceArray(np.from_dlpack(t.detach())))
@@ -379,6 +419,7 @@ def fake_gpu(modules: dict, monkeypatch):
         mp.setattr(filters, "_CUDA_FAILED", {})
         mp.setattr(exposure, "_warned", set())
         mp.setattr(morphology, "_warned", set())
+        mp.setattr(segment, "_warned", set())
         for c in caches:
             getattr(c, "cache_clear", lambda: None)()
         _POOL.limit = 0

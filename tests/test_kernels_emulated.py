@@ -7,6 +7,8 @@ shared memory, argument types, host-built tables and chunking) with NumPy standi
 They must equal the CPU path exactly as the ``gpu`` tests demand of a device. This runs the kernel
 logic on every machine with g++; it cannot show what only a GPU does (warp scheduling, memory
 ordering beyond barriers, NVRTC's code), which the ``gpu`` tests cover when a GPU is lent.
+kernels/threshold.cu (per-slice Otsu, ``segment._otsu_cuda``) is built here too; its parity tests are
+in tests/test_kernels_threshold.py.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from test_kernels_morphology import _rand
 from gpuheart import backend
 from gpuheart import exposure as ex
 from gpuheart import morphology as morph
+from gpuheart import segment
 from gpuheart.backend import kernel_dir
 
 pytestmark = pytest.mark.skipif(not emu.available(), reason="g++ is not on PATH: no host emulator")
@@ -42,7 +45,8 @@ def _kernel_names(cu: str) -> list[str]:
 @pytest.fixture(scope="module")
 def modules(tmp_path_factory):
     d = tmp_path_factory.mktemp("emu")
-    return {cu: emu.build(cu, _kernel_names(cu), d) for cu in ("clahe.cu", "elementwise.cu", "morphology.cu")}
+    return {cu: emu.build(cu, _kernel_names(cu), d)
+            for cu in ("clahe.cu", "elementwise.cu", "morphology.cu", "threshold.cu")}
 
 
 @pytest.fixture
@@ -60,6 +64,7 @@ def dev(modules, monkeypatch):
             mp.setitem(sys.modules, "cupy", fake)
             mp.setattr(ex, "load_module", load)
             mp.setattr(morph, "load_module", load)
+            mp.setattr(segment, "load_module", load)
             out = fn(*args, **kwargs)
         assert not backend.is_device_array(out)  # the fake is gone again
         return out
@@ -76,6 +81,7 @@ def test_every_kernel_the_dispatch_names_is_built(modules):
                  "close_z_line", "close_cube"):
         assert stem in names, stem
     assert {f"znorm_asinh_{s}" for s in ex._ZNORM_SUFFIX.values()} <= names
+    assert set(segment.THRESHOLD_ENTRIES) <= names
 
 
 # -- CLAHE, and CLAHE fused with robust scaling ------------------------------------------------------

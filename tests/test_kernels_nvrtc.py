@@ -39,6 +39,7 @@ EXTERN_C = {
     + ["clahe_final", "clahe_level_counts", "clahe_final_u8"],
     "elementwise.cu": ["robust_scale_f32"],
     "morphology.cu": ["close_z_line", "close_cube"],
+    "threshold.cu": [f"otsu_{k}_{t}" for k in ("hist", "threshold") for t in ("u8", "i8", "u16", "i16")],
 }
 
 
@@ -52,6 +53,10 @@ def test_extern_c_kernels_build_under_nvrtc(name, arch):
         from gpuheart.exposure import _ZNORM_SUFFIX
 
         wanted += [f"znorm_asinh_{s}" for s in _ZNORM_SUFFIX.values()]
+    if name == "threshold.cu":
+        from gpuheart.segment import THRESHOLD_ENTRIES
+
+        wanted += list(THRESHOLD_ENTRIES)
     missing = [k for k in wanted if k not in entries]
     assert not missing, f"{name} under NVRTC for {arch} lacks {missing}"
 
@@ -101,7 +106,7 @@ _FTZ_F32 = re.compile(r"\b(?:add|sub|mul|div|fma)(?:\.rn)?\.ftz\.f32\b|\bcvt(?:\
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["clahe.cu", "elementwise.cu", "median.cu", "morphology.cu"])
+@pytest.mark.parametrize("name", ["clahe.cu", "elementwise.cu", "median.cu", "morphology.cu", "threshold.cu"])
 def test_float32_arithmetic_keeps_subnormals_under_cupys_ftz(name, arch):
     _nvrtc_or_skip()
     names = ()
@@ -142,6 +147,6 @@ def test_median_blocks_fit_the_launch_bounds():
 
 def test_kernel_source_inlines_local_headers():
     """NVRTC gets no include path and CuPy's cache key is the source: headers must be inlined."""
-    for cu in ("clahe.cu", "elementwise.cu"):
+    for cu in ("clahe.cu", "elementwise.cu", "threshold.cu"):
         text = backend.kernel_source(cu)
         assert '#include "' not in text and "gh_fsub" in text and "#pragma once" not in text

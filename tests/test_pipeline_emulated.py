@@ -86,7 +86,8 @@ def test_a_run_on_the_fake_gpu_equals_the_cpu_run(modules, cpu_runs, method, tmp
     failed = [w for w in said if "CUDA" in w or "kernel" in w or "device memory" in w]
     assert not failed, failed
     launched = {name.split("<")[0] for m in modules.values() for name, *_ in m.launches}
-    assert {"znorm_asinh_u16", "clahe_final_u8", "close_z_line", "close_cube"} <= launched, launched
+    assert {"znorm_asinh_u16", "clahe_final_u8", "close_z_line", "close_cube", "otsu_hist_i16",
+            "otsu_threshold_i16"} <= launched, launched
     assert any(n.startswith("median_") for n in launched), launched
     _same_run(gpu, cpu_runs[method])
 
