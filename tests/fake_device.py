@@ -407,7 +407,7 @@ def fake_gpu(modules: dict, monkeypatch):
 
     cp, cupyx = make_cupy(modules)
     load = lambda name, *a, **k: _ModuleShim(modules[name])  # noqa: E731
-    caches = [backend._cupy, backend.cuda_available, filters._device_border_maps]
+    caches = [backend._cupy, backend.cuda_available, filters._device_border_maps, exposure._device_reflect_maps]
     with monkeypatch.context() as mp:
         mp.setitem(sys.modules, "cupy", cp)
         mp.setitem(sys.modules, "cupyx", cupyx)

@@ -180,7 +180,9 @@ def test_clahe_robust_scale_kernels_equal_cpu(dev, dtype, shape):
     assert got.dtype == np.uint8 and got.shape == x.shape
     np.testing.assert_array_equal(got, ex.clahe_robust_scale(x))
     np.testing.assert_array_equal(got, ex.robust_scale(ex.clahe(x)))
-    assert [n for n, *_ in dev.launches["clahe.cu"]][-2:] == ["clahe_level_counts", "clahe_final_u8"]
+    fsuf = "f32" if dtype == np.float32 else "f64"  # the final rescale's float type
+    assert [n for n, *_ in dev.launches["clahe.cu"]][-3:] == ["clahe_level_counts", f"clahe_robust_tables_{fsuf}",
+                                                             "clahe_final_u8"]
     np.testing.assert_array_equal(dev(ex._clahe_cuda, x, 0.01, (32, 32), 256, (2.0, 98.0)),
                                   ex.clahe_robust_scale(x, low=2.0, high=98.0))
 
@@ -261,3 +263,109 @@ def test_level_counts_kernel_loops_over_chunks_and_keeps_16_bit_counters_from_ov
     kern((2, 2), (256,), (levels, np.int64(plane), counts))   # 2 blocks per slice for 4 chunks
     for z in range(2):
         np.testing.assert_array_equal(counts[z], np.bincount(levels[z], minlength=16384))
+
+
+# -- the per-slice tables clahe.cu builds on the device, against the host functions they replace ----------
+
+def _table_grid(n, slices):
+    return (max(1, -(-n // 256)), slices), (256,)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("nbins", [256, 64, 4096])
+def test_bin_tables_kernel_equals_host_int_tables(modules, dtype, nbins):
+    top = int(np.iinfo(dtype).max)
+    rng = np.random.default_rng(nbins)
+    pairs = [(0, top), (0, 0), (top, top), (7, 7), (3, 4), (0, 1), (top - 1, top)]
+    pairs += [tuple(sorted(rng.integers(0, top + 1, 2))) for _ in range(6)]
+    los, his = (np.array(v, dtype) for v in zip(*pairs))
+    bin_dtype = np.uint8 if nbins <= 256 else np.uint16
+    tsize = top + 1
+    tables = np.zeros((len(pairs), tsize), bin_dtype)
+    dummy, resc = np.zeros(len(pairs), dtype), np.zeros(len(pairs), np.int32)
+    suffix = f"{'u8' if dtype == np.uint8 else 'u16'}_{'b8' if bin_dtype == np.uint8 else 'b16'}"
+    kern = modules["clahe.cu"].get_function(f"clahe_bin_tables_{suffix}")
+    kern(*_table_grid(tsize, len(pairs)), (np.concatenate([los, his]), np.int32(len(pairs)), np.int32(0),
+                                          np.int32(tsize), np.uint32(1 + 16384 // nbins), tables, dummy, dummy, resc))
+    for z, (lo, hi) in enumerate(pairs):
+        np.testing.assert_array_equal(tables[z], ex._int_bin_table(dtype(lo), dtype(hi), dtype, nbins, bin_dtype),
+                                      err_msg=str((lo, hi)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nbins", [256, 4096])
+def test_bin_tables_kernel_equals_host_float_params(modules, dtype, nbins):
+    eps = float(np.finfo(dtype).eps)
+    pairs = [(-0.5, 3.7), (0.0, 1.0), (0.2, 0.7), (0.3, 0.3), (-2.0, -2.0), (1.5, 1.5), (0.0, 0.0), (1e-30, 0.5),
+             (-1e-7, 1e-7), (0.0, 1.0 + eps), (-eps, 1.0), (1.0, 1.0), (0.5, 2.0), (-3e5, 7e6), (1e-3, 2e-3),
+             (0.25, 1.0 - eps / 2), (1e-40, 0.5), (-1e-40, 0.5)]  # float32: subnormal ends
+    lo_hi = [(dtype(a), dtype(b)) for a, b in pairs]
+    los = np.array([a for a, _ in lo_hi], dtype)
+    his = np.array([b for _, b in lo_hi], dtype)
+    n = len(pairs)
+    bin_dtype = np.uint8 if nbins <= 256 else np.uint16
+    tables = np.zeros((n, 65536), bin_dtype)
+    shift, div, resc = np.zeros(n, dtype), np.zeros(n, dtype), np.full(n, -1, np.int32)
+    suffix = f"{'f32' if dtype == np.float32 else 'f64'}_{'b8' if bin_dtype == np.uint8 else 'b16'}"
+    kern = modules["clahe.cu"].get_function(f"clahe_bin_tables_{suffix}")
+    # slices 2.. of a longer extremes array: the kernel reads slice z at ext[z0 + z] and ext[nz + z0 + z]
+    pad = np.full(2, 9, dtype)
+    ext = np.concatenate([pad, los, pad, his])
+    kern(*_table_grid(65536, n), (ext, np.int32(n + 2), np.int32(2), np.int32(65536),
+                                  np.uint32(1 + 16384 // nbins), tables, shift, div, resc))
+    for z, (lo, hi) in enumerate(lo_hi):
+        sh, dv, table = ex._float_bin_params(float(lo), float(hi), dtype, nbins, bin_dtype)
+        what = f"slice {z}: {lo!r}..{hi!r}"
+        assert shift[z].tobytes() == dtype(sh).tobytes() and div[z].tobytes() == dtype(dv).tobytes(), what
+        assert resc[z] == int(dv != 1 or sh != 0), what
+        np.testing.assert_array_equal(tables[z], table, err_msg=what)
+
+
+@pytest.mark.parametrize("float_dtype", [np.float32, np.float64])
+def test_final_tables_kernel_equals_host(modules, float_dtype):
+    pairs = [(0, 16383), (0, 0), (5, 5), (16383, 16383), (1, 2), (0, 1), (100, 9000), (3, 16382)]
+    lext = np.array([a for a, _ in pairs] + [b for _, b in pairs], np.uint16)
+    tables = np.zeros((len(pairs), 16384), np.float32)
+    kern = modules["clahe.cu"].get_function(f"clahe_final_tables_{'f32' if float_dtype == np.float32 else 'f64'}")
+    kern(*_table_grid(16384, len(pairs)), (lext, np.int32(len(pairs)), tables))
+    for z, (a, b) in enumerate(pairs):
+        np.testing.assert_array_equal(tables[z], ex._final_table(float(a), float(b), float_dtype), err_msg=str((a, b)))
+
+
+def _histograms(n, rng):
+    """Level histograms of n pixels each: the shapes _robust_level_table has branches for."""
+    hs = []
+    def h(levels, weights):
+        c = np.zeros(16384, np.int64)
+        w = np.asarray(weights, np.float64)
+        k = np.floor(w / w.sum() * n).astype(np.int64)
+        k[0] += n - k.sum()
+        np.add.at(c, levels, k)
+        hs.append(c)
+    h([0], [1])                                   # one level: p_low == p_high == top -> zeros
+    h([16383], [1])
+    h([7, 9000], [n - 1, 1])                      # sparse bright: p_high == p_low, the top takes its place
+    h([0, 16383], [1, 1])                         # two ends, equal
+    h([10, 11, 12], [1, 1, 1])
+    h(np.arange(16384), np.ones(16384))           # every level
+    h(rng.integers(0, 16384, 50), rng.random(50))
+    h(np.clip(rng.normal(8000, 2000, 400), 0, 16383).astype(int), rng.random(400))
+    h([0, 1, 16382, 16383], [n // 2, 1, 1, n // 2])
+    return np.stack(hs)
+
+
+@pytest.mark.parametrize("float_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 1000, 4_194_304])
+@pytest.mark.parametrize("q", [(0.1, 99.9), (0.0, 100.0), (50.0, 50.0), (1.0, 99.0)])
+def test_robust_tables_kernel_equals_host(modules, float_dtype, n, q):
+    counts = _histograms(n, np.random.default_rng(n))
+    keep = counts.sum(axis=1) == n  # tiny n: a histogram whose weights all round to one level still sums to n
+    counts = counts[keep]
+    lo_i, hi_i, gamma = ex._linear_percentile_plan(n, list(q))
+    tables = np.full((len(counts), 16384), 77, np.uint8)
+    kern = modules["clahe.cu"].get_function(f"clahe_robust_tables_{'f32' if float_dtype == np.float32 else 'f64'}")
+    kern((len(counts),), (ex._ROBUST_TABLE_THREADS,),
+         (counts.astype(np.uint32), np.int64(lo_i[0]), np.int64(lo_i[1]), np.int64(hi_i[0]), np.int64(hi_i[1]),
+          np.float64(gamma[0]), np.float64(gamma[1]), tables))
+    for z, c in enumerate(counts):
+        np.testing.assert_array_equal(tables[z], ex._robust_level_table(c, float_dtype, *q), err_msg=f"histogram {z}")
