@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,25 @@ def from_torch(t: Any):
     if t.device.type != "cpu":
         raise DeviceError(f"tensors on {t.device.type!r} are not supported; move them to cpu or cuda")
     return np.from_dlpack(t)
+
+
+def try_cuda(what: str, warned: set, fn, *args):
+    """``fn(*args)`` for a CUDA path; a ValueError (bad input) and a device out-of-memory error (the
+    pipeline shrinks its slabs and retries) propagate; any other failure (NVRTC compile error, launch
+    failure) warns once per ``what`` (remembered in ``warned``) and returns None: the caller takes the
+    host path."""
+    try:
+        return fn(*args)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any CUDA failure must degrade to the host path
+        if is_device_oom(err):
+            raise
+        if what not in warned:
+            warned.add(what)
+            warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
+                          "using the host path from now on for such calls", RuntimeWarning, stacklevel=4)
+        return None
 
 
 def is_device_oom(err: BaseException) -> bool:

@@ -8,11 +8,11 @@ threshold for the slab).
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import numpy as np
 
-from .backend import array_module, is_device_array, is_device_oom, load_module, reduce_rows, to_host
+from .backend import array_module, is_device_array, load_module, to_host, try_cuda
+from .exposure import slice_extremes
 from .filters import difference_of_medians
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this = sigma for Gaussian noise
@@ -152,27 +152,14 @@ _warned: set[str] = set()
 
 
 def _try_cuda(what: str, fn, *args):
-    """``fn(*args)``; a ValueError and a device out-of-memory error propagate; any other failure (NVRTC
-    compile error, launch failure) warns once per operation and returns None (host path)."""
-    try:
-        return fn(*args)
-    except ValueError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any CUDA failure must degrade to the host path
-        if is_device_oom(err):
-            raise
-        if what not in _warned:
-            _warned.add(what)
-            warnings.warn(f"{what}: the CUDA kernel failed ({type(err).__name__}: {err}); "
-                          "using the host path from now on for such calls", RuntimeWarning, stacklevel=3)
-        return None
+    return try_cuda(what, _warned, fn, *args)
 
 
 def _otsu_cuda(values):
     """Per-slice Otsu thresholds of a CuPy (z, y, x) integer slab of at most 16 bits, (z, 1, 1) float64 on
     the device, equal to :func:`_otsu_from_histograms`; None for what it does not cover.
 
-    No device->host copy and no synchronization: the slice extremes (``reduce_rows``) stay on the device,
+    No device->host copy and no synchronization: the slice extremes (``exposure.slice_extremes``) stay on the device,
     where the histogram kernel reads each slice's offset and span and the Otsu kernel (one block per slice)
     writes the thresholds. The host path costs two syncs for the slab's extremes, a copy of the counts and
     skimage per slice: ~1 ms a 2048 x 2048 slice on an H200, for ~0.12 ms of kernels.
@@ -187,7 +174,7 @@ def _otsu_cuda(values):
     nbins = 256 if values.dtype.itemsize == 1 else 65536
     x = cp.ascontiguousarray(values)
     flat = x.reshape(nz, plane)
-    lo, hi = reduce_rows(flat, "min"), reduce_rows(flat, "max")
+    lo, hi = slice_extremes(flat)
     mod = load_module("threshold.cu")
     hist, otsu = mod.get_function(f"otsu_hist_{suffix}"), mod.get_function(f"otsu_threshold_{suffix}")
     out = cp.empty(nz, cp.float64)

@@ -1,6 +1,6 @@
 // Per-slice Otsu thresholds of integer slices (<= 16 bits) on the device, equal bit for bit to
 // gpuheart.segment.threshold_slices(values, "otsu") on the host, itself skimage's threshold_otsu of each
-// slice. Nothing comes back to the host: the slice extremes (backend.reduce_rows, exact) stay in device
+// slice. Nothing comes back to the host: the slice extremes (exposure.slice_extremes, exact) stay in device
 // memory and the kernels read them there. Two launches per chunk of slices:
 //   otsu_hist_*       counts of value - lo_z per slice (lo_z the slice's minimum), into a zeroed
 //                     (slices, NBINS) uint32 array, NBINS the dtype's value count (256 or 65536).

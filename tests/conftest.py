@@ -1,4 +1,6 @@
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def no_device_sync():
+    """``cupyx.allow_synchronize(False)``: a device->host read raises ``cupyx.DeviceSynchronized`` (CuPy
+    deprecates it, with a warning on entry, but keeps it; the fake GPU implements it)."""
+    import cupyx
+
+    cm = cupyx.allow_synchronize(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm.__enter__()
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
 
 
 def cupy_checking_fallbacks(module):

@@ -87,6 +87,7 @@ inline float __double2float_rn(double v) { return (float)v; }
 inline float __int2float_rn(int v) { return (float)v; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline long long __double_as_longlong(double d) { long long u; std::memcpy(&u, &d, 8); return u; }
 inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 template <class T> inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> T __shfl_down_sync(unsigned, T v, int delta) {

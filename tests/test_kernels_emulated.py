@@ -78,6 +78,7 @@ def test_every_kernel_the_dispatch_names_is_built(modules):
     for stem in ("int_to_bins_u8_b8", "int_to_bins_u16_b16", "float_to_bins_f32_b8", "float_to_bins_f64_b16",
                  "clahe_tile_maps_b8", "clahe_tile_maps_b16", "clahe_interp_b8", "clahe_interp_b16",
                  "clahe_final", "clahe_level_counts", "clahe_final_u8", "robust_scale_f32",
+                 "slice_extremes_partial_u8", "slice_extremes_final_f64",
                  "close_z_line", "close_cube"):
         assert stem in names, stem
     assert {f"znorm_asinh_{s}" for s in ex._ZNORM_SUFFIX.values()} <= names
@@ -369,3 +370,38 @@ def test_robust_tables_kernel_equals_host(modules, float_dtype, n, q):
           np.float64(gamma[0]), np.float64(gamma[1]), tables))
     for z, c in enumerate(counts):
         np.testing.assert_array_equal(tables[z], ex._robust_level_table(c, float_dtype, *q), err_msg=f"histogram {z}")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 4096, 70_001])
+def test_slice_extremes_equal_numpy(dev, dtype, n):
+    """exposure.slice_extremes (two launches of elementwise.cu) against NumPy's min and max per row: rows of
+    one value, extremes in the first and last element, several partial blocks (70001 elements: 18 blocks),
+    and for floats subnormals next to 0 (CuPy's -ftz comparisons would see them as 0), signed zeros, NaN
+    (both ends NaN, as CuPy's min/max) and infinities."""
+    rng = np.random.default_rng(n)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    x = rng.integers(-100, 100, (7, n)).astype(dtype) if np.dtype(dtype).kind in "iu" else \
+        rng.standard_normal((7, n)).astype(dtype)
+    x[1] = x[1, 0]                               # constant row
+    x[2, 0], x[2, -1] = info.min, info.max       # extremes at both ends
+    if np.dtype(dtype).kind == "f":
+        tiny = np.finfo(dtype).smallest_subnormal
+        x[3] = 0
+        x[3, n // 2] = tiny                      # max is a subnormal, min 0
+        x[4] = tiny * 3
+        x[4, -1] = tiny                          # min is the smaller subnormal
+        x[5, n // 3] = np.nan
+        x[0, n // 2] = np.copysign(np.nan, -1)   # a NaN with the sign bit: its order key is the smallest
+        x[6, 0], x[6, -1] = -np.inf, np.inf
+    got = dev(ex.slice_extremes, x)
+    assert got.shape == (2, 7) and got.dtype == x.dtype
+    suffix = ex._EXTREMES_SUFFIX[np.dtype(dtype)]
+    assert [k for k, *_ in dev.launches["elementwise.cu"]][-2:] == [f"slice_extremes_partial_{suffix}",
+                                                                   f"slice_extremes_final_{suffix}"]
+    with np.errstate(invalid="ignore"):
+        want = np.stack([x.min(axis=1), x.max(axis=1)])
+    np.testing.assert_array_equal(got, want)
+    if np.dtype(dtype).kind == "f":  # the zeros' signs aside, the same bits
+        assert np.isnan(got[:, 5]).all() and np.isnan(got[:, 0]).all() and got[1, 3] == np.finfo(dtype).smallest_subnormal
+        assert got[0, 4] == np.finfo(dtype).smallest_subnormal

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import cupy_checking_fallbacks
+from conftest import cupy_checking_fallbacks, no_device_sync
 from skimage import exposure as skexp
 
 from gpuheart import exposure as ex
@@ -317,6 +317,41 @@ def test_preprocess_gpu_vs_cpu(cp):
     want = ex.robust_scale(ex.clahe(st.get()))
     np.testing.assert_array_equal(ex.robust_scale(ex.clahe(st)).get(), want)
     np.testing.assert_array_equal(ex.clahe_robust_scale(st).get(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_preprocess_gpu_of_integers_reads_nothing_back(cp, dtype):
+    """Integer slices stretched by asinh are finite by construction, so the preprocessing chain copies
+    nothing to the host (no wait for the device); its answer is the checked path's."""
+    vol = _image((3, 96, 80), np.uint16, 7).astype(dtype)
+    vol[1] = 0  # a constant (dark) slice
+    zn = _znorm(vol)
+    d = cp.asarray(vol)
+    with no_device_sync():
+        got = ex.preprocess(d, zn)
+    st = ex._znorm_asinh_cuda(d, zn, 0, True, zn.scale)
+    want = ex.clahe_robust_scale(st)  # float input: checked after the launches
+    want[np.flatnonzero(zn.dark)] = 0
+    np.testing.assert_array_equal(got.get(), want.get())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slice_extremes_gpu_keep_subnormals_and_nan(cp, dtype):
+    """On a device CuPy compiles with -ftz=true, under which float comparisons see subnormals as 0: the
+    extremes kernel compares order keys, so a subnormal minimum or maximum next to 0 is still found."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.zeros((4, 5000), dtype)
+    x[0, 17] = tiny
+    x[1] += tiny * 3
+    x[1, -1] = tiny
+    x[2, 9] = -tiny
+    x[3] = np.random.default_rng(0).standard_normal(5000)
+    x[3, 100] = np.nan
+    got = ex.slice_extremes(cp.asarray(x)).get()
+    np.testing.assert_array_equal(got[:, :3], np.stack([x[:3].min(axis=1), x[:3].max(axis=1)]))
+    assert got[1, 0] == tiny and got[0, 1] == tiny and got[0, 2] == -tiny and np.isnan(got[:, 3]).all()
 
 
 @pytest.mark.gpu

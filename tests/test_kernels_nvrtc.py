@@ -39,7 +39,8 @@ EXTERN_C = {
     + ["clahe_final", "clahe_level_counts", "clahe_final_u8"]
     + [f"clahe_bin_tables_{t}_{b}" for t in ("u8", "u16", "f32", "f64") for b in ("b8", "b16")]
     + [f"clahe_{k}_tables_{t}" for k in ("final", "robust") for t in ("f32", "f64")],
-    "elementwise.cu": ["robust_scale_f32"],
+    "elementwise.cu": ["robust_scale_f32"] + [f"slice_extremes_{k}_{t}" for k in ("partial", "final")
+                                              for t in ("u8", "i8", "u16", "i16", "i32", "f32", "f64")],
     "morphology.cu": ["close_z_line", "close_cube"],
     "threshold.cu": [f"otsu_{k}_{t}" for k in ("hist", "threshold") for t in ("u8", "i8", "u16", "i16")],
 }

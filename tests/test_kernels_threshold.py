@@ -8,7 +8,6 @@ where ``cupyx.allow_synchronize(False)`` turns any device->host read into an err
 """
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cupy_checking_fallbacks
+from conftest import cupy_checking_fallbacks, no_device_sync
 from skimage.filters import threshold_otsu
 
 import cuda_emulator as emu
@@ -153,15 +152,26 @@ def threshold_module(tmp_path_factory):
     return emu.build("threshold.cu", _kernel_names("threshold.cu"), tmp_path_factory.mktemp("emu-threshold"))
 
 
+@pytest.fixture(scope="module")
+def extremes_module(tmp_path_factory):
+    """elementwise.cu, whose slice_extremes kernels give the slices' offsets and spans."""
+    from test_kernels_emulated import _kernel_names
+
+    return emu.build("elementwise.cu", _kernel_names("elementwise.cu"), tmp_path_factory.mktemp("emu-extremes"))
+
+
 @pytest.fixture
-def emulated(threshold_module, monkeypatch):
-    """``emulated(slab)``: ``segment._otsu_cuda`` with NumPy posing as cupy and the host build as its module."""
+def emulated(threshold_module, extremes_module, monkeypatch):
+    """``emulated(slab)``: ``segment._otsu_cuda`` with NumPy posing as cupy and the host builds as its modules."""
+    from gpuheart import exposure
+
     threshold_module.launches.clear()
 
     def run(slab):
         with monkeypatch.context() as mp:
             mp.setitem(sys.modules, "cupy", emu.fake_cupy())
             mp.setattr(segment, "load_module", lambda name, *a, **k: threshold_module)
+            mp.setattr(exposure, "load_module", lambda name, *a, **k: extremes_module)
             return segment._otsu_cuda(slab)
 
     run.launches = threshold_module.launches
@@ -220,29 +230,13 @@ def test_out_of_scope_inputs_are_left_to_the_host(monkeypatch):
 cp = cupy_checking_fallbacks(segment)
 
 
-@contextlib.contextmanager
-def _no_sync():
-    """``cupyx.allow_synchronize(False)``: a device->host read raises ``cupyx.DeviceSynchronized`` (CuPy
-    deprecates it, with a warning on entry, but keeps it; the fake GPU implements it)."""
-    import cupyx
-
-    cm = cupyx.allow_synchronize(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm.__enter__()
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gpu_thresholds_equal_skimage_without_a_host_read(cp, case):
     slab = CASES[case]
     want = _reference(slab)
     d = cp.asarray(slab)
-    with _no_sync():
+    with no_device_sync():
         t = segment.threshold_slices(d, "otsu")
         floored = segment.dom_thresholds(d, "otsu")
         mask = d > floored
@@ -259,7 +253,7 @@ def test_gpu_host_read_detector_sees_the_host_path(cp):
 
     d = cp.asarray(CASES["dom_random"].astype(np.int32))
     with pytest.raises(cupyx.DeviceSynchronized):
-        with _no_sync():
+        with no_device_sync():
             segment.threshold_slices(d, "otsu")
 
 
