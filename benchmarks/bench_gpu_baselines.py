@@ -141,6 +141,16 @@ def test_median_gpuheart_radix(benchmark, device_slice, monkeypatch):
     _timed_on_device(benchmark, filters.median, device_slice, 15)
 
 
+def test_median_gpuheart_net3(benchmark, device_slice, monkeypatch):
+    """The 3 x 3 forgetful-selection kernel (median_net<T, 3>) that median3 replaced, side by side with it."""
+    from gpuheart import filters
+
+    monkeypatch.setattr(filters, "_CUDA_ROWS3", False)
+    benchmark.group = f"gpu median {device_slice.dtype.name} 3x3"
+    assert filters._cuda_plan((1, 64, 64), device_slice.dtype, 3)[0].startswith("median_net<")
+    _timed_on_device(benchmark, filters.median, device_slice, 3)
+
+
 SLAB = 16  # slices per pass-2 slab in the pipeline (slab_size)
 
 

@@ -173,6 +173,10 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
 _CUDA_BLOCK = (32, 8, 1)          # GH_TILE_X x GH_BLOCK_Y threads
 _CUDA_TILE = (32, 32)             # outputs per block (x, y): each thread does GH_ROWS = 4 rows
 _CUDA_NET_SIZES = (3, 5)          # register forgetful selection; larger sizes: see below
+# 3 x 3 through median3 (sorted row triples, one thread per column sliding down _CUDA_M3_ROWS rows)
+# instead of median_net<T, 3>; False keeps the latter (benchmarks/bench_gpu_baselines.py times both)
+_CUDA_ROWS3 = True
+_CUDA_M3 = (128, 16)              # GH_M3_COLS threads per block, GH_M3_ROWS rows per thread
 # Sliding-histogram kernel (median_hist) for integer sizes >= 7: one thread per output column,
 # HistTraits<T>::COLS threads per block, each sliding down GH_HIST_ROWS rows. float32 keeps the
 # radix selection (2**32 keys have no histogram that fits shared memory).
@@ -194,6 +198,9 @@ def _cuda_plan(shape, dtype, size: int, hist: bool = True):
     """
     z, h, w = (int(s) for s in shape)
     ctype = _CUDA_CTYPES[np.dtype(dtype)]
+    if size == 3 and _CUDA_ROWS3:
+        grid = (-(-w // _CUDA_M3[0]), -(-h // _CUDA_M3[1]), min(z, _CUDA_MAX_GRID_YZ))
+        return f"median3<{ctype}>", grid, (_CUDA_M3[0], 1, 1), ()
     if size in _CUDA_NET_SIZES:
         name, extra = f"median_net<{ctype}, {size}>", ()
     elif hist and np.dtype(dtype) in _CUDA_HIST_COLS:

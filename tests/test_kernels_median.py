@@ -108,7 +108,9 @@ def test_source_has_every_entry_point_the_dispatch_loads():
             name, grid, block, extra = filters._cuda_plan((3, 64, 128), dtype, size)
             assert f"template __global__ void {name}(" in src, name
             assert len(extra) == (0 if size <= 5 else 1)
-            if size <= 5 or dtype == np.float32:
+            if size == 3:  # median3: one thread per column, 16 rows each
+                assert block == (128, 1, 1) and grid == (1, 4, 3)
+            elif size <= 5 or dtype == np.float32:
                 assert block == (32, 8, 1) and grid == (4, 2, 3)
             else:  # the sliding histogram: one thread per column, 32 rows each
                 cols = {np.uint8: 64, np.uint16: 32}[dtype]
@@ -182,6 +184,21 @@ def test_emulated_kernel_border_modes(emulator, dtype, mode):
         x = _image(shape, dtype, seed=size)
         got = emulator(x, size, mode, _cval(dtype))
         _assert_same(got, median(x, size, mode, _cval(dtype)), dtype, size, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_median3_with_ties_and_row_blocks(emulator, dtype):
+    """median3 (3 x 3 from sorted row triples): values from {0, 1, 2, 3} make ties in almost every window,
+    and heights around its 16-row blocks (15, 16, 17, 33) and widths around its 128-column blocks
+    (127, 129) end blocks part-way; against the CPU median for every border mode."""
+    rng = np.random.default_rng(3)
+    for shape in ((15, 129), (16, 127), (17, 5), (2, 33, 130), (1, 1), (3, 2)):
+        x = rng.integers(0, 4, shape).astype(dtype)
+        if dtype == np.float32:
+            x[..., ::5] *= -1  # -0.0 among the ties
+        for mode in MODES:
+            _assert_same(emulator(x, 3, mode, _cval(dtype)), median(x, 3, mode, _cval(dtype)), dtype, 3, False)
+    assert filters._cuda_plan((1, 64, 64), dtype, 3)[0] == f"median3<{filters._CUDA_CTYPES[np.dtype(dtype)]}>"
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -281,9 +298,9 @@ def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatc
     np.testing.assert_array_equal(same, ref)
     strided = np.repeat(x, 2, axis=2)[:, :, ::2]
     np.testing.assert_array_equal(emulator(strided, 9, "mirror"), ref)
-    two_d = emulator(x[1], 3, "constant", 7)
-    assert two_d.shape == x[1].shape
-    np.testing.assert_array_equal(two_d, median(x[1], 3, "constant", 7))
+    two_d = emulator(x[1, :32], 3, "constant", 7)  # 32 rows: 2 blocks of median3's 16, within the grid of 2
+    assert two_d.shape == x[1, :32].shape
+    np.testing.assert_array_equal(two_d, median(x[1, :32], 3, "constant", 7))
 
 
 # -- GPU: the real dispatch on a CUDA device ---------------------------------------------------
