@@ -284,7 +284,7 @@ def _overlaps(a, b) -> bool:
 
 def _median_cuda(x, size, mode, cval, out, hist: bool = True):
     cp = array_module(x)
-    name, _, block, extra = _cuda_plan((1,) + x.shape[-2:], x.dtype, size, hist)
+    name, grid, block, extra = _cuda_plan((1,) + x.shape[-2:], x.dtype, size, hist)
     mod = load_module("median.cu", (name,))
     kern = mod.get_function(name)
     src = cp.ascontiguousarray(x)
@@ -302,7 +302,7 @@ def _median_cuda(x, size, mode, cval, out, hist: bool = True):
     cbits = _cval_bits(cval, x.dtype)
     for z0 in range(0, z, _CUDA_MAX_GRID_YZ):
         z1 = min(z, z0 + _CUDA_MAX_GRID_YZ)
-        _, grid, _, _ = _cuda_plan((z1 - z0, h, w), x.dtype, size, hist)
+        grid = grid[:2] + (z1 - z0,)   # the plan for one slice, over this chunk's slices
         if grid[1] > _CUDA_MAX_GRID_YZ:
             raise ValueError(f"slice of {h} rows exceeds the CUDA grid ({_CUDA_MAX_GRID_YZ} tiles)")
         kern(grid, block, (slab[z0:z1], dslab[z0:z1], rows, cols, np.int32(h), np.int32(w), cbits) + extra)
