@@ -20,6 +20,9 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONPATH=. GPUHEART_DATA=${GPUHEART_DATA:-.gpu-carry/data} GPUHEART_BENCH_RESULTS="$OUT" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+# STEPS picks steps by name (default all): tests baselines unet profile pipeline dask
+STEPS=${STEPS:-"tests baselines unet profile pipeline dask"}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local limit=$1; shift; echo "== $(date -u +%T) t=${SECONDS}s [$limit s] $*"; timeout "$limit" "$@"
          local rc=$?; echo "== exit $rc t=${SECONDS}s"; return $rc; }
 left() { echo $(( BUDGET - SECONDS - ${1:-0} )); }   # seconds of the budget left, less a reserve
@@ -40,27 +43,27 @@ cat "$OUT/device.txt"
 #    U-Net runs uncompiled here (six processes compiling at once would crowd the CPUs) except in the test of
 #    torch.compile itself, which asks for it.
 xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 6 --dist load)
-step 150 env OMP_NUM_THREADS=2 GPUHEART_UNET_COMPILE=0 $PY -m pytest -q -rfEs -m gpu -p no:cacheprovider "${xdist[@]}" tests/ \
+want tests && step 150 env OMP_NUM_THREADS=2 GPUHEART_UNET_COMPILE=0 $PY -m pytest -q -rfEs -m gpu -p no:cacheprovider "${xdist[@]}" tests/ \
   > "$OUT/gpu-tests.log" 2>&1
-tail -15 "$OUT/gpu-tests.log"
+want tests && tail -15 "$OUT/gpu-tests.log"
 # 2. kernels against cupyx / cuCIM on 2048x2048 slices and 16-slice slabs, closings against cupyx on a
 #    48x1024x1024 mask (writes <gpu>-<date>.json/.md into $OUT after every entry: 29 entries took over 80 s on
 #    an H200 on 2026-11-27, cuCIM's CLAHE and preprocessing ~0.65 s a call, so it has 150 s)
-step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
+want baselines && step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_gpu_baselines.py \
   benchmarks/bench_morphology.py::test_closings_gpu --benchmark-only \
   --benchmark-min-rounds=5 --benchmark-max-time=0.25
 # 3. U-Net inference tiles/s (bf16, automatic batch size, compiled and not, and a sweep of batch sizes; ~40 s)
 # (the newest *-unet.json is this run's: results of other GPUs are committed beside it)
-step 90 $PY benchmarks/bench_unet.py && cp "$(ls -t benchmarks/results/*-unet.json | head -1)" "$OUT/unet.json"
+want unet && step 90 $PY benchmarks/bench_unet.py && cp "$(ls -t benchmarks/results/*-unet.json | head -1)" "$OUT/unet.json"
 # 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
-step 40 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain
+want profile && step 60 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
 #    full-scan projection and the device memory peaks (keeps 40 s for step 5). It needs ~150 s: writing the
 #    scan ~40 s, the warm-up ~25 s (compiling the U-Net), the run ~70 s (H200, 2026-11-27).
-step "$(left 40)" $PY benchmarks/bench_pipeline.py --slices 16 --device cuda --mesh --no-tracemalloc \
+want pipeline && step "$(left 40)" $PY benchmarks/bench_pipeline.py --slices 16 --device cuda --mesh --no-tracemalloc \
   --out "$OUT/pipeline.json"
 # 5. dask-cuda's LocalCUDACluster against a local GPU run (wheels in .gpu-carry/dask-wheels, if carried)
-if ls .gpu-carry/dask-wheels/*.whl >/dev/null 2>&1 && [ "$(left)" -gt 25 ]; then
+if want dask && ls .gpu-carry/dask-wheels/*.whl >/dev/null 2>&1 && [ "$(left)" -gt 25 ]; then
   $PY -m pip install -q --no-deps .gpu-carry/dask-wheels/*.whl 2>&1 | grep -v -i "warning" | tail -3
   step "$(left)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_distributed_cuda.py
 fi
