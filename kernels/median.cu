@@ -11,17 +11,20 @@
 //     the load: no padded copy of the slab is written, and the filter only computes the valid
 //     region of the (virtually) padded slice.
 //
-// Three kernels. median_net and median_radix use a block of 32 x 8 threads computing a 32 x 32
+// Four kernels. median_net and median_radix use a block of 32 x 8 threads computing a 32 x 32
 // output tile (4 rows per thread, so a tile's halo is loaded once for 4x the outputs of a
 // one-row thread):
-//   median_net<T, SIZE>   SIZE 3, 5: forgetful selection (Paeth/Devillard) in registers, fully
-//                         unrolled min/max exchanges; loads each window value exactly once.
+//   median_net<T, SIZE>   SIZE 5 (and 3 where median3 is switched off): forgetful selection
+//                         (Paeth/Devillard) in registers, fully unrolled min/max exchanges; loads
+//                         each window value exactly once.
 //   median_radix<T>       any odd size (used for float32 7..31): bitwise radix selection of the
 //                         k-th smallest key per pixel, counting over the window from shared memory.
 //                         Passes = bit length of (window min XOR window max), so smooth regions
 //                         cost few passes; at most 8 / 16 / 32 for uint8 / uint16 / float32.
 //   median_hist<T, N>     uint8 / uint16, 7..31: a sliding histogram per output column (below;
 //                         its own block of 64 / 32 x 1 threads, each computing 32 rows).
+//   median3<T>            3 x 3: sorted row triples, one thread per column sliding down 16 rows
+//                         (below; no shared memory).
 //
 // Launch configuration (grid, block, which kernel) lives in Python next to the dispatch
 // (gpuheart.filters._cuda_plan); the tile constants below must match it.
