@@ -790,9 +790,12 @@ _CLAHE_ENTRIES = ("int_to_bins_u8_b8", "int_to_bins_u8_b16", "int_to_bins_u16_b8
                   "float_to_bins_f32_b8", "float_to_bins_f32_b16", "float_to_bins_f64_b8",
                   "float_to_bins_f64_b16", "clahe_tile_maps_b8", "clahe_tile_maps_b16",
                   "clahe_interp_b8", "clahe_interp_b16", "clahe_final", "clahe_level_counts",
-                  "clahe_final_u8")
+                  "clahe_final_u8") \
+    + tuple(f"clahe_bin_tables_{t}_{b}" for t in ("u8", "u16", "f32", "f64") for b in ("b8", "b16")) \
+    + tuple(f"clahe_{k}_tables_{t}" for k in ("final", "robust") for t in ("f32", "f64"))
 _ELEMENTWISE_ENTRIES = ("znorm_asinh_u8", "znorm_asinh_u16", "znorm_asinh_i16", "znorm_asinh_i32",
-                        "znorm_asinh_f32", "znorm_asinh_f64", "robust_scale_f32")
+                        "znorm_asinh_f32", "znorm_asinh_f64", "robust_scale_f32") \
+    + tuple(f"slice_extremes_{k}_{t}" for k in ("partial", "final") for t in ("u8", "i8", "u16", "i16", "i32", "f32", "f64"))
 KERNEL_ENTRIES = {"clahe.cu": _CLAHE_ENTRIES, "elementwise.cu": _ELEMENTWISE_ENTRIES}
 _ZNORM_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.int16): "i16",
                  np.dtype(np.int32): "i32", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}

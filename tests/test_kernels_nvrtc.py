@@ -1,4 +1,5 @@
-"""Every kernel builds under NVRTC, the compiler ``backend.load_module`` uses at run time on a GPU.
+"""Every kernel builds under NVRTC, the compiler ``backend.load_module`` uses at run time on a GPU, and
+under nvcc (as .ci/run builds them).
 
 nvcc (tests/test_kernels_*.py and .ci/run) accepts things NVRTC does not (host headers, for one),
 so a kernel that only passes nvcc could still fail on the first GPU it meets. NVRTC runs without a
@@ -8,11 +9,13 @@ Each entry point the dispatch code asks for must be in the PTX, for sm_80 and sm
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
-from gpuheart import backend, filters
+from gpuheart import backend, exposure, filters, morphology, segment
 
 
 def _nvrtc_or_skip():
@@ -153,3 +156,29 @@ def test_kernel_source_inlines_local_headers():
     for cu in ("clahe.cu", "elementwise.cu", "threshold.cu"):
         text = backend.kernel_source(cu)
         assert '#include "' not in text and "gh_fsub" in text and "#pragma once" not in text
+
+
+# -- nvcc: the same sources as files (the local header included by path), every dispatch entry in the PTX ----
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: cannot check that the kernels compile")
+NVCC_ENTRIES = {**exposure.KERNEL_ENTRIES, "morphology.cu": morphology.MORPHOLOGY_ENTRIES,
+                "threshold.cu": segment.THRESHOLD_ENTRIES}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(NVCC_ENTRIES))
+def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
+    subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", "--cubin", "-o", str(tmp_path / "k.cubin"),
+                    str(backend.kernel_dir() / name)], check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", sorted(NVCC_ENTRIES))
+def test_nvcc_ptx_has_the_entry_points_the_dispatch_loads(name, tmp_path):
+    ptx = tmp_path / "k.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_80", "--ptx", "-o", str(ptx), str(backend.kernel_dir() / name)],
+                   check=True, capture_output=True, timeout=300)
+    assert set(NVCC_ENTRIES[name]) <= _entries(ptx.read_text())
