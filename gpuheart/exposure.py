@@ -1103,6 +1103,7 @@ def _preprocess(slab, znorm: "ZNorm", z0: int, cfg: ExposureConfig, timer, keep_
     if cfg.clahe:
         with timer("clahe + robust scale"):  # fused: CLAHE levels -> histogram -> uint8 table
             if is_device_array(stretched) and _finite_by_construction(slab, cfg, znorm):
+                _check_percentiles(cfg.robust_low, cfg.robust_high)
                 out = _try_cuda("clahe", _clahe_cuda, stretched, cfg.clip_limit, _kernel_size(cfg.kernel_size),
                                 256, (cfg.robust_low, cfg.robust_high), True)
                 if out is not None:
