@@ -581,8 +581,8 @@ def _bin_table_cached(e0: int, e1: int, nbins: int, bin_dtype, full: bool, src_d
     if full or src_dtype == np.uint16:
         # the values are their own uint16: those outside [e0, e1] clip to an end and share its bin, so only
         # the span is computed (a 12-bit camera's slice spans a few thousand of the 65536 values; the same
-        # per-element float64 operations, so the same bins; 0.48 -> ~0.05 ms a table, paid once per slice
-        # on a GPU, whose per-slice extremes differ)
+        # per-element float64 operations, so the same bins; 0.48 -> ~0.05 ms a table, paid for every slice
+        # whose extremes differ: a camera's all do. The device path builds its tables in clahe_bin_tables)
         table = np.empty(65536, bin_dtype)
         table[e0:e1 + 1] = _bins_of(np.arange(e0, e1 + 1, dtype=np.uint16), imin, imax, nbins, bin_dtype)
         table[:e0], table[e1 + 1:] = table[e0], table[e1]
@@ -884,12 +884,9 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + tsize * 2
     chunk = int(max(1, min(nz, _MAX_GRID_Y, _CLAHE_CHUNK_BYTES // per_slice)))
     out = cp.empty((nz, h, w), cp.float32 if robust is None else cp.uint8)
-    if dt.kind == "f":  # float_to_bins' per-slice (x - shift) / div, written by clahe_bin_tables
-        shift, div = cp.empty(nz, float_dtype), cp.empty(nz, float_dtype)
-        rescale = cp.empty(nz, cp.int32)
-    else:  # unused by the integer tables
-        shift = div = cp.empty(nz, dt)
-        rescale = cp.empty(nz, cp.int32)
+    # float_to_bins' per-slice (x - shift) / div, written by clahe_bin_tables (integer input leaves them unused)
+    pdt = float_dtype if dt.kind == "f" else dt
+    shift, div, rescale = cp.empty(nz, pdt), cp.empty(nz, pdt), cp.empty(nz, cp.int32)
     bin_div = np.uint32(1 + NR_OF_GRAY // nbins)
     if robust is not None:
         lo_i, hi_i, gamma = _linear_percentile_plan(plane, list(robust))
