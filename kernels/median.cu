@@ -392,6 +392,163 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
     }
 }
 
+// ---- uint16, 7 x 7 .. 15 x 15: one sliding histogram per column, kept by a group of G lanes ------
+//
+// median_hist16<G>: median_hist's thread per column loses on noisy uint16: the median changes coarse
+// bin on most rows, and a thread then rebuilds its fine histogram from the whole window (225 keys, one
+// at a time) and walks up to 32 counters, each step waiting on the last; a warp waits for its slowest
+// thread, and 21 KB of histograms per 32 columns leaves an SM few warps to hide that. Here a group of
+// G lanes (8 or 16) owns a column: each row's 2 * size updates, a rebuild and every search are split
+// over the G lanes, and a column's histograms take 1.3 KB instead of 0.6 KB per thread.
+//   coarse: 256 byte counters of the keys' high bytes;
+//   fine:   byte counters of the full keys of GH_H16_BAND consecutive coarse bins [F, F + BAND), bin h
+//           in slot h % BAND, so the median may wander BAND bins (on smooth data, far longer) before
+//           the group rebuilds: it zeroes the slots and counts the window's keys of the new band, the
+//           one pass over the window, G keys at a time.
+// A search (gh_select256) finds the k-th key of a 256-counter histogram in three shallow levels:
+// each lane sums its 64 / G words, a group prefix sum picks the lane, then the word, then the byte.
+// A window holds at most 225 keys, so every counter and every sum of counters fits a byte: words add
+// bytewise with no carry, and w * 0x01010101 holds in byte i the sum of w's bytes 0..i.
+// Blocks of GH_H16_WARPS warps: 32 * WARPS / G columns, GH_H16_ROWS rows; outputs are staged in
+// shared memory and written row by row at the end (a group's own stores would be 2-byte scatters).
+#define GH_H16_WARPS 4    // warps per block
+#define GH_H16_ROWS 64    // output rows per block
+#define GH_H16_BAND 4     // coarse bins the fine histogram covers (a power of 2)
+
+__device__ __forceinline__ int gh_bytesum(unsigned int w) { return (int)((w * 0x01010101u) >> 24); }
+
+// The group's bits of a warp-wide ballot (bit i = lane i of the group).
+template <int G>
+__device__ __forceinline__ unsigned int gh_group_ballot(int pred, int lane) {
+    const unsigned int b = __ballot_sync(0xFFFFFFFFu, pred);
+    return (b >> (lane & ~(G - 1))) & ((1u << G) - 1u);
+}
+
+// Inclusive prefix sum over segments of S lanes (S divides 32), g = the lane's index in its group.
+template <int S>
+__device__ __forceinline__ int gh_segment_scan(int v, int g) {
+#pragma unroll
+    for (int d = 1; d < S; d <<= 1) {
+        const int u = __shfl_up_sync(0xFFFFFFFFu, v, d, S);
+        if ((g & (S - 1)) >= d) v += u;
+    }
+    return v;
+}
+
+// The bin of the k-th smallest (0-based) key counted in h (256 byte counters, 64 words, 16-byte
+// aligned), and below = the keys in lower bins; searched by the G lanes of a group, which must all
+// call it with the same h and k. The k-th key must exist.
+template <int G>
+__device__ __forceinline__ int gh_select256(const unsigned int* h, int k, int g, int lane, int& below) {
+    constexpr int WPL = 64 / G;  // words per lane
+    const uint4* hv = reinterpret_cast<const uint4*>(h) + g * (WPL / 4);
+    unsigned int t = 0u;
+#pragma unroll
+    for (int q = 0; q < WPL / 4; ++q) {
+        const uint4 v = hv[q];
+        t += v.x + v.y + v.z + v.w;
+    }
+    const int s = gh_bytesum(t);
+    const int p = gh_segment_scan<G>(s, g);
+    const int L = __ffs((int)gh_group_ballot<G>(p > k, lane)) - 1;           // the lane holding it
+    int base = __shfl_sync(0xFFFFFFFFu, p - s, L, G);
+    const unsigned int wb = g < WPL ? h[L * WPL + g] : 0u;                    // lane L's words, one each
+    const int sb = gh_bytesum(wb);
+    const int pb = gh_segment_scan<WPL>(sb, g);
+    const int Q = __ffs((int)gh_group_ballot<G>(g < WPL && base + pb > k, lane)) - 1;  // the word
+    base += __shfl_sync(0xFFFFFFFFu, pb - sb, Q, G);
+    // The word itself from lane Q, not from h: every read of h is then done before the group's last
+    // shuffle, so a lane that runs ahead into the next row's updates cannot change what another reads.
+    const unsigned int pre = __shfl_sync(0xFFFFFFFFu, wb, Q, G) * 0x01010101u;  // byte i: keys of bins 0..i
+    const unsigned int kk = (unsigned int)(k - base);
+    const int b = (int)((pre & 0xFFu) <= kk) + (int)(((pre >> 8) & 0xFFu) <= kk) + (int)(((pre >> 16) & 0xFFu) <= kk);
+    below = base + (b ? (int)((pre >> (8 * (b - 1))) & 0xFFu) : 0);
+    return (L * WPL + Q) * 4 + b;
+}
+
+template <int G>
+__global__ void __launch_bounds__(GH_H16_WARPS * 32)
+median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict__ dst,
+              const int* __restrict__ rowmap, const int* __restrict__ colmap, int H, int W,
+              unsigned int cval_bits, int size) {
+    static_assert(G == 8 || G == 16, "a column's group is 8 or 16 lanes");
+    constexpr int C = GH_H16_WARPS * 32 / G, ROWS = GH_H16_ROWS, B = GH_H16_BAND, MAXR = 7;
+    constexpr int FW = B * 64;  // fine words per column
+    __shared__ unsigned short tile[(ROWS + 2 * MAXR) * (C + 2 * MAXR)];
+    __shared__ uint4 coarse_v[C * 16];
+    __shared__ uint4 fine_v[C * FW / 4];
+    __shared__ unsigned short staged[ROWS * C];
+    const int r = size / 2, TH = ROWS + 2 * r, TW = C + 2 * r;
+    const int y0 = blockIdx.y * ROWS, x0 = blockIdx.x * C;
+    const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
+    gh_load_tile<unsigned short>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff, y0, x0);
+    unsigned int* coarse_all = reinterpret_cast<unsigned int*>(coarse_v);
+    for (int i = threadIdx.x; i < C * 64; i += blockDim.x) coarse_all[i] = 0u;
+    __syncthreads();
+    // Every thread runs to the end (columns past W too, on the tile's filler keys): the warp
+    // primitives need all 32 lanes, and the final barrier all threads.
+    const int lane = threadIdx.x & 31, g = threadIdx.x & (G - 1), c = threadIdx.x / G;
+    unsigned int* coarse = coarse_all + c * 64;
+    unsigned int* fine = reinterpret_cast<unsigned int*>(fine_v) + c * FW;
+    const unsigned short* col = tile + c;  // key dx of window row j of output i: col[(i + j) * TW + dx]
+    const int n = size * size, kth = n / 2, rows = min(ROWS, H - y0);
+    const int dj = G / size, ddx = G - dj * size;  // a step of G keys through a window, row-major
+    {
+        int j = g / size, dx = g - j * size;
+        for (int idx = g; idx < n; idx += G) {
+            gh_add<1, 8>(coarse, col[j * TW + dx] >> 8, 1);
+            j += dj; dx += ddx;
+            if (dx >= size) { dx -= size; ++j; }
+        }
+    }
+    int F = -2 * B;  // the band's first coarse bin: none yet, so the first row builds it
+    for (int i = 0; i < rows; ++i) {
+        if (i > 0) {
+            const unsigned short* gone = col + (i - 1) * TW;
+            const unsigned short* come = col + (i - 1 + size) * TW;
+            for (int dx = g; dx < size; dx += G) {
+                const unsigned int vo = gone[dx], vn = come[dx];
+                const int co = (int)(vo >> 8), cn = (int)(vn >> 8);
+                gh_add<1, 8>(coarse, co, -1);
+                gh_add<1, 8>(coarse, cn, 1);
+                if ((unsigned int)(co - F) < (unsigned int)B) gh_add<1, 8>(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
+                if ((unsigned int)(cn - F) < (unsigned int)B) gh_add<1, 8>(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
+            }
+        }
+        __syncwarp();
+        int lb;
+        const int m = gh_select256<G>(coarse, kth, g, lane, lb);
+        const int rebuild = (unsigned int)(m - F) >= (unsigned int)B;
+        if (__any_sync(0xFFFFFFFFu, rebuild)) {
+            if (rebuild) {
+                F = min(max(m - 1, 0), 256 - B);
+                uint4* fv = fine_v + c * (FW / 4);
+                for (int q = g; q < FW / 4; q += G) fv[q] = make_uint4(0u, 0u, 0u, 0u);
+            }
+            __syncwarp();
+            if (rebuild) {
+                int j = g / size, dx = g - j * size;
+                for (int idx = g; idx < n; idx += G) {
+                    const unsigned int v = col[(i + j) * TW + dx];
+                    const int h = (int)(v >> 8);
+                    if ((unsigned int)(h - F) < (unsigned int)B) gh_add<1, 8>(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
+                    j += dj; dx += ddx;
+                    if (dx >= size) { dx -= size; ++j; }
+                }
+            }
+            __syncwarp();
+        }
+        int fb;
+        const int low = gh_select256<G>(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);
+        if (g == 0) staged[i * C + c] = (unsigned short)((m << 8) | low);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * C; idx += blockDim.x) {
+        const int yy = idx / C, xx = idx - yy * C;
+        if (x0 + xx < W) dst[zoff + (gh_index)(y0 + yy) * (gh_index)W + (gh_index)(x0 + xx)] = staged[idx];
+    }
+}
+
 // ---- 3 x 3: sorted row triples -------------------------------------------------------------------
 //
 // median3<T>: the 3 x 3 median from each window row sorted (lo <= mid <= hi): the median of the
@@ -468,6 +625,8 @@ template __global__ void median_hist<unsigned char, 0>(GH_ARGS(unsigned char), i
 template __global__ void median_hist<unsigned char, 1>(GH_ARGS(unsigned char), int);
 template __global__ void median_hist<unsigned short, 0>(GH_ARGS(unsigned short), int);
 template __global__ void median_hist<unsigned short, 1>(GH_ARGS(unsigned short), int);
+template __global__ void median_hist16<8>(GH_ARGS(unsigned short), int);
+template __global__ void median_hist16<16>(GH_ARGS(unsigned short), int);
 template __global__ void median3<unsigned char>(GH_ARGS(unsigned char));
 template __global__ void median3<unsigned short>(GH_ARGS(unsigned short));
 template __global__ void median3<float>(GH_ARGS(float));

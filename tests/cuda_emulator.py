@@ -6,7 +6,9 @@ per-launch buffers that are refilled with garbage at every block start, as a dev
 Each block's threads are OS threads meeting at a real barrier (``__syncthreads``); blocks run one
 after another in a shuffled order; ``atomicAdd`` is a real atomic; ``__shfl_down_sync`` exchanges
 through a block-wide slot array between two barriers (so, as on a GPU, every thread of the block
-must call it); the ``__f*_rn`` / ``__d*_rn`` intrinsics are plain IEEE operations
+must call it); the other warp primitives (``__shfl_sync``, ``__shfl_up_sync``, ``__ballot_sync``,
+``__any_sync``, ``__syncwarp``) meet at a barrier of the warp's own threads instead, so every lane of
+the warp must call them; the ``__f*_rn`` / ``__d*_rn`` intrinsics are plain IEEE operations
 (``-ffp-contract=off``: no FMA contraction, as NVRTC with ``--fmad=false``).
 
 One ``extern "C"`` wrapper per kernel (an ``extern "C"`` name or a template instantiation) unpacks a
@@ -45,6 +47,7 @@ PRELUDE = r"""
 #include <thread>
 #include <utility>
 #include <vector>
+#include <memory>
 #include <type_traits>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
@@ -103,6 +106,60 @@ template <class T> T __shfl_down_sync(unsigned, T v, int delta) {
     gh_barrier->arrive_and_wait();
     return r;
 }
+// Warp primitives: the warp's threads meet at the warp's own barrier (every lane of the warp must
+// call, with the full mask, as the kernels do), exchanging values through a per-thread slot array.
+// A sense-reversing barrier that yields while it waits: a warp crosses one several times per row of
+// some kernels, and waking 32 sleeping threads through a futex each time made those launches slow.
+struct GhWarpBarrier {
+    std::atomic<unsigned> arrived{0}, phase{0};
+    unsigned size = 32;
+    void arrive_and_wait() {
+        const unsigned ph = phase.load(std::memory_order_acquire);
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == size) {
+            arrived.store(0, std::memory_order_relaxed);
+            phase.store(ph + 1, std::memory_order_release);
+        } else {
+            while (phase.load(std::memory_order_acquire) == ph) std::this_thread::yield();
+        }
+    }
+};
+static std::vector<std::unique_ptr<GhWarpBarrier>> gh_warp_barriers;
+static std::vector<unsigned long long> gh_wslots;
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { gh_warp_barriers[flatThread() / 32]->arrive_and_wait(); }
+template <class T> T gh_warp_read(T v, long src) {  // v of thread src of this warp (own v if none)
+    static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+    const unsigned t = flatThread();
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    gh_wslots[t] = bits;
+    __syncwarp();
+    T r = v;
+    if (src >= 0 && src < (long)blockThreads() && src / 32 == (long)t / 32) std::memcpy(&r, &gh_wslots[src], sizeof(T));
+    __syncwarp();
+    return r;
+}
+template <class T> T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    const unsigned t = flatThread(), lane = t & 31u;
+    return gh_warp_read(v, (long)(t - lane + (lane / width) * width + ((unsigned)src % width)));
+}
+template <class T> T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    const unsigned t = flatThread(), lane = t & 31u;
+    return gh_warp_read(v, (lane % width) >= delta ? (long)(t - delta) : -1L);
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+    const unsigned t = flatThread(), base = t & ~31u;
+    gh_wslots[t] = pred ? 1u : 0u;
+    __syncwarp();
+    unsigned b = 0;
+    for (unsigned l = 0; l < 32 && base + l < blockThreads(); ++l) b |= (unsigned)gh_wslots[base + l] << l;
+    __syncwarp();
+    return b;
+}
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0u; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 #include "KERNEL_SOURCE"
 
 constexpr std::size_t GH_GUARD = 4096;       // bytes past the dynamic shared memory, checked after
@@ -117,6 +174,12 @@ template <class F> int gh_launch(dim3 grid, dim3 block, unsigned long long shmem
     gh_dynamic_shared.assign(shmem + GH_GUARD, 0xCD);
     gh_static_peak = 0;
     gh_slots.assign(n, 0);
+    gh_wslots.assign(n, 0);
+    gh_warp_barriers.clear();
+    for (unsigned w0 = 0; w0 < n; w0 += 32) {
+        gh_warp_barriers.emplace_back(new GhWarpBarrier);
+        gh_warp_barriers.back()->size = std::min(32u, n - w0);
+    }
     // blocks in a shuffled order: a kernel must not rely on one block running before another
     std::vector<dim3> order;
     for (unsigned bz = 0; bz < grid.z; ++bz)

@@ -1,0 +1,116 @@
+"""Launch-shape sweep of the uint16 15x15 sliding-histogram median (median_hist16) on a GPU.
+
+For each (lanes per column G, coarse bins in the fine band, rows per block, warps per block) the kernel
+source is compiled with those #defines and run on the benchmark's 2048x2048 slice
+(``bench_filters.make_slice``), checked equal to the CPU median, and timed with CUDA events (median of
+``--reps`` launches, data on the device). Diagnostics for choosing the shipped defines, not a benchmark
+of record: ``bench_gpu_baselines.py`` times the shipped kernel against cupyx and cuCIM.
+
+    python benchmarks/gpu_median_sweep.py OUT.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_filters import make_slice  # noqa: E402
+
+from gpuheart import backend, filters  # noqa: E402
+
+
+def _source(defines: dict[str, int]) -> str:
+    src = backend.kernel_source("median.cu")
+    for name, value in defines.items():
+        src, n = re.subn(rf"#define {name} \d+", f"#define {name} {value}", src)
+        assert n == 1, name
+    return src
+
+
+def _time(cp, launch, reps: int) -> float:
+    launch()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        launch()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--size", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="the default shape and its neighbours only")
+    args = ap.parse_args()
+    import cupy as cp
+
+    size = args.size
+    host = make_slice("uint16", (2048, 2048))
+    ref = filters.median(host, size)
+    x = cp.asarray(host)
+    out = cp.empty_like(x)
+    rows_map, cols_map = (cp.asarray(m) for m in filters._border_maps(2048, 2048, size // 2, "reflect"))
+    h = w = 2048
+    results = []
+    grid_g = (16, 8)
+    grid_band = (2, 4, 8)
+    grid_rows = (32, 64, 128)
+    grid_warps = (2, 4, 8)
+    shapes = list(itertools.product(grid_g, grid_band, grid_rows, grid_warps))
+    default = (16, 4, 64, 4)
+    shapes.sort(key=lambda s: sum(a != b for a, b in zip(s, default)))  # the default and its neighbours first
+    if args.quick:
+        shapes = [s for s in shapes if sum(a != b for a, b in zip(s, default)) <= 1]
+    for g, band, rows, warps in shapes:
+        entry = {"group": g, "band": band, "rows": rows, "warps": warps}
+        try:
+            t0 = time.perf_counter()
+            mod = cp.RawModule(code=_source({"GH_H16_WARPS": warps, "GH_H16_ROWS": rows, "GH_H16_BAND": band}),
+                               options=backend.NVRTC_OPTIONS, name_expressions=[f"median_hist16<{g}>"])
+            kern = mod.get_function(f"median_hist16<{g}>")
+            entry["compile_s"] = round(time.perf_counter() - t0, 2)
+            cols = warps * 32 // g
+            grid = (-(-w // cols), -(-h // rows), 1)
+            block = (warps * 32, 1, 1)
+            argv = (x, out, rows_map, cols_map, np.int32(h), np.int32(w), np.uint32(0), np.int32(size))
+
+            def launch():
+                kern(grid, block, argv)
+
+            out.fill(0)
+            entry["ms"] = round(_time(cp, launch, args.reps), 4)
+            entry["exact"] = bool((out.get() == ref).all())
+        except Exception as exc:  # a shape whose shared memory exceeds the static limit, say
+            entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(entry, flush=True)
+        results.append(entry)
+        _write(args, cp, results)  # after every shape: a run cut short keeps what it measured
+    print("best", _write(args, cp, results)["best"])
+
+
+def _write(args, cp, results) -> dict:
+    ok = [r for r in results if r.get("exact")]
+    doc = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "size": args.size,
+           "slice": "bench_filters.make_slice('uint16', (2048, 2048))", "reps": args.reps,
+           "results": results, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
