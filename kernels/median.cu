@@ -413,7 +413,7 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
 // shared memory and written row by row at the end (a group's own stores would be 2-byte scatters).
 #define GH_H16_WARPS 4    // warps per block
 #define GH_H16_ROWS 64    // output rows per block
-#define GH_H16_BAND 4     // coarse bins the fine histogram covers (a power of 2)
+#define GH_H16_BAND 8     // coarse bins the fine histogram covers (a power of 2)
 
 __device__ __forceinline__ int gh_bytesum(unsigned int w) { return (int)((w * 0x01010101u) >> 24); }
 
@@ -437,10 +437,12 @@ __device__ __forceinline__ int gh_segment_scan(int v, int g) {
 
 // The bin of the k-th smallest (0-based) key counted in h (256 byte counters, 64 words, 16-byte
 // aligned), and below = the keys in lower bins; searched by the G lanes of a group, which must all
-// call it with the same h and k. The k-th key must exist.
+// call it with the same h and k. The k-th key must exist. Two levels: the lane whose 256 / G bins
+// hold it (each lane sums its words), then the bin among that lane's (one counter per lane for G = 16;
+// one word per lane for G = 8, then the byte within the word).
 template <int G>
 __device__ __forceinline__ int gh_select256(const unsigned int* h, int k, int g, int lane, int& below) {
-    constexpr int WPL = 64 / G;  // words per lane
+    constexpr int WPL = 64 / G;  // words per lane at the first level
     const uint4* hv = reinterpret_cast<const uint4*>(h) + g * (WPL / 4);
     unsigned int t = 0u;
 #pragma unroll
@@ -450,20 +452,29 @@ __device__ __forceinline__ int gh_select256(const unsigned int* h, int k, int g,
     }
     const int s = gh_bytesum(t);
     const int p = gh_segment_scan<G>(s, g);
-    const int L = __ffs((int)gh_group_ballot<G>(p > k, lane)) - 1;           // the lane holding it
-    int base = __shfl_sync(0xFFFFFFFFu, p - s, L, G);
-    const unsigned int wb = g < WPL ? h[L * WPL + g] : 0u;                    // lane L's words, one each
-    const int sb = gh_bytesum(wb);
-    const int pb = gh_segment_scan<WPL>(sb, g);
-    const int Q = __ffs((int)gh_group_ballot<G>(g < WPL && base + pb > k, lane)) - 1;  // the word
-    base += __shfl_sync(0xFFFFFFFFu, pb - sb, Q, G);
-    // The word itself from lane Q, not from h: every read of h is then done before the group's last
-    // shuffle, so a lane that runs ahead into the next row's updates cannot change what another reads.
-    const unsigned int pre = __shfl_sync(0xFFFFFFFFu, wb, Q, G) * 0x01010101u;  // byte i: keys of bins 0..i
-    const unsigned int kk = (unsigned int)(k - base);
-    const int b = (int)((pre & 0xFFu) <= kk) + (int)(((pre >> 8) & 0xFFu) <= kk) + (int)(((pre >> 16) & 0xFFu) <= kk);
-    below = base + (b ? (int)((pre >> (8 * (b - 1))) & 0xFFu) : 0);
-    return (L * WPL + Q) * 4 + b;
+    const int L = __ffs((int)gh_group_ballot<G>(p > k, lane)) - 1;  // the lane holding it
+    const int base = __shfl_sync(0xFFFFFFFFu, p - s, L, G);
+    if constexpr (G == 16) {  // lane g takes bin 16 L + g
+        const int c = (int)((h[L * WPL + (g >> 2)] >> (8 * (g & 3))) & 0xFFu);
+        const int q = gh_segment_scan<G>(c, g);
+        const int j = __ffs((int)gh_group_ballot<G>(base + q > k, lane)) - 1;
+        below = base + __shfl_sync(0xFFFFFFFFu, q - c, j, G);
+        return L * 16 + j;
+    } else {  // G = 8: lane g takes word 8 L + g (bins 32 L + 4 g ..), then its bytes
+        const unsigned int w = h[L * WPL + g];
+        const int sw = gh_bytesum(w);
+        const int q = gh_segment_scan<G>(sw, g);
+        const int j = __ffs((int)gh_group_ballot<G>(base + q > k, lane)) - 1;
+        // the word itself from lane j, not from h: every read of h is then done before the group's
+        // last shuffle, so a lane that runs ahead into the next row's updates cannot change what
+        // another lane still reads
+        const int wbase = base + __shfl_sync(0xFFFFFFFFu, q - sw, j, G);
+        const unsigned int pre = __shfl_sync(0xFFFFFFFFu, w, j, G) * 0x01010101u;  // byte i: bins 0..i
+        const unsigned int kk = (unsigned int)(k - wbase);
+        const int b = (int)((pre & 0xFFu) <= kk) + (int)(((pre >> 8) & 0xFFu) <= kk) + (int)(((pre >> 16) & 0xFFu) <= kk);
+        below = wbase + (b ? (int)((pre >> (8 * (b - 1))) & 0xFFu) : 0);
+        return (L * WPL + j) * 4 + b;
+    }
 }
 
 template <int G>
@@ -501,27 +512,42 @@ median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict
             if (dx >= size) { dx -= size; ++j; }
         }
     }
+    __syncwarp();
+    // The median's coarse bin m and lb = the window's keys in lower bins: searched for the first row,
+    // then followed, since between neighbouring rows the median moves a few coarse bins at most.
+    int lb;
+    int m = gh_select256<G>(coarse, kth, g, lane, lb);
     int F = -2 * B;  // the band's first coarse bin: none yet, so the first row builds it
     for (int i = 0; i < rows; ++i) {
         if (i > 0) {
             const unsigned short* gone = col + (i - 1) * TW;
             const unsigned short* come = col + (i - 1 + size) * TW;
-            for (int dx = g; dx < size; dx += G) {
-                const unsigned int vo = gone[dx], vn = come[dx];
-                const int co = (int)(vo >> 8), cn = (int)(vn >> 8);
-                gh_add<1, 8>(coarse, co, -1);
-                gh_add<1, 8>(coarse, cn, 1);
-                if ((unsigned int)(co - F) < (unsigned int)B) gh_add<1, 8>(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
-                if ((unsigned int)(cn - F) < (unsigned int)B) gh_add<1, 8>(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
+            int dlb = 0;
+            for (int dx0 = 0; dx0 < size; dx0 += G) {  // the same trips for every lane: ballots inside
+                const int dx = dx0 + g;
+                int co = 256, cn = 256;  // lanes past the window's width: above every bin, in no band
+                if (dx < size) {
+                    const unsigned int vo = gone[dx], vn = come[dx];
+                    co = (int)(vo >> 8);
+                    cn = (int)(vn >> 8);
+                    gh_add<1, 8>(coarse, co, -1);
+                    gh_add<1, 8>(coarse, cn, 1);
+                    if ((unsigned int)(co - F) < (unsigned int)B) gh_add<1, 8>(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
+                    if ((unsigned int)(cn - F) < (unsigned int)B) gh_add<1, 8>(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
+                }
+                dlb += __popc(gh_group_ballot<G>(cn < m, lane)) - __popc(gh_group_ballot<G>(co < m, lane));
             }
+            lb += dlb;
+            __syncwarp();
+            // m stays in [0, 255]: lb > kth means some key lies below bin m, and the window holds more
+            // than kth keys, so the upward walk stops at the last non-empty bin at the latest.
+            while (lb > kth) { --m; lb -= gh_cnt<1, 8>(coarse, m); }
+            for (;;) { const int cm = gh_cnt<1, 8>(coarse, m); if (lb + cm > kth) break; lb += cm; ++m; }
         }
-        __syncwarp();
-        int lb;
-        const int m = gh_select256<G>(coarse, kth, g, lane, lb);
         const int rebuild = (unsigned int)(m - F) >= (unsigned int)B;
         if (__any_sync(0xFFFFFFFFu, rebuild)) {
             if (rebuild) {
-                F = min(max(m - 1, 0), 256 - B);
+                F = min(max(m - B / 2 + 1, 0), 256 - B);
                 uint4* fv = fine_v + c * (FW / 4);
                 for (int q = g; q < FW / 4; q += G) fv[q] = make_uint4(0u, 0u, 0u, 0u);
             }
