@@ -136,25 +136,22 @@ def test_median_gpuheart_radix(benchmark, device_slice, monkeypatch):
     from gpuheart import filters
 
     monkeypatch.setattr(filters, "_CUDA_HIST_COLS", {})
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", 0)
+    monkeypatch.setattr(filters, "_CUDA_H16", False)
     benchmark.group = f"gpu median {device_slice.dtype.name} 15x15"
     assert filters._cuda_plan((1, 64, 64), device_slice.dtype, 15)[0].startswith("median_radix<")
     _timed_on_device(benchmark, filters.median, device_slice, 15)
 
 
-@pytest.mark.parametrize("group", (8, 0))
-def test_median_gpuheart_hist16_group(benchmark, device_slice, monkeypatch, group):
-    """uint16 15 x 15 with the other column widths of the sliding histogram, side by side with the
-    default (test_median_gpuheart, median_hist16 with 16 lanes a column): 8 lanes a column, and 0,
-    the thread per column (median_hist) that median_hist16 replaced."""
+def test_median_gpuheart_hist_thread(benchmark, device_slice, monkeypatch):
+    """uint16 15 x 15 with the thread-per-column sliding histogram (median_hist) that median_hist16
+    (16 lanes a column, test_median_gpuheart) replaced, side by side with it."""
     from gpuheart import filters
 
     if device_slice.dtype != np.uint16:
         pytest.skip("median_hist16 is the uint16 kernel")
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", group)
+    monkeypatch.setattr(filters, "_CUDA_H16", False)
     benchmark.group = "gpu median uint16 15x15"
-    want = f"median_hist16<{group}>" if group else "median_hist<unsigned short, 1>"
-    assert filters._cuda_plan((1, 64, 64), device_slice.dtype, 15)[0] == want
+    assert filters._cuda_plan((1, 64, 64), device_slice.dtype, 15)[0] == "median_hist<unsigned short, 1>"
     _timed_on_device(benchmark, filters.median, device_slice, 15)
 
 

@@ -1,6 +1,6 @@
 """Launch-shape sweep of the uint16 15x15 sliding-histogram median (median_hist16) on a GPU.
 
-For each (lanes per column G, coarse bins in the fine band, rows per block, warps per block) the kernel
+For each (coarse bins in the fine band, rows per block, warps per block) the kernel
 source is compiled with those #defines and run on the benchmark's 2048x2048 slice
 (``bench_filters.make_slice``), checked equal to the CPU median, and timed with CUDA events (median of
 ``--reps`` launches, data on the device). Diagnostics for choosing the shipped defines, not a benchmark
@@ -28,11 +28,24 @@ from bench_filters import make_slice  # noqa: E402
 from gpuheart import backend, filters  # noqa: E402
 
 
-def _source(defines: dict[str, int]) -> str:
+# --ablate: the kernel with one part cut out (wrong answers, timing only), to see where its time goes,
+# and with register caps (__launch_bounds__ with a minimum of resident blocks), to see what occupancy buys.
+_SEARCH = ("const int low = gh_select256(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);", "const int low = fb = 0;")
+_REBUILD = ("if (__any_sync(0xFFFFFFFFu, rebuild)) {", "if (false && __any_sync(0xFFFFFFFFu, rebuild)) {")
+_UPDATES = [("if ((unsigned int)(co - F) < (unsigned int)B) gh_iadd(fine", "if (false) gh_iadd(fine"),
+            ("if ((unsigned int)(cn - F) < (unsigned int)B) gh_iadd(fine", "if (false) gh_iadd(fine")]
+ABLATIONS = {"none": [], "no_fine_search": [_SEARCH], "no_rebuild": [_REBUILD], "no_fine_updates": _UPDATES,
+             "coarse_only": [_SEARCH, _REBUILD] + _UPDATES}
+
+
+def _source(defines: dict[str, int], ablation: str = "none") -> str:
     src = backend.kernel_source("median.cu")
     for name, value in defines.items():
         src, n = re.subn(rf"#define {name} \d+", f"#define {name} {value}", src)
         assert n == 1, name
+    for old, new in ABLATIONS[ablation]:
+        assert src.count(old) == 1, (ablation, old)
+        src = src.replace(old, new)
     return src
 
 
@@ -56,6 +69,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--size", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="the default shape and its neighbours only")
+    ap.add_argument("--ablate", action="store_true", help="the default shape with parts cut out (see ABLATIONS)")
     args = ap.parse_args()
     import cupy as cp
 
@@ -67,26 +81,28 @@ def main() -> None:
     rows_map, cols_map = (cp.asarray(m) for m in filters._border_maps(2048, 2048, size // 2, "reflect"))
     h = w = 2048
     results = []
-    grid_g = (16, 8)
     grid_band = (4, 8, 16)
     grid_rows = (32, 64)
     grid_warps = (2, 4, 8)
-    shapes = list(itertools.product(grid_g, grid_band, grid_rows, grid_warps))
-    default = (16, 8, 64, 4)
+    shapes = list(itertools.product(grid_band, grid_rows, grid_warps))
+    default = (8, 64, 4)
     shapes.sort(key=lambda s: sum(a != b for a, b in zip(s, default)))  # the default and its neighbours first
     if args.quick:
         shapes = [s for s in shapes if sum(a != b for a, b in zip(s, default)) <= 1]
-    for g, band, rows, warps in shapes:
-        entry = {"group": g, "band": band, "rows": rows, "warps": warps}
+    runs = [(s, "none") for s in shapes]
+    if args.ablate:
+        runs = [(shape, a) for shape in (default, (8, 32, 8)) for a in ABLATIONS]
+    for (band, rows, warps), ablation in runs:
+        entry = {"band": band, "rows": rows, "warps": warps, "ablation": ablation}
         try:
             t0 = time.perf_counter()
-            mod = cp.RawModule(code=_source({"GH_H16_WARPS": warps, "GH_H16_ROWS": rows, "GH_H16_BAND": band}),
-                               options=backend.NVRTC_OPTIONS, name_expressions=[f"median_hist16<{g}>"])
-            kern = mod.get_function(f"median_hist16<{g}>")
+            mod = cp.RawModule(code=_source({"GH_H16_WARPS": warps, "GH_H16_ROWS": rows, "GH_H16_BAND": band}, ablation),
+                               options=backend.NVRTC_OPTIONS, name_expressions=["median_hist16"])
+            kern = mod.get_function("median_hist16")
             entry["compile_s"] = round(time.perf_counter() - t0, 2)
             for attr in ("num_regs", "shared_size_bytes", "local_size_bytes"):  # spills show as local bytes
                 entry[attr] = getattr(kern, attr, None)
-            cols = warps * 32 // g
+            cols = warps * 32 // 16
             grid = (-(-w // cols), -(-h // rows), 1)
             block = (warps * 32, 1, 1)
             argv = (x, out, rows_map, cols_map, np.int32(h), np.int32(w), np.uint32(0), np.int32(size))
@@ -106,7 +122,7 @@ def main() -> None:
 
 
 def _write(args, cp, results) -> dict:
-    ok = [r for r in results if r.get("exact")]
+    ok = [r for r in results if r.get("exact") and r["ablation"] == "none"]
     doc = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "size": args.size,
            "slice": "bench_filters.make_slice('uint16', (2048, 2048))", "reps": args.reps,
            "results": results, "best": min(ok, key=lambda r: r["ms"]) if ok else None}

@@ -183,10 +183,11 @@ _CUDA_M3 = (128, 16)              # GH_M3_COLS threads per block, GH_M3_ROWS row
 _CUDA_HIST_COLS = {np.dtype(np.uint8): 64, np.dtype(np.uint16): 32}
 _CUDA_HIST_ROWS = 32
 _CUDA_HIST_NARROW_MAX = 15        # up to 15x15 = 225 keys: 8-bit counters (median_hist<T, 1>)
-# uint16 sizes 7..15 through median_hist16<G>: a group of G lanes per column instead of one thread
-# (GH_H16_WARPS warps per block, GH_H16_ROWS rows); 0 keeps median_hist (the benchmarks time both)
-_CUDA_H16_GROUP = 16
+# uint16 sizes 7..15 through median_hist16: 16 lanes per column instead of one thread (two columns a
+# warp, GH_H16_WARPS warps a block, GH_H16_ROWS rows); False keeps median_hist (the benchmarks time both)
+_CUDA_H16 = True
 _CUDA_H16_BLOCK = 128             # GH_H16_WARPS * 32 threads
+_CUDA_H16_COLS = 8                # columns per block: GH_H16_WARPS * 32 / GH_H16_LANES
 _CUDA_H16_ROWS = 64
 _CUDA_MAX_GRID_YZ = 65535
 _CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
@@ -208,10 +209,9 @@ def _cuda_plan(shape, dtype, size: int, hist: bool = True):
         return f"median3<{ctype}>", grid, (_CUDA_M3[0], 1, 1), ()
     if size in _CUDA_NET_SIZES:
         name, extra = f"median_net<{ctype}, {size}>", ()
-    elif hist and _CUDA_H16_GROUP and np.dtype(dtype) == np.uint16 and size <= _CUDA_HIST_NARROW_MAX:
-        cols = _CUDA_H16_BLOCK // _CUDA_H16_GROUP
-        grid = (-(-w // cols), -(-h // _CUDA_H16_ROWS), min(z, _CUDA_MAX_GRID_YZ))
-        return f"median_hist16<{_CUDA_H16_GROUP}>", grid, (_CUDA_H16_BLOCK, 1, 1), (np.int32(size),)
+    elif hist and _CUDA_H16 and np.dtype(dtype) == np.uint16 and size <= _CUDA_HIST_NARROW_MAX:
+        grid = (-(-w // _CUDA_H16_COLS), -(-h // _CUDA_H16_ROWS), min(z, _CUDA_MAX_GRID_YZ))
+        return "median_hist16", grid, (_CUDA_H16_BLOCK, 1, 1), (np.int32(size),)
     elif hist and np.dtype(dtype) in _CUDA_HIST_COLS:
         cols = _CUDA_HIST_COLS[np.dtype(dtype)]
         grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, _CUDA_MAX_GRID_YZ))

@@ -392,180 +392,156 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
     }
 }
 
-// ---- uint16, 7 x 7 .. 15 x 15: one sliding histogram per column, kept by a group of G lanes ------
+// ---- uint16, 7 x 7 .. 15 x 15: one sliding histogram per column, kept by 16 lanes ------------------
 //
-// median_hist16<G>: median_hist's thread per column loses on noisy uint16: the median changes coarse
+// median_hist16: median_hist's thread per column loses on noisy uint16: the median changes coarse
 // bin on most rows, and a thread then rebuilds its fine histogram from the whole window (225 keys, one
 // at a time) and walks up to 32 counters, each step waiting on the last; a warp waits for its slowest
 // thread, and 21 KB of histograms per 32 columns leaves an SM few warps to hide that. Here a group of
-// G lanes (8 or 16) owns a column: each row's 2 * size updates, a rebuild and every search are split
-// over the G lanes, and a column's histograms take 1.3 KB instead of 0.6 KB per thread.
-//   coarse: 256 byte counters of the keys' high bytes;
+// 16 lanes owns a column (two columns a warp): a row's 2 * size updates, a rebuild and every search
+// are split over the 16 lanes.
+//   coarse: 256 byte counters of the keys' high bytes; the median's coarse bin m and the keys below
+//           it (lb) are followed from row to row (lb kept by two ballots a row), since the median
+//           moves a few coarse bins at most between neighbouring rows;
 //   fine:   byte counters of the full keys of GH_H16_BAND consecutive coarse bins [F, F + BAND), bin h
-//           in slot h % BAND, so the median may wander BAND bins (on smooth data, far longer) before
-//           the group rebuilds: it zeroes the slots and counts the window's keys of the new band, the
-//           one pass over the window, G keys at a time.
-// A search (gh_select256) finds the k-th key of a 256-counter histogram in three shallow levels:
-// each lane sums its 64 / G words, a group prefix sum picks the lane, then the word, then the byte.
-// A window holds at most 225 keys, so every counter and every sum of counters fits a byte: words add
-// bytewise with no carry, and w * 0x01010101 holds in byte i the sum of w's bytes 0..i.
-// Blocks of GH_H16_WARPS warps: 32 * WARPS / G columns, GH_H16_ROWS rows; outputs are staged in
-// shared memory and written row by row at the end (a group's own stores would be 2-byte scatters).
+//           in slot h % BAND, so the median may wander over BAND coarse bins before the group rebuilds
+//           the band around it: zero the slots, count the window's keys that fall in the new band.
+// Byte counters: a window holds at most 225 keys (and 240 while a row is half updated), so every
+// counter, and every sum of counters, fits a byte: words add bytewise with no carry. Bin b of a
+// 256-counter histogram is byte b >> 6 of word b & 63, so the neighbouring bins that a column's keys
+// hit together lie in different words and banks, and a group's atomics seldom collide.
+// gh_select256 finds the k-th key of such a histogram: the lane (16 bins each) by a prefix sum over
+// the group, then the bin by another.
+// Blocks of GH_H16_WARPS warps: 2 * WARPS columns, GH_H16_ROWS rows; outputs are staged in shared
+// memory and written row by row at the end (a group's own stores would be 2-byte scatters).
 #define GH_H16_WARPS 4    // warps per block
 #define GH_H16_ROWS 64    // output rows per block
 #define GH_H16_BAND 8     // coarse bins the fine histogram covers (a power of 2)
+#define GH_H16_LANES 16   // lanes per column
 
-__device__ __forceinline__ int gh_bytesum(unsigned int w) { return (int)((w * 0x01010101u) >> 24); }
-
-// The group's bits of a warp-wide ballot (bit i = lane i of the group).
-template <int G>
-__device__ __forceinline__ unsigned int gh_group_ballot(int pred, int lane) {
-    const unsigned int b = __ballot_sync(0xFFFFFFFFu, pred);
-    return (b >> (lane & ~(G - 1))) & ((1u << G) - 1u);
+__device__ __forceinline__ int gh_icnt(const unsigned int* h, int b) {
+    return (int)((h[b & 63] >> (8 * (b >> 6))) & 0xFFu);
 }
 
-// Inclusive prefix sum over segments of S lanes (S divides 32), g = the lane's index in its group.
-template <int S>
-__device__ __forceinline__ int gh_segment_scan(int v, int g) {
+// A shared atomic whose result is unused compiles to a fire-and-forget ATOMS.ADD; a decrement only
+// meets a counter >= 1, so no borrow crosses into the next byte.
+__device__ __forceinline__ void gh_iadd(unsigned int* h, int b, int d) {
+    atomicAdd(h + (b & 63), (unsigned int)d << (8 * (b >> 6)));
+}
+
+// The group's bits of a warp-wide ballot (bit i = lane i of the group).
+__device__ __forceinline__ unsigned int gh_group_ballot(int pred, int lane) {
+    const unsigned int b = __ballot_sync(0xFFFFFFFFu, pred);
+    return (b >> (lane & 16)) & 0xFFFFu;
+}
+
+// Inclusive prefix sum over the 16 lanes of a group (g = the lane's index in it).
+__device__ __forceinline__ int gh_group_scan(int v, int g) {
 #pragma unroll
-    for (int d = 1; d < S; d <<= 1) {
-        const int u = __shfl_up_sync(0xFFFFFFFFu, v, d, S);
-        if ((g & (S - 1)) >= d) v += u;
+    for (int d = 1; d < 16; d <<= 1) {
+        const int u = __shfl_up_sync(0xFFFFFFFFu, v, d, 16);
+        if (g >= d) v += u;
     }
     return v;
 }
 
-// The bin of the k-th smallest (0-based) key counted in h (256 byte counters, 64 words, 16-byte
-// aligned), and below = the keys in lower bins; searched by the G lanes of a group, which must all
-// call it with the same h and k. The k-th key must exist. Two levels: the lane whose 256 / G bins
-// hold it (each lane sums its words), then the bin among that lane's (one counter per lane for G = 16;
-// one word per lane for G = 8, then the byte within the word).
-template <int G>
+// The bin of the k-th smallest (0-based) key counted in h (256 interleaved byte counters, 64 words,
+// 16-byte aligned), and below = the keys in lower bins. All 16 lanes of the group call it with the
+// same h and k; the k-th key must exist. Every read of h comes before the group's last shuffle, so a
+// lane that runs ahead into the next row's updates cannot change what another lane still reads.
 __device__ __forceinline__ int gh_select256(const unsigned int* h, int k, int g, int lane, int& below) {
-    constexpr int WPL = 64 / G;  // words per lane at the first level
-    const uint4* hv = reinterpret_cast<const uint4*>(h) + g * (WPL / 4);
-    unsigned int t = 0u;
-#pragma unroll
-    for (int q = 0; q < WPL / 4; ++q) {
-        const uint4 v = hv[q];
-        t += v.x + v.y + v.z + v.w;
-    }
-    const int s = gh_bytesum(t);
-    const int p = gh_segment_scan<G>(s, g);
-    const int L = __ffs((int)gh_group_ballot<G>(p > k, lane)) - 1;  // the lane holding it
-    const int base = __shfl_sync(0xFFFFFFFFu, p - s, L, G);
-    if constexpr (G == 16) {  // lane g takes bin 16 L + g
-        const int c = (int)((h[L * WPL + (g >> 2)] >> (8 * (g & 3))) & 0xFFu);
-        const int q = gh_segment_scan<G>(c, g);
-        const int j = __ffs((int)gh_group_ballot<G>(base + q > k, lane)) - 1;
-        below = base + __shfl_sync(0xFFFFFFFFu, q - c, j, G);
-        return L * 16 + j;
-    } else {  // G = 8: lane g takes word 8 L + g (bins 32 L + 4 g ..), then its bytes
-        const unsigned int w = h[L * WPL + g];
-        const int sw = gh_bytesum(w);
-        const int q = gh_segment_scan<G>(sw, g);
-        const int j = __ffs((int)gh_group_ballot<G>(base + q > k, lane)) - 1;
-        // the word itself from lane j, not from h: every read of h is then done before the group's
-        // last shuffle, so a lane that runs ahead into the next row's updates cannot change what
-        // another lane still reads
-        const int wbase = base + __shfl_sync(0xFFFFFFFFu, q - sw, j, G);
-        const unsigned int pre = __shfl_sync(0xFFFFFFFFu, w, j, G) * 0x01010101u;  // byte i: bins 0..i
-        const unsigned int kk = (unsigned int)(k - wbase);
-        const int b = (int)((pre & 0xFFu) <= kk) + (int)(((pre >> 8) & 0xFFu) <= kk) + (int)(((pre >> 16) & 0xFFu) <= kk);
-        below = wbase + (b ? (int)((pre >> (8 * (b - 1))) & 0xFFu) : 0);
-        return (L * WPL + j) * 4 + b;
-    }
+    // Lane g adds words 4g .. 4g + 3 bytewise, and the 4 lanes of its quad q = g / 4 add theirs: byte
+    // j of the sum counts bins 64 j + 16 q .. 64 j + 16 q + 15. Lane g's own bins 16 g .. 16 g + 15
+    // are byte g / 4 of quad g % 4's sum.
+    const uint4 v = reinterpret_cast<const uint4*>(h)[g];
+    unsigned int t = v.x + v.y + v.z + v.w;
+    t += __shfl_xor_sync(0xFFFFFFFFu, t, 1, 16);
+    t += __shfl_xor_sync(0xFFFFFFFFu, t, 2, 16);
+    const int s = (int)((__shfl_sync(0xFFFFFFFFu, t, (g & 3) * 4, 16) >> (8 * (g >> 2))) & 0xFFu);
+    const int p = gh_group_scan(s, g);
+    const int L = __ffs((int)gh_group_ballot(p > k, lane)) - 1;  // the lane whose bins hold it
+    const int base = __shfl_sync(0xFFFFFFFFu, p - s, L, 16);
+    const int c = gh_icnt(h, 16 * L + g);  // lane g takes bin 16 L + g
+    const int q = gh_group_scan(c, g);
+    const int j = __ffs((int)gh_group_ballot(base + q > k, lane)) - 1;
+    below = base + __shfl_sync(0xFFFFFFFFu, q - c, j, 16);
+    return 16 * L + j;
 }
 
-template <int G>
 __global__ void __launch_bounds__(GH_H16_WARPS * 32)
 median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict__ dst,
               const int* __restrict__ rowmap, const int* __restrict__ colmap, int H, int W,
               unsigned int cval_bits, int size) {
-    static_assert(G == 8 || G == 16, "a column's group is 8 or 16 lanes");
-    constexpr int C = GH_H16_WARPS * 32 / G, ROWS = GH_H16_ROWS, B = GH_H16_BAND, MAXR = 7;
-    constexpr int FW = B * 64;  // fine words per column
+    constexpr int G = GH_H16_LANES, C = GH_H16_WARPS * 32 / G, ROWS = GH_H16_ROWS, B = GH_H16_BAND, MAXR = 7;
+    // Words per column: the histograms, plus 16 words of padding. Neighbouring columns see nearly
+    // the same keys, so unpadded their groups (two in a warp) would hit the same banks at once.
+    constexpr int FW = B * 64, CS = 64 + 16, FS = FW + 16;
     __shared__ unsigned short tile[(ROWS + 2 * MAXR) * (C + 2 * MAXR)];
-    __shared__ uint4 coarse_v[C * 16];
-    __shared__ uint4 fine_v[C * FW / 4];
+    __shared__ uint4 coarse_v[C * CS / 4];
+    __shared__ uint4 fine_v[C * FS / 4];
     __shared__ unsigned short staged[ROWS * C];
     const int r = size / 2, TH = ROWS + 2 * r, TW = C + 2 * r;
     const int y0 = blockIdx.y * ROWS, x0 = blockIdx.x * C;
     const gh_index zoff = (gh_index)blockIdx.z * (gh_index)H * (gh_index)W;
     gh_load_tile<unsigned short>(tile, TH, TW, src, rowmap, colmap, H, W, r, cval_bits, zoff, y0, x0);
     unsigned int* coarse_all = reinterpret_cast<unsigned int*>(coarse_v);
-    for (int i = threadIdx.x; i < C * 64; i += blockDim.x) coarse_all[i] = 0u;
+    for (int i = threadIdx.x; i < C * CS; i += blockDim.x) coarse_all[i] = 0u;
     __syncthreads();
     // Every thread runs to the end (columns past W too, on the tile's filler keys): the warp
     // primitives need all 32 lanes, and the final barrier all threads.
     const int lane = threadIdx.x & 31, g = threadIdx.x & (G - 1), c = threadIdx.x / G;
-    unsigned int* coarse = coarse_all + c * 64;
-    unsigned int* fine = reinterpret_cast<unsigned int*>(fine_v) + c * FW;
+    unsigned int* coarse = coarse_all + c * CS;
+    unsigned int* fine = reinterpret_cast<unsigned int*>(fine_v) + c * FS;
     const unsigned short* col = tile + c;  // key dx of window row j of output i: col[(i + j) * TW + dx]
-    const int n = size * size, kth = n / 2, rows = min(ROWS, H - y0);
-    const int dj = G / size, ddx = G - dj * size;  // a step of G keys through a window, row-major
-    {
-        int j = g / size, dx = g - j * size;
-        for (int idx = g; idx < n; idx += G) {
-            gh_add<1, 8>(coarse, col[j * TW + dx] >> 8, 1);
-            j += dj; dx += ddx;
-            if (dx >= size) { dx -= size; ++j; }
-        }
-    }
+    const int kth = size * size / 2, rows = min(ROWS, H - y0);
+    for (int j = 0; j < size; ++j)
+        if (g < size) gh_iadd(coarse, col[j * TW + g] >> 8, 1);
     __syncwarp();
-    // The median's coarse bin m and lb = the window's keys in lower bins: searched for the first row,
-    // then followed, since between neighbouring rows the median moves a few coarse bins at most.
+    // The first row's coarse bin by a search; after that, followed.
     int lb;
-    int m = gh_select256<G>(coarse, kth, g, lane, lb);
+    int m = gh_select256(coarse, kth, g, lane, lb);
     int F = -2 * B;  // the band's first coarse bin: none yet, so the first row builds it
     for (int i = 0; i < rows; ++i) {
         if (i > 0) {
-            const unsigned short* gone = col + (i - 1) * TW;
-            const unsigned short* come = col + (i - 1 + size) * TW;
-            int dlb = 0;
-            for (int dx0 = 0; dx0 < size; dx0 += G) {  // the same trips for every lane: ballots inside
-                const int dx = dx0 + g;
-                int co = 256, cn = 256;  // lanes past the window's width: above every bin, in no band
-                if (dx < size) {
-                    const unsigned int vo = gone[dx], vn = come[dx];
-                    co = (int)(vo >> 8);
-                    cn = (int)(vn >> 8);
-                    gh_add<1, 8>(coarse, co, -1);
-                    gh_add<1, 8>(coarse, cn, 1);
-                    if ((unsigned int)(co - F) < (unsigned int)B) gh_add<1, 8>(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
-                    if ((unsigned int)(cn - F) < (unsigned int)B) gh_add<1, 8>(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
-                }
-                dlb += __popc(gh_group_ballot<G>(cn < m, lane)) - __popc(gh_group_ballot<G>(co < m, lane));
+            int co = 256, cn = 256;  // lane 15 (and lanes >= size): above every bin, in no band
+            if (g < size) {
+                const unsigned int vo = col[(i - 1) * TW + g], vn = col[(i - 1 + size) * TW + g];
+                co = (int)(vo >> 8);
+                cn = (int)(vn >> 8);
+                gh_iadd(coarse, co, -1);
+                gh_iadd(coarse, cn, 1);
+                if ((unsigned int)(co - F) < (unsigned int)B) gh_iadd(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
+                if ((unsigned int)(cn - F) < (unsigned int)B) gh_iadd(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
             }
-            lb += dlb;
+            lb += __popc(gh_group_ballot(cn < m, lane)) - __popc(gh_group_ballot(co < m, lane));
             __syncwarp();
             // m stays in [0, 255]: lb > kth means some key lies below bin m, and the window holds more
             // than kth keys, so the upward walk stops at the last non-empty bin at the latest.
-            while (lb > kth) { --m; lb -= gh_cnt<1, 8>(coarse, m); }
-            for (;;) { const int cm = gh_cnt<1, 8>(coarse, m); if (lb + cm > kth) break; lb += cm; ++m; }
+            while (lb > kth) { --m; lb -= gh_icnt(coarse, m); }
+            for (;;) { const int cm = gh_icnt(coarse, m); if (lb + cm > kth) break; lb += cm; ++m; }
         }
         const int rebuild = (unsigned int)(m - F) >= (unsigned int)B;
         if (__any_sync(0xFFFFFFFFu, rebuild)) {
             if (rebuild) {
-                F = min(max(m - B / 2 + 1, 0), 256 - B);
-                uint4* fv = fine_v + c * (FW / 4);
+                // Room ahead in the direction the median left by (it tends to keep going: a gradient),
+                // a little behind it (it also jitters); the first band is centred.
+                const int behind = F < 0 ? B / 2 - 1 : (m >= F + B ? 1 : B - 2);
+                F = min(max(m - behind, 0), 256 - B);
+                uint4* fv = fine_v + c * (FS / 4);
                 for (int q = g; q < FW / 4; q += G) fv[q] = make_uint4(0u, 0u, 0u, 0u);
             }
             __syncwarp();
-            if (rebuild) {
-                int j = g / size, dx = g - j * size;
-                for (int idx = g; idx < n; idx += G) {
-                    const unsigned int v = col[(i + j) * TW + dx];
+            if (rebuild) {  // the window row by row, a key per lane
+                for (int j = 0; j < size; ++j) {
+                    const unsigned int v = g < size ? col[(i + j) * TW + g] : 0u;
                     const int h = (int)(v >> 8);
-                    if ((unsigned int)(h - F) < (unsigned int)B) gh_add<1, 8>(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
-                    j += dj; dx += ddx;
-                    if (dx >= size) { dx -= size; ++j; }
+                    if (g < size && (unsigned int)(h - F) < (unsigned int)B) gh_iadd(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
                 }
             }
             __syncwarp();
         }
         int fb;
-        const int low = gh_select256<G>(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);
+        const int low = gh_select256(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);
         if (g == 0) staged[i * C + c] = (unsigned short)((m << 8) | low);
     }
     __syncthreads();
@@ -651,8 +627,6 @@ template __global__ void median_hist<unsigned char, 0>(GH_ARGS(unsigned char), i
 template __global__ void median_hist<unsigned char, 1>(GH_ARGS(unsigned char), int);
 template __global__ void median_hist<unsigned short, 0>(GH_ARGS(unsigned short), int);
 template __global__ void median_hist<unsigned short, 1>(GH_ARGS(unsigned short), int);
-template __global__ void median_hist16<8>(GH_ARGS(unsigned short), int);
-template __global__ void median_hist16<16>(GH_ARGS(unsigned short), int);
 template __global__ void median3<unsigned char>(GH_ARGS(unsigned char));
 template __global__ void median3<unsigned short>(GH_ARGS(unsigned short));
 template __global__ void median3<float>(GH_ARGS(float));

@@ -6,7 +6,7 @@ per-launch buffers that are refilled with garbage at every block start, as a dev
 Each block's threads are OS threads meeting at a real barrier (``__syncthreads``); blocks run one
 after another in a shuffled order; ``atomicAdd`` is a real atomic; ``__shfl_down_sync`` exchanges
 through a block-wide slot array between two barriers (so, as on a GPU, every thread of the block
-must call it); the other warp primitives (``__shfl_sync``, ``__shfl_up_sync``, ``__ballot_sync``,
+must call it); the other warp primitives (``__shfl_sync``, ``__shfl_up_sync``, ``__shfl_xor_sync``, ``__ballot_sync``,
 ``__any_sync``, ``__syncwarp``) meet at a barrier of the warp's own threads instead, so every lane of
 the warp must call them; the ``__f*_rn`` / ``__d*_rn`` intrinsics are plain IEEE operations
 (``-ffp-contract=off``: no FMA contraction, as NVRTC with ``--fmad=false``).
@@ -141,6 +141,10 @@ template <class T> T gh_warp_read(T v, long src) {  // v of thread src of this w
 template <class T> T __shfl_sync(unsigned, T v, int src, int width = 32) {
     const unsigned t = flatThread(), lane = t & 31u;
     return gh_warp_read(v, (long)(t - lane + (lane / width) * width + ((unsigned)src % width)));
+}
+template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    const unsigned t = flatThread(), lane = t & 31u, src = lane ^ (unsigned)mask;
+    return gh_warp_read(v, src / width == lane / width ? (long)(t - lane + src) : -1L);
 }
 template <class T> T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
     const unsigned t = flatThread(), lane = t & 31u;

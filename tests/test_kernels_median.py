@@ -98,8 +98,7 @@ def test_kernel_compiles(arch, tmp_path):
     for ctype in ("h", "t"):
         for narrow in (0, 1):
             assert f"_Z11median_histI{ctype}Li{narrow}EE".encode() in blob
-    for group in (8, 16):
-        assert f"_Z13median_hist16ILi{group}EE".encode() in blob
+    assert b"_Z13median_hist16PKtPtPKiS3_iiji" in blob
 
 
 def test_source_has_every_entry_point_the_dispatch_loads():
@@ -110,16 +109,16 @@ def test_source_has_every_entry_point_the_dispatch_loads():
     for dtype in DTYPES:
         for size in range(3, 32, 2):
             name, grid, block, extra = filters._cuda_plan((3, 64, 128), dtype, size)
-            assert f"template __global__ void {name}(" in src, name
+            entry = f"{name}(" if "<" not in name else f"template __global__ void {name}("  # templates: instantiated
+            assert entry in src, name
             assert len(extra) == (0 if size <= 5 else 1)
             if size == 3:  # median3: one thread per column, 16 rows each
                 assert block == (128, 1, 1) and grid == (1, 4, 3)
             elif size <= 5 or dtype == np.float32:
                 assert block == (32, 8, 1) and grid == (4, 2, 3)
-            elif dtype == np.uint16 and size <= 15:  # median_hist16: a group of lanes per column, 64 rows
-                cols = 128 // filters._CUDA_H16_GROUP
-                assert name == f"median_hist16<{filters._CUDA_H16_GROUP}>"
-                assert block == (128, 1, 1) and grid == (128 // cols, 1, 3)
+            elif dtype == np.uint16 and size <= 15:  # median_hist16: 16 lanes a column, 8 columns, 64 rows
+                assert name == "median_hist16"
+                assert block == (128, 1, 1) and grid == (128 // 8, 1, 3)
             else:  # the sliding histogram: one thread per column, 32 rows each
                 cols = {np.uint8: 64, np.uint16: 32}[dtype]
                 assert name == f"median_hist<{filters._CUDA_CTYPES[np.dtype(dtype)]}, {int(size <= 15)}>"
@@ -128,7 +127,7 @@ def test_source_has_every_entry_point_the_dispatch_loads():
     for define, value in (("GH_TILE_X", filters._CUDA_TILE[0]), ("GH_BLOCK_Y", filters._CUDA_BLOCK[1]),
                           ("GH_ROWS", filters._CUDA_TILE[1] // filters._CUDA_BLOCK[1]),
                           ("GH_HIST_ROWS", filters._CUDA_HIST_ROWS), ("GH_H16_ROWS", filters._CUDA_H16_ROWS),
-                          ("GH_H16_WARPS", filters._CUDA_H16_BLOCK // 32)):
+                          ("GH_H16_WARPS", filters._CUDA_H16_BLOCK // 32), ("GH_H16_LANES", 16)):
         assert f"#define {define} {value} " in src, define
     for dtype, cols in filters._CUDA_HIST_COLS.items():
         ctype = filters._CUDA_CTYPES[dtype]
@@ -136,9 +135,6 @@ def test_source_has_every_entry_point_the_dispatch_loads():
 
 
 # -- host emulator: the kernel source run on CPU threads (tests/cuda_emulator.py) ----------------
-
-H16_GROUPS = (16, 8, 0)  # median_hist16's lanes per column; 0: median_hist, a thread per column
-
 
 class _Launches:
     """What the emulated kernels were launched with, for the dispatch tests: (name, grid)."""
@@ -151,7 +147,7 @@ def emulated_module(tmp_path_factory):
         pytest.skip("g++ is not on PATH: cannot run the kernel source on the host emulator")
     names = sorted({filters._cuda_plan((1, 64, 64), dt, size, hist)[0]
                     for dt in DTYPES for size in range(3, 32, 2) for hist in (True, False)}
-                   | {f"median_hist16<{g}>" for g in H16_GROUPS if g} | {"median_hist<unsigned short, 1>"})
+                   | {"median_hist16", "median_hist<unsigned short, 1>"})
     return cuda_emulator.build("median.cu", names, tmp_path_factory.mktemp("emu"))
 
 
@@ -227,7 +223,7 @@ def test_emulated_sliding_histogram_follows_the_median(emulator, monkeypatch, dt
     """median_hist keeps its median by steps from the previous row: data where it jumps (full-range
     noise: for uint16 a new coarse bin, so a fine rebuild, almost every row), creeps (ramps) or
     never moves (constant), over several 32-row strips and a partial last one."""
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", 0)  # median_hist; median_hist16: its own test
+    monkeypatch.setattr(filters, "_CUDA_H16", False)  # median_hist; median_hist16: its own test
     rng = np.random.default_rng(11)
     top = np.iinfo(dtype).max
     yy, xx = np.mgrid[0:100, 0:45]
@@ -243,16 +239,14 @@ def test_emulated_sliding_histogram_follows_the_median(emulator, monkeypatch, dt
     assert {n for n, _ in _Launches.launches} == {f"median_hist<{ctype}, 1>"}
 
 
-@pytest.mark.parametrize("group", (16, 8))
-def test_emulated_median_hist16(emulator, monkeypatch, group):
-    """median_hist16 with 16 or 8 lanes per column, on one slice whose row bands keep the median inside
+def test_emulated_median_hist16(emulator):
+    """median_hist16 (16 lanes a column), on one slice whose row bands keep the median inside
     the fine histogram's band of coarse bins, make it leave the band every row (full-range noise),
     creep through bands, pin it at either end of the key range (where the band is clamped), or fill
     a window with one key (a counter of 225); 70 rows (two blocks of 64), 20 columns (a partial
     block), two slices. The emulator runs each warp's lanes as threads meeting at every shuffle, so
     the case is packed into few launches."""
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", group)
-    rng = np.random.default_rng(group)
+    rng = np.random.default_rng(16)
     yy, xx = np.mgrid[0:70, 0:20]
     x = np.empty((2, 70, 20), np.int64)
     x[0] = rng.integers(0, 65536, (70, 20))
@@ -265,7 +259,7 @@ def test_emulated_median_hist16(emulator, monkeypatch, group):
     _Launches.launches.clear()
     for size, mode in ((7, "mirror"), (15, "constant")):
         _assert_same(emulator(x, size, mode, 65535), median(x, size, mode, 65535), np.uint16, size, False)
-    assert {n for n, _ in _Launches.launches} == {f"median_hist16<{group}>"}
+    assert {n for n, _ in _Launches.launches} == {"median_hist16"}
 
 
 def _extreme_cases(dtype, shape, rng):
@@ -285,7 +279,7 @@ def test_emulated_sliding_histogram_extremes(emulator, monkeypatch, dtype, size)
     """Counters at their limits (one value filling the window), keys at the ends of the range, and
     slices narrower or shorter than a block, in every border mode (median_hist; median_hist16 has its
     own test)."""
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", 0)
+    monkeypatch.setattr(filters, "_CUDA_H16", False)
     rng = np.random.default_rng(size)
     for shape in [(1, 65), (33, 1), (5, 33), (40, 65), (2, 34, 31)]:
         for x in _extreme_cases(dtype, shape, rng):
@@ -312,7 +306,7 @@ def test_emulated_failing_histogram_kernel_falls_back_to_radix_then_host(emulate
     monkeypatch.setattr(filters, "load_module", lambda name, exprs: Broken("median_hist"))
     x = _image((3, 37, 41), np.uint16, seed=4)
     n0 = len(emulated_module.launches)
-    with pytest.warns(RuntimeWarning, match=rf"median_hist16<{filters._CUDA_H16_GROUP}> failed .*simulated"):
+    with pytest.warns(RuntimeWarning, match=r"median_hist16 failed .*simulated"):
         got = filters._median_kernels(x, 9, "reflect", 0, None)
     np.testing.assert_array_equal(got, median(x, 9))
     assert [n for n, *_ in emulated_module.launches[n0:]] == ["median_radix<unsigned short>"]
@@ -326,7 +320,7 @@ def test_emulated_failing_histogram_kernel_falls_back_to_radix_then_host(emulate
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):
     monkeypatch.setattr(filters, "_CUDA_MAX_GRID_YZ", 2)  # 5 slices -> launches of 2, 2, 1
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", 0)    # the dispatch, not a kernel, is tested here
+    monkeypatch.setattr(filters, "_CUDA_H16", False)      # the dispatch, not a kernel, is tested here
     _Launches.launches.clear()
     x = _image((5, 40, 37), np.uint16, seed=8)
     ref = median(x, 9, "mirror")
@@ -454,8 +448,8 @@ def test_gpu_offsets_past_2_to_the_31():
 
 @pytest.mark.gpu
 @pytest.mark.real_gpu(reason="2048 x 2048 slices through the warp-level emulation would take an hour")
-@pytest.mark.parametrize("group", H16_GROUPS)
-def test_gpu_uint16_histogram_kernels(monkeypatch, group):
+@pytest.mark.parametrize("h16", (True, False))
+def test_gpu_uint16_histogram_kernels(monkeypatch, h16):
     """Each uint16 sliding-histogram kernel the dispatch can pick, on a device: the benchmark's slice
     (smooth structure, lines, noise), full-range noise and a creeping ramp, sizes 7 to 15, every border
     mode, equal to the CPU."""
@@ -464,12 +458,12 @@ def test_gpu_uint16_histogram_kernels(monkeypatch, group):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_filters import make_slice
 
-    monkeypatch.setattr(filters, "_CUDA_H16_GROUP", group)
-    rng = np.random.default_rng(group)
+    monkeypatch.setattr(filters, "_CUDA_H16", h16)
+    rng = np.random.default_rng(int(h16))
     yy, xx = np.mgrid[0:300, 0:257]
     cases = [make_slice("uint16", (2048, 2048)), rng.integers(0, 65536, (2, 300, 257)).astype(np.uint16),
              ((yy * 300 + xx * 7 + rng.integers(0, 600, (300, 257))) % 65536).astype(np.uint16)]
-    want = f"median_hist16<{group}>" if group else "median_hist<unsigned short, 1>"
+    want = "median_hist16" if h16 else "median_hist<unsigned short, 1>"
     assert filters._cuda_plan((1, 64, 64), np.uint16, 15)[0] == want
     for size in (7, 11, 15):
         for i, x in enumerate(cases):
