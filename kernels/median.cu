@@ -406,11 +406,10 @@ median_hist(const T* __restrict__ src, T* __restrict__ dst, const int* __restric
 //   fine:   byte counters of the full keys of GH_H16_BAND consecutive coarse bins [F, F + BAND), bin h
 //           in slot h % BAND, so the median may wander over BAND coarse bins before the group rebuilds
 //           the band around it: zero the slots, count the window's keys that fall in the new band.
-//           Packed (gh_select256_packed), unlike the coarse counters.
 // Byte counters: a window holds at most 225 keys (and 240 while a row is half updated), so every
-// counter, and every sum of counters, fits a byte: words add bytewise with no carry. Bin b of the
-// coarse histogram is byte b >> 6 of word b & 63, so the neighbouring bins that a column's keys hit
-// together lie in different words and banks, and a group's atomics seldom collide.
+// counter, and every sum of counters, fits a byte: words add bytewise with no carry. Bin b of a
+// 256-counter histogram is byte b >> 6 of word b & 63, so the neighbouring bins that a column's keys
+// hit together lie in different words and banks, and a group's atomics seldom collide.
 // gh_select256 finds the k-th key of such a histogram: the lane (16 bins each) by a prefix sum over
 // the group, then the bin by another.
 // Blocks of GH_H16_WARPS warps: 2 * WARPS columns, GH_H16_ROWS rows; outputs are staged in shared
@@ -469,32 +468,6 @@ __device__ __forceinline__ int gh_select256(const unsigned int* h, int k, int g,
     return 16 * L + j;
 }
 
-__device__ __forceinline__ int gh_bytesum(unsigned int w) { return (int)((w * 0x01010101u) >> 24); }
-
-// gh_select256 for a packed histogram (bin b in byte b & 3 of word b >> 2), as the fine histograms
-// are: the keys of one coarse bin spread over its 256 fine bins, so their atomics collide no more
-// often packed than interleaved, and packed, the 16 bins of a lane are one uint4. The lane holding
-// the k-th key is found by a group prefix sum as above; its bin is then worked out by every lane
-// alone from that uint4 (bytewise sums and w * 0x01010101, whose byte i is the sum of w's bytes 0..i),
-// with no second round of shuffles. The caller must __syncwarp before anything writes h again:
-// lanes read the uint4 after the group's last shuffle.
-__device__ __forceinline__ int gh_select256_packed(const unsigned int* h, int k, int g, int lane) {
-    const uint4* hv = reinterpret_cast<const uint4*>(h);
-    const uint4 v = hv[g];
-    const int s = gh_bytesum(v.x + v.y + v.z + v.w);
-    const int p = gh_group_scan(s, g);
-    const int L = __ffs((int)gh_group_ballot(p > k, lane)) - 1;
-    const int kk = k - __shfl_sync(0xFFFFFFFFu, p - s, L, 16);  // its rank among lane L's 16 bins
-    const uint4 u = hv[L];
-    const int c0 = gh_bytesum(u.x), c1 = c0 + gh_bytesum(u.y), c2 = c1 + gh_bytesum(u.z);
-    const int q = (int)(c0 <= kk) + (int)(c1 <= kk) + (int)(c2 <= kk);  // the word
-    const unsigned int w = q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w;
-    const unsigned int kw = (unsigned int)(kk - (q == 0 ? 0 : q == 1 ? c0 : q == 2 ? c1 : c2));
-    const unsigned int pre = w * 0x01010101u;
-    const int b = (int)((pre & 0xFFu) <= kw) + (int)(((pre >> 8) & 0xFFu) <= kw) + (int)(((pre >> 16) & 0xFFu) <= kw);
-    return 16 * L + 4 * q + b;
-}
-
 __global__ void __launch_bounds__(GH_H16_WARPS * 32)
 median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict__ dst,
               const int* __restrict__ rowmap, const int* __restrict__ colmap, int H, int W,
@@ -537,8 +510,8 @@ median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict
                 cn = (int)(vn >> 8);
                 gh_iadd(coarse, co, -1);
                 gh_iadd(coarse, cn, 1);
-                if ((unsigned int)(co - F) < (unsigned int)B) gh_add<1, 8>(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
-                if ((unsigned int)(cn - F) < (unsigned int)B) gh_add<1, 8>(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
+                if ((unsigned int)(co - F) < (unsigned int)B) gh_iadd(fine + (co & (B - 1)) * 64, (int)(vo & 255u), -1);
+                if ((unsigned int)(cn - F) < (unsigned int)B) gh_iadd(fine + (cn & (B - 1)) * 64, (int)(vn & 255u), 1);
             }
             lb += __popc(gh_group_ballot(cn < m, lane)) - __popc(gh_group_ballot(co < m, lane));
             __syncwarp();
@@ -562,14 +535,14 @@ median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict
                 for (int j = 0; j < size; ++j) {
                     const unsigned int v = g < size ? col[(i + j) * TW + g] : 0u;
                     const int h = (int)(v >> 8);
-                    if (g < size && (unsigned int)(h - F) < (unsigned int)B) gh_add<1, 8>(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
+                    if (g < size && (unsigned int)(h - F) < (unsigned int)B) gh_iadd(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
                 }
             }
             __syncwarp();
         }
-        const int low = gh_select256_packed(fine + (m & (B - 1)) * 64, kth - lb, g, lane);
+        int fb;
+        const int low = gh_select256(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);
         if (g == 0) staged[i * C + c] = (unsigned short)((m << 8) | low);
-        __syncwarp();  // every lane done reading before the next row's updates
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < rows * C; idx += blockDim.x) {
