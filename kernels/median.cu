@@ -531,14 +531,11 @@ median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict
                 for (int q = g; q < FW / 4; q += G) fv[q] = make_uint4(0u, 0u, 0u, 0u);
             }
             __syncwarp();
-            if (rebuild) {  // the window's column of keys under this lane, all loaded before any is counted
-                int key[2 * MAXR + 1];
-#pragma unroll
-                for (int j = 0; j < 2 * MAXR + 1; ++j) key[j] = j < size && g < size ? (int)col[(i + j) * TW + g] : -1;
-#pragma unroll
-                for (int j = 0; j < 2 * MAXR + 1; ++j) {
-                    const int h = key[j] >> 8;  // -1: no key, below every band (F >= 0 here)
-                    if ((unsigned int)(h - F) < (unsigned int)B) gh_iadd(fine + (h & (B - 1)) * 64, key[j] & 255, 1);
+            if (rebuild) {  // the window row by row, a key per lane
+                for (int j = 0; j < size; ++j) {
+                    const unsigned int v = g < size ? col[(i + j) * TW + g] : 0u;
+                    const int h = (int)(v >> 8);
+                    if (g < size && (unsigned int)(h - F) < (unsigned int)B) gh_iadd(fine + (h & (B - 1)) * 64, (int)(v & 255u), 1);
                 }
             }
             __syncwarp();
