@@ -11,7 +11,7 @@
 //     the load: no padded copy of the slab is written, and the filter only computes the valid
 //     region of the (virtually) padded slice.
 //
-// Four kernels. median_net and median_radix use a block of 32 x 8 threads computing a 32 x 32
+// Five kernels. median_net and median_radix use a block of 32 x 8 threads computing a 32 x 32
 // output tile (4 rows per thread, so a tile's halo is loaded once for 4x the outputs of a
 // one-row thread):
 //   median_net<T, SIZE>   SIZE 5 (and 3 where median3 is switched off): forgetful selection
@@ -22,7 +22,10 @@
 //                         Passes = bit length of (window min XOR window max), so smooth regions
 //                         cost few passes; at most 8 / 16 / 32 for uint8 / uint16 / float32.
 //   median_hist<T, N>     uint8 / uint16, 7..31: a sliding histogram per output column (below;
-//                         its own block of 64 / 32 x 1 threads, each computing 32 rows).
+//                         its own block of 64 / 32 x 1 threads, each computing 32 rows); for uint16 only
+//                         17..31 and the fallback of median_hist16.
+//   median_hist16         uint16, 7..15: the same with 16 lanes per column (below; 128 threads, 8
+//                         columns, 64 rows a block).
 //   median3<T>            3 x 3: sorted row triples, one thread per column sliding down 16 rows
 //                         (below; no shared memory).
 //
