@@ -29,17 +29,20 @@ from gpuheart import backend, filters  # noqa: E402
 
 
 # --ablate: the kernel with one part cut out (wrong answers, timing only), to see where its time goes,
-# and exact variants (other ways to do the same: centred_band, select_loads), to see what they buy.
+# and exact variants (other ways to do the same: centred_band, select_loads, separate_rebuild), to see what they buy.
 _SEARCH = ("const int low = gh_select256(fine + (m & (B - 1)) * 64, kth - lb, g, lane, fb);", "const int low = fb = 0;")
-_REBUILD = ("if (__any_sync(0xFFFFFFFFu, rebuild)) {", "if (false && __any_sync(0xFFFFFFFFu, rebuild)) {")
+_REBUILD = ("if (__any_sync(0xFFFFFFFFu, out)) {", "if (false && __any_sync(0xFFFFFFFFu, out)) {")
 _UPDATES = [("if ((unsigned int)(co - F) < (unsigned int)B) gh_iadd(fine", "if (false) gh_iadd(fine"),
             ("if ((unsigned int)(cn - F) < (unsigned int)B) gh_iadd(fine", "if (false) gh_iadd(fine")]
-EXACT = ("none", "centred_band", "select_loads")
+EXACT = ("none", "centred_band", "select_loads", "separate_rebuild")
 ABLATIONS = {
     "none": [], "no_fine_search": [_SEARCH], "no_rebuild": [_REBUILD], "no_fine_updates": _UPDATES,
     "coarse_only": [_SEARCH, _REBUILD] + _UPDATES,
     # the band rebuilt centred on the median instead of ahead of its drift
-    "centred_band": [("const int behind = F < 0 ? B / 2 - 1 : (m >= F + B ? 1 : B - 2);", "const int behind = B / 2 - 1;")],
+    "centred_band": [("const int behind = F < 0 ? B / 2 - 1 : out ? (m >= F + B ? 1 : B - 2) : (d < B / 2 ? B - 3 : 2);",
+                      "const int behind = B / 2 - 1;")],
+    # a column rebuilds only when its own median leaves its band, not also when the other column of its warp does
+    "separate_rebuild": [("const int rebuild = out || d < 2 || d >= B - 2;", "const int rebuild = out;")],
     # a search's lane sums from four uint4 loads per lane instead of three shuffles
     "select_loads": [("""    const uint4 v = reinterpret_cast<const uint4*>(h)[g];
     unsigned int t = v.x + v.y + v.z + v.w;

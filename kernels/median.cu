@@ -523,12 +523,15 @@ median_hist16(const unsigned short* __restrict__ src, unsigned short* __restrict
             while (lb > kth) { --m; lb -= gh_icnt(coarse, m); }
             for (;;) { const int cm = gh_icnt(coarse, m); if (lb + cm > kth) break; lb += cm; ++m; }
         }
-        const int rebuild = (unsigned int)(m - F) >= (unsigned int)B;
-        if (__any_sync(0xFFFFFFFFu, rebuild)) {
+        const int d = m - F, out = (unsigned int)d >= (unsigned int)B;
+        if (__any_sync(0xFFFFFFFFu, out)) {
+            // The warp waits out a rebuild when either of its two columns needs one, so the other column
+            // rebuilds too if its median is within 2 bins of its band's edge (it would need its own soon).
+            const int rebuild = out || d < 2 || d >= B - 2;
             if (rebuild) {
-                // Room ahead in the direction the median left by (it tends to keep going: a gradient),
-                // a little behind it (it also jitters); the first band is centred.
-                const int behind = F < 0 ? B / 2 - 1 : (m >= F + B ? 1 : B - 2);
+                // Room ahead in the direction the median left by, or is nearest to leaving by (it tends
+                // to keep going: a gradient), a little behind it (it also jitters); the first band centred.
+                const int behind = F < 0 ? B / 2 - 1 : out ? (m >= F + B ? 1 : B - 2) : (d < B / 2 ? B - 3 : 2);
                 F = min(max(m - behind, 0), 256 - B);
                 uint4* fv = fine_v + c * (FS / 4);
                 for (int q = g; q < FW / 4; q += G) fv[q] = make_uint4(0u, 0u, 0u, 0u);
