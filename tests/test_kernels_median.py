@@ -358,10 +358,15 @@ GPU_SHAPES = [(1, 1), (2, 7), (37, 53), (300, 257), (4, 37, 53), (3, 300, 257)]
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
-def test_gpu_median_equals_cpu(dtype, size, mode):
+def test_gpu_median_equals_cpu(request, dtype, size, mode):
     import cupy as cp
 
-    for i, shape in enumerate(GPU_SHAPES):
+    shapes = GPU_SHAPES
+    if request.config.getoption("--fake-gpu") and filters._cuda_plan((1, 64, 64), dtype, size)[0] == "median_hist16":
+        # On the host emulator a warp's lanes are threads meeting at every shuffle: the 300 x 257 slices
+        # would take minutes a call. test_emulated_median_hist16 covers the kernel; a real GPU runs them all.
+        shapes = [s for s in GPU_SHAPES if max(s) < 300]
+    for i, shape in enumerate(shapes):
         x = _image(shape, dtype, seed=i)
         xd = cp.asarray(x)
         got = _gpu_median_no_fallback(xd, size, mode, _cval(dtype))
