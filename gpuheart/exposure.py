@@ -472,6 +472,14 @@ def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int =
     return out[0] if x.ndim == 2 else out
 
 
+def _img_as_uint_shift(dtype) -> int:
+    """The right shift by which skimage's img_as_uint maps a non-negative integer wider than 16 bits onto
+    uint16 (tested equal to it). Computed rather than by calling img_as_uint under catch_warnings, which
+    changes the process-wide warning filters and so is not safe where other threads run."""
+    dtype = np.dtype(dtype)
+    return 8 * dtype.itemsize - 16 - (dtype.kind == "i")
+
+
 def _warn_lossy_int_conversion(x: np.ndarray) -> None:
     """Warn where skimage's img_as_uint, which CLAHE applies to integers other than uint8/uint16 as
     ``equalize_adapthist`` does, throws information away: negative values become 0, and a type wider than
@@ -484,13 +492,9 @@ def _warn_lossy_int_conversion(x: np.ndarray) -> None:
     if lo < 0:
         lossy.append(f"its {int(np.count_nonzero(x < 0))} negative pixel(s) become 0")
     if x.dtype.itemsize > 2 and hi > np.iinfo(np.uint16).max:
-        from skimage.util import img_as_uint
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            u = img_as_uint(np.array([max(lo, 0), hi], x.dtype))
+        shift = _img_as_uint_shift(x.dtype)
         lossy.append(f"its values {max(lo, 0)}..{hi} are scaled from the whole {x.dtype} range onto uint16, "
-                     f"leaving {int(u[1]) - int(u[0]) + 1} grey level(s)")
+                     f"leaving {(hi >> shift) - (max(lo, 0) >> shift) + 1} grey level(s)")
     if lossy:
         warnings.warn(f"clahe: {x.dtype} input is converted to uint16 as skimage's equalize_adapthist does: "
                       f"{' and '.join(lossy)}; to equalize the data's own range, pass it as float (mapped "

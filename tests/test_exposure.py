@@ -521,6 +521,23 @@ def test_clahe_float_whose_span_overflows_its_type(dtype, power):
     np.testing.assert_array_equal(clahe_robust_scale(x), robust_scale(want))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+def test_img_as_uint_shift_is_skimages_scaling(dtype):
+    import warnings as w
+
+    from skimage.util import img_as_uint
+
+    from gpuheart.exposure import _img_as_uint_shift
+
+    top = np.iinfo(dtype).max
+    v = np.unique(np.concatenate([np.random.default_rng(3).integers(0, top, 5000, dtype=dtype, endpoint=True),
+                                  np.array([0, 1, 65535, 65536, 2**31 - 1, top], dtype=dtype)]))
+    with w.catch_warnings():
+        w.simplefilter("ignore")  # img_as_uint's precision-loss note
+        want = img_as_uint(v)
+    np.testing.assert_array_equal(v >> _img_as_uint_shift(dtype), want)
+
+
 def test_clahe_warns_where_skimages_integer_conversion_loses_data():
     # skimage's img_as_uint (which equalize_adapthist applies, and so do we, to stay equal to it) scales an
     # int64 from its full range: 200000 / 2**47 rounds to 0, one grey level, a constant output
