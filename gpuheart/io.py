@@ -259,8 +259,11 @@ def _to_um(value: float, unit: str | None) -> float | None:
     return None if factor is None else float(value) * factor
 
 
-def _voxel_from_tiff(tif) -> tuple[float, float, float] | None:
-    """(z, y, x) µm from OME PhysicalSize* or ImageJ spacing/resolution; None when not calibrated."""
+def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | None:
+    """(z, y, x) µm from OME PhysicalSize* or ImageJ spacing/resolution; None when not calibrated. What
+    the user could do about a partial calibration goes to ``advice``; open_scan warns with it unless a
+    voxel size was given (a list, not a warning here: silencing one with catch_warnings would change the
+    process-wide filters, which is not safe where other threads run)."""
     try:
         if tif.is_ome and tif.ome_metadata:
             root = ET.fromstring(tif.ome_metadata)
@@ -274,10 +277,9 @@ def _voxel_from_tiff(tif) -> tuple[float, float, float] | None:
                     return tuple(size)
                 if size[0] is None and all(s is not None and s > 0 for s in size[1:]):
                     # one plane per file often carries no z step: say what is known rather than drop it silently
-                    warnings.warn(f"{tif.filehandle.path}: the OME metadata gives the pixel size ({size[1]:g} x {size[2]:g} "
-                                  f"µm) but no z step (PhysicalSizeZ), so the voxel size is unknown; give it with "
-                                  f"--voxel-size Z {size[1]:g} {size[2]:g} (Python: voxel_size=(z, y, x))",
-                                  stacklevel=2)
+                    advice.append(f"{tif.filehandle.path}: the OME metadata gives the pixel size ({size[1]:g} x "
+                                  f"{size[2]:g} µm) but no z step (PhysicalSizeZ), so the voxel size is unknown; give "
+                                  f"it with --voxel-size Z {size[1]:g} {size[2]:g} (Python: voxel_size=(z, y, x))")
                     return None
         if tif.is_imagej and tif.imagej_metadata:
             meta = tif.imagej_metadata
@@ -378,7 +380,8 @@ class _TiffStack:
                 if page is not None and _page_end(page) > size:
                     raise ScanError(f"{path}: truncated: pixel data of page {i} ends at byte "
                                     f"{_page_end(page)}, file has {size} bytes")
-        self.voxel_size = _voxel_from_tiff(tif)
+        self.voxel_advice: list[str] = []
+        self.voxel_size = _voxel_from_tiff(tif, self.voxel_advice)
         self.format = "tiff-hyperstack" if self.c_axis is not None else "tiff"
 
     def _pagewise_stack(self, series) -> list | None:
@@ -476,6 +479,7 @@ class _TiffFolder:
         self.names = list(files)
         first = files[self.names[0]][0]
         self.shape2d, self.dtype, self.voxel_size, self._compression = None, None, None, "NONE"
+        self.voxel_advice: list[str] = []
         for name in self.names:
             for f in files[name]:
                 self._check_header(f, first)
@@ -498,7 +502,7 @@ class _TiffFolder:
                                 f"expected one 2D grayscale slice per file")
             if self.shape2d is None:
                 self.shape2d, self.dtype = shape, dtype
-                self.voxel_size = _voxel_from_tiff(tif)
+                self.voxel_size = _voxel_from_tiff(tif, self.voxel_advice)
                 self._compression = _compression_name(page)
             elif shape != self.shape2d or dtype != self.dtype:
                 raise ScanError(f"{f}: slice is {shape} {dtype}; expected {self.shape2d} {self.dtype} "
@@ -865,10 +869,10 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
         if path.is_symlink():   # the scan itself on a moved or unmounted disk, as a slice can be
             _raise_broken(path, "a TIFF, a folder of TIFFs or a Zarr store")
         raise ScanError(f"{path}: no such file or folder (expected a TIFF, a folder of TIFFs or a Zarr store)")
-    with warnings.catch_warnings():
-        if voxel_size is not None:   # given: no advice about what the metadata lacks
-            warnings.filterwarnings("ignore", message=".*no z step")
-        src, names = _open_source(path, channels)
+    src, names = _open_source(path, channels)
+    if voxel_size is None:   # given: no advice about what the metadata lacks
+        for advice in getattr(src, "voxel_advice", ()):
+            warnings.warn(advice, stacklevel=2)
     try:
         if np.dtype(src.dtype).kind not in "biuf":
             raise ScanError(f"{path}: pixels are {np.dtype(src.dtype)}; expected integer, float or boolean "
