@@ -1086,8 +1086,8 @@ def preprocess(slab, znorm: "ZNorm", z0: int = 0, cfg: ExposureConfig | None = N
 
 def _preprocess(slab, znorm: "ZNorm", z0: int, cfg: ExposureConfig, timer, keep_normalized):
     stretched = None
+    scale = cfg.asinh_scale or znorm.scale or 1.0
     if is_device_array(slab):
-        scale = cfg.asinh_scale or znorm.scale or 1.0
         if keep_normalized is not None:
             keep_normalized(znorm.apply(slab, z0) if cfg.normalize else slab.astype(np.float32))
             keep_normalized = None
@@ -1100,10 +1100,10 @@ def _preprocess(slab, znorm: "ZNorm", z0: int, cfg: ExposureConfig, timer, keep_
         if keep_normalized is not None:
             keep_normalized(norm)
         with timer("asinh"):   # norm is this call's own array (apply and astype make fresh ones)
-            stretched = _asinh_stretch_in_place(norm, znorm.background, cfg.asinh_scale or znorm.scale or 1.0)
+            stretched = _asinh_stretch_in_place(norm, znorm.background, scale)
     if cfg.clahe:
         with timer("clahe + robust scale"):  # fused: CLAHE levels -> histogram -> uint8 table
-            if is_device_array(stretched) and _finite_by_construction(slab, cfg, znorm):
+            if is_device_array(stretched) and _finite_by_construction(slab, znorm, scale):
                 _check_percentiles(cfg.robust_low, cfg.robust_high)
                 out = _try_cuda("clahe", _clahe_cuda, stretched, cfg.clip_limit, _kernel_size(cfg.kernel_size),
                                 256, (cfg.robust_low, cfg.robust_high), True)
@@ -1115,12 +1115,11 @@ def _preprocess(slab, znorm: "ZNorm", z0: int, cfg: ExposureConfig, timer, keep_
         return robust_scale(stretched, cfg.robust_low, cfg.robust_high)
 
 
-def _finite_by_construction(slab, cfg: ExposureConfig, znorm: "ZNorm") -> bool:
+def _finite_by_construction(slab, znorm: "ZNorm", scale: float) -> bool:
     """Whether the asinh stretch of this integer slab is finite without looking: |x - b_z| <= 2**32, gains
     <= 10 and B an int32-range median bound the argument by ~1e11 / S, finite for a float32 S >= 1e-20; asinh
     of a finite float32 is finite (and at most ~89, so no span overflows). Then CLAHE needs no check, nor
-    the wait for it."""
-    scale = cfg.asinh_scale or znorm.scale or 1.0
+    the wait for it. ``scale`` is the asinh scale S the chain used."""
     return (slab.dtype.kind in "iu" and slab.dtype.itemsize <= 4 and znorm.max_gain <= 10
             and np.float32(scale) >= np.float32(1e-20) and abs(znorm.background) < 2.0**32)
 
