@@ -83,12 +83,41 @@ def phantom_score(model) -> dict:
     return {"unet": score(prob > model.meta.get("threshold", 0.5), truth), "unet_at_0.5": score(prob > 0.5, truth)}
 
 
+def device_label() -> str:
+    """Where the fold models were trained: "cpu", or the name of the GPU torch trains on."""
+    import torch
+
+    from gpuheart.unet import torch_device
+
+    return torch.cuda.get_device_name() if torch_device("auto") == "cuda" else "cpu"
+
+
 def write_result(path, doc: dict, **fields) -> Path:
-    """``doc`` plus the CPU device label, the date and ``fields``, as indented JSON at ``path``."""
-    out = {"device_label": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **doc, **fields}
+    """``doc`` plus the device label, the date and ``fields``, as indented JSON at ``path``."""
+    out = {"device_label": device_label(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **doc, **fields}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2))
     return Path(path)
+
+
+def mean_dice(per_stack: dict) -> dict:
+    return {m: round(float(np.mean([r[m]["dice"] for r in per_stack.values()])), 4)
+            for m in ("unet", "union", "otsu", "dom")}
+
+
+def merge_folds(paths, out) -> None:
+    """One result of several one-fold runs (``--only STACK`` each, same settings but for ``only``): their
+    per-stack scores side by side and the mean over them."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    settings = [{k: v for k, v in d["settings"].items() if k not in ("only", "out", "runs")} for d in docs]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit("the fold results were made with different settings; merge runs of one recipe")
+    per_stack = {k: v for d in docs for k, v in d["per_stack"].items()}
+    write_result(out, {"machine": docs[0]["machine"], "device_label": docs[0]["device_label"],
+                       "date": max(d["date"] for d in docs)},
+                 settings={**settings[0], "only": sorted(per_stack), "merged_from": [Path(p).name for p in paths]},
+                 per_stack=per_stack, mean_dice=mean_dice(per_stack))
+    print("mean Dice", mean_dice(per_stack), "over", len(per_stack), "stacks")
 
 
 def main(argv=None):
@@ -101,6 +130,9 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="tiles per training step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: every core; give 1 when folds run side by side)")
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
     p.add_argument("--loss", default="tversky_focal")
     p.add_argument("--norm", default="group")
@@ -112,9 +144,13 @@ def main(argv=None):
     p.add_argument("--balance", default="pixel", help="tile draws: pixel (every pixel alike) or stack (every stack alike)")
     p.add_argument("--only", nargs="*", help="score only these stacks")
     p.add_argument("--out", default="benchmarks/results/accuracy-loso.json")
+    p.add_argument("--merge", nargs="+", metavar="FOLD_JSON",
+                   help="only merge these one-fold results (runs of --only STACK side by side) into --out")
     p.add_argument("--runs", help="a new folder for the fold models (default: a fresh /tmp/gpuheart-loso-*; "
                                    "training refuses a folder that holds a run)")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge_folds(a.merge, a.out)
     if a.runs is None:
         import tempfile
 
@@ -133,7 +169,7 @@ def main(argv=None):
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
                                loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, balance=a.balance,
-                               batch_size=a.batch_size,
+                               batch_size=a.batch_size, lr=a.lr, num_threads=a.threads,
                                **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)
@@ -147,8 +183,7 @@ def main(argv=None):
                          "phantom": phantom_score(model), "train_stacks": train_names, "best_epoch": res.best_epoch,
                          "val_dice": round(res.best_val_dice, 4), "seconds": round(time.time() - t0, 1)}
         print(held, json.dumps(results[held]), flush=True)
-    summary = {m: round(float(np.mean([r[m]["dice"] for r in results.values()])), 4)
-               for m in ("unet", "union", "otsu", "dom")}
+    summary = mean_dice(results)
     write_result(a.out, {"machine": {"processor": platform.processor(), "cpus": os.cpu_count()}},
                  settings={**vars(a), "augment": asdict(aug_kw.get("aug", unet.AugmentConfig()))},
                  per_stack=results, mean_dice=summary)
