@@ -131,6 +131,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="tiles per training step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workers", type=int, default=0, help="tile-drawing processes (gpuheart train --workers)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: every core; give 1 when folds run side by side)")
     p.add_argument("--phantoms", type=int, default=0, help="synthetic scans added to the training data")
@@ -169,7 +170,7 @@ def main(argv=None):
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
                                loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, balance=a.balance,
-                               batch_size=a.batch_size, lr=a.lr, num_threads=a.threads,
+                               batch_size=a.batch_size, lr=a.lr, num_threads=a.threads, workers=a.workers,
                                **aug_kw)
         model = unet.load_weights(res.best_path)
         thr = model.meta.get("threshold", 0.5)

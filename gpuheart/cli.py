@@ -186,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
                          "depend on the tile size)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tr.add_argument("--workers", type=_nonnegative_int, default=0, metavar="N",
+                    help="processes that draw and augment training tiles, so a GPU does not wait for one CPU core "
+                         "(default: 0, the training process itself; the tiles drawn depend on N)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     tr.add_argument("--no-progress", action="store_true")
 
@@ -508,7 +511,7 @@ def _cmd_train(a) -> int:
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
                            sparse=a.sparse_labels, balance=a.balance,
                            progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
-                           device=a.device, **_train_settings(a))
+                           device=a.device, workers=a.workers, **_train_settings(a))
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
     return EXIT_OK

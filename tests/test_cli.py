@@ -156,9 +156,11 @@ def test_mesh_of_missing_mask_fails_cleanly(tmp_path, capsys):
 def test_train_smoke(tmp_path, capsys):
     """Two tiny epochs on two synthetic scans: the command runs end to end and writes its files."""
     assert main(["train", "-o", str(tmp_path / "run"), "--phantom", "1", "--epochs", "2", "--steps", "2",
-                 "--batch-size", "2", "--tile", "64", "--width", "4", "--no-progress"]) == 0
+                 "--batch-size", "2", "--tile", "64", "--width", "4", "--no-progress", "--workers", "2"]) == 0
     assert "best validation Dice" in capsys.readouterr().out
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.csv").is_file()
+    from gpuheart import unet
+    assert unet.load_weights(tmp_path / "run" / "best.pt").meta["config"]["workers"] == 2
 
 
 def test_train_fine_tunes_with_init_context_and_lr(tmp_path, capsys):

@@ -443,6 +443,29 @@ def test_train_is_deterministic_and_resumable(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_worker_processes_draw_a_reproducible_resumable_stream(tmp_path):
+    img, lab = _synthetic(1)
+    sampler = unet.TileSampler([img], [lab], [(0, k) for k in range(4)], tile=64)
+    cfg = _cfg(steps_per_epoch=5, workers=2)
+    drawn = [b[0] for b in unet._epoch_batches(sampler, None, cfg, epoch=3, device="cpu")]
+    assert len(drawn) == 5
+    # batch i is worker i % 2's (i // 2)-th draw: the loader keeps step order whatever the workers' speed
+    for w in (0, 1):
+        rng = np.random.default_rng([cfg.seed, 3, w])
+        for i in range(w, 5, 2):
+            assert torch.equal(drawn[i], sampler.batch(rng, cfg.batch_size, cfg.aug)[0])
+    # training with workers is deterministic, and a run interrupted and resumed trains the same model
+    full = unet.train([img], [lab], _cfg(steps_per_epoch=3, workers=2), tmp_path / "a", progress=False)
+    unet.train([img], [lab], _cfg(steps_per_epoch=3, workers=2, epochs=1), tmp_path / "b", progress=False)
+    resumed = unet.train([img], [lab], _cfg(steps_per_epoch=3, workers=2), tmp_path / "b", progress=False,
+                         resume=True)
+    a = torch.load(full.last_path, weights_only=False)["model"]
+    b = torch.load(resumed.last_path, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="workers"):
+        _cfg(workers=-1)
+
+
 def test_resume_refuses_other_settings_and_says_when_there_is_nothing_to_resume(tmp_path):
     img, lab = _synthetic(1)
     unet.train([img], [lab], _cfg(epochs=1), tmp_path / "a", progress=False)
