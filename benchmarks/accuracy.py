@@ -113,8 +113,10 @@ def merge_folds(paths, out) -> None:
     if any(s != settings[0] for s in settings):
         raise SystemExit("the fold results were made with different settings; merge runs of one recipe")
     per_stack = {k: v for d in docs for k, v in d["per_stack"].items()}
-    write_result(out, {"machine": docs[0]["machine"], "device_label": docs[0]["device_label"],
-                       "date": max(d["date"] for d in docs)},
+    devices = sorted({d["device_label"] for d in docs})
+    write_result(out, {"machine": docs[0]["machine"], "device_label": " + ".join(devices),
+                       "date": max(d["date"] for d in docs),
+                       "fold_devices": {k: d["device_label"] for d in docs for k in d["per_stack"]}},
                  settings={**settings[0], "only": sorted(per_stack), "merged_from": [Path(p).name for p in paths]},
                  per_stack=per_stack, mean_dice=mean_dice(per_stack))
     print("mean Dice", mean_dice(per_stack), "over", len(per_stack), "stacks")

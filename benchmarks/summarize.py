@@ -168,7 +168,7 @@ def section_pipeline(e) -> list[str]:
     c = d["scan"]["channels"]
     p = d["projection"]
     mem = d["memory"]
-    out = [f"### Pipeline throughput, end to end",
+    out = ["### Pipeline throughput, end to end",
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). Scan: {z} slices of {y}x{x} uint16 x {c} "
            f"channels (synthetic 'large' phantom, per-slice TIFFs); device `{d['config']['device']}`, "

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 DEVICES = ("auto", "cpu", "cuda")
+# CUDA's limit on gridDim.y and gridDim.z: kernels that put slices or row tiles there launch in chunks
+MAX_GRID_YZ = 65535
 
 
 class DeviceError(RuntimeError):

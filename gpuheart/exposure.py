@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .backend import (array_module, device_of, is_device_array, load_module, native_byte_order, reduce_rows,
+from .backend import (MAX_GRID_YZ, array_module, device_of, is_device_array, load_module, native_byte_order, reduce_rows,
                       to_device, to_host, try_cuda)
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
@@ -788,7 +788,6 @@ def _interpolate(bins, maps, ky, kx, out):
 
 ASINH_MAX_ULP = 2  # GPU asinh (double, rounded once) vs NumPy's float32 arcsinh (not correctly rounded)
 _CLAHE_MAX_BINS = 4096  # tile histogram in shared memory: 16 KB of int32 under the 48 KB default
-_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and .z)
 _CLAHE_CHUNK_BYTES = 256 << 20  # bins + levels + maps of the slices processed per launch
 _CLAHE_ENTRIES = ("int_to_bins_u8_b8", "int_to_bins_u8_b16", "int_to_bins_u16_b8", "int_to_bins_u16_b16",
                   "float_to_bins_f32_b8", "float_to_bins_f32_b16", "float_to_bins_f64_b8",
@@ -832,7 +831,7 @@ def slice_extremes(flat):
 
     rows, n = flat.shape
     suffix = _EXTREMES_SUFFIX.get(np.dtype(flat.dtype))
-    if suffix is None or rows > _MAX_GRID_Y or n == 0 or not flat.flags.c_contiguous:
+    if suffix is None or rows > MAX_GRID_YZ or n == 0 or not flat.flags.c_contiguous:
         return cp.stack([reduce_rows(flat, "min"), reduce_rows(flat, "max")])
     nb = int(max(1, min(256, -(-n // (_EXTREMES_THREADS * 16)))))
     mod = load_module("elementwise.cu")
@@ -863,7 +862,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     nz, h, w = x3.shape
     nty, ntx = -(-h // ky), -(-w // kx)
     # grid limits: tile_maps is (ntx, nty, slices), interp (w / 32, h / 8, slices); y and z <= 65535
-    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > _MAX_GRID_Y or ntx >= 2**31 or -(-h // 8) > _MAX_GRID_Y:
+    if nbins > _CLAHE_MAX_BINS or ky * kx >= 2**31 or nty > MAX_GRID_YZ or ntx >= 2**31 or -(-h // 8) > MAX_GRID_YZ:
         return None
     bin_dtype = np.uint8 if nbins <= 256 else np.uint16
     bsuf = "b8" if bin_dtype is np.uint8 else "b16"
@@ -886,7 +885,7 @@ def _clahe_cuda(x, clip_limit: float, ks: tuple[int, int], nbins: int, robust: t
     plane = h * w
     tsize = 256 if dt == np.uint8 else 65536
     per_slice = nty * ntx * nbins * 2 + plane * (np.dtype(bin_dtype).itemsize + 2) + tsize * 2
-    chunk = int(max(1, min(nz, _MAX_GRID_Y, _CLAHE_CHUNK_BYTES // per_slice)))
+    chunk = int(max(1, min(nz, MAX_GRID_YZ, _CLAHE_CHUNK_BYTES // per_slice)))
     out = cp.empty((nz, h, w), cp.float32 if robust is None else cp.uint8)
     # float_to_bins' per-slice (x - shift) / div, written by clahe_bin_tables (integer input leaves them unused)
     pdt = float_dtype if dt.kind == "f" else dt
@@ -999,8 +998,8 @@ def _robust_scale_cuda(x, low: float, high: float):
     out = cp.empty(s.shape, cp.uint8)
     kern = load_module("elementwise.cu").get_function("robust_scale_f32")
     los, ks, valid = cp.asarray(los), cp.asarray(ks), cp.asarray(valid)
-    for c0 in range(0, nz, _MAX_GRID_Y):  # slices are blockIdx.y: at most 65535 per launch
-        c1 = min(nz, c0 + _MAX_GRID_Y)
+    for c0 in range(0, nz, MAX_GRID_YZ):  # slices are blockIdx.y: at most 65535 per launch
+        c1 = min(nz, c0 + MAX_GRID_YZ)
         grid, block = _grid_stride(n, c1 - c0)
         kern(grid, block, (s[c0:c1], out[c0:c1], np.int64(n), los[c0:c1], ks[c0:c1], valid[c0:c1]))
     return out[0] if x.ndim == 2 else out
@@ -1018,7 +1017,7 @@ def _znorm_asinh_cuda(slab, znorm: "ZNorm", z0: int, normalize: bool, scale: flo
         return None
     x3 = slab[None] if slab.ndim == 2 else slab
     nz = x3.shape[0]
-    if nz > _MAX_GRID_Y or (normalize and not (0 <= z0 and z0 + nz <= znorm.nz)):
+    if nz > MAX_GRID_YZ or (normalize and not (0 <= z0 and z0 + nz <= znorm.nz)):
         return None
     sl = slice(z0, z0 + nz)
     if normalize:

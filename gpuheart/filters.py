@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
-from .backend import array_module, is_device_array, is_device_oom, load_module, native_byte_order, to_host
+from .backend import MAX_GRID_YZ, array_module, is_device_array, is_device_oom, load_module, native_byte_order, to_host
 
 MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
          "constant": "constant"}
@@ -189,7 +189,6 @@ _CUDA_H16 = True
 _CUDA_H16_BLOCK = 128             # GH_H16_WARPS * 32 threads
 _CUDA_H16_COLS = 8                # columns per block: GH_H16_WARPS * 32 / GH_H16_LANES
 _CUDA_H16_ROWS = 64
-_CUDA_MAX_GRID_YZ = 65535
 _CUDA_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
                 np.dtype(np.float32): "float"}
 _CUDA_FAILED: dict[str, str] = {}  # kernel name -> why it failed (warned once, host path after)
@@ -205,21 +204,21 @@ def _cuda_plan(shape, dtype, size: int, hist: bool = True):
     z, h, w = (int(s) for s in shape)
     ctype = _CUDA_CTYPES[np.dtype(dtype)]
     if size == 3 and _CUDA_ROWS3:
-        grid = (-(-w // _CUDA_M3[0]), -(-h // _CUDA_M3[1]), min(z, _CUDA_MAX_GRID_YZ))
+        grid = (-(-w // _CUDA_M3[0]), -(-h // _CUDA_M3[1]), min(z, MAX_GRID_YZ))
         return f"median3<{ctype}>", grid, (_CUDA_M3[0], 1, 1), ()
     if size in _CUDA_NET_SIZES:
         name, extra = f"median_net<{ctype}, {size}>", ()
     elif hist and _CUDA_H16 and np.dtype(dtype) == np.uint16 and size <= _CUDA_HIST_NARROW_MAX:
-        grid = (-(-w // _CUDA_H16_COLS), -(-h // _CUDA_H16_ROWS), min(z, _CUDA_MAX_GRID_YZ))
+        grid = (-(-w // _CUDA_H16_COLS), -(-h // _CUDA_H16_ROWS), min(z, MAX_GRID_YZ))
         return "median_hist16", grid, (_CUDA_H16_BLOCK, 1, 1), (np.int32(size),)
     elif hist and np.dtype(dtype) in _CUDA_HIST_COLS:
         cols = _CUDA_HIST_COLS[np.dtype(dtype)]
-        grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, _CUDA_MAX_GRID_YZ))
+        grid = (-(-w // cols), -(-h // _CUDA_HIST_ROWS), min(z, MAX_GRID_YZ))
         narrow = int(size <= _CUDA_HIST_NARROW_MAX)
         return f"median_hist<{ctype}, {narrow}>", grid, (cols, 1, 1), (np.int32(size),)
     else:
         name, extra = f"median_radix<{ctype}>", (np.int32(size),)
-    grid = (-(-w // _CUDA_TILE[0]), -(-h // _CUDA_TILE[1]), min(z, _CUDA_MAX_GRID_YZ))
+    grid = (-(-w // _CUDA_TILE[0]), -(-h // _CUDA_TILE[1]), min(z, MAX_GRID_YZ))
     return name, grid, _CUDA_BLOCK, extra
 
 
@@ -309,11 +308,11 @@ def _median_cuda(x, size, mode, cval, out, hist: bool = True):
     else:
         rows, cols = _device_border_maps(h, w, size // 2, mode, x.device.id)
     cbits = _cval_bits(cval, x.dtype)
-    for z0 in range(0, z, _CUDA_MAX_GRID_YZ):
-        z1 = min(z, z0 + _CUDA_MAX_GRID_YZ)
+    for z0 in range(0, z, MAX_GRID_YZ):
+        z1 = min(z, z0 + MAX_GRID_YZ)
         grid = grid[:2] + (z1 - z0,)   # the plan for one slice, over this chunk's slices
-        if grid[1] > _CUDA_MAX_GRID_YZ:
-            raise ValueError(f"slice of {h} rows exceeds the CUDA grid ({_CUDA_MAX_GRID_YZ} tiles)")
+        if grid[1] > MAX_GRID_YZ:
+            raise ValueError(f"slice of {h} rows exceeds the CUDA grid ({MAX_GRID_YZ} tiles)")
         kern(grid, block, (slab[z0:z1], dslab[z0:z1], rows, cols, np.int32(h), np.int32(w), cbits) + extra)
     if out is not None and not direct:
         out[...] = dst

@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .backend import is_device_array, is_device_oom, load_module, to_device, to_host
+from .backend import MAX_GRID_YZ, is_device_array, is_device_oom, load_module, to_device, to_host
 from .metrics import has_fractions
 
 ReadSlab = Callable[[int, int], np.ndarray]
@@ -233,7 +233,7 @@ def _close_cube_cuda(mask, h: int, z_edges):
     nz, ny, nx = m.shape
     tz, ty, tx = _CUBE_TILE
     grid = (-(-nx // tx), -(-ny // ty), -(-nz // tz))
-    if max(grid[1], grid[2]) > 65535:
+    if max(grid[1], grid[2]) > MAX_GRID_YZ:
         return None
     out = cp.empty(m.shape, cp.bool_)
     load_module("morphology.cu").get_function("close_cube")(

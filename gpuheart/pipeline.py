@@ -277,8 +277,6 @@ def _build(cls, data: dict, where: str):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     for key in set(data) & set(_RETIRED.get(cls.__name__, {})):  # config files written by earlier versions
-        import warnings
-
         warnings.warn(f"{where}.{key} is no longer used ({_RETIRED[cls.__name__][key]}); ignored", stacklevel=4)
         data = {k: v for k, v in data.items() if k != key}
     unknown = sorted(set(data) - set(known))
@@ -1795,8 +1793,6 @@ class _ChannelAccumulator:
     def merge_state(self, arrays, plain) -> None:
         """Add the state of an accumulator that saw other slabs (a Dask worker's). Called in slab order,
         so sums add in the same order as a local run adds them and the results are identical."""
-        from .metrics import Confusion
-
         done = np.isfinite(arrays["norm_means"])
         self.norm_means[done] = arrays["norm_means"][done]
         self.histogram += arrays["histogram"]

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from .backend import array_module, is_device_array, load_module, to_host, try_cuda
+from .backend import MAX_GRID_YZ, array_module, is_device_array, load_module, to_host, try_cuda
 from .exposure import slice_extremes
 from .filters import difference_of_medians
 
@@ -147,7 +147,6 @@ _OTSU_THREADS = 256            # OTSU_THREADS in kernels/threshold.cu
 _OTSU_MAX_PLANE = 1 << 24      # float32 class weights (skimage's) are exact integers up to here
 _OTSU_PIXELS_PER_BLOCK = 16384
 _OTSU_COUNTS_BYTES = 64 << 20  # the counts of one chunk of slices (16-bit: 256 KiB a slice)
-_MAX_GRID_Y = 65535
 _warned: set[str] = set()
 
 
@@ -178,7 +177,7 @@ def _otsu_cuda(values):
     mod = load_module("threshold.cu")
     hist, otsu = mod.get_function(f"otsu_hist_{suffix}"), mod.get_function(f"otsu_threshold_{suffix}")
     out = cp.empty(nz, cp.float64)
-    chunk = max(1, min(nz, _MAX_GRID_Y, _OTSU_COUNTS_BYTES // (4 * nbins)))
+    chunk = max(1, min(nz, MAX_GRID_YZ, _OTSU_COUNTS_BYTES // (4 * nbins)))
     counts = cp.empty((chunk, nbins), cp.uint32)
     bx = max(1, min(-(-plane // _OTSU_PIXELS_PER_BLOCK), 1024))
     for c0 in range(0, nz, chunk):

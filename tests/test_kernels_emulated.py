@@ -241,7 +241,7 @@ def test_close_cube_kernel_equals_cpu(dev, edges, size, shape):
 
 def test_robust_scale_kernel_in_slice_chunks(dev, monkeypatch):
     """More slices than gridDim.y may hold (65535) go in several launches; here the limit is made 3."""
-    monkeypatch.setattr(ex, "_MAX_GRID_Y", 3)
+    monkeypatch.setattr(ex, "MAX_GRID_YZ", 3)
     x = _image((7, 9, 11), np.float32, 6)
     x[4] = 2.0  # a constant slice in the middle chunk
     np.testing.assert_array_equal(dev(ex._robust_scale_cuda, x, 0.1, 99.9), ex.robust_scale(x))

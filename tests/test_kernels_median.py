@@ -319,7 +319,7 @@ def test_emulated_failing_histogram_kernel_falls_back_to_radix_then_host(emulate
 
 
 def test_emulated_dispatch_chunks_deep_slabs_and_writes_out(emulator, monkeypatch):
-    monkeypatch.setattr(filters, "_CUDA_MAX_GRID_YZ", 2)  # 5 slices -> launches of 2, 2, 1
+    monkeypatch.setattr(filters, "MAX_GRID_YZ", 2)  # 5 slices -> launches of 2, 2, 1
     monkeypatch.setattr(filters, "_CUDA_H16", False)      # the dispatch, not a kernel, is tested here
     _Launches.launches.clear()
     x = _image((5, 40, 37), np.uint16, seed=8)

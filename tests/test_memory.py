@@ -2,7 +2,6 @@
 import tracemalloc
 
 import numpy as np
-import pytest
 import tifffile
 
 from gpuheart import Pipeline, PipelineConfig

@@ -220,7 +220,7 @@ def test_ctrl_c_in_the_mesh_stops_the_channels_own_graph_at_its_next_slab(scan, 
     import time
 
     labelling, calls, reads = threading.Event(), [], []
-    real_mesh, real_reader, real_skeleton = pipeline._mesh, pipeline.mask_reader, graph.skeleton_graph
+    real_reader, real_skeleton = pipeline.mask_reader, graph.skeleton_graph
 
     def reader(m):
         read = real_reader(m)
