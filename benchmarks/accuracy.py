@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -89,7 +90,9 @@ def device_label() -> str:
 
     from gpuheart.unet import torch_device
 
-    return torch.cuda.get_device_name() if torch_device("auto") == "cuda" else "cpu"
+    if torch_device("auto") != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")   # as conftest.slug
 
 
 def write_result(path, doc: dict, **fields) -> Path:
@@ -113,8 +116,9 @@ def merge_folds(paths, out) -> None:
     if any(s != settings[0] for s in settings):
         raise SystemExit("the fold results were made with different settings; merge runs of one recipe")
     per_stack = {k: v for d in docs for k, v in d["per_stack"].items()}
-    devices = sorted({d["device_label"] for d in docs})
-    write_result(out, {"machine": docs[0]["machine"], "device_label": " + ".join(devices),
+    # results are filed under a GPU's label when any fold trained on one; fold_devices says which
+    devices = sorted({d["device_label"] for d in docs}, key=lambda dev: dev == "cpu")
+    write_result(out, {"machine": docs[0]["machine"], "device_label": devices[0],
                        "date": max(d["date"] for d in docs),
                        "fold_devices": {k: d["device_label"] for d in docs for k in d["per_stack"]}},
                  settings={**settings[0], "only": sorted(per_stack), "merged_from": [Path(p).name for p in paths]},

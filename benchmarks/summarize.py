@@ -456,12 +456,16 @@ def section_accuracy(e) -> list[str]:
     recipe = ", ".join(f"{k} {st[k]}" for k in ("loss", "epochs", "steps", "norm") if k in st)
     extra = {k: st[k] for k in ("seed", "context", "zoom", "haze", "phantoms") if st.get(k) not in (None, 0)}
     # settings whose default is not 0/None: named when a run changed them, or two recipes read alike
-    extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"), ("tile", 128),
+    extra.update({k: st[k] for k, default in (("schedule", "plateau"), ("balance", "pixel"), ("tile", 128), ("width", 16),
                                               ("batch_size", 8))
                   if st.get(k) not in (None, default)})
     recipe += "".join(f", {k} {v}" for k, v in extra.items())
     ph = [r["phantom"]["unet"]["dice"] for r in d["per_stack"].values() if "phantom" in r]
     phantom = f" Fold models on the built-in scan's vessels: mean Dice {sum(ph) / len(ph):.3f}." if ph else ""
+    folds = d.get("fold_devices") or {}
+    if folds:   # merged one-fold runs: say how many and where each trained
+        where = ", ".join(f"{sum(v == dev for v in folds.values())} on {dev}" for dev in sorted(set(folds.values())))
+        phantom += f" Merged from {len(folds)} folds ({where}); the means are over those stacks only."
     m = {k: mean3(r[k]["dice"] for r in d["per_stack"].values()) if k in m else "-" for k in ("unet", "union",
                                                                                               "otsu", "dom")}
     return [f"### Segmentation accuracy, leave one stack out ({recipe})",
