@@ -112,7 +112,8 @@ def merge_folds(paths, out) -> None:
     """One result of several one-fold runs (``--only STACK`` each, same settings but for ``only``): their
     per-stack scores side by side and the mean over them."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    settings = [{k: v for k, v in d["settings"].items() if k not in ("only", "out", "runs")} for d in docs]
+    # where the data and outputs lay on each machine does not matter; the data are the same stacks
+    settings = [{k: v for k, v in d["settings"].items() if k not in ("only", "out", "runs", "data")} for d in docs]
     if any(s != settings[0] for s in settings):
         raise SystemExit("the fold results were made with different settings; merge runs of one recipe")
     per_stack = {k: v for d in docs for k, v in d["per_stack"].items()}
