@@ -926,9 +926,17 @@ def _epoch_batches(sampler: TileSampler, rng, cfg: TrainConfig, epoch: int, devi
         for _ in range(cfg.steps_per_epoch):
             yield sampler.batch(rng, cfg.batch_size, cfg.aug if cfg.augment else None)
         return
-    yield from torch.utils.data.DataLoader(_WorkerBatches(sampler, cfg, epoch), batch_size=None,
-                                           num_workers=min(cfg.workers, cfg.steps_per_epoch),
-                                           pin_memory=device == "cuda")
+    yield from _Loader(_WorkerBatches(sampler, cfg, epoch), batch_size=None,
+                       num_workers=min(cfg.workers, cfg.steps_per_epoch), pin_memory=device == "cuda")
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader without torch's advice against more workers than cores, given twice an epoch: the number
+    of workers decides the tiles drawn, so a small machine repeating a GPU recipe (``--workers 7`` on two cores,
+    as the shipped model was made) needs that many; they only run slower."""
+
+    def check_worker_number_rationality(self):
+        pass
 
 
 def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str, epoch: int = 0) -> float:
