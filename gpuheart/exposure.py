@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .backend import (MAX_GRID_YZ, array_module, device_of, is_device_array, load_module, native_byte_order, reduce_rows,
-                      to_device, to_host, try_cuda)
+from .backend import (MAX_GRID_YZ, array_module, device_of, is_device_array, load_module, native_byte_order,
+                      reduce_rows, to_device, to_host, try_cuda)
 
 # percentiles pass 1 keeps for every slice (the ones SliceStats names p1 ... p99)
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
