@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -92,7 +91,10 @@ def device_label() -> str:
 
     if torch_device("auto") != "cuda":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")   # as conftest.slug
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import slug   # the label every other result file uses
+
+    return slug(torch.cuda.get_device_name())
 
 
 def write_result(path, doc: dict, **fields) -> Path:

@@ -921,7 +921,7 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
 
 def _epoch_batches(sampler: TileSampler, rng, cfg: TrainConfig, epoch: int, device: str):
     """The epoch's (image, label) batches: drawn here with ``rng``, or by ``cfg.workers`` processes so that a
-    GPU is not left waiting for one CPU core's augmentation (about 0.5-1 ms a 128-pixel tile)."""
+    GPU is not left waiting for one CPU core's augmentation."""
     if not cfg.workers:
         for _ in range(cfg.steps_per_epoch):
             yield sampler.batch(rng, cfg.batch_size, cfg.aug if cfg.augment else None)
