@@ -466,8 +466,12 @@ def read_threads() -> int:
         if n < 1:
             raise ScanError(f"GPUHEART_READ_THREADS={env!r}: expected a whole number >= 1")
         return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class _TiffFolder:

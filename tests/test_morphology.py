@@ -131,6 +131,48 @@ def test_label_slabs_equals_scipy_label(connectivity, slab_size):
     np.testing.assert_array_equal(res.box_hi, [[s.stop for s in b] for b in boxes])
 
 
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_label_slabs_in_threads_equals_one_thread(workers):
+    shape = (23, 17, 19)
+    m = _random_mask(shape, 0.3, workers)
+    one = morph.label_slabs(_reader(m), shape, 4, 3)
+    many = morph.label_slabs(_reader(m), shape, 4, 3, workers=workers)
+    for field in ("sizes", "final", "box_lo", "box_hi"):
+        np.testing.assert_array_equal(getattr(many, field), getattr(one, field))
+    assert many.offsets == one.offsets
+
+
+def test_label_slabs_in_threads_raises_the_first_failing_slab():
+    m = _random_mask((20, 8, 8), 0.3, 1)
+    read = _reader(m)
+
+    def bad(z0, z1):
+        if z0 >= 8:
+            raise OSError(f"slab {z0} unreadable")
+        return read(z0, z1)
+
+    with pytest.raises(OSError, match="slab 8 unreadable"):
+        morph.label_slabs(bad, m.shape, 4, 3, workers=3)
+
+
+def test_face_pairs_are_the_unique_touching_label_pairs():
+    rng = np.random.default_rng(0)
+    below, above = rng.integers(0, 6, (2, 9, 11))
+    for c in (1, 2, 3):
+        got = morph._face_pairs(below, above, c)
+        # independent: every neighbour offset the connectivity allows, pairs collected in a set
+        want = set()
+        for y in range(9):
+            for x in range(11):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        yy, xx = y + dy, x + dx
+                        if abs(dy) + abs(dx) + 1 <= c and 0 <= yy < 9 and 0 <= xx < 11 \
+                                and below[y, x] and above[yy, xx]:
+                            want.add((int(below[y, x]), int(above[yy, xx])))
+        assert [tuple(p) for p in got.tolist()] == sorted(want)
+
+
 def test_label_slabs_spiral_merges_late():
     # a U shape: two arms that only join in the last slab
     m = np.zeros((20, 5, 7), bool)

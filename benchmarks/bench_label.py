@@ -1,0 +1,111 @@
+"""The tree graph's labelling: ``morphology.label_slabs`` (26-connected, streamed in slabs) on a vessel mask.
+
+The mask is the built-in scan's vessel truth at 2048 x 2048 (the ``large`` phantom preset), read slab by slab
+from a uint8 0/255 volume as the pipeline reads its mask store. Timed: one thread, ``--workers`` threads, and
+optionally ``morphology.py`` of an older commit; every side must give the same components (sizes, numbering,
+boxes).
+
+pytest-benchmark:   python -m pytest benchmarks/bench_label.py --benchmark-only
+side by side:       python benchmarks/bench_label.py [--slices 64] [--workers 2] [--against REV]
+                    (writes benchmarks/results/cpu-label.json)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "cpu-label.json"
+SLAB = 16   # the pipeline's default slab_size
+
+
+def vessel_mask(slices: int, size: int = 2048) -> np.ndarray:
+    """uint8 0/255 vessel truth of the built-in scan's ``large`` preset, ``slices`` x ``size`` x ``size``."""
+    from gpuheart.phantom import Phantom, PhantomConfig
+
+    ph = Phantom(PhantomConfig.preset("large", shape=(slices, size, size)))
+    return np.concatenate([(ph.truth("C00", z, min(z + SLAB, slices)) > 0).astype(np.uint8) * 255
+                           for z in range(0, slices, SLAB)])
+
+
+def reader(mask: np.ndarray):
+    return lambda z0, z1: mask[z0:z1] > 0   # as pipeline.mask_reader: a fresh bool slab
+
+
+def label(morphology, mask: np.ndarray, workers: int | None):
+    kw = {} if workers is None else {"workers": workers}
+    t = time.perf_counter()
+    res = morphology.label_slabs(reader(mask), mask.shape, SLAB, connectivity=3, **kw)
+    return time.perf_counter() - t, res
+
+
+def same(a, b) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("sizes", "final", "box_lo", "box_hi"))
+
+
+@pytest.fixture(scope="module")
+def small_mask():
+    return vessel_mask(32, 512)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_label_slabs(benchmark, small_mask, workers):
+    from gpuheart import morphology
+
+    benchmark.pedantic(label, args=(morphology, small_mask, workers), rounds=3, iterations=1)
+
+
+def main(argv=None) -> dict:
+    sys.path.insert(0, str(HERE))
+    from conftest import machine_info, module_at
+
+    from gpuheart import morphology
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--slices", type=int, default=64)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=2, help="threads of the threaded side")
+    ap.add_argument("--against", metavar="REV", help="also time gpuheart/morphology.py of this git revision")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    mask = vessel_mask(a.slices, a.size)
+    sides = {"current, 1 thread": (morphology, 1), f"current, {a.workers} threads": (morphology, a.workers)}
+    if a.against:   # named by its commit, which stays meaningful after HEAD moves on
+        a.against = subprocess.run(["git", "rev-parse", "--short", a.against], cwd=HERE.parent, check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        sides[f"commit {a.against}"] = (module_at(a.against, "morphology"), None)
+    times: dict[str, list] = {k: [] for k in sides}
+    results = {}
+    for _ in range(a.rounds):   # alternating, so load from other users hits every side alike
+        for name, (mod, workers) in sides.items():
+            dt, results[name] = label(mod, mask, workers)
+            times[name].append(round(dt, 4))
+    first = next(iter(results.values()))
+    if not all(same(first, r) for r in results.values()):
+        raise AssertionError("the sides found different components")
+    best = {k: min(v) for k, v in times.items()}
+    out = {"machine": machine_info("cpu"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "benchmark": "label_slabs: morphology.label_slabs, 26-connected, slabs of 16, on the built-in scan's "
+                        "vessel truth (large preset)",
+           "shape": list(mask.shape), "slab_size": SLAB, "mask_fraction": round(float((mask > 0).mean()), 4),
+           "components": first.n_components, "seconds": times, "best_s": best, "against_commit": a.against,
+           "identical_results_checked": True,
+           "speedup_best": {k: round(max(best.values()) / v, 2) for k, v in best.items()}}
+    print(json.dumps({k: out[k] for k in ("best_s", "speedup_best", "components")}, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
