@@ -925,8 +925,10 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
         lv, lf = largest_component(v, f, labels=lab, face_volumes=fv)
         _reduce_and_export(lv, lf, np.zeros(len(lf), np.int64), largest_path, max_faces, min_faces,
                            max_bytes)
-    # per-face measures of the mesh written, once for the table and the totals (each is a pass over its faces)
-    norms, vols = (_face_norms(mv, mf), _face_volumes(mv, mf)) if len(mf) else (None, None)
+    # per-face measures of the mesh written, once for the table and the totals (each is a pass over its faces);
+    # undecimated, its faces are the ones measured above, in order, at the same positions
+    norms, vols = (_face_norms(mv, mf), fv if mf is f and fv is not None else _face_volumes(mv, mf)) \
+        if len(mf) else (None, None)
     if table_path is not None:
         write_component_table(component_table(mv, mf, mlab, norms, vols), table_path)
     n = _dense(mlab)[0]
