@@ -78,10 +78,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     mask = vessel_mask(a.slices, a.size)
-    sides = {"current, 1 thread": (morphology, 1), f"current, {a.workers} threads": (morphology, a.workers)}
+    here = "this code (" + _git("rev-parse", "--short", "HEAD") + (" + changes" if _git("status", "--porcelain",
+                                                                                        "gpuheart") else "") + ")"
+    sides = {f"{here}, 1 thread": (morphology, 1), f"{here}, {a.workers} threads": (morphology, a.workers)}
     if a.against:   # named by its commit, which stays meaningful after HEAD moves on
-        a.against = subprocess.run(["git", "rev-parse", "--short", a.against], cwd=HERE.parent, check=True,
-                                   capture_output=True, text=True).stdout.strip()
+        a.against = _git("rev-parse", "--short", a.against)
         sides[f"commit {a.against}"] = (module_at(a.against, "morphology"), None)
     times: dict[str, list] = {k: [] for k in sides}
     results = {}
@@ -105,6 +106,10 @@ def main(argv=None) -> dict:
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out}")
     return out
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=HERE.parent, check=True, capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
+    if str(doc.get("benchmark", "")).startswith("label_slabs"):
+        return "label"
     if str(doc.get("benchmark", "")).startswith("median filter"):
         return "median"
     if str(doc.get("benchmark", "")).startswith("binary closings"):
@@ -58,6 +60,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "probe"
     if isinstance(doc.get("runs"), dict) and all("tile256_calibrated" in r.get("mean", {}) for r in doc["runs"].values()):
         return "tiles"
+    if isinstance(doc.get("runs"), dict) and all("x1.0" in r.get("mean", {}) for r in doc["runs"].values()):
+        return "scales"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -343,6 +347,22 @@ def section_mesh_stage(e) -> list[str]:
     return out + [""]
 
 
+def section_label(e) -> list[str]:
+    d = e["doc"]
+    z, y, x = d["shape"]
+    slowest = max(d["best_s"].values())
+    out = ["### The tree graph's labelling (`label_slabs`)",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark'].split(': ', 1)[1]}; "
+           f"{z}x{y}x{x}, {d['mask_fraction']:.1%} inside, {d['components']:,} components. "
+           f"Best of {len(next(iter(d['seconds'].values())))} alternating rounds; every side found the same "
+           "components.",
+           "",
+           "| morphology.py | seconds | ms per slice | speed-up over the slowest |", "|---|---:|---:|---:|"]
+    out += [f"| {k} | {v:.2f} | {v / z * 1e3:.0f} | {slowest / v:.2f}x |" for k, v in d["best_s"].items()]
+    return out + [""]
+
+
 def section_graph_overlap(e) -> list[str]:
     d = e["doc"]
     z, y, x = d["scan"]["shape_zyx"]
@@ -520,6 +540,23 @@ def section_tiles(e) -> list[str]:
             ""]
 
 
+def section_scales(e) -> list[str]:
+    runs = e["doc"]["runs"]
+    def recipe(r):
+        c = r["recipe"]
+        return f"{c['loss']}, {'no' if c['norm'] == 'none' else c['norm']} norm, {c['epochs']} epochs of {c['steps_per_epoch']} x {c['batch_size']}, tile {c['tile']}"
+
+    rows = [f"{recipe(r)}: {r['mean']['x1.0']['calibrated']:.3f} unresized, "
+            f"{r['mean']['scale_chosen_leave_one_out_calibrated']:.3f} at the scale chosen leave one stack out, "
+            f"{r['mean']['best_scale_per_stack_calibrated']:.3f} at the best scale per stack"
+            for r in runs.values()]
+    return ["### Inference scale: the input resized before the U-Net (same fold models)",
+            "",
+            f"{src(e)}; see docs/accuracy.md. Mean Dice at the calibrated cut, {len(runs)} recipes' fold models: "
+            + "; ".join(rows) + ".",
+            ""]
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return ["### The paper's closings on the held-out masks",
@@ -588,12 +625,12 @@ def section_gpu_profile(e) -> list[str]:
 SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology": section_morphology,
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
-            "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "closings": section_closings,
-            "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage,
+            "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales, "closings": section_closings,
+            "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
 ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "gil", "unet", "accuracy", "probe", "tiles", "closings", "finetune",
+         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -639,12 +676,14 @@ def render(entries: list[dict]) -> str:
            "| tree graph in a worker thread vs in turn | `python benchmarks/bench_pipeline.py --slices 8 --size 1024 --compare-graph-background 3` | `<device>-pipeline-graph-overlap.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
+           "| the tree graph's labelling, 1 thread vs several (optionally against an older commit) | `python benchmarks/bench_label.py --against REV` | `cpu-label.json` |",
            "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
            "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
            "| accuracy, leave one stack out | `python benchmarks/accuracy.py --epochs 20 --steps 50 --loss dice_bce` | `accuracy-loso.json` |",
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
            "| inference tile: training tile vs 256 (no training) | `python benchmarks/accuracy_tiles.py --runs RUNS...` | `accuracy-tiles.json` |",
+           "| inference scale: the input resized before the U-Net (no training) | `python benchmarks/accuracy_scales.py --runs RUNS...` | `accuracy-scales.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",

@@ -89,3 +89,30 @@ def test_fine_tuning_times_in_the_docs_are_the_recorded_ones():
         assert "under a minute" not in text.lower(), doc
         assert f"{said[4]} per stack with 4 labelled slices and {said[8]} with 8" in text \
             or f"{said[4]} with 4 slices and {said[8]} with 8" in text, doc
+
+
+def test_the_scale_chosen_leave_one_out_never_looks_at_the_held_out_stack():
+    """benchmarks/accuracy_scales.py: each stack is scored at the scale its four companions favour, so a scale
+    that only the held-out stack likes is not chosen for it (that is the best-per-stack ceiling)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("accuracy_scales", REPO / "benchmarks" / "accuracy_scales.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def row(a, b):   # Dice at scales 1.0 and 0.5, the same at both cuts
+        return {"x1.0": {"calibrated": a, "at_0.5": a}, "x0.5": {"calibrated": b, "at_0.5": b},
+                "xmean": {"calibrated": a, "at_0.5": a}}
+
+    # four stacks a little better at 0.5, one far better at 1.0: its vote carries the others to 1.0, and it
+    # gets 0.5, the scale the four favour, though its own best is 1.0
+    per_stack = {"a": row(0.60, 0.62), "b": row(0.60, 0.62), "c": row(0.60, 0.62), "d": row(0.60, 0.62),
+                 "e": row(0.90, 0.50)}
+    m = mod.summarize(per_stack, (1.0, 0.5))
+    assert m["scales_chosen_calibrated"] == {"a": "x1.0", "b": "x1.0", "c": "x1.0", "d": "x1.0", "e": "x0.5"}
+    assert m["scale_chosen_leave_one_out_calibrated"] == round((4 * 0.60 + 0.50) / 5, 4)
+    assert m["best_scale_per_stack_calibrated"] == round((4 * 0.62 + 0.90) / 5, 4)
