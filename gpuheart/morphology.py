@@ -359,21 +359,26 @@ class SlabLabels:
     def n_components(self) -> int:
         return len(self.sizes) - 1
 
-    def relabel(self, read_slab: ReadSlab, z_range: tuple[int, int] | None = None
+    def relabel(self, read_slab: ReadSlab, z_range: tuple[int, int] | None = None, workers: int = 1
                 ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(z0, z1, labels[z0:z1])`` with global component numbers (re-labels each slab); with
-        ``z_range=(a, b)`` only the slabs that overlap slices ``[a, b)`` are read."""
+        ``z_range=(a, b)`` only the slabs that overlap slices ``[a, b)`` are read. ``workers``: slabs
+        relabelled at once in threads, as in :func:`label_slabs` (the order of what is yielded is the same)."""
         st = _structure(self.connectivity)
         dtype = np.int32 if self.n_components < 2**31 - 1 else np.int64
         a, b = z_range or (0, self.shape[0])
-        for (z0, z1), off in zip(_slab_ranges(self.shape[0], self.slab_size), self.offsets):
-            if z1 <= a or z0 >= b:
-                continue
+        todo = [(z0, z1, off) for (z0, z1), off in zip(_slab_ranges(self.shape[0], self.slab_size), self.offsets)
+                if z1 > a and z0 < b]
+
+        def one(job):
+            z0, z1, off = job
             lab, k = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
             # the slab's own labels 0..k straight to components: one gather, no int64 copy of the slab
             table = self.final[off:off + k + 1].astype(dtype)
             table[0] = 0
-            yield z0, z1, table[lab]
+            return z0, z1, table[lab]
+
+        yield from _in_order(one, todo, workers)
 
 
 def _face_pairs(below: np.ndarray, above: np.ndarray, connectivity: int) -> np.ndarray:

@@ -1202,7 +1202,8 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
 
         # slabs labelled side by side: in a GPU run the cores are otherwise idle here. At most 4, each
         # holding a slab and its int64 labels (9 bytes a voxel: 0.6 GB for 16 slices of 2048 x 2048)
-        labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3, workers=min(4, usable_cores()))
+        workers = min(4, usable_cores())
+        labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3, workers=workers)
         if labels.n_components == 0:
             return {"branches": 0, "note": "empty mask"}
         lo, hi = labels.box_lo, labels.box_hi
@@ -1213,7 +1214,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         # pool each slab as it arrives, so the full-resolution box is never held
         k = max(1, int(np.ceil(np.sqrt((z1 - z0) * (y1 - y0) * (x1 - x0) / cfg.graph.max_voxels))))
         parts = []
-        for a, b, lab in labels.relabel(read, (z0, z1)):  # only the slabs the tree's box spans
+        for a, b, lab in labels.relabel(read, (z0, z1), workers):  # only the slabs the tree's box spans
             lo, hi = max(a, z0), min(b, z1)
             if lo < hi:
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))

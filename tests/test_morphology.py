@@ -140,6 +140,11 @@ def test_label_slabs_in_threads_equals_one_thread(workers):
     for field in ("sizes", "final", "box_lo", "box_hi"):
         np.testing.assert_array_equal(getattr(many, field), getattr(one, field))
     assert many.offsets == one.offsets
+    ref = list(one.relabel(_reader(m), (5, 17)))
+    got = list(one.relabel(_reader(m), (5, 17), workers=workers))
+    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in ref] and len(ref) == 4
+    for (_, _, g), (_, _, r) in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
 
 
 def test_label_slabs_in_threads_raises_the_first_failing_slab():
