@@ -4,7 +4,8 @@ the slabs of the largest component's box relabelled (``SlabLabels.relabel``), as
 The mask is the built-in scan's vessel truth at 2048 x 2048 (the ``large`` phantom preset), read slab by slab
 from a uint8 0/255 volume as the pipeline reads its mask store. Timed: one thread, ``--workers`` threads, and
 optionally ``morphology.py`` of an older commit; every side must give the same components (sizes, numbering,
-boxes).
+boxes). Then the graph's skeleton stage (``graph.skeleton_graph`` of the largest tree's box), this code against
+``graph.py`` of the older commit: the same branches, lengths and radii (to 1e-12).
 
 pytest-benchmark:   python -m pytest benchmarks/bench_label.py --benchmark-only
 side by side:       python benchmarks/bench_label.py [--slices 64] [--workers 2] [--against REV]
@@ -26,6 +27,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "cpu-label.json"
 SLAB = 16   # the pipeline's default slab_size
+VOXEL = (4.0, 1.0, 1.0)   # the built-in scan's (z, y, x) µm
 
 
 def vessel_mask(slices: int, size: int = 2048) -> np.ndarray:
@@ -102,18 +104,50 @@ def main(argv=None) -> dict:
     if not all(same(first, r) for r in results.values()):
         raise AssertionError("the sides found different components")
     best = {k: min(v) for k, v in times.items()}
+    skeleton = skeleton_sides(mask, here, a.against and module_at(a.against, "graph"), a.against, a.rounds)
     out = {"machine": machine_info("cpu"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "benchmark": "label_slabs: morphology.label_slabs, 26-connected, slabs of 16, then the largest component's "
                         "slabs relabelled, on the built-in scan's vessel truth (large preset)",
            "shape": list(mask.shape), "slab_size": SLAB, "mask_fraction": round(float((mask > 0).mean()), 4),
            "components": first.n_components, "seconds": times, "best_s": best, "against_commit": a.against,
            "identical_results_checked": True,
-           "speedup_best": {k: round(max(best.values()) / v, 2) for k, v in best.items()}}
-    print(json.dumps({k: out[k] for k in ("best_s", "speedup_best", "components")}, indent=1))
+           "speedup_best": {k: round(max(best.values()) / v, 2) for k, v in best.items()}, "skeleton": skeleton}
+    print(json.dumps({k: out[k] for k in ("best_s", "speedup_best", "components", "skeleton")}, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out}")
     return out
+
+
+def skeleton_sides(mask: np.ndarray, here: str, old_graph, rev: str | None, rounds: int) -> dict:
+    """The tree graph's other stage, ``graph.skeleton_graph`` of the largest tree's box, this code against
+    ``old_graph`` (graph.py of commit ``rev``) if given: same branches, radii equal to 1e-12."""
+    from gpuheart import graph
+
+    tree, _ = graph.largest_tree(mask > 0, crop=True)
+    sides = {here: graph} | ({f"commit {rev}": old_graph} if old_graph is not None else {})
+    times: dict[str, list] = {k: [] for k in sides}
+    got = {}
+    for _ in range(rounds):
+        for name, mod in sides.items():
+            t = time.perf_counter()
+            got[name] = mod.skeleton_graph(tree, VOXEL)
+            times[name].append(round(time.perf_counter() - t, 4))
+    first = next(iter(got.values()))
+    worst = 0.0
+    for g in got.values():
+        if [(b.u, b.v, b.path.tolist()) for b in g.branches] != [(b.u, b.v, b.path.tolist()) for b in first.branches]:
+            raise AssertionError("the sides traced different skeletons")
+        for a, b in zip(g.branches, first.branches):
+            if a.length_um != b.length_um:
+                raise AssertionError("the sides measured different branch lengths")
+            for x, y in ((a.mean_radius_um, b.mean_radius_um), (a.max_radius_um, b.max_radius_um)):
+                worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
+    if worst > 1e-12:
+        raise AssertionError(f"radii differ by up to {worst:.2e} (relative)")
+    return {"box_shape": list(tree.shape), "box_fraction_inside": round(float(tree.mean()), 4),
+            "branches": len(first.branches), "seconds": times, "best_s": {k: min(v) for k, v in times.items()},
+            "max_radius_relative_difference": worst}
 
 
 def _git(*args) -> str:

@@ -189,6 +189,22 @@ def test_branches_partition_the_skeleton(seed):
         assert b.u != b.v or len(b.path) > 2
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_radii_of_thin_tubes_and_background_points_match_scipy(seed):
+    # sparse tubes in a large box (where only the background beside the foreground is searched), strong
+    # anisotropy, points inside and outside the mask
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((9, 40, 37), bool)
+    for _ in range(4):
+        z, y = rng.integers(0, 9), rng.integers(0, 40)
+        mask[z, max(0, y - rng.integers(0, 3)):y + 1, rng.integers(0, 10):rng.integers(20, 37)] = True
+    vs = tuple(rng.uniform(0.3, 4.0, 3))
+    ref = ndi.distance_transform_edt(np.pad(mask, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    pts = np.concatenate([np.argwhere(mask), np.argwhere(~mask)[::17]])
+    np.testing.assert_allclose(vg.radii_at(mask, pts, vs), ref[tuple(pts.T)], rtol=1e-12)
+    assert vg.radii_at(mask, np.zeros((0, 3), np.int64), vs).shape == (0,)
+
+
 def test_radii_match_scipy_distance_transform():
     rng = np.random.default_rng(5)
     vs = (3.0, 1.0, 0.7)
