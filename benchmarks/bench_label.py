@@ -120,18 +120,25 @@ def main(argv=None) -> dict:
 
 
 def skeleton_sides(mask: np.ndarray, here: str, old_graph, rev: str | None, rounds: int) -> dict:
-    """The tree graph's other stage, ``graph.skeleton_graph`` of the largest tree's box, this code against
+    """The tree graph's other stage, ``graph.skeleton_graph`` of the largest tree's box (pooled in y and x to
+    ``graph.max_voxels`` as the pipeline pools it), this code against
     ``old_graph`` (graph.py of commit ``rev``) if given: same branches, radii equal to 1e-12."""
     from gpuheart import graph
 
+    from gpuheart.pipeline import GraphConfig
+
     tree, _ = graph.largest_tree(mask > 0, crop=True)
+    # pooled in (y, x) to graph.max_voxels, as the pipeline's tree graph does
+    k = max(1, int(np.ceil(np.sqrt(tree.size / GraphConfig().max_voxels))))
+    tree = graph.downsample_yx(tree, k)
+    vs = tuple(np.array(VOXEL) * [1, k, k])
     sides = {here: graph} | ({f"commit {rev}": old_graph} if old_graph is not None else {})
     times: dict[str, list] = {k: [] for k in sides}
     got = {}
     for _ in range(rounds):
         for name, mod in sides.items():
             t = time.perf_counter()
-            got[name] = mod.skeleton_graph(tree, VOXEL)
+            got[name] = mod.skeleton_graph(tree, vs)
             times[name].append(round(time.perf_counter() - t, 4))
     first = next(iter(got.values()))
     worst = 0.0
@@ -145,7 +152,7 @@ def skeleton_sides(mask: np.ndarray, here: str, old_graph, rev: str | None, roun
                 worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
     if worst > 1e-12:
         raise AssertionError(f"radii differ by up to {worst:.2e} (relative)")
-    return {"box_shape": list(tree.shape), "box_fraction_inside": round(float(tree.mean()), 4),
+    return {"box_shape": list(tree.shape), "downsample_yx": k, "box_fraction_inside": round(float(tree.mean()), 4),
             "branches": len(first.branches), "seconds": times, "best_s": {k: min(v) for k, v in times.items()},
             "max_radius_relative_difference": worst}
 

@@ -351,7 +351,7 @@ def section_label(e) -> list[str]:
     d = e["doc"]
     z, y, x = d["shape"]
     slowest = max(d["best_s"].values())
-    out = ["### The tree graph's labelling (`label_slabs`)",
+    out = ["### The tree graph: labelling (`label_slabs`) and skeleton",
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark'].split(': ', 1)[1]}; "
            f"{z}x{y}x{x}, {d['mask_fraction']:.1%} inside, {d['components']:,} components. "
@@ -360,6 +360,17 @@ def section_label(e) -> list[str]:
            "",
            "| morphology.py | seconds | ms per slice | speed-up over the slowest |", "|---|---:|---:|---:|"]
     out += [f"| {k} | {v:.2f} | {v / z * 1e3:.0f} | {slowest / v:.2f}x |" for k, v in d["best_s"].items()]
+    sk = d.get("skeleton")
+    if sk:
+        bz, by, bx = sk["box_shape"]
+        slowest = max(sk["best_s"].values())
+        out += ["", f"Then the skeleton stage, `graph.skeleton_graph` of the largest tree's box pooled {sk['downsample_yx']}x{sk['downsample_yx']} "
+                f"in (y, x) as the pipeline pools it to `graph.max_voxels` ({bz}x{by}x{bx}, {sk['box_fraction_inside']:.1%} inside, "
+                f"{sk['branches']:,} branches; the same branches and lengths on every side, "
+                + ("the same radii" if sk["max_radius_relative_difference"] == 0 else
+                   f"radii within {sk['max_radius_relative_difference']:.0e} relative") + "):",
+                "", "| graph.py | seconds | speed-up over the slowest |", "|---|---:|---:|"]
+        out += [f"| {k} | {v:.2f} | {slowest / v:.2f}x |" for k, v in sk["best_s"].items()]
     return out + [""]
 
 
@@ -676,7 +687,7 @@ def render(entries: list[dict]) -> str:
            "| tree graph in a worker thread vs in turn | `python benchmarks/bench_pipeline.py --slices 8 --size 1024 --compare-graph-background 3` | `<device>-pipeline-graph-overlap.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
-           "| the tree graph's labelling, 1 thread vs several (optionally against an older commit) | `python benchmarks/bench_label.py --against REV` | `cpu-label.json` |",
+           "| the tree graph's labelling (1 thread vs several) and skeleton, optionally against an older commit | `python benchmarks/bench_label.py --against REV` | `cpu-label.json` |",
            "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
            "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
