@@ -189,8 +189,10 @@ def test_branches_partition_the_skeleton(seed):
         assert b.u != b.v or len(b.path) > 2
 
 
+@pytest.mark.parametrize("kdtree_below", [0.0, 1 / 8, 2.0])   # never, the default rule, always
 @pytest.mark.parametrize("seed", range(4))
-def test_radii_of_thin_tubes_and_background_points_match_scipy(seed):
+def test_radii_of_thin_tubes_and_background_points_match_scipy(seed, kdtree_below, monkeypatch):
+    monkeypatch.setattr(vg, "RADII_KDTREE_BELOW", kdtree_below)
     # sparse tubes in a large box (where only the background beside the foreground is searched), strong
     # anisotropy, points inside and outside the mask
     rng = np.random.default_rng(seed)
@@ -205,7 +207,9 @@ def test_radii_of_thin_tubes_and_background_points_match_scipy(seed):
     assert vg.radii_at(mask, np.zeros((0, 3), np.int64), vs).shape == (0,)
 
 
-def test_radii_match_scipy_distance_transform():
+@pytest.mark.parametrize("kdtree_below", [0.0, 2.0])   # the feature transform, the k-d tree
+def test_radii_match_scipy_distance_transform(kdtree_below, monkeypatch):
+    monkeypatch.setattr(vg, "RADII_KDTREE_BELOW", kdtree_below)
     rng = np.random.default_rng(5)
     vs = (3.0, 1.0, 0.7)
     mask = np.pad(ndi.gaussian_filter(rng.random((10, 14, 16)), 1.0) > 0.5, 1)
