@@ -39,8 +39,9 @@ The skeleton itself is computed on the voxel grid, i.e. Lee's thinning does not 
 anisotropy; positions and measures do.
 
 Memory and the whole heart (honest limits): this works on one in-memory array. Peak use is
-about 15 bytes per voxel of the array passed (SciPy's int32 feature transform, 12 bytes, for
-the radii; a padded copy; Lee's thinning about 1 byte), and time about 0.2 s per million
+about 15 bytes per voxel of the array passed where the mask is dense (SciPy's int32 feature
+transform, 12 bytes, for the radii; a padded copy; Lee's thinning about 1 byte), about 4 where
+it is sparse enough for the radii's k-d tree (:func:`radii_at`), and time about 0.2 s per million
 voxels on one CPU core (measured on the phantom, 25 M voxels in 5 s). A whole-heart mask at
 full resolution (~10^10-10^11 voxels) cannot be done this way. What works:
 
@@ -394,7 +395,7 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
     in (y, x) and multiplies the (y, x) voxel size by ``k``; branch paths are then indices in
     the pooled grid. ``origin_um`` is added to node positions (e.g. a crop's offset).
     ``smooth`` is the moving-average window (points) for branch lengths (:func:`path_length`).
-    Memory: about 15 bytes per voxel of the (pooled) mask; crop and downsample whole hearts.
+    Memory: up to about 15 bytes per voxel of the (pooled) mask; crop and downsample whole hearts.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
