@@ -8,11 +8,22 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _summarize():
-    spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "summarize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package; its scripts import each other)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return mod
+
+
+def _summarize():
+    return _benchmark_module("summarize")
 
 
 def _entry(s, name: str) -> dict:
@@ -94,15 +105,7 @@ def test_fine_tuning_times_in_the_docs_are_the_recorded_ones():
 def test_the_scale_chosen_leave_one_out_never_looks_at_the_held_out_stack():
     """benchmarks/accuracy_scales.py: each stack is scored at the scale its four companions favour, so a scale
     that only the held-out stack likes is not chosen for it (that is the best-per-stack ceiling)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy_scales", REPO / "benchmarks" / "accuracy_scales.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    mod = _benchmark_module("accuracy_scales")
 
     def row(a, b):   # Dice at scales 1.0 and 0.5, the same at both cuts
         return {"x1.0": {"calibrated": a, "at_0.5": a}, "x0.5": {"calibrated": b, "at_0.5": b},
