@@ -327,9 +327,10 @@ def path_length(um: np.ndarray, smooth: int = 7) -> float:
 
 
 # radii_at searches a k-d tree when the background voxels beside the foreground, plus the points, are under
-# this fraction of the box: building and querying one costs about 0.5 us a point, SciPy's feature transform
-# about 0.1 us a voxel of the box (measured on the pipeline's masks of the built-in scan: a vessel tree at 6 %
-# of the box, 3x faster with the tree; nerve and autofluorescence masks at 17-24 %, up to 2x slower)
+# this fraction of the box: in a profile, building and querying one cost about 0.5 us a point and SciPy's
+# feature transform about 0.1 us a voxel of the box. On the built-in scan's pipeline masks those voxels are
+# 6 % of the vessel tree's box (the k-d tree ahead) and 17-24 % of the nerve and autofluorescence boxes (behind);
+# benchmarks/bench_label.py measures the vessel case
 RADII_KDTREE_BELOW = 1 / 8
 
 
