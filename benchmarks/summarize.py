@@ -336,14 +336,19 @@ def section_mesh_stage(e) -> list[str]:
     out = ["### The mesh stage, whole (`mesh_from_mask`)",
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}; {z}x{y}x{x}, "
-           f"{d['mask_fraction']:.0%} inside: {st['faces']:,} faces, {st['components']:,} components written. "
+           f"{d['mask_fraction']:.{0 if d['mask_fraction'] >= 0.1 else 1}%} inside: {st['faces']:,} faces, "
+           f"{st['components']:,} components written. "
            f"Best of {len(next(iter(d['seconds'].values())))} alternating rounds.",
            "",
            "| mesh.py | seconds |", "|---|---:|"]
     out += [f"| {'this commit' if k == 'current' else 'commit ' + k} | {v:.1f} |" for k, v in best.items()]
-    if d.get("against_commit"):
+    if d.get("against_commit") and d.get("outputs_equal_as", "bytes") == "bytes":
         out += ["", f"Speed-up {d['speedup_best']:.2f}x; both wrote the same bytes (mesh, largest component, "
                 "component table) and the same statistics."]
+    elif d.get("against_commit"):
+        out += ["", f"Speed-up {d['speedup_best']:.2f}x; both wrote the same surface: the same counts of vertices, "
+                "faces and components, areas and volumes equal to 1e-9, the same component table (its rows compared "
+                "sorted), with the vertices numbered in another order."]
     return out + [""]
 
 

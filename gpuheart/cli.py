@@ -115,9 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-bytes", type=_positive_float, default=float(1 << 30),   # [mesh] max_bytes: run's limit
                    help="decimate a mesh whose file would be larger to fit (default: 1073741824 = 1 GiB)")
     m.add_argument("--max-memory-faces", type=_nonnegative_int, default=20_000_000,   # [mesh] max_memory_faces
-                   help="the mesh is held whole (~430 bytes a face): a mask that would give more marching-cubes faces "
+                   help="the mesh is held whole (~200 bytes a face): a mask that would give more marching-cubes faces "
                         "is meshed from k x k x k voxel-block means, k the smallest that fits, with a warning "
-                        "(default: %(default)s, ~8 GiB; 0: no limit)")
+                        "(default: %(default)s, ~4 GiB; 0: no limit)")
     m.add_argument("--slab-size", type=_positive_int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")

@@ -4,18 +4,24 @@ Coordinates: masks are (z, y, x) with ``voxel_size`` (z, y, x) in µm; meshes co
 ``vertices`` (N, 3) float64 in **(x, y, z) µm** (voxel centres at ``index * voxel_size``) and
 ``faces`` (M, 3) int64, wound so that normals point out of the object (positive volume).
 
-Slab-wise marching cubes (:func:`marching_cubes_slabs`): the volume is treated as if zero-padded
-by one voxel on every face, so every component is a closed surface. The padded z planes are cut
-into blocks that share one plane; ``skimage.measure.marching_cubes`` runs on each block, so every
-cube cell belongs to exactly one block (no duplicate faces). Vertices on the shared plane are
-interpolated from the same two voxel values by both blocks and come out bit-identical, so they
-are welded by an exact key (the float32 (y, x) pair read as one uint64). The result equals the
-whole-volume mesh (:func:`marching_cubes_volume`), vertex for vertex, face for face.
+Streamed marching cubes (:func:`marching_cubes_slabs`): the volume is treated as if zero-padded
+by one voxel on every face, so every component is a closed surface. Masks (bool or integer slabs) are
+meshed plane by plane from a table of skimage's triangles for the 256 binary cubes (:func:`_binary_cases`,
+learnt from skimage itself): with corner values 0 and 1 every vertex is an edge's midpoint, so a cube's
+triangles depend on its 8 corners only, and the vertices of an edge are numbered once as the planes stream
+past (no seams to weld). Float slabs (the block means below) go to ``skimage.measure.marching_cubes`` in
+z blocks that share one plane, so every cube cell belongs to exactly one block (no duplicate faces);
+vertices on the shared plane are interpolated from the same two voxel values by both blocks and come out
+bit-identical, so they are welded by an exact key (the float32 (y, x) pair read as one uint64). Either
+way the result is the whole-volume mesh (:func:`marching_cubes_volume`): the same vertices (exact
+midpoints for masks, where skimage's float32 arithmetic is off by up to about 1e-6 voxel) and the same
+triangles, wound the same way; masks' vertices are numbered in their own order.
 
-Bounded memory: the mesh is held whole (about 430 bytes per face at the peak), so :func:`mesh_from_mask`
-first counts the faces the mask would give (:func:`estimate_faces`, exact for masks, streamed) and, over
-``max_memory_faces``, meshes the mask averaged over k x k x k voxel blocks instead (:func:`block_factor`),
-which has about k**2 times fewer faces: peak memory is then bounded by the budget, not by the slice count.
+Bounded memory: the mesh is held whole (about 200 bytes per face at the peak), so :func:`mesh_from_mask`
+counts the faces the mask gives while meshing it, and past ``max_memory_faces`` drops the mesh, counts the
+rest (what :func:`estimate_faces` gives, exact for masks) and meshes the mask averaged over k x k x k voxel
+blocks instead (:func:`block_factor`), which has about k**2 times fewer faces: peak memory is then bounded
+by the budget, not by the slice count.
 
 Components (:func:`solid_components`): pieces of the solid, each its outer surface plus the inner
 surfaces of the cavities it encloses. They follow marching-cubes connectivity, which is that of 18-connected
@@ -149,6 +155,19 @@ def _read_padded(read_slab: ReadSlab, shape, p0: int, p1: int, level: float) -> 
     return block
 
 
+def _probe(read_slab: ReadSlab, shape, slab_size: int) -> tuple[ReadSlab, bool]:
+    """(``read_slab`` answering the call for slab 0 without reading it again, whether the slabs are a mask:
+    bool or integer, meshed by :func:`_marching_cubes_mask`; float slabs go to skimage)."""
+    if not shape[0]:
+        return read_slab, True
+    first = _read_checked(read_slab, shape, 0, min(slab_size, shape[0]))
+
+    def read(z0: int, z1: int):
+        return first if (z0, z1) == (0, len(first)) else read_slab(z0, z1)
+
+    return read, np.asarray(first).dtype.kind in "biu"
+
+
 def _plane_keys(v: np.ndarray) -> np.ndarray:
     """Exact key of a vertex's (y, x) pair: its two float32 bit patterns as one uint64."""
     yx = np.ascontiguousarray(v[:, 1:3], dtype=np.float32)
@@ -158,9 +177,10 @@ def _plane_keys(v: np.ndarray) -> np.ndarray:
 def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int = 64,
                          voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume`.
+    """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume` (module docstring).
 
-    Holds one slab (``slab_size + 1`` planes, as float32) plus the growing mesh in memory.
+    Holds one slab as read (and a float32 copy for float slabs; a few bool planes for masks) plus the growing
+    mesh in memory.
     ``read_slab(z0, z1)`` returns slices z0..z1 of the mask (or pass the (z, y, x) mask array itself);
     it may return bool, integer or float slices. Integer slices are masks, cut at ``level`` first (a 0/255
     mask gives the surface of its bool mask, midway between voxels); float slices are interpolated at
@@ -169,8 +189,12 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     """
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
-    _voxel_size(voxel_size)   # before the work, not after it
+    vs = _voxel_size(voxel_size)   # before the work, not after it
     read_slab = _as_reader(read_slab, shape)
+    read_slab, is_mask = _probe(read_slab, shape, slab_size)
+    if is_mask:
+        v, f, _ = _marching_cubes_mask(_mask_planes(read_slab, shape, slab_size, level), shape[1:], vs)
+        return v, _outward(f)
     n_planes = shape[0] + 2
     verts, faces = [], []
     n = 0
@@ -216,20 +240,171 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     return _to_physical(np.concatenate(verts), voxel_size), _outward(np.concatenate(faces))
 
 
-# -- face-count estimate, coarser grids (bounded memory) ----------------------------------------
+# -- marching cubes of a mask, plane by plane ---------------------------------------------------
+# A binary cube cut at a level between 0 and 1 gets its triangles from its own 8 corners only, with every
+# vertex at an edge's midpoint (or, in a few ambiguous cases, the cube's centre). So skimage's triangulation
+# is a table of 256 cases, learnt from skimage itself, and a mask can be meshed with table lookups over the
+# cubes that hold surface: no float copy of the slab, no interpolation, no seams to weld (the planes stream).
+# Local edges of a cube: 0-3 along z at (y, x) offsets 2 dy + dx, 4-7 along y at 2 dz + dx, 8-11 along x at
+# 2 dz + dy; 12 the centre.
+
+def _local_edge(p: np.ndarray) -> int:
+    half = np.flatnonzero(p == 0.5)
+    if len(half) == 3:
+        return 12
+    axis = int(half[0])
+    o = [int(p[i]) for i in range(3) if i != axis]
+    return 4 * axis + 2 * o[0] + o[1]
+
+
+@lru_cache(maxsize=None)
+def _binary_cases() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """skimage's triangles for each binary cube (bit ``4 z + 2 y + x`` set for an inside corner), as
+    (local edges of all cases one after another, where each case starts there, 3 x its triangle count).
+    Triangles keep skimage's winding (inward in (z, y, x); see :func:`_outward`)."""
+    edges, start, count = [], np.zeros(256, np.int64), np.zeros(256, np.int64)
+    for c in range(256):
+        start[c] = len(edges)
+        if 0 < c < 255:
+            cube = np.array([(c >> i) & 1 for i in range(8)], np.float32).reshape(2, 2, 2)
+            v, f, _, _ = measure.marching_cubes(cube, 0.5)
+            local = np.array([_local_edge(p) for p in v])
+            edges.extend(local[f].ravel().tolist())
+            count[c] = 3 * len(f)
+    return np.asarray(edges, np.int64), start, count
+
 
 @lru_cache(maxsize=None)
 def _faces_per_cube() -> np.ndarray:
     """Triangles ``skimage.measure.marching_cubes`` makes in one cube, by the cube's inside corners
-    (bit ``4 z + 2 y + x``), learnt from skimage itself on each of the 256 binary cubes: on a binary
-    volume cut at a level between 0 and 1 a cube's triangles depend on its own 8 corners only, so the
-    sum over the cubes is the mesh's exact face count (tests/test_mesh.py checks it on random volumes)."""
-    table = np.zeros(256, np.int64)
-    for c in range(1, 255):
-        cube = np.array([(c >> i) & 1 for i in range(8)], np.float32).reshape(2, 2, 2)
-        table[c] = len(measure.marching_cubes(cube, 0.5)[1])
-    return table
+    (bit ``4 z + 2 y + x``), from :func:`_binary_cases`: on a binary volume cut at a level between 0 and 1 a
+    cube's triangles depend on its own 8 corners only, so the sum over the cubes is the mesh's exact face count
+    (tests/test_mesh.py checks it on random volumes)."""
+    return _binary_cases()[2] // 3
 
+
+def _mask_planes(read_slab: ReadSlab, shape, slab_size: int, level: float):
+    """The zero-padded volume's bool planes, streamed: the padding plane, each slice cut at ``level`` and padded
+    by one voxel in y and x, the padding plane."""
+    nz, ny, nx = shape
+    plane = np.zeros((ny + 2, nx + 2), bool)
+    yield plane
+    for z0 in range(0, nz, slab_size):
+        z1 = min(z0 + slab_size, nz)
+        for s in np.asarray(_read_checked(read_slab, shape, z0, z1)):
+            plane = np.zeros((ny + 2, nx + 2), bool)
+            np.greater(s, level, out=plane[1:-1, 1:-1])
+            yield plane
+    yield np.zeros((ny + 2, nx + 2), bool)
+
+
+def _squares_of(plane: np.ndarray) -> np.ndarray:
+    """The 4 inside-bits (``2 y + x``) of each square of a padded uint8 0/1 plane."""
+    return plane[:-1, :-1] | (plane[:-1, 1:] << 1) | (plane[1:, :-1] << 2) | (plane[1:, 1:] << 3)
+
+
+@lru_cache(maxsize=None)
+def _case_tables() -> tuple[np.ndarray, ...]:
+    """(edges, start, count) of :func:`_binary_cases`, and per case whether it has surface and a centre vertex."""
+    edges, start, count = _binary_cases()
+    centre = np.array([(edges[start[c]:start[c] + count[c]] == 12).any() for c in range(256)])
+    return edges, start, count, count > 0, centre
+
+
+def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = None):
+    """Marching cubes of the padded bool planes of a mask (:func:`_mask_planes`) at a level between 0 and 1:
+    skimage's surface (:func:`_binary_cases`), vertices at exact edge midpoints, in (x, y, z) µm:
+    (vertices, faces, face count). Past ``max_faces`` faces the mesh is dropped and the rest of the planes only
+    counted (:func:`_faces_per_cube`): (None, None, the whole mask's face count), what :func:`estimate_faces`
+    gives, without a pass of its own where the mesh fits.
+
+    Each step takes the layer of cubes between two planes. Its new vertices (the upper plane's x and y edges, the
+    layer's z edges) are numbered together in (y, x) order, three edges per grid point, so a face's vertices get
+    near ids (the later passes over the mesh gather by them)."""
+    edges, start, count, has_surface, has_centre = _case_tables()
+    ny, nx = shape_yx[0] + 2, shape_yx[1] + 2
+    s = ny * nx
+    step = np.array([[0.0, 0.0, 0.5], [0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]])   # (z, y, x) of the edge's vertex
+    scale = np.asarray(voxel_size, np.float64)[::-1]
+    crossing = np.zeros((ny, nx, 3), bool)
+    lower, upper = np.empty(3 * s, np.int64), np.empty(3 * s, np.int64)   # ids per grid point and edge
+    verts, faces, n, total = [], [], 0, 0
+    per_cube = count // 3
+
+    def place(zyx):
+        """Padded (z, y, x) index positions -> (x, y, z) µm of the volume."""
+        zyx -= 1.0
+        verts.append(zyx[:, ::-1] * scale)
+
+    planes = iter(planes)
+    below = next(planes).view(np.uint8)      # the padding plane: no surface crosses its edges
+    below_sq = _squares_of(below)
+    for z, above in enumerate(planes):
+        above = above.view(np.uint8)
+        if faces is None:   # over max_faces: counting only
+            above_sq = _squares_of(above)
+            total += int(np.bincount((below_sq | (above_sq << 4)).ravel(), minlength=256) @ per_cube)
+            below_sq = above_sq
+            continue
+        np.not_equal(above[:, :-1], above[:, 1:], out=crossing[:, :-1, 0])
+        np.not_equal(above[:-1], above[1:], out=crossing[:-1, :, 1])
+        np.not_equal(below, above, out=crossing[..., 2])
+        idx = np.flatnonzero(crossing)
+        upper[idx] = np.arange(n, n + len(idx))   # stale elsewhere: only crossing edges are looked up
+        n += len(idx)
+        g, axis = np.divmod(idx, 3)
+        pos = step[axis]
+        pos[:, 0] += z + 1
+        y, x = np.divmod(g, nx)
+        pos[:, 1] += y
+        pos[:, 2] += x
+        place(pos)
+        above_sq = _squares_of(above)
+        code = below_sq | (above_sq << 4)
+        cube = np.flatnonzero(has_surface[code])
+        if len(cube):
+            cc = code.ravel()[cube]
+            y, x = np.divmod(cube, nx - 1)
+            g = y * nx + x                      # the cube's first corner in the flat plane grid
+            ids = _cube_vertex_ids(g, nx, lower, upper)
+            centre = np.flatnonzero(has_centre[cc])
+            if len(centre):
+                ids[12, centre] = np.arange(n, n + len(centre))
+                n += len(centre)
+                place(np.stack([np.full(len(centre), z + 0.5), y[centre] + 0.5, x[centre] + 0.5], 1))
+            k = count[cc]                       # 3 x the cube's triangles
+            owner = np.repeat(np.arange(len(cube)), k)
+            local = edges[np.repeat(start[cc] - (np.cumsum(k) - k), k) + np.arange(len(owner))]
+            faces.append(ids.ravel()[local * len(cube) + owner].reshape(-1, 3))
+            total += len(owner) // 3
+            if max_faces is not None and total > max_faces:
+                verts = faces = None
+        below, below_sq = above, above_sq
+        lower, upper = upper, lower
+    if faces is None:
+        return None, None, total
+    v = np.concatenate(verts) if verts else np.zeros((0, 3))
+    return v, np.concatenate(faces) if faces else np.zeros((0, 3), np.int64), total
+
+
+def _cube_vertex_ids(g: np.ndarray, nx: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """(13, cubes) ids of the vertices on each local edge of the cubes whose first corner is at flat grid index
+    ``g`` (garbage where the surface does not cross an edge; row 12, the centre, is the caller's): z edges from
+    the layer's ids (``upper``, edge 2), y and x edges from the lower plane's (``lower``) and the upper's."""
+    ids = np.empty((13, len(g)), np.int64)
+    g3 = 3 * g
+    for dy in (0, 1):
+        for dx in (0, 1):
+            ids[2 * dy + dx] = upper[g3 + 3 * (dy * nx + dx) + 2]
+    for dz, plane in enumerate((lower, upper)):
+        for dx in (0, 1):
+            ids[4 + 2 * dz + dx] = plane[g3 + 3 * dx + 1]
+        for dy in (0, 1):
+            ids[8 + 2 * dz + dy] = plane[g3 + 3 * dy * nx]
+    return ids
+
+
+# -- face-count estimate, coarser grids (bounded memory) ----------------------------------------
 
 def _squares(plane: np.ndarray) -> np.ndarray:
     """The 4 inside-bits (``2 y + x``) of each square of the zero-padded plane (a bool (y, x) plane)."""
@@ -322,9 +497,31 @@ def _cross_columns(b0, b1, b2, c0, c1, c2) -> np.ndarray:
     return cross
 
 
+# faces per block of the per-face measures: a block's dozen temporaries stay in the CPU's cache, where arrays of the
+# whole mesh's size went through memory a dozen times; the same bits, since each face is computed alone (the face
+# norms of a 19 M-face mesh: 0.35 s against 0.9-4.3 s on 2 shared cores, whose memory bandwidth varies)
+FACE_BLOCK = 1 << 16
+
+
+def _by_face_blocks(measure_block, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """``measure_block(vertices, coordinate columns, faces)`` over blocks of :data:`FACE_BLOCK` faces, as one
+    array (of the first block's dtype)."""
+    vt = np.ascontiguousarray(vertices.T)
+    out = measure_block(vertices, vt, faces[:FACE_BLOCK])
+    if len(faces) <= FACE_BLOCK:
+        return out
+    out = np.concatenate([out, np.empty(len(faces) - len(out), out.dtype)])
+    for i in range(FACE_BLOCK, len(faces), FACE_BLOCK):
+        out[i:i + FACE_BLOCK] = measure_block(vertices, vt, faces[i:i + FACE_BLOCK])
+    return out
+
+
 def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Signed volume of the tetrahedron each face spans with the origin; their sum is the enclosed volume."""
-    vt = np.ascontiguousarray(vertices.T)
+    return _by_face_blocks(_face_volumes_block, vertices, faces)
+
+
+def _face_volumes_block(vertices, vt, faces):
     b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in (1, 2))
     return np.einsum("ij,ij->i", vertices[faces[:, 0]], _cross_columns(*b, *c)) / 6.0
 
@@ -334,7 +531,10 @@ def _face_norms(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     bit for bit, from coordinate columns: the cross product's components as np.cross computes them, each
     squared and summed left to right as norm's reduction over a row of three does (integers as float64,
     as norm converts them), without the (n, 3) array between."""
-    vt = np.ascontiguousarray(vertices.T)
+    return _by_face_blocks(_face_norms_block, vertices, faces)
+
+
+def _face_norms_block(vertices, vt, faces):
     a, b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in range(3))
     u = [b[k] - a[k] for k in range(3)]
     w = [c[k] - a[k] for k in range(3)]
@@ -878,9 +1078,10 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
 
 
 # Peak memory of mesh_from_mask per marching-cubes face (tracemalloc, GLB with largest_path and table_path, no
-# decimation): 434 bytes on the phantom's vessel truth stacked to 256 x 256 x 256 (1.12 M faces, 486 MB), 509 at
-# 64 slices (282 k faces, where the slab weighs more). The default budget, 20 M faces, keeps the stage near
-# 8 GiB (20 M x 434 B); a slab of the mask comes on top.
+# decimation), on the phantom's vessel truth repeated to 256 x 256 x 256 (827 k faces): 178 bytes, 193 at 64 slices
+# (199 k faces, where the slab weighs more); measured 2026-11-27, when the commit before the marching cubes of
+# masks gave 186-222 (an earlier 434 B was stale). The default budget, 20 M faces, keeps the stage near 4 GiB
+# (20 M x 200 B); a slab of the mask comes on top.
 MAX_MEMORY_FACES = 20_000_000
 
 
@@ -900,9 +1101,10 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     (z, y, x) mask array itself (bool, or integer such as gpuheart's 0/255: voxels above ``level`` are
     inside); ``voxel_size`` is (z, y, x) µm (``(1, 1, 1)`` for voxel units).
 
-    Memory: the whole mesh is held (about 430 bytes per face, :data:`MAX_MEMORY_FACES`), so a first
-    streamed pass counts the faces the mask would give (:func:`estimate_faces`). Where they exceed
-    ``max_memory_faces`` (None or 0: no limit, no pass) the mask is meshed on a grid k times coarser
+    Memory: the whole mesh is held (about 200 bytes per face, :data:`MAX_MEMORY_FACES`), so the faces are
+    counted while the mask is meshed (float slabs: by a first streamed pass, :func:`estimate_faces`). Where
+    they exceed ``max_memory_faces`` (None or 0: no limit) the mesh is dropped, the rest of the mask only
+    counted, and the mask meshed on a grid k times coarser
     (:func:`block_factor`) with a RuntimeWarning: each k x k x k block becomes its fraction of inside voxels,
     meshed at about 0.5 (:data:`COARSE_LEVEL`) with voxels k times larger, vertices placed at the block
     centres' physical positions. Structures thinner than about half a block vanish.
@@ -911,14 +1113,16 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     if max_memory_faces is not None and max_memory_faces < 0:
         raise ValueError(f"max_memory_faces must be >= 0 (0 or None: no limit), got {max_memory_faces}")
     read_slab = _as_reader(read_slab, shape)
-    est = estimate_faces(read_slab, shape, slab_size, level) if max_memory_faces else None
-    k, coarse = _fitting_block_factor(read_slab, shape, slab_size, level, est or 0, max_memory_faces)
+    full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None)
+    k, coarse = (1, est) if full is not None else _fitting_block_factor(read_slab, shape, slab_size, level, est,
+                                                                         max_memory_faces)
+    est = est if max_memory_faces else None
     if k > 1:
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, about "
                       f"{coarse:,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels are "
                       f"lost", RuntimeWarning, stacklevel=2)
-    v, f, n_mc, lab, fv = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k)
+    v, f, n_mc, lab, fv = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k, full)
     v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
@@ -952,11 +1156,29 @@ def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, level: flo
     return 1, estimate
 
 
-def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int):
-    """Marching cubes and :func:`solid_components` of the mask, or for k > 1 of its k-block means: (vertices,
-    faces, component count, per-face labels, per-face volumes or None where they are not at hand)."""
+def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, max_faces: int | None):
+    """(the marching-cubes mesh, face count), or (None, face count) where it has more than ``max_faces`` faces
+    (None: no limit). A mask is meshed and counted in one pass, given up past ``max_faces``; float slabs are
+    counted first (:func:`estimate_faces`)."""
+    vs = _voxel_size(voxel_size)
+    read, is_mask = _probe(read_slab, shape, slab_size)
+    if is_mask:
+        v, f, n = _marching_cubes_mask(_mask_planes(read, shape, slab_size, level), shape[1:], vs, max_faces)
+        return (None if v is None else (v, _outward(f))), n
+    n = estimate_faces(read, shape, slab_size, level) if max_faces else None
+    if max_faces and n > max_faces:
+        return None, n
+    v, f = marching_cubes_slabs(read, shape, slab_size, voxel_size, level)
+    return (v, f), len(f) if n is None else n
+
+
+def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int,
+                             full=None):
+    """Marching cubes and :func:`solid_components` of the mask (``full``: its mesh, if made already), or for
+    k > 1 of its k-block means: (vertices, faces, component count, per-face labels, per-face volumes or None
+    where they are not at hand)."""
     if k == 1:
-        v, f = marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
+        v, f = full if full is not None else marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
         fv = _face_volumes(v, f)   # kept for the largest component's volumes
         return (v, f, *solid_components(v, f, voxel_size, fv), fv)
     coarse = tuple(k * np.asarray(voxel_size))

@@ -78,8 +78,8 @@ class MeshConfig:
     min_faces: int = 20
     max_faces: int = 0  # 0: keep every face
     max_bytes: int = 1 << 30  # mesh files over this are decimated to fit (game engines choke); error if they cannot
-    # the mesh is held whole (~430 B a face): a mask that would give more marching-cubes faces is meshed from
-    # k x k x k voxel-block means, k the smallest that fits (mesh.MAX_MEMORY_FACES: ~8 GiB); 0: no limit
+    # the mesh is held whole (~200 B a face): a mask that would give more marching-cubes faces is meshed from
+    # k x k x k voxel-block means, k the smallest that fits (mesh.MAX_MEMORY_FACES: ~4 GiB); 0: no limit
     max_memory_faces: int = 20_000_000
     slab_size: int = 64
     largest: bool = True  # also write the largest connected tree as its own mesh

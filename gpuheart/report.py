@@ -366,8 +366,8 @@ def _load_mesh(path: Path):
     binary STL (triangles, None) (:func:`_stl_triangles`).
 
     ``process=False``: merging vertices (trimesh's default) costs about as much as the mesh itself and the
-    picture does not need it. trimesh would load an STL at ~500 bytes a face, more than the mesh stage
-    held (~430), so it is read from a memory map instead."""
+    picture does not need it. trimesh would load an STL at ~500 bytes a face, more than twice what the mesh stage
+    held (~200), so it is read from a memory map instead."""
     try:
         import trimesh
     except ImportError:

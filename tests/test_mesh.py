@@ -470,6 +470,40 @@ def test_a_0_255_integer_mask_gives_the_mesh_of_the_bool_mask(tmp_path, dtype):
     assert (st.faces, st.volume) == (len(f_ref), pytest.approx(ref_volume, rel=1e-9))
 
 
+def _oriented(v, f, decimals=5):
+    """Faces as triples of positions in the sorted vertex list, each rotated to start at its smallest (the
+    winding kept): equal for two meshes of one surface with the same orientation, whatever their numbering."""
+    _, inv = np.unique(np.round(v, decimals), axis=0, return_inverse=True)
+    t = inv.ravel()[f]
+    r = np.argmin(t, 1)
+    return np.unique(np.stack([t[np.arange(len(t)), (r + i) % 3] for i in range(3)], 1), axis=0)
+
+
+def test_masks_get_skimages_surface_face_for_face_with_its_winding():
+    """Masks (bool, integer) are meshed from the table of skimage's 256 binary cubes, not by skimage: the same
+    vertices, triangles and winding as skimage on the padded float volume, including the ambiguous cubes whose
+    triangles meet at the cube's centre (checkerboard noise has them) and every slab size."""
+    rng = np.random.default_rng(11)
+    centre_cases = 0
+    for trial in range(40):
+        shape = tuple(int(n) for n in rng.integers(2, 12, 3))
+        m = rng.random(shape) < rng.uniform(0.1, 0.9)
+        if trial % 4 == 0:
+            m = ndi.gaussian_filter(rng.random(shape), 1.0) > 0.5
+        m.flat[0] = True   # skimage refuses a volume without surface
+        vs = (2.0, 0.5, 0.75)
+        v_ref, f_ref = _skimage_reference(m, vs)
+        mask = m if trial % 2 else (m * 255).astype(np.uint8)
+        v, f = M.marching_cubes_slabs(_reader(mask), m.shape, int(rng.integers(1, 5)), vs)
+        assert v.dtype == np.float64 and f.dtype == np.int64
+        assert (len(v), len(f)) == (len(v_ref), len(f_ref))
+        np.testing.assert_allclose(_rows(v), _rows(v_ref), atol=1e-5)
+        np.testing.assert_array_equal(_oriented(v, f), _oriented(v_ref, f_ref))
+        centre = (np.abs(v / np.asarray(vs)[::-1] % 1 - 0.5) < 1e-9).all(1)
+        centre_cases += int(centre.sum())
+    assert centre_cases > 0   # the centre vertices were exercised
+
+
 def test_mesh_components_are_the_18_connected_voxel_components():
     """The docs said voxels touching only along an edge give separate surfaces: skimage's marching cubes
     joins them, and only corner-touching voxels stay apart (two 8-face octahedra)."""
@@ -663,7 +697,7 @@ def test_the_mesh_stage_memory_does_not_grow_with_the_slice_count(tmp_path):
             largest_path=tmp_path / "l.glb", max_memory_faces=budget))
 
     budget = 25_000
-    bound = 500 * budget + 4 * (17 * 66 * 66 * 4)   # ~430 B a face (measured), and a few float32 slabs
+    bound = 500 * budget + 4 * (17 * 66 * 66 * 4)   # ~200 B a face (measured) with room, and a few slabs
     # 4 x the faces: blocks 2 x wider by the k**2 rule, which at 256 slices gives k = 4 and 27,000 faces:
     # 10-voxel tubes on a 16-voxel lattice keep more than 1/16 of their faces, so k = 5
     for nz, k in ((64, 2), (256, 5)):
@@ -673,7 +707,7 @@ def test_the_mesh_stage_memory_does_not_grow_with_the_slice_count(tmp_path):
         assert st.estimated_faces >= 16 * 40 * 2 * nz and st.block_factor == k
         assert 0.5 * budget < st.faces <= budget and peak < bound, (nz, st, peak, bound)
     st, peak = run(256, None)                        # what the budget bounds: the whole mesh
-    assert st.faces >= 16 * 40 * 2 * 256 and peak > 5 * bound
+    assert st.faces >= 16 * 40 * 2 * 256 and peak > 3 * bound   # 334 k faces at ~180 B: 4.4 x the bound
 
 
 def test_the_block_factor_is_raised_until_the_coarse_mesh_itself_fits():
