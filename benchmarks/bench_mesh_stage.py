@@ -93,6 +93,14 @@ def test_mesh_stage(benchmark, small_sponge, tmp_path):
     benchmark.pedantic(run_stage, args=(mesh, small_sponge, tmp_path, "m"), rounds=2, iterations=1)
 
 
+def _commit() -> str:
+    """The checkout's commit, marked "+changes" where the working tree differs from it."""
+    def run(*cmd):
+        return subprocess.run(["git", *cmd], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+    return run("rev-parse", "--short", "HEAD") + ("+changes" if run("status", "--porcelain", "gpuheart") else "")
+
+
 def main(argv=None) -> dict:
     from gpuheart import mesh
 
@@ -135,7 +143,7 @@ def main(argv=None) -> dict:
            "mask": a.mask,
            "shape": list(a.shape), "voxel_size": list(VOXEL), "mask_fraction": float(mask.mean()),
            "stats": stats["current"], "seconds": times, "best_s": best,
-           "against_commit": a.against, "identical_outputs_checked": bool(a.against), "outputs_equal_as": same}
+           "commit": _commit(), "against_commit": a.against, "identical_outputs_checked": bool(a.against), "outputs_equal_as": same}
     if a.against:
         out["speedup_best"] = best[a.against] / best["current"]
     print(json.dumps({k: out[k] for k in ("best_s", "stats") if k in out}, indent=1),

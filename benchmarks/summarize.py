@@ -333,7 +333,7 @@ def section_mesh_stage(e) -> list[str]:
     d = e["doc"]
     st, best = d["stats"], d["best_s"]
     z, y, x = d["shape"]
-    out = ["### The mesh stage, whole (`mesh_from_mask`)",
+    out = [f"### The mesh stage, whole (`mesh_from_mask`), {d.get('mask', 'sponge')} mask",
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}; {z}x{y}x{x}, "
            f"{d['mask_fraction']:.{0 if d['mask_fraction'] >= 0.1 else 1}%} inside: {st['faces']:,} faces, "
