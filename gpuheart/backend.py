@@ -241,6 +241,18 @@ def reduce_rows(flat, op: str):
     return getattr(getattr(flat.reshape(rows, k, n // k), op)(axis=2), op)(axis=1)
 
 
+def repeat(x: Any, counts: Any):
+    """``np.repeat(x, counts)`` of a 1-D array with a count per element, on either array module: CuPy's
+    ``repeat`` takes one count or a host sequence only, so on the device the output positions are searched in
+    the counts' running sum."""
+    xp = array_module(x)
+    if xp is np:
+        return np.repeat(x, counts)
+    ends = xp.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    return x[xp.searchsorted(ends, xp.arange(total), side="right")]
+
+
 def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     """A NumPy array for ``x`` (a device->host copy for CuPy arrays, none for NumPy)."""
     if is_device_array(x):

@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                         "decimation has to stop above it)")
     m.add_argument("--max-bytes", type=_positive_float, default=float(1 << 30),   # [mesh] max_bytes: run's limit
                    help="decimate a mesh whose file would be larger to fit (default: 1073741824 = 1 GiB)")
+    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the marching cubes runs (default: auto); the rest of the stage runs on the CPU")
     m.add_argument("--max-memory-faces", type=_nonnegative_int, default=20_000_000,   # [mesh] max_memory_faces
                    help="the mesh is held whole (~200 bytes a face): a mask that would give more marching-cubes faces "
                         "is meshed from k x k x k voxel-block means, k the smallest that fits, with a warning "
@@ -417,7 +419,7 @@ def _cmd_mesh(a) -> int:
         st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest,
-                            max_memory_faces=a.max_memory_faces or None)
+                            max_memory_faces=a.max_memory_faces or None, device=a.device)
     if not a.voxel_size and not voxel_known:
         print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")

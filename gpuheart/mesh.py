@@ -51,6 +51,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage import measure
 
+from . import backend
+
 ReadSlab = Callable[[int, int], np.ndarray]
 FORMATS = ("glb", "ply", "obj", "stl")
 UNITY_MAX_VERTICES = 65_535
@@ -175,7 +177,7 @@ def _plane_keys(v: np.ndarray) -> np.ndarray:
 
 
 def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int = 64,
-                         voxel_size=(1.0, 1.0, 1.0), level: float = 0.5,
+                         voxel_size=(1.0, 1.0, 1.0), level: float = 0.5, device: str = "cpu",
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes of a volume streamed in z slabs, equal to :func:`marching_cubes_volume` (module docstring).
 
@@ -185,7 +187,8 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     it may return bool, integer or float slices. Integer slices are masks, cut at ``level`` first (a 0/255
     mask gives the surface of its bool mask, midway between voxels); float slices are interpolated at
     ``level``, which should lie strictly between voxel values (0.5 for masks) so no vertex falls on a
-    grid point. ``voxel_size``: (z, y, x) µm.
+    grid point. ``voxel_size``: (z, y, x) µm. ``device``: where a mask is meshed ("cpu", "cuda" or "auto"; the
+    mesh comes back to the host either way; float slabs are meshed on the host).
     """
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
@@ -193,8 +196,7 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     read_slab = _as_reader(read_slab, shape)
     read_slab, is_mask = _probe(read_slab, shape, slab_size)
     if is_mask:
-        v, f, _ = _marching_cubes_mask(_mask_planes(read_slab, shape, slab_size, level), shape[1:], vs)
-        return v, _outward(f)
+        return _mesh_mask(read_slab, shape, slab_size, vs, level, None, backend.resolve_device(device))[:2]
     n_planes = shape[0] + 2
     verts, faces = [], []
     n = 0
@@ -283,53 +285,55 @@ def _faces_per_cube() -> np.ndarray:
     return _binary_cases()[2] // 3
 
 
-def _mask_planes(read_slab: ReadSlab, shape, slab_size: int, level: float):
+def _mask_planes(read_slab: ReadSlab, shape, slab_size: int, level: float, device: str = "cpu"):
     """The zero-padded volume's bool planes, streamed: the padding plane, each slice cut at ``level`` and padded
-    by one voxel in y and x, the padding plane."""
+    by one voxel in y and x, the padding plane; on ``device`` (a slab goes over as read, then is cut there)."""
     nz, ny, nx = shape
-    plane = np.zeros((ny + 2, nx + 2), bool)
-    yield plane
+    xp = np if device == "cpu" else backend._cupy()
+    yield xp.zeros((ny + 2, nx + 2), bool)
     for z0 in range(0, nz, slab_size):
         z1 = min(z0 + slab_size, nz)
-        for s in np.asarray(_read_checked(read_slab, shape, z0, z1)):
-            plane = np.zeros((ny + 2, nx + 2), bool)
-            np.greater(s, level, out=plane[1:-1, 1:-1])
+        slab = backend.to_device(np.asarray(_read_checked(read_slab, shape, z0, z1)), device)
+        for s in slab:
+            plane = xp.zeros((ny + 2, nx + 2), bool)
+            xp.greater(s, level, out=plane[1:-1, 1:-1])
             yield plane
-    yield np.zeros((ny + 2, nx + 2), bool)
+    yield xp.zeros((ny + 2, nx + 2), bool)
 
 
-def _squares_of(plane: np.ndarray) -> np.ndarray:
+def _squares_of(plane):
     """The 4 inside-bits (``2 y + x``) of each square of a padded uint8 0/1 plane."""
     return plane[:-1, :-1] | (plane[:-1, 1:] << 1) | (plane[1:, :-1] << 2) | (plane[1:, 1:] << 3)
 
 
 @lru_cache(maxsize=None)
-def _case_tables() -> tuple[np.ndarray, ...]:
-    """(edges, start, count) of :func:`_binary_cases`, and per case whether it has surface and a centre vertex."""
+def _case_tables(device: str = "cpu") -> tuple:
+    """(edges, start, count) of :func:`_binary_cases`, per case whether it has surface and a centre vertex, and
+    its face count, on ``device``."""
     edges, start, count = _binary_cases()
     centre = np.array([(edges[start[c]:start[c] + count[c]] == 12).any() for c in range(256)])
-    return edges, start, count, count > 0, centre
+    step = np.array([[0.0, 0.0, 0.5], [0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]])   # (z, y, x) of an x, y, z edge's vertex
+    return tuple(backend.to_device(a, device) for a in (edges, start, count, count > 0, centre, count // 3, step))
 
 
-def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = None):
-    """Marching cubes of the padded bool planes of a mask (:func:`_mask_planes`) at a level between 0 and 1:
-    skimage's surface (:func:`_binary_cases`), vertices at exact edge midpoints, in (x, y, z) µm:
-    (vertices, faces, face count). Past ``max_faces`` faces the mesh is dropped and the rest of the planes only
-    counted (:func:`_faces_per_cube`): (None, None, the whole mask's face count), what :func:`estimate_faces`
-    gives, without a pass of its own where the mesh fits.
+def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = None, device: str = "cpu"):
+    """Marching cubes of the padded bool planes of a mask (:func:`_mask_planes`, on ``device``) at a level
+    between 0 and 1: skimage's surface (:func:`_binary_cases`), vertices at exact edge midpoints, in (x, y, z)
+    µm: (vertices, faces, face count), on ``device``. Past ``max_faces`` faces the mesh is dropped and the rest
+    of the planes only counted (:func:`_faces_per_cube`): (None, None, the whole mask's face count), what
+    :func:`estimate_faces` gives, without a pass of its own where the mesh fits.
 
     Each step takes the layer of cubes between two planes. Its new vertices (the upper plane's x and y edges, the
     layer's z edges) are numbered together in (y, x) order, three edges per grid point, so a face's vertices get
-    near ids (the later passes over the mesh gather by them)."""
-    edges, start, count, has_surface, has_centre = _case_tables()
+    near ids (the later passes over the mesh gather by them). The same array operations run on NumPy or CuPy."""
+    edges, start, count, has_surface, has_centre, per_cube, step = _case_tables(device)
+    xp = backend.array_module(edges)
     ny, nx = shape_yx[0] + 2, shape_yx[1] + 2
     s = ny * nx
-    step = np.array([[0.0, 0.0, 0.5], [0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]])   # (z, y, x) of the edge's vertex
-    scale = np.asarray(voxel_size, np.float64)[::-1]
-    crossing = np.zeros((ny, nx, 3), bool)
-    lower, upper = np.empty(3 * s, np.int64), np.empty(3 * s, np.int64)   # ids per grid point and edge
+    scale = xp.asarray(np.asarray(voxel_size, np.float64)[::-1].copy())
+    crossing = xp.zeros((ny, nx, 3), bool)
+    lower, upper = xp.empty(3 * s, xp.int64), xp.empty(3 * s, xp.int64)   # ids per grid point and edge
     verts, faces, n, total = [], [], 0, 0
-    per_cube = count // 3
 
     def place(zyx):
         """Padded (z, y, x) index positions -> (x, y, z) µm of the volume."""
@@ -337,44 +341,44 @@ def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = N
         verts.append(zyx[:, ::-1] * scale)
 
     planes = iter(planes)
-    below = next(planes).view(np.uint8)      # the padding plane: no surface crosses its edges
+    below = next(planes).view(xp.uint8)      # the padding plane: no surface crosses its edges
     below_sq = _squares_of(below)
     for z, above in enumerate(planes):
-        above = above.view(np.uint8)
+        above = above.view(xp.uint8)
         if faces is None:   # over max_faces: counting only
             above_sq = _squares_of(above)
-            total += int(np.bincount((below_sq | (above_sq << 4)).ravel(), minlength=256) @ per_cube)
+            total += int(xp.bincount((below_sq | (above_sq << 4)).ravel(), minlength=256) @ per_cube)
             below_sq = above_sq
             continue
-        np.not_equal(above[:, :-1], above[:, 1:], out=crossing[:, :-1, 0])
-        np.not_equal(above[:-1], above[1:], out=crossing[:-1, :, 1])
-        np.not_equal(below, above, out=crossing[..., 2])
-        idx = np.flatnonzero(crossing)
-        upper[idx] = np.arange(n, n + len(idx))   # stale elsewhere: only crossing edges are looked up
+        xp.not_equal(above[:, :-1], above[:, 1:], out=crossing[:, :-1, 0])
+        xp.not_equal(above[:-1], above[1:], out=crossing[:-1, :, 1])
+        xp.not_equal(below, above, out=crossing[..., 2])
+        idx = xp.flatnonzero(crossing)
+        upper[idx] = xp.arange(n, n + len(idx))   # stale elsewhere: only crossing edges are looked up
         n += len(idx)
-        g, axis = np.divmod(idx, 3)
+        g, axis = xp.divmod(idx, 3)
         pos = step[axis]
         pos[:, 0] += z + 1
-        y, x = np.divmod(g, nx)
+        y, x = xp.divmod(g, nx)
         pos[:, 1] += y
         pos[:, 2] += x
         place(pos)
         above_sq = _squares_of(above)
         code = below_sq | (above_sq << 4)
-        cube = np.flatnonzero(has_surface[code])
+        cube = xp.flatnonzero(has_surface[code])
         if len(cube):
             cc = code.ravel()[cube]
-            y, x = np.divmod(cube, nx - 1)
+            y, x = xp.divmod(cube, nx - 1)
             g = y * nx + x                      # the cube's first corner in the flat plane grid
             ids = _cube_vertex_ids(g, nx, lower, upper)
-            centre = np.flatnonzero(has_centre[cc])
+            centre = xp.flatnonzero(has_centre[cc])
             if len(centre):
-                ids[12, centre] = np.arange(n, n + len(centre))
+                ids[12, centre] = xp.arange(n, n + len(centre))
                 n += len(centre)
-                place(np.stack([np.full(len(centre), z + 0.5), y[centre] + 0.5, x[centre] + 0.5], 1))
+                place(xp.stack([xp.full(len(centre), z + 0.5), y[centre] + 0.5, x[centre] + 0.5], 1))
             k = count[cc]                       # 3 x the cube's triangles
-            owner = np.repeat(np.arange(len(cube)), k)
-            local = edges[np.repeat(start[cc] - (np.cumsum(k) - k), k) + np.arange(len(owner))]
+            owner = backend.repeat(xp.arange(len(cube)), k)
+            local = edges[(start[cc] - (xp.cumsum(k) - k))[owner] + xp.arange(len(owner))]
             faces.append(ids.ravel()[local * len(cube) + owner].reshape(-1, 3))
             total += len(owner) // 3
             if max_faces is not None and total > max_faces:
@@ -383,15 +387,33 @@ def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = N
         lower, upper = upper, lower
     if faces is None:
         return None, None, total
-    v = np.concatenate(verts) if verts else np.zeros((0, 3))
-    return v, np.concatenate(faces) if faces else np.zeros((0, 3), np.int64), total
+    v = xp.concatenate(verts) if verts else xp.zeros((0, 3))
+    return v, xp.concatenate(faces) if faces else xp.zeros((0, 3), xp.int64), total
+
+
+_warned: set = set()   # device failures warned about once per process
+
+
+def _mesh_mask(read_slab: ReadSlab, shape, slab_size: int, vs, level: float, max_faces: int | None, device: str):
+    """:func:`_marching_cubes_mask` of the mask's slabs on ``device`` ("cpu" or "cuda"), faces wound outward,
+    as host arrays; a device that fails (other than on bad input) warns once and the host meshes instead."""
+    def run(dev):
+        v, f, n = _marching_cubes_mask(_mask_planes(read_slab, shape, slab_size, level, dev), shape[1:], vs,
+                                       max_faces, dev)
+        return (None, None, n) if v is None else (backend.to_host(v), _outward(backend.to_host(f)), n)
+
+    if device == "cuda":
+        out = backend.try_cuda("marching cubes", _warned, run, "cuda")
+        if out is not None:
+            return out
+    return run("cpu")
 
 
 def _cube_vertex_ids(g: np.ndarray, nx: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """(13, cubes) ids of the vertices on each local edge of the cubes whose first corner is at flat grid index
     ``g`` (garbage where the surface does not cross an edge; row 12, the centre, is the caller's): z edges from
     the layer's ids (``upper``, edge 2), y and x edges from the lower plane's (``lower``) and the upper's."""
-    ids = np.empty((13, len(g)), np.int64)
+    ids = backend.array_module(g).empty((13, len(g)), np.int64)
     g3 = 3 * g
     for dy in (0, 1):
         for dx in (0, 1):
@@ -1088,7 +1110,8 @@ MAX_MEMORY_FACES = 20_000_000
 def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, voxel_size,
                    slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
                    level: float = 0.5, max_bytes: int = 1 << 30, table_path=None,
-                   largest_path=None, max_memory_faces: int | None = MAX_MEMORY_FACES) -> MeshStats:
+                   largest_path=None, max_memory_faces: int | None = MAX_MEMORY_FACES,
+                   device: str = "cpu") -> MeshStats:
     """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> :func:`solid_components` ->
     drop components < ``min_faces`` -> decimate to ``max_faces`` (if given; components it leaves
     under ``min_faces`` dropped too) -> file at ``out_path`` (format from its suffix), decimated
@@ -1108,12 +1131,16 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     (:func:`block_factor`) with a RuntimeWarning: each k x k x k block becomes its fraction of inside voxels,
     meshed at about 0.5 (:data:`COARSE_LEVEL`) with voxels k times larger, vertices placed at the block
     centres' physical positions. Structures thinner than about half a block vanish.
+
+    ``device`` ("cpu", "cuda" or "auto"): where the marching cubes of a mask at full resolution runs; the rest
+    of the stage (components, measures, decimation, files) runs on the host.
     """
     voxel_size = tuple(_voxel_size(voxel_size))
     if max_memory_faces is not None and max_memory_faces < 0:
         raise ValueError(f"max_memory_faces must be >= 0 (0 or None: no limit), got {max_memory_faces}")
     read_slab = _as_reader(read_slab, shape)
-    full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None)
+    full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None,
+                                 backend.resolve_device(device))
     k, coarse = (1, est) if full is not None else _fitting_block_factor(read_slab, shape, slab_size, level, est,
                                                                          max_memory_faces)
     est = est if max_memory_faces else None
@@ -1156,15 +1183,16 @@ def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, level: flo
     return 1, estimate
 
 
-def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, max_faces: int | None):
+def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, max_faces: int | None,
+                     device: str = "cpu"):
     """(the marching-cubes mesh, face count), or (None, face count) where it has more than ``max_faces`` faces
-    (None: no limit). A mask is meshed and counted in one pass, given up past ``max_faces``; float slabs are
-    counted first (:func:`estimate_faces`)."""
+    (None: no limit). A mask is meshed and counted in one pass (on ``device``), given up past ``max_faces``;
+    float slabs are counted first (:func:`estimate_faces`)."""
     vs = _voxel_size(voxel_size)
     read, is_mask = _probe(read_slab, shape, slab_size)
     if is_mask:
-        v, f, n = _marching_cubes_mask(_mask_planes(read, shape, slab_size, level), shape[1:], vs, max_faces)
-        return (None if v is None else (v, _outward(f))), n
+        v, f, n = _mesh_mask(read, shape, slab_size, vs, level, max_faces, device)
+        return (None if v is None else (v, f)), n
     n = estimate_faces(read, shape, slab_size, level) if max_faces else None
     if max_faces and n > max_faces:
         return None, n

@@ -403,11 +403,12 @@ def build_modules(workdir: Path, median_sizes=range(3, 32, 2)) -> dict:
 def fake_gpu(modules: dict, monkeypatch):
     """Inside: ``cupy`` is the fake, ``backend.cuda_available()`` is True and every kernel module comes
     from ``modules``. Caches that remember the real CuPy are cleared on the way in and out."""
-    from gpuheart import backend, exposure, filters, morphology, segment, unet
+    from gpuheart import backend, exposure, filters, mesh, morphology, segment, unet
 
     cp, cupyx = make_cupy(modules)
     load = lambda name, *a, **k: _ModuleShim(modules[name])  # noqa: E731
-    caches = [backend._cupy, backend.cuda_available, filters._device_border_maps, exposure._device_reflect_maps]
+    caches = [backend._cupy, backend.cuda_available, filters._device_border_maps, exposure._device_reflect_maps,
+              mesh._case_tables]
     with monkeypatch.context() as mp:
         mp.setitem(sys.modules, "cupy", cp)
         mp.setitem(sys.modules, "cupyx", cupyx)
@@ -420,6 +421,7 @@ def fake_gpu(modules: dict, monkeypatch):
         mp.setattr(exposure, "_warned", set())
         mp.setattr(morphology, "_warned", set())
         mp.setattr(segment, "_warned", set())
+        mp.setattr(mesh, "_warned", set())
         for c in caches:
             getattr(c, "cache_clear", lambda: None)()
         _POOL.limit = 0

@@ -65,6 +65,27 @@ def test_cupy_torch_roundtrip_shares_device_memory():
     assert y.data.ptr == x.data.ptr
 
 
+def _repeat_cases():
+    rng = np.random.default_rng(3)
+    return [(np.arange(0), np.zeros(0, np.int64)), (np.arange(5), np.zeros(5, np.int64)),
+            (np.arange(6) * 10, np.array([0, 3, 0, 0, 9, 1])), (rng.random(50), rng.integers(0, 4, 50))]
+
+
+def test_repeat_is_np_repeat_with_per_element_counts():
+    for x, k in _repeat_cases():
+        np.testing.assert_array_equal(backend.repeat(x, k), np.repeat(x, k))
+
+
+@pytest.mark.gpu
+def test_repeat_on_the_device_is_np_repeat():
+    import cupy as cp
+
+    for x, k in _repeat_cases():
+        got = backend.repeat(cp.asarray(x), cp.asarray(k))
+        assert backend.is_device_array(got)
+        np.testing.assert_array_equal(cp.asnumpy(got), np.repeat(x, k))
+
+
 # -- prefetch: background reads, overlapped uploads ----------------------------------------------
 
 def _slabs(n, shape=(3, 16, 16), dtype=np.uint16):

@@ -2,6 +2,7 @@
 import json
 import struct
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -816,3 +817,44 @@ def test_component_table_boxes_are_each_components_vertex_extremes(dtype):
         pts = v[np.unique(f[flab == comp])]
         for i, ax in enumerate("xyz"):
             assert t[f"{ax}_min"][row] == pts[:, i].min() and t[f"{ax}_max"][row] == pts[:, i].max()
+
+
+@pytest.mark.gpu
+def test_masks_are_meshed_on_the_device_as_on_the_host(tmp_path):
+    """The device runs the same array operations: the same vertices (bits) and faces (numbering), also past the
+    memory budget (counting only) and through mesh_from_mask; the mesh comes back as host arrays."""
+    m = _blob()
+    vs = (2.0, 0.5, 0.75)
+    for slab_size in (1, 5, 64):
+        host = M.marching_cubes_slabs(_reader(m), m.shape, slab_size, vs, device="cpu")
+        dev = M.marching_cubes_slabs(_reader(m), m.shape, slab_size, vs, device="cuda")
+        assert all(type(a) is np.ndarray for a in dev)
+        np.testing.assert_array_equal(dev[0], host[0])
+        np.testing.assert_array_equal(dev[1], host[1])
+    full = len(host[1])
+    read, is_mask = M._probe(_reader((m * 255).astype(np.uint8)), m.shape, 4)
+    assert is_mask
+    assert M._mesh_mask(read, m.shape, 4, vs, 0.5, full // 3, "cuda") == (None, None, full)
+    sts = [M.mesh_from_mask(_reader(m), m.shape, tmp_path / f"{d}.glb", vs, table_path=tmp_path / f"{d}.csv",
+                            device=d) for d in ("cpu", "cuda")]
+    assert sts[0] == replace(sts[1], path=sts[0].path)
+    assert (tmp_path / "cpu.glb").read_bytes() == (tmp_path / "cuda.glb").read_bytes()
+    assert (tmp_path / "cpu.csv").read_bytes() == (tmp_path / "cuda.csv").read_bytes()
+
+
+@pytest.mark.gpu
+def test_a_device_that_fails_to_mesh_warns_and_the_host_meshes(monkeypatch):
+    m = _blob()
+    want = M.marching_cubes_slabs(_reader(m), m.shape, 4, device="cpu")
+    real = M._marching_cubes_mask
+
+    def broken(planes, shape_yx, vs, max_faces=None, device="cpu"):
+        if device == "cuda":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return real(planes, shape_yx, vs, max_faces, device)
+
+    monkeypatch.setattr(M, "_marching_cubes_mask", broken)
+    monkeypatch.setattr(M, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="marching cubes: the CUDA kernel failed"):
+        got = M.marching_cubes_slabs(_reader(m), m.shape, 4, device="cuda")
+    np.testing.assert_array_equal(got[1], want[1])
