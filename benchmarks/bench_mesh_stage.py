@@ -10,7 +10,8 @@ side by side:       python benchmarks/bench_mesh_stage.py [--shape 16 1024 1024]
 current one on the same mask, after checking that both write the same surface: the same bytes (mesh, largest
 component, table) and statistics, or, where the vertices are numbered differently (the marching cubes of masks
 since 2026-11-27), the same counts, areas and volumes to 1e-9 and the same component table.
-``--mask sparse`` meshes a vessel-like mask (about 0.4 % inside, thin pieces) instead of the sponge.
+``--mask sparse`` meshes a vessel-like mask (about 0.4 % inside, thin pieces) instead of the sponge;
+``--max-memory-faces N`` below the mask's face count times the block-mean path (what a full scan takes).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,11 +76,15 @@ def same_surface(tmp: Path, a: str, b: str, stats: dict) -> str:
     return "surface"
 
 
-def run_stage(mesh_module, mask: np.ndarray, out: Path, tag: str):
+def run_stage(mesh_module, mask: np.ndarray, out: Path, tag: str, max_memory_faces: int | None = None):
     out.mkdir(parents=True, exist_ok=True)
+    budget = {} if max_memory_faces is None else {"max_memory_faces": max_memory_faces}
     t = time.perf_counter()
-    st = mesh_module.mesh_from_mask(mask, mask.shape, out / f"{tag}.glb", VOXEL, slab_size=8,
-                                    table_path=out / f"{tag}.csv", largest_path=out / f"{tag}-largest.glb")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the mask would give about", RuntimeWarning)   # the block factor's
+        st = mesh_module.mesh_from_mask(mask, mask.shape, out / f"{tag}.glb", VOXEL, slab_size=8,
+                                        table_path=out / f"{tag}.csv", largest_path=out / f"{tag}-largest.glb",
+                                        **budget)
     return time.perf_counter() - t, st
 
 
@@ -108,11 +114,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", type=int, nargs=3, default=[16, 1024, 1024])
     ap.add_argument("--against", metavar="REV", help="also time gpuheart/mesh.py of this git revision")
     ap.add_argument("--mask", choices=sorted(MASKS), default="sponge")
+    ap.add_argument("--max-memory-faces", type=int, metavar="N",
+                    help="mesh_from_mask's budget (default: its own); a small one times the block-mean path")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", type=Path, help=f"default: {RESULTS.name}, or {RESULTS.stem}-sparse.json for --mask "
-                                             "sparse")
+    ap.add_argument("--out", type=Path, help=f"default: {RESULTS.name}, {RESULTS.stem}-sparse.json for --mask "
+                                             "sparse, with -blocks before .json for --max-memory-faces")
     a = ap.parse_args(argv)
-    a.out = a.out or (RESULTS if a.mask == "sponge" else RESULTS.with_name(f"{RESULTS.stem}-{a.mask}.json"))
+    tag = ("" if a.mask == "sponge" else f"-{a.mask}") + ("" if a.max_memory_faces is None else "-blocks")
+    a.out = a.out or RESULTS.with_name(f"{RESULTS.stem}{tag}.json")
     mask = MASKS[a.mask](tuple(a.shape))
     sides = {"current": mesh}
     if a.against:   # named by its commit, which stays meaningful after HEAD moves on
@@ -127,7 +136,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpuheart-mesh-stage-") as tmp:
         for r in range(a.rounds):   # alternating, so load from other users hits both sides alike
             for name, mod in sides.items():
-                dt, st = run_stage(mod, mask, Path(tmp) / name, "mesh")
+                dt, st = run_stage(mod, mask, Path(tmp) / name, "mesh", a.max_memory_faces)
                 times[name].append(dt)
                 stats[name] = {k: v for k, v in asdict(replace(st, path="")).items() if k != "path"}
         same = same_surface(Path(tmp), "current", a.against, stats) if a.against else None
@@ -140,7 +149,7 @@ def main(argv=None) -> dict:
            "benchmark": "mesh.mesh_from_mask with a GLB, its largest component and the component table, on a "
                         + ("spongy mask (smoothed noise > 0.5)" if a.mask == "sponge"
                            else "sparse mask (smoothed noise, sigma 4, > 0.52)"),
-           "mask": a.mask,
+           "mask": a.mask, "max_memory_faces": a.max_memory_faces,
            "shape": list(a.shape), "voxel_size": list(VOXEL), "mask_fraction": float(mask.mean()),
            "stats": stats["current"], "seconds": times, "best_s": best,
            "commit": _commit(), "against_commit": a.against, "identical_outputs_checked": bool(a.against), "outputs_equal_as": same}

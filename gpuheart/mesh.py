@@ -20,8 +20,8 @@ triangles, wound the same way; masks' vertices are numbered in their own order.
 Bounded memory: the mesh is held whole (about 200 bytes per face at the peak), so :func:`mesh_from_mask`
 counts the faces the mask gives while meshing it, and past ``max_memory_faces`` drops the mesh, counts the
 rest (what :func:`estimate_faces` gives, exact for masks) and meshes the mask averaged over k x k x k voxel
-blocks instead (:func:`block_factor`), which has about k**2 times fewer faces: peak memory is then bounded
-by the budget, not by the slice count.
+blocks instead (:func:`block_factor`), which has about k**2 times fewer faces (k raised while that mesh
+exceeds the budget too): peak memory is then bounded by the budget, not by the slice count.
 
 Components (:func:`solid_components`): pieces of the solid, each its outer surface plus the inner
 surfaces of the cavities it encloses. They follow marching-cubes connectivity, which is that of 18-connected
@@ -197,9 +197,16 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
     read_slab, is_mask = _probe(read_slab, shape, slab_size)
     if is_mask:
         return _mesh_mask(read_slab, shape, slab_size, vs, level, None, backend.resolve_device(device))[:2]
+    return _marching_cubes_float(read_slab, shape, slab_size, voxel_size, level)
+
+
+def _marching_cubes_float(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float,
+                          max_faces: int | None = None):
+    """:func:`marching_cubes_slabs` of float slabs: skimage in z blocks that share a plane, seams welded. None
+    as soon as the mesh has more than ``max_faces`` faces (None: no limit)."""
     n_planes = shape[0] + 2
     verts, faces = [], []
-    n = 0
+    n = total = 0
     prev_keys = np.zeros(0, np.uint64)   # sorted keys of the previous block's top-plane vertices
     prev_ids = np.zeros(0, np.int64)
     for p0 in range(0, n_planes - 1, slab_size):
@@ -219,7 +226,7 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
             if not hit.all():  # only when level equals a voxel value (vertices on grid points)
                 warnings.warn(f"{int((~hit).sum())} seam vertices at padded plane {p0} found no twin; "
                               "the mesh may not be watertight (use a level between voxel values)",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
         new = np.flatnonzero(ids < 0)
         ids[new] = np.arange(n, n + len(new))
         n += len(new)
@@ -227,6 +234,9 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
         vnew[:, 0] += p0
         verts.append(vnew)
         faces.append(ids[f])
+        total += len(f)
+        if max_faces is not None and total > max_faces:
+            return None
         top = np.flatnonzero(v[:, 0] == p1 - p0 - 1)
         keys = _plane_keys(v[top])
         order = np.argsort(keys)
@@ -236,7 +246,7 @@ def marching_cubes_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_
             # different grid edges round to one (y, x), and the next slab cannot tell them apart
             warnings.warn(f"seam vertices at padded plane {p1 - 1} coincide in float32; the mesh may be "
                           "non-manifold there (use a level farther from the voxel values, or a bool mask)",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
     if not faces:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
     return _to_physical(np.concatenate(verts), voxel_size), _outward(np.concatenate(faces))
@@ -1129,8 +1139,9 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     Memory: the whole mesh is held (about 200 bytes per face, :data:`MAX_MEMORY_FACES`), so the faces are
     counted while the mask is meshed (float slabs: by a first streamed pass, :func:`estimate_faces`). Where
     they exceed ``max_memory_faces`` (None or 0: no limit) the mesh is dropped, the rest of the mask only
-    counted, and the mask meshed on a grid k times coarser
-    (:func:`block_factor`) with a RuntimeWarning: each k x k x k block becomes its fraction of inside voxels,
+    counted, and the mask meshed on a grid k times coarser (:func:`block_factor`, raised while the coarse
+    mesh exceeds the budget: :func:`_fitting_block_factor`) with a RuntimeWarning: each k x k x k block becomes
+    its fraction of inside voxels,
     meshed at about 0.5 (:data:`COARSE_LEVEL`) with voxels k times larger, vertices placed at the block
     centres' physical positions. Structures thinner than about half a block vanish.
 
@@ -1143,15 +1154,15 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     read_slab = _as_reader(read_slab, shape)
     full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None,
                                  backend.resolve_device(device))
-    k, coarse = (1, est) if full is not None else _fitting_block_factor(read_slab, shape, slab_size, level, est,
-                                                                         max_memory_faces)
-    est = est if max_memory_faces else None
-    if k > 1:
+    k = 1
+    if full is None:
+        k, full = _fitting_block_factor(read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces)
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
-                      f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, about "
-                      f"{coarse:,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels are "
-                      f"lost", RuntimeWarning, stacklevel=2)
-    v, f, n_mc, lab, fv = _marching_cubes_labelled(read_slab, shape, slab_size, voxel_size, level, k, full)
+                      f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, "
+                      f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels "
+                      f"are lost", RuntimeWarning, stacklevel=2)
+    est = est if max_memory_faces else None
+    v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
     v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
@@ -1170,19 +1181,21 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
                      k, est)
 
 
-def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, level: float, estimate: int,
-                          max_memory_faces: int | None) -> tuple[int, int]:
-    """(k, faces of the k-block mesh): :func:`block_factor`'s k, raised until the coarse grid's own face
-    count (one more streamed pass each) fits. The k**2 scaling is a heuristic: a lattice of tubes a few
-    blocks wide keeps more than 1/k**2 of its faces, and the budget is what bounds the memory."""
-    k = block_factor(estimate, max_memory_faces)
-    while k > 1:
+def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, estimate: int,
+                          max_memory_faces: int | None):
+    """(k, the k-block mesh): :func:`block_factor`'s k, raised until the coarse grid's mesh fits, each try a
+    streamed pass that meshes the block means and gives up past the budget (the mesh of the k that fits is
+    the one kept; vertices on the coarse grid, in its voxels' µm). The k**2 scaling is a heuristic: a lattice of
+    tubes a few blocks wide keeps more than 1/k**2 of its faces, and the budget is what bounds the memory."""
+    k = max(2, block_factor(estimate, max_memory_faces))
+    while True:
         read, cshape = _block_reader(read_slab, shape, k, level, slab_size)
-        faces = estimate_faces(read, cshape, slab_size, COARSE_LEVEL)
-        if faces <= max_memory_faces or max(cshape) == 1:
-            return k, faces
+        last = max(cshape) == 1
+        mesh = _marching_cubes_float(read, cshape, slab_size, tuple(k * np.asarray(voxel_size)), COARSE_LEVEL,
+                                     None if last else max_memory_faces)
+        if mesh is not None:
+            return k, mesh
         k += 1
-    return 1, estimate
 
 
 def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, max_faces: int | None,
@@ -1202,19 +1215,15 @@ def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, lev
     return (v, f), len(f) if n is None else n
 
 
-def _marching_cubes_labelled(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, k: int,
-                             full=None):
-    """Marching cubes and :func:`solid_components` of the mask (``full``: its mesh, if made already), or for
-    k > 1 of its k-block means: (vertices, faces, component count, per-face labels, per-face volumes or None
-    where they are not at hand)."""
+def _marching_cubes_labelled(voxel_size, k: int, mesh):
+    """The marching-cubes mesh of the mask, or for k > 1 of its k-block means (:func:`_fitting_block_factor`),
+    with its :func:`solid_components`: (vertices, faces, component count, per-face labels, per-face volumes or
+    None where they are not at hand)."""
+    v, f = mesh
     if k == 1:
-        v, f = full if full is not None else marching_cubes_slabs(read_slab, shape, slab_size, voxel_size, level)
         fv = _face_volumes(v, f)   # kept for the largest component's volumes
         return (v, f, *solid_components(v, f, voxel_size, fv), fv)
-    coarse = tuple(k * np.asarray(voxel_size))
-    read, cshape = _block_reader(read_slab, shape, k, level, slab_size)
-    v, f = marching_cubes_slabs(read, cshape, slab_size, coarse, COARSE_LEVEL)
-    n, lab = solid_components(v, f, coarse)   # on the coarse grid, before the shift takes vertices off it
+    n, lab = solid_components(v, f, tuple(k * np.asarray(voxel_size)))   # on the coarse grid, before the shift
     # block i's centre is voxel i k + (k - 1) / 2, where the coarse grid puts it at i k
     v += (k - 1) / 2 * np.asarray(voxel_size)[::-1]
     return v, f, n, lab, None   # the shift changes each face's origin tetrahedron

@@ -712,7 +712,8 @@ def test_the_mesh_stage_memory_does_not_grow_with_the_slice_count(tmp_path):
 
 
 def test_the_block_factor_is_raised_until_the_coarse_mesh_itself_fits():
-    """estimate / k**2 is a heuristic; the coarse grid's faces are counted, and k grows until they fit."""
+    """estimate / k**2 is a heuristic; the coarse grid is meshed, given up past the budget, and k grows until its
+    mesh fits: that mesh is the one kept (no counting pass before it)."""
     read, shape = _tube_lattice(256)
     est = M.estimate_faces(read, shape, 16)
     assert M.block_factor(est, 25_000) == 4
@@ -722,8 +723,11 @@ def test_the_block_factor_is_raised_until_the_coarse_mesh_itself_fits():
         return len(measure.marching_cubes(np.pad(_block_means(m, k), 1), 0.5 - 2.0 ** -12)[1])
 
     assert coarse_faces(4) > 25_000 >= coarse_faces(5)
-    assert M._fitting_block_factor(read, shape, 16, 0.5, est, 25_000) == (5, coarse_faces(5))
-    assert M._fitting_block_factor(read, shape, 16, 0.5, est, 10 ** 9) == (1, est)
+    k, (v, f) = M._fitting_block_factor(read, shape, 16, (1, 1, 1), 0.5, est, 25_000)
+    assert (k, len(f)) == (5, coarse_faces(5))
+    tried = M._block_reader(read, shape, 4, 0.5, 16)
+    assert M._marching_cubes_float(*tried, 16, (4, 4, 4), M.COARSE_LEVEL, 25_000) is None   # k = 4, given up
+    assert len(M._marching_cubes_float(*tried, 16, (4, 4, 4), M.COARSE_LEVEL)[1]) == coarse_faces(4)
 
 
 def test_under_max_memory_faces_nothing_changes(tmp_path):
