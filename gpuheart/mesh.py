@@ -485,15 +485,26 @@ COARSE_LEVEL = 0.5 - 2.0 ** -12
 
 
 def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Mean of each k x k x k block of a (z, y, x) array as float32; a partial block at the far edges is the mean
-    of the voxels it has (a vessel leaving the scan keeps its cross-section there instead of thinning)."""
+    """Mean of each k x k x k block of a (z, y, x) bool array as float32; a partial block at the far edges is the
+    mean of the voxels it has (a vessel leaving the scan keeps its cross-section there instead of thinning).
+
+    The inside voxels are counted in integers, one axis at a time by adding the k strided views of it (z first,
+    whole planes, so each pass reads less), and divided once: the same float32 means as summing the blocks in
+    float32, whose integer sums are exact."""
     n = np.array(a.shape)
     m = -(-n // k)
-    padded = np.zeros(tuple(m * k), np.float32)
-    padded[:n[0], :n[1], :n[2]] = a
-    s = padded.reshape(m[0], k, m[1], k, m[2], k).sum((1, 3, 5), dtype=np.float32)
+    if (m * k != n).any():
+        padded = np.zeros(tuple(m * k), bool)
+        padded[:n[0], :n[1], :n[2]] = a
+        a = padded
+    counts = np.uint16 if k ** 3 < 2 ** 16 else np.uint32
+    for axis in range(3):
+        views = [a[(slice(None),) * axis + (slice(j, None, k),)] for j in range(k)]
+        a = views[0].astype(counts)
+        for v in views[1:]:
+            a += v
     cz, cy, cx = (np.minimum(k, n[i] - k * np.arange(m[i])).astype(np.float32) for i in range(3))
-    return s / (cz[:, None, None] * cy[:, None] * cx)
+    return a.astype(np.float32) / (cz[:, None, None] * cy[:, None] * cx)
 
 
 def _block_reader(read_slab: ReadSlab, shape, k: int, level: float, slab_size: int,
