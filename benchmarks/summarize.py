@@ -337,7 +337,12 @@ def section_mesh_stage(e) -> list[str]:
            "",
            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}; {z}x{y}x{x}, "
            f"{d['mask_fraction']:.{0 if d['mask_fraction'] >= 0.1 else 1}%} inside: {st['faces']:,} faces, "
-           f"{st['components']:,} components written. "
+           f"{st['components']:,} components written"
+           + (f" (max_memory_faces {d['max_memory_faces']:,} under the mask's {st['estimated_faces']:,} faces: "
+              f"meshed from {st['block_factor']}-voxel block means, the path of any mask over the budget; the "
+              f"paper's 2022 slices of this mask would give about {st['estimated_faces'] / z * 2022 / 1e6:.0f} M "
+              "faces, over the default 20 M). "
+              if st.get("block_factor", 1) > 1 else ". ") +
            f"Best of {len(next(iter(d['seconds'].values())))} alternating rounds.",
            "",
            "| mesh.py | seconds |", "|---|---:|"]
