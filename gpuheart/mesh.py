@@ -359,7 +359,7 @@ def _marching_cubes_mask(planes, shape_yx, voxel_size, max_faces: int | None = N
         above = above.view(xp.uint8)
         if faces is None:   # over max_faces: counting only
             above_sq = _squares_of(above)
-            total += int(xp.bincount((below_sq | (above_sq << 4)).ravel(), minlength=256) @ per_cube)
+            total += _faces_of_codes(below_sq | (above_sq << 4), per_cube)
             below_sq = above_sq
             continue
         xp.not_equal(above[:, :-1], above[:, 1:], out=crossing[:, :-1, 0])
@@ -421,6 +421,13 @@ def _mesh_mask(read_slab: ReadSlab, shape, slab_size: int, vs, level: float, max
     return run("cpu")
 
 
+def _faces_of_codes(code, per_cube) -> int:
+    """Faces of the cubes with these codes: the codes with surface (all but 0 and 255, which wrap past 253)
+    counted, then weighed by ``per_cube``; bincount of every code would first copy them all to int64."""
+    xp = backend.array_module(code)
+    return int(xp.bincount(code[code - np.uint8(1) < 254], minlength=256) @ per_cube)
+
+
 def _cube_vertex_ids(g: np.ndarray, nx: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """(13, cubes) ids of the vertices on each local edge of the cubes whose first corner is at flat grid index
     ``g`` (garbage where the surface does not cross an edge; row 12, the centre, is the caller's): z edges from
@@ -462,7 +469,7 @@ def estimate_faces(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: 
         z1 = min(z0 + slab_size, nz)
         for plane in _read_checked(read_slab, shape, z0, z1):
             sq = _squares(np.asarray(plane) > level)
-            total += int(np.bincount((below | (sq << 4)).ravel(), minlength=256) @ table)
+            total += _faces_of_codes(below | (sq << 4), table)
             below = sq
     return total + int(np.bincount(below.ravel(), minlength=256) @ table)   # the padding plane above
 
