@@ -51,9 +51,11 @@ def sparse(shape, seed: int = 0) -> np.ndarray:
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(seed)
-    return np.concatenate([ndi.gaussian_filter(rng.random((min(8, shape[0] - z),) + tuple(shape[1:]),
-                                                          np.float32), 4.0) > 0.52
-                           for z in range(0, shape[0], 8)])
+    out = np.empty(shape, bool)   # filled in place: a full scan's mask (8.5 GB) is not held twice
+    for z in range(0, shape[0], 8):
+        out[z:z + 8] = ndi.gaussian_filter(rng.random((min(8, shape[0] - z),) + tuple(shape[1:]), np.float32),
+                                           4.0) > 0.52
+    return out
 
 
 MASKS = {"sponge": sponge, "sparse": sparse}
