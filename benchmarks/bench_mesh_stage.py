@@ -83,7 +83,7 @@ def run_stage(mesh_module, mask: np.ndarray, out: Path, tag: str, max_memory_fac
     budget = {} if max_memory_faces is None else {"max_memory_faces": max_memory_faces}
     t = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "the mask would give about", RuntimeWarning)   # the block factor's
+        warnings.filterwarnings("ignore", ".*the mask would give about", RuntimeWarning)   # the block factor's
         st = mesh_module.mesh_from_mask(mask, mask.shape, out / f"{tag}.glb", VOXEL, slab_size=8,
                                         table_path=out / f"{tag}.csv", largest_path=out / f"{tag}-largest.glb",
                                         **budget)
