@@ -203,7 +203,13 @@ def section_pipeline(e) -> list[str]:
             + ". The GPU goal is "
             f"{dur(p['gpu_goal_s'])}. Projections assume per-slice costs grow with the pixel count; measure at "
             f"2048x2048 (from smaller slices they overestimate) and with more slices when you can (the z-closing's "
-            f"edge padding and the per-channel figures are a large share of a few-slice run).",
+            f"edge padding and the per-channel figures are a large share of a few-slice run)."
+            + (" The mesh stage is scaled per slice here, which overstates it: a full scan's masks give more faces "
+               "than `[mesh] max_memory_faces` and take the block-mean path: two streamed passes over the mask (one "
+               "more for each block factor whose mesh is still over the budget) and at most that many faces to "
+               "measure and write (a whole 2022x2048x2048 mask through it: "
+               "`cpu-mesh-stage-sparse-fullscan.json`, in the mesh-stage sections)."
+               if any(r["stage"] == "mesh" for r in d["stages"]) else ""),
             "",
             f"Peak host memory: {mem['ru_maxrss_mib']:.0f} MiB resident (ru_maxrss"
             f"{', set during the run' if mem.get('run_set_the_peak') else ''}); "
