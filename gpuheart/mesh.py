@@ -449,8 +449,7 @@ def _cube_vertex_ids(g: np.ndarray, nx: int, lower: np.ndarray, upper: np.ndarra
 
 def _squares(plane: np.ndarray) -> np.ndarray:
     """The 4 inside-bits (``2 y + x``) of each square of the zero-padded plane (a bool (y, x) plane)."""
-    p = np.pad(plane, 1).view(np.uint8)
-    return p[:-1, :-1] | (p[:-1, 1:] << 1) | (p[1:, :-1] << 2) | (p[1:, 1:] << 3)
+    return _squares_of(np.pad(plane, 1).view(np.uint8))
 
 
 def estimate_faces(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int = 64,
