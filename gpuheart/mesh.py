@@ -1228,7 +1228,7 @@ def _full_resolution(read_slab: ReadSlab, shape, slab_size: int, voxel_size, lev
     n = estimate_faces(read, shape, slab_size, level) if max_faces else None
     if max_faces and n > max_faces:
         return None, n
-    v, f = marching_cubes_slabs(read, shape, slab_size, voxel_size, level)
+    v, f = _marching_cubes_float(read, shape, slab_size, voxel_size, level)
     return (v, f), len(f) if n is None else n
 
 
