@@ -62,6 +62,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "tiles"
     if isinstance(doc.get("runs"), dict) and all("x1.0" in r.get("mean", {}) for r in doc["runs"].values()):
         return "scales"
+    if "per_stack" in doc and "hyst_3d_leave_one_out" in doc.get("mean", {}):
+        return "hysteresis"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -585,6 +587,16 @@ def section_scales(e) -> list[str]:
             ""]
 
 
+def section_hysteresis(e) -> list[str]:
+    m = e["doc"]["mean"]
+    return ["### Hysteresis on the probabilities (same fold models)",
+            "",
+            f"{src(e)}; see docs/accuracy.md. Mean Dice: calibrated cut {m['calibrated']:.3f}; hysteresis with the "
+            f"(low, high) pair chosen leave one stack out {m['hyst_3d_leave_one_out']:.3f} in 3-D, "
+            f"{m['hyst_2d_leave_one_out']:.3f} slice by slice.",
+            ""]
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return ["### The paper's closings on the held-out masks",
@@ -653,12 +665,13 @@ def section_gpu_profile(e) -> list[str]:
 SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology": section_morphology,
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
-            "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales, "closings": section_closings,
+            "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales,
+            "hysteresis": section_hysteresis, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
 ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "closings", "finetune",
+         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -712,6 +725,7 @@ def render(entries: list[dict]) -> str:
            "| what limits it (no training) | `python benchmarks/accuracy_probe.py --runs RUNS...` | `accuracy-probes.json` |",
            "| inference tile: training tile vs 256 (no training) | `python benchmarks/accuracy_tiles.py --runs RUNS...` | `accuracy-tiles.json` |",
            "| inference scale: the input resized before the U-Net (no training) | `python benchmarks/accuracy_scales.py --runs RUNS...` | `accuracy-scales.json` |",
+           "| hysteresis on the probabilities (no training) | `python benchmarks/accuracy_hysteresis.py --runs RUNS` | `accuracy-hysteresis.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
