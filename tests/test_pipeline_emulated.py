@@ -94,17 +94,17 @@ def test_a_run_on_the_fake_gpu_equals_the_cpu_run(modules, cpu_runs, method, tmp
 
 # -- the GPU-only tests of test_resume.py, on the fake GPU ------------------------------------------
 
-from test_resume import scan  # noqa: E402,F401 - the fixture those tests take
+from test_resume import small_scan  # noqa: E402,F401 - the fixture those tests take
 
 
-def test_capped_pool_retries_smaller_slabs_on_the_fake_gpu(modules, scan, tmp_path, monkeypatch):  # noqa: F811
+def test_capped_pool_retries_smaller_slabs_on_the_fake_gpu(modules, small_scan, tmp_path, monkeypatch):  # noqa: F811
     """test_resume's capped-pool test, with the fake pool counting live device buffers: the slab plan
     sees the cap, a slab that does not fit raises the pool's OutOfMemoryError from inside the kernels'
     wrappers, it is not swallowed by a host fallback, and the smaller pieces give the uncapped result."""
     import test_resume
 
     with fake_device.fake_gpu(modules, monkeypatch):
-        test_resume.test_capped_device_memory_pool_still_completes(scan, tmp_path, monkeypatch)
+        test_resume.test_capped_device_memory_pool_still_completes(small_scan, tmp_path, monkeypatch)
 
 
 def test_checkpointed_accumulator_takes_device_slabs_on_the_fake_gpu(modules, monkeypatch):
