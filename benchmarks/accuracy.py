@@ -105,6 +105,21 @@ def write_result(path, doc: dict, **fields) -> Path:
     return Path(path)
 
 
+def fold_probe(description: str, out: str, probe, show=lambda row: row) -> tuple[argparse.Namespace, dict]:
+    """The command line of a script that probes the fold models of an earlier run (``--data``, ``--runs``,
+    ``--out``): ``probe(name, pre, lab, runs)`` for every labelled stack, printed through ``show``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
+    p.add_argument("--out", default=out)
+    a = p.parse_args()
+    per_stack = {}
+    for name, (pre, lab) in load_stacks(Path(a.data)).items():
+        per_stack[name] = probe(name, pre, lab, Path(a.runs))
+        print(name, json.dumps(show(per_stack[name])), flush=True)
+    return a, per_stack
+
+
 def mean_dice(per_stack: dict) -> dict:
     return {m: round(float(np.mean([r[m]["dice"] for r in per_stack.values()])), 4)
             for m in ("unet", "union", "otsu", "dom")}

@@ -10,7 +10,6 @@ writes as ``mask`` (``mask_raw`` is the union before the closings). Nothing here
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, baselines, load_stacks, score, write_result  # noqa: E402
+from accuracy import baselines, fold_probe, score, write_result  # noqa: E402
 
 
 def closings(name, pre, lab, runs: Path) -> dict:
@@ -39,16 +38,9 @@ def closings(name, pre, lab, runs: Path) -> dict:
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
-    p.add_argument("--out", default="benchmarks/results/accuracy-closings.json")
-    a = p.parse_args(argv)
-    per_stack = {}
-    for name, (pre, lab) in load_stacks(Path(a.data)).items():
-        per_stack[name] = closings(name, pre, lab, Path(a.runs))
-        print(name, json.dumps({k: v["dice"] for k, v in per_stack[name].items()}), flush=True)
+def main():
+    a, per_stack = fold_probe(__doc__.splitlines()[0], "benchmarks/results/accuracy-closings.json", closings,
+                              show=lambda row: {k: v["dice"] for k, v in row.items()})
     keys = list(next(iter(per_stack.values())))
     mean = {k: round(float(np.mean([r[k]["dice"] for r in per_stack.values()])), 4) for k in keys}
     write_result(a.out, {}, runs=a.runs, per_stack=per_stack, mean_dice_closings=mean)

@@ -17,7 +17,6 @@ number gains at least 0.01 on the mean over the calibrated cut and costs no stac
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, load_stacks, write_result  # noqa: E402
+from accuracy import fold_probe, write_result  # noqa: E402
 
 LOWS = (0.1, 0.2, 0.3, 0.4)
 HIGHS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -68,16 +67,9 @@ def leave_one_out(per_stack: dict, mode: str) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--runs", required=True, help="fold-model folder of an accuracy.py run")
-    p.add_argument("--out", default="benchmarks/results/accuracy-hysteresis.json")
-    a = p.parse_args(argv)
-    per_stack = {}
-    for name, (pre, lab) in load_stacks(Path(a.data)).items():
-        per_stack[name] = probe(name, pre, lab, Path(a.runs))
-        print(name, per_stack[name]["calibrated"], flush=True)
+def main():
+    a, per_stack = fold_probe(__doc__.splitlines()[0], "benchmarks/results/accuracy-hysteresis.json", probe,
+                              show=lambda row: row["calibrated"])
     loo = {mode: leave_one_out(per_stack, mode) for mode in ("3d", "2d")}
     keys = [k for k, v in next(iter(per_stack.values())).items() if isinstance(v, float) and k != "threshold"]
     mean = {k: round(float(np.mean([r[k] for r in per_stack.values()])), 4) for k in keys}

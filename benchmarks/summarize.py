@@ -168,6 +168,11 @@ def src(entry) -> str:
 
 # -- sections ----------------------------------------------------------------------------------------
 
+def _paragraph(title: str, text: str) -> list[str]:
+    """A section of one paragraph under a ### heading."""
+    return [f"### {title}", "", text, ""]
+
+
 def section_pipeline(e) -> list[str]:
     d = e["doc"]
     z, y, x = d["scan"]["shape_zyx"]
@@ -424,12 +429,10 @@ def section_bin_table(e) -> list[str]:
     d = e["doc"]
     med = d["median_ms"]
     rev = d["against_commit"]
-    return ["### CLAHE's per-slice bin table (uint16 input), against an older commit",
-            "",
-            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['keys']}; identical tables checked. "
-            f"Median per table: {med[rev]:.3f} ms at {rev}, {med['current']:.3f} ms now "
-            f"({d['speedup_median']:.1f}x). On a GPU this is host time per slice of the chain.",
-            ""]
+    return _paragraph("CLAHE's per-slice bin table (uint16 input), against an older commit",
+                      f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['keys']}; identical tables checked. "
+                      f"Median per table: {med[rev]:.3f} ms at {rev}, {med['current']:.3f} ms now "
+                      f"({d['speedup_median']:.1f}x). On a GPU this is host time per slice of the chain.")
 
 
 def section_unet(e) -> list[str]:
@@ -549,25 +552,21 @@ def section_finetune(e) -> list[str]:
 
 def section_probe(e) -> list[str]:
     m = e["doc"]["mean"]
-    return ["### What limits the held-out Dice (probes on the fold models)",
-            "",
-            f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice: calibrated {m['calibrated']:.3f}, best threshold per stack "
-            f"(chosen with its labels) {m['at_best_threshold']:.3f}, 8-fold TTA {m['tta8_calibrated']:.3f}"
-            + (f", ensemble {m['ensemble_at_0.5']:.3f}" if "ensemble_at_0.5" in m else "") + ".",
-            ""]
+    return _paragraph("What limits the held-out Dice (probes on the fold models)",
+                      f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice: calibrated {m['calibrated']:.3f}, best threshold per stack "
+                      f"(chosen with its labels) {m['at_best_threshold']:.3f}, 8-fold TTA {m['tta8_calibrated']:.3f}"
+                      + (f", ensemble {m['ensemble_at_0.5']:.3f}" if "ensemble_at_0.5" in m else "") + ".")
 
 
 def section_tiles(e) -> list[str]:
     runs = e["doc"]["runs"]
     gains = [r["mean"]["training_calibrated"] - r["mean"]["tile256_calibrated"] for r in runs.values()]
     first = next(iter(runs.values()))["mean"]
-    return ["### Inference tile: the training tile against 256-pixel tiles (same fold models)",
-            "",
-            f"{src(e)}; see docs/accuracy.md. {len(runs)} recipes' fold models; at the calibrated cut the training "
-            f"tile is ahead in {sum(g > 0 for g in gains)} of {len(gains)} (change {min(gains):+.3f} to "
-            f"{max(gains):+.3f}); first run ({next(iter(runs))}): {first['tile256_calibrated']:.3f} -> "
-            f"{first['training_calibrated']:.3f}.",
-            ""]
+    return _paragraph("Inference tile: the training tile against 256-pixel tiles (same fold models)",
+                      f"{src(e)}; see docs/accuracy.md. {len(runs)} recipes' fold models; at the calibrated cut the training "
+                      f"tile is ahead in {sum(g > 0 for g in gains)} of {len(gains)} (change {min(gains):+.3f} to "
+                      f"{max(gains):+.3f}); first run ({next(iter(runs))}): {first['tile256_calibrated']:.3f} -> "
+                      f"{first['training_calibrated']:.3f}.")
 
 
 def section_scales(e) -> list[str]:
@@ -580,31 +579,25 @@ def section_scales(e) -> list[str]:
             f"{r['mean']['scale_chosen_leave_one_out_calibrated']:.3f} at the scale chosen leave one stack out, "
             f"{r['mean']['best_scale_per_stack_calibrated']:.3f} at the best scale per stack"
             for r in runs.values()]
-    return ["### Inference scale: the input resized before the U-Net (same fold models)",
-            "",
-            f"{src(e)}; see docs/accuracy.md. Mean Dice at the calibrated cut, {len(runs)} recipes' fold models: "
-            + "; ".join(rows) + ".",
-            ""]
+    return _paragraph("Inference scale: the input resized before the U-Net (same fold models)",
+                      f"{src(e)}; see docs/accuracy.md. Mean Dice at the calibrated cut, {len(runs)} recipes' fold models: "
+                      + "; ".join(rows) + ".")
 
 
 def section_hysteresis(e) -> list[str]:
     m = e["doc"]["mean"]
-    return ["### Hysteresis on the probabilities (same fold models)",
-            "",
-            f"{src(e)}; see docs/accuracy.md. Mean Dice: calibrated cut {m['calibrated']:.3f}; hysteresis with the "
-            f"(low, high) pair chosen leave one stack out {m['hyst_3d_leave_one_out']:.3f} in 3-D, "
-            f"{m['hyst_2d_leave_one_out']:.3f} slice by slice.",
-            ""]
+    return _paragraph("Hysteresis on the probabilities (same fold models)",
+                      f"{src(e)}; see docs/accuracy.md. Mean Dice: calibrated cut {m['calibrated']:.3f}; hysteresis with the "
+                      f"(low, high) pair chosen leave one stack out {m['hyst_3d_leave_one_out']:.3f} in 3-D, "
+                      f"{m['hyst_2d_leave_one_out']:.3f} slice by slice.")
 
 
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
-    return ["### The paper's closings on the held-out masks",
-            "",
-            f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice as segmented -> after the closings: union "
-            f"{m['union']:.3f} -> {m['union_closed']:.3f}, U-Net {m['unet']:.3f} -> {m['unet_closed']:.3f}, "
-            f"difference of medians {m['dom']:.3f} -> {m['dom_closed']:.3f}.",
-            ""]
+    return _paragraph("The paper's closings on the held-out masks",
+                      f"{src(e)}{tiles_then(e['doc'])}; see docs/accuracy.md. Mean Dice as segmented -> after the closings: union "
+                      f"{m['union']:.3f} -> {m['union_closed']:.3f}, U-Net {m['unet']:.3f} -> {m['unet_closed']:.3f}, "
+                      f"difference of medians {m['dom']:.3f} -> {m['dom_closed']:.3f}.")
 
 
 def section_session(e) -> list[str]:
