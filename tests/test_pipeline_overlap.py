@@ -172,12 +172,21 @@ def test_ctrl_c_while_the_run_waits_for_the_last_graph_still_finishes_that_chann
     monkeypatch.setattr(pipeline, "futures_wait", futures_wait)
     monkeypatch.setattr(graph, "skeleton_graph", skeleton)
     cfg = _cfg(channels=["C00"])
-    with pytest.raises(KeyboardInterrupt):
+    try:
         Pipeline(cfg).run(scan, tmp_path)
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
+    err = capfd.readouterr().err
+    # seen once in a full serial suite (not reproduced alone, under load, or with the pipeline test files
+    # before it): say what happened, should it come again
+    assert interrupted, f"the run was not interrupted; skeleton calls: {calls}, waited: {waiting.is_set()}, " \
+                        f"stderr: {err[-2000:]}"
     assert calls and calls[0].startswith("gpuheart-tree-graph")
     assert (tmp_path / "C00" / "tree.graphml").exists()  # the graph ran to its end: it was waited for
     assert _manifest(tmp_path / "C00").get("done"), "C00's graph was waited for, but C00 was not finished"
-    assert "waiting for C00's tree graph" in capfd.readouterr().err
+    assert "waiting for C00's tree graph" in err
     monkeypatch.setattr(graph, "skeleton_graph", real_skeleton)
     again = Pipeline(cfg).run(scan, tmp_path)
     assert again.reused == ["C00"] and again.summary["C00"]["tree"]["n_branches"] > 0
