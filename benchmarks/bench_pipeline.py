@@ -311,11 +311,18 @@ def analyse(run: dict, slices: int, size: int, channels: int, cfg) -> dict:
     }
 
 
+def scratch(workdir: str | None) -> Path:
+    """A fresh folder for the scan and outputs, inside ``workdir`` (made if missing) or the system temp folder."""
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="gpuheart-bench-", dir=workdir))
+
+
 def measure(slices: int, size: int, channels: int, device: str = "auto", mesh: bool = False,
             report: bool = False, workdir: str | None = None, keep: bool = False, trace_memory: bool = True,
             in_process_setup: bool = False, warmup: bool = True, graph: bool = True) -> dict:
     cfg, note = make_config(device, channels, mesh, report, graph)
-    base = Path(tempfile.mkdtemp(prefix="gpuheart-bench-", dir=workdir))
+    base = scratch(workdir)
     try:
         setup_s = write_scan(base / "input", slices, size, in_process=in_process_setup)
         scan_bytes = sum(f.stat().st_size for f in (base / "input" / "scan").iterdir())
@@ -374,7 +381,7 @@ def compare_graph_background(slices: int, size: int, channels: int, pairs: int =
     from dataclasses import replace
 
     cfg, note = make_config(device, channels, mesh=True, report=False)
-    base = Path(tempfile.mkdtemp(prefix="gpuheart-bench-", dir=workdir))
+    base = scratch(workdir)
     times: dict[str, list] = {"in turn": [], "background": []}
     stages: dict[str, list] = {"in turn": [], "background": []}
     try:
