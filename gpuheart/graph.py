@@ -388,6 +388,40 @@ def _branch(i: int, u: int, v: int, path: np.ndarray, radii: np.ndarray, vs: np.
     return Branch(i, int(u), int(v), path, length, float(radii.mean()), float(radii.max()), tort)
 
 
+def _measure_branches(paths, coords: np.ndarray, radii: np.ndarray, vs: np.ndarray, smooth: int) -> list[Branch]:
+    """:func:`_branch` of every traced path ``(u, v, voxel ids)``, as arrays over the paths of one length at a
+    time: a dense tree has some 10^5 branches, and one call each was 3.5 s of a 26 s skeleton stage. Per path
+    the arithmetic is :func:`_branch`'s, in the same order (the same moving average along the same axis, the
+    same reductions along contiguous rows), so the measures are the same bits (tested). Loops (``u == v``),
+    closed through their node and few, are measured one by one."""
+    out: list = [None] * len(paths)
+    by_length: dict[int, list[int]] = {}
+    for i, (u, v, p) in enumerate(paths):
+        if u == v:
+            out[i] = _branch(i, u, v, coords[p], radii[p], vs, smooth)
+        else:
+            by_length.setdefault(len(p), []).append(i)
+    for n, idx in by_length.items():
+        ids = np.array([paths[i][2] for i in idx], np.int64)  # (paths, n)
+        pts = coords[ids]
+        um = pts * vs
+        w = min(int(smooth), (n // 4) | 1)   # path_length's window; its ends stay in place
+        s = um
+        if w > 1 and n > 2:
+            s = ndi.uniform_filter1d(um, w, axis=1, mode="nearest")
+            s[:, 0], s[:, -1] = um[:, 0], um[:, -1]
+        length = np.linalg.norm(np.diff(s, axis=1), axis=2).sum(axis=1)
+        chord = np.linalg.norm(um[:, -1] - um[:, 0], axis=1)
+        r = radii[ids]
+        mean, top = r.mean(axis=1), r.max(axis=1)
+        for j, i in enumerate(idx):
+            u, v, _ = paths[i]
+            c, ln = float(chord[j]), float(length[j])
+            out[i] = Branch(i, int(u), int(v), pts[j], ln, float(mean[j]), float(top[j]),
+                            ln / c if c > 0 else math.nan)
+    return out
+
+
 def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int = 1,
                    origin_um=(0.0, 0.0, 0.0), smooth: int = 7) -> VesselGraph:
     """Graph of the curve skeleton of a (z, y, x) bool mask; see the module docstring.
@@ -423,8 +457,7 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
                     for a in range(3)], axis=1) / np.maximum(counts, 1)[:, None] + origin
 
     radii = radii_at(mask, coords, vs) if paths else np.zeros(len(coords))
-    branches = [_branch(i, u, v, coords[p], radii[p], vs, smooth)
-                for i, (u, v, p) in enumerate(paths)]
+    branches = _measure_branches(paths, coords, radii, vs, smooth)
     degree = np.zeros(n_nodes, np.int64)
     for b in branches:
         degree[b.u] += 1

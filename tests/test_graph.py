@@ -189,6 +189,27 @@ def test_branches_partition_the_skeleton(seed):
         assert b.u != b.v or len(b.path) > 2
 
 
+@pytest.mark.parametrize("smooth", [1, 3, 7])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_branch_measures_as_arrays_are_the_per_branch_bits(seed, smooth):
+    """skeleton_graph measures the paths of one length at a time; _branch, one path at a time, is the
+    reference: the same paths, lengths, radii and tortuosities to the bit (what the CSV and GraphML write)."""
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.random((20, 48, 48)), 1.2) > 0.5
+    vs = np.array([2.5, 1.0, 0.75])
+    coords = np.argwhere(skeletonize(mask)).astype(np.int64)
+    _, _, paths = vg._trace_skeleton(*vg._adjacency(coords, mask.shape))
+    radii = vg.radii_at(mask, coords, vs)
+    assert len(paths) > 50 and len({len(p) for _, _, p in paths}) > 5 and any(u == v for u, v, _ in paths)
+    got = vg._measure_branches(paths, coords, radii, vs, smooth)
+    for i, (u, v, p) in enumerate(paths):
+        want = vg._branch(i, u, v, coords[p], radii[p], vs, smooth)
+        assert (got[i].id, got[i].u, got[i].v) == (want.id, want.u, want.v)
+        np.testing.assert_array_equal(got[i].path, want.path)
+        for field in ("length_um", "mean_radius_um", "max_radius_um", "tortuosity"):
+            assert repr(getattr(got[i], field)) == repr(getattr(want, field)), (i, field)
+
+
 @pytest.mark.parametrize("kdtree_below", [0.0, 1 / 8, 2.0])   # never, the default rule, always
 @pytest.mark.parametrize("seed", range(4))
 def test_radii_of_thin_tubes_and_background_points_match_scipy(seed, kdtree_below, monkeypatch):
