@@ -242,14 +242,17 @@ def _adjacency(coords: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
     return adj.indptr, adj.indices
 
 
-def _trace(nbrs: list[list[int]], is_node: np.ndarray, start: int, first: int,
-           visited: np.ndarray) -> list[int]:
-    """Voxel path from node voxel ``start`` through ``first`` to the next node voxel."""
+def _trace(ptr: list[int], ind: list[int], is_node: bytearray, start: int, first: int,
+           visited: bytearray) -> list[int]:
+    """Voxel path from node voxel ``start`` through ``first`` to the next node voxel. ``ptr``, ``ind`` (the
+    CSR adjacency) are lists and the flags bytearrays: one voxel at a time, their items are read faster
+    than an array's (a dense tree's skeleton has about a million voxels)."""
     path = [start, first]
     prev, cur = start, first
     while not is_node[cur]:
-        visited[cur] = True
-        a, b = nbrs[cur]  # a path voxel has exactly two neighbours
+        visited[cur] = 1
+        k = ptr[cur]
+        a, b = ind[k], ind[k + 1]  # a path voxel has exactly two neighbours
         prev, cur = cur, (b if a == prev else a)
         path.append(cur)
     return path
@@ -277,26 +280,27 @@ def _trace_skeleton(indptr: np.ndarray, indices: np.ndarray):
     node_of[single] = np.arange(n_nodes, n_nodes + len(single))
     n_nodes += len(single)
 
-    nbrs = [indices[indptr[i]:indptr[i + 1]].tolist() for i in range(n)]
-    visited = np.zeros(n, bool)
+    ptr, ind = indptr.tolist(), indices.tolist()
+    node, seen = bytearray(is_node.tobytes()), bytearray(n)
+    visited = np.frombuffer(seen, bool)  # a view: the rings below see the traces' marks
     paths = []
     for s in np.flatnonzero(is_node):
-        for t in nbrs[s]:
-            if is_node[t]:
+        for t in ind[ptr[s]:ptr[s + 1]]:
+            if node[t]:
                 # two node voxels side by side: a one-step branch, unless inside one branch point
                 if s < t and node_of[s] != node_of[t]:
                     paths.append((node_of[s], node_of[t], [s, t]))
-            elif not visited[t]:
-                p = _trace(nbrs, is_node, s, t, visited)
+            elif not seen[t]:
+                p = _trace(ptr, ind, node, s, t, seen)
                 paths.append((node_of[s], node_of[p[-1]], p))
     # rings with no node at all: promote one voxel to a node (degree 2, one self-loop)
     for s in np.flatnonzero(~is_node & ~visited):
-        if visited[s]:
+        if seen[s]:
             continue
-        is_node[s], node_of[s] = True, n_nodes
+        node[s], node_of[s] = 1, n_nodes
         n_nodes += 1
-        p = _trace(nbrs, is_node, s, nbrs[s][0], visited)
-        visited[s] = True
+        p = _trace(ptr, ind, node, s, ind[ptr[s]], seen)
+        seen[s] = 1
         paths.append((node_of[s], node_of[s], p))
     return node_of, n_nodes, paths
 
