@@ -10,6 +10,8 @@ boxes). Then the graph's skeleton stage (``graph.skeleton_graph`` of the largest
 pytest-benchmark:   python -m pytest benchmarks/bench_label.py --benchmark-only
 side by side:       python benchmarks/bench_label.py [--slices 64] [--workers 2] [--against REV]
                     (writes benchmarks/results/cpu-label.json)
+a run's own mask:   python benchmarks/bench_label.py --mask OUT/C02/mask.ome.zarr --against REV --out FILE
+                    (e.g. the dense autofluorescence channel of ``bench_pipeline.py --keep``)
 """
 from __future__ import annotations
 
@@ -37,6 +39,14 @@ def vessel_mask(slices: int, size: int = 2048) -> np.ndarray:
     ph = Phantom(PhantomConfig.preset("large", shape=(slices, size, size)))
     return np.concatenate([(ph.truth("C00", z, min(z + SLAB, slices)) > 0).astype(np.uint8) * 255
                            for z in range(0, slices, SLAB)])
+
+
+def stored_mask(path: Path) -> np.ndarray:
+    """uint8 0/255 mask of a store a run wrote (``OUT/CHANNEL/mask.ome.zarr``, or any scan gpuheart opens)."""
+    from gpuheart.io import open_scan
+
+    with open_scan(path) as m:
+        return (m.read_slab(m.channels[0], 0, m.shape[0]) > 0).astype(np.uint8) * 255
 
 
 def reader(mask: np.ndarray):
@@ -85,9 +95,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="threads of the threaded side")
     ap.add_argument("--against", metavar="REV", help="also time gpuheart/morphology.py of this git revision")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mask", type=Path, help="a run's mask store instead of the built-in scan's vessel truth")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    mask = vessel_mask(a.slices, a.size)
+    mask = stored_mask(a.mask) if a.mask else vessel_mask(a.slices, a.size)
     here = "this code (" + _git("rev-parse", "--short", "HEAD") + (" + changes" if _git("status", "--porcelain",
                                                                                         "gpuheart") else "") + ")"
     sides = {f"{here}, 1 thread": (morphology, 1), f"{here}, {a.workers} threads": (morphology, a.workers)}
@@ -107,7 +118,9 @@ def main(argv=None) -> dict:
     skeleton = skeleton_sides(mask, here, a.against and module_at(a.against, "graph"), a.against, a.rounds)
     out = {"machine": machine_info("cpu"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "benchmark": "label_slabs: morphology.label_slabs, 26-connected, slabs of 16, then the largest component's "
-                        "slabs relabelled, on the built-in scan's vessel truth (large preset)",
+                        "slabs relabelled, on " + (f"the mask store {a.mask.name} of {a.mask.parent.name}" if a.mask else
+                                                   "the built-in scan's vessel truth (large preset)"),
+           "mask": str(a.mask) if a.mask else None,
            "shape": list(mask.shape), "slab_size": SLAB, "mask_fraction": round(float((mask > 0).mean()), 4),
            "components": first.n_components, "seconds": times, "best_s": best, "against_commit": a.against,
            "identical_results_checked": True,

@@ -32,7 +32,7 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 
 def kind_of(doc: dict, path: Path) -> str:
     if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile", "gil",
-                           "clahe-bin-table"):
+                           "clahe-bin-table", "pipeline-ab"):
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
@@ -398,6 +398,25 @@ def section_label(e) -> list[str]:
     return out + [""]
 
 
+def section_pipeline_ab(e) -> list[str]:
+    d = e["doc"]
+    z, y, x = d["scan"]["shape_zyx"]
+    mean = {k: sum(v["total_s"]) / len(v["total_s"]) for k, v in d["sides"].items()}
+    (old, t_old), (new, t_new) = mean.items()
+    out = ["### End to end, against an older commit",
+           "",
+           f"Measured {e['when']} on {machine_line(d)} ({src(e)}): {z}x{y}x{x} x {d['scan']['channels']} channels, "
+           f"mesh on, runs alternating ({d['order']}). Mean total {t_old:.1f} s at {old}, {t_new:.1f} s at {new} "
+           f"({t_old / t_new:.2f}x). Per run, seconds:",
+           "",
+           "| stage | " + " | ".join(d["sides"]) + " |", "|---|" + "---:|" * len(d["sides"])]
+    stages = next(iter(d["sides"].values()))["stages_s"]
+    out += [f"| {k} | " + " | ".join(", ".join(f"{t:.1f}" for t in v["stages_s"][k]) for v in d["sides"].values()) + " |"
+            for k in stages]
+    out += ["| total | " + " | ".join(", ".join(f"{t:.1f}" for t in v["total_s"]) for v in d["sides"].values()) + " |"]
+    return out + [""] + [f"- {n}" for n in d.get("notes", [])] + [""]
+
+
 def section_graph_overlap(e) -> list[str]:
     d = e["doc"]
     z, y, x = d["scan"]["shape_zyx"]
@@ -661,9 +680,9 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales,
             "hysteresis": section_hysteresis, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
-            "pipeline-graph-overlap": section_graph_overlap, "gpu-profile": section_gpu_profile, "gil": section_gil,
+            "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
-ORDER = ["pipeline", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
+ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
          "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "closings", "finetune",
          "pytest-benchmark"]
 
@@ -707,10 +726,11 @@ def render(entries: list[dict]) -> str:
            "| closings vs scipy.ndimage | `python benchmarks/bench_morphology.py` | `cpu-morphology.json` |",
            "| CLAHE vs scikit-image | `python benchmarks/bench_exposure.py` | `cpu-exposure.json` |",
            "| reading per-slice TIFFs, 1 thread vs several; mask codec | `python benchmarks/bench_io.py` | `cpu-io.json` |",
+           "| end to end against an older commit (runs alternating; a worktree of the commit runs its own copy) | `python benchmarks/bench_pipeline.py --slices 8 --size 2048 --channels 3 --mesh --out ...`, alternately from each checkout | `cpu-pipeline-ab.json` (assembled from the runs) |",
            "| tree graph in a worker thread vs in turn | `python benchmarks/bench_pipeline.py --slices 8 --size 1024 --compare-graph-background 3` | `<device>-pipeline-graph-overlap.json` |",
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
-           "| the tree graph's labelling (1 thread vs several) and skeleton, optionally against an older commit | `python benchmarks/bench_label.py --against REV` | `cpu-label.json` |",
+           "| the tree graph's labelling (1 thread vs several) and skeleton, optionally against an older commit | `python benchmarks/bench_label.py --against REV [--mask OUT/C02/mask.ome.zarr --out ...]` | `cpu-label.json`, `cpu-label-dense.json` |",
            "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
            "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",
