@@ -104,7 +104,7 @@ def test_capped_pool_retries_smaller_slabs_on_the_fake_gpu(modules, small_scan, 
     import test_resume
 
     with fake_device.fake_gpu(modules, monkeypatch):
-        test_resume.test_capped_device_memory_pool_still_completes(small_scan, tmp_path, monkeypatch)
+        test_resume.capped_pool_completes(small_scan, tmp_path, monkeypatch)
 
 
 def test_checkpointed_accumulator_takes_device_slabs_on_the_fake_gpu(modules, monkeypatch):

@@ -44,9 +44,9 @@ def scan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_scan(tmp_path_factory):
-    """For the capped-pool test, which also runs on the fake GPU, where every kernel launch is emulated on the
-    host: on 40x128x128 it was the slowest test of the suite (57 s on 2 cores; 24 s on this scan). A full slab
-    of 16 and a short one still come through the plan and the retries."""
+    """For the capped-pool test on the fake GPU, where every kernel launch is emulated on the host: on the
+    40x128x128 scan it was the slowest test of the suite (57 s on 2 cores; 24 s on this one). A full slab of 16
+    and a short one still come through the plan and the retries. A real GPU keeps the larger scan."""
     from gpuheart.phantom import PhantomConfig, write_phantom
 
     folder = tmp_path_factory.mktemp("ph_small") / "ph"
@@ -151,11 +151,15 @@ def test_other_errors_are_not_retried(scan, tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_capped_device_memory_pool_still_completes(small_scan, tmp_path, monkeypatch):
+def test_capped_device_memory_pool_still_completes(scan, tmp_path, monkeypatch):
     """On a GPU, with a memory pool too small for a 16-slice slab: the slab plan sees the cap, and when a
     slab does not fit anyway (the plan forced to the whole slab here), the out-of-memory error reaches
     the shrink-and-retry path (it is not swallowed by a kernel's host fallback) and the output is the
     same as an uncapped run's."""
+    capped_pool_completes(scan, tmp_path, monkeypatch)
+
+
+def capped_pool_completes(scan, tmp_path, monkeypatch):
     import cupy
 
     from gpuheart import Pipeline, PipelineConfig, backend, exposure, filters, morphology, pipeline
@@ -163,18 +167,20 @@ def test_capped_device_memory_pool_still_completes(small_scan, tmp_path, monkeyp
     cfg = PipelineConfig.from_dict({"slab_size": 16, "progress": False, "channels": ["C00"], "device": "cuda",
                                     "segment": {"method": "dom"}, "output": {"report": False},
                                     "mesh": {"enabled": False}, "graph": {"enabled": False}})
-    ref = Pipeline(cfg).run(small_scan, tmp_path / "ref")
+    ref = Pipeline(cfg).run(scan, tmp_path / "ref")
+    with open_scan(scan) as sc:
+        shape = sc.shape
     filters._CUDA_FAILED.clear(), exposure._warned.clear(), morphology._warned.clear()
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    cap = 16 * 64 * 64 * 4 * 3  # about three float32 copies of a 16-slice slab: less than one needs
+    cap = 16 * shape[1] * shape[2] * 4 * 3  # about three float32 copies of a 16-slice slab: less than one needs
     pool.set_limit(size=cap)
     try:
         assert backend.device_free_bytes() <= cap
-        assert pipeline.plan_slices(16, (24, 64, 64), backend.device_free_bytes()) < 16
+        assert pipeline.plan_slices(16, shape, backend.device_free_bytes()) < 16
         monkeypatch.setattr(pipeline, "plan_slices", lambda step, shape, free, fraction=0.5: step)
         with pytest.warns(RuntimeWarning, match="out of device memory"):
-            got = Pipeline(cfg).run(small_scan, tmp_path / "capped")
+            got = Pipeline(cfg).run(scan, tmp_path / "capped")
     finally:
         pool.set_limit(size=0)
     assert not filters._CUDA_FAILED and not exposure._warned and not morphology._warned
