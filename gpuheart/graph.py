@@ -39,8 +39,9 @@ The skeleton itself is computed on the voxel grid, i.e. Lee's thinning does not 
 anisotropy; positions and measures do.
 
 Memory and the whole heart (honest limits): this works on one in-memory array. Peak use is
-about 15 bytes per voxel of the array passed where the mask is dense (SciPy's int32 feature
-transform, 12 bytes, for the radii; a padded copy; Lee's thinning about 1 byte), about 4 where
+about 17 bytes per voxel of the array passed where the mask is dense (SciPy's int32 feature
+transform, 12 bytes, for the radii, computed in a second thread while the skeleton is thinned; padded
+copies; Lee's thinning about 1 byte), about 4 where
 it is sparse enough for the radii's k-d tree (:func:`radii_at`), and time about 0.2 s per million
 voxels on one CPU core (measured on the phantom, 25 M voxels in 5 s). A whole-heart mask at
 full resolution (~10^10-10^11 voxels) cannot be done this way. What works:
@@ -58,6 +59,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,7 +340,33 @@ def path_length(um: np.ndarray, smooth: int = 7) -> float:
 RADII_KDTREE_BELOW = 1 / 8
 
 
-def radii_at(mask: np.ndarray, points: np.ndarray, voxel_size) -> np.ndarray:
+def _near_background(padded: np.ndarray) -> np.ndarray:
+    """Background voxels with a foreground face neighbour."""
+    near = np.zeros_like(padded)
+    for axis in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        near[tuple(lo)] |= padded[tuple(hi)]
+        near[tuple(hi)] |= padded[tuple(lo)]
+    near &= ~padded
+    return near
+
+
+def _feature_transform(padded: np.ndarray, vs: np.ndarray) -> np.ndarray:
+    return ndi.distance_transform_edt(padded, sampling=vs, return_distances=False, return_indices=True)
+
+
+def dense_feature_transform(mask: np.ndarray, voxel_size) -> np.ndarray | None:
+    """The feature transform :func:`radii_at` will use on ``mask`` whatever the points, or None where its
+    choice depends on the points: computed while the skeleton is thinned (both release the GIL), since a
+    dense mask's radii need it and it does not need the skeleton."""
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    if np.count_nonzero(_near_background(padded)) < RADII_KDTREE_BELOW * padded.size:
+        return None
+    return _feature_transform(padded, np.asarray(voxel_size, np.float64))
+
+
+def radii_at(mask: np.ndarray, points: np.ndarray, voxel_size, feature_transform=None) -> np.ndarray:
     """Distance (µm) from each (k, 3) voxel index in ``points`` to the nearest background voxel.
 
     Equals ``ndi.distance_transform_edt(mask, sampling=voxel_size)[points]`` except that the
@@ -348,6 +376,7 @@ def radii_at(mask: np.ndarray, points: np.ndarray, voxel_size) -> np.ndarray:
     and still background otherwise), so where those are few (a sparse vessel tree in its box) only
     they are searched, in a k-d tree (2 bytes a voxel of the box); otherwise SciPy's int32 feature
     transform of the box is kept (12 bytes a voxel), and distances are computed at ``points`` alone.
+    ``feature_transform``: that of :func:`dense_feature_transform` (same mask and voxel size), if at hand.
     """
     padded = np.pad(np.asarray(mask, dtype=bool), 1)
     vs = np.asarray(voxel_size, np.float64)
@@ -356,24 +385,20 @@ def radii_at(mask: np.ndarray, points: np.ndarray, voxel_size) -> np.ndarray:
     inside = padded[tuple(p.T)] if len(p) else np.zeros(0, bool)
     if not inside.any():
         return out
-    near = np.zeros_like(padded)   # voxels with a foreground face neighbour
-    for axis in range(3):
-        lo, hi = [slice(None)] * 3, [slice(None)] * 3
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        near[tuple(lo)] |= padded[tuple(hi)]
-        near[tuple(hi)] |= padded[tuple(lo)]
-    near &= ~padded
-    if np.count_nonzero(near) + np.count_nonzero(inside) < RADII_KDTREE_BELOW * padded.size:
-        del padded
-        border = np.argwhere(near)
+    if feature_transform is None:
+        near = _near_background(padded)
+        if np.count_nonzero(near) + np.count_nonzero(inside) < RADII_KDTREE_BELOW * padded.size:
+            del padded
+            border = np.argwhere(near)
+            del near
+            _, nearest = cKDTree(border * vs).query(p[inside] * vs)
+            nearest = border[nearest]
+            out[inside] = np.linalg.norm((nearest - p[inside]) * vs, axis=1)
+            return out
         del near
-        _, nearest = cKDTree(border * vs).query(p[inside] * vs)
-        nearest = border[nearest]
-    else:
-        del near
-        ft = ndi.distance_transform_edt(padded, sampling=vs, return_distances=False, return_indices=True)
-        del padded
-        nearest = ft[(slice(None), *p[inside].T)].T
+        feature_transform = _feature_transform(padded, vs)
+    del padded
+    nearest = feature_transform[(slice(None), *p[inside].T)].T
     out[inside] = np.linalg.norm((nearest - p[inside]) * vs, axis=1)
     return out
 
@@ -434,7 +459,7 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
     in (y, x) and multiplies the (y, x) voxel size by ``k``; branch paths are then indices in
     the pooled grid. ``origin_um`` is added to node positions (e.g. a crop's offset).
     ``smooth`` is the moving-average window (points) for branch lengths (:func:`path_length`).
-    Memory: up to about 15 bytes per voxel of the (pooled) mask; crop and downsample whole hearts.
+    Memory: up to about 17 bytes per voxel of the (pooled) mask; crop and downsample whole hearts.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
@@ -448,11 +473,14 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
     origin = np.asarray(origin_um, np.float64) + pooled_offset_um(vs, k)
     vs = vs * np.array([1.0, k, k])
 
-    skel = skeleton(mask)
-    coords = np.argwhere(skel).astype(np.int64)
-    del skel
-    indptr, indices = _adjacency(coords, mask.shape)
-    node_of, n_nodes, paths = _trace_skeleton(indptr, indices)
+    with ThreadPoolExecutor(1, thread_name_prefix="gpuheart-radii") as pool:
+        dense_ft = pool.submit(dense_feature_transform, mask, vs)  # beside the thinning, on another core
+        skel = skeleton(mask)
+        coords = np.argwhere(skel).astype(np.int64)
+        del skel
+        indptr, indices = _adjacency(coords, mask.shape)
+        node_of, n_nodes, paths = _trace_skeleton(indptr, indices)
+        ft = dense_ft.result()
 
     # node position: mean of its voxels (one voxel except for branch points)
     members = node_of >= 0
@@ -460,7 +488,8 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
     pos = np.stack([np.bincount(node_of[members], coords[members, a] * vs[a], minlength=n_nodes)
                     for a in range(3)], axis=1) / np.maximum(counts, 1)[:, None] + origin
 
-    radii = radii_at(mask, coords, vs) if paths else np.zeros(len(coords))
+    radii = radii_at(mask, coords, vs, ft) if paths else np.zeros(len(coords))
+    del ft
     branches = _measure_branches(paths, coords, radii, vs, smooth)
     degree = np.zeros(n_nodes, np.int64)
     for b in branches:

@@ -244,6 +244,25 @@ def test_radii_match_scipy_distance_transform(kdtree_below, monkeypatch):
     np.testing.assert_allclose(vg.radii_at(full, pts, vs), ref[tuple(pts.T)])
 
 
+def test_the_feature_transform_computed_beside_the_thinning_gives_the_same_graph(monkeypatch):
+    """skeleton_graph computes a dense mask's feature transform while the skeleton is thinned; radii_at
+    would have computed the same one afterwards: the same radii to the bit, and none for a sparse mask."""
+    rng = np.random.default_rng(7)
+    dense = ndi.gaussian_filter(rng.random((12, 40, 40)), 1.5) > 0.5
+    vs = (2.0, 1.0, 0.8)
+    ft = vg.dense_feature_transform(dense, vs)
+    assert ft is not None
+    pts = np.argwhere(dense)
+    np.testing.assert_array_equal(vg.radii_at(dense, pts, vs, ft), vg.radii_at(dense, pts, vs))
+    sparse = capsules((11, 40, 60), VS, [((10, 28, 5), (10, 28, 55))], 2.0)
+    assert vg.dense_feature_transform(sparse, VS) is None
+    got = vg.skeleton_graph(dense, vs)
+    monkeypatch.setattr(vg, "dense_feature_transform", lambda mask, voxel_size: None)
+    want = vg.skeleton_graph(dense, vs)
+    assert [(b.u, b.v, b.length_um, b.mean_radius_um, b.max_radius_um) for b in got.branches] == \
+        [(b.u, b.v, b.length_um, b.mean_radius_um, b.max_radius_um) for b in want.branches]
+
+
 def test_largest_tree_keeps_bigger_component():
     small = capsules((11, 40, 60), VS, [((10, 8, 5), (10, 8, 25))], 2.0)
     big = capsules((11, 40, 60), VS, [((10, 28, 5), (10, 28, 55))], 3.0)
