@@ -558,15 +558,13 @@ def write_branches_csv(graph: VesselGraph, path) -> None:
     path, tmp = _atomic_path(path)
 
     def write(p: Path) -> None:
+        # rows as the csv module writes them (no field needs quoting: numbers and nan), the node positions
+        # formatted once per node rather than once per branch end
+        pos = [",".join(map(repr, xyz)) for xyz in np.asarray(graph.node_pos_um, np.float64).tolist()]
         with open(p, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(CSV_COLUMNS)
-            for b in graph.branches:
-                pu, pv = graph.node_pos_um[b.u], graph.node_pos_um[b.v]
-                w.writerow([b.id, b.u, b.v, repr(b.length_um), repr(b.mean_radius_um),
-                            repr(b.max_radius_um), repr(b.tortuosity),
-                            *(repr(float(x)) for x in pu), *(repr(float(x)) for x in pv),
-                            len(b.path)])
+            csv.writer(fh).writerow(CSV_COLUMNS)
+            fh.writelines(f"{b.id},{b.u},{b.v},{b.length_um!r},{b.mean_radius_um!r},{b.max_radius_um!r},"
+                          f"{b.tortuosity!r},{pos[b.u]},{pos[b.v]},{len(b.path)}\r\n" for b in graph.branches)
 
     _replace_or_clean(tmp, path, write)
 

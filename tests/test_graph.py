@@ -340,6 +340,24 @@ def test_csv_round_trip(tmp_path, y_graph):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["branches.csv"]
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_csv_is_what_the_csv_module_writes(tmp_path, seed):
+    """Rows are formatted directly, as the csv module would write them (loops, whose tortuosity is nan, included)."""
+    rng = np.random.default_rng(seed)
+    g = vg.skeleton_graph(ndi.gaussian_filter(rng.random((16, 40, 40)), 1.2) > 0.5, (2.5, 1.0, 0.75))
+    assert any(math.isnan(b.tortuosity) for b in g.branches)
+    vg.write_branches_csv(g, tmp_path / "got.csv")
+    with open(tmp_path / "want.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(vg.CSV_COLUMNS)
+        for b in g.branches:
+            pu, pv = g.node_pos_um[b.u], g.node_pos_um[b.v]
+            w.writerow([b.id, b.u, b.v, repr(b.length_um), repr(b.mean_radius_um), repr(b.max_radius_um),
+                        repr(b.tortuosity), *(repr(float(x)) for x in pu), *(repr(float(x)) for x in pv),
+                        len(b.path)])
+    assert (tmp_path / "got.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
 def test_graphml_round_trip(tmp_path, y_graph):
     path = tmp_path / "tree.graphml"
     vg.write_graphml(y_graph, path)
