@@ -105,6 +105,11 @@ def write_result(path, doc: dict, **fields) -> Path:
     return Path(path)
 
 
+def dice(pred, lab) -> float:
+    """Dice of two bool masks (0 where both are empty)."""
+    return float(2 * (pred & lab).sum() / max(int(pred.sum()) + int(lab.sum()), 1))
+
+
 def fold_probe(description: str, out: str, probe, show=lambda row: row) -> tuple[argparse.Namespace, dict]:
     """The command line of a script that probes the fold models of an earlier run (``--data``, ``--runs``,
     ``--out``): ``probe(name, pre, lab, runs)`` for every labelled stack, printed through ``show``."""

@@ -25,14 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import fold_probe, write_result  # noqa: E402
+from accuracy import dice, fold_probe, write_result  # noqa: E402
 
 LOWS = (0.1, 0.2, 0.3, 0.4)
 HIGHS = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def dice(pred, lab) -> float:
-    return float(2 * (pred & lab).sum() / max(int(pred.sum()) + int(lab.sum()), 1))
 
 
 def hysteresis(prob, low: float, high: float, per_slice: bool) -> np.ndarray:

@@ -20,13 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, load_stacks, write_result  # noqa: E402
+from accuracy import DEFAULT_DATA, dice, load_stacks, write_result  # noqa: E402
 
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
-
-
-def dice(pred, lab) -> float:
-    return float(2 * (pred & lab).sum() / max(int(pred.sum()) + int(lab.sum()), 1))
 
 
 def dihedral_mean(model, pre) -> np.ndarray:

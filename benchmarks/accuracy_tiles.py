@@ -18,11 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, load_stacks, write_result  # noqa: E402
-
-
-def dice(pred, lab) -> float:
-    return float(2 * (pred & lab).sum() / max(int(pred.sum()) + int(lab.sum()), 1))
+from accuracy import DEFAULT_DATA, dice, load_stacks, write_result  # noqa: E402
 
 
 def score(model, pre, lab, tile: int, with_cldice: bool) -> dict:
