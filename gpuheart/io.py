@@ -342,7 +342,12 @@ class _TiffStack:
         if pagewise is not None:
             axes, shape = "Q" + axes, (len(pagewise),) + shape
         if "S" in axes:
-            raise ScanError(f"{path}: image has colour samples (axes {axes}); expected grayscale (z, y, x)")
+            hint = ""
+            if axes.endswith("SYX") and shape[axes.index("S")] in (3, 4):
+                # tifffile (to 2026 at least) stores a (3 or 4, y, x) array as planar RGB unless told otherwise
+                hint = (f"; if its {shape[axes.index('S')]} planes are z-slices, save the stack again with "
+                        f"tifffile.imwrite(path, stack, photometric='minisblack')")
+            raise ScanError(f"{path}: image has colour samples (axes {axes}); expected grayscale (z, y, x){hint}")
         if axes[-2:] != "YX":
             raise ScanError(f"{path}: series axes {axes}; expected the last two axes to be Y, X")
         lead = [(a, n) for a, n in zip(axes[:-2], shape[:-2])]

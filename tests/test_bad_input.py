@@ -142,3 +142,15 @@ def test_a_slice_cut_inside_its_tags_gives_one_line(tmp_path):
     err = run.stderr.strip()  # outside pytest, whose log capture would hide tifffile's stray line
     assert err.startswith("gpuheart: error:") and "\n" not in err
     assert "Z0001.ome.tif" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("planar", [True, False])
+def test_colour_tiff_is_refused_with_a_hint_for_planar_stacks(tmp_path, capsys, planar):
+    # a (3, y, x) array written by tifffile without photometric= is stored as planar RGB: a user's 3-slice stack
+    path = tmp_path / "rgb.tif"
+    vol = np.zeros((3, 20, 30) if planar else (20, 30, 3), np.uint16)
+    tifffile.imwrite(path, vol, photometric="rgb", planarconfig="separate" if planar else "contig")
+    err = _cli_error(capsys, ["segment", str(path), "-o", str(tmp_path / "m.tif"), "--method", "dom"])
+    assert "rgb.tif" in err and "colour samples" in err and "expected grayscale" in err
+    assert ("photometric='minisblack'" in err) == planar
+    assert not (tmp_path / "m.tif").exists()
