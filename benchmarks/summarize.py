@@ -64,6 +64,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "scales"
     if "per_stack" in doc and "hyst_3d_leave_one_out" in doc.get("mean", {}):
         return "hysteresis"
+    if "per_stack" in doc and "unet_2d_leave_one_out" in doc.get("mean", {}):
+        return "support"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -611,6 +613,16 @@ def section_hysteresis(e) -> list[str]:
                       f"{m['hyst_2d_leave_one_out']:.3f} slice by slice.")
 
 
+def section_support(e) -> list[str]:
+    d = e["doc"]
+    m, ph = d["mean"], d["phantom_shipped_model"]
+    return _paragraph("U-Net components kept only where the difference of medians supports them (same fold models)",
+                      f"{src(e)}; see docs/accuracy.md. Mean Dice of the U-Net mask: {m['unet']:.3f} as it is; "
+                      f"{m['unet_2d_leave_one_out']:.3f} slice by slice and {m['unet_3d_leave_one_out']:.3f} in 3-D at the "
+                      f"fraction chosen leave one stack out. The built-in scan's vessels (shipped model): "
+                      f"{ph['unet']:.3f} -> {ph['unet_2d_0.05']:.3f} slice by slice at a fraction of 0.05.")
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return _paragraph("The paper's closings on the held-out masks",
@@ -678,12 +690,12 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales,
-            "hysteresis": section_hysteresis, "closings": section_closings,
+            "hysteresis": section_hysteresis, "support": section_support, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
 ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "closings", "finetune",
+         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -739,6 +751,7 @@ def render(entries: list[dict]) -> str:
            "| inference tile: training tile vs 256 (no training) | `python benchmarks/accuracy_tiles.py --runs RUNS...` | `accuracy-tiles.json` |",
            "| inference scale: the input resized before the U-Net (no training) | `python benchmarks/accuracy_scales.py --runs RUNS...` | `accuracy-scales.json` |",
            "| hysteresis on the probabilities (no training) | `python benchmarks/accuracy_hysteresis.py --runs RUNS` | `accuracy-hysteresis.json` |",
+           "| U-Net components the difference of medians supports (no training) | `python benchmarks/accuracy_support.py --runs RUNS` | `accuracy-support.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
