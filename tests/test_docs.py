@@ -119,3 +119,34 @@ def test_the_scale_chosen_leave_one_out_never_looks_at_the_held_out_stack():
     assert m["scales_chosen_calibrated"] == {"a": "x1.0", "b": "x1.0", "c": "x1.0", "d": "x1.0", "e": "x0.5"}
     assert m["scale_chosen_leave_one_out_calibrated"] == round((4 * 0.60 + 0.50) / 5, 4)
     assert m["best_scale_per_stack_calibrated"] == round((4 * 0.62 + 0.90) / 5, 4)
+
+
+def test_support_probe_keeps_components_by_their_own_share_and_chooses_without_the_held_out_stack():
+    """benchmarks/accuracy_support.py: a component goes when less than f of it lies in the support mask,
+    counted per slice or in 3-D; the fraction a stack is scored at is the one its four companions favour."""
+    import numpy as np
+
+    mod = _benchmark_module("accuracy_support")
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 1:3, 1:7] = True            # a bar through both slices, 12 pixels a slice
+    mask[0, 5:7, 5:7] = True            # a 4-pixel blob in slice 0 only
+    support = np.zeros_like(mask)
+    support[0, 1, 1] = True             # 1 of the bar's 24 voxels, 1 of slice 0's 12
+    support[0, 5, 5] = True             # 1 of the blob's 4
+    # per slice: slice 0's bar is 1/12 supported, its blob 1/4, slice 1's bar 0
+    kept = mod.supported(mask, support, 0.1, per_slice=True)
+    assert kept[0, 5:7, 5:7].all() and not kept[0, 1:3].any() and not kept[1].any()
+    # in 3-D the bar is one component of 24 voxels, 1 supported: kept at f = 1/24, gone above
+    assert mod.supported(mask, support, 1 / 24, per_slice=False)[1, 1:3, 1:7].all()
+    assert not mod.supported(mask, support, 0.05, per_slice=False)[1].any()
+
+    def row(at_small, at_large):
+        r = {"unet": 0.5, **{f"unet_2d_{f}": at_small for f in mod.FRACTIONS}}
+        r[f"unet_2d_{mod.FRACTIONS[-1]}"] = at_large
+        return r
+
+    per_stack = {n: row(0.60, 0.62) for n in "abcd"} | {"e": row(0.90, 0.50)}
+    loo = mod.leave_one_out(per_stack, "unet", "2d")
+    assert {n: v["fraction"] for n, v in loo.items()} == {**{n: mod.FRACTIONS[0] for n in "abcd"},
+                                                          "e": mod.FRACTIONS[-1]}
+    assert loo["e"] == {"fraction": mod.FRACTIONS[-1], "dice": 0.50, "change": 0.0}
