@@ -44,13 +44,18 @@ def load_stacks(data: Path):
     return stacks
 
 
+def dom_masks(pre) -> np.ndarray:
+    """The difference-of-medians mask (3x3 - 15x15, per-slice Otsu) of every slice, as dom_mask gives it."""
+    from gpuheart.segment import dom_mask
+
+    return np.stack([dom_mask(s, 3, 15, "otsu") for s in pre])
+
+
 def baselines(pre, lab) -> dict:
     from skimage.filters import threshold_otsu
 
-    from gpuheart.segment import dom_mask
-
     otsu = pre > threshold_otsu(pre)
-    dom = np.stack([dom_mask(s, 3, 15, "otsu") for s in pre])
+    dom = dom_masks(pre)
     return {"otsu": score(otsu, lab), "dom": score(dom, lab), "dom_mask": dom}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _phantom_vessels, dice, fold_probe, write_result  # noqa: E402
+from accuracy import _phantom_vessels, dice, dom_masks, fold_probe, write_result  # noqa: E402
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -56,17 +56,11 @@ def scores(prob, thr, dom, lab) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def dom_masks(pre) -> np.ndarray:
-    from gpuheart.segment import dom_mask
-
-    return np.stack([dom_mask(s, 3, 15, "otsu") > 0 for s in pre])
-
-
 def probe(name, pre, lab, runs: Path) -> dict:
     from gpuheart import unet
 
     model = unet.load_weights(runs / name / "best.pt")
-    return scores(unet.predict(model, pre), float(model.meta.get("threshold", 0.5)), dom_masks(pre), lab)
+    return scores(unet.predict(model, pre), float(model.meta.get("threshold", 0.5)), dom_masks(pre) > 0, lab)
 
 
 def leave_one_out(per_stack: dict, kind: str, mode: str) -> dict:
@@ -93,7 +87,7 @@ def main():
     # the built-in scan (its vessel channel) with the shipped model, as `gpuheart run` segments it
     pre, truth = _phantom_vessels()
     model = unet.load_default()
-    phantom = scores(unet.predict(model, pre), float(model.meta.get("threshold", 0.5)), dom_masks(pre), truth > 0)
+    phantom = scores(unet.predict(model, pre), float(model.meta.get("threshold", 0.5)), dom_masks(pre) > 0, truth > 0)
     write_result(a.out, {}, runs=a.runs, fractions=FRACTIONS, per_stack=per_stack, leave_one_out=loo, mean=mean,
                  phantom_shipped_model=phantom)
     print("mean", json.dumps({k: v for k, v in mean.items() if k in ("unet", "union") or k.endswith("leave_one_out")}))
