@@ -66,6 +66,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "hysteresis"
     if "per_stack" in doc and "unet_2d_leave_one_out" in doc.get("mean", {}):
         return "support"
+    if "three_planes" in doc and "mean_ensemble" in doc:
+        return "combine"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -623,6 +625,17 @@ def section_support(e) -> list[str]:
                       f"{ph['unet']:.3f} -> {ph['unet_2d_0.05']:.3f} slice by slice at a fraction of 0.05.")
 
 
+def section_combine(e) -> list[str]:
+    d = e["doc"]
+    m = d["mean_ensemble"]
+    planes = "; ".join(f"{name}: " + ", ".join(f"{fam} {r['xy']:.3f} -> {r['three']:.3f}" for fam, r in rows.items())
+                       for name, rows in d["three_planes"].items())
+    return _paragraph("Three planes and a two-family ensemble (held-out fold models of two recipes)",
+                      f"{src(e)}; see docs/accuracy.md. Mean Dice: {m['runs']:.3f} (`--runs`), {m['other']:.3f} "
+                      f"(`--other`), {m['ensemble']:.3f} for their mean probability at the mean cut. Three planes "
+                      f"against xy alone, isotropic stacks: {planes}.")
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return _paragraph("The paper's closings on the held-out masks",
@@ -690,12 +703,12 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales,
-            "hysteresis": section_hysteresis, "support": section_support, "closings": section_closings,
+            "hysteresis": section_hysteresis, "support": section_support, "combine": section_combine, "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
 ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "closings", "finetune",
+         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -752,6 +765,7 @@ def render(entries: list[dict]) -> str:
            "| inference scale: the input resized before the U-Net (no training) | `python benchmarks/accuracy_scales.py --runs RUNS...` | `accuracy-scales.json` |",
            "| hysteresis on the probabilities (no training) | `python benchmarks/accuracy_hysteresis.py --runs RUNS` | `accuracy-hysteresis.json` |",
            "| U-Net components the difference of medians supports (no training) | `python benchmarks/accuracy_support.py --runs RUNS` | `accuracy-support.json` |",
+           "| three planes, two-recipe ensemble (no training) | `python benchmarks/accuracy_combine.py --runs RUNS --other RUNS2` | `accuracy-combine.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",

@@ -150,3 +150,20 @@ def test_support_probe_keeps_components_by_their_own_share_and_chooses_without_t
     assert {n: v["fraction"] for n, v in loo.items()} == {**{n: mod.FRACTIONS[0] for n in "abcd"},
                                                           "e": mod.FRACTIONS[-1]}
     assert loo["e"] == {"fraction": mod.FRACTIONS[-1], "dice": 0.50, "change": 0.0}
+
+
+def test_three_planes_probe_puts_every_plane_back_in_zyx_order(monkeypatch):
+    """benchmarks/accuracy_combine.py: the xz and yz planes are predicted as stacks of 2-D slices and moved back,
+    so a per-pixel "model" gives the input back from all three planes of a non-cubic stack."""
+    import numpy as np
+
+    from gpuheart import unet
+
+    mod = _benchmark_module("accuracy_combine")
+    # a "model" that doubles every pixel: any axis left unmoved would show as a shape or value mismatch
+    monkeypatch.setattr(unet, "predict", lambda model, stack: np.asarray(stack, np.float32) * 2)
+    pre = np.random.default_rng(0).random((3, 5, 7), np.float32)
+    planes = mod.three_planes(None, pre)
+    for name, p in planes.items():
+        assert p.shape == pre.shape, name
+        np.testing.assert_array_equal(p, pre * 2, err_msg=name)
