@@ -294,6 +294,14 @@ def _check_percentiles(low: float, high: float) -> None:
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
 
 
+def _check_clip(clip_limit) -> None:
+    # skimage takes any value <= 0 (and NaN, which compares false) as "no clipping": a sign error or a NaN from
+    # a computed setting would silently switch the clip off
+    if isinstance(clip_limit, (bool, np.bool_)) or not isinstance(clip_limit, numbers.Real) \
+            or not np.isfinite(clip_limit) or clip_limit < 0:
+        raise ValueError(f"clip_limit must be a finite number >= 0 (0: no clipping), got {clip_limit!r}")
+
+
 def _check_nbins(nbins: int) -> None:
     # a float reached numba as a TypingError pages long (skimage refuses it too)
     if isinstance(nbins, (bool, np.bool_)) or not isinstance(nbins, numbers.Integral) or nbins < 1:
@@ -365,6 +373,7 @@ def clahe(x, clip_limit: float = 0.01, kernel_size=32, nbins: int = 256):
     """
     _check_image("clahe", x)
     _check_nbins(nbins)
+    _check_clip(clip_limit)
     ks = _kernel_size(kernel_size)
     xp_dev = device_of(x)
     if xp_dev == "cuda":
@@ -453,6 +462,7 @@ def clahe_robust_scale(x, clip_limit: float = 0.01, kernel_size=32, nbins: int =
     """
     _check_image("clahe", x)
     _check_nbins(nbins)
+    _check_clip(clip_limit)
     _check_percentiles(low, high)
     ks = _kernel_size(kernel_size)
     if is_device_array(x):

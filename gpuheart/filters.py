@@ -54,12 +54,12 @@ MIN_SIZE, MAX_SIZE = 3, 31
 
 # -- argument checks --------------------------------------------------------------------------
 
-def _check_size(size) -> int:
+def _check_size(size, name: str = "size") -> int:
     if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
-        raise TypeError(f"size must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size!r}")
+        raise TypeError(f"{name} must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size!r}")
     size = int(size)
     if size % 2 == 0 or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size}")
+        raise ValueError(f"{name} must be an odd integer in {MIN_SIZE}..{MAX_SIZE}, got {size}")
     return size
 
 
@@ -158,7 +158,9 @@ def difference_of_medians(x, small: int = 3, large: int = 15, mode: str = "refle
     if xp is np:
         x = native_byte_order(np.asarray(x))
     _check_image(x)
-    small, large = _check_size(small), _check_size(large)
+    small, large = _check_size(small, "small"), _check_size(large, "large")
+    if small >= large:   # swapped, vessels would come out negative and a threshold would pick the background
+        raise ValueError(f"the small median ({small}) must be smaller than the large one ({large})")
     signed = {np.dtype(np.uint8): np.int16, np.dtype(np.uint16): np.int32,
               np.dtype(np.float32): np.float32}[np.dtype(x.dtype)]
     # One subtraction in the signed type (both medians cast on the fly, exactly: uint8 fits int16, uint16

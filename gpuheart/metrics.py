@@ -21,7 +21,11 @@ def detrended_cv(slice_means, order: int = 1) -> float:
     slice-to-slice flicker that normalization is meant to remove. Non-finite means are skipped.
     Returns NaN when fewer than ``order + 2`` finite means exist or their mean is 0.
     """
+    if int(order) != order or order < 0:
+        raise ValueError(f"detrended_cv: order must be an integer >= 0 (the trend's polynomial degree), got {order}")
     m = to_host(slice_means).astype(np.float64)
+    if m.ndim != 1:
+        raise ValueError(f"detrended_cv expects 1-D slice means (one per z-slice), got shape {m.shape}")
     z = np.arange(m.size, dtype=np.float64)
     ok = np.isfinite(m)
     if ok.sum() < order + 2 or m[ok].mean() == 0:
@@ -40,7 +44,7 @@ def snr(image, mask) -> float:
         raise ValueError(f"snr needs a mask of the image's shape {image.shape}, got {mask.shape}")
     xp = array_module(image)
     image = image.astype(xp.float64)
-    mask = mask.astype(bool)   # before counting: gpuheart's masks are 0/255
+    mask = _as_mask(mask, "snr's mask")   # before counting: gpuheart's masks are 0/255
     mean_all = float(image.mean())
     n_sig = int(mask.sum())
     if n_sig == 0 or mean_all == 0:
@@ -133,6 +137,8 @@ def cl_dice(pred, truth) -> float:
     p, t = _as_mask(to_host(pred), "prediction"), _as_mask(to_host(truth), "truth")
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
+    if p.ndim not in (2, 3):
+        raise ValueError(f"cl_dice needs 2-D or 3-D masks (a slice or a (z, y, x) stack), got shape {p.shape}")
     if not p.any() and not t.any():
         return 1.0
     sp, st = skeleton(p), skeleton(t)

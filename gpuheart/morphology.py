@@ -251,6 +251,26 @@ def reach(z_size: int = 5, z_iterations: int = 5, size3d: int = 3) -> int:
     return 2 * (z_size // 2) * z_iterations + 2 * (size3d // 2)
 
 
+def _check_shape(shape) -> tuple[int, int, int]:
+    if len(shape) != 3 or min(shape) < 0:
+        raise ValueError(f"shape must be the mask's (z, y, x), got {tuple(shape)}")
+    return tuple(int(n) for n in shape)
+
+
+def _read_mask(read_slab: ReadSlab, shape, z0: int, z1: int) -> np.ndarray:
+    """``read_slab(z0, z1)`` as a host bool array, refused unless it has the shape asked for and is a mask
+    (a probability map taken as ``!= 0`` would be all vessel)."""
+    slab = read_slab(z0, z1)
+    if np.shape(slab) != (z1 - z0, *shape[1:]):
+        raise ValueError(f"read_slab({z0}, {z1}) returned shape {np.shape(slab)}; expected "
+                         f"{(z1 - z0, *shape[1:])} for a mask of shape {tuple(shape)}")
+    slab = np.asarray(slab)
+    if has_fractions(slab):
+        raise ValueError(f"read_slab({z0}, {z1}) returned float values between 0 and 1 (or NaN), a probability "
+                         "map, not a mask: threshold it first")
+    return slab.astype(bool, copy=False)
+
+
 def _slab_ranges(nz: int, slab_size: int) -> Iterator[tuple[int, int]]:
     if slab_size < 1:
         raise ValueError(f"slab_size must be >= 1, got {slab_size}")
@@ -269,11 +289,12 @@ def postprocess_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_siz
     each slab is closed on the GPU by the kernels (same voxels) and only the result comes back.
     """
     h = reach(z_size, z_iterations, size3d)
+    shape = _check_shape(shape)
     nz = shape[0]
     warned = False
     for z0, z1 in _slab_ranges(nz, slab_size):
         a, b = max(0, z0 - h), min(nz, z1 + h)
-        block = np.asarray(read_slab(a, b), dtype=bool)
+        block = _read_mask(read_slab, shape, a, b)
         edges = (a == 0, b == nz)
         core = slice(z0 - a, z1 - a)
         if device == "cpu":
@@ -327,8 +348,14 @@ def _structure(connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(3, connectivity)
 
 
+def _check_min_voxels(min_voxels) -> None:
+    if isinstance(min_voxels, (bool, np.bool_)) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
+        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}")
+
+
 def remove_small(mask: np.ndarray, min_voxels: int, connectivity: int = 1) -> np.ndarray:
     """Whole-array reference: drop components (``scipy.ndimage.label``) with fewer than ``min_voxels``."""
+    _check_min_voxels(min_voxels)
     labels, _ = ndi.label(mask, _structure(connectivity))
     sizes = np.bincount(labels.ravel(), minlength=1)  # an empty volume has no background label either
     keep = sizes >= min_voxels
@@ -372,7 +399,7 @@ class SlabLabels:
 
         def one(job):
             z0, z1, off = job
-            lab, k = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st)
+            lab, k = ndi.label(_read_mask(read_slab, self.shape, z0, z1), st)
             # the slab's own labels 0..k straight to components: one gather, no int64 copy of the slab
             table = self.final[off:off + k + 1].astype(dtype)
             table[0] = 0
@@ -426,11 +453,12 @@ def label_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int
     are in memory at a time. The result does not depend on ``workers``.
     """
     st = _structure(connectivity)
+    shape = _check_shape(shape)
     offsets, sizes, edges, boxes = [], [np.zeros(1, np.int64)], [], [np.zeros((0, 6), np.int64)]
     n = 0
     prev_last = None
     ranges = list(_slab_ranges(shape[0], slab_size))
-    for k, slab_sizes, slab_boxes, first, last in _in_order(lambda r: _label_slab(read_slab, *r, st), ranges,
+    for k, slab_sizes, slab_boxes, first, last in _in_order(lambda r: _label_slab(read_slab, shape, *r, st), ranges,
                                                             workers):
         boxes.append(slab_boxes)
         offsets.append(n)
@@ -459,11 +487,11 @@ def label_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_size: int
     return SlabLabels(tuple(shape), slab_size, connectivity, comp_sizes, offsets, final, lo[1:], hi[1:])
 
 
-def _label_slab(read_slab: ReadSlab, z0: int, z1: int, st: np.ndarray):
+def _label_slab(read_slab: ReadSlab, shape, z0: int, z1: int, st: np.ndarray):
     """What :func:`label_slabs` keeps of one slab's own labelling: (label count k, voxels of labels 1..k,
     their (k, 6) boxes with z in the volume, the labels of the slab's first and last slices)."""
     # int64 labels: np.bincount would otherwise make an int64 copy of the slab
-    lab, k = ndi.label(np.asarray(read_slab(z0, z1), dtype=bool), st, output=np.int64)
+    lab, k = ndi.label(_read_mask(read_slab, shape, z0, z1), st, output=np.int64)
     boxes = np.array([(b[0].start + z0, b[1].start, b[2].start, b[0].stop + z0, b[1].stop, b[2].stop)
                       for b in ndi.find_objects(lab)], np.int64).reshape(-1, 6)
     sizes = np.bincount(lab.ravel(), minlength=k + 1)[1:]
@@ -496,6 +524,7 @@ def remove_small_slabs(read_slab: ReadSlab, shape: tuple[int, int, int], slab_si
 
     Equals :func:`remove_small` on the whole volume.
     """
+    _check_min_voxels(min_voxels)
     labels = label_slabs(read_slab, shape, slab_size, connectivity)
     keep = labels.sizes >= min_voxels
     keep[0] = False

@@ -14,6 +14,7 @@ import numpy as np
 from .backend import MAX_GRID_YZ, array_module, is_device_array, load_module, to_host, try_cuda
 from .exposure import slice_extremes
 from .filters import difference_of_medians
+from .metrics import has_fractions
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this = sigma for Gaussian noise
 METHODS = ("otsu", "sigma", "noise")
@@ -216,13 +217,17 @@ def dom_thresholds(dom, method="otsu", k: float = 3.0):
 
 
 def union(*masks):
-    """Element-wise OR of one or more masks of the same shape, as a new bool array."""
+    """Element-wise OR of one or more masks of the same shape, as a new bool array. Probability maps are
+    refused: taken as ``!= 0`` every pixel of one would be vessel."""
     if not masks:
         raise ValueError("union needs at least one mask")
     shape = masks[0].shape
-    for m in masks[1:]:
+    for i, m in enumerate(masks):
         if m.shape != shape:
             raise ValueError(f"union needs masks of one shape, got {shape} and {m.shape}")
+        if has_fractions(m):
+            raise ValueError(f"union: mask {i + 1} has float values between 0 and 1 (or NaN), a probability map, "
+                             "not a mask: threshold it first, e.g. prob > model.meta['threshold']")
     xp = array_module(masks[0])
     out = xp.array(masks[0], dtype=bool, copy=True)
     for m in masks[1:]:
