@@ -287,12 +287,13 @@ def _dask_client(spec: str | None):
 
 
 def _expand_inputs(args: list[str]) -> list[str]:
-    """Paths as given; a pattern with glob characters expands (sorted), and must match something."""
+    """Paths as given; a pattern with glob characters expands (sorted), and must match something. A path that
+    exists is taken as it is, though its name holds such characters (``scan[1].tif``)."""
     import glob
 
     out = []
     for arg in args:
-        if any(ch in arg for ch in "*?["):
+        if any(ch in arg for ch in "*?[") and not Path(arg).exists():
             hits = sorted(glob.glob(arg))
             if not hits:
                 raise FileNotFoundError(f"{arg}: the pattern matches no file or folder")

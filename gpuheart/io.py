@@ -971,8 +971,20 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def refuse_folder(path, what: str = "this") -> None:
+    """ValueError when ``path`` is an existing folder where a file is to be written: replacing it would delete
+    everything in it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; {what} writes a file there, so give a file name "
+                         f"(nothing was written)")
+
+
 def _commit(partial: Path, final: Path) -> None:
-    """Rename ``partial`` onto ``final``, replacing what is there (a folder cannot be replaced by rename)."""
+    """Rename ``partial`` onto ``final``, replacing what is there (a folder cannot be replaced by rename).
+    A file never replaces a folder: that folder is the user's, not an earlier output."""
+    if not partial.is_dir():
+        refuse_folder(final, "gpuheart")
     old = None
     if final.exists() or final.is_symlink():
         old = final.with_name(final.name + f".old-{os.getpid()}")

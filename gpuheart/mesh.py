@@ -768,8 +768,9 @@ def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_faces: 
 def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
              ) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation (fast-simplification, what trimesh's ``simplify_quadric_decimation`` runs)
-    to at most about ``max_faces`` faces; it can stop above that, where no edge is left whose collapse
-    keeps the surface valid (spongy or many small pieces).
+    to at most about ``max_faces`` faces; it can stop above that, where it finds no edge left it may
+    collapse (spongy or many small pieces). Back-to-back face pairs it leaves (zero-volume fins) are
+    removed; strong decimation can still pinch surfaces together along edges (:func:`non_manifold_edges`).
 
     Returns the input unchanged when it is already small enough. Without ``fast-simplification``
     it warns and returns the input (the caller then sees the face count it did not ask for).
@@ -800,7 +801,33 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
                       "an order gpuheart does not know: components after decimation are taken from the "
                       "decimated surface (a cavity's wall counts as its own piece)", RuntimeWarning, stacklevel=3)
         vmap = None
-    return np.asarray(v, np.float64), f, vmap
+    return np.asarray(v, np.float64), _without_fins(f), vmap
+
+
+def _without_fins(faces: np.ndarray) -> np.ndarray:
+    """``faces`` without the back-to-back pairs (one vertex triple, opposite windings) that quadric
+    decimation leaves where it flattens a thin piece: a fin of zero volume whose edges are shared by four
+    faces. Dropping both keeps every directed edge matched by its reverse, so the volume is unchanged."""
+    if not len(faces):
+        return faces
+    key = np.sort(faces, axis=1)
+    _, inv, cnt = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    pair = np.flatnonzero(cnt[inv] == 2)
+    if not len(pair):
+        return faces
+    # a face's winding: whether its sorted triple is an even rotation of it
+    lo = np.argmin(faces[pair], axis=1)
+    even = faces[pair, (lo + 1) % 3] < faces[pair, (lo + 2) % 3]
+    windings = np.zeros((len(cnt), 2), np.int64)
+    np.add.at(windings, (inv[pair], even.astype(np.int64)), 1)
+    fin = (windings[:, 0] == 1) & (windings[:, 1] == 1)
+    return faces[~fin[inv]]
+
+
+def non_manifold_edges(faces: np.ndarray) -> int:
+    """Edges not shared by exactly two faces (0 for a closed surface, as marching cubes of a mask gives)."""
+    return int((edge_face_counts(faces) != 2).sum()) if len(faces) else 0
 
 
 def _kept_faces(mapped: np.ndarray) -> np.ndarray:
@@ -954,6 +981,9 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray, by: str = "volume
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    from .io import refuse_folder
+
+    refuse_folder(path, "gpuheart")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     try:
@@ -1105,10 +1135,11 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
         if n and not len(faces):   # an empty file would look like an empty mask
             raise ValueError(f"{path}: decimating {n:,} faces to max_faces = {max_faces:,} "
                              f"{_left_nothing(dropped, min_faces)}: nothing would be written; raise max_faces")
-        if len(faces) > max_faces:   # quadric decimation stops where every further collapse would break the surface
+        if len(faces) > max_faces:   # quadric decimation stops where it finds no edge it may collapse
             warnings.warn(f"{path}: decimation stopped at {len(faces):,} faces, above max_faces = {max_faces:,} "
-                          f"(no edge left that collapses without breaking the surface, as in spongy or many small "
-                          f"pieces); a higher min_faces drops small pieces", RuntimeWarning, stacklevel=3)
+                          f"(no edge left that it may collapse, as in spongy or many small pieces); a higher "
+                          f"min_faces drops small pieces", RuntimeWarning, stacklevel=3)
+        _warn_non_manifold(path, faces, n)
     try:
         return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
     except MeshTooLargeError as err:
@@ -1125,7 +1156,21 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
         raise MeshTooLargeError(f"{path}: fitting {n:,} faces into max_bytes = {max_bytes:,} "
                                 f"{_left_nothing(dropped, min_faces)}: nothing would be written; raise max_bytes",
                                 estimate, target)
+    _warn_non_manifold(path, faces, n)
     return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
+
+
+def _warn_non_manifold(path, faces: np.ndarray, before: int) -> None:
+    """Quadric decimation can pinch surfaces together along an edge; say so when it did, with what it means."""
+    if len(faces) == before:
+        return
+    bad = non_manifold_edges(faces)
+    if bad:
+        warnings.warn(f"{path}: after decimation to {len(faces):,} faces, {bad:,} edges are shared by more or fewer "
+                      f"than two faces (pieces pinched together; a closed surface has two per edge): the mesh "
+                      f"displays, but tools that need a watertight surface may refuse it, and its volume and "
+                      f"area are approximate; a higher max_faces keeps more of the surface intact",
+                      RuntimeWarning, stacklevel=4)
 
 
 # Peak memory of mesh_from_mask per marching-cubes face (tracemalloc, GLB with largest_path and table_path, no
@@ -1165,9 +1210,14 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     ``device`` ("cpu", "cuda" or "auto"): where the marching cubes of a mask at full resolution runs; the rest
     of the stage (components, measures, decimation, files) runs on the host.
     """
+    from .io import refuse_folder
+
     voxel_size = tuple(_voxel_size(voxel_size))
     if max_memory_faces is not None and max_memory_faces < 0:
         raise ValueError(f"max_memory_faces must be >= 0 (0 or None: no limit), got {max_memory_faces}")
+    for path, what in ((out_path, "the mesh"), (table_path, "the component table"), (largest_path, "the largest tree")):
+        if path is not None:   # refused before the meshing, not after it
+            refuse_folder(path, what)
     read_slab = _as_reader(read_slab, shape)
     full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None,
                                  backend.resolve_device(device))

@@ -525,8 +525,9 @@ class Pipeline:
         starts over), as :meth:`run` does."""
         from dataclasses import replace
 
-        from .io import _is_zarr_dir, _scan_path, open_scan
+        from .io import _is_zarr_dir, _scan_path, open_scan, refuse_folder
 
+        refuse_folder(out_path, "segment")   # now, not after the segmentation
         src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
         # a slice folder reads only the files directly in it; a Zarr store owns everything below it
         if dst == src or dst.parent == src or (src in dst.parents and _is_zarr_dir(src)):

@@ -623,3 +623,41 @@ def test_segment_says_the_closings_were_applied_and_mesh_counts_in_words(tmp_pat
     assert main(["mesh", str(tmp_path / "ball.tif"), "-o", str(tmp_path / "ball.ply")]) == 0
     out = capsys.readouterr().out
     assert " 1 component (" in out and "1 components" not in out
+
+
+def test_segment_refuses_a_folder_in_the_outputs_place_and_leaves_it_alone(tmp_path, capsys):
+    """An audit found `segment -o full.tif` deleting a folder named full.tif, files and all, and saying
+    'wrote'. A folder is the user's, never an earlier output to replace; write_tiff refuses too."""
+    import numpy as np
+    import tifffile
+
+    from gpuheart.io import write_tiff
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (4, 40, 40), dtype=np.uint8),
+                     photometric="minisblack")
+    out = tmp_path / "full.tif"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["segment", str(stack), "-o", str(out), "--method", "dom", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "full.tif: is a folder" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    with pytest.raises(Exception, match="is a folder"):
+        write_tiff(out, np.zeros((2, 8, 8), np.uint8))
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_an_existing_input_whose_name_has_glob_characters_is_taken_as_it_is(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "scan[1].tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (4, 40, 40), dtype=np.uint8),
+                     photometric="minisblack")
+    cfg = tmp_path / "dom.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[output]\nreport = false\n[mesh]\nenabled = false\n'
+                   '[graph]\nenabled = false\n')
+    assert main(["run", str(stack), "-o", str(tmp_path / "out"), "-c", str(cfg), "--no-progress"]) == 0
+    assert main(["run", str(tmp_path / "scan[9].tif"), "-o", str(tmp_path / "o2"), "--no-progress"]) == 1
+    assert "matches no file" in capsys.readouterr().err
