@@ -353,13 +353,16 @@ def _print_run(result) -> None:
         if channel in result.reused:
             print(f"  {channel}: reused the finished results of an earlier run with the same input and settings "
                   f"(--restart recomputes them)")
+        elif z == 0:
+            print(f"  {channel}: resumed an interrupted run after its first pass: the z-normalization statistics "
+                  f"were kept, every slice was processed")
         elif z >= result.summary[channel]["slices"]:
             print(f"  {channel}: resumed an interrupted run at slice {z} of {z}: only the closings, mesh and "
                   f"measurements were redone")
         else:
             print(f"  {channel}: resumed an interrupted run at slice {z} of {result.summary[channel]['slices']}")
     for channel, why in getattr(result, "started_over", {}).items():   # a result-like object may lack it
-        print(f"  {channel}: started over, not continuing the earlier run in {result.out_dir / channel}: {why}")
+        print(f"  {channel}: computed from the start, not from the earlier run in {result.out_dir / channel}: {why}")
     for channel, paths in result.outputs.items():
         s = result.summary[channel]
         line = f"  {channel}: CV of slice means {_fmt(s['detrended_cv_raw'])} -> {_fmt(s['detrended_cv_normalized'])}"
@@ -370,7 +373,7 @@ def _print_run(result) -> None:
         if norm.get("dark_slices"):   # blanked: the user must hear of it, and how to keep them
             print(f"    dark slices (spread <= {norm.get('dark_ratio', 0.1):g} of the stack's, or <= "
                   f"{norm.get('dark_neighbour_ratio', 0.35):g} of the slices' on both sides, e.g. laser dropout): "
-                  f"{_z_ranges(norm['dark_slices'])}; written as 0, no vessels found there "
+                  f"{len(norm['dark_slices'])} at z = {_z_ranges(norm['dark_slices'])}; written as 0, no vessels found there "
                   f"([exposure] dark_ratio = 0 and dark_neighbour_ratio = 0 keep all but blank ones)")
         scores = [f"{k.removesuffix('_vs_truth')} {v['dice']:.3f}" for k, v in s.items() if k.endswith("_vs_truth")]
         if scores:
@@ -469,11 +472,16 @@ def _cmd_segment(a) -> int:
     out = pipe.segment(a.input, a.out, channel=a.channel, resume=not a.restart)
     if found:
         run = pipe.last_run
-        z = next(iter(run.resumed.values()), 0) if run else 0
+        z = next(iter(run.resumed.values()), None) if run else None
         why = next(iter(run.started_over.values()), None) if run else None
-        print(f"gpuheart: continued the interrupted segmentation at slice {z}" if z else
-              f"gpuheart: could not continue the interrupted segmentation "
-              f"({why or 'it had saved no checkpoint of its work yet'}): started over")
+        if z:
+            print(f"gpuheart: continued the interrupted segmentation at slice {z}")
+        elif z == 0:
+            print("gpuheart: continued the interrupted segmentation after its first pass (its z-normalization "
+                  "statistics)")
+        else:
+            print(f"gpuheart: could not continue the interrupted segmentation "
+                  f"({why or 'it had saved no checkpoint of its work yet'}): started over")
     closed = " after the paper's closings" if cfg.postprocess.enabled else ""
     print(f"gpuheart: wrote {out} ({cfg.segment.method} mask{closed}, uint8 0/255)")
     return EXIT_OK
@@ -496,6 +504,11 @@ def _train_settings(a) -> dict:
         if a.init:
             raise ValueError("give --finetune WEIGHTS or --init WEIGHTS, not both")
         path = unet.default_weights_path() if a.finetune == "default" else Path(a.finetune)
+        if path.is_dir() or (not path.exists() and not a.data):
+            # `train --finetune DATA -o RUN`: the optional WEIGHTS took the data
+            raise ValueError(f"--finetune {a.finetune}: expected a weights file (.pt) or nothing (the shipped "
+                             f"model); to fine-tune the shipped model on {a.finetune}, put the data first: "
+                             f"gpuheart train {a.finetune} -o RUN --finetune")
         made_with = unet.load_weights(path).meta.get("config", {})
         settings.update({k: made_with[k] for k in ("loss", "tile", "width", "depth", "norm", "context")
                          if k in made_with}, **FINETUNE_DEFAULTS, init=str(path))
@@ -582,7 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("gpuheart: interrupted", file=sys.stderr)
+        again = {"run": "; the same command continues from the last checkpoint (--restart starts over)",
+                 "segment": "; the same command continues from the last checkpoint (--restart starts over)",
+                 "train": "; add --resume to the same command to continue from the last epoch"}
+        print(f"gpuheart: interrupted{again.get(args.command, '')}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # what reads our output (head, a closed pager) has gone: no error to report, and none again at exit

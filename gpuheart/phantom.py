@@ -544,7 +544,7 @@ def write_phantom(cfg: PhantomConfig, folder, prefix: str = "phantom", progress:
 
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True (gpuheart phantom --overwrite) to replace it")
+        raise FileExistsError(f"{folder} exists; give --overwrite (in Python: overwrite=True) to replace it")
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -468,7 +468,7 @@ class Pipeline:
                     ccfg = cfg.for_channel(channel)
                     key = _fingerprint_key(ccfg, scan, channel, t, stamps, desc)
                     ck = _Checkpoint(out_dir / channel, key, resume)
-                    if ck.next_z or ck.done:
+                    if ck.next_z or ck.done or ck.manifest.get("stats"):   # 0: after pass 1, its statistics kept
                         resumed[channel] = scan.shape[0] if ck.done else ck.next_z
                     if ck.done:
                         reused.append(channel)
@@ -1521,7 +1521,10 @@ def _why_not_the_same(old, new) -> str:
     if oi.get("path") != ni.get("path"):
         why.append(f"another input ({oi.get('path')} -> {ni.get('path')})")
     else:
-        why += [f"the input's {k} changed ({oi.get(k)} -> {ni.get(k)})" for k in ni if oi.get(k) != ni.get(k)]
+        # a --voxel-size given is the input's voxel size too: said once, as a setting, below
+        set_voxel = (old.get("config") or {}).get("voxel_size") != (new.get("config") or {}).get("voxel_size")
+        why += [f"the input's {k} changed ({oi.get(k)} -> {ni.get(k)})" for k in ni
+                if oi.get(k) != ni.get(k) and not (k == "voxel_size" and set_voxel)]
         of, nf = old.get("files") or {}, new.get("files") or {}
         if not why and of.get("input") != nf.get("input"):
             why.append(_stamp_change(f"the input {ni.get('path')}", of.get("input"), nf.get("input")))
@@ -1533,6 +1536,8 @@ def _why_not_the_same(old, new) -> str:
         why.append(_stamp_change(f"the truth mask {new['truth']}", old["files"].get("truth"), new["files"]["truth"]))
     oc, nc = _flat(old.get("config") or {}), _flat(new.get("config") or {})
     diff = [k for k in sorted(oc.keys() | nc.keys()) if oc.get(k) != nc.get(k)]
+    if "segment.method" in diff:   # `segment` keeps the preprocessed volume for global Otsu only: not the user's
+        diff = [k for k in diff if k != "output.write_preprocessed"]
     if diff:
         shown = ", ".join(f"{k} {oc.get(k)!r} -> {nc.get(k)!r}" for k in diff[:4])
         why.append(f"other settings ({shown}{f', and {len(diff) - 4} more' if len(diff) > 4 else ''})")
@@ -1566,7 +1571,8 @@ class _Checkpoint:
                 if not isinstance(m, dict):
                     raise ValueError(f"a JSON {type(m).__name__}, not an object")
             except FileNotFoundError:
-                pass
+                if self.earlier:   # killed in pass 1, before the manifest: said, as a restart for any reason is
+                    self.why = "it was stopped before its first checkpoint, so there was nothing to continue from"
             except (OSError, ValueError) as err:
                 self.why = f"its checkpoint {path} is unreadable ({err})"
             else:

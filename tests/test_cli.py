@@ -52,7 +52,7 @@ def test_phantom_then_info_then_run(tmp_path, capsys):
     # the phantom's laser-dropout slice is blanked, and the user is told which and how to keep it
     dark = json.loads((tmp_path / "ph" / "phantom.json").read_text())["dark_slice"]
     assert (f"dark slices (spread <= 0.1 of the stack's, or <= 0.35 of the slices' on both sides, e.g. laser "
-            f"dropout): {dark}; written as 0") in out
+            f"dropout): 1 at z = {dark}; written as 0") in out
     assert "dark_ratio = 0" in out
 
 
@@ -445,6 +445,18 @@ def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_info", interrupted)
     assert main(["info", "scan.tif"]) == 130   # the shell's code for Ctrl-C, not a failure of the input
     assert capsys.readouterr().err == "gpuheart: interrupted\n"
+    # the long commands say how to continue
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    assert main(["train", "d", "-o", "run"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "add --resume to the same command" in err
+
+
+def test_finetune_given_the_data_folder_says_to_put_the_data_first(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    assert main(["train", "--finetune", str(tmp_path / "d"), "-o", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "expected a weights file" in err and f"gpuheart train {tmp_path / 'd'} -o RUN --finetune" in err
 
 
 def test_segment_flags_override_the_config_file(tmp_path):

@@ -939,10 +939,10 @@ def test_gpuheart_run_prints_why_it_started_over(scan, tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert (f"  C00: started over, not continuing the earlier run in {out / 'C00'}: "
+    assert (f"  C00: computed from the start, not from the earlier run in {out / 'C00'}: "
             f"other settings (dom.large 15 -> 13)\n") in said, said
     assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
-    assert "started over" not in capsys.readouterr().out
+    assert "computed from the start" not in capsys.readouterr().out
 
 
 def test_a_corrupt_summary_json_in_out_is_called_unreadable_not_someone_elses(scan, tmp_path, capsys):
@@ -993,3 +993,33 @@ def test_the_same_files_given_by_another_path_spelling_reuse_the_results(scan, t
     monkeypatch.chdir(work / "out")
     third = Pipeline(cfg).run("../stack.tif", ".", truth="../truth.tif")
     assert third.reused == ["C00"] and all(p.exists() for p in third.outputs["C00"].values())
+
+
+def test_a_run_killed_before_its_first_pass_2_checkpoint_keeps_its_statistics_and_says_so(scan, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """An audit saw a rerun after an early kill say nothing: pass 1's statistics were kept (the manifest had
+    them), pass 2 ran from slice 0, and no line told the user either."""
+    from gpuheart.cli import main
+
+    cfg, out = _fast_cfg(checkpoint_seconds=3600.0), tmp_path / "out"
+    _killed_run(cfg, scan, out, monkeypatch, z_kill=8)
+    cfg_path = tmp_path / "c.toml"
+    cfg.save(cfg_path)
+    assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "C00: resumed an interrupted run after its first pass: the z-normalization statistics were kept" in said
+
+
+def test_why_a_run_started_over_names_each_change_once_and_only_the_users():
+    from gpuheart.pipeline import _why_not_the_same
+
+    def key(voxel, method, keep_pre):
+        return {"input": {"path": "/s.tif", "voxel_size": voxel}, "channel": "C00", "truth": None, "files": {},
+                "config": {"voxel_size": voxel, "segment": {"method": method},
+                           "output": {"write_preprocessed": keep_pre}}}
+
+    assert _why_not_the_same(key([5, 1, 1], "union", False), key([4, 1, 1], "union", False)) == \
+        "other settings (voxel_size [5, 1, 1] -> [4, 1, 1])"
+    # `segment` keeps the preprocessed volume only for global Otsu: that follows from the method
+    assert _why_not_the_same(key(None, "union", False), key(None, "otsu", True)) == \
+        "other settings (segment.method 'union' -> 'otsu')"
