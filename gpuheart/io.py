@@ -507,7 +507,7 @@ class _TiffFolder:
             if errors:
                 raise ScanError(f"{f}: truncated or corrupt TIFF ({errors[0].getMessage()})")
             if npages != 1 or len(shape) != 2:
-                stack = (f"; a multi-page TIFF is a scan of its own: give the file itself, not its folder"
+                stack = ("; a multi-page TIFF is a scan of its own: give the file itself, not its folder"
                          if npages > 1 and len(shape) == 2 else "")
                 raise ScanError(f"{f}: holds {npages} page(s) of shape {shape}; "
                                 f"expected one 2D grayscale slice per file in a folder of slices{stack}")
