@@ -424,6 +424,10 @@ def _cmd_mesh(a) -> int:
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest,
                             max_memory_faces=a.max_memory_faces or None, device=a.device)
+    if not st.faces:
+        print("  note: the mesh file holds no surface: " + (
+            f"every piece was under --min-faces {a.min_faces}" if st.components_removed
+            else "the mask has no voxel inside (every voxel 0)"))
     if not a.voxel_size and not voxel_known:
         print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
@@ -460,6 +464,9 @@ def _cmd_segment(a) -> int:
     from .pipeline import Pipeline, segment_work_dir
 
     cfg = _segment_config(a)
+    if a.weights and not cfg.uses_unet:
+        warnings.warn(f"--weights {a.weights} is not used: method {cfg.segment.method!r} has no U-Net",
+                      RuntimeWarning, stacklevel=1)
     if Path(a.out).suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
                          f"(gpuheart run writes OME-Zarr masks)")
@@ -537,6 +544,8 @@ def _cmd_train(a) -> int:
 def _cmd_report(a) -> int:
     from .report import write_report
 
+    if not Path(a.out_dir).is_dir():
+        raise FileNotFoundError(f"{a.out_dir}: no such folder; expected the OUT folder of a gpuheart run")
     if not (Path(a.out_dir) / "summary.json").is_file():
         raise FileNotFoundError(f"{a.out_dir}: no summary.json, so no finished gpuheart run to report on")
     print(f"gpuheart: wrote {write_report(a.out_dir)}")

@@ -239,7 +239,8 @@ def _open_tiff(path: Path):
     import tifffile
 
     if not _is_tiff(path):
-        raise ScanError(f"{path}: not a TIFF file (expected a TIFF, a folder of TIFFs or a Zarr store)")
+        empty = " (the file is empty: 0 bytes)" if path.is_file() and path.stat().st_size == 0 else ""
+        raise ScanError(f"{path}: not a TIFF file{empty} (expected a TIFF, a folder of TIFFs or a Zarr store)")
     try:
         with _tifffile_errors():  # what it logs about a damaged tag: the callers' checks report the damage
             return tifffile.TiffFile(path)

@@ -7,6 +7,7 @@ trained on exactly the distribution it sees at inference, and hands arrays to ``
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,25 +24,34 @@ class LabelledStack:
     label: Path
 
 
+def _image_stem(name: str) -> str | None:
+    """NAME of ``NAME_image.tif`` or ``NAME_image.tiff`` (extension in any case), else None."""
+    m = re.fullmatch(r"(.+)_image\.(tiff?)", name, re.IGNORECASE)
+    return m and m.group(1)
+
+
 def find_pairs(paths) -> list[LabelledStack]:
-    """``NAME_image.tif`` files, or folders searched recursively for them, each with its ``NAME_label.tif``."""
+    """``NAME_image.tif`` files (or ``.tiff``), or folders searched recursively for them, each with its
+    ``NAME_label.tif`` (either extension) beside it."""
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            images = sorted(p.rglob("*" + IMAGE_SUFFIX))
+            images = sorted(f for f in p.rglob("*_image.*") if f.is_file() and _image_stem(f.name))
             if not images:
-                raise ScanError(f"{p}: no *{IMAGE_SUFFIX} files (expected NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs)")
+                raise ScanError(f"{p}: no *{IMAGE_SUFFIX} files (expected NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs, "
+                                f"multi-page TIFFs; training does not read per-slice scan folders)")
         elif p.is_file():
-            if not p.name.endswith(IMAGE_SUFFIX):
+            if not _image_stem(p.name):
                 raise ScanError(f"{p}: expected a file named NAME{IMAGE_SUFFIX} (with NAME{LABEL_SUFFIX} beside it)")
             images = [p]
         else:
             raise ScanError(f"{p}: no such file or folder")
         for im in images:
-            name = im.name[: -len(IMAGE_SUFFIX)]
-            lab = im.with_name(name + LABEL_SUFFIX)
-            if not lab.is_file():
-                raise ScanError(f"{im}: its label {lab.name} is missing")
+            name = _image_stem(im.name)
+            labels = [im.with_name(name + "_label" + ext) for ext in (im.suffix, ".tif", ".tiff", ".TIF", ".TIFF")]
+            lab = next((f for f in labels if f.is_file()), None)
+            if lab is None:
+                raise ScanError(f"{im}: its label {name}{LABEL_SUFFIX} is missing")
             found.append(LabelledStack(name, im, lab))
     return found
 

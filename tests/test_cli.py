@@ -673,3 +673,25 @@ def test_an_existing_input_whose_name_has_glob_characters_is_taken_as_it_is(tmp_
     assert main(["run", str(stack), "-o", str(tmp_path / "out"), "-c", str(cfg), "--no-progress"]) == 0
     assert main(["run", str(tmp_path / "scan[9].tif"), "-o", str(tmp_path / "o2"), "--no-progress"]) == 1
     assert "matches no file" in capsys.readouterr().err
+
+
+def test_small_cli_messages_say_what_happened(tmp_path, capsys):
+    """From a CLI audit: an empty mask's mesh, unused --weights, a 0-byte input, report on a missing folder."""
+    import numpy as np
+    import tifffile
+
+    mask = tmp_path / "empty.tif"
+    tifffile.imwrite(mask, np.zeros((3, 16, 16), np.uint8), photometric="minisblack")
+    assert main(["mesh", str(mask), "-o", str(tmp_path / "e.glb")]) == 0
+    assert "the mesh file holds no surface: the mask has no voxel inside" in capsys.readouterr().out
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
+                     photometric="minisblack")
+    with pytest.warns(RuntimeWarning, match="--weights nothere.pt is not used: method 'dom' has no U-Net"):
+        assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "--method", "dom",
+                     "--weights", "nothere.pt", "--no-progress"]) == 0
+    (tmp_path / "zero.tif").write_bytes(b"")
+    assert main(["info", str(tmp_path / "zero.tif")]) == 1
+    assert "the file is empty: 0 bytes" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothere")]) == 1
+    assert "no such folder" in capsys.readouterr().err

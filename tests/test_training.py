@@ -184,3 +184,22 @@ def test_phantom_training_pairs_have_no_vessels_on_the_blank_dropout_slice():
     assert ph.truth("C00", 0, ph.shape[0])[d].any()   # the geometry goes on through it
     assert not pre[d].any() and not truth[d].any()
     np.testing.assert_array_equal(np.delete(truth, d, 0), np.delete(ph.truth("C00", 0, ph.shape[0]), d, 0))
+
+
+def test_tiff_pairs_are_found_with_either_extension(tmp_path):
+    import tifffile
+
+    img = np.zeros((2, 16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "a_image.tiff", img, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "a_label.tif", img, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "b_image.TIF", img, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "b_label.TIF", img, photometric="minisblack")
+    (tmp_path / "c_image.txt").write_text("not an image")
+    found = find_pairs([tmp_path])
+    assert [(s.name, s.image.name, s.label.name) for s in found] == [
+        ("a", "a_image.tiff", "a_label.tif"), ("b", "b_image.TIF", "b_label.TIF")]
+    with pytest.raises(Exception, match="expected a file named NAME_image.tif"):
+        find_pairs([tmp_path / "c_image.txt"])
+    (tmp_path / "slices").mkdir()
+    with pytest.raises(Exception, match="per-slice scan folders"):
+        find_pairs([tmp_path / "slices"])
