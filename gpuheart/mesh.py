@@ -1139,6 +1139,7 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
             warnings.warn(f"{path}: decimation stopped at {len(faces):,} faces, above max_faces = {max_faces:,} "
                           f"(no edge left that it may collapse, as in spongy or many small pieces); a higher "
                           f"min_faces drops small pieces", RuntimeWarning, stacklevel=3)
+        _warn_lost(path, dropped, max_faces, min_faces)
         _warn_non_manifold(path, faces, n)
     try:
         return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
@@ -1156,8 +1157,19 @@ def _reduce_and_export(vertices, faces, labels, path, max_faces, min_faces, max_
         raise MeshTooLargeError(f"{path}: fitting {n:,} faces into max_bytes = {max_bytes:,} "
                                 f"{_left_nothing(dropped, min_faces)}: nothing would be written; raise max_bytes",
                                 estimate, target)
+    _warn_lost(path, dropped, target, min_faces)
     _warn_non_manifold(path, faces, n)
     return vertices, faces, labels, export_mesh(vertices, faces, path, max_bytes=max_bytes)
+
+
+def _warn_lost(path, dropped: dict, target: int, min_faces: int) -> None:
+    """Whole pieces a decimation removed (shrunk under ``min_faces``, or flattened) are worth a word: the
+    face count asked for, not the mask, made them vanish."""
+    lost = dropped.get("small", 0) + dropped.get("flat", 0)
+    if lost:
+        warnings.warn(f"{path}: decimating to about {target:,} faces left {lost:,} surface piece(s) under "
+                      f"min_faces = {min_faces} or flat, and they were removed (the component table counts them "
+                      f"as removed); a higher face budget keeps them", RuntimeWarning, stacklevel=4)
 
 
 def _warn_non_manifold(path, faces: np.ndarray, before: int) -> None:
