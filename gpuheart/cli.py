@@ -369,6 +369,12 @@ def _print_run(result) -> None:
         if "snr_dom" in s:
             line += f", SNR {s['snr_preprocessed']:.1f} -> {s['snr_dom']:.1f} (difference of medians)"
         print(line)
+        raw, normed = s.get("detrended_cv_raw"), s.get("detrended_cv_normalized")
+        if isinstance(raw, float) and isinstance(normed, float) and normed > 1.5 * raw > 0:
+            # seen on a uint8 two-photon stack with a background of 3-4 counts: the median steps a whole count
+            print("    note: z-normalization left the slice means less even than recorded; where the background "
+                  "is a few counts of integer data, its per-slice median moves in whole counts "
+                  "([exposure] normalize = false keeps the slices as recorded)")
         norm = s.get("normalization", {})
         if norm.get("dark_slices"):   # blanked: the user must hear of it, and how to keep them
             print(f"    dark slices (spread <= {norm.get('dark_ratio', 0.1):g} of the stack's, or <= "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -206,6 +207,12 @@ class PipelineConfig:
 
     def validate(self) -> "PipelineConfig":
         backend.resolve_device(self.device)  # raises DeviceError with the reason
+        for name in self.channel:   # a name no scan can have would be ignored, silently
+            if not re.fullmatch(r"C\d{2,}", str(name)):
+                m = re.fullmatch(r"(?i)c(?:h)?(\d+)", str(name))
+                hint = f"; did you mean C{int(m.group(1)):02d}?" if m else ""
+                raise ConfigError(f"channel.{name}: channels are named C00, C01, ... (a file's _C01 or _ch1 token "
+                                  f"is channel C01), so {name!r} names none{hint}")
         if self.slab_size < 1:
             raise ConfigError(f"slab_size must be >= 1, got {self.slab_size}")
         if self.voxel_size and (len(self.voxel_size) != 3 or min(self.voxel_size) <= 0):
@@ -440,7 +447,8 @@ class Pipeline:
             if not cfg.channel:  # its channels' contents are known: nerves get the nerve settings
                 from dataclasses import replace
 
-                cfg = replace(cfg, channel=dict(PHANTOM_CHANNEL_SETTINGS)).validate()
+                cfg = replace(cfg, channel={c: v for c, v in PHANTOM_CHANNEL_SETTINGS.items() if c in channels}
+                              ).validate()
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
             user_truth = _name_the_only_channel(scan, user_truth)
@@ -707,12 +715,11 @@ def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
         raise ConfigError(f"{scan.path}: truth given for channel(s) {', '.join(unknown)}, which this run does not "
                           f"process (its channels: {', '.join(scan.channels)})")
     unused = [c for c in cfg.channel if c not in scan.channels]
-    if unused and not cfg.channels:
-        import warnings
-
+    if unused:
+        which = (f"which this run does not process (it processes {', '.join(scan.channels)})" if cfg.channels
+                 else f"which the scan does not have (its channels: {', '.join(scan.channels)})")
         warnings.warn(f"{scan.path}: settings given for channel(s) {', '.join(unused)} (--preset or [channel.NAME]), "
-                      f"which the scan does not have (its channels: {', '.join(scan.channels)}); they are unused",
-                      stacklevel=4)
+                      f"{which}; they are unused", stacklevel=4)
 
 
 def _check_truths(scan, truth: dict) -> None:

@@ -695,3 +695,19 @@ def test_small_cli_messages_say_what_happened(tmp_path, capsys):
     assert "the file is empty: 0 bytes" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothere")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_normalization_that_made_slice_means_less_even_gets_a_note(capsys):
+    from types import SimpleNamespace
+
+    from gpuheart.cli import _print_run
+
+    def result(raw, normed):
+        summary = {"slices": 20, "detrended_cv_raw": raw, "detrended_cv_normalized": normed}
+        return SimpleNamespace(out_dir="o", timings={"read": 1.0}, outputs={"C00": {}}, report=None, reused=[],
+                               resumed={}, summary={"device": "cpu", "C00": summary})
+
+    _print_run(result(0.020, 0.058))   # what an audit saw on a uint8 stack with a background of 3-4 counts
+    assert "note: z-normalization left the slice means less even than recorded" in capsys.readouterr().out
+    _print_run(result(0.080, 0.020))
+    assert "less even" not in capsys.readouterr().out

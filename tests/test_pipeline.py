@@ -709,3 +709,26 @@ def test_the_unet_is_compiled_only_for_channels_large_enough_to_pay_it_back(tmp_
     cfg.segment.weights, cfg.segment.compile, cfg.mesh.enabled = str(weights), allowed, False
     Pipeline(cfg).run(tiny_run.out_dir / "input" / "scan", tmp_path / "out")
     assert seen and set(seen) == {want}
+
+
+@pytest.mark.parametrize("name, hint", [("C1", "did you mean C01?"), ("ch1", "did you mean C01?"),
+                                        ("nerves", "")])
+def test_per_channel_settings_for_a_name_no_scan_can_have_are_refused(name, hint):
+    """An audit's `--preset C1=nerves` ran C01 with the vessel settings and said nothing."""
+    from gpuheart.pipeline import ConfigError, PipelineConfig
+
+    with pytest.raises(ConfigError, match=f"channel.{name}: channels are named C00, C01, .*{hint}"):
+        PipelineConfig.from_dict({"channel": {name: {"preset": "nerves"}}}).validate()
+
+
+def test_settings_for_a_channel_the_run_leaves_out_are_said_to_be_unused(tmp_path):
+    import tifffile
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8),
+                     photometric="minisblack")
+    cfg = PipelineConfig.from_dict({"progress": False, "segment": {"method": "dom"}, "output": {"report": False},
+                                    "mesh": {"enabled": False}, "graph": {"enabled": False},
+                                    "channels": ["C00"], "channel": {"C07": {"preset": "nerves"}}})
+    with pytest.warns(UserWarning, match="settings given for channel\\(s\\) C07 .*which this run does not process"):
+        Pipeline(cfg).run(stack, tmp_path / "out")
