@@ -1507,6 +1507,21 @@ def _flat(d, prefix="") -> dict:
     return out
 
 
+def _output_stamp(path: Path) -> list[int]:
+    """[files, bytes, newest modification time in ns] of an output, every chunk of a store included (unlike
+    io.source_stamp, which must not walk a large input store on every run: outputs are checked only when a
+    finished run is reused, and a damaged chunk there is what the check is for)."""
+    if path.is_file():
+        st = path.stat()
+        return [1, st.st_size, st.st_mtime_ns]
+    n = size = newest = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return [n, size, newest]
+
+
 def _stamp_change(what: str, old, new) -> str:
     """``source_stamp`` [files, bytes, newest mtime] before and now, in words."""
     try:
@@ -1588,10 +1603,7 @@ class _Checkpoint:
                 else:
                     self.why = _why_not_the_same(m.get("key"), key)
             if self.done:
-                gone = [p for p in self._result_paths().values() if not p.exists()]
-                if gone:   # an output was deleted or moved since: compute the channel again
-                    self.manifest = {}
-                    self.why = f"the finished run's {gone[0]} was deleted or moved since"
+                self._check_results()
         elif self.dir.exists():
             shutil.rmtree(self.dir)
         self.next_z = int(self.manifest.get("next_z", 0))
@@ -1683,8 +1695,24 @@ class _Checkpoint:
 
     def finish(self, paths: dict, summary: dict) -> None:
         rel = {k: os.path.relpath(v, self.dir.parent) for k, v in paths.items()}
-        self._write_manifest(done=True, result={"paths": rel, "relative_to_channel": True, "summary": summary})
+        stamps = {k: _output_stamp(Path(v)) for k, v in paths.items()}
+        self._write_manifest(done=True, result={"paths": rel, "relative_to_channel": True, "summary": summary,
+                                                "stamps": stamps})
         self._remove_acc()
+
+    def _check_results(self) -> None:
+        """Forget a finished run whose outputs were deleted, moved, or changed on disk since (a chunk of a
+        store deleted or cut short, a mesh truncated): reusing them would hand on damage as results."""
+        stamps = self.manifest["result"].get("stamps") or {}   # manifests before 2026-11-28 have none
+        for name, path in self._result_paths().items():
+            if not path.exists():
+                why = f"the finished run's {path} was deleted or moved since"
+            elif name in stamps and _output_stamp(path) != stamps[name]:
+                why = _stamp_change(f"the finished run's {path}", stamps[name], _output_stamp(path))
+            else:
+                continue
+            self.manifest, self.why = {}, why
+            return
 
 
 class _ChannelAccumulator:

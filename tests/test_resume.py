@@ -1023,3 +1023,28 @@ def test_why_a_run_started_over_names_each_change_once_and_only_the_users():
     # `segment` keeps the preprocessed volume only for global Otsu: that follows from the method
     assert _why_not_the_same(key(None, "union", False), key(None, "otsu", True)) == \
         "other settings (segment.method 'union' -> 'otsu')"
+
+
+@pytest.mark.parametrize("damage", ["delete a chunk", "truncate a chunk"])
+def test_a_finished_run_whose_outputs_were_damaged_since_is_not_reused(scan, tmp_path, damage):
+    """An audit deleted or truncated one chunk of a finished run's mask store: the rerun reused it ('reused
+    the finished results'), and the mask then read 52k voxels as 0, or could not be read at all."""
+    from gpuheart import Pipeline
+    from gpuheart.io import open_scan
+
+    cfg, out = _fast_cfg(), tmp_path / "out"
+    first = Pipeline(cfg).run(scan, out)
+    store = first.outputs["C00"]["mask"]
+    with open_scan(store) as m:
+        before = m.read_slab("C00", 0, m.shape[0])
+    chunk = next(f for f in sorted((Path(store) / "0").rglob("*")) if f.is_file() and f.stat().st_size > 100)
+    if damage == "delete a chunk":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    again = Pipeline(cfg).run(scan, out)
+    assert again.reused == [] and "C00" in again.started_over
+    assert again.started_over["C00"].startswith(f"the finished run's {store} changed")
+    with open_scan(store) as m:
+        np.testing.assert_array_equal(m.read_slab("C00", 0, m.shape[0]), before)
+    assert Pipeline(cfg).run(scan, out).reused == ["C00"]   # intact again: reused
