@@ -105,6 +105,8 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
                           RuntimeWarning, stacklevel=2)
         znorm = ZNorm.from_stats(stats)
         labels = np.concatenate(labels)
+        if not sparse:
+            _warn_unlabelled_slices(stack, labels.any(axis=(1, 2)))
         dark = znorm.dark[keep]
         drawn = [int(z) for z in np.asarray(keep)[dark & labels.any(axis=(1, 2))]]
         if drawn:
@@ -118,6 +120,19 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
             raise ScanError(f"{stack.label}: every labelled slice is dark (no signal), so there is nothing to train on")
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
     return np.concatenate(images), labels
+
+
+def _warn_unlabelled_slices(stack: LabelledStack, labelled) -> None:
+    """Empty label slices are taught as background. In a vessel stack most slices hold vessels, so many empty
+    ones more likely mean slices nobody labelled (--sparse-labels) or a label file that is not this stack's."""
+    n, k = len(labelled), int(labelled.sum())
+    if k == 0:
+        warnings.warn(f"{stack.label}: no slice has a labelled (nonzero) pixel: the whole stack is taught as "
+                      f"background; if its vessels were not labelled, leave it out", RuntimeWarning, stacklevel=3)
+    elif k <= n // 2:
+        warnings.warn(f"{stack.label}: only {k} of {n} slices have a labelled pixel, and the others are taught as "
+                      f"background; if they were simply not labelled, give --sparse-labels (Python: sparse=True) "
+                      f"to train on the labelled slices only", RuntimeWarning, stacklevel=3)
 
 
 def _runs(zs: list[int], most: int) -> list[tuple[int, int]]:

@@ -1029,7 +1029,6 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
                       f"Dice (1 for an empty prediction, 0 otherwise) cannot choose best.pt or calibrate its "
                       f"threshold; label vessels in those slices, or pass "
                       f"--sparse-labels to train and validate on the labelled slices only", stacklevel=2)
-    out_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run leaves no folder behind
     sampler = TileSampler(vols, labs, train_sl, cfg.tile, cfg.fg_fraction, cfg.context, cfg.balance)
 
     torch.manual_seed(cfg.seed)
@@ -1038,6 +1037,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm)
     if cfg.init:
         _init_from(model, cfg.init)
+    out_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run (bad data, bad --init) leaves no folder
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
@@ -1047,6 +1047,8 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     data = _data_record(vols, labs)
     if resume and last_path.is_file():
         state = _load_last(last_path, model, opt, sched, rng, cfg, data)
+        if cfg.schedule == "cosine" and state["epoch"]:   # resumed with more epochs: the next rate on the new curve
+            _step_lr(opt, sched, cfg, state["epoch"], state["best_dice"])
     elif resume:
         warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=2)
 
@@ -1057,11 +1059,12 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         if stopped:
             break
         t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]   # the rate this epoch trains at (the log's lr), before the schedule steps
         train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device, epoch)
         val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
         _step_lr(opt, sched, cfg, epoch + 1, val_dice)
         row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
-                   lr=opt.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 3))
+                   lr=lr, seconds=round(time.perf_counter() - t0, 3))
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if val_dice > state["best_dice"]:
@@ -1129,7 +1132,12 @@ RESUMABLE_CHANGES = ("epochs", "patience", "num_threads", "device", "workers")
 
 def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> dict:
     """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # cut short (a full disk), or not a checkpoint: torch's message names neither
+        raise ValueError(f"{path}: cannot resume from it, it is unreadable ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]}); start a new run, or one from its weights with "
+                         f"--init {Path(path).with_name('best.pt')}") from err
     # other data would be scored on other validation slices, so its Dice could not be compared with best.pt's
     if ckpt.get("data", data) != data:
         raise ValueError(f"{path}: cannot resume on other training data than that run's ({len(ckpt['data'])} "

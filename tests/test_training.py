@@ -203,3 +203,20 @@ def test_tiff_pairs_are_found_with_either_extension(tmp_path):
     (tmp_path / "slices").mkdir()
     with pytest.raises(Exception, match="per-slice scan folders"):
         find_pairs([tmp_path / "slices"])
+
+
+def test_stacks_with_many_unlabelled_slices_are_warned_about_unless_sparse(tmp_path):
+    img, lab = _stack()
+    few = lab.copy()
+    few[3:] = 0
+    (stack,) = find_pairs([_pair(tmp_path / "few", "few", img, few)])
+    with pytest.warns(RuntimeWarning, match=r"only 3 of \d+ slices have a labelled pixel.*--sparse-labels"):
+        load_pair(stack)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pair(stack, sparse=True)
+        load_pair(find_pairs([_pair(tmp_path / "all", "all", img, lab)])[0])
+    (empty,) = find_pairs([_pair(tmp_path / "empty", "e", img, np.zeros_like(lab))])
+    with pytest.warns(RuntimeWarning, match="no slice has a labelled .*taught as background"):
+        load_pair(empty)

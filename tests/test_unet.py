@@ -481,12 +481,15 @@ def test_cosine_schedule_decays_to_min_lr_and_stretches_on_resume(tmp_path):
     img, lab = _synthetic(1)
     res = unet.train([img], [lab], _cfg(epochs=4, steps_per_epoch=1, schedule="cosine"), tmp_path / "a",
                      progress=False)
-    lrs = [r["lr"] for r in res.history]    # the rate set for the next epoch
-    assert lrs == pytest.approx([1e-6 + (1e-2 - 1e-6) * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3, 4)])
-    assert lrs[-1] == pytest.approx(1e-6)
+    def cosine(done, epochs):
+        return 1e-6 + (1e-2 - 1e-6) * 0.5 * (1 + math.cos(math.pi * done / epochs))
+
+    lrs = [r["lr"] for r in res.history]    # the rate each epoch trained at
+    assert lrs == pytest.approx([1e-2] + [cosine(e, 4) for e in (1, 2, 3)])
     longer = unet.train([img], [lab], _cfg(epochs=8, steps_per_epoch=1, schedule="cosine"), tmp_path / "a",
                         progress=False, resume=True)
-    assert longer.history[4]["lr"] == pytest.approx(1e-6 + (1e-2 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 5 / 8)))
+    # epoch 5 trains on the stretched curve, not at the 4-epoch curve's end (1e-6, what it was left at)
+    assert [r["lr"] for r in longer.history[4:]] == pytest.approx([cosine(e, 8) for e in (4, 5, 6, 7)])
     with pytest.raises(ValueError, match="schedule"):
         unet.train([img], [lab], _cfg(schedule="step"), tmp_path / "b", progress=False)
 
@@ -840,7 +843,7 @@ def test_plateau_halves_the_lr_after_lr_patience_epochs_without_a_better_dice_al
     _fixed_val_dice(monkeypatch, dices)
     full = unet.train([img], [lab], _cfg(epochs=6, **cfg), tmp_path / "a", progress=False)
     # ReduceLROnPlateau(mode="max"): a reduction once more than lr_patience epochs in a row bring no better Dice
-    assert [r["lr"] for r in full.history] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 5e-3])
+    assert [r["lr"] for r in full.history] == pytest.approx([1e-2, 1e-2, 1e-2, 1e-2, 5e-3, 5e-3])   # trained at
     _fixed_val_dice(monkeypatch, dices[:3])
     unet.train([img], [lab], _cfg(epochs=3, **cfg), tmp_path / "b", progress=False)
     _fixed_val_dice(monkeypatch, dices[3:])
@@ -1149,3 +1152,18 @@ def test_compiled_gpu_prediction_agrees_with_uncompiled():
     eager = predict(model, slab, compile=False)
     assert float(((compiled > thr) != (eager > thr)).mean()) < 1e-3
     assert float(abs(compiled - eager).max()) < 0.05
+
+
+def test_a_truncated_last_pt_and_a_refused_init_say_what_to_do_and_leave_no_folder(tmp_path):
+    """From a training audit: --resume on a cut-short last.pt gave torch's zip error naming no file, and a
+    refused --init left an empty run folder behind."""
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(epochs=1), tmp_path / "a", progress=False)
+    last = tmp_path / "a" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"last.pt: cannot resume from it, it is unreadable .*--init .*best.pt"):
+        unet.train([img], [lab], _cfg(epochs=2), tmp_path / "a", progress=False, resume=True)
+    with pytest.raises(Exception):
+        unet.train([img], [lab], _cfg(epochs=1, width=8, init=str(tmp_path / "a" / "best.pt")), tmp_path / "b",
+                   progress=False)
+    assert not (tmp_path / "b").exists()
