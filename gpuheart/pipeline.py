@@ -270,9 +270,37 @@ class PipelineConfig:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
         try:
-            return cls.from_dict(data).validate()
+            cfg = cls.from_dict(data)
+            _weights_beside(cfg, path.parent)
+            return cfg.validate()
         except (ConfigError, backend.DeviceError) as err:
             raise ConfigError(f"{path}: {err}") from None
+
+
+def _absolute_weights(cfg: PipelineConfig) -> PipelineConfig:
+    """A copy of ``cfg`` with every weights path made absolute."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.segment.weights = _absolute(out.segment.weights) if out.segment.weights else out.segment.weights
+    for over in out.channel.values():
+        seg = over.get("segment") if isinstance(over, dict) else None
+        if isinstance(seg, dict) and isinstance(seg.get("weights"), str) and seg["weights"]:
+            seg["weights"] = _absolute(seg["weights"])
+    return out
+
+
+def _weights_beside(cfg: PipelineConfig, folder: Path) -> None:
+    """A relative ``segment.weights`` in a config file names a file beside that file where one is there (as
+    paths in config files usually do), so a config kept with its weights runs from any working folder."""
+    def beside(w):
+        return str((folder / w).resolve()) if w and not Path(w).is_absolute() and (folder / w).is_file() else w
+
+    cfg.segment.weights = beside(cfg.segment.weights)
+    for over in cfg.channel.values():
+        seg = over.get("segment") if isinstance(over, dict) else None
+        if isinstance(seg, dict) and isinstance(seg.get("weights"), str):
+            seg["weights"] = beside(seg["weights"])
 
 
 # keys earlier versions wrote into config.toml, accepted with a warning so those files still load
@@ -498,7 +526,7 @@ class Pipeline:
                 ok = True
             finally:
                 graphs.close(ok)
-        cfg.save(out_dir / "config.toml")
+        _absolute_weights(cfg).save(out_dir / "config.toml")   # reloadable from any working folder
         # channel folders an earlier run worked in and this one left alone: not removed (the user may want
         # them), but this run's config.toml and summary.json do not describe them, so say so
         others = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and (d / ".resume").is_dir()
@@ -819,6 +847,11 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
             _write_tiffs(paths, voxel)
     summary = acc.summary(stats)
     summary["normalization"] = znorm.describe()
+    if model is not None:   # which model cut where: a mask is not reproducible without both
+        from .unet import default_weights_path
+
+        summary["unet"] = {"weights": str(Path(cfg.segment.weights or default_weights_path()).resolve()),
+                           "threshold": float(cfg.segment.threshold or model.meta.get("threshold", 0.5))}
     if cfg.mesh.enabled and "mask" in paths:
         with timer("mesh"):
             summary["mesh"] = _mesh(paths["mask"], out, voxel, cfg, paths)
@@ -1477,6 +1510,8 @@ def _fingerprint_key(cfg: PipelineConfig, scan, channel: str, truth, stamps: dic
     d.pop("progress"), d.pop("checkpoint_seconds"), d["output"].pop("report"), d.pop("channels"), d.pop("channel")
     d["graph"].pop("background")
     d["device"] = backend.resolve_device(cfg.device)
+    if d["segment"].get("weights"):   # the file, not how it was spelled (config.toml saves it absolute)
+        d["segment"]["weights"] = _absolute(d["segment"]["weights"])
     desc = desc or scan.describe()
     weights = None
     if cfg.uses_unet:

@@ -732,3 +732,37 @@ def test_settings_for_a_channel_the_run_leaves_out_are_said_to_be_unused(tmp_pat
                                     "channels": ["C00"], "channel": {"C07": {"preset": "nerves"}}})
     with pytest.warns(UserWarning, match="settings given for channel\\(s\\) C07 .*which this run does not process"):
         Pipeline(cfg).run(stack, tmp_path / "out")
+
+
+def test_summary_names_the_weights_and_the_threshold_the_unet_mask_was_cut_at(tmp_path):
+    from gpuheart import unet
+
+    cfg = PipelineConfig.from_dict({"progress": False, "output": {"report": False}, "mesh": {"enabled": False},
+                                    "graph": {"enabled": False}, "channels": ["C00"]})
+    res = Pipeline(cfg).run(None, tmp_path / "out", phantom_preset="tiny")
+    assert res.summary["C00"]["unet"] == {"weights": str(unet.default_weights_path().resolve()),
+                                          "threshold": unet.load_default().meta["threshold"]}
+    again = Pipeline(cfg).run(None, tmp_path / "out", phantom_preset="tiny")
+    assert again.reused == ["C00"] and again.summary["C00"]["unet"] == res.summary["C00"]["unet"]
+
+
+def test_relative_weights_in_a_config_file_are_found_beside_it_and_saved_absolute(tmp_path, monkeypatch):
+    """An audit's config with `weights = "run9/best.pt"` failed when run from another folder, and the run's
+    saved config.toml kept the relative path."""
+    import shutil
+
+    from gpuheart import unet
+
+    (tmp_path / "cfgdir" / "run9").mkdir(parents=True)
+    shutil.copy(unet.default_weights_path(), tmp_path / "cfgdir" / "run9" / "best.pt")
+    toml = tmp_path / "cfgdir" / "run.toml"
+    toml.write_text('progress = false\nchannels = ["C00"]\n[segment]\nweights = "run9/best.pt"\n'
+                    '[output]\nreport = false\n[mesh]\nenabled = false\n[graph]\nenabled = false\n')
+    monkeypatch.chdir(tmp_path)   # not the config's folder
+    cfg = PipelineConfig.load(toml)
+    assert cfg.segment.weights == str((tmp_path / "cfgdir" / "run9" / "best.pt").resolve())
+    res = Pipeline(cfg).run(None, tmp_path / "out", phantom_preset="tiny")
+    saved = PipelineConfig.load(tmp_path / "out" / "config.toml")
+    assert saved.segment.weights == cfg.segment.weights
+    assert Pipeline(saved).run(None, tmp_path / "out", phantom_preset="tiny").reused == ["C00"]
+    assert res.summary["C00"]["unet"]["weights"] == cfg.segment.weights
