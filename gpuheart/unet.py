@@ -1159,29 +1159,38 @@ def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> di
     return ckpt["state"]
 
 
-def _plot_curves(rows: list[dict], path: Path, size=(640, 400)) -> Path | None:
-    """A small PNG of train loss (blue) and val Dice (red) per epoch, drawn with PIL (no matplotlib)."""
+def _plot_curves(rows: list[dict], path: Path) -> Path | None:
+    """PNG of the log: train loss and validation Dice per epoch on their own axes, the best epoch marked and
+    each learning-rate change drawn as a dotted line (redrawn every epoch, so a killed run has it too)."""
     if len(rows) < 1:
         return None
-    from PIL import Image, ImageDraw
+    from .report import _pyplot, _save
 
-    w, h, m = size[0], size[1], 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
-    n = max(len(rows) - 1, 1)
-    for key, colour in (("train_loss", (31, 119, 180)), ("val_dice", (214, 39, 40))):
-        vals = np.array([r[key] for r in rows], dtype=float)
-        lo, hi = (0.0, 1.0) if key == "val_dice" else (0.0, max(float(vals.max()), 1e-9))
-        pts = [(m + (w - 1.5 * m) * i / n, (h - m) - (h - 1.5 * m) * (v - lo) / (hi - lo))
-               for i, v in enumerate(vals)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        else:
-            d.point(pts, fill=colour)
-    d.text((m, h - m + 8), f"epochs 1..{len(rows)}   blue: train loss (0..max)   red: val Dice (0..1)",
-           fill="black")
-    tmp = path.with_name(path.name + ".partial")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    dice = [r["val_dice"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, dice, "o-", ms=3, color="tab:red", label="validation Dice")
+    ax2.set_ylabel("validation Dice (at the calibrated threshold)", color="tab:red")
+    ax2.set_ylim(0, 1)
+    best = int(np.argmax(dice))
+    ax2.plot([epochs[best]], [dice[best]], "*", ms=12, color="tab:red")
+    ax2.annotate(f"best {dice[best]:.3f} (epoch {epochs[best]})", (epochs[best], dice[best]),
+                 textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    for prev, row in zip(rows, rows[1:]):
+        if row["lr"] != prev["lr"]:
+            ax.axvline(row["epoch"] - 0.5, color="grey", ls=":", lw=1)
+            ax.text(row["epoch"] - 0.5, 0, f" lr {row['lr']:.2g}", rotation=90, va="bottom", fontsize=7, color="grey")
+    ax.set_xlim(0.5, max(epochs) + 0.5)
+    if len(epochs) <= 12:
+        ax.set_xticks(epochs)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
