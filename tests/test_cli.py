@@ -161,6 +161,11 @@ def test_train_smoke(tmp_path, capsys):
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.csv").is_file()
     from gpuheart import unet
     assert unet.load_weights(tmp_path / "run" / "best.pt").meta["config"]["workers"] == 2
+    # the same command with --resume: nothing left to train, and it says so
+    assert main(["train", "-o", str(tmp_path / "run"), "--phantom", "1", "--epochs", "2", "--steps", "2",
+                 "--batch-size", "2", "--tile", "64", "--width", "4", "--no-progress", "--workers", "2",
+                 "--resume"]) == 0
+    assert "--resume found nothing left to train: it had run its 2 epochs" in capsys.readouterr().out
 
 
 def test_train_fine_tunes_with_init_context_and_lr(tmp_path, capsys):
