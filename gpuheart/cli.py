@@ -500,7 +500,7 @@ def _cmd_segment(a) -> int:
     return EXIT_OK
 
 
-# unet.TrainConfig's defaults, spelled out so that the help needs no torch (tests/test_bad_input.py: they agree)
+# unet.TrainConfig's defaults, spelled out so that the help needs no torch (tests/test_api_arguments.py: they agree)
 TRAIN_DEFAULTS = dict(epochs=60, steps_per_epoch=50, lr=1e-3, threshold=None, loss="tversky_focal", tile=128,
                       width=16, depth=4, norm="group", context=0, init=None)
 # what benchmarks/accuracy_finetune.py measured (docs/accuracy.md): 0.685 -> 0.774 held-out Dice with 4 slices
