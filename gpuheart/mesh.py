@@ -617,8 +617,9 @@ def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
 
 def edge_face_counts(faces: np.ndarray) -> np.ndarray:
     """How many faces share each undirected edge (2 everywhere for a closed manifold mesh)."""
-    e = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    _, counts = np.unique(e, axis=0, return_counts=True)
+    e = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1).astype(np.int64)
+    # one int64 key per edge: a 1-D sort, several times faster than unique rows on a decimated heart's mesh
+    _, counts = np.unique(e[:, 0] * (int(e.max(initial=0)) + 1) + e[:, 1], return_counts=True)
     return counts
 
 
