@@ -538,15 +538,16 @@ def _train_settings(a) -> dict:
 def _cmd_train(a) -> int:
     from .training import train_from_files
 
-    log = Path(a.out) / "log.csv"
-    before = max(len(log.read_text().splitlines()) - 1, 0) if a.resume and log.is_file() else None
+    # last.pt is rewritten after every epoch trained (the log may be an epoch ahead of it after a kill)
+    last = Path(a.out) / "last.pt"
+    before = last.stat().st_mtime_ns if a.resume and last.is_file() else None
     res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
                            sparse=a.sparse_labels, balance=a.balance,
                            progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
                            device=a.device, workers=a.workers, **_train_settings(a))
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
           f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
-    if before is not None and res.epochs_run <= before:
+    if before is not None and last.stat().st_mtime_ns == before:
         print("  note: --resume found nothing left to train: " + (
             "the run had stopped early (no better validation Dice for `patience` epochs)" if res.stopped_early
             else f"it had run its {res.epochs_run} epochs; give a larger --epochs to train on"))

@@ -1168,9 +1168,10 @@ def _warn_lost(path, dropped: dict, target: int, min_faces: int) -> None:
     face count asked for, not the mask, made them vanish."""
     lost = dropped.get("small", 0) + dropped.get("flat", 0)
     if lost:
-        warnings.warn(f"{path}: decimating to about {target:,} faces left {lost:,} surface piece(s) under "
-                      f"min_faces = {min_faces} or flat, and they were removed (the component table counts them "
-                      f"as removed); a higher face budget keeps them", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{path}: decimating to about {target:,} faces removed whole pieces: {lost:,} left under "
+                      f"min_faces = {min_faces} or flat, besides any it collapsed entirely (the summary's count of "
+                      f"components removed has them all); a higher face budget keeps them", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _warn_non_manifold(path, faces: np.ndarray, before: int) -> None:

@@ -576,6 +576,8 @@ class Pipeline:
         elif not cfg.channels:
             with open_scan(source) as s:
                 cfg.channels = s.channels[:1]
+        # a config shared with `run` may hold other channels' tables: not this command's to call unused
+        cfg.channel = {k: v for k, v in cfg.channel.items() if k in cfg.channels}
         # global Otsu thresholds the written preprocessed volume; it lives in the temporary run folder
         keep_pre = "otsu" in (cfg.segment.method, cfg.for_channel(cfg.channels[0]).segment.method)
         cfg = replace(cfg, output=replace(cfg.output, write_preprocessed=keep_pre, report=False))
@@ -1543,18 +1545,17 @@ def _flat(d, prefix="") -> dict:
 
 
 def _output_stamp(path: Path) -> list[int]:
-    """[files, bytes, newest modification time in ns] of an output, every chunk of a store included (unlike
+    """[files, bytes] of an output, every chunk of a store included (no dates: OUT copied without them is the
+    same output; a deleted or cut-short chunk changes the count or the size; unlike
     io.source_stamp, which must not walk a large input store on every run: outputs are checked only when a
     finished run is reused, and a damaged chunk there is what the check is for)."""
     if path.is_file():
-        st = path.stat()
-        return [1, st.st_size, st.st_mtime_ns]
-    n = size = newest = 0
+        return [1, path.stat().st_size]
+    n = size = 0
     for root, _, files in os.walk(path):
         for name in files:
-            st = os.stat(os.path.join(root, name))
-            n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-    return [n, size, newest]
+            n, size = n + 1, size + os.stat(os.path.join(root, name)).st_size
+    return [n, size]
 
 
 def _stamp_change(what: str, old, new) -> str:
@@ -1742,8 +1743,9 @@ class _Checkpoint:
         for name, path in self._result_paths().items():
             if not path.exists():
                 why = f"the finished run's {path} was deleted or moved since"
-            elif name in stamps and _output_stamp(path) != stamps[name]:
-                why = _stamp_change(f"the finished run's {path}", stamps[name], _output_stamp(path))
+            elif name in stamps and _output_stamp(path) != stamps[name][:2]:
+                (n0, b0), (n1, b1) = stamps[name][:2], _output_stamp(path)
+                why = f"the finished run's {path} changed since ({n0} -> {n1} files, {b0} -> {b1} bytes)"
             else:
                 continue
             self.manifest, self.why = {}, why

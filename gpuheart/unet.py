@@ -1164,12 +1164,15 @@ def _plot_curves(rows: list[dict], path: Path) -> Path | None:
     each learning-rate change drawn as a dotted line (redrawn every epoch, so a killed run has it too)."""
     if len(rows) < 1:
         return None
-    from .report import _pyplot, _save
+    # a Figure with its own Agg canvas, not pyplot: training must not switch a notebook's backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     dice = [r["val_dice"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(6.4, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss", color="tab:blue")
@@ -1182,10 +1185,10 @@ def _plot_curves(rows: list[dict], path: Path) -> Path | None:
     ax2.plot([epochs[best]], [dice[best]], "*", ms=12, color="tab:red")
     ax2.annotate(f"best {dice[best]:.3f} (epoch {epochs[best]})", (epochs[best], dice[best]),
                  textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
-    for prev, row in zip(rows, rows[1:]):
-        if row["lr"] != prev["lr"]:
-            ax.axvline(row["epoch"] - 0.5, color="grey", ls=":", lw=1)
-            ax.text(row["epoch"] - 0.5, 0, f" lr {row['lr']:.2g}", rotation=90, va="bottom", fontsize=7, color="grey")
+    changes = [row for prev, row in zip(rows, rows[1:]) if row["lr"] != prev["lr"]]
+    for row in changes if len(changes) <= 6 else []:   # plateau halvings; a cosine curve changes every epoch
+        ax.axvline(row["epoch"] - 0.5, color="grey", ls=":", lw=1)
+        ax.text(row["epoch"] - 0.5, 0, f" lr {row['lr']:.2g}", rotation=90, va="bottom", fontsize=7, color="grey")
     ax.set_xlim(0.5, max(epochs) + 0.5)
     if len(epochs) <= 12:
         ax.set_xticks(epochs)
@@ -1193,4 +1196,7 @@ def _plot_curves(rows: list[dict], path: Path) -> Path | None:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
+    tmp = path.with_name(path.name + ".partial")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path

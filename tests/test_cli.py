@@ -716,3 +716,19 @@ def test_a_normalization_that_made_slice_means_less_even_gets_a_note(capsys):
     assert "note: z-normalization left the slice means less even than recorded" in capsys.readouterr().out
     _print_run(result(0.080, 0.020))
     assert "less even" not in capsys.readouterr().out
+
+
+def test_segment_does_not_call_other_channels_tables_of_a_shared_config_unused(tmp_path):
+    import warnings
+
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
+                     photometric="minisblack")
+    cfg = tmp_path / "shared.toml"
+    cfg.write_text('[segment]\nmethod = "dom"\n[channel.C01]\npreset = "nerves"\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "-c", str(cfg), "--no-progress"]) == 0

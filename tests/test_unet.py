@@ -1167,3 +1167,13 @@ def test_a_truncated_last_pt_and_a_refused_init_say_what_to_do_and_leave_no_fold
         unet.train([img], [lab], _cfg(epochs=1, width=8, init=str(tmp_path / "a" / "best.pt")), tmp_path / "b",
                    progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_training_curves_leave_the_users_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    rows = [dict(epoch=e, train_loss=1 / e, val_dice=0.5, threshold=0.5, lr=1e-3 * 0.9 ** e, seconds=1.0)
+            for e in range(1, 40)]   # a cosine-like lr, changing every epoch
+    assert unet._plot_curves(rows, tmp_path / "c.png").is_file()
+    assert matplotlib.get_backend() == before
