@@ -277,30 +277,30 @@ class PipelineConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
+def _map_weights(cfg: PipelineConfig, fn) -> None:
+    """``segment.weights`` (and every channel table's) replaced by ``fn(path)``, where one is set."""
+    if cfg.segment.weights:
+        cfg.segment.weights = fn(cfg.segment.weights)
+    for over in cfg.channel.values():
+        seg = over.get("segment") if isinstance(over, dict) else None
+        if isinstance(seg, dict) and isinstance(seg.get("weights"), str) and seg["weights"]:
+            seg["weights"] = fn(seg["weights"])
+
+
 def _absolute_weights(cfg: PipelineConfig) -> PipelineConfig:
     """A copy of ``cfg`` with every weights path made absolute."""
     import copy
 
     out = copy.deepcopy(cfg)
-    out.segment.weights = _absolute(out.segment.weights) if out.segment.weights else out.segment.weights
-    for over in out.channel.values():
-        seg = over.get("segment") if isinstance(over, dict) else None
-        if isinstance(seg, dict) and isinstance(seg.get("weights"), str) and seg["weights"]:
-            seg["weights"] = _absolute(seg["weights"])
+    _map_weights(out, _absolute)
     return out
 
 
 def _weights_beside(cfg: PipelineConfig, folder: Path) -> None:
     """A relative ``segment.weights`` in a config file names a file beside that file where one is there (as
     paths in config files usually do), so a config kept with its weights runs from any working folder."""
-    def beside(w):
-        return str((folder / w).resolve()) if w and not Path(w).is_absolute() and (folder / w).is_file() else w
-
-    cfg.segment.weights = beside(cfg.segment.weights)
-    for over in cfg.channel.values():
-        seg = over.get("segment") if isinstance(over, dict) else None
-        if isinstance(seg, dict) and isinstance(seg.get("weights"), str):
-            seg["weights"] = beside(seg["weights"])
+    _map_weights(cfg, lambda w: str((folder / w).resolve()) if not Path(w).is_absolute() and (folder / w).is_file()
+                 else w)
 
 
 # keys earlier versions wrote into config.toml, accepted with a warning so those files still load

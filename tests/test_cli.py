@@ -646,13 +646,11 @@ def test_segment_refuses_a_folder_in_the_outputs_place_and_leaves_it_alone(tmp_p
     """An audit found `segment -o full.tif` deleting a folder named full.tif, files and all, and saying
     'wrote'. A folder is the user's, never an earlier output to replace; write_tiff refuses too."""
     import numpy as np
-    import tifffile
 
     from gpuheart.io import write_tiff
 
     stack = tmp_path / "stack.tif"
-    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (4, 40, 40), dtype=np.uint8),
-                     photometric="minisblack")
+    _small_stack(stack, (4, 40, 40))
     out = tmp_path / "full.tif"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -666,12 +664,8 @@ def test_segment_refuses_a_folder_in_the_outputs_place_and_leaves_it_alone(tmp_p
 
 
 def test_an_existing_input_whose_name_has_glob_characters_is_taken_as_it_is(tmp_path, capsys):
-    import numpy as np
-    import tifffile
-
     stack = tmp_path / "scan[1].tif"
-    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (4, 40, 40), dtype=np.uint8),
-                     photometric="minisblack")
+    _small_stack(stack, (4, 40, 40))
     cfg = tmp_path / "dom.toml"
     cfg.write_text('[segment]\nmethod = "dom"\n[output]\nreport = false\n[mesh]\nenabled = false\n'
                    '[graph]\nenabled = false\n')
@@ -690,8 +684,7 @@ def test_small_cli_messages_say_what_happened(tmp_path, capsys):
     assert main(["mesh", str(mask), "-o", str(tmp_path / "e.glb")]) == 0
     assert "the mesh file holds no surface: the mask has no voxel inside" in capsys.readouterr().out
     stack = tmp_path / "s.tif"
-    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
-                     photometric="minisblack")
+    _small_stack(stack, (3, 32, 32))
     with pytest.warns(RuntimeWarning, match="--weights nothere.pt is not used: method 'dom' has no U-Net"):
         assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "--method", "dom",
                      "--weights", "nothere.pt", "--no-progress"]) == 0
@@ -721,14 +714,19 @@ def test_a_normalization_that_made_slice_means_less_even_gets_a_note(capsys):
 def test_segment_does_not_call_other_channels_tables_of_a_shared_config_unused(tmp_path):
     import warnings
 
-    import numpy as np
-    import tifffile
-
     stack = tmp_path / "s.tif"
-    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
-                     photometric="minisblack")
+    _small_stack(stack, (3, 32, 32))
     cfg = tmp_path / "shared.toml"
     cfg.write_text('[segment]\nmethod = "dom"\n[channel.C01]\npreset = "nerves"\n')
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "-c", str(cfg), "--no-progress"]) == 0
+
+
+def _small_stack(path, shape):
+    """A random uint8 (z, y, x) stack written as a grayscale multi-page TIFF (not read as colour planes)."""
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8),
+                     photometric="minisblack")
