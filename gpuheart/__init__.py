@@ -16,3 +16,8 @@ def __getattr__(name):
 
         return open_scan
     raise AttributeError(f"module 'gpuheart' has no attribute {name!r}")
+
+
+def __dir__():
+    # the lazy names too, so tab completion and dir() offer them before first use
+    return sorted(set(globals()) - {"annotations"} | set(__all__))

@@ -59,9 +59,10 @@ def resolve_device(device: str = "auto") -> str:
         return "cpu"
     if device == "cuda":
         if not cuda_available():
-            why = "CuPy is not installed (pip install 'gpuheart[cuda13]')" if _cupy() is None \
-                else "CuPy found no CUDA device"
-            raise DeviceError(f"device 'cuda' was requested but {why}; use --device cpu or auto")
+            why = ("CuPy is not installed (pip install 'gpuheart[cuda13]', or 'gpuheart[cuda12]' with CUDA 12 "
+                   "drivers)" if _cupy() is None else "CuPy found no CUDA device")
+            raise DeviceError(f"device 'cuda' was requested but {why}; use device 'cpu' or 'auto' "
+                              f"(--device cpu)")
         return "cuda"
     return "cuda" if cuda_available() else "cpu"
 
@@ -358,16 +359,15 @@ def free_device_memory() -> None:
 # -- CUDA kernels --------------------------------------------------------------------------------
 
 def kernel_dir() -> Path:
-    """Where the ``.cu`` sources are: inside the installed package, else the source tree's ``kernels/``."""
-    try:
-        from importlib.resources import files
-
-        d = Path(str(files("gpuheart.kernels")))
+    """Where the ``.cu`` sources are: ``gpuheart/kernels`` in an installed wheel, ``kernels/`` in a checkout
+    (an editable install included)."""
+    # Not importlib.resources: gpuheart.kernels has no __init__.py, so files() gives a MultiplexedPath whose
+    # str() is not a path, and an installed wheel then found no kernel at all.
+    here = Path(__file__).resolve().parent
+    for d in (here / "kernels", here.parent / "kernels"):
         if any(d.glob("*.cu")):
             return d
-    except Exception:
-        pass
-    return Path(__file__).resolve().parent.parent / "kernels"
+    return here / "kernels"
 
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)".*$', re.M)

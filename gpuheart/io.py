@@ -907,8 +907,13 @@ def _scan_path(path) -> Path:
     """``path`` as a Path, or a TypeError saying what a scan is (Path() would say only 'expected str')."""
     if isinstance(path, (str, os.PathLike)):
         return Path(path)
-    hint = (f"; for an in-memory {getattr(path, 'shape', '')} array, write it first with "
-            "gpuheart.io.write_tiff(path, array)" if hasattr(path, "shape") else "")
+    if hasattr(path, "shape"):
+        hint = (f"; for an in-memory {path.shape} array, write it first with "
+                "gpuheart.io.write_tiff(path, array)")
+    elif hasattr(path, "__iter__") or hasattr(path, "__next__"):
+        hint = "; for slices in memory, write them first with gpuheart.io.write_tiff(path, slices)"
+    else:
+        hint = ""
     raise TypeError(f"expected the path of a TIFF, a folder of TIFFs or a Zarr store, got {type(path).__name__}{hint}")
 
 

@@ -573,7 +573,9 @@ class Pipeline:
                       graph=replace(self.config.graph, enabled=False))
         if channel:
             cfg.channels = [channel]
-        elif not cfg.channels:
+        elif cfg.channels:
+            cfg.channels = cfg.channels[:1]   # one mask is written: the others' work would be thrown away
+        else:
             with open_scan(source) as s:
                 cfg.channels = s.channels[:1]
         # a config shared with `run` may hold other channels' tables: not this command's to call unused

@@ -339,7 +339,7 @@ def torch_device(device: str = "auto") -> str:
     why = (f"PyTorch {torch.__version__} here has no CUDA (a CPU build, or no driver it can use), although CuPy "
            f"sees a GPU")
     if device == "cuda":
-        raise DeviceError(f"device 'cuda' was requested but {why}; install a CUDA build of PyTorch or use --device cpu")
+        raise DeviceError(f"device 'cuda' was requested but {why}; install a CUDA build of PyTorch or use device 'cpu' (--device cpu)")
     if "torch-cpu" not in _warned:
         _warned.add("torch-cpu")
         warnings.warn(f"{why}: the U-Net runs on the CPU (slow), the other stages on the GPU; install a CUDA "

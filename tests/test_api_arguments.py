@@ -90,3 +90,19 @@ def test_clahe_refuses_a_clip_limit_that_would_silently_switch_clipping_off(clip
     for f in (exposure.clahe, exposure.clahe_robust_scale):
         with pytest.raises(ValueError, match="clip_limit must be a finite number >= 0"):
             f(img, clip_limit=clip)
+
+
+def test_the_lazy_top_level_names_are_listed_before_first_use():
+    import gpuheart
+
+    assert {"Pipeline", "PipelineConfig", "RunResult", "open_scan"} <= set(dir(gpuheart))
+    assert "annotations" not in dir(gpuheart)
+
+
+def test_a_scan_given_as_slices_in_memory_is_told_how_to_write_them():
+    import numpy as np
+
+    from gpuheart import open_scan
+
+    with pytest.raises(TypeError, match=r"write_tiff\(path, slices\)"):
+        open_scan(iter([np.zeros((4, 4), np.uint8)]))

@@ -766,3 +766,14 @@ def test_relative_weights_in_a_config_file_are_found_beside_it_and_saved_absolut
     assert saved.segment.weights == cfg.segment.weights
     assert Pipeline(saved).run(None, tmp_path / "out", phantom_preset="tiny").reused == ["C00"]
     assert res.summary["C00"]["unet"]["weights"] == cfg.segment.weights
+
+
+def test_segment_with_several_configured_channels_computes_only_the_one_it_writes(tmp_path):
+    """Pipeline.segment writes one mask: the first configured channel, and no work on the others."""
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    ph = write_phantom(PhantomConfig.preset("tiny"), tmp_path / "ph")
+    p = Pipeline(PipelineConfig(channels=["C01", "C00"], progress=False))
+    p.config.segment.method = "dom"
+    p.segment(ph / "scan", tmp_path / "m.tif")
+    assert list(p.last_run.outputs) == ["C01"]
