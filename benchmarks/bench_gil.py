@@ -30,6 +30,8 @@ def blocks(rng) -> dict:
     from skimage.measure import marching_cubes
     from skimage.morphology import skeletonize
 
+    from gpuheart.graph import thin
+
     def sponge(shape):
         return ndi.gaussian_filter(rng.random(shape, np.float32), (0.8, 2.0, 2.0)) > 0.5
 
@@ -41,7 +43,8 @@ def blocks(rng) -> dict:
         "skimage marching_cubes (mesh)": (lambda m: marching_cubes(m.astype(np.float32), 0.5), masks),
         "scipy ndimage.label 26-connected (tree graph labelling)":
             (lambda m: ndi.label(m, np.ones((3, 3, 3), bool)), masks),
-        "skimage skeletonize (tree graph skeleton)": (skeletonize, small),
+        "gpuheart graph.thin (tree graph skeleton)": (thin, small),
+        "skimage skeletonize (the tree graph's skeleton until 2026-11-28)": (skeletonize, small),
         "numpy gather of face corners (mesh measures)": (lambda f: coords[f].sum(axis=1), faces),
         "numpy bincount (mesh components)": (lambda f: np.bincount(f.ravel(), minlength=4_000_000), faces),
     }

@@ -1,7 +1,7 @@
 """The vascular tree as a graph: skeleton -> branch points, end points and branches.
 
 :func:`skeleton_graph` thins a (z, y, x) bool mask to a one-voxel curve skeleton
-(``skimage.morphology.skeletonize``, Lee's 3-D method) and turns it into a
+(Lee's 3-D method, our own :func:`thin`: scikit-image's erases tubes of even width) and turns it into a
 :class:`VesselGraph`: nodes are end points and branch points, edges are branches with their
 voxel path, length, radius and tortuosity. :func:`largest_tree` keeps the largest
 26-connected component of a mask, the paper's "connected vascular tree".
@@ -14,8 +14,8 @@ them side by side where vessels meet). Every other voxel has exactly two neighbo
 branch is traced voxel by voxel from a node until the next node. A closed ring without any
 node gets one node of degree 2 so that it still appears (as a self-loop). Rarely, a cluster of
 junction voxels has only two exits (Lee leaves a 3-voxel triangle); it stays a node of degree
-2. Short spurs from surface bumps are kept as branches (no pruning): filter the branch table
-by length or length / radius downstream.
+2. Spurs of one or two voxels are removed by the thinning (:func:`thin`); longer short spurs from surface
+bumps are kept as branches: filter the branch table by length or length / radius downstream.
 
 Measures, all in µm with anisotropic ``voxel_size`` (z, y, x) respected:
 
@@ -35,13 +35,13 @@ Measures, all in µm with anisotropic ``voxel_size`` (z, y, x) respected:
 - ``tortuosity``: path length / straight distance between the path's end voxels (NaN for a
   loop, whose ends coincide).
 
-The skeleton itself is computed on the voxel grid, i.e. Lee's thinning does not know about
-anisotropy; positions and measures do.
+The thinning peels every axis at the same pace in µm (:func:`thin`), so a vessel's skeleton ends about as
+far from its tips along z as along x; the skeleton's voxels are still those of the grid.
 
 Memory and the whole heart (honest limits): this works on one in-memory array. Peak use is
 about 17 bytes per voxel of the array passed where the mask is dense (SciPy's int32 feature
 transform, 12 bytes, for the radii, computed in a second thread while the skeleton is thinned; padded
-copies; Lee's thinning about 1 byte), about 4 where
+copies; Lee's thinning about 1 byte, plus 16 per object voxel), about 4 where
 it is sparse enough for the radii's k-d tree (:func:`radii_at`), and time about 0.2 s per million
 voxels on one CPU core (measured on the phantom, 25 M voxels in 5 s). A whole-heart mask at
 full resolution (~10^10-10^11 voxels) cannot be done this way. What works:
@@ -68,6 +68,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
+from numba import njit
 from skimage.morphology import skeletonize
 
 CSV_COLUMNS = ("id", "node_u", "node_v", "length_um", "mean_radius_um", "max_radius_um",
@@ -168,26 +169,203 @@ def largest_tree(mask: np.ndarray, crop: bool = False):
     return labels[box] == keep, origin
 
 
-def skeleton(mask: np.ndarray) -> np.ndarray:
-    """scikit-image's skeleton of a bool mask (Lee's method in 3-D), plus one voxel, its deepest, for
-    every connected component that the thinning erases entirely (even-width boxes and straight tubes of
-    even width; scikit-image issue #3757), so no vessel is left without a centreline."""
+def skeleton(mask: np.ndarray, voxel_size=None) -> np.ndarray:
+    """The curve skeleton of a bool mask: Lee's directional thinning in 3-D (:func:`thin`, aware of a
+    (z, y, x) ``voxel_size``), scikit-image's ``skeletonize`` for a 2-D slice. Every connected component
+    keeps at least one voxel."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
-    skel = skeletonize(mask)
-    labels, n = ndi.label(mask, np.ones((3,) * mask.ndim, bool))
-    kept = np.zeros(n + 1, bool)
-    kept[labels[skel]] = True
-    lost = np.flatnonzero(~kept[1:]) + 1
-    boxes = ndi.find_objects(labels) if lost.size else []
-    for i in lost:
-        box = boxes[i - 1]
-        part = labels[box] == i
-        depth = ndi.distance_transform_edt(np.pad(part, 1))[(slice(1, -1),) * mask.ndim]
-        at = np.unravel_index(np.argmax(np.where(part, depth, -1)), part.shape)
-        skel[tuple(s.start + a for s, a in zip(box, at))] = True
-    return skel
+    if mask.ndim != 3:
+        return skeletonize(mask)
+    return thin(mask, (1.0, 1.0, 1.0) if voxel_size is None else voxel_size)
+
+
+def thin(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Lee, Kashyap & Chu (1994) 3-D curve thinning of a (z, y, x) bool mask, outside the array background.
+
+    Our own because scikit-image's (<= 0.26, issue #3757) checks only part of the topology in its
+    sequential pass: it erases straight tubes of even width (a 4x4 or r = 4 tube of 90 voxels left nothing)
+    and a fifth of the small blobs of a random mask. Here both passes delete only simple points
+    (one 26-component of object and one 6-component of background in the 3x3x3 neighbourhood, which keeps
+    components, holes and tunnels) that are not the end of a curve (at least two object neighbours); then
+    spurs of up to two voxels are removed (:func:`_prune_spurs`). With anisotropic ``voxel_size`` (z, y, x)
+    the passes along a coarse axis run less often (in proportion to the voxel sizes), so that every pass
+    peels about the same µm: thinned on the grid alone, a vessel along z with 5 µm z steps and 1 µm pixels
+    lost about three radii at each end (a 90 µm capsule measured 60 µm). The result is not voxel-for-voxel scikit-image's; about as fast (3.9 s against 2.8 s for a 3 M-voxel object, side by side).
+    """
+    padded = np.pad(np.asarray(mask, dtype=bool), 1).astype(np.uint8)
+    _, sy, sx = padded.shape
+    strides = np.array([sy * sx, sx, 1], np.int64)
+    offsets = (np.array(list(np.ndindex(3, 3, 3))) - 1) @ strides
+    # opposite directions in turn (W E S N U B), so an odd-width tube keeps its centre voxel
+    borders = np.array([-strides[1], strides[1], strides[2], -strides[2], strides[0], -strides[0]], np.int64)
+    vs = np.asarray(voxel_size, np.float64)
+    if vs.shape != (3,) or not np.all(vs > 0):
+        raise ValueError(f"voxel_size must be three positive numbers (z, y, x), got {voxel_size}")
+    rate = vs.min() / vs[[1, 1, 2, 2, 0, 0]]   # passes per sweep, per direction
+    flat = padded.ravel()
+    _thin(flat, np.flatnonzero(flat).astype(np.int64), offsets, borders, rate, strides[0], strides[1])
+    return padded[1:-1, 1:-1, 1:-1].astype(bool)
+
+
+def _bits(keep) -> int:
+    """The 27-bit mask of the 3x3x3 positions (bit dz * 9 + dy * 3 + dx) where ``keep(dz, dy, dx)``."""
+    return sum(1 << (z * 9 + y * 3 + x) for z, y, x in np.ndindex(3, 3, 3) if keep(z, y, x))
+
+
+_CENTRE = 1 << 13
+_FG = _bits(lambda z, y, x: True) & ~_CENTRE                                 # the 26-neighbourhood
+_N18 = _bits(lambda z, y, x: 0 < abs(z - 1) + abs(y - 1) + abs(x - 1) <= 2)
+_FACES = _bits(lambda z, y, x: abs(z - 1) + abs(y - 1) + abs(x - 1) == 1)
+# where a shift by one position along an axis lands inside the cube (no wrap into the next row or plane)
+_X_UP, _X_DOWN = _bits(lambda z, y, x: x > 0), _bits(lambda z, y, x: x < 2)
+_Y_UP, _Y_DOWN = _bits(lambda z, y, x: y > 0), _bits(lambda z, y, x: y < 2)
+_Z_UP, _Z_DOWN = _bits(lambda z, y, x: z > 0), _bits(lambda z, y, x: z < 2)
+
+
+@njit(cache=True, nogil=True)   # the tree graph thins in a worker thread beside the mesh
+def _grow26(b):
+    b |= ((b << 1) & _X_UP) | ((b >> 1) & _X_DOWN)
+    b |= ((b << 3) & _Y_UP) | ((b >> 3) & _Y_DOWN)
+    return b | ((b << 9) & _Z_UP) | ((b >> 9) & _Z_DOWN)
+
+
+@njit(cache=True, nogil=True)
+def _grow6(b):
+    return (b | ((b << 1) & _X_UP) | ((b >> 1) & _X_DOWN) | ((b << 3) & _Y_UP) | ((b >> 3) & _Y_DOWN)
+            | ((b << 9) & _Z_UP) | ((b >> 9) & _Z_DOWN))
+
+
+@njit(cache=True, nogil=True)
+def _one_component(within, starts, six):
+    """Whether exactly one component of the positions ``within`` (26- or, with ``six``, 6-connected inside
+    the cube) holds positions of ``starts``."""
+    left = within & starts
+    if left == 0:
+        return False
+    seed = left & -left
+    while True:
+        grown = (_grow6(seed) if six else _grow26(seed)) & within
+        if grown == seed:
+            return (left & ~seed) == 0
+        seed = grown
+
+
+@njit(cache=True, nogil=True)
+def _deletable(img, i, offsets):
+    """A simple point (one 26-component of object, one 6-component of background in its 18-neighbourhood
+    that touches it) that is not the end of a curve (at least two object neighbours)."""
+    fg = 0
+    n = 0
+    for k in range(27):
+        if k != 13 and img[i + offsets[k]] != 0:
+            fg |= 1 << k
+            n += 1
+    if n < 2:   # the end of a curve (or an isolated voxel) stays
+        return False
+    return _one_component(fg, _FG, False) and _one_component(_N18 & ~fg, _FACES, True)
+
+
+@njit(cache=True, nogil=True)
+def _thin(img, alive, offsets, borders, rate, zstride, ystride):
+    """Thin the flat, padded uint8 ``img`` in place; ``alive``: flat indices of its object voxels; direction d
+    gets ``rate[d]`` passes per sweep (at most 1)."""
+    cand = np.empty(alive.size, np.int64)
+    due = np.zeros(borders.size)
+    clean = np.zeros(borders.size, np.bool_)   # passes that found nothing since the last deletion
+    while True:
+        clean[:] = False
+        while not clean.all():
+            for d in range(borders.size):
+                due[d] += rate[d]
+                if due[d] < 1.0 - 1e-9:
+                    continue
+                due[d] -= 1.0
+                if _thin_direction(img, alive, borders[d], cand, offsets, zstride, ystride) == 0:
+                    clean[d] = True
+                else:
+                    clean[:] = False
+            keep = 0
+            for i in alive:
+                if img[i] != 0:
+                    alive[keep] = i
+                    keep += 1
+            alive = alive[:keep]
+        # a spur's removal can leave the voxel it hung on deletable: thin again until no spur is left
+        if _prune_spurs(img, alive, offsets) == 0:
+            return img
+
+
+@njit(cache=True, nogil=True)
+def _thin_direction(img, alive, ob, cand, offsets, zstride, ystride):
+    """One of Lee's six passes: delete the deletable voxels whose neighbour at offset ``ob`` is background."""
+    nc = 0
+    for i in alive:
+        if img[i] != 0 and img[i + ob] == 0 and _deletable(img, i, offsets):
+            cand[nc] = i
+            nc += 1
+    deleted = 0
+    # Checked again against what is left, but one parity class of (z, y, x) at a time: two voxels of a
+    # class are never neighbours, so a class is deleted as if at once. Checking them one by one in raster
+    # order instead let a thin tube be eaten from one end along its whole length (each cut leaves a new
+    # end with two neighbours): that is how scikit-image's thinning loses even-width tubes.
+    for parity in range(8):
+        for j in range(nc):
+            i = cand[j]
+            z, rest = divmod(i, zstride)
+            y, x = divmod(rest, ystride)
+            if (z % 2) * 4 + (y % 2) * 2 + x % 2 == parity and _deletable(img, i, offsets):
+                img[i] = 0
+                deleted += 1
+    return deleted
+
+
+@njit(cache=True, nogil=True)
+def _neighbours(img, i, offsets):
+    n = 0
+    for k in range(27):
+        n += k != 13 and img[i + offsets[k]] != 0
+    return n
+
+
+SPUR_VOXELS = 2   # the longest spur (voxels from its end to the junction) that thinning removes
+
+
+@njit(cache=True, nogil=True)
+def _prune_spurs(img, alive, offsets):
+    """Delete spurs: curve ends at most SPUR_VOXELS voxels from a junction voxel (3+ neighbours). The end
+    condition keeps them where the thinning of a curved surface or a flat rounded vessel end leaves a voxel
+    standing out (a torus got 16, a flat tube's ends forks of two); a branch that short is below what the
+    skeleton resolves. Returns how many voxels were deleted."""
+    doomed = np.empty(alive.size, np.int64)
+    nd = 0
+    path = np.empty(SPUR_VOXELS, np.int64)
+    for tip in alive:
+        if _neighbours(img, tip, offsets) != 1:
+            continue
+        prev, cur, n = -1, tip, 0
+        while True:
+            path[n] = cur
+            n += 1
+            nxt = -1
+            for k in range(27):
+                j = cur + offsets[k]
+                if k != 13 and j != prev and img[j] != 0:
+                    nxt = j
+                    break
+            m = _neighbours(img, nxt, offsets)
+            if m >= 3:
+                for q in range(n):
+                    doomed[nd] = path[q]
+                    nd += 1
+                break
+            if m != 2 or n == SPUR_VOXELS:
+                break
+            prev, cur = cur, nxt
+    for q in range(nd):
+        img[doomed[q]] = 0
+    return nd
 
 
 def pooled_offset_um(voxel_size, k: int) -> np.ndarray:
@@ -370,7 +548,7 @@ def radii_at(mask: np.ndarray, points: np.ndarray, voxel_size, feature_transform
     """Distance (µm) from each (k, 3) voxel index in ``points`` to the nearest background voxel.
 
     Equals ``ndi.distance_transform_edt(mask, sampling=voxel_size)[points]`` except that the
-    volume is surrounded by background (as :func:`skimage.morphology.skeletonize` sees it), so
+    volume is surrounded by background (as :func:`thin` sees it), so
     an all-foreground mask still has finite radii. The nearest background voxel of a foreground
     voxel always touches the foreground by a face (a step from it towards the point would be closer
     and still background otherwise), so where those are few (a sparse vessel tree in its box) only
@@ -475,7 +653,7 @@ def skeleton_graph(mask: np.ndarray, voxel_size=(1.0, 1.0, 1.0), downsample: int
 
     with ThreadPoolExecutor(1, thread_name_prefix="gpuheart-radii") as pool:
         dense_ft = pool.submit(dense_feature_transform, mask, vs)  # beside the thinning, on another core
-        skel = skeleton(mask)
+        skel = skeleton(mask, vs)
         coords = np.argwhere(skel).astype(np.int64)
         del skel
         indptr, indices = _adjacency(coords, mask.shape)

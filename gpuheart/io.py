@@ -37,7 +37,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # a channel token ends where its digits end, or at a slice token: "_C57BL6" (a mouse strain) is no channel 57,
 # "_C01Z0000" is channel 1; "_ch1" counts. Slice tokens: "Z0000" anywhere (as LaVision writes them), and a
 # lower-case "z000" where no letter precedes it (so the z of "xyz" or "size3" is none)
-_CHANNEL_RE = re.compile(r"_c(?:h)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
+# a channel token starts the name or follows "_", "-" or a space: "_C00", "ch1_0000", "heart-ch0-z000"
+_CHANNEL_RE = re.compile(r"(?:^|(?<=[_\- ]))c(?:h)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
 _Z_RE = re.compile(r"(?:Z|(?<![A-Za-z])z)(\d+)")
 # Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
 # OME's UnitsLength symbols and NGFF's (UDUNITS-2) names, for the lengths a microscope can give.
@@ -291,10 +292,20 @@ def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | Non
             xr, yr = tags.get("XResolution"), tags.get("YResolution")
             if xr is None or yr is None:
                 return None
-            # resolution is pixels per unit; ImageJ omits spacing when it equals 1
+            # resolution is pixels per unit
             x = xr.value[1] / xr.value[0]
             y = yr.value[1] / yr.value[0]
-            z = float(meta.get("spacing", 1.0))
+            if "spacing" not in meta and int(meta.get("images", 1)) <= 1:
+                # a stack omits spacing when it is 1, but one image never has it (Fiji's "Image Sequence" writes
+                # such slices): its z step is unknown, not 1
+                yx = tuple(_to_um(v, unit) for v in (y, x))
+                if all(s is not None and s > 0 for s in yx):
+                    advice.append(f"{tif.filehandle.path}: the ImageJ metadata gives the pixel size ({yx[0]:g} x "
+                                  f"{yx[1]:g} µm) but no z step (a single image has no spacing), so the voxel size "
+                                  f"is unknown; give it with --voxel-size Z {yx[0]:g} {yx[1]:g} (Python: "
+                                  f"voxel_size=(z, y, x))")
+                return None
+            z = float(meta.get("spacing", 1.0))   # ImageJ omits a stack's spacing when it equals 1
             size = tuple(_to_um(v, unit) for v in (z, y, x))
             return size if all(s is not None and s > 0 for s in size) else None
     except (ET.ParseError, ValueError, ZeroDivisionError, TypeError, KeyError):
@@ -338,6 +349,11 @@ class _TiffStack:
         if errors:
             raise ScanError(f"{path}: truncated or corrupt TIFF ({errors[0].getMessage()}); "
                             f"expected a complete file")
+        if getattr(series, "is_multifile", False) and len(tif.pages) == 1:
+            # LaVision writes every slice's file with OME metadata naming the whole series: tifffile would read
+            # the others through this one (checked against this file's size, missing ones found only late)
+            raise ScanError(f"{path}: one file of a multi-file OME-TIFF series (its metadata names the other "
+                            f"slices' files); expected the scan itself: give its folder, {path.parent}")
         pagewise = self._pagewise_stack(series)
         axes, shape = series.axes, tuple(series.shape)
         if pagewise is not None:
@@ -594,6 +610,33 @@ def _raise_broken(link: Path, expected: str = "a slice TIFF"):
                     f"(is the disk it points to mounted?)")
 
 
+def _numbered_by_name(path: Path, channel: str, paths: list[Path]) -> list[tuple[int, Path]]:
+    """(slice number, file) for slices without a Z token: the one number that varies between their names
+    ("slice_9", "slice_10"), so gaps and duplicates are found as with Z tokens. Names of another pattern (a
+    projection saved beside the slices) or that vary in two numbers (a channel number without a channel
+    token: read in name order, channel 1 would follow channel 0 as more slices) are refused."""
+    split = {p: re.split(r"(\d+)", p.name) for p in paths}
+    patterns: dict[tuple, list[Path]] = {}
+    for p, parts in split.items():
+        patterns.setdefault(tuple(t.lower() for t in parts[0::2]), []).append(p)
+    if len(patterns) > 1:
+        usual = max(patterns.values(), key=len)
+        odd = min((ps for ps in patterns.values() if ps is not usual), key=len)
+        raise ScanError(f"{path}: {odd[0].name!r} is not named like the other slices of channel {channel} (e.g. "
+                        f"{usual[0].name!r}); expected only slices in the folder (move it elsewhere)")
+    numbers = np.array([[int(t) for t in split[p][1::2]] for p in paths], dtype=object).reshape(len(paths), -1)
+    varying = [j for j in range(numbers.shape[1]) if len(set(numbers[:, j])) > 1]
+    if len(varying) > 1:
+        first, last = sorted(paths, key=lambda p: _natural_key(p.name))[::len(paths) - 1]
+        raise ScanError(f"{path}: the slice names of channel {channel} differ in {len(varying)} numbers ({first.name!r} "
+                        f"... {last.name!r}), so which one numbers the slices is unclear; expected one number "
+                        f"that varies, or Z<number> slice tokens (and channel tokens such as _C00 or _ch0)")
+    if numbers.shape[1] == 0:   # no digits at all: the order of the names
+        return list(enumerate(sorted(paths, key=lambda p: _natural_key(p.name))))
+    col = varying[0] if varying else numbers.shape[1] - 1
+    return [(int(numbers[i, col]), p) for i, p in enumerate(paths)]
+
+
 def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
     """Group per-slice TIFFs by channel, ordered by z, and check the z sequences are complete: those of
     ``channels`` (names, as for :func:`open_scan`) only, when given, so a damaged channel that is not asked
@@ -628,19 +671,20 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         if lacking and len(lacking) < len(items):   # e.g. a MIP saved beside the slices: it would be a slice
             raise ScanError(f"{path}: {lacking[0]!r} has no Z<number> slice token, unlike the other files of "
                             f"channel {name}; expected only slices in the folder (move it elsewhere)")
-        if lacking:
-            # no Z token: the order of the names is the z order
-            files[name] = sorted((p for _, p in items), key=lambda p: _natural_key(p.name))
-            continue
+        fmt = _fmt_z
+        # one Z number in every file of several: the "Z3" is part of the sample's name ("mouse Z3 heart [0].tif")
+        if lacking or (len(items) > 1 and len({z for z, _ in items}) == 1):
+            items, fmt = _numbered_by_name(path, name, [p for _, p in items]), "number {}".format
         items.sort(key=lambda t: (t[0], _natural_key(t[1].name)))
         zs = [z for z, _ in items]
         for a, b in zip(items, items[1:]):
             if a[0] == b[0]:
-                raise ScanError(f"{path}: channel {name} has two files for slice {_fmt_z(a[0])}: "
+                raise ScanError(f"{path}: channel {name} has two files for slice {fmt(a[0])}: "
                                 f"{a[1].name!r} and {b[1].name!r}; expected one")
         missing = sorted(set(range(zs[0], zs[-1] + 1)) - set(zs))
         if missing:
-            raise ScanError(f"{path}: channel {name} has no slice {_fmt_z(missing[0])} (found {_runs(zs)})")
+            found = _runs(zs) if fmt is _fmt_z else f"numbers {_runs(zs, str)}"
+            raise ScanError(f"{path}: channel {name} has no slice {fmt(missing[0])} (found {found})")
         files[name] = [p for _, p in items]
         spans[name] = zs
     counts = {n: len(fs) for n, fs in files.items()}

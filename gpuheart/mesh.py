@@ -959,7 +959,7 @@ def write_component_table(table: dict[str, np.ndarray], path) -> None:
     lines = [",".join(COMPONENT_CSV_HEADER)]
     for i in range(n):
         lines.append(",".join(str(int(table[c][i])) if c in ("component", "faces", "vertices")
-                              else f"{float(table[c][i]):.6g}" for c in COMPONENT_COLUMNS))
+                              else f"{float(table[c][i]):.10g}" for c in COMPONENT_COLUMNS))  # .6g: 1.43092e+06
     _write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -1241,7 +1241,8 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, "
                       f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels "
-                      f"are lost", RuntimeWarning, stacklevel=2)
+                      f"are lost and the surface lies inside the mask's (a tube 24 voxels across lost 14 % of its "
+                      f"volume at factor 3, 26 % at factor 5)", RuntimeWarning, stacklevel=2)
     est = est if max_memory_faces else None
     v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
     v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)

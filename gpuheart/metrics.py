@@ -126,14 +126,13 @@ def cl_dice(pred, truth) -> float:
     """Centerline Dice (Shit et al. 2021): how well the skeletons of tubes are covered.
 
     ``tprec = |skel(P) ∩ T| / |skel(P)|``, ``tsens = |skel(T) ∩ P| / |skel(T)|``,
-    ``clDice = 2 tprec tsens / (tprec + tsens)``; skeletons by scikit-image's ``skeletonize``
-    (2-D, or Lee's 3-D method for volumes; a component the thinning erases keeps its deepest voxel,
-    see :func:`gpuheart.graph.skeleton`). Unlike Dice it is not dominated by the thick vessels,
+    ``clDice = 2 tprec tsens / (tprec + tsens)``; skeletons by :func:`gpuheart.graph.skeleton`
+    (scikit-image's ``skeletonize`` for a 2-D slice, Lee's 3-D thinning for volumes). Unlike Dice it is not dominated by the thick vessels,
     so losing capillaries shows. 1.0 when both masks are empty.
     """
     from .graph import skeleton
 
-    # the skeletons are scikit-image's, on the host
+    # the skeletons are computed on the host
     p, t = _as_mask(to_host(pred), "prediction"), _as_mask(to_host(truth), "truth")
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")

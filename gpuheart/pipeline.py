@@ -1249,11 +1249,15 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
         # holding a slab and its int64 labels (9 bytes a voxel: 0.6 GB for 16 slices of 2048 x 2048)
         workers = min(4, usable_cores())
         labels = label_slabs(read, m.shape, cfg.slab_size, connectivity=3, workers=workers)
-        if labels.n_components == 0:
-            return {"branches": 0, "note": "empty mask"}
         lo, hi = labels.box_lo, labels.box_hi
         paths["voxel_components"] = _write_voxel_components(out / "voxel_components.csv", labels.sizes, lo, hi,
                                                             voxel)
+        if labels.n_components == 0:
+            # every table is written (empty) and the summary has its usual keys, for scripts reading either
+            g = graph.skeleton_graph(np.zeros((1, 1, 1), bool), tuple(np.asarray(voxel or (1.0, 1.0, 1.0), float)))
+            _write_tree_graph(g, out, paths)
+            return {**graph.summarize(g), "tree_voxels": 0, "components": 0, "downsample_yx": 1,
+                    "note": "empty mask"}
         tree = int(np.argmax(labels.sizes))
         (z0, y0, x0), (z1, y1, x1) = lo[tree - 1], hi[tree - 1]
         # pool each slab as it arrives, so the full-resolution box is never held
@@ -1270,20 +1274,27 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
     with timer("tree graph: skeleton" + stage_suffix):
         origin = np.array([z0, y0, x0]) * vs + graph.pooled_offset_um(vs, k)
         g = graph.skeleton_graph(sub, tuple(vs * [1, k, k]), origin_um=tuple(origin))
-        paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
-        graph.write_branches_csv(g, paths["tree_branches"])
-        graph.write_graphml(g, paths["tree_graphml"])
+        _write_tree_graph(g, out, paths)
     return {**graph.summarize(g), "tree_voxels": int(labels.sizes[tree]), "components": labels.n_components,
             "downsample_yx": k}
 
 
+def _write_tree_graph(g, out: Path, paths: dict) -> None:
+    from . import graph
+
+    paths["tree_branches"], paths["tree_graphml"] = out / "tree_branches.csv", out / "tree.graphml"
+    graph.write_branches_csv(g, paths["tree_branches"])
+    graph.write_graphml(g, paths["tree_graphml"])
+
+
 def _write_voxel_components(path: Path, sizes, lo, hi, voxel) -> Path:
-    """One row per 26-connected component of the final mask, largest first: voxels, volume, bounding box."""
+    """One row per 26-connected component of the final mask, largest first (``component`` is that rank, 1 the
+    largest, as in the mesh's components.csv): voxels, volume, bounding box."""
     vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
     order = np.argsort(-sizes[1:], kind="stable")
     rows = ["component,voxels,volume_um3,z_min_index,y_min_index,x_min_index,z_max_index,y_max_index,x_max_index"]
-    for i in order:
-        rows.append(",".join(map(str, [i + 1, int(sizes[i + 1]), float(sizes[i + 1] * vs.prod()),
+    for rank, i in enumerate(order, 1):
+        rows.append(",".join(map(str, [rank, int(sizes[i + 1]), float(sizes[i + 1] * vs.prod()),
                                        *lo[i].tolist(), *(hi[i] - 1).tolist()])))
     _atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
     return path

@@ -55,9 +55,22 @@ def test_capsule_length_exact_between_sphere_centres():
     mask = capsules((11, 21, 80), VS, [((10, 10, 10), (10, 10, 69))], 3.0)
     g = vg.skeleton_graph(mask, VS)
     assert len(g.branches) == 1
-    assert g.branches[0].length_um == pytest.approx(59.0, abs=1.0)
+    # z is peeled at half the pace of y and x (2 µm voxels), so an end may stop a voxel off its centre
+    assert g.branches[0].length_um == pytest.approx(59.0, abs=2.5)
     ends = g.node_pos_um[g.end_points]
-    np.testing.assert_allclose(sorted(ends[:, 2]), [10.0, 69.0], atol=1.0)
+    np.testing.assert_allclose(sorted(ends[:, 2]), [10.0, 69.0], atol=1.5)
+
+
+@pytest.mark.parametrize("vs", [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (5.0, 1.0, 1.0)])
+def test_a_capsule_along_z_is_as_long_as_along_x_whatever_the_z_step(vs):
+    """Thinned on the grid alone, a capsule along z with 5 µm z steps measured 60 µm for 90: each 5 µm
+    layer went as fast as a 1 µm one. The passes now peel the same µm along every axis."""
+    r, length = 5.0, 90.0
+    along_z = capsules((int(110 / vs[0]), 21, 21), vs, [((10, 10, 10), (10 + length, 10, 10))], r)
+    along_x = capsules((int(20 / vs[0]) + 3, 21, 110), vs, [((10, 10, 10), (10, 10, 10 + length))], r)
+    for mask in (along_z, along_x):
+        (b,) = vg.skeleton_graph(mask, vs).branches
+        assert b.length_um == pytest.approx(length, abs=r)
 
 
 def test_y_shape_three_branches_one_branch_point():
@@ -86,7 +99,7 @@ def test_l_shape_tortuosity():
     g = vg.skeleton_graph(mask, VS)
     assert len(g.branches) == 1
     br = g.branches[0]
-    assert br.length_um == pytest.approx(80.0, abs=3.0)  # the corner may be cut a little
+    assert br.length_um == pytest.approx(80.0, abs=4.0)  # the corner may be cut a little
     chord = np.linalg.norm(br.path[-1] * VS - br.path[0] * VS)
     assert br.tortuosity == pytest.approx(br.length_um / chord)
     assert br.tortuosity == pytest.approx(80.0 / math.hypot(40, 40), abs=0.06)
@@ -166,7 +179,7 @@ def test_branches_partition_the_skeleton(seed):
     rng = np.random.default_rng(seed)
     mask = ndi.gaussian_filter(rng.random((16, 24, 24)), 1.5) > 0.52
     g = vg.skeleton_graph(mask, (1.5, 1.0, 1.0))
-    sk = skeletonize(mask)
+    sk = vg.skeleton(mask, (1.5, 1.0, 1.0))
     on_path = np.zeros_like(sk)
     for b in g.branches:
         assert np.all(np.abs(np.diff(b.path, axis=0)).max(1) == 1)
@@ -197,7 +210,7 @@ def test_branch_measures_as_arrays_are_the_per_branch_bits(seed, smooth):
     rng = np.random.default_rng(seed)
     mask = ndi.gaussian_filter(rng.random((20, 48, 48)), 1.2) > 0.5
     vs = np.array([2.5, 1.0, 0.75])
-    coords = np.argwhere(skeletonize(mask)).astype(np.int64)
+    coords = np.argwhere(vg.skeleton(mask)).astype(np.int64)
     _, _, paths = vg._trace_skeleton(*vg._adjacency(coords, mask.shape))
     radii = vg.radii_at(mask, coords, vs)
     assert len(paths) > 50 and len({len(p) for _, _, p in paths}) > 5 and any(u == v for u, v, _ in paths)
@@ -423,26 +436,53 @@ def test_a_loop_through_a_multi_voxel_branch_point_is_measured_as_a_ring():
     assert loops >= 3
 
 
-def test_a_component_the_thinning_erases_keeps_a_centreline_voxel():
-    """Lee's thinning deletes some even-width objects entirely (scikit-image #3757): each still gets one
-    skeleton voxel, so a graph has a node for it and clDice sees it."""
+def _tube(shape, axis, centre, r, span):
+    """A round tube of radius ``r`` voxels along ``axis``, its axis at ``centre`` (the other two indices)."""
+    idx = np.indices(shape)
+    others = [a for a in range(3) if a != axis]
+    d2 = sum((idx[a] - c) ** 2 for a, c in zip(others, centre))
+    return (d2 <= r * r) & (idx[axis] >= span[0]) & (idx[axis] < span[1])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("centre,r", [((9.5, 9.5), 4), ((9.5, 9.5), 3), ((10, 10), 4), ((9.5, 10), 2)])
+def test_even_and_odd_width_tubes_keep_their_centreline(axis, centre, r):
+    """scikit-image's 3-D thinning (<= 0.26, #3757) erases a straight tube of even width entirely (these
+    with centre 9.5 left nothing); gpuheart's keeps one branch about the tube's length."""
+    shape = [20, 20, 20]
+    shape[axis] = 100
+    mask = _tube(tuple(shape), axis, centre, r, (10, 90))
+    g = vg.skeleton_graph(mask)
+    assert len(g.branches) == 1
+    assert 80 - 2 * r - 2 <= g.branches[0].length_um <= 80
+
+
+def test_a_square_tube_of_even_width_and_a_box_keep_a_centreline():
     from gpuheart.metrics import cl_dice
 
+    tube = np.zeros((12, 12, 100), bool)
+    tube[4:8, 4:8, 5:95] = True   # the audit's 4x4 tube of 90 voxels: no branch before
+    (b,) = vg.skeleton_graph(tube).branches
+    assert b.length_um >= 84
+    part = np.zeros_like(tube)
+    part[:, :, 44:56] = tube[:, :, 44:56]   # 12 of its 90 voxels long: clDice was 0.0
+    assert 0.2 <= cl_dice(part, tube) <= 0.3
     box = np.zeros((30, 20, 20), bool)
-    box[3:27, 4:16, 4:16] = True   # 24 x 12 x 12: skimage leaves nothing
-    assert not skeletonize(box).any()
+    box[3:27, 4:16, 4:16] = True
     s = vg.skeleton(box)
-    assert s.sum() == 1 and box[s].all()
-    assert vg.skeleton_graph(box).n_nodes == 1
-    assert cl_dice(box, box) == 1.0
+    assert s.any() and box[s].all() and ndi.label(s, np.ones((3, 3, 3)))[1] == 1
 
-    tubes = np.zeros((20, 40, 40), bool)
-    for y in range(2, 38, 5):
-        tubes[:, y:y + 2, 10:12] = True   # 2x2 capillaries along z
-    truth = np.zeros_like(tubes)
-    truth[:, 2:4, 10:12] = True
-    assert cl_dice(tubes, tubes) == 1.0
-    assert cl_dice(tubes, truth) < 0.5   # seven false capillaries are not invisible
+
+@pytest.mark.parametrize("seed", range(4))
+def test_thinning_keeps_components_and_holes(seed):
+    """Only simple points are deleted: every component stays, and so does the Euler number (holes, tunnels)."""
+    from skimage.measure import euler_number
+
+    mask = ndi.gaussian_filter(np.random.default_rng(seed).random((30, 48, 48)), 2.5) > 0.52
+    s = vg.thin(mask)
+    assert not (s & ~mask).any()
+    assert ndi.label(s, np.ones((3, 3, 3)))[1] == ndi.label(mask, np.ones((3, 3, 3)))[1]
+    assert euler_number(s, connectivity=3) == euler_number(mask, connectivity=3)
 
 
 def test_largest_tree_names_a_mask_that_is_not_3d():
@@ -493,3 +533,24 @@ def test_a_closed_path_is_smoothed_around_the_ring_wherever_it_starts():
     lengths = [vg.path_length(np.vstack([r, r[:1]])) for r in (np.roll(ring, k, axis=0) for k in range(0, 40, 7))]
     np.testing.assert_allclose(lengths, lengths[0], rtol=1e-12)
     assert lengths[0] < vg.path_length(np.vstack([ring, ring[:1]]), smooth=1)
+
+
+def test_the_simple_point_test_equals_a_labelling_of_the_neighbourhood():
+    """graph._deletable (27-bit masks) against scipy: one 26-component of object neighbours, one 6-component
+    of background in the 18-neighbourhood touching the centre, and at least two object neighbours."""
+    rng = np.random.default_rng(0)
+    pos = np.array(list(np.ndindex(3, 3, 3))) - 1
+    l1 = np.abs(pos).sum(axis=1).reshape(3, 3, 3)
+    offsets = np.arange(27, dtype=np.int64) - 13   # a flat 27-voxel image, the centre at 13
+    for density in (0.2, 0.4, 0.6, 0.8):
+        for _ in range(400):
+            cube = rng.random((3, 3, 3)) < density
+            cube[1, 1, 1] = True
+            fg = cube.copy()
+            fg[1, 1, 1] = False
+            bg = ~cube & (l1 <= 2)
+            labels, _ = ndi.label(bg, ndi.generate_binary_structure(3, 1))
+            touching = {labels[tuple(p + 1)] for p in pos if np.abs(p).sum() == 1 and bg[tuple(p + 1)]}
+            want = (fg.sum() >= 2 and ndi.label(fg, np.ones((3, 3, 3)))[1] == 1 and len(touching) == 1)
+            got = vg._deletable(cube.ravel().astype(np.uint8), 13, offsets)
+            assert got == want, cube.astype(int)

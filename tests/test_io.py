@@ -817,3 +817,79 @@ def test_ome_slices_without_a_z_step_say_what_they_give_and_what_is_missing(tmp_
         warnings.simplefilter("error")   # given by the user: nothing to advise
         with open_scan(folder, voxel_size=(4, 1.5, 1.5)) as scan:
             assert scan.voxel_size == (4.0, 1.5, 1.5)
+
+
+def _slices(folder, names, value=lambda i: i):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        tifffile.imwrite(folder / n, np.full((6, 6), value(i), np.uint16))
+
+
+@pytest.mark.parametrize("pattern", ["ch{c}_{z:04d}.tif", "heart-ch{c}-{z:04d}.tif", "C{c:02d}_{z}.tif"])
+def test_channel_tokens_at_the_start_or_after_a_hyphen_are_channels_not_more_slices(tmp_path, pattern):
+    """"ch0_0000.tif" was read in name order as one channel: channel 1's slices after channel 0's."""
+    names = [pattern.format(c=c, z=z) for c in (0, 1) for z in range(4)]
+    _slices(tmp_path, names, lambda i: 100 * (i // 4) + i % 4)
+    with open_scan(tmp_path) as s:
+        assert s.channels == ["C00", "C01"] and s.shape[0] == 4
+        assert [int(s.read_slice("C01", z)[0, 0]) for z in range(4)] == [100, 101, 102, 103]
+
+
+def test_slice_names_that_vary_in_two_numbers_are_refused_by_name(tmp_path):
+    _slices(tmp_path, [f"heart_{w}nm_{z:04d}.tif" for w in (488, 561) for z in range(3)])
+    with pytest.raises(ScanError, match=r"differ in 2 numbers .*'heart_488nm_0000.tif' \.\.\. 'heart_561nm_0002.tif'"):
+        open_scan(tmp_path)
+
+
+@pytest.mark.parametrize("names,message", [
+    ([f"slice_{z}.tif" for z in range(11) if z != 5], r"has no slice number 5 \(found numbers 0-4, 6-10\)"),
+    ([f"slice_{z}.tif" for z in range(5)] + ["slice_03.tif"], r"two files for slice number 3"),
+    ([f"heart{z:04d}.tif" for z in range(5)] + ["MAX_heart.tif"], r"'MAX_heart.tif' is not named like the other"),
+])
+def test_slices_without_z_tokens_are_checked_like_those_with(tmp_path, names, message):
+    _slices(tmp_path, names)
+    with pytest.raises(ScanError, match=message):
+        open_scan(tmp_path)
+
+
+def test_slices_without_z_tokens_follow_their_number_not_the_letters(tmp_path):
+    _slices(tmp_path, [f"slice_{z}.tif" for z in (10, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8)],
+            lambda i: (10, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8)[i])
+    with open_scan(tmp_path) as s:
+        assert [int(s.read_slice(s.channels[0], z)[0, 0]) for z in range(11)] == list(range(11))
+
+
+def test_a_z_in_the_sample_name_is_not_a_slice_number(tmp_path):
+    _slices(tmp_path, [f"mouse Z3 heart [{z}].tif" for z in range(4)])
+    with open_scan(tmp_path) as s:
+        assert s.shape[0] == 4 and int(s.read_slice(s.channels[0], 3)[0, 0]) == 3
+
+
+def test_single_imagej_slices_carry_no_z_step(tmp_path):
+    """Fiji's image sequences: a pixel size but no spacing in a one-image file, whose z step is unknown, not 1."""
+    for z in range(3):
+        tifffile.imwrite(tmp_path / f"heart{z:04d}.tif", np.zeros((6, 6), np.uint16), imagej=True,
+                         metadata={"unit": "micron"}, resolution=(1 / 0.65, 1 / 0.65))
+    with pytest.warns(UserWarning, match=r"no z step .*--voxel-size Z 0.65 0.65"):
+        with open_scan(tmp_path) as s:
+            assert s.voxel_size is None
+
+
+def test_one_slice_file_of_a_multi_file_ome_series_points_to_its_folder(tmp_path):
+    """LaVision's per-slice files each carry OME metadata naming every file of the series."""
+    import uuid
+
+    ids = [f"urn:uuid:{uuid.uuid4()}" for _ in range(3)]
+    name = "heart_C00_xyz-Table Z{:04d}.ome.tif"
+    planes = "".join(f'<TiffData FirstZ="{z}" IFD="0" PlaneCount="1"><UUID FileName="{name.format(z)}">{ids[z]}'
+                     f'</UUID></TiffData>' for z in range(3))
+    for z in range(3):
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+               f'UUID="{ids[z]}"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint16" '
+               f'SizeX="8" SizeY="8" SizeZ="3" SizeC="1" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+               f'{planes}</Pixels></Image></OME>')
+        tifffile.imwrite(tmp_path / name.format(z), np.full((8, 8), z, np.uint16), description=xml, metadata=None)
+    with pytest.raises(ScanError, match=r"one file of a multi-file OME-TIFF series .*give its folder"):
+        open_scan(tmp_path / name.format(0))
+    with open_scan(tmp_path) as s:
+        assert s.shape == (3, 8, 8) and int(s.read_slice(s.channels[0], 2)[0, 0]) == 2

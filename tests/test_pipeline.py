@@ -344,12 +344,15 @@ def test_voxel_component_table_matches_scipy(tiny_run):
     assert len(set(vs)) > 1
     rows = list(csv.DictReader(open(paths["voxel_components"])))
     assert len(rows) == n
+    # component is the rank by size (1 the largest), as in the mesh's components.csv
+    assert [int(r["component"]) for r in rows] == list(range(1, n + 1))
+    assert [int(r["voxels"]) for r in rows] == sorted((int(c) for c in np.bincount(lab.ravel())[1:]), reverse=True)
+    want = {(int((lab == k).sum()), *[b.start for b in box], *[b.stop - 1 for b in box])
+            for k, box in enumerate(ndi.find_objects(lab), 1)}
+    got = {(int(r["voxels"]), *(int(r[f"{a}_min_index"]) for a in "zyx"), *(int(r[f"{a}_max_index"]) for a in "zyx"))
+           for r in rows}
+    assert got == want
     for r in rows:
-        k = int(r["component"])
-        box = ndi.find_objects(lab)[k - 1]
-        assert int(r["voxels"]) == int((lab == k).sum())
-        assert [int(r[c]) for c in ("z_min_index", "y_min_index", "x_min_index")] == [b.start for b in box]
-        assert [int(r[c]) for c in ("z_max_index", "y_max_index", "x_max_index")] == [b.stop - 1 for b in box]
         assert float(r["volume_um3"]) == pytest.approx(int(r["voxels"]) * np.prod(vs))  # (4, 1, 1) µm voxels
 
 
@@ -777,3 +780,21 @@ def test_segment_with_several_configured_channels_computes_only_the_one_it_write
     p.config.segment.method = "dom"
     p.segment(ph / "scan", tmp_path / "m.tif")
     assert list(p.last_run.outputs) == ["C01"]
+
+
+def test_an_empty_mask_still_gets_every_table_and_the_usual_summary_keys(tmp_path):
+    import csv
+
+    import tifffile
+
+    scan = tmp_path / "flat.tif"
+    tifffile.imwrite(scan, np.full((4, 32, 32), 7, np.uint8), photometric="minisblack")
+    cfg = _tiny_cfg()
+    cfg.output.report = False
+    r = Pipeline(cfg).run(scan, tmp_path / "out")
+    paths = r.outputs["C00"]
+    for kind in ("voxel_components", "tree_branches", "tree_graphml"):
+        assert paths[kind].is_file(), kind
+    assert list(csv.DictReader(open(paths["voxel_components"]))) == []
+    tree = r.summary["C00"]["tree"]
+    assert tree["n_branches"] == 0 and tree["tree_voxels"] == 0 and tree["note"] == "empty mask"
