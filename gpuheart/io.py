@@ -905,6 +905,18 @@ def _open_source(path: Path, channels):
     return src, [f"C{c:02d}" for c in range(src.nchannels)]
 
 
+def first_channel(path) -> str:
+    """The name of a scan's first channel, found without checking the other channels' files (one that is
+    damaged but not used must not stop a command that reads only the first)."""
+    path = _scan_path(path)
+    if path.is_dir() and not _is_zarr_dir(path):
+        numbers = {_channel_number(p.name) for p in path.iterdir() if _is_slice_file_name(p.name)}
+        if numbers:
+            return f"C{min(numbers):02d}"
+    with open_scan(path) as s:   # a stack or a store: opening it reads headers only
+        return s.channels[0]
+
+
 def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = None,
               voxel_size: Sequence[float] | None = None) -> Scan:
     """Open a scan lazily: metadata is read now (all TIFF headers are checked), pixels on demand.

@@ -561,7 +561,7 @@ class Pipeline:
         starts over), as :meth:`run` does."""
         from dataclasses import replace
 
-        from .io import _is_zarr_dir, _scan_path, open_scan, refuse_folder
+        from .io import _is_zarr_dir, _scan_path, first_channel, open_scan, refuse_folder
 
         refuse_folder(out_path, "segment")   # now, not after the segmentation
         src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
@@ -576,8 +576,7 @@ class Pipeline:
         elif cfg.channels:
             cfg.channels = cfg.channels[:1]   # one mask is written: the others' work would be thrown away
         else:
-            with open_scan(source) as s:
-                cfg.channels = s.channels[:1]
+            cfg.channels = [first_channel(source)]
         # a config shared with `run` may hold other channels' tables: not this command's to call unused
         cfg.channel = {k: v for k, v in cfg.channel.items() if k in cfg.channels}
         # global Otsu thresholds the written preprocessed volume; it lives in the temporary run folder

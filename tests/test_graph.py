@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.draw import line_nd
-from skimage.morphology import skeletonize
 
 from gpuheart import graph as vg
 

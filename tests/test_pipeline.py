@@ -798,3 +798,18 @@ def test_an_empty_mask_still_gets_every_table_and_the_usual_summary_keys(tmp_pat
     assert list(csv.DictReader(open(paths["voxel_components"]))) == []
     tree = r.summary["C00"]["tree"]
     assert tree["n_branches"] == 0 and tree["tree_voxels"] == 0 and tree["note"] == "empty mask"
+
+
+def test_segment_of_the_first_channel_is_not_stopped_by_a_damaged_other_channel(tmp_path):
+    import tifffile
+
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    rng = np.random.default_rng(0)
+    for c in (0, 1):
+        for z in range(4):
+            if (c, z) != (1, 2):   # C01 lacks a slice
+                tifffile.imwrite(scan / f"heart_C{c:02d}_Z{z:04d}.tif", rng.integers(0, 255, (24, 24), np.uint8))
+    p = Pipeline(_tiny_cfg())
+    out = p.segment(scan, tmp_path / "m.tif")
+    assert tifffile.imread(out).shape == (4, 24, 24) and list(p.last_run.outputs) == ["C00"]
