@@ -679,8 +679,12 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         zs = [z for z, _ in items]
         for a, b in zip(items, items[1:]):
             if a[0] == b[0]:
+                # e.g. Zeiss's "_z01c1"/"_z01c2": channels gpuheart cannot tell from the name
+                hint = (" (if they are two channels or tiles, rename them with a channel token such as _C00 or _ch0, "
+                        "or put each in its own folder)"
+                        if re.split(r"\d+", a[1].name) == re.split(r"\d+", b[1].name) else "")
                 raise ScanError(f"{path}: channel {name} has two files for slice {fmt(a[0])}: "
-                                f"{a[1].name!r} and {b[1].name!r}; expected one")
+                                f"{a[1].name!r} and {b[1].name!r}; expected one{hint}")
         missing = sorted(set(range(zs[0], zs[-1] + 1)) - set(zs))
         if missing:
             found = _runs(zs) if fmt is _fmt_z else f"numbers {_runs(zs, str)}"
@@ -793,8 +797,14 @@ class _Zarr:
             attrs = dict(node.attrs)
             ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
             if not ms:
+                # bioformats2raw (and NGFF plates/collections) keep the images in numbered sub-groups
+                images = sorted((k for k in node.group_keys() if k.isdigit()), key=int) if hasattr(node, "group_keys") \
+                    else []
+                hint = (f"; its images are in sub-groups: open {path / images[0]}"
+                        + (f" (of {len(images)}: {', '.join(images[:5])}{', ...' if len(images) > 5 else ''})"
+                           if len(images) > 1 else "") if images else "")
                 raise ScanError(f"{path}: zarr group without OME-NGFF 'multiscales' metadata; "
-                                f"expected an OME-Zarr image or a plain zarr array")
+                                f"expected an OME-Zarr image or a plain zarr array{hint}")
             try:
                 ms0 = ms[0]
                 ds = ms0["datasets"][0]

@@ -893,3 +893,19 @@ def test_one_slice_file_of_a_multi_file_ome_series_points_to_its_folder(tmp_path
         open_scan(tmp_path / name.format(0))
     with open_scan(tmp_path) as s:
         assert s.shape == (3, 8, 8) and int(s.read_slice(s.channels[0], 2)[0, 0]) == 2
+
+
+def test_a_bioformats2raw_store_points_to_its_image_sub_group(tmp_path):
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "scan.ome.zarr"), mode="w")
+    root.attrs["bioformats2raw.layout"] = 3
+    img = root.require_group("0")
+    img.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a} for a in "zyx"],
+                                 "datasets": [{"path": "0", "coordinateTransformations": [
+                                     {"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
+    zarr.open_array(store=str(tmp_path / "scan.ome.zarr" / "0" / "0"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    with pytest.raises(ScanError, match=r"its images are in sub-groups: open .*scan\.ome\.zarr/0"):
+        open_scan(tmp_path / "scan.ome.zarr")
+    with open_scan(tmp_path / "scan.ome.zarr" / "0") as s:
+        assert s.shape == (2, 4, 4)
