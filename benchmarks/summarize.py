@@ -68,6 +68,8 @@ def kind_of(doc: dict, path: Path) -> str:
         return "support"
     if "three_planes" in doc and "mean_ensemble" in doc:
         return "combine"
+    if "per_stack" in doc and "gpuheart_skeleton" in str(doc.get("per_stack")):
+        return "cldice-skeleton"
     if "benchmarks" in doc and "machine_info" in doc:  # a raw --benchmark-json file
         return "pytest-benchmark-raw"
     return "unknown"
@@ -636,6 +638,13 @@ def section_combine(e) -> list[str]:
                       f"against xy alone, isotropic stacks: {planes}.")
 
 
+def section_cldice_skeleton(e) -> list[str]:
+    c = e["doc"]["change"]
+    return _paragraph("clDice with gpuheart's skeleton against scikit-image's (Otsu and difference-of-medians masks)",
+                      f"{src(e)}; see docs/accuracy.md. Change per stack and method: {c['min']:+.3f} to "
+                      f"{c['max']:+.3f}, mean {c['mean']:+.3f}.")
+
+
 def section_closings(e) -> list[str]:
     m = e["doc"]["mean_dice_closings"]
     return _paragraph("The paper's closings on the held-out masks",
@@ -703,12 +712,14 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "clahe": section_clahe, "io": section_io,
             "mesh": section_mesh, "unet": section_unet, "accuracy": section_accuracy,
             "finetune": section_finetune, "probe": section_probe, "tiles": section_tiles, "scales": section_scales,
-            "hysteresis": section_hysteresis, "support": section_support, "combine": section_combine, "closings": section_closings,
+            "hysteresis": section_hysteresis, "support": section_support, "combine": section_combine, "cldice-skeleton": section_cldice_skeleton,
+            "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
             "clahe-bin-table": section_bin_table}
 ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "closings", "finetune",
+         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "cldice-skeleton",
+         "closings", "finetune",
          "pytest-benchmark"]
 
 
@@ -766,6 +777,7 @@ def render(entries: list[dict]) -> str:
            "| hysteresis on the probabilities (no training) | `python benchmarks/accuracy_hysteresis.py --runs RUNS` | `accuracy-hysteresis.json` |",
            "| U-Net components the difference of medians supports (no training) | `python benchmarks/accuracy_support.py --runs RUNS` | `accuracy-support.json` |",
            "| three planes, two-recipe ensemble (no training) | `python benchmarks/accuracy_combine.py --runs RUNS --other RUNS2` | `accuracy-combine.json` |",
+           "| clDice with gpuheart's skeleton against scikit-image's (no training) | `python benchmarks/accuracy_cldice_skeleton.py` | `accuracy-cldice-skeleton.json` |",
            "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",

@@ -433,15 +433,17 @@ class Pipeline:
 
     def run(self, source=None, out_dir="gpuheart-out", truth: dict[str, str] | str | os.PathLike | None = None,
             phantom_preset: str = "default", resume: bool = True, client=None) -> RunResult:
-        """Process ``source`` into ``out_dir``. With ``resume`` (the default), a run that was killed
-        continues from its last checkpoint when started again with the same input and settings (a
-        manifest in ``out_dir/<channel>/.resume`` records completed work); the outputs equal those of
-        an uninterrupted run (``RunResult.started_over`` says, per channel, why an earlier run's checkpoint
-        could not be used). ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs
-        of pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same
-        file system; global statistics, halos and mesh seams stay with this process, so the outputs equal a
-        local run's. ``truth`` maps channel names to labelled masks to score against; a bare path is the mask of
-        a one-channel scan's (or a one-channel run's) channel."""
+        """Process ``source`` into ``out_dir``. ``source=None`` writes the built-in synthetic scan (with exact truth) to
+        ``out_dir/input`` first, of size ``phantom_preset`` ("tiny", "default" or "large", as
+        :meth:`gpuheart.phantom.PhantomConfig.preset`), and scores against it. With ``resume`` (the default), a
+        run that was killed continues from its last checkpoint when started again with the same input and
+        settings (a manifest in ``out_dir/<channel>/.resume`` records completed work); the outputs equal those
+        of an uninterrupted run (``RunResult.started_over`` says, per channel, why an earlier run's checkpoint
+        could not be used). ``resume=False`` starts over. With a ``dask.distributed`` ``client``, the slabs of
+        pass 2 (the per-slice stages and the U-Net) run as tasks on its workers, which must see the same file
+        system; global statistics, halos and mesh seams stay with this process, so the outputs equal a local
+        run's. ``truth`` maps channel names to labelled masks to score against; a bare path is the mask of a
+        one-channel scan's (or a one-channel run's) channel."""
         from .io import _scan_path
 
         if source is not None:

@@ -167,3 +167,21 @@ def test_three_planes_probe_puts_every_plane_back_in_zyx_order(monkeypatch):
     for name, p in planes.items():
         assert p.shape == pre.shape, name
         np.testing.assert_array_equal(p, pre * 2, err_msg=name)
+
+
+def test_cldice_skeleton_probe_scores_with_either_skeleton():
+    """benchmarks/accuracy_cldice_skeleton.py: its clDice with gpuheart's skeleton is metrics.cl_dice, and its
+    scikit-image skeleton is the one clDice used before (an erased even-width tube keeps one voxel)."""
+    import numpy as np
+
+    from gpuheart.graph import skeleton
+    from gpuheart.metrics import cl_dice
+
+    mod = _benchmark_module("accuracy_cldice_skeleton")
+    tube = np.zeros((12, 12, 60), bool)
+    tube[4:8, 4:8, 5:55] = True
+    assert mod.skimage_skeleton(tube).sum() == 1
+    part = tube.copy()
+    part[:, :, 30:] = False
+    assert mod.cl_dice(part, tube, skeleton) == cl_dice(part, tube)
+    assert mod.cl_dice(part, tube, mod.skimage_skeleton) != cl_dice(part, tube)
