@@ -182,13 +182,14 @@ def _fmt_z(z: int) -> str:
     return f"Z{z:04d}"
 
 
-def _runs(zs: Sequence[int], fmt=_fmt_z) -> str:
-    """'Z0000-Z0006, Z0008-Z0019' for sorted z indices (``fmt=str``: '0-6, 8-19')."""
+def _runs(zs: Sequence[int], fmt=_fmt_z, step: int = 1) -> str:
+    """'Z0000-Z0006, Z0008-Z0019' for sorted z indices (``fmt=str``: '0-6, 8-19'; runs of numbers ``step``
+    apart)."""
     out, start = [], None
     for i, z in enumerate(zs):
         if start is None:
             start = z
-        if i + 1 == len(zs) or zs[i + 1] != z + 1:
+        if i + 1 == len(zs) or zs[i + 1] != z + step:
             out.append(fmt(start) if start == z else f"{fmt(start)}-{fmt(z)}")
             start = None
     return ", ".join(out)
@@ -610,12 +611,18 @@ def _raise_broken(link: Path, expected: str = "a slice TIFF"):
                     f"(is the disk it points to mounted?)")
 
 
-def _numbered_by_name(path: Path, channel: str, paths: list[Path]) -> list[tuple[int, Path]]:
-    """(slice number, file) for slices without a Z token: the one number that varies between their names
-    ("slice_9", "slice_10"), so gaps and duplicates are found as with Z tokens. Names of another pattern (a
-    projection saved beside the slices) or that vary in two numbers (a channel number without a channel
-    token: read in name order, channel 1 would follow channel 0 as more slices) are refused."""
+def _numbered_by_name(path: Path, channel: str, paths: list[Path]) -> tuple[list[tuple[int, Path]], int]:
+    """(slice number, file) for slices without a Z token, and the step between slice numbers.
+
+    The number is one that varies between the names and differs in every file ("slice_9", "slice_10"; with a
+    frame counter and a time stamp both, they must give the same order). Numbers a regular step apart (every
+    second slice exported, a depth in µm) step by it; gaps in such a sequence and duplicates are found as with
+    Z tokens. Refused: a name of another pattern (a projection saved beside the slices) and names whose
+    numbers repeat (a channel number without a channel token: read in name order, channel 1 would follow
+    channel 0 as more slices). Names without digits keep their name order."""
     split = {p: re.split(r"(\d+)", p.name) for p in paths}
+    if all(len(parts) == 1 for parts in split.values()):
+        return list(enumerate(sorted(paths, key=lambda p: _natural_key(p.name)))), 1
     patterns: dict[tuple, list[Path]] = {}
     for p, parts in split.items():
         patterns.setdefault(tuple(t.lower() for t in parts[0::2]), []).append(p)
@@ -624,17 +631,40 @@ def _numbered_by_name(path: Path, channel: str, paths: list[Path]) -> list[tuple
         odd = min((ps for ps in patterns.values() if ps is not usual), key=len)
         raise ScanError(f"{path}: {odd[0].name!r} is not named like the other slices of channel {channel} (e.g. "
                         f"{usual[0].name!r}); expected only slices in the folder (move it elsewhere)")
-    numbers = np.array([[int(t) for t in split[p][1::2]] for p in paths], dtype=object).reshape(len(paths), -1)
-    varying = [j for j in range(numbers.shape[1]) if len(set(numbers[:, j])) > 1]
-    if len(varying) > 1:
+    numbers = [[int(t) for t in split[p][1::2]] for p in paths]
+    columns = [[row[j] for row in numbers] for j in range(len(numbers[0]))]
+    varying = [col for col in columns if len(set(col)) > 1]
+    unique = [col for col in varying if len(set(col)) == len(col)]
+    orders = {tuple(sorted(range(len(paths)), key=col.__getitem__)) for col in unique}
+    if len(orders) > 1 or (not unique and len(varying) > 1):
         first, last = sorted(paths, key=lambda p: _natural_key(p.name))[::len(paths) - 1]
-        raise ScanError(f"{path}: the slice names of channel {channel} differ in {len(varying)} numbers ({first.name!r} "
-                        f"... {last.name!r}), so which one numbers the slices is unclear; expected one number "
-                        f"that varies, or Z<number> slice tokens (and channel tokens such as _C00 or _ch0)")
-    if numbers.shape[1] == 0:   # no digits at all: the order of the names
-        return list(enumerate(sorted(paths, key=lambda p: _natural_key(p.name))))
-    col = varying[0] if varying else numbers.shape[1] - 1
-    return [(int(numbers[i, col]), p) for i, p in enumerate(paths)]
+        raise ScanError(f"{path}: the slice names of channel {channel} differ in {len(varying)} numbers "
+                        f"({first.name!r} ... {last.name!r}), which do not agree on one order of the slices; "
+                        f"expected one number that differs in every file, or Z<number> slice tokens (and channel "
+                        f"tokens such as _C00 or _ch0)")
+    # one varying number with repeats: duplicates, reported by the caller
+    col = unique[0] if unique else (varying or columns)[-1]
+    pairs = [(int(n), p) for n, p in zip(col, paths)]
+    diffs = np.diff(sorted(col))
+    if not diffs.size:
+        return pairs, 1
+    steps, counts = np.unique(diffs, return_counts=True)
+    # a regular step (most differences) whose multiples are gaps; irregular numbers (time stamps) keep their order
+    step = int(steps[np.argmax(counts)])
+    regular = step > 0 and counts.max() * 2 > diffs.size and all(d % step == 0 for d in diffs)
+    return pairs, (step if regular else 0)
+
+
+def _numbers(name: str) -> list[int]:
+    return [int(t) for t in re.findall(r"\d+", name)]
+
+
+def _first_gap(zs: list[int], step: int) -> int | None:
+    """The first number missing from the sorted ``zs`` counted in ``step``s (None: no gap, or no step)."""
+    for a, b in zip(zs, zs[1:]):
+        if step and b - a > step:
+            return a + step
+    return None
 
 
 def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
@@ -671,24 +701,26 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         if lacking and len(lacking) < len(items):   # e.g. a MIP saved beside the slices: it would be a slice
             raise ScanError(f"{path}: {lacking[0]!r} has no Z<number> slice token, unlike the other files of "
                             f"channel {name}; expected only slices in the folder (move it elsewhere)")
-        fmt = _fmt_z
-        # one Z number in every file of several: the "Z3" is part of the sample's name ("mouse Z3 heart [0].tif")
-        if lacking or (len(items) > 1 and len({z for z, _ in items}) == 1):
-            items, fmt = _numbered_by_name(path, name, [p for _, p in items]), "number {}".format
+        fmt, step = _fmt_z, 1
+        if lacking:
+            (items, step), fmt = _numbered_by_name(path, name, [p for _, p in items]), "number {}".format
         items.sort(key=lambda t: (t[0], _natural_key(t[1].name)))
         zs = [z for z, _ in items]
         for a, b in zip(items, items[1:]):
             if a[0] == b[0]:
                 # e.g. Zeiss's "_z01c1"/"_z01c2": channels gpuheart cannot tell from the name
                 hint = (" (if they are two channels or tiles, rename them with a channel token such as _C00 or _ch0, "
-                        "or put each in its own folder)"
-                        if re.split(r"\d+", a[1].name) == re.split(r"\d+", b[1].name) else "")
+                        "or put each in its own folder; if the Z is part of the sample's name, rename the files so "
+                        "that Z<number> numbers the slices)"
+                        if re.split(r"\d+", a[1].name) == re.split(r"\d+", b[1].name)
+                        and _numbers(a[1].name) != _numbers(b[1].name) else "")
                 raise ScanError(f"{path}: channel {name} has two files for slice {fmt(a[0])}: "
                                 f"{a[1].name!r} and {b[1].name!r}; expected one{hint}")
-        missing = sorted(set(range(zs[0], zs[-1] + 1)) - set(zs))
-        if missing:
-            found = _runs(zs) if fmt is _fmt_z else f"numbers {_runs(zs, str)}"
-            raise ScanError(f"{path}: channel {name} has no slice {fmt(missing[0])} (found {found})")
+        missing = _first_gap(zs, step)   # not a set of the whole range: a time stamp may be 10^15
+        if missing is not None:
+            found = _runs(zs) if fmt is _fmt_z else f"numbers {_runs(zs, str, step)}"
+            each = f" in steps of {step}" if step > 1 else ""
+            raise ScanError(f"{path}: channel {name} has no slice {fmt(missing)}{each} (found {found})")
         files[name] = [p for _, p in items]
         spans[name] = zs
     counts = {n: len(fs) for n, fs in files.items()}
@@ -920,9 +952,14 @@ def first_channel(path) -> str:
     damaged but not used must not stop a command that reads only the first)."""
     path = _scan_path(path)
     if path.is_dir() and not _is_zarr_dir(path):
-        numbers = {_channel_number(p.name) for p in path.iterdir() if _is_slice_file_name(p.name)}
-        if numbers:
-            return f"C{min(numbers):02d}"
+        counts: dict[int, int] = {}
+        for p in path.iterdir():
+            if _is_slice_file_name(p.name):
+                counts[_channel_number(p.name)] = counts.get(_channel_number(p.name), 0) + 1
+        # a first "channel" with fewer files than another (a projection without a channel token beside
+        # _C01 slices) is not trusted alone: the whole folder is checked, and refused if it does not add up
+        if counts and counts[min(counts)] >= max(counts.values()):
+            return f"C{min(counts):02d}"
     with open_scan(path) as s:   # a stack or a store: opening it reads headers only
         return s.channels[0]
 

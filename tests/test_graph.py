@@ -553,3 +553,14 @@ def test_the_simple_point_test_equals_a_labelling_of_the_neighbourhood():
             want = (fg.sum() >= 2 and ndi.label(fg, np.ones((3, 3, 3)))[1] == 1 and len(touching) == 1)
             got = vg._deletable(cube.ravel().astype(np.uint8), 13, offsets)
             assert got == want, cube.astype(int)
+
+
+def test_thin_refuses_what_it_cannot_pace_and_ends_on_extreme_anisotropy():
+    cube = np.zeros((30, 30, 30), bool)
+    cube[5:25, 5:25, 5:25] = True
+    with pytest.raises(ValueError, match="finite"):
+        vg.skeleton_graph(cube, (math.inf, 1.0, 1.0))
+    with pytest.raises(ValueError, match="z, y, x"):
+        vg.thin(cube[0])
+    # z passes 10^4 times rarer: once x and y are done, z goes next instead of after 10^4 idle sweeps
+    assert vg.thin(cube, (1e4, 1.0, 1.0)).any()

@@ -859,10 +859,17 @@ def test_slices_without_z_tokens_follow_their_number_not_the_letters(tmp_path):
         assert [int(s.read_slice(s.channels[0], z)[0, 0]) for z in range(11)] == list(range(11))
 
 
-def test_a_z_in_the_sample_name_is_not_a_slice_number(tmp_path):
-    _slices(tmp_path, [f"mouse Z3 heart [{z}].tif" for z in range(4)])
-    with open_scan(tmp_path) as s:
-        assert s.shape[0] == 4 and int(s.read_slice(s.channels[0], 3)[0, 0]) == 3
+@pytest.mark.parametrize("names", [
+    [f"mouse Z3 heart [{z}].tif" for z in range(4)],                      # a Z in the sample's name
+    [f"heart_[00 x {t:02d}]_C00_xyz-Table Z0000.ome.tif" for t in range(3)],  # LaVision tiles of one plane
+    [f"heart_T{t:03d}_Z0005.tif" for t in range(3)],                        # time points of one plane
+])
+def test_files_sharing_one_z_number_are_refused_not_read_as_slices(tmp_path, names):
+    """A Z number the same in every file could be the sample's name, or tiles, or time points: refused, with
+    what to rename, rather than guessed."""
+    _slices(tmp_path, names)
+    with pytest.raises(ScanError, match=r"two files for slice Z000\d.*rename"):
+        open_scan(tmp_path)
 
 
 def test_single_imagej_slices_carry_no_z_step(tmp_path):
@@ -909,3 +916,31 @@ def test_a_bioformats2raw_store_points_to_its_image_sub_group(tmp_path):
         open_scan(tmp_path / "scan.ome.zarr")
     with open_scan(tmp_path / "scan.ome.zarr" / "0") as s:
         assert s.shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("names", [
+    [f"slice_{z:04d}.tif" for z in range(0, 20, 2)],                      # every second slice exported
+    [f"heart_{d}um.tif" for d in range(100, 150, 5)],                     # depth in µm
+    [f"frame_{t}.tif" for t in (1682941800000000, 1682941800100213, 1682941800300777)],  # time stamps
+    [f"img_{i:03d}_20230501{1230 + i}.tif" for i in range(5)],            # a counter and a time stamp agree
+    ["heart_0007.tif"],
+])
+def test_plain_numbered_slices_that_are_not_consecutive_still_open_in_their_order(tmp_path, names):
+    _slices(tmp_path, names)
+    with open_scan(tmp_path) as s:
+        assert s.shape[0] == len(names)
+        assert [int(s.read_slice(s.channels[0], z)[0, 0]) for z in range(len(names))] == list(range(len(names)))
+
+
+def test_a_gap_in_a_regular_step_is_found(tmp_path):
+    _slices(tmp_path, [f"heart_{d}um.tif" for d in range(100, 150, 5) if d != 120])
+    with pytest.raises(ScanError, match=r"no slice number 120 in steps of 5 \(found numbers 100-115, 125-145\)"):
+        open_scan(tmp_path)
+
+
+def test_first_channel_does_not_trust_a_projection_beside_channel_one(tmp_path):
+    from gpuheart.io import first_channel
+
+    _slices(tmp_path, [f"heart_C01_Z{z:04d}.tif" for z in range(5)] + ["MAX_heart.tif"])
+    with pytest.raises(ScanError, match="different slice counts"):
+        first_channel(tmp_path)
