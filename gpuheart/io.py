@@ -970,7 +970,8 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
 
     ``path`` is a multi-page TIFF (one channel ``"C00"``, or an ImageJ/OME hyperstack whose C axis gives
     ``"C00", "C01", ...``), a folder of per-slice TIFFs (LaVision names ``..._C00_xyz-Table Z0000.ome.tif``;
-    channel from ``_C<nn>``, z from ``Z<nnnn>``, natural order; no channel token means ``"C00"``), or a
+    channel from ``_C<nn>``, z from ``Z<nnnn>`` or else from the number that differs in every name; no
+    channel token means ``"C00"``), or a
     Zarr store (OME-NGFF image group, level 0; or a plain (z, y, x) / (c, z, y, x) array).
 
     ``channels`` keeps a subset, by name (in a per-slice folder only their files are checked, so a damaged
