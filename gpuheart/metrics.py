@@ -127,8 +127,8 @@ def cl_dice(pred, truth) -> float:
 
     ``tprec = |skel(P) ∩ T| / |skel(P)|``, ``tsens = |skel(T) ∩ P| / |skel(T)|``,
     ``clDice = 2 tprec tsens / (tprec + tsens)``; skeletons by :func:`gpuheart.graph.skeleton`
-    (scikit-image's ``skeletonize`` for a 2-D slice, Lee's 3-D thinning for volumes). Unlike Dice it is not dominated by the thick vessels,
-    so losing capillaries shows. 1.0 when both masks are empty.
+    (scikit-image's ``skeletonize`` for a 2-D slice, Lee's 3-D thinning for volumes). Unlike Dice it is not
+    dominated by the thick vessels, so losing capillaries shows. 1.0 when both masks are empty.
     """
     from .graph import skeleton
 

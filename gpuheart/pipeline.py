@@ -1236,6 +1236,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
     from .io import open_scan, usable_cores
     from .morphology import label_slabs
 
+    vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
     # two stages, because they scale differently: the labelling with the scan, the skeleton with the
     # tree's (pooled, capped) box
     with timer("tree graph: labelling" + stage_suffix), open_scan(mask_path) as m:
@@ -1255,7 +1256,7 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
                                                             voxel)
         if labels.n_components == 0:
             # every table is written (empty) and the summary has its usual keys, for scripts reading either
-            g = graph.skeleton_graph(np.zeros((1, 1, 1), bool), tuple(np.asarray(voxel or (1.0, 1.0, 1.0), float)))
+            g = graph.skeleton_graph(np.zeros((1, 1, 1), bool), tuple(vs))
             _write_tree_graph(g, out, paths)
             return {**graph.summarize(g), "tree_voxels": 0, "components": 0, "downsample_yx": 1,
                     "note": "empty mask"}
@@ -1269,7 +1270,6 @@ def _tree_graph(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: d
             if lo < hi:
                 parts.append(graph.downsample_yx(lab[lo - a:hi - a, y0:y1, x0:x1] == tree, k))
         sub = np.concatenate(parts)
-    vs = np.asarray(voxel or (1.0, 1.0, 1.0), float)
     if stop is not None and stop.is_set():
         raise _GraphStopped
     with timer("tree graph: skeleton" + stage_suffix):
