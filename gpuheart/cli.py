@@ -274,7 +274,7 @@ def _dask_client(spec: str | None):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            raise RuntimeError("--dask local-cuda needs dask-cuda: pip install dask-cuda") from None
+            raise RuntimeError("--dask local-cuda needs dask-cuda: pip install \"gpuheart[multigpu]\" (or dask-cuda)") from None
         return Client(LocalCUDACluster())
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])

@@ -387,7 +387,9 @@ class RunResult:
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
                 "outputs": {c: {k: str(v) for k, v in o.items()} for c, o in self.outputs.items()},
-                "timings_s": self.timings, "summary": self.summary}
+                "timings_s": self.timings, "summary": self.summary,
+                "report": str(self.report) if self.report else None,
+                "resumed": dict(self.resumed), "reused": list(self.reused), "started_over": dict(self.started_over)}
 
 
 class _Timer:
@@ -546,7 +548,9 @@ class Pipeline:
             "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock"}
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
                            started_over=started_over)
-        _atomic_write_bytes(out_dir / "summary.json", json.dumps(result.to_dict(), indent=2, default=_jsonable).encode())
+        # without "report": the page is written after (it reads this file), as out_dir/report.html
+        record = {k: v for k, v in result.to_dict().items() if k != "report"}
+        _atomic_write_bytes(out_dir / "summary.json", json.dumps(record, indent=2, default=_jsonable).encode())
         if cfg.output.report:
             from .report import write_report
 

@@ -747,6 +747,9 @@ def test_summary_names_the_weights_and_the_threshold_the_unet_mask_was_cut_at(tm
                                           "threshold": unet.load_default().meta["threshold"]}
     again = Pipeline(cfg).run(None, tmp_path / "out", phantom_preset="tiny")
     assert again.reused == ["C00"] and again.summary["C00"]["unet"] == res.summary["C00"]["unet"]
+    d = again.to_dict()   # what a script logs or serialises: how the run came about too
+    assert d["reused"] == ["C00"] and d["resumed"] == again.resumed and d["report"] is None and "started_over" in d
+    json.dumps(d)
 
 
 def test_relative_weights_in_a_config_file_are_found_beside_it_and_saved_absolute(tmp_path, monkeypatch):
