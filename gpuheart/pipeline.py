@@ -488,6 +488,7 @@ class Pipeline:
                 truth = user_truth
             _check_channel_names(scan, cfg, user_truth)
             _check_truths(scan, user_truth)
+            _warn_single_slice(scan)
             # every channel before any runs: a channel's fresh start removes files in its own folder, where
             # another channel's truth may lie
             for channel in scan.channels:
@@ -757,6 +758,17 @@ def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
                  else f"which the scan does not have (its channels: {', '.join(scan.channels)})")
         warnings.warn(f"{scan.path}: settings given for channel(s) {', '.join(unused)} (--preset or [channel.NAME]), "
                       f"{which}; they are unused", stacklevel=4)
+
+
+def _warn_single_slice(scan) -> None:
+    """One slice runs (a 2-D test image is a fair first try) but its z-normalization, closings along z, mesh
+    and vessel tree are those of a one-voxel-thick slab: a multi-page file opened as one page, or the wrong
+    file of a folder, would otherwise pass as a finished scan."""
+    if scan.shape[0] == 1:
+        warnings.warn(f"{scan.path}: the scan has one slice ({scan.shape[1]} x {scan.shape[2]}): it is processed "
+                      f"as a one-slice volume, so the closings along z, the mesh and the vessel tree describe a "
+                      f"slab one voxel thick; expected a stack (a folder of slices or a multi-page TIFF)",
+                      UserWarning, stacklevel=5)
 
 
 def _check_truths(scan, truth: dict) -> None:

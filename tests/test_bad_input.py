@@ -49,9 +49,11 @@ def test_inf_in_float_input_names_the_slice(tmp_path, capsys):
     assert "z=1" in _cli_error(capsys, ["run", str(path), "-o", str(tmp_path / "o"), "--no-progress"])
 
 
-def test_one_slice_stack(tmp_path):
+def test_one_slice_stack_runs_and_says_it_is_one_slice(tmp_path):
+    """A 2-D image runs, but with a warning: the wrong file of a folder must not pass as a finished scan."""
     vol = np.random.default_rng(1).integers(100, 4000, (1, 64, 64), dtype=np.uint16)
-    r = _run(tmp_path, vol)
+    with pytest.warns(UserWarning, match=r"scan.tif: the scan has one slice \(64 x 64\).*expected a stack"):
+        r = _run(tmp_path, vol)
     assert _mask(r).shape == (1, 64, 64)
 
 
