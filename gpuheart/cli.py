@@ -353,6 +353,10 @@ def _print_run(result) -> None:
         if channel in result.reused:
             print(f"  {channel}: reused the finished results of an earlier run with the same input and settings "
                   f"(--restart recomputes them)")
+        elif channel in getattr(result, "later_only", {}):
+            print(f"  {channel}: kept the preprocessing and segmentation of the earlier run in {result.out_dir / channel} "
+                  f"and redid the closings, mesh and measurements, the only stages whose settings changed: "
+                  f"{result.later_only[channel]}")
         elif z == 0:
             print(f"  {channel}: resumed an interrupted run after its first pass: the z-normalization statistics "
                   f"were kept, every slice was processed")

@@ -383,13 +383,17 @@ class RunResult:
     reused: list[str] = field(default_factory=list)  # channels whose finished results an identical run left
     # channel -> why the checkpoint an earlier run left in its folder was neither continued nor reused (one line)
     started_over: dict[str, str] = field(default_factory=dict)
+    # channel -> the settings of later stages (closings, mesh, graph) that differed from the earlier run whose
+    # pass 2 (preprocessing and segmentation stores) this one took over, redoing only those stages
+    later_only: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir),
                 "outputs": {c: {k: str(v) for k, v in o.items()} for c, o in self.outputs.items()},
                 "timings_s": self.timings, "summary": self.summary,
                 "report": str(self.report) if self.report else None,
-                "resumed": dict(self.resumed), "reused": list(self.reused), "started_over": dict(self.started_over)}
+                "resumed": dict(self.resumed), "reused": list(self.reused), "started_over": dict(self.started_over),
+                "later_only": dict(self.later_only)}
 
 
 class _Timer:
@@ -497,6 +501,7 @@ class Pipeline:
             resumed: dict[str, int] = {}
             reused: list[str] = []
             started_over: dict[str, str] = {}
+            later_only: dict[str, str] = {}
             desc = scan.describe()  # once: for a Zarr store it sums every chunk file's size
             outputs, summary = {}, {"input": desc, "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
@@ -526,6 +531,8 @@ class Pipeline:
                         resumed.pop(channel, None)
                     if ck.why:
                         started_over[channel] = ck.why
+                    elif ck.later and not ck.restarted:
+                        later_only[channel] = ck.later
                     summary[channel]["segmentation"] = ccfg.segment.method
                 graphs.settle(wait=True)
                 ok = True
@@ -546,9 +553,10 @@ class Pipeline:
         summary["this_run"] = {
             "wall_s": time.monotonic() - started, "computed": [c for c in outputs if c not in reused],
             "reused": list(reused), "resumed_at": {c: z for c, z in resumed.items() if c not in reused},
+            "later_stages_only": dict(later_only),
             "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock"}
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
-                           started_over=started_over)
+                           started_over=started_over, later_only=later_only)
         # without "report": the page is written after (it reads this file), as out_dir/report.html
         record = {k: v for k, v in result.to_dict().items() if k != "report"}
         _atomic_write_bytes(out_dir / "summary.json", json.dumps(record, indent=2, default=_jsonable).encode())
@@ -848,6 +856,7 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
             _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
         else:
             _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck)
+    ck.pass2_complete(scan.shape[0])
     paths = dict(writers.paths)
     if cfg.segment.method == "otsu":
         with timer("global otsu"):
@@ -1074,14 +1083,23 @@ _CHANNEL_OUTPUTS = (
     + ["components.csv", "voxel_components.csv", "tree_branches.csv", "tree.graphml", "figures.npz"])
 
 
+# what the stages after pass 2 write: removed when a run takes over an earlier run's pass 2
+_PASS2_STORES = tuple(f"{n}.ome.zarr" for n in ("preprocessed", "dom_mask", "unet_mask", "mask_raw"))
+_LATER_OUTPUTS = tuple(n for n in _CHANNEL_OUTPUTS if n not in _PASS2_STORES)
+
+
 def _remove_earlier_outputs(out: Path) -> None:
     """A channel computed afresh first removes what an earlier run (other settings or input) left in its
     folder: an output this run does not write (say unet_mask after a switch to method "dom"), or one it
     fails before replacing, would otherwise look like part of this run; also what a killed run left of
     them (``.partial`` stores, an ``.old-<pid>`` copy from a kill while committing)."""
+    _remove_outputs(out, _CHANNEL_OUTPUTS)
+
+
+def _remove_outputs(out: Path, names) -> None:
     from .io import _remove
 
-    for name in _CHANNEL_OUTPUTS:
+    for name in names:
         for path in [out / name, out / f"{name}.partial", *out.glob(f"{glob.escape(name)}.old-*")]:
             if path.exists() or path.is_symlink():
                 _remove(path)
@@ -1564,6 +1582,19 @@ def _absolute(path) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
+# settings that act only after pass 2 (on its stores): a run differing from an earlier one in these alone
+# takes over that run's pass 2 (the slow part) and redoes the closings, mesh and measurements
+_LATER_SETTINGS = ("postprocess", "mesh", "graph")
+
+
+def _pass2_key(key: dict) -> dict:
+    """The part of a fingerprint key (:func:`_fingerprint_key`) that pass 2's stores and measurements depend on."""
+    config = {k: v for k, v in key.get("config", {}).items() if k not in _LATER_SETTINGS}
+    if isinstance(config.get("output"), dict):   # the TIFF copies are written at the end, from the stores
+        config["output"] = {k: v for k, v in config["output"].items() if k != "tiff"}
+    return {**key, "config": config}
+
+
 def _flat(d, prefix="") -> dict:
     out = {}
     for k, v in d.items():
@@ -1646,9 +1677,12 @@ class _Checkpoint:
 
     def __init__(self, out: Path, key: dict, enabled: bool = True):
         self.dir, self.fp, self.key = out / ".resume", _hash(key), key
+        self.fp2 = _hash(_pass2_key(key))
         self.manifest = {}
         # why an earlier run's checkpoint here is neither continued nor reused (None: there is none, or it is)
         self.why: str | None = None
+        # what differed from an earlier run whose pass 2 this one takes over (only later stages' settings)
+        self.later: str | None = None
         # a gpuheart run has worked in this channel folder (it makes .resume before pass 2 writes anything):
         # only then are outputs of an earlier run there to remove; otherwise the files are someone else's
         self.earlier = self.dir.is_dir()
@@ -1666,6 +1700,8 @@ class _Checkpoint:
             else:
                 if m.get("fingerprint") == self.fp:
                     self.manifest = m
+                elif self._has_pass2(m):
+                    self._take_over_pass2(m)
                 else:
                     self.why = _why_not_the_same(m.get("key"), key)
             if self.done:
@@ -1678,6 +1714,42 @@ class _Checkpoint:
     @property
     def done(self) -> bool:
         return bool(self.manifest.get("done"))
+
+    def _pass2_acc_files(self) -> tuple[Path, Path]:
+        return self.dir / "pass2-acc.npz", self.dir / "pass2-acc.json"
+
+    def _has_pass2(self, m: dict) -> bool:
+        """Whether ``m`` (an earlier run's manifest) kept a finished pass 2 this run's settings would repeat."""
+        p2 = m.get("pass2")
+        return (isinstance(p2, dict) and p2.get("fingerprint") == self.fp2 and bool(m.get("stats"))
+                and all(f.is_file() for f in self._pass2_acc_files()))
+
+    def _take_over_pass2(self, m: dict) -> None:
+        """Continue from the end of an earlier run's pass 2, as a run killed in its closings would: only the
+        settings of later stages differ, so its stores and measurement state are this run's too. Its later
+        outputs go first (a mesh this run does not write must not stay as if it had), then the manifest that
+        points at the end of pass 2 is written: a kill in between leaves the earlier manifest, taken over again."""
+        nz = int(m["pass2"]["next_z"])
+        _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
+        self._remove_acc()
+        for src, dst in zip(self._pass2_acc_files(), self._acc_files(nz)):
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        self.manifest = {"stats": True, "next_z": nz, "pass2": m["pass2"]}
+        self._write_manifest()
+        self.later = _why_not_the_same(m.get("key"), self.key)
+
+    def pass2_complete(self, nz: int) -> None:
+        """Pass 2 has written every slice: keep its measurement state beside the stats, so that a later run
+        whose settings differ only in the closings, mesh or graph starts from here instead of slice 0."""
+        if self.next_z != nz or (self.manifest.get("pass2") or {}).get("fingerprint") == self.fp2:
+            return
+        for src, dst in zip(self._acc_files(nz), self._pass2_acc_files()):
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        self._write_manifest(pass2={"fingerprint": self.fp2, "next_z": nz})
 
     def _result_paths(self) -> dict:
         # kept relative to the channel folder, so OUT given as another path to the same folder (from
@@ -1754,6 +1826,8 @@ class _Checkpoint:
         # the manifest's next_z too: restore() zeroes next_z when the checkpoint's state files cannot be read
         self.restarted = self.restarted or self.next_z > 0 or bool(self.manifest.get("next_z"))
         self.next_z = 0
+        if self.manifest.pop("pass2", None) is not None:
+            self._write_manifest()
         if self.manifest.get("next_z"):
             self._write_manifest(next_z=0)
         if self.dir.is_dir():

@@ -361,7 +361,9 @@ def test_killed_between_a_checkpoints_state_and_its_manifest_resumes_exactly(sca
     again = Pipeline(cfg).run(scan, tmp_path / "out")
     assert again.resumed == {"C00": 8}
     _same_run(tmp_path / "out", tmp_path / "ref")
-    assert sorted(p.name for p in (tmp_path / "out" / "C00" / ".resume").iterdir()) == ["manifest.json", "stats.json"]
+    # and pass 2's final measurement state, which a rerun with other closing, mesh or graph settings starts from
+    assert sorted(p.name for p in (tmp_path / "out" / "C00" / ".resume").iterdir()) == [
+        "manifest.json", "pass2-acc.json", "pass2-acc.npz", "stats.json"]
 
 
 def test_a_restart_from_slice_0_is_recorded_before_the_fresh_stores_fill(scan, tmp_path, monkeypatch):
@@ -1048,3 +1050,55 @@ def test_a_finished_run_whose_outputs_were_damaged_since_is_not_reused(scan, tmp
     with open_scan(store) as m:
         np.testing.assert_array_equal(m.read_slab("C00", 0, m.shape[0]), before)
     assert Pipeline(cfg).run(scan, out).reused == ["C00"]   # intact again: reused
+
+
+def test_other_closing_mesh_or_graph_settings_keep_pass_2_and_redo_only_the_later_stages(scan, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Tuning the mesh or the closings of a finished run must not cost its whole pass 2 again (hours on a
+    large scan): the stores and measurement state of pass 2 are taken over, the later stages redone, and the
+    result equals a fresh run with the new settings. Outputs of a stage now off do not stay behind."""
+    from gpuheart import Pipeline, pipeline
+    from gpuheart.cli import main
+
+    first = _fast_cfg(mesh={"enabled": True})
+    later = _fast_cfg(postprocess={"z_iterations": 2}, output={"tiff": True})
+    out = tmp_path / "out"
+    Pipeline(first).run(scan, out)
+    assert (out / "C00" / "mesh.glb").is_file()
+    Pipeline(later).run(scan, tmp_path / "ref")
+    real = pipeline._process_slab
+
+    def no_slabs(*a, **k):
+        raise AssertionError("pass 2 was computed again")
+
+    monkeypatch.setattr(pipeline, "_process_slab", no_slabs)
+    r = Pipeline(later).run(scan, out)
+    assert r.later_only == {"C00": "other settings (mesh.enabled True -> False, output.tiff False -> True, "
+                                   "postprocess.z_iterations 5 -> 2)"}, r.later_only
+    assert r.started_over == {} and r.reused == [] and r.resumed == {"C00": 40}
+    assert not (out / "C00" / "mesh.glb").exists() and (out / "C00" / "mask.tif").is_file()
+    _same_run(out, tmp_path / "ref")
+    # and back: the first settings take over the same pass 2 again
+    cfg_path = tmp_path / "first.toml"
+    first.save(cfg_path)
+    capsys.readouterr()
+    assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert (f"  C00: kept the preprocessing and segmentation of the earlier run in {out / 'C00'} and redid the "
+            f"closings, mesh and measurements, the only stages whose settings changed: other settings") in said, said
+    assert (out / "C00" / "mesh.glb").is_file() and not (out / "C00" / "mask.tif").exists()
+    assert json.loads((out / "summary.json").read_text())["summary"]["this_run"]["later_stages_only"] == {
+        "C00": "other settings (mesh.enabled False -> True, output.tiff True -> False, postprocess.z_iterations 2 -> 5)"}
+    # killed in the closings after taking over: the same settings continue from the end of pass 2
+    monkeypatch.setattr(pipeline, "_postprocess", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(later).run(scan, out)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "_process_slab", no_slabs)
+    r = Pipeline(later).run(scan, out)
+    assert r.resumed == {"C00": 40} and r.later_only == {} and r.started_over == {}
+    _same_run(out, tmp_path / "ref")
+    # a setting of pass 2 itself: computed from the start, as before
+    monkeypatch.setattr(pipeline, "_process_slab", real)
+    r = Pipeline(_fast_cfg(dom={"large": 13}, postprocess={"z_iterations": 2})).run(scan, out)
+    assert r.later_only == {} and r.started_over["C00"].startswith("other settings (dom.large 15 -> 13")
