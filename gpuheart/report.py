@@ -153,9 +153,14 @@ def _timing_table(timings, summary, channels) -> str:
                        for c in this["computed"] if c in summary)
         total = float(this["wall_s"])
         note = f"{n_slices} slices computed in {len(this['computed'])} channel(s)"
-        if this["resumed_at"]:
+        later = this.get("later_stages_only") or {}   # summaries before 2026-11-28 lack it
+        interrupted = {c: z for c, z in this["resumed_at"].items() if c not in later}
+        if interrupted:
             note += " (continuing an interrupted run: " + ", ".join(
-                f"{c} from slice {z}" for c, z in this["resumed_at"].items()) + ")"
+                f"{c} from slice {z}" for c, z in interrupted.items()) + ")"
+        if later:
+            note += (" (preprocessing and segmentation kept from an earlier run that differed only in the closing, "
+                     f"mesh or graph settings: {', '.join(later)})")
         note += (f"; reused from an earlier run, not counted: {', '.join(this['reused'])}." if this["reused"]
                  else ".")
         note += f" Stage seconds: {this['stage_seconds']}; the total is the run's wall-clock time."

@@ -467,6 +467,13 @@ def test_a_rerun_that_reused_every_channel_reports_no_throughput(tmp_path):
     text = (tmp_path / "out" / "report.html").read_text()
     assert "0 slices computed in 0 channel(s); reused from an earlier run, not counted: C00" in text
     assert re.search(r"<td>total</td><td>[0-9.]+</td><td>–<", text)
+    # other mesh settings: pass 2 kept, which is not an interrupted run continued
+    cfg.mesh.enabled = True
+    Pipeline(cfg).run(stack, tmp_path / "out")
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert ("0 slices computed in 1 channel(s) (preprocessing and segmentation kept from an earlier run that "
+            "differed only in the closing, mesh or graph settings: C00).") in text
+    assert "interrupted" not in text
 
 
 def test_a_mesh_picture_whose_decimation_stalls_is_clustered_coarser_not_scattered(monkeypatch):
