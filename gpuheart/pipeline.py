@@ -456,9 +456,11 @@ class Pipeline:
             _scan_path(source)   # an array is refused before an earlier run's summary is removed
         created = not Path(out_dir).exists()
         try:
-            return self._run(source, Path(out_dir), truth, phantom_preset, resume, client)
+            with _out_lock(_writable_folder(Path(out_dir))):
+                return self._run(source, Path(out_dir), truth, phantom_preset, resume, client)
         except BaseException:
             if created:   # a scan that failed at once (a wrong path) leaves no empty OUT/<name>/ behind
+                (Path(out_dir) / _LOCK).unlink(missing_ok=True)
                 _remove_if_empty(Path(out_dir))
             raise
 
@@ -602,6 +604,7 @@ class Pipeline:
         # a fixed name, not a fresh temporary folder: a killed segmentation of a large scan is resumed by the
         # same command instead of starting over beside a hidden copy of what it had done
         work = segment_work_dir(out_path)
+        existed = work.exists()
         try:
             result = self.last_run = Pipeline(cfg).run(source, work, resume=resume)
             mask_path = result.outputs[cfg.channels[0]]["mask"]
@@ -611,7 +614,11 @@ class Pipeline:
             known = result.summary.get("input", {}).get("voxel_size") is not None
             _zarr_to_tiff(mask_path, out_path, voxel if known else None)
         except Exception:
-            shutil.rmtree(work, ignore_errors=True)  # a failure, not an interruption: nothing to resume
+            # an earlier interrupted segmentation's checkpoint is kept whatever failed now (a mistyped option
+            # must not cost it), and so is this call's own once it has a checkpoint (a full disk is no reason
+            # to lose hours of work); only a failure before any checkpoint leaves nothing worth a folder
+            if not existed and not (work / cfg.channels[0] / ".resume" / "manifest.json").is_file():
+                shutil.rmtree(work, ignore_errors=True)
             raise
         shutil.rmtree(work, ignore_errors=True)
         return out_path
@@ -664,6 +671,40 @@ def segment_work_dir(out_path) -> Path:
     """The folder :meth:`Pipeline.segment` works in for ``out_path`` (left by a killed segmentation)."""
     out_path = Path(out_path)
     return out_path.parent / f".{out_path.name}.gpuheart-work"
+
+
+_LOCK = ".gpuheart-lock"
+
+
+@contextmanager
+def _out_lock(out_dir: Path):
+    """Hold ``out_dir`` for this run: two runs writing one folder remove and rewrite each other's stores, and
+    the one that finishes last reports the damage as results. An advisory lock (flock) the OS drops when the
+    process dies, so a killed run never leaves the folder locked. The file stays: unlinking it would let a
+    third run lock a new file while a second still holds the old one."""
+    try:
+        import fcntl
+    except ImportError:   # Windows: no flock; runs are not guarded there
+        yield
+        return
+    path = out_dir / _LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError(f"{out_dir}: another gpuheart run is writing in this folder (process {holder}); "
+                              f"expected a folder no other run uses: wait for it to finish, or choose another -o"
+                              ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_if_empty(path: Path) -> None:

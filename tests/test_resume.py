@@ -1102,3 +1102,45 @@ def test_other_closing_mesh_or_graph_settings_keep_pass_2_and_redo_only_the_late
     monkeypatch.setattr(pipeline, "_process_slab", real)
     r = Pipeline(_fast_cfg(dom={"large": 13}, postprocess={"z_iterations": 2})).run(scan, out)
     assert r.later_only == {} and r.started_over["C00"].startswith("other settings (dom.large 15 -> 13")
+
+
+def test_a_failed_segment_call_keeps_the_checkpoint_of_an_interrupted_one(scan, tmp_path, monkeypatch):
+    """A mistyped option after a kill must not cost the interrupted segmentation: its work folder stays and
+    the right call still continues from its checkpoint."""
+    from gpuheart import Pipeline, pipeline
+    from gpuheart.io import ScanError
+    from gpuheart.pipeline import segment_work_dir
+
+    cfg = _fast_cfg(checkpoint_seconds=0.0)
+    out = tmp_path / "mask.tif"
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(20))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(cfg).segment(scan, out)
+    work = segment_work_dir(out)
+    assert work.is_dir()
+    with pytest.raises(ScanError, match="unknown channel"):
+        Pipeline(cfg).segment(scan, out, channel="C1")
+    assert work.is_dir()
+    Pipeline(cfg).segment(scan, out)
+    p = Pipeline(cfg)
+    assert not work.exists()
+    # a call that fails before any checkpoint of its own leaves no folder
+    with pytest.raises(ScanError, match="unknown channel"):
+        p.segment(scan, tmp_path / "other.tif", channel="C1")
+    assert not segment_work_dir(tmp_path / "other.tif").exists()
+
+
+def test_a_second_run_into_the_folder_a_run_is_writing_is_refused(scan, tmp_path):
+    """Two runs in one folder removed and rewrote each other's stores; the one finishing last reported the
+    damage as its results."""
+    from gpuheart import Pipeline, pipeline
+    from gpuheart.pipeline import ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pipeline._out_lock(out):   # what a running `gpuheart run -o out` holds
+        with pytest.raises(ConfigError, match=f"another gpuheart run is writing in this folder \\(process {os.getpid()}\\)"):
+            Pipeline(_fast_cfg()).run(scan, out)
+        assert sorted(p.name for p in out.iterdir()) == [".gpuheart-lock"]
+    assert Pipeline(_fast_cfg()).run(scan, out).outputs["C00"]   # released: the folder is free again
