@@ -881,12 +881,15 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
     if ck.done:
         return ck.result()
     out.mkdir(parents=True, exist_ok=True)
-    if not ck.next_z and ck.earlier:  # a fresh start: nothing of an earlier run may pass for this one's
-        _remove_earlier_outputs(out)
     stats = ck.load_stats()
     if stats is None:
+        # pass 1 reads every slice: a bad one (NaN, cut short) stops the run here, before the earlier
+        # run's outputs are removed
         with timer("stats (pass 1)"):
             stats = _slice_stats(scan, channel, cfg)
+    if not ck.next_z and ck.earlier:  # a fresh start: nothing of an earlier run may pass for this one's
+        _remove_earlier_outputs(out)
+    if not ck.manifest.get("stats"):
         ck.save_stats(stats)
     znorm = exposure.ZNorm.from_stats(stats, dark_ratio=cfg.exposure.dark_ratio,
                                       dark_neighbour_ratio=cfg.exposure.dark_neighbour_ratio)

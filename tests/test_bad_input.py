@@ -41,6 +41,16 @@ def test_nan_in_float_input_names_the_slice(tmp_path, capsys):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+def test_a_bad_input_stops_before_the_earlier_runs_outputs_in_out_are_removed(tmp_path):
+    """Pass 1 reads every slice: a NaN found there must not have cost the finished run in OUT its masks."""
+    vol = np.random.default_rng(0).random((5, 40, 40)).astype(np.float32)
+    first = _run(tmp_path, vol, name="good.tif")
+    vol[3, 10, 10] = np.nan
+    with pytest.raises(ValueError, match="z=3"):
+        _run(tmp_path, vol, name="nan.tif")
+    assert all(p.exists() for p in first.outputs["C00"].values())
+
+
 def test_inf_in_float_input_names_the_slice(tmp_path, capsys):
     vol = np.ones((4, 32, 32), np.float32)
     vol[1, 0, 0] = np.inf
