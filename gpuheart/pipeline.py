@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -561,7 +562,8 @@ class Pipeline:
                            started_over=started_over, later_only=later_only)
         # without "report": the page is written after (it reads this file), as out_dir/report.html
         record = {k: v for k, v in result.to_dict().items() if k != "report"}
-        _atomic_write_bytes(out_dir / "summary.json", json.dumps(record, indent=2, default=_jsonable).encode())
+        _atomic_write_bytes(out_dir / "summary.json",
+                            json.dumps(_strict_json(record), indent=2, allow_nan=False).encode())
         if cfg.output.report:
             from .report import write_report
 
@@ -2121,6 +2123,20 @@ def _atomic_write_bytes(path: Path, data: bytes):
     tmp = path.with_name(path.name + ".partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _strict_json(o):
+    """``o`` as plain JSON data with undefined numbers (a one-slice stack's CV, an empty mask's radius) as
+    null: Python writes NaN, which JavaScript, jq and most JSON readers refuse."""
+    if isinstance(o, dict):
+        return {str(k): _strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict_json(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if o is None or isinstance(o, (str, bool, int)):
+        return o
+    return _strict_json(_jsonable(o))
 
 
 def _jsonable(o):

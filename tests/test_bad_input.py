@@ -1,4 +1,7 @@
 """Awkward and broken inputs through the whole pipeline: a correct result or one clear line, never a traceback."""
+import json
+import math
+
 import numpy as np
 import pytest
 import tifffile
@@ -65,6 +68,14 @@ def test_one_slice_stack_runs_and_says_it_is_one_slice(tmp_path):
     with pytest.warns(UserWarning, match=r"scan.tif: the scan has one slice \(64 x 64\).*expected a stack"):
         r = _run(tmp_path, vol)
     assert _mask(r).shape == (1, 64, 64)
+    # its CV of slice means is undefined: null in summary.json, which strict JSON readers take (not NaN)
+
+    def refuse(name):
+        raise AssertionError(f"summary.json holds {name}")
+
+    s = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)
+    assert s["summary"]["C00"]["detrended_cv_raw"] is None
+    assert math.isnan(r.summary["C00"]["detrended_cv_raw"])   # Python callers keep the float
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (3, 5, 300), (2, 1, 1)])
