@@ -17,6 +17,7 @@ This module reads no files other than weights and checkpoints.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import math
 import numbers
@@ -294,6 +295,9 @@ def save_weights(model: UNet, path, meta: dict | None = None) -> Path:
     """
     state = {k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
+    bad = _non_finite(state)
+    if bad:   # a diverged model (or one past fp16's range) would segment nothing, silently
+        raise ValueError(f"{path}: not saved, {bad}; expected finite weights (a diverged training run?)")
     _atomic_save({"format": WEIGHTS_FORMAT, "hparams": dict(model.hparams), "meta": dict(meta or {}),
                   "state_dict": state}, Path(path))
     return Path(path)
@@ -318,10 +322,24 @@ def load_weights(path, device: str = "cpu") -> UNet:
                          f"folder")
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a gpuheart U-Net weights file (expected format {WEIGHTS_FORMAT!r})")
+    bad = _non_finite(ckpt["state_dict"])
+    if bad:   # NaN weights predict NaN, read as background: an empty mask, silently
+        raise ValueError(f"{path}: {bad}, so it would segment nothing; expected finite weights: the training "
+                         f"run that wrote it diverged, train again with a lower learning rate (--lr)")
     model = UNet(**ckpt["hparams"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     model.meta = ckpt["meta"]
     return model.to(torch_device(device)).eval()
+
+
+def _non_finite(state: dict) -> str:
+    """'' when every float tensor of a state dict is finite, else which ones are not and how many values."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if not bad:
+        return ""
+    first = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+    return f"{sum(bad.values())} weight(s) are NaN or infinite (in {len(bad)} tensor(s): {first})"
 
 
 def _torch_cuda() -> bool:
@@ -977,18 +995,36 @@ class _Loader(torch.utils.data.DataLoader):
         pass
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: nothing learnt from then on is worth saving."""
+
+
+def _diverged(what: str, epoch: int, step: int, cfg: TrainConfig, lr: float) -> TrainingDiverged:
+    kept = (f"best.pt and last.pt of epochs 1-{epoch} are kept; train again in another folder"
+            if epoch else "no weights were saved; train again")
+    return TrainingDiverged(f"the {what} became NaN or infinite in epoch {epoch + 1}, step {step} of "
+                            f"{cfg.steps_per_epoch}, at learning rate {lr:g}: training diverged and stopped "
+                            f"({kept} with a lower --lr, Python: lr; the default is 1e-3)")
+
+
 def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str, epoch: int = 0) -> float:
     model.train()
     total = 0.0
-    for img, lab in _epoch_batches(sampler, rng, cfg, epoch, device):
+    lr = opt.param_groups[0]["lr"]
+    for step, (img, lab) in enumerate(_epoch_batches(sampler, rng, cfg, epoch, device), 1):
         img, lab = img.to(device, non_blocking=True), lab.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device == "cuda"):
             logits = model(img)
         loss = loss_fn(logits.float(), lab)
+        value = float(loss.detach())   # a sync each step anyway: the epoch's mean needs it
+        if not math.isfinite(value):   # its gradients would turn every weight NaN
+            raise _diverged("training loss", epoch, step, cfg, lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach())
+        total += value
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):   # the last step's update overflowed
+        raise _diverged("weights", epoch, cfg.steps_per_epoch, cfg, lr)
     return total / cfg.steps_per_epoch
 
 
@@ -1033,11 +1069,31 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
     model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm)
     if cfg.init:
         _init_from(model, cfg.init)
-    out_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run (bad data, bad --init) leaves no folder
+    with _new_folder(out_dir):   # only now: a refused run (bad data, bad --init) leaves no folder
+        return _fit(model, sampler, vols, labs, val_sl, rng, cfg, device, out_dir, progress, resume)
+
+
+@contextlib.contextmanager
+def _new_folder(path: Path):
+    """Make the run folder; a run failing before it wrote anything there (a diverged first epoch, too little
+    memory) removes it again, so that the same command can be given again."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str, out_dir: Path, progress: bool,
+         resume: bool) -> TrainResult:
+    """The epochs of ``train``, from scratch or from ``out_dir/last.pt``."""
+    # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
@@ -1050,7 +1106,7 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
         if cfg.schedule == "cosine" and state["epoch"]:   # resumed with more epochs: the next rate on the new curve
             _step_lr(opt, sched, cfg, state["epoch"], state["best_dice"])
     elif resume:
-        warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=2)
+        warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=4)
 
     loss_fn = LOSSES[cfg.loss]
     stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
