@@ -577,12 +577,13 @@ def test_max_faces_under_4_with_min_faces_0_says_what_left_nothing_not_min_faces
 
 
 def test_max_faces_that_decimation_cannot_reach_is_said_not_silently_exceeded(tmp_path):
-    """A spongy mask (half its voxels set at random) stops quadric decimation far above a small max_faces:
+    """A spongy mask (half its voxels set at random) with 100 µm voxels stops quadric decimation above a small
+    max_faces (its collapses cost more than fast-simplification's largest error threshold, in µm², allows):
     the file then holds more faces than asked for, and a warning must say so with the count in the file."""
     m = np.random.default_rng(5).random((14, 16, 18)) < 0.5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        M.mesh_from_mask(m, m.shape, tmp_path / "sponge.ply", (1, 1, 1), max_faces=100)
+        M.mesh_from_mask(m, m.shape, tmp_path / "sponge.ply", (100, 100, 100), max_faces=100)
     n_file = len(trimesh.load(tmp_path / "sponge.ply").faces)   # trimesh's reader, not our count
     if n_file <= 100:
         pytest.skip(f"this fast-simplification reaches 100 faces here ({n_file}): nothing to warn about")
