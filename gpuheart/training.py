@@ -81,7 +81,7 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
                                 f"training expects one-channel image and label stacks: save the labelled "
                                 f"channel on its own")
         ci, cl, nz = si.channels[0], sl.channels[0], si.shape[0]
-        stats, keep, labels = [], [], []
+        stats, keep, labels, values = [], [], [], set()
         for z0 in range(0, nz, SLAB):
             z1 = min(nz, z0 + SLAB)
             try:
@@ -92,10 +92,12 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
             if has_fractions(lab):   # > 0 would make every pixel of a probability map vessel
                 raise ScanError(f"{stack.label}: holds float values between 0 and 1 (or NaN), a probability map; "
                                 f"expected a vessel mask (0 background, nonzero vessel): threshold it first")
-            lab = lab > 0
+            values |= nonzero_values(lab, values)
+            lab = lab != 0   # an int8 0/255 mask reads as 0/-1: any nonzero value is vessel, as documented
             used = [k for k in range(z1 - z0) if not sparse or lab[k].any()]
             keep += [z0 + k for k in used]
             labels.append(lab[used])
+        _warn_label_values(stack, values)
         if not keep:
             raise ScanError(f"{stack.label}: no slice has a labelled (nonzero) pixel, so there is nothing to train on")
         share = float(np.mean([lab.mean() for lab in labels if lab.size])) if labels else 0.0
@@ -122,14 +124,37 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
     return np.concatenate(images), labels
 
 
+def nonzero_values(lab, seen=(), most: int = 8) -> set:
+    """The distinct nonzero values of a label array (stops adding once more than ``most`` are in ``seen``:
+    enough to name them)."""
+    import numpy as np
+
+    if len(seen) > most:
+        return set()
+    return set(np.unique(lab[lab != 0]).tolist())
+
+
+def describe_values(values: set, most: int = 8) -> str:
+    shown = sorted(values)[:most]
+    return ", ".join(f"{v:g}" for v in shown) + (", ..." if len(values) > most else "")
+
+
+def _warn_label_values(stack: LabelledStack, values: set) -> None:
+    """Several vessel values suggest a multi-class or instance mask, whose classes would all become vessel."""
+    if len(values) > 1:
+        count = "more than 8" if len(values) > 8 else len(values)
+        warnings.warn(f"{stack.label}: holds {count} distinct nonzero values ({describe_values(values)}); expected a vessel mask (0 background, nonzero "
+                      f"vessel): all nonzero values are taken as vessel - if it is a multi-class or instance "
+                      f"mask, save the vessel class alone", RuntimeWarning, stacklevel=3)
+
+
 def _warn_unlabelled_slices(stack: LabelledStack, labelled) -> None:
     """Empty label slices are taught as background. In a vessel stack most slices hold vessels, so many empty
-    ones more likely mean slices nobody labelled (--sparse-labels) or a label file that is not this stack's."""
+    ones more likely mean slices nobody labelled (--sparse-labels) or a label file that is not this stack's.
+    A stack with no labelled pixel at all is train_from_files's to judge: beside others it is a background
+    example, alone it is nothing to train on."""
     n, k = len(labelled), int(labelled.sum())
-    if k == 0:
-        warnings.warn(f"{stack.label}: no slice has a labelled (nonzero) pixel: the whole stack is taught as "
-                      f"background; if its vessels were not labelled, leave it out", RuntimeWarning, stacklevel=3)
-    elif k <= n // 2:
+    if 0 < k <= n // 2:
         warnings.warn(f"{stack.label}: only {k} of {n} slices have a labelled pixel, and the others are taught as "
                       f"background; if they were simply not labelled, give --sparse-labels (Python: sparse=True) "
                       f"to train on the labelled slices only", RuntimeWarning, stacklevel=3)
@@ -187,15 +212,24 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
         im, lab = load_pair(s, sparse=sparse)
         images.append(im)
         labels.append(lab)
-    if stacks and not phantoms and not any(lab.any() for lab in labels):
-        raise ScanError(f"{', '.join(str(s.label) for s in stacks)}: no labelled (nonzero) pixel, so there is "
-                        f"nothing to train on; expected vessel masks (0 background, nonzero vessel)")
+    _check_empty_stacks(stacks, labels, phantoms)
     for _, im, lab in phantom_pairs(phantoms):
         images.append(im)
         labels.append(lab)
     if not images:
         raise ScanError("no training data: give NAME_image.tif files or folders, or --phantom N")
     return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume)
+
+
+def _check_empty_stacks(stacks: list[LabelledStack], labels: list, phantoms: int) -> None:
+    """A stack without a labelled pixel: a background example beside labelled data, an error without any."""
+    empty = [s for s, lab in zip(stacks, labels) if not lab.any()]
+    if empty and len(empty) == len(stacks) and not phantoms:
+        raise ScanError(f"{', '.join(str(s.label) for s in stacks)}: no labelled (nonzero) pixel, so there is "
+                        f"nothing to train on; expected vessel masks (0 background, nonzero vessel)")
+    for s in empty:
+        warnings.warn(f"{s.label}: no labelled (nonzero) pixel: the whole stack is taught as background; if its "
+                      f"vessels were not labelled, leave it out (--exclude {s.name})", RuntimeWarning, stacklevel=3)
 
 
 def stack_names(paths) -> list[str]:

@@ -813,9 +813,20 @@ def _check_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if has_fractions(lb):   # > 0 would make every pixel of a probability map vessel
             raise ValueError(f"pair {i}: labels must be a mask (0 background, nonzero vessel), got float values "
                              f"between 0 and 1 or NaN (a probability map?): threshold it first")
+        _warn_pair_values(i, lb)
         vols.append(im)
-        labs.append((lb > 0).astype(np.uint8))
+        labs.append((lb != 0).astype(np.uint8))   # an int8 0/255 mask reads as 0/-1: any nonzero value is vessel
     return vols, labs
+
+
+def _warn_pair_values(i: int, lb: np.ndarray) -> None:
+    from .training import describe_values, nonzero_values
+
+    values = nonzero_values(lb)
+    if len(values) > 1:   # a multi-class or instance mask: its classes would all become vessel
+        warnings.warn(f"pair {i}: the labels hold {len(values)} distinct nonzero values "
+                      f"({describe_values(values)}); all nonzero values are taken as vessel - if it is a "
+                      f"multi-class or instance mask, pass the vessel class alone", RuntimeWarning, stacklevel=4)
 
 
 def _pad_to_tile(vol: np.ndarray, tile: int) -> np.ndarray:

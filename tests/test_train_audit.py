@@ -66,3 +66,82 @@ def test_weights_that_are_not_finite_are_neither_saved_nor_loaded(tmp_path):
                tmp_path / "nan.pt")
     with pytest.raises(ValueError, match=r"nan.pt: 1 weight\(s\) are NaN .*segment nothing.*lower learning rate"):
         unet.load_weights(tmp_path / "nan.pt")
+
+
+# -- 2: label values ------------------------------------------------------------------------------
+
+def _stack(nz=4, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(300, 20, (nz, 40, 40))
+    lab = np.zeros(img.shape, np.uint8)
+    lab[:, 10:13, :] = 1
+    img[lab > 0] *= 3
+    return img.astype(np.uint16), lab
+
+
+def _pair(folder, name, image, label):
+    folder.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / f"{name}_image.tif", image, photometric="minisblack")
+    tifffile.imwrite(folder / f"{name}_label.tif", label, photometric="minisblack")
+    return folder
+
+
+def _fake_train(monkeypatch):
+    """unet.train replaced by a recorder: what train_from_files hands it, without training."""
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def fake(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False):
+        seen.update(images=images, labels=labels, cfg=cfg)
+        return SimpleNamespace(best_val_dice=0.0, best_epoch=0, epochs_run=0, stopped_early=False, best_path="x")
+
+    monkeypatch.setattr(unet, "train", fake)
+    return seen
+
+
+@pytest.mark.parametrize("vessel, dtype", [(-1, np.int8), (-255, np.int16), (-3.0, np.float32)])
+def test_negative_label_values_are_vessel(tmp_path, vessel, dtype):
+    from gpuheart.training import find_pairs, load_pair
+
+    img, lab = _stack()
+    (stack,) = find_pairs([_pair(tmp_path, "s", img, (lab.astype(dtype) * vessel).astype(dtype))])
+    np.testing.assert_array_equal(load_pair(stack)[1], lab > 0)
+    vols, labs = unet._check_pairs([img.astype(np.uint8)], [(lab.astype(dtype) * vessel).astype(dtype)])
+    np.testing.assert_array_equal(labs[0], lab)
+
+
+def test_labels_with_several_vessel_values_are_warned_about_by_file_and_values(tmp_path):
+    from gpuheart.training import find_pairs, load_pair
+
+    img, lab = _stack()
+    multi = lab * np.arange(1, 41, dtype=np.uint8)[None, None, :] % 4   # 0..3 along the bar
+    (stack,) = find_pairs([_pair(tmp_path, "m", img, multi)])
+    with pytest.warns(RuntimeWarning, match=r"m_label.tif: holds 3 distinct nonzero values \(1, 2, 3\).*all nonzero "
+                                            r"values are taken as vessel"):
+        got = load_pair(stack)[1]
+    np.testing.assert_array_equal(got, multi > 0)
+    with pytest.warns(RuntimeWarning, match=r"pair 0: the labels hold 3 distinct nonzero values \(1, 2, 3\)"):
+        unet._check_pairs([img.astype(np.uint8)], [multi])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pair(find_pairs([_pair(tmp_path / "b", "b", img, lab * 255)])[0])
+
+
+def test_an_unlabelled_stack_alone_is_one_error_and_beside_labelled_ones_one_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from gpuheart.training import train_from_files
+
+    img, lab = _stack()
+    data = _pair(tmp_path / "d", "e", img, np.zeros_like(lab))
+    seen = _fake_train(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ScanError, match="e_label.tif: no labelled"):
+        warnings.simplefilter("always")
+        train_from_files([data], tmp_path / "run", progress=False)
+    assert not [w for w in caught if "background" in str(w.message)]   # not taught as background, then refused
+    _pair(data, "s", img, lab)
+    with pytest.warns(RuntimeWarning, match=r"e_label.tif: no labelled .*taught as background.*--exclude e"):
+        train_from_files([data], tmp_path / "run", progress=False)
+    assert len(seen["labels"]) == 2
