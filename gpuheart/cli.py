@@ -353,6 +353,9 @@ def _print_run(result) -> None:
         if channel in result.reused:
             print(f"  {channel}: reused the finished results of an earlier run with the same input and settings "
                   f"(--restart recomputes them)")
+        elif channel in getattr(result, "later_only", {}) and z < result.summary[channel]["slices"]:
+            print(f"  {channel}: continued the interrupted run in {result.out_dir / channel} at slice {z}: only "
+                  f"settings of the closings, mesh or graph changed, which act after it: {result.later_only[channel]}")
         elif channel in getattr(result, "later_only", {}):
             print(f"  {channel}: kept the preprocessing and segmentation of the earlier run in {result.out_dir / channel} "
                   f"and redid the closings, mesh and measurements, the only stages whose settings changed: "

@@ -1201,6 +1201,10 @@ class ZarrWriter:
         except Exception as err:
             self.mismatch = f"cannot be opened ({err})"
             return 0
+        if n >= self.shape[0] and tuple(arr.shape) == self.shape and tuple(arr.chunks) != self.chunks:
+            # complete (taken over by a run with another slab size): nothing more is written to it, and any
+            # chunking reads the same voxels
+            self.chunks = tuple(arr.chunks)
         if tuple(arr.shape) != self.shape or np.dtype(arr.dtype) != self.dtype or tuple(arr.chunks) != self.chunks:
             self.mismatch = (f"holds shape {tuple(arr.shape)}, {np.dtype(arr.dtype)}, chunks {tuple(arr.chunks)}; "
                              f"expected {self.shape}, {self.dtype}, chunks {self.chunks}")

@@ -384,8 +384,8 @@ class RunResult:
     reused: list[str] = field(default_factory=list)  # channels whose finished results an identical run left
     # channel -> why the checkpoint an earlier run left in its folder was neither continued nor reused (one line)
     started_over: dict[str, str] = field(default_factory=dict)
-    # channel -> the settings of later stages (closings, mesh, graph) that differed from the earlier run whose
-    # pass 2 (preprocessing and segmentation stores) this one took over, redoing only those stages
+    # channel -> the settings of later stages (closings, mesh, graph, slab size) that differed from the earlier
+    # run whose pass 2 (preprocessing and segmentation stores) this one took over, finished or to continue
     later_only: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -1629,8 +1629,9 @@ def _absolute(path) -> str | None:
 
 
 # settings that act only after pass 2 (on its stores): a run differing from an earlier one in these alone
-# takes over that run's pass 2 (the slow part) and redoes the closings, mesh and measurements
-_LATER_SETTINGS = ("postprocess", "mesh", "graph")
+# takes over that run's pass 2 (the slow part) and redoes the closings, mesh and measurements; the slab size
+# changes how pass 2 is cut, not what it computes (a pass 2 left unfinished is continued at its own only)
+_LATER_SETTINGS = ("postprocess", "mesh", "graph", "slab_size")
 
 
 def _pass2_key(key: dict) -> dict:
@@ -1748,6 +1749,8 @@ class _Checkpoint:
                     self.manifest = m
                 elif self._has_pass2(m):
                     self._take_over_pass2(m)
+                elif self._unfinished_pass2(m):
+                    self._take_over_unfinished(m)
                 else:
                     self.why = _why_not_the_same(m.get("key"), key)
             if self.done:
@@ -1786,6 +1789,19 @@ class _Checkpoint:
         self._write_manifest()
         self.later = _why_not_the_same(m.get("key"), self.key)
 
+    def _unfinished_pass2(self, m: dict) -> bool:
+        """Whether ``m`` is an interrupted run's manifest (after pass 1, in or after pass 2) whose pass 2 this
+        run would repeat, slab for slab: a changed closing or mesh setting must not cost the slices done."""
+        slab = lambda k: ((k or {}).get("config") or {}).get("slab_size")   # noqa: E731
+        return (not m.get("done") and m.get("fp2") == self.fp2 and bool(m.get("stats"))
+                and slab(m.get("key")) == slab(self.key))
+
+    def _take_over_unfinished(self, m: dict) -> None:
+        _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
+        self.manifest = {k: m[k] for k in ("stats", "next_z", "pass2") if k in m}
+        self._write_manifest()
+        self.later = _why_not_the_same(m.get("key"), self.key)
+
     def pass2_complete(self, nz: int) -> None:
         """Pass 2 has written every slice: keep its measurement state beside the stats, so that a later run
         whose settings differ only in the closings, mesh or graph starts from here instead of slice 0."""
@@ -1813,7 +1829,7 @@ class _Checkpoint:
 
     def _write_manifest(self, **fields):
         # the key too, what the fingerprint is of: a later run with another one says what differs
-        self.manifest = {**self.manifest, **fields, "fingerprint": self.fp, "key": self.key}
+        self.manifest = {**self.manifest, **fields, "fingerprint": self.fp, "key": self.key, "fp2": self.fp2}
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(self.dir / "manifest.json", json.dumps(self.manifest, default=_jsonable).encode())
 

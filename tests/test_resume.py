@@ -1144,3 +1144,44 @@ def test_a_second_run_into_the_folder_a_run_is_writing_is_refused(scan, tmp_path
             Pipeline(_fast_cfg()).run(scan, out)
         assert sorted(p.name for p in out.iterdir()) == [".gpuheart-lock"]
     assert Pipeline(_fast_cfg()).run(scan, out).outputs["C00"]   # released: the folder is free again
+
+
+def test_a_killed_run_continues_under_other_later_settings_and_a_slab_size_change_keeps_pass_2(scan, tmp_path,
+                                                                                                 monkeypatch):
+    """Killed in pass 2, then started with another closing setting: the slices done are kept (the setting acts
+    after pass 2). A finished run's pass 2 is kept under another slab size too (it cuts pass 2, not what it
+    computes); an unfinished one continues only at its own slab size (its checkpoints are slab-aligned)."""
+    from gpuheart import Pipeline, pipeline
+
+    first = _fast_cfg(checkpoint_seconds=0.0)
+    later = _fast_cfg(checkpoint_seconds=0.0, postprocess={"z_iterations": 2})
+    out = tmp_path / "out"
+    Pipeline(later).run(scan, tmp_path / "ref")
+    real = pipeline._process_slab
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(20))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(first).run(scan, out)
+    computed = []
+
+    def counted(x, z0, *a, **k):
+        computed.append(z0)
+        return real(x, z0, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", counted)
+    r = Pipeline(later).run(scan, out)
+    assert min(computed) == 20 and r.resumed == {"C00": 20} and r.started_over == {}
+    assert r.later_only == {"C00": "other settings (postprocess.z_iterations 5 -> 2)"}
+    _same_run(out, tmp_path / "ref")
+    computed.clear()
+    r = Pipeline(_fast_cfg(postprocess={"z_iterations": 2}, slab_size=8)).run(scan, out)
+    assert computed == [] and r.later_only == {"C00": "other settings (slab_size 4 -> 8)"}
+    _same_run(out, tmp_path / "ref")
+    # unfinished at slab size 4, continued at 8: pass 2 from slice 0
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(20))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(first).run(scan, tmp_path / "out2")
+    computed.clear()
+    r = Pipeline(_fast_cfg(slab_size=8)).run(scan, tmp_path / "out2")
+    assert min(computed) == 0 and r.started_over["C00"].startswith("other settings (slab_size 4 -> 8")
