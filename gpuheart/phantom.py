@@ -545,6 +545,9 @@ def write_phantom(cfg: PhantomConfig, folder, prefix: str = "phantom", progress:
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; give --overwrite (in Python: overwrite=True) to replace it")
+    if folder.exists() or folder.is_symlink():
+        _check_replaceable(folder)
+    _check_size(cfg, folder, slab_size)
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -560,9 +563,10 @@ def write_phantom(cfg: PhantomConfig, folder, prefix: str = "phantom", progress:
                 bar.update(1)
     for ch in ("C00", "C01"):
         pages = _truth_pages(ph, ch, slab_size, bar)
-        with tifffile.TiffWriter(tmp / "truth" / f"{ch}.tif") as tw:
+        # OME, for the voxel size: meshed or scored on its own, the truth has the scan's µm
+        with tifffile.TiffWriter(tmp / "truth" / f"{ch}.tif", ome=True) as tw:
             tw.write(pages, shape=ph.shape, dtype=np.uint8, photometric="minisblack",
-                     metadata={"axes": "ZYX"})
+                     metadata={**_ome_metadata(ph.voxel_size), "axes": "ZYX"})
     info = {
         "config": asdict(cfg),
         "channels": PHANTOM_CHANNELS,
@@ -578,6 +582,48 @@ def write_phantom(cfg: PhantomConfig, folder, prefix: str = "phantom", progress:
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+_PHANTOM_ENTRIES = {"scan", "truth", "phantom.json"}
+
+
+def _check_replaceable(folder: Path) -> None:
+    """``overwrite`` replaces a synthetic scan written earlier, never a folder of anything else (a mistyped
+    OUT would otherwise be deleted whole)."""
+    if not folder.is_dir() or folder.is_symlink():
+        raise FileExistsError(f"{folder}: exists and is not a folder; expected a folder for the synthetic scan "
+                              f"(a new one, or one gpuheart phantom wrote, to replace)")
+    entries = {p.name for p in folder.iterdir()}
+    if "phantom.json" not in entries or not entries <= _PHANTOM_ENTRIES:
+        extra = sorted(entries - _PHANTOM_ENTRIES) or ["no phantom.json"]
+        raise FileExistsError(f"{folder}: not a synthetic scan gpuheart wrote ({', '.join(extra[:3])}"
+                              f"{', ...' if len(extra) > 3 else ''}), so --overwrite does not replace it; "
+                              f"expected a new folder or one holding only scan/, truth/ and phantom.json")
+
+
+def _check_size(cfg: PhantomConfig, folder: Path, slab_size: int) -> None:
+    """A shape mistyped by a few zeros ran for hours without a word, or filled the disk; refused up front."""
+    z, y, x = (int(v) for v in cfg.shape)
+    disk = z * y * x * (3 * 2 + 2)   # three uint16 channels and two uint8 truths
+    # a slab's float64 fields (vessel distance, noise, blur): about 48 bytes a voxel at the peak
+    slab = min(slab_size, z) * y * x * 48
+    parent = next((p for p in [folder.parent, *folder.parent.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    ram = _available_memory()
+    if disk > free:
+        raise ValueError(f"{folder}: a synthetic scan of shape {(z, y, x)} needs about {disk / 2**30:.1f} GiB on "
+                         f"disk, and {parent} has {free / 2**30:.1f} GiB free; expected a smaller --shape")
+    if ram is not None and slab > ram // 2:
+        raise ValueError(f"synthetic scan shape {(z, y, x)}: its slices of {y} x {x} need about "
+                         f"{slab / 2**30:.1f} GiB of memory per slab, more than half of the {ram / 2**30:.1f} GiB "
+                         f"available; expected a smaller --shape")
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):   # not POSIX
+        return None
 
 
 def _truth_pages(ph: Phantom, ch: str, slab_size: int, bar) -> Iterator[np.ndarray]:

@@ -220,6 +220,30 @@ def test_write_phantom_round_trip(tmp_path):
         write_phantom(cfg, out)
     write_phantom(replace(cfg, seed=5), out, overwrite=True)
     assert json.loads((out / "phantom.json").read_text())["config"]["seed"] == 5
+    from gpuheart.io import open_scan
+
+    with open_scan(out / "truth" / "C00.tif") as t:   # the scan's µm: meshed on its own, the truth is to scale
+        assert t.voxel_size == (4.0, 1.0, 1.0)
+
+
+def test_overwrite_replaces_only_a_synthetic_scan_and_huge_shapes_are_refused(tmp_path, capsys):
+    """--overwrite on a mistyped OUT deleted the folder whole, whatever it held; a shape off by a few zeros
+    ran silently for hours."""
+    from gpuheart.cli import main
+
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "thesis.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a synthetic scan gpuheart wrote \\(sub\\)"):
+        write_phantom(PhantomConfig.preset("tiny"), precious, overwrite=True)
+    assert (precious / "sub" / "thesis.txt").is_file()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["phantom", str(afile), "--overwrite", "--no-progress"]) == 1
+    assert "afile: exists and is not a folder" in capsys.readouterr().err
+    assert main(["phantom", str(tmp_path / "big"), "--shape", "8", "1000000", "1000000", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "expected a smaller --shape" in err and not (tmp_path / "big").exists(), err
 
 
 def test_write_phantom_interrupted_is_not_complete(tmp_path, monkeypatch):
