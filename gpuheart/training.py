@@ -187,25 +187,23 @@ def phantom_pairs(n: int, preset: str = "default"):
 
 
 def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bool = True,
-                     resume: bool = False, sparse: bool = False, **train_kw):
+                     resume: bool = False, sparse: bool = False, overwrite: bool = False, **train_kw):
     """Train the U-Net on labelled stacks (and ``phantoms`` synthetic scans); returns ``unet.TrainResult``.
-    ``sparse``: train only on the labelled slices of each stack (see ``load_pair``)."""
+    ``sparse``: train only on the labelled slices of each stack (see ``load_pair``); ``resume``, ``overwrite``:
+    see ``unet.train``. Everything that can be checked without the data is, before any is read."""
     from . import unet
 
     if sparse and train_kw.get("context"):
         raise ValueError("sparse labels leave gaps between the slices trained on, so a 2.5-D model (context > 0) "
                          "would see the wrong neighbours; use a 2-D model (context 0)")
     train_kw.setdefault("num_threads", os.cpu_count())
-    cfg = unet.TrainConfig(**train_kw)   # its settings checked before any data are read
+    cfg = unet.TrainConfig(**train_kw)
+    unet.check_training_setup(cfg, out_dir, resume, overwrite)
     found = find_pairs(paths)
     unknown = sorted(set(exclude) - {s.name for s in found})
     if unknown:   # a misspelt held-out stack would silently be trained on
         raise ValueError(f"--exclude {unknown[0]}: no labelled stack of that name; stacks: "
                          f"{', '.join(s.name for s in found)}")
-    earlier = [n for n in ("best.pt", "last.pt") if (Path(out_dir) / n).is_file()]
-    if earlier and not resume:
-        raise ValueError(f"{out_dir}: holds a training run already ({earlier[0]}); --resume continues it, "
-                         f"or give another folder to start anew (nothing there is replaced)")
     stacks = [s for s in found if s.name not in set(exclude)]
     images, labels = [], []
     for s in stacks:
@@ -218,7 +216,7 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
         labels.append(lab)
     if not images:
         raise ScanError("no training data: give NAME_image.tif files or folders, or --phantom N")
-    return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume)
+    return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume, overwrite=overwrite)
 
 
 def _check_empty_stacks(stacks: list[LabelledStack], labels: list, phantoms: int) -> None:

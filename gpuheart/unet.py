@@ -8,7 +8,8 @@ Public API
 - ``UNet(in_channels=1, out_channels=1, depth=4, width=16, norm="batch", up="bilinear")``
 - ``tversky_focal_loss``, ``dice_bce_loss``, ``LOSSES``
 - ``AugmentConfig``, ``augment_pair``, ``geometric_augment``, ``intensity_augment``
-- ``TrainConfig``, ``TrainResult``, ``train(images, labels, cfg, out_dir, progress=True, resume=False)``
+- ``TrainConfig``, ``TrainResult``, ``train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False)``,
+  ``check_training_setup``
 - ``save_weights``, ``load_weights``, ``default_weights_path``, ``load_default``
 - ``TileGrid``, ``tile_grid``, ``inference_tile``, ``predict(model, image, tile=None, overlap=None, ...)``
 
@@ -1048,19 +1049,20 @@ def _write_log(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resume: bool = False) -> TrainResult:
+def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
     """Train a UNet on 2D tiles of (z, y, x) uint8 volumes with 0/1 (or 0/nonzero) labels.
 
     Writes ``out_dir/best.pt`` (fp16 weights of the best validation Dice, for ``load_weights``),
     ``out_dir/last.pt`` (full state for ``resume=True``), ``out_dir/log.csv`` (one row per epoch) and
     ``out_dir/curves.png``, both rewritten after every epoch. Deterministic for a given seed on the CPU, also across an interruption
-    and resume (RNG states are checkpointed).
+    and resume (RNG states are checkpointed). A folder holding a run is refused unless ``resume`` continues
+    it or ``overwrite`` replaces it (its run files are removed once the data have been checked).
     """
-    cfg.check()
+    out_dir = Path(out_dir)
+    device = check_training_setup(cfg, out_dir, resume, overwrite)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out_dir = Path(out_dir)
-    device = torch_device(cfg.device)
     vols, labs = _check_pairs(images, labels)
     train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
     if not train_sl or not val_sl:
@@ -1082,9 +1084,54 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     rng = np.random.default_rng(cfg.seed)
     model = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm)
     if cfg.init:
-        _init_from(model, cfg.init)
+        model.load_state_dict(_init_weights(cfg).state_dict())
     with _new_folder(out_dir):   # only now: a refused run (bad data, bad --init) leaves no folder
+        if overwrite:
+            _remove_run(out_dir)
         return _fit(model, sampler, vols, labs, val_sl, rng, cfg, device, out_dir, progress, resume)
+
+
+RUN_FILES = ("best.pt", "last.pt", "log.csv")
+
+
+def check_training_setup(cfg: TrainConfig, out_dir, resume: bool = False, overwrite: bool = False) -> str:
+    """What ``train`` can check before it has any data, so that a command fails before minutes of reading
+    and preprocessing: the settings, the run folder, the device (returned), the ``init`` weights' architecture
+    and, on resume, the settings the run was made with."""
+    cfg.check()
+    check_run_folder(out_dir, resume, overwrite)
+    device = torch_device(cfg.device)
+    if cfg.init:
+        _init_weights(cfg)
+    last = Path(out_dir) / "last.pt"
+    if resume and last.is_file():
+        _check_resumable(last, _read_last(last).get("config", {}), cfg)
+    return device
+
+
+def check_run_folder(out_dir, resume: bool = False, overwrite: bool = False) -> None:
+    """ValueError where training into ``out_dir`` would lose a run or cannot continue one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file; expected a folder for the run (best.pt, last.pt, log.csv): "
+                         f"give a new folder name")
+    if resume and overwrite:
+        raise ValueError(f"{out_dir}: resume continues the run there and overwrite replaces it: give one")
+    held = [n for n in RUN_FILES if (out_dir / n).is_file()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out_dir}: holds a training run already ({held[0]}); --resume (Python: resume=True) "
+                         f"continues it, or give another folder to start anew (nothing there is replaced)")
+    if held and resume and "last.pt" not in held:   # starting anew would replace its best.pt and log
+        then = (f"start a new run in another folder from its weights with --init {out_dir / 'best.pt'}"
+                if "best.pt" in held else "start a new run in another folder")
+        raise ValueError(f"{out_dir}: cannot resume, last.pt (the state --resume continues from) is missing and "
+                         f"the folder holds {', '.join(held)} of a run; {then}")
+
+
+def _remove_run(out_dir: Path) -> None:
+    """What an earlier run wrote, so that none of it passes for the new run's (``overwrite``)."""
+    for name in (*RUN_FILES, "curves.png"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -1153,14 +1200,16 @@ def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str,
                        state["epoch"], stopped, state["history"])
 
 
-def _init_from(model: UNet, path) -> None:
-    """Start from saved weights (fine-tuning on a new microscope's labels); the architectures must agree."""
-    src = load_weights(path)
-    if src.hparams != model.hparams:
-        diff = {k: (src.hparams.get(k), v) for k, v in model.hparams.items() if src.hparams.get(k) != v}
-        raise ValueError(f"{path}: its U-Net differs from the one configured for training "
+def _init_weights(cfg: TrainConfig) -> UNet:
+    """The weights training starts from (fine-tuning on a new microscope's labels); the architectures must
+    agree."""
+    src = load_weights(cfg.init)
+    want = UNet(1 + 2 * cfg.context, 1, cfg.depth, cfg.width, cfg.norm).hparams
+    if src.hparams != want:
+        diff = {k: (src.hparams.get(k), v) for k, v in want.items() if src.hparams.get(k) != v}
+        raise ValueError(f"{cfg.init}: its U-Net differs from the one configured for training "
                          f"(weights vs config: {diff}); set width/depth/norm/context to match")
-    model.load_state_dict(src.state_dict())
+    return src
 
 
 def _progress(it, enabled: bool, **kw):
@@ -1197,27 +1246,35 @@ def _save_last(path, model, opt, sched, rng, state, cfg, data) -> None:
 RESUMABLE_CHANGES = ("epochs", "patience", "num_threads", "device", "workers")
 
 
-def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> dict:
-    """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
+def _read_last(path) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # cut short (a full disk), or not a checkpoint: torch's message names neither
         raise ValueError(f"{path}: cannot resume from it, it is unreadable ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120]}); start a new run, or one from its weights with "
                          f"--init {Path(path).with_name('best.pt')}") from err
+
+
+def _check_resumable(path, then: dict, cfg: TrainConfig) -> None:
+    """ValueError naming the settings that differ from those the run at ``path`` was made with."""
+    now = asdict(cfg)
+    changed = {k: (v, now.get(k)) for k, v in then.items() if k not in RESUMABLE_CHANGES and v != now.get(k)}
+    if changed:
+        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{path}: cannot resume with different settings ({diff}); use the settings of that run "
+                         f"(only {', '.join(RESUMABLE_CHANGES)} may change) or a new output folder")
+
+
+def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> dict:
+    """Restore everything ``_save_last`` wrote; the returned state says where to continue."""
+    ckpt = _read_last(path)
     # other data would be scored on other validation slices, so its Dice could not be compared with best.pt's
     if ckpt.get("data", data) != data:
         raise ValueError(f"{path}: cannot resume on other training data than that run's ({len(ckpt['data'])} "
                          f"volumes then, {len(data)} now, or the same number with other shapes, pixels or labels); "
                          f"give the same data (and --sparse-labels, --exclude, --phantom), or start a new run "
                          f"from its weights with --init {Path(path).with_name('best.pt')}")
-    now = asdict(cfg)
-    changed = {k: (v, now.get(k)) for k, v in ckpt.get("config", {}).items()
-               if k not in RESUMABLE_CHANGES and v != now.get(k)}
-    if changed:
-        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{path}: cannot resume with different settings ({diff}); use the settings of that run "
-                         f"(only {', '.join(RESUMABLE_CHANGES)} may change) or a new output folder")
+    _check_resumable(path, ckpt.get("config", {}), cfg)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])

@@ -145,3 +145,59 @@ def test_an_unlabelled_stack_alone_is_one_error_and_beside_labelled_ones_one_war
     with pytest.warns(RuntimeWarning, match=r"e_label.tif: no labelled .*taught as background.*--exclude e"):
         train_from_files([data], tmp_path / "run", progress=False)
     assert len(seen["labels"]) == 2
+
+
+# -- 3, 4: run folders ----------------------------------------------------------------------------
+
+def test_resume_without_last_pt_beside_a_run_is_refused_and_replaces_nothing(tmp_path):
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "last.pt").unlink()
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"run: cannot resume, last.pt .* is missing .*holds best.pt, log.csv.*"
+                                         r"--init .*best.pt"):
+        unet.train([img], [lab], _cfg(epochs=2), tmp_path / "run", progress=False, resume=True)
+    assert (tmp_path / "run" / "best.pt").read_bytes() == best
+
+
+def test_the_python_api_refuses_a_folder_holding_a_run_unless_told_to_overwrite_it(tmp_path):
+    img, lab = _synthetic()
+    first = unet.train([img], [lab], _cfg(), tmp_path / "run", progress=False)
+    before = first.best_path.read_bytes()
+    with pytest.raises(ValueError, match=r"run: holds a training run already \(best.pt\); --resume"):
+        unet.train([img], [lab], _cfg(seed=1), tmp_path / "run", progress=False)
+    assert first.best_path.read_bytes() == before
+    (tmp_path / "run" / "log.csv").write_text("epoch\n9\n")   # a stale row must not survive the new run
+    again = unet.train([img], [lab], _cfg(seed=1), tmp_path / "run", progress=False, overwrite=True)
+    assert [r["epoch"] for r in again.history] == [1] and (tmp_path / "run" / "log.csv").read_text().count("\n") == 2
+    with pytest.raises(ValueError, match="give one"):
+        unet.train([img], [lab], _cfg(), tmp_path / "run", progress=False, resume=True, overwrite=True)
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
+    from gpuheart import training
+
+    (tmp_path / "out").write_text("")
+    monkeypatch.setattr(training, "find_pairs", lambda paths: pytest.fail("the data were read"))
+    with pytest.raises(ValueError, match=r"out: is a file; expected a folder for the run"):
+        training.train_from_files(["data"], tmp_path / "out", progress=False)
+
+
+def test_resume_settings_init_architecture_and_device_are_checked_before_the_data_are_read(tmp_path, monkeypatch):
+    from gpuheart import training
+    from gpuheart.backend import cuda_available
+
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(), tmp_path / "run", progress=False)
+    monkeypatch.setattr(training, "find_pairs", lambda paths: pytest.fail("the data were read"))
+    kw = dict(epochs=1, steps_per_epoch=2, batch_size=2, lr=1e-2, tile=32, width=4, depth=2, loss="dice_bce",
+              val_fraction=0.5, num_threads=1)
+    with pytest.raises(ValueError, match=r"last.pt: cannot resume with different settings \(width 4 -> 8"):
+        training.train_from_files(["data"], tmp_path / "run", resume=True, progress=False, **{**kw, "width": 8})
+    with pytest.raises(ValueError, match=r"best.pt: its U-Net differs .*'width': \(4, 8\)"):
+        training.train_from_files(["data"], tmp_path / "new", progress=False,
+                                  **{**kw, "width": 8, "init": str(tmp_path / "run" / "best.pt")})
+    if not cuda_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' was requested"):
+            training.train_from_files(["data"], tmp_path / "new", progress=False, **{**kw, "device": "cuda"})
+    assert not (tmp_path / "new").exists()

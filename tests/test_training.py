@@ -114,7 +114,7 @@ def test_train_command_leaves_excluded_stacks_out_passes_balance_and_reads_0_1_l
     _pair(tmp_path / "data", "t", img[:, ::-1], lab)
     seen = {}
 
-    def fake_train(images, labels, cfg, out_dir, progress=True, resume=False):
+    def fake_train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False):
         seen.update(images=images, labels=labels, cfg=cfg)
         return SimpleNamespace(best_val_dice=0.0, best_epoch=0, epochs_run=0, stopped_early=False, best_path="x")
 
