@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", action="append", metavar="CHANNEL=NAME",
                    help="segment CHANNEL with a named preset of settings, e.g. C01=nerves (repeatable; presets: "
                         "nerves, vessels; see README 'Settings per channel')")
-    r.add_argument("--phantom-preset", default="default", choices=["tiny", "default", "large"],
-                   help="size of the built-in synthetic scan when no INPUT is given (default: %(default)s)")
+    r.add_argument("--phantom-preset", default=None, choices=["tiny", "default", "large"],
+                   help="size of the built-in synthetic scan when no INPUT is given (default: default)")
     r.add_argument("--dask", metavar="ADDRESS|local:N", type=_dask_spec,
                    help="run the slabs on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N "
                         "local worker processes (with dask-cuda installed, local-cuda starts one worker per GPU)")
@@ -232,10 +232,14 @@ def _cmd_run(a) -> int:
     cfg.validate()
     truth = _truth_by_channel(a.truth)
     inputs = _expand_inputs(a.input)
+    if inputs and a.phantom_preset:
+        raise ConfigError(f"--phantom-preset {a.phantom_preset}: it sizes the built-in synthetic scan, which runs "
+                          f"only when no INPUT is given; expected either INPUT or --phantom-preset")
     with _dask_client(a.dask) as client:
         if len(inputs) <= 1:
             result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth,
-                                       phantom_preset=a.phantom_preset, resume=not a.restart, client=client)
+                                       phantom_preset=a.phantom_preset or "default", resume=not a.restart,
+                                       client=client)
             _print_run(result)
             return EXIT_OK
         return _run_batch(Pipeline(cfg), inputs, Path(a.out), truth, resume=not a.restart, client=client)

@@ -366,9 +366,14 @@ def _threshold_arg(value: str):
     if value in ("otsu", "sigma", "noise"):
         return value
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
         raise ConfigError(f"dom.threshold must be 'otsu', 'sigma', 'noise' or a number, got {value!r}") from None
+    # vessels are brighter than their surroundings: a negative cut marks most of the background
+    if not t >= 0 or t == float("inf"):
+        raise ConfigError(f"dom.threshold must be a number >= 0 (grey levels of the difference of medians of the "
+                          f"0-255 preprocessed image), got {value!r}")
+    return t
 
 
 @dataclass

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gpuheart.cli import main
@@ -730,3 +731,13 @@ def _small_stack(path, shape):
 
     tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8),
                      photometric="minisblack")
+
+
+def test_phantom_preset_with_an_input_is_refused_not_ignored(tmp_path, capsys):
+    import tifffile
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.zeros((3, 16, 16), np.uint16))
+    assert main(["run", str(stack), "-o", str(tmp_path / "o"), "--phantom-preset", "large", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--phantom-preset large: it sizes the built-in synthetic scan" in err and not (tmp_path / "o").exists()

@@ -500,7 +500,8 @@ def test_a_unet_run_on_other_preprocessing_than_training_warns(tmp_path):
                                                ("exposure", "robust_low", 99.95), ("exposure", "kernel_size", 0),
                                                ("dom", "k", -1.0), ("exposure", "clip_limit", float("nan")),
                                                ("mesh", "max_bytes", 0), ("mesh", "slab_size", 0),
-                                               ("exposure", "dark_ratio", 1.0), ("exposure", "dark_ratio", -0.1)])
+                                               ("exposure", "dark_ratio", 1.0), ("exposure", "dark_ratio", -0.1),
+                                               ("dom", "threshold", -1), ("dom", "threshold", "nan")])
 def test_out_of_range_settings_are_named_before_the_run(section, key, value):
     with pytest.raises(ConfigError, match=rf"{section}\.{key} must be"):
         PipelineConfig.from_dict({section: {key: value}}).validate()
