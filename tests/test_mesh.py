@@ -302,7 +302,8 @@ def test_a_mesh_over_max_bytes_is_decimated_to_fit(tmp_path):
 def test_a_mesh_that_cannot_fit_leaves_no_output(tmp_path):
     m = _blob(2)
     out = tmp_path / "out"
-    with pytest.raises(M.MeshTooLargeError, match="budget"):
+    # 47 faces would fit, which leaves every piece under min_faces
+    with pytest.raises(M.MeshTooLargeError, match="into max_bytes = 3,000 leaves every piece under min_faces"):
         M.mesh_from_mask(_reader(m), m.shape, out / "mesh.glb", (1, 1, 1), slab_size=7, max_bytes=3000,
                          table_path=out / "components.csv", largest_path=out / "largest_tree.glb")
     assert not out.exists() or list(out.iterdir()) == []

@@ -38,3 +38,52 @@ def test_max_faces_alone_and_a_max_bytes_refit_decimate_alike(tmp_path):
     with pytest.warns(RuntimeWarning, match="to fit"):
         fit = M.mesh_from_mask(m, m.shape, tmp_path / "m.stl", (100, 100, 100), max_bytes=84 + 50 * 40)
     assert 20 <= fit.faces <= 40 and fit.bytes == (tmp_path / "m.stl").stat().st_size <= 84 + 50 * 40
+
+
+def _shells(shape=(30, 30, 30)):
+    """Two concentric shells and a ball: three pieces, a cavity, ~10 k faces."""
+    g = np.indices(shape) - 14.5
+    r = np.sqrt((g ** 2).sum(0))
+    return (r <= 5) | ((r >= 8) & (r <= 10)) | (r >= 12) & (r <= 14)
+
+
+@pytest.mark.parametrize("fmt", M.FORMATS)
+@pytest.mark.parametrize("budget", [3000, 5000, 8000])
+def test_the_face_count_an_over_budget_error_suggests_fits(tmp_path, fmt, budget):
+    """The audit: with max_bytes 5000 (or 8000) the error said 'decimate to about 162 faces' (or 184), and a
+    mesh of that many faces missed the budget again: the suggestion scaled the face count by the budget,
+    the file's fixed bytes (a GLB's headers and JSON) included, as if they shrank with it."""
+    v, f = M.marching_cubes_volume(_shells(), (4, 1, 1))
+    path = tmp_path / f"m.{fmt}"
+    with pytest.raises(M.MeshTooLargeError, match="over the budget") as err:
+        M.export_mesh(v, f, path, max_bytes=budget)
+    fit = err.value.fit_faces
+    assert fit > 20 and f"decimate to about {fit:,} faces" in str(err.value)
+    v2, f2 = M.decimate(v, f, fit)
+    assert len(f2) <= fit
+    assert M.export_mesh(v2, f2, path, max_bytes=budget) == path.stat().st_size <= budget
+
+
+def test_a_budget_the_fixed_bytes_fill_says_so_and_writes_nothing(tmp_path):
+    v, f = M.marching_cubes_volume(_ball())
+    with pytest.raises(M.MeshTooLargeError, match="takes about 2,048 bytes besides its faces") as err:
+        M.export_mesh(v, f, tmp_path / "m.glb", max_bytes=2000)
+    assert err.value.fit_faces == 0 and "raise max_bytes" in str(err.value)
+    with pytest.raises(M.MeshTooLargeError, match="besides its faces"):
+        M.mesh_from_mask(_ball(), _ball().shape, tmp_path / "m.glb", (1, 1, 1), max_bytes=2000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_fit_that_decimation_cannot_reach_names_a_budget_that_works(tmp_path):
+    """Decimation of a sponge with 100 µm voxels stops above what fits 5,084 bytes of STL (100 faces): the error
+    says where it stopped and what that mesh takes, and that budget then writes it."""
+    m = np.random.default_rng(5).random((14, 16, 18)) < 0.5
+    with pytest.raises(M.MeshTooLargeError, match=r"decimation stopped at [\d,]+ faces, above the 90 that fit "
+                                                  r"max_bytes = 5,084") as err:
+        M.mesh_from_mask(m, m.shape, tmp_path / "m.stl", (100, 100, 100), max_bytes=84 + 50 * 100)
+    assert list(tmp_path.iterdir()) == []
+    said = int(str(err.value).split("would take about ")[1].split(" bytes")[0].replace(",", ""))
+    assert said == err.value.estimate
+    st = M.mesh_from_mask(m, m.shape, tmp_path / "m.stl", (100, 100, 100), max_bytes=said)
+    assert st.faces > 100 and st.bytes == (tmp_path / "m.stl").stat().st_size <= said
