@@ -31,29 +31,78 @@ def _image_stem(name: str) -> str | None:
 
 
 def find_pairs(paths) -> list[LabelledStack]:
-    """``NAME_image.tif`` files (or ``.tiff``), or folders searched recursively for them, each with its
-    ``NAME_label.tif`` (either extension) beside it."""
-    found = []
+    """``NAME_image.tif`` files (or ``.tiff``, any case), or folders searched recursively for them, each with
+    its ``NAME_label.tif`` beside it; ``paths`` is one path or a list of them. A file given twice is one
+    stack; stacks that share a NAME in different folders are named with as many of their folders as tell
+    them apart (``s1/a``, ``s2/a``), so that ``--exclude`` can name one."""
+    if isinstance(paths, (str, os.PathLike)):   # a string would be taken a character at a time
+        paths = [paths]
+    found, seen = [], set()
     for p in map(Path, paths):
-        if p.is_dir():
-            images = sorted(f for f in p.rglob("*_image.*") if f.is_file() and _image_stem(f.name))
-            if not images:
-                raise ScanError(f"{p}: no *{IMAGE_SUFFIX} files (expected NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs, "
-                                f"multi-page TIFFs; training does not read per-slice scan folders)")
-        elif p.is_file():
-            if not _image_stem(p.name):
-                raise ScanError(f"{p}: expected a file named NAME{IMAGE_SUFFIX} (with NAME{LABEL_SUFFIX} beside it)")
-            images = [p]
-        else:
-            raise ScanError(f"{p}: no such file or folder")
-        for im in images:
-            name = _image_stem(im.name)
-            labels = [im.with_name(name + "_label" + ext) for ext in (im.suffix, ".tif", ".tiff", ".TIF", ".TIFF")]
-            lab = next((f for f in labels if f.is_file()), None)
-            if lab is None:
-                raise ScanError(f"{im}: its label {name}{LABEL_SUFFIX} is missing")
-            found.append(LabelledStack(name, im, lab))
-    return found
+        for im in _images(p):
+            if im.resolve() not in seen:
+                seen.add(im.resolve())
+                found.append(LabelledStack(_image_stem(im.name), im, _label_of(im)))
+    return _unique_names(found)
+
+
+def _images(p: Path) -> list[Path]:
+    if p.is_dir():
+        # every name, not a glob: "*_image.*" would miss A_IMAGE.TIF on a case-sensitive file system
+        images = sorted(f for f in p.rglob("*") if _image_stem(f.name) and f.is_file())
+        if not images:
+            raise ScanError(f"{p}: no *{IMAGE_SUFFIX} files (expected NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs, "
+                            f"multi-page TIFFs; training does not read per-slice scan folders)")
+        return images
+    if p.is_file():
+        if not _image_stem(p.name):
+            raise ScanError(f"{p}: expected a file named NAME{IMAGE_SUFFIX} (with NAME{LABEL_SUFFIX} beside it)")
+        return [p]
+    raise ScanError(f"{p}: no such file or folder")
+
+
+def _label_of(im: Path) -> Path:
+    """The label beside an image, spelt as the image is (A_IMAGE.TIF: A_LABEL.TIF) or else in any case and
+    either extension."""
+    name = _image_stem(im.name)
+    token = im.name[len(name):len(name) + len("_image")]
+    label = "_LABEL" if token[1:].isupper() else "_Label" if token[1].isupper() else "_label"
+    if im.with_name(name + label + im.suffix).is_file():
+        return im.with_name(name + label + im.suffix)
+    pattern = re.compile(re.escape(name) + r"_label\.tiff?", re.IGNORECASE)
+    others = sorted(f for f in im.parent.iterdir() if pattern.fullmatch(f.name) and f.is_file())
+    if not others:
+        raise ScanError(f"{im}: its label {name}{label}{im.suffix} is missing (expected beside it, .tif or .tiff)")
+    return others[0]
+
+
+def _unique_names(stacks: list[LabelledStack]) -> list[LabelledStack]:
+    by_name: dict[str, list[LabelledStack]] = {}
+    for st in stacks:
+        by_name.setdefault(st.name, []).append(st)
+    for name, group in by_name.items():
+        if len(group) < 2:
+            continue
+        names = _qualified(group)
+        warnings.warn(f"{len(group)} stacks are named {name} ({', '.join(str(st.image) for st in group)}): they "
+                      f"are called {', '.join(names)} (in --exclude, too)", UserWarning, stacklevel=3)
+        for st, qualified in zip(group, names):
+            st.name = qualified
+    return stacks
+
+
+def _qualified(group: list[LabelledStack]) -> list[str]:
+    """Names of same-named stacks with as many of their folders as tell them apart."""
+    parents = [Path(os.path.abspath(st.image)).parent.parts for st in group]
+    if len(set(parents)) < len(parents):   # NAME_image.tif beside NAME_image.tiff: which one is meant?
+        twins = [str(st.image) for st, p in zip(group, parents) if parents.count(p) > 1]
+        raise ScanError(f"{' and '.join(twins)}: two images of one stack in one folder; expected one "
+                        f"NAME_image.tif per NAME: remove or rename one")
+    for k in range(1, max(map(len, parents)) + 1):
+        names = ["/".join(p[-k:] + (st.name,)) for p, st in zip(parents, group)]
+        if len(set(names)) == len(names):
+            return names
+    return [str(st.image) for st in group]   # not reached: distinct folders differ in some part
 
 
 SLAB = 16  # slices read at a time: memory holds the slices returned, not the stack
@@ -200,10 +249,7 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
     cfg = unet.TrainConfig(**train_kw)
     unet.check_training_setup(cfg, out_dir, resume, overwrite)
     found = find_pairs(paths)
-    unknown = sorted(set(exclude) - {s.name for s in found})
-    if unknown:   # a misspelt held-out stack would silently be trained on
-        raise ValueError(f"--exclude {unknown[0]}: no labelled stack of that name; stacks: "
-                         f"{', '.join(s.name for s in found)}")
+    _check_exclude(exclude, [s.name for s in found])
     stacks = [s for s in found if s.name not in set(exclude)]
     images, labels = [], []
     for s in stacks:
@@ -217,6 +263,16 @@ def train_from_files(paths, out_dir, phantoms: int = 0, exclude=(), progress: bo
     if not images:
         raise ScanError("no training data: give NAME_image.tif files or folders, or --phantom N")
     return unet.train(images, labels, cfg, Path(out_dir), progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _check_exclude(exclude, names: list[str]) -> None:
+    """A misspelt held-out stack would silently be trained on."""
+    for e in sorted(set(exclude) - set(names)):
+        alike = [n for n in names if n.endswith("/" + e)]
+        if alike:
+            raise ValueError(f"--exclude {e}: {len(alike)} stacks in different folders are named {e}: "
+                             f"{', '.join(alike)}; give the one(s) to leave out by those names")
+        raise ValueError(f"--exclude {e}: no labelled stack of that name; stacks: {', '.join(names)}")
 
 
 def _check_empty_stacks(stacks: list[LabelledStack], labels: list, phantoms: int) -> None:

@@ -201,3 +201,66 @@ def test_resume_settings_init_architecture_and_device_are_checked_before_the_dat
         with pytest.raises(RuntimeError, match="device 'cuda' was requested"):
             training.train_from_files(["data"], tmp_path / "new", progress=False, **{**kw, "device": "cuda"})
     assert not (tmp_path / "new").exists()
+
+
+# -- 5, 6, 7: finding stacks ----------------------------------------------------------------------
+
+def _tiny_pair(folder, image="a_image.tif", label="a_label.tif"):
+    folder.mkdir(parents=True, exist_ok=True)
+    img = np.zeros((2, 16, 16), np.uint8)
+    tifffile.imwrite(folder / image, img, photometric="minisblack")
+    tifffile.imwrite(folder / label, img, photometric="minisblack")
+    return folder
+
+
+def test_one_path_given_as_a_string_or_path_is_one_path(tmp_path, monkeypatch):
+    from gpuheart.training import find_pairs, stack_names, train_from_files
+
+    data = _tiny_pair(tmp_path / "data")
+    assert [s.name for s in find_pairs(str(data))] == ["a"] == stack_names(data)
+    assert [s.name for s in find_pairs(data / "a_image.tif")] == ["a"]
+    img, lab = _stack()
+    _pair(data, "s", img, lab)
+    seen = _fake_train(monkeypatch)
+    train_from_files(str(data), tmp_path / "run", exclude=["a"], progress=False)
+    assert len(seen["images"]) == 1
+
+
+def test_upper_case_names_pair_in_folders_and_given_directly(tmp_path):
+    from gpuheart.training import find_pairs
+
+    data = _tiny_pair(tmp_path / "up", "A_IMAGE.TIF", "A_LABEL.TIF")
+    _tiny_pair(data, "b_Image.tiff", "b_Label.tiff")
+    _tiny_pair(data, "c_image.tif", "C_LABEL.TIFF")
+    found = [(s.name, s.image.name, s.label.name) for s in find_pairs(data)]
+    assert found == [("A", "A_IMAGE.TIF", "A_LABEL.TIF"), ("b", "b_Image.tiff", "b_Label.tiff"),
+                     ("c", "c_image.tif", "C_LABEL.TIFF")]
+    assert find_pairs(data / "A_IMAGE.TIF")[0].label.name == "A_LABEL.TIF"
+    (data / "A_LABEL.TIF").unlink()
+    with pytest.raises(ScanError, match="A_IMAGE.TIF: its label A_LABEL.TIF is missing"):
+        find_pairs(data / "A_IMAGE.TIF")
+
+
+def test_a_file_given_twice_is_one_stack_and_same_named_stacks_are_told_apart(tmp_path, monkeypatch):
+    from gpuheart.training import find_pairs, train_from_files
+
+    data = _tiny_pair(tmp_path / "good")
+    assert len(find_pairs([data / "a_image.tif", data, str(data / "a_image.tif")])) == 1
+    nest = tmp_path / "nest"
+    _tiny_pair(nest / "s1")
+    _tiny_pair(nest / "s2")
+    with pytest.warns(UserWarning, match=r"2 stacks are named a .*called s1/a, s2/a"):
+        assert [s.name for s in find_pairs(nest)] == ["s1/a", "s2/a"]
+    img, lab = _stack()
+    _pair(nest / "s1", "a", img, lab)
+    _pair(nest / "s2", "a", img, lab)
+    seen = _fake_train(monkeypatch)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"--exclude a: 2 stacks in different folders "
+                                                                    r"are named a: s1/a, s2/a"):
+        train_from_files(nest, tmp_path / "run", exclude=["a"], progress=False)
+    with pytest.warns(UserWarning):
+        train_from_files(nest, tmp_path / "run", exclude=["s2/a"], progress=False)
+    assert len(seen["images"]) == 1
+    _tiny_pair(nest / "s1", "a_image.tiff", "a_label.tiff")
+    with pytest.raises(ScanError, match=r"a_image.tif and .*a_image.tiff: two images of one stack in one folder"):
+        find_pairs(nest / "s1")
