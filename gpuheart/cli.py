@@ -528,8 +528,8 @@ def _train_settings(a) -> dict:
         if a.init:
             raise ValueError("give --finetune WEIGHTS or --init WEIGHTS, not both")
         path = unet.default_weights_path() if a.finetune == "default" else Path(a.finetune)
-        if path.is_dir() or (not path.exists() and not a.data):
-            # `train --finetune DATA -o RUN`: the optional WEIGHTS took the data
+        if path.is_dir() or (not path.exists() and not a.data) or path.suffix.lower() in (".tif", ".tiff"):
+            # `train --finetune DATA -o RUN`: the optional WEIGHTS took the data (a folder or a NAME_image.tif)
             raise ValueError(f"--finetune {a.finetune}: expected a weights file (.pt) or nothing (the shipped "
                              f"model); to fine-tune the shipped model on {a.finetune}, put the data first: "
                              f"gpuheart train {a.finetune} -o RUN --finetune")
@@ -546,9 +546,20 @@ def _train_settings(a) -> dict:
     return settings
 
 
+def _check_exclude_took_no_data(a) -> None:
+    """`train --exclude a DATA -o RUN`: --exclude takes any number of names, so it took the data too."""
+    taken = [e for e in a.exclude if Path(e).exists()] if not a.data else []
+    if taken:
+        rest = " ".join(e for e in a.exclude if e not in taken)
+        raise ValueError(f"--exclude {taken[0]}: expected stack names, and {taken[0]} is a "
+                         f"{'folder' if Path(taken[0]).is_dir() else 'file'}; put the data first: "
+                         f"gpuheart train {' '.join(taken)} -o RUN --exclude {rest or 'NAME'}")
+
+
 def _cmd_train(a) -> int:
     from .training import train_from_files
 
+    _check_exclude_took_no_data(a)
     # last.pt is rewritten after every epoch trained (the log may be an epoch ahead of it after a kill)
     last = Path(a.out) / "last.pt"
     before = last.stat().st_mtime_ns if a.resume and last.is_file() else None

@@ -264,3 +264,20 @@ def test_a_file_given_twice_is_one_stack_and_same_named_stacks_are_told_apart(tm
     _tiny_pair(nest / "s1", "a_image.tiff", "a_label.tiff")
     with pytest.raises(ScanError, match=r"a_image.tif and .*a_image.tiff: two images of one stack in one folder"):
         find_pairs(nest / "s1")
+
+
+# -- 8: data swallowed by an option ---------------------------------------------------------------
+
+def test_data_taken_by_exclude_or_finetune_is_met_with_put_the_data_first(tmp_path, capsys):
+    from gpuheart.cli import main
+
+    data = _tiny_pair(tmp_path / "good")
+    assert main(["train", "--exclude", "a", str(data), "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert f"--exclude {data}: expected stack names, and {data} is a folder; put the data first: gpuheart train " \
+           f"{data} -o RUN --exclude a" in err, err
+    image = data / "a_image.tif"
+    assert main(["train", "-o", str(tmp_path / "x"), "--finetune", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "expected a weights file" in err and f"put the data first: gpuheart train {image} -o RUN --finetune" in err
+    assert not (tmp_path / "x").exists()
