@@ -121,14 +121,11 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
     from .exposure import ZNorm, preprocess, slice_stats
     from .metrics import has_fractions
 
-    with open_scan(stack.image) as si, open_scan(stack.label) as sl:
+    with _open(stack.image) as si, _open(stack.label) as sl:
+        for scan, path in ((si, stack.image), (sl, stack.label)):   # a channel axis makes the shapes differ too
+            _check_one_channel(scan, path, si.shape[0])
         if si.shape != sl.shape:
             raise ScanError(f"{stack.label}: label shape {sl.shape} differs from image shape {si.shape}")
-        for scan, path in ((si, stack.image), (sl, stack.label)):
-            if len(scan.channels) != 1:  # which channel the labels trace is not ours to guess
-                raise ScanError(f"{path}: has {len(scan.channels)} channels ({', '.join(scan.channels)}); "
-                                f"training expects one-channel image and label stacks: save the labelled "
-                                f"channel on its own")
         ci, cl, nz = si.channels[0], sl.channels[0], si.shape[0]
         stats, keep, labels, values = [], [], [], set()
         for z0 in range(0, nz, SLAB):
@@ -171,6 +168,49 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
             raise ScanError(f"{stack.label}: every labelled slice is dark (no signal), so there is nothing to train on")
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
     return np.concatenate(images), labels
+
+
+def _open(path: Path):
+    """``open_scan``, with advice for a stack saved as time frames (Fiji's default for some stacks)."""
+    try:
+        return open_scan(path)
+    except ScanError as err:
+        hint = _frames_hint(path)
+        if hint:
+            raise ScanError(f"{err}; {hint}") from err
+        raise
+
+
+def _frames_hint(path: Path) -> str:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            axes, shape = tif.series[0].axes, tif.series[0].shape
+    except Exception:   # not a TIFF, or unreadable: open_scan's message says enough
+        return ""
+    if "T" not in axes or shape[axes.index("T")] < 2 or dict(zip(axes, shape)).get("Z", 1) > 1:
+        return ""
+    n = shape[axes.index("T")]
+    return (f"its {n} slices are saved as time frames (T), expected z-slices: in Fiji set Image > Properties to "
+            f"Slices (z) {n}, Frames (t) 1 and save again (tifffile: imwrite(path, stack, imagej=True, "
+            f"metadata={{'axes': 'ZYX'}}))")
+
+
+def _check_one_channel(scan, path: Path, image_slices: int) -> None:
+    """Which channel the labels trace is not ours to guess; a label whose channels are as many as the image's
+    slices is most likely the slices, saved as channels."""
+    n = len(scan.channels)
+    if n == 1:
+        return
+    if scan.shape[0] == 1 and n == image_slices > 1:
+        fix = (f"if its {n} channels are the image's {n} z-slices, save it as slices (in Fiji set Image > "
+               f"Properties to Channels (c) 1, Slices (z) {n}; tifffile: imwrite(path, stack, imagej=True, "
+               f"metadata={{'axes': 'ZYX'}})), else save the labelled channel on its own")
+    else:
+        fix = "save the labelled channel on its own"
+    raise ScanError(f"{path}: has {n} channels ({', '.join(scan.channels)}); training expects one-channel image "
+                    f"and label stacks: {fix}")
 
 
 def nonzero_values(lab, seen=(), most: int = 8) -> set:

@@ -281,3 +281,19 @@ def test_data_taken_by_exclude_or_finetune_is_met_with_put_the_data_first(tmp_pa
     err = capsys.readouterr().err
     assert "expected a weights file" in err and f"put the data first: gpuheart train {image} -o RUN --finetune" in err
     assert not (tmp_path / "x").exists()
+
+
+# -- 9: label layouts -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("axes, advice", [
+    ("CYX", r"a_label.tif: has 4 channels \(C00, C01, C02, C03\).*if its 4 channels are the image's 4 z-slices.*"
+            r"Channels \(c\) 1, Slices \(z\) 4"),
+    ("TYX", r"a_label.tif: .*its 4 slices are saved as time frames \(T\).*Slices \(z\) 4, Frames \(t\) 1")])
+def test_a_label_saved_as_channels_or_frames_says_how_to_save_it_as_slices(tmp_path, axes, advice):
+    from gpuheart.training import find_pairs, load_pair
+
+    img, lab = _stack()
+    _pair(tmp_path, "a", img, lab)
+    tifffile.imwrite(tmp_path / "a_label.tif", lab, imagej=True, metadata={"axes": axes})
+    with pytest.raises(ScanError, match=advice):
+        load_pair(find_pairs(tmp_path)[0])
