@@ -460,9 +460,11 @@ def _blocks_note(k: int) -> str:
 
 def _segment_config(a):
     """The PipelineConfig of a ``segment`` command: the config file's (or the defaults), then the flags given."""
-    from .pipeline import PipelineConfig
+    from .pipeline import ConfigError, PipelineConfig
 
-    cfg = PipelineConfig.load(a.config) if a.config else PipelineConfig()
+    # checked once the flags are applied: `--method unet` with a file that disables the difference of medians
+    # is valid, though the file's own method ("union") would not be
+    cfg = PipelineConfig.load(a.config, validate=False) if a.config else PipelineConfig()
     if a.method:
         cfg.segment.method = a.method
     if a.weights:
@@ -474,7 +476,10 @@ def _segment_config(a):
     cfg.progress = not a.no_progress
     # steps 1-5 unless asked: a config's [postprocess] enabled is true by default, so it cannot say "asked"
     cfg.postprocess.enabled = bool(a.postprocess)
-    return cfg
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{a.config}: {err}" if a.config else str(err)) from None
 
 
 def _cmd_segment(a) -> int:
@@ -484,9 +489,6 @@ def _cmd_segment(a) -> int:
     if a.weights and not cfg.uses_unet:
         warnings.warn(f"--weights {a.weights} is not used: method {cfg.segment.method!r} has no U-Net",
                       RuntimeWarning, stacklevel=1)
-    if Path(a.out).suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"{a.out}: segment writes a multi-page TIFF; expected an output name ending in .tif "
-                         f"(gpuheart run writes OME-Zarr masks)")
     work = segment_work_dir(a.out)
     found = work.is_dir() and not a.restart
     if found:   # said now, before a long run; whether it could continue is known only after

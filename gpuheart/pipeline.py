@@ -258,7 +258,9 @@ class PipelineConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PipelineConfig":
+    def load(cls, path: str | os.PathLike, validate: bool = True) -> "PipelineConfig":
+        """The settings of a TOML file; ``validate=False`` leaves the checks to a caller that first applies
+        options of its own (a ``--method`` that settles what the file's method alone would not allow)."""
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
@@ -273,7 +275,7 @@ class PipelineConfig:
         try:
             cfg = cls.from_dict(data)
             _weights_beside(cfg, path.parent)
-            return cfg.validate()
+            return cfg.validate() if validate else cfg
         except (ConfigError, backend.DeviceError) as err:
             raise ConfigError(f"{path}: {err}") from None
 
@@ -500,7 +502,7 @@ class Pipeline:
                 truth = user_truth
             _check_channel_names(scan, cfg, user_truth)
             _check_truths(scan, user_truth)
-            _warn_single_slice(scan)
+            _warn_single_slice(scan, cfg)
             # every channel before any runs: a channel's fresh start removes files in its own folder, where
             # another channel's truth may lie
             for channel in scan.channels:
@@ -578,7 +580,8 @@ class Pipeline:
 
     def segment(self, source, out_path, channel: str | None = None, resume: bool = True) -> Path:
         """Steps 1-5 (and 6 when ``config.postprocess.enabled``) on one channel of ``source``, written
-        as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically).
+        as a uint8 0/255 multi-page TIFF of the scan's (z, y, x) shape at ``out_path`` (atomically; a
+        one-slice scan gives one page, which TIFF readers return as (y, x)).
 
         The run works in ``.<name>.gpuheart-work/`` beside ``out_path``, removed once the TIFF is written;
         a killed segmentation leaves it, and the same call continues from its checkpoint (``resume=False``
@@ -588,6 +591,9 @@ class Pipeline:
         from .io import _is_zarr_dir, _scan_path, first_channel, open_scan, refuse_folder
 
         refuse_folder(out_path, "segment")   # now, not after the segmentation
+        if Path(out_path).suffix.lower() not in (".tif", ".tiff"):   # a TIFF named mask.png opens nowhere
+            raise ValueError(f"{out_path}: segment writes a multi-page TIFF; expected an output name ending in .tif "
+                             f"(gpuheart run writes OME-Zarr masks)")
         src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
         # a slice folder reads only the files directly in it; a Zarr store owns everything below it
         if dst == src or dst.parent == src or (src in dst.parents and _is_zarr_dir(src)):
@@ -816,15 +822,18 @@ def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:
                       f"{which}; they are unused", stacklevel=4)
 
 
-def _warn_single_slice(scan) -> None:
-    """One slice runs (a 2-D test image is a fair first try) but its z-normalization, closings along z, mesh
-    and vessel tree are those of a one-voxel-thick slab: a multi-page file opened as one page, or the wrong
-    file of a folder, would otherwise pass as a finished scan."""
-    if scan.shape[0] == 1:
+def _warn_single_slice(scan, cfg: PipelineConfig) -> None:
+    """One slice runs (a 2-D test image is a fair first try) but its closings along z, mesh and vessel tree
+    are those of a one-voxel-thick slab: a multi-page file opened as one page, or the wrong file of a folder,
+    would otherwise pass as a finished scan. Said only when such a stage runs (`segment` of a 2-D image
+    without --postprocess is a plain 2-D segmentation)."""
+    stages = [name for name, on in (("the closings along z", cfg.postprocess.enabled), ("the mesh", cfg.mesh.enabled),
+                                    ("the vessel tree", cfg.graph.enabled)) if on]
+    if scan.shape[0] == 1 and stages:
+        said = ", ".join(stages[:-1]) + (" and " if len(stages) > 1 else "") + stages[-1]
         warnings.warn(f"{scan.path}: the scan has one slice ({scan.shape[1]} x {scan.shape[2]}): it is processed "
-                      f"as a one-slice volume, so the closings along z, the mesh and the vessel tree describe a "
-                      f"slab one voxel thick; expected a stack (a folder of slices or a multi-page TIFF)",
-                      UserWarning, stacklevel=5)
+                      f"as a one-slice volume, a slab one voxel thick for {said}; expected a stack (a folder of "
+                      f"slices or a multi-page TIFF)", UserWarning, stacklevel=5)
 
 
 def _check_truths(scan, truth: dict) -> None:

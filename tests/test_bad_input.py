@@ -65,7 +65,8 @@ def test_inf_in_float_input_names_the_slice(tmp_path, capsys):
 def test_one_slice_stack_runs_and_says_it_is_one_slice(tmp_path):
     """A 2-D image runs, but with a warning: the wrong file of a folder must not pass as a finished scan."""
     vol = np.random.default_rng(1).integers(100, 4000, (1, 64, 64), dtype=np.uint16)
-    with pytest.warns(UserWarning, match=r"scan.tif: the scan has one slice \(64 x 64\).*expected a stack"):
+    with pytest.warns(UserWarning, match=r"scan.tif: the scan has one slice \(64 x 64\).*for the closings along z and the mesh; "
+                                         r"expected a stack"):
         r = _run(tmp_path, vol)
     assert _mask(r).shape == (1, 64, 64)
     # its CV of slice means is undefined: null in summary.json, which strict JSON readers take (not NaN)

@@ -741,3 +741,39 @@ def test_phantom_preset_with_an_input_is_refused_not_ignored(tmp_path, capsys):
     assert main(["run", str(stack), "-o", str(tmp_path / "o"), "--phantom-preset", "large", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "--phantom-preset large: it sizes the built-in synthetic scan" in err and not (tmp_path / "o").exists()
+
+
+def test_segment_checks_a_config_file_with_its_flags_applied(tmp_path, capsys):
+    """`--method dom` with a file that turns the U-Net's partner off is valid; the file's own method is not
+    what runs, so it must not be what is checked."""
+    import tifffile
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(100, 3000, (4, 32, 32), dtype=np.uint16),
+                     photometric="minisblack")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[segment]\nmethod = "unet"\n[dom]\nenabled = false\n')
+    assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "-c", str(cfg), "--method", "union",
+                 "--no-progress"]) == 1
+    assert f"{cfg}: segment.method 'union' needs dom.enabled = true" in capsys.readouterr().err
+    cfg.write_text('[dom]\nenabled = false\nthreshold = "noise"\n')   # the file alone: 'union' is refused
+    assert main(["segment", str(stack), "-o", str(tmp_path / "m.tif"), "-c", str(cfg), "--method", "unet",
+                 "--no-progress"]) == 0
+
+
+def test_python_segment_refuses_a_non_tiff_name_and_a_2d_image_gives_no_stack_warning(tmp_path):
+    import tifffile
+    import warnings
+
+    from gpuheart import Pipeline, PipelineConfig
+
+    img = tmp_path / "one.tif"
+    tifffile.imwrite(img, np.random.default_rng(0).integers(100, 3000, (48, 48), dtype=np.uint16))
+    p = Pipeline(PipelineConfig.from_dict({"progress": False, "segment": {"method": "dom"},
+                                           "postprocess": {"enabled": False}}))
+    with pytest.raises(ValueError, match="mask.png: segment writes a multi-page TIFF"):
+        p.segment(img, tmp_path / "mask.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # no closings, mesh or tree: a plain 2-D segmentation
+        out = p.segment(img, tmp_path / "mask.tif")
+    assert tifffile.imread(out).shape == (48, 48)
