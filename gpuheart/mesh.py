@@ -1283,7 +1283,9 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     mesh exceeds the budget: :func:`_fitting_block_factor`) with a RuntimeWarning: each k x k x k block becomes
     its fraction of inside voxels,
     meshed at about 0.5 (:data:`COARSE_LEVEL`) with voxels k times larger, vertices placed at the block
-    centres' physical positions. Structures thinner than about half a block vanish.
+    centres' physical positions. Structures thinner than about half a block vanish; a budget so small that the
+    block mesh keeps no piece of ``min_faces`` faces raises ValueError naming the smallest one that does, rather
+    than write an empty file that reads as an empty mask.
 
     ``device`` ("cpu", "cuda" or "auto"): where the marching cubes of a mask at full resolution runs; the rest
     of the stage (components, measures, decimation, files) runs on the host.
@@ -1302,14 +1304,18 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     k = 1
     if full is None:
         k, full = _fitting_block_factor(read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces)
+    est = est if max_memory_faces else None
+    v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
+    v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
+    if k > 1:
+        if not len(f):   # an empty file would read as an empty mask
+            _refuse_empty_blocks(out_path, read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces, k,
+                                 n_mc, min_faces)
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, "
                       f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels "
                       f"are lost and the surface lies inside the mask's (a tube 24 voxels across lost 14 % of its "
                       f"volume at factor 3, 26 % at factor 5)", RuntimeWarning, stacklevel=2)
-    est = est if max_memory_faces else None
-    v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
-    v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)
     if largest_path is not None:
         lv, lf = largest_component(v, f, labels=lab, face_volumes=fv)
@@ -1325,6 +1331,65 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
                      float(norms.sum() / 2.0) if len(mf) else 0.0, float(vols.sum()) if len(mf) else 0.0, nbytes,
                      k, est)
+
+
+def _refuse_empty_blocks(out_path, read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, estimate: int,
+                         max_memory_faces: int, k: int, pieces: int, min_faces: int):
+    """Raise the error of a ``max_memory_faces`` so small that the block mesh that fits it keeps nothing (every
+    structure thinner than the blocks, or every piece under ``min_faces``), naming the smallest budget that keeps
+    a piece: :func:`_workable_memory_faces`."""
+    lost = (f"leaves {pieces:,} piece(s), all under min_faces = {min_faces}" if pieces
+            else "holds no surface: every structure is thinner than about half a block")
+    least, j = _workable_memory_faces(read_slab, shape, slab_size, voxel_size, level, estimate, k, min_faces)
+    at = f" (meshed from {j} x {j} x {j} voxel blocks)" if j > 1 else " (full resolution)"
+    raise ValueError(f"{out_path}: max_memory_faces = {max_memory_faces:,} is too small for this mask, which would give "
+                     f"about {estimate:,} marching-cubes faces: to fit it the mask is meshed from {k} x {k} x {k} "
+                     f"voxel blocks, and that mesh {lost}; nothing would be written. Set max_memory_faces ([mesh] "
+                     f"max_memory_faces, gpuheart mesh --max-memory-faces) to at least {least:,}{at}, or 0 for no "
+                     f"limit")
+
+
+def _workable_memory_faces(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, estimate: int,
+                           k: int, min_faces: int, tries: int = 3) -> tuple[int, int]:
+    """(budget, block factor): about the smallest ``max_memory_faces`` under which :func:`mesh_from_mask` keeps a
+    piece of ``min_faces`` faces, where block factor ``k`` kept none (``estimate``: the full-resolution faces).
+
+    The coarsest factor j whose block mesh keeps such a piece is found by bisection (a streamed counting pass per
+    factor tried, and a meshing pass where the count allows a piece; coarser grids lose pieces, so finer ones
+    keep them). Its budget is its face count, and at least ``estimate / j**2`` so that :func:`block_factor` starts
+    at or below j; that budget is then run as the stage would run it, and a finer factor tried if it keeps nothing.
+    Block meshes of more than :data:`MAX_MEMORY_FACES` faces are taken to keep a piece without meshing them."""
+    vs = np.asarray(voxel_size, np.float64)
+
+    def faces_kept(j) -> tuple[int, bool]:
+        if j == 1:
+            return estimate, True
+        read, cshape = _block_reader(read_slab, shape, j, level, slab_size)
+        n = estimate_faces(read, cshape, slab_size, COARSE_LEVEL)
+        if n < max(min_faces, 1) or n > MAX_MEMORY_FACES:
+            return n, n >= max(min_faces, 1)
+        mesh = _marching_cubes_float(read, cshape, slab_size, tuple(j * vs), COARSE_LEVEL)
+        v, f, _, lab, _ = _marching_cubes_labelled(voxel_size, j, mesh)
+        return len(mesh[1]), len(_drop_small_keeping(v, f, lab, min_faces)[1]) > 0
+
+    lo, hi = 1, k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if faces_kept(mid)[1]:
+            lo = mid
+        else:
+            hi = mid
+    for j in range(lo, max(1, lo - tries), -1):
+        budget = max(faces_kept(j)[0], -(-estimate // (j * j)))
+        if budget >= estimate:
+            break
+        if budget > MAX_MEMORY_FACES:
+            return budget, j
+        kj, mesh = _fitting_block_factor(read_slab, shape, slab_size, voxel_size, level, estimate, budget)
+        v, f, _, lab, _ = _marching_cubes_labelled(voxel_size, kj, mesh)
+        if len(_drop_small_keeping(v, f, lab, min_faces)[1]):
+            return budget, kj
+    return estimate, 1
 
 
 def _fitting_block_factor(read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, estimate: int,

@@ -87,3 +87,39 @@ def test_a_fit_that_decimation_cannot_reach_names_a_budget_that_works(tmp_path):
     assert said == err.value.estimate
     st = M.mesh_from_mask(m, m.shape, tmp_path / "m.stl", (100, 100, 100), max_bytes=said)
     assert st.faces > 100 and st.bytes == (tmp_path / "m.stl").stat().st_size <= said
+
+
+def _two_balls(shape=(24, 40, 40)):
+    g = np.indices(shape)
+    return (((g - np.array([12, 12, 12])[:, None, None, None]) ** 2).sum(0) <= 81) | \
+        (((g - np.array([12, 28, 28])[:, None, None, None]) ** 2).sum(0) <= 16)
+
+
+def test_a_max_memory_faces_too_small_for_any_piece_is_an_error_naming_one_that_works(tmp_path):
+    """The audit: max_memory_faces = 10 wrote an empty mesh and exit 0 ('meshed from 127 x 127 x 127 voxel
+    blocks', in which every structure vanishes); README: a budget that leaves nothing is an error."""
+    m = _two_balls()
+    est = M.estimate_faces(m, m.shape)
+    with pytest.raises(ValueError, match=r"m\.glb: max_memory_faces = 10 is too small .*nothing would be written. "
+                                         r"Set max_memory_faces .* to at least [\d,]+ ") as err:
+        M.mesh_from_mask(m, m.shape, tmp_path / "m.glb", (1, 1, 1), max_memory_faces=10)
+    assert list(tmp_path.iterdir()) == []
+    least = int(str(err.value).split("to at least ")[1].split(" ")[0].replace(",", ""))
+    assert 10 < least < est // 4
+    with pytest.warns(RuntimeWarning, match="voxel blocks"):
+        st = M.mesh_from_mask(m, m.shape, tmp_path / "m.glb", (1, 1, 1), max_memory_faces=least)
+    assert st.faces >= 20 and st.block_factor > 1
+    with pytest.raises(ValueError, match="is too small"):   # the smallest: one face less keeps nothing
+        M.mesh_from_mask(m, m.shape, tmp_path / "n.glb", (1, 1, 1), max_memory_faces=least - 1)
+
+
+def test_gpuheart_mesh_with_a_tiny_memory_budget_fails_without_claiming_an_empty_mask(tmp_path, capsys):
+    tifffile = pytest.importorskip("tifffile")
+    from gpuheart.cli import main
+
+    tifffile.imwrite(tmp_path / "mask.tif", _two_balls().astype(np.uint8) * 255)
+    assert main(["mesh", str(tmp_path / "mask.tif"), "-o", str(tmp_path / "m.glb"), "--max-memory-faces", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert "max_memory_faces = 10 is too small" in err and "--max-memory-faces" in err, err
+    assert "no voxel inside" not in out + err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif"]
