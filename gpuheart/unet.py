@@ -877,49 +877,64 @@ class TrainConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
+        if isinstance(self.init, os.PathLike):   # saved in the weights' metadata, which holds plain values
+            self.init = str(self.init)
         self.check()   # a bad setting fails before data are loaded or a folder is made
 
     def check(self) -> None:
         """ValueError naming the first setting ``train`` cannot use (also run by ``train``: fields may be
         changed after construction)."""
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: expected one of {', '.join(NORMS)}")
-        if self.schedule not in ("plateau", "cosine"):
-            raise ValueError(f"unknown schedule {self.schedule!r}: expected 'plateau' or 'cosine'")
-        if self.context < 0:
-            raise ValueError(f"context must be >= 0 slices, got {self.context}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0 processes, got {self.workers}")
-        if self.threshold is not None and not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        for name in ("epochs", "steps_per_epoch", "batch_size", "width", "depth"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):   # 0 trains nothing: a fine-tuning baseline
-            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name, choices in (("loss", tuple(LOSSES)), ("norm", NORMS), ("schedule", ("plateau", "cosine")),
+                              ("split", ("slab", "volume")), ("balance", ("pixel", "stack")),
+                              ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(choices)}")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "width", "depth", "patience"):
+            _want_int(name, getattr(self, name), 1)
+        for name in ("context", "workers", "lr_patience", "seed"):   # a seed < 0 is refused by NumPy's generators
+            _want_int(name, getattr(self, name), 0)
+        if self.num_threads is not None:
+            _want_int("num_threads", self.num_threads, 1, " (None: torch's own setting)")
+        if self.threshold is not None:
+            _want_float("threshold", self.threshold, lambda v: 0 < v < 1, "in (0, 1)")
+        _want_float("lr", self.lr, lambda v: v >= 0, "a finite number >= 0")   # 0 trains nothing: a fine-tuning baseline
+        _want_float("weight_decay", self.weight_decay, lambda v: v >= 0, "a finite number >= 0")
+        _want_float("min_lr", self.min_lr, lambda v: v >= 0, "a finite number >= 0")
+        _want_float("lr_factor", self.lr_factor, lambda v: 0 < v < 1, "in (0, 1) (ReduceLROnPlateau's factor)")
+        _want_float("val_fraction", self.val_fraction, lambda v: 0 < v < 1,
+                    "in (0, 1) (the share of slices kept to validate on)")
+        _want_float("fg_fraction", self.fg_fraction, lambda v: 0 <= v <= 1,
+                    "in [0, 1] (the share of tiles centred near a vessel)")
+        for name in ("amp", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.init is not None and not isinstance(self.init, str):
+            raise ValueError(f"init must be the path of a weights file or None, got {self.init!r}")
+        if not isinstance(self.aug, AugmentConfig):
+            raise ValueError(f"aug must be an AugmentConfig, got {type(self.aug).__name__}")
+        self._check_tile()
+        self.aug.check()
+
+    def _check_tile(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, numbers.Integral) or self.tile < 2 ** self.depth \
                 or self.tile % 2 ** self.depth:
             raise ValueError(f"tile must be a multiple of 2**depth = {2 ** self.depth} (the U-Net pools {self.depth} "
                              f"times), got {self.tile!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1) (the share of slices kept to validate on), "
-                             f"got {self.val_fraction}")
-        if not 0 <= self.fg_fraction <= 1:
-            raise ValueError(f"fg_fraction must be in [0, 1] (the share of tiles centred near a vessel), "
-                             f"got {self.fg_fraction}")
-        if self.split not in ("slab", "volume"):
-            raise ValueError(f"unknown split {self.split!r}: expected 'slab' or 'volume'")
-        if self.balance not in ("pixel", "stack"):
-            raise ValueError(f"unknown balance {self.balance!r}: expected 'pixel' or 'stack'")
-        if self.patience < 1 or self.lr_patience < 0 or not 0 < self.lr_factor < 1 or self.min_lr < 0:
-            raise ValueError(f"need patience >= 1, lr_patience >= 0, 0 < lr_factor < 1 and min_lr >= 0, got "
-                             f"{self.patience}, {self.lr_patience}, {self.lr_factor}, {self.min_lr}")
-        self.aug.check()
+        if self.norm == "batch" and self.batch_size * (self.tile // 2 ** self.depth) ** 2 < 2:
+            # BatchNorm cannot normalise one value per channel (torch refuses it in the first step)
+            raise ValueError(f"norm 'batch' with batch_size {self.batch_size} of {self.tile}-pixel tiles leaves one "
+                             f"value per channel at the U-Net's bottom level ({self.tile} / 2**depth = 1 pixel); "
+                             f"expected batch_size >= 2, tile >= {2 ** (self.depth + 1)}, or norm 'group'")
+
+
+def _want_int(name: str, v, least: int, also: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{name} must be an integer >= {least}{also}, got {v!r}")
+
+
+def _want_float(name: str, v, ok: Callable[[float], bool], what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
 @dataclass

@@ -297,3 +297,32 @@ def test_a_label_saved_as_channels_or_frames_says_how_to_save_it_as_slices(tmp_p
     tifffile.imwrite(tmp_path / "a_label.tif", lab, imagej=True, metadata={"axes": axes})
     with pytest.raises(ScanError, match=advice):
         load_pair(find_pairs(tmp_path)[0])
+
+
+# -- 10: settings checked up front ----------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("device", "gpu", "unknown device 'gpu'"), ("context", 1.5, "context must be an integer >= 0, got 1.5"),
+    ("workers", 1.5, "workers must be an integer"), ("seed", "a", "seed must be an integer >= 0, got 'a'"),
+    ("seed", -1, "seed must be an integer >= 0"), ("weight_decay", math.nan, "weight_decay must be a finite"),
+    ("num_threads", -1, "num_threads must be an integer >= 1"), ("patience", 2.5, "patience must be an integer"),
+    ("lr_patience", -1, "lr_patience"), ("min_lr", math.inf, "min_lr"), ("threshold", "0.5", "threshold must be"),
+    ("fg_fraction", math.nan, "fg_fraction"), ("amp", "yes", "amp must be True or False"), ("init", 3, "init must be"),
+    ("aug", {}, "aug must be an AugmentConfig")])
+def test_bad_settings_are_named_when_the_config_is_made(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        unet.TrainConfig(**{field: value})
+
+
+def test_batchnorm_on_one_value_per_channel_is_refused_before_a_folder_is_made(tmp_path, capsys):
+    from gpuheart.cli import main
+
+    with pytest.raises(ValueError, match=r"norm 'batch' with batch_size 1 of 16-pixel tiles .*norm 'group'"):
+        unet.TrainConfig(tile=16, norm="batch", batch_size=1)
+    unet.TrainConfig(tile=16, norm="batch", batch_size=2)
+    unet.TrainConfig(tile=32, norm="batch", batch_size=1)
+    data = _tiny_pair(tmp_path / "d")
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), "--tile", "16", "--norm", "batch",
+                 "--batch-size", "1", "--no-progress"]) == 1
+    assert "norm 'batch' with batch_size 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

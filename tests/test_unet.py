@@ -920,7 +920,7 @@ def test_a_fixed_threshold_of_0_or_1_is_refused(tmp_path, threshold):
 
 @pytest.mark.parametrize("setting, message", [(dict(loss="dice"), "unknown loss 'dice'"),
                                               (dict(schedule="step"), "unknown schedule 'step'"),
-                                              (dict(context=-1), "context must be >= 0"),
+                                              (dict(context=-1), "context must be an integer >= 0"),
                                               (dict(norm="layer"), "unknown norm 'layer'")])
 def test_bad_train_settings_are_refused_when_the_config_is_made(setting, message):
     with pytest.raises(ValueError, match=message):
