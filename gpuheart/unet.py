@@ -1206,11 +1206,11 @@ def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str,
         # log and curves before last.pt: a run killed in between never has a last.pt ahead of its log,
         # which a resume that finds nothing left to train would not write again
         _write_log(state["history"], log_path)
-        _plot_curves(state["history"], out_dir / "curves.png")   # every epoch, so a killed run has them too
+        _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)   # every epoch, so a killed run has them too
         _save_last(last_path, model, opt, sched, rng, state, cfg, data)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
-    curves = _plot_curves(state["history"], out_dir / "curves.png")
+    curves = _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)
     return TrainResult(best_path, last_path, log_path, curves, state["best_dice"], state["best_epoch"],
                        state["epoch"], stopped, state["history"])
 
@@ -1298,9 +1298,10 @@ def _load_last(path, model, opt, sched, rng, cfg: TrainConfig, data: list) -> di
     return ckpt["state"]
 
 
-def _plot_curves(rows: list[dict], path: Path) -> Path | None:
+def _plot_curves(rows: list[dict], path: Path, threshold: float | None = None) -> Path | None:
     """PNG of the log: train loss and validation Dice per epoch on their own axes, the best epoch marked and
-    each learning-rate change drawn as a dotted line (redrawn every epoch, so a killed run has it too)."""
+    each learning-rate change drawn as a dotted line (redrawn every epoch, so a killed run has it too).
+    ``threshold``: the fixed one the Dice was scored at (None: calibrated each epoch)."""
     if len(rows) < 1:
         return None
     # a Figure with its own Agg canvas, not pyplot: training must not switch a notebook's backend
@@ -1318,7 +1319,8 @@ def _plot_curves(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
     ax2.plot(epochs, dice, "o-", ms=3, color="tab:red", label="validation Dice")
-    ax2.set_ylabel("validation Dice (at the calibrated threshold)", color="tab:red")
+    at = "the calibrated threshold" if threshold is None else f"the fixed threshold {threshold:g}"
+    ax2.set_ylabel(f"validation Dice (at {at})", color="tab:red")
     ax2.set_ylim(0, 1)
     best = int(np.argmax(dice))
     ax2.plot([epochs[best]], [dice[best]], "*", ms=12, color="tab:red")

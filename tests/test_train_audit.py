@@ -326,3 +326,18 @@ def test_batchnorm_on_one_value_per_channel_is_refused_before_a_folder_is_made(t
                  "--batch-size", "1", "--no-progress"]) == 1
     assert "norm 'batch' with batch_size 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- 11: curves -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threshold, label", [(None, "validation Dice (at the calibrated threshold)"),
+                                              (0.5, "validation Dice (at the fixed threshold 0.5)")])
+def test_the_curves_name_the_threshold_the_dice_was_scored_at(tmp_path, monkeypatch, threshold, label):
+    from matplotlib.axes import Axes
+
+    labels = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda ax, text, **kw: labels.append(text) or real(ax, text, **kw))
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(threshold=threshold), tmp_path / "run", progress=False)
+    assert labels[-1] == label
