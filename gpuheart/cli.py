@@ -104,7 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Marching cubes over the mask slab by slab (seams welded), pieces under "
                                    "--min-faces removed, optional decimation to --max-faces, written atomically. "
                                    "GLB meshes over 65,535 vertices are split into nodes Unity can import.")
-    m.add_argument("mask", help="mask: multi-page TIFF, per-slice folder or OME-Zarr (nonzero = inside)")
+    m.add_argument("mask", help="binary mask (0 outside, one nonzero value inside), such as OUT/C00/mask.ome.zarr: "
+                                "multi-page TIFF, per-slice folder or OME-Zarr; a scan's intensities or labels "
+                                "(more values) are refused")
+    m.add_argument("--channel", metavar="NAME",
+                   help="the channel to mesh where MASK holds several (e.g. C01); required then")
     m.add_argument("-o", "--out", required=True, help="output mesh: .glb, .ply, .obj or .stl")
     m.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
                    help="voxel size in µm (default: from the mask's metadata, else 1 1 1)")
@@ -431,13 +435,17 @@ def _cmd_phantom(a) -> int:
 
 def _cmd_mesh(a) -> int:
     from .io import open_scan
-    from .mesh import mesh_from_mask
-    from .pipeline import mask_reader
+    from .mesh import binary_mask_reader, mesh_from_mask
 
-    with open_scan(a.mask) as m:
+    with open_scan(a.mask, channels=a.channel) as m:
+        if len(m.channels) > 1:   # meshing the first channel of a scan meshed its intensities, silently
+            raise ValueError(f"{m.path}: holds {len(m.channels)} channels ({', '.join(m.channels)}); expected a "
+                             f"one-channel mask such as OUT/C00/mask.ome.zarr, or pick one with --channel NAME")
         voxel_known = m.voxel_size is not None
         voxel = tuple(a.voxel_size) if a.voxel_size else (m.voxel_size or (1.0, 1.0, 1.0))
-        st = mesh_from_mask(mask_reader(m), m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
+        where = f"{m.path} (channel {a.channel})" if a.channel else str(m.path)
+        read = binary_mask_reader(lambda z0, z1: m.read_slab(m.channels[0], z0, z1), where, fresh=True)
+        st = mesh_from_mask(read, m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest,
                             max_memory_faces=a.max_memory_faces or None, device=a.device)

@@ -137,6 +137,38 @@ def _as_reader(read_slab, shape) -> ReadSlab:
     return lambda z0, z1: read_slab[z0:z1]
 
 
+def binary_mask_reader(read_slab: ReadSlab, where: str, fresh: bool = False) -> ReadSlab:
+    """``read_slab``'s slabs as bool (nonzero = inside), refusing slabs that hold a second nonzero value: a scan's
+    intensities or a label image meshed as ``> 0`` would give a box or a blob, not the vessels, and no error.
+    ``where`` names the input in the message. The first nonzero value read is the inside one. ``fresh``: each
+    slab is a new array (``Scan.read_slab``'s are), so a uint8 one is turned into the bool slab in place."""
+    inside = []
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        a = np.asarray(read_slab(z0, z1))
+        if a.dtype == bool:
+            return a
+        for i, plane in enumerate(a):   # plane by plane: temporaries of a plane, not of the slab
+            nonzero = plane != 0
+            if not inside:
+                if not nonzero.any():
+                    continue
+                inside.append(plane.flat[int(np.argmax(nonzero))])
+            other = np.not_equal(plane, inside[0])
+            other &= nonzero
+            if other.any():
+                y, x = np.unravel_index(int(np.argmax(other)), plane.shape)
+                raise ValueError(f"{where}: holds more than two values (0, {inside[0]} and {plane[y, x]} at z = "
+                                 f"{z0 + i}, y = {y}, x = {x}); expected a binary mask (0 and one nonzero value) "
+                                 f"such as OUT/C00/mask.ome.zarr from gpuheart run, not a scan's intensities or "
+                                 f"labels")
+        if fresh and a.dtype == np.uint8 and a.flags.c_contiguous and a.flags.writeable:
+            return np.not_equal(a, 0, out=a.view(bool))   # in place, as pipeline.mask_reader: one slab, not two
+        return a != 0
+
+    return read
+
+
 def _read_checked(read_slab: ReadSlab, shape, z0: int, z1: int):
     """``read_slab(z0, z1)``, refused unless it has the shape asked for."""
     slab = read_slab(z0, z1)
