@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--slab-size", type=_positive_int, default=64, help="z-slices meshed at a time (default: %(default)s)")
     m.add_argument("--table", help="also write the component table (CSV) here")
     m.add_argument("--largest", help="also write the largest connected component as its own mesh here")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sg = sub.add_parser("segment", help="segment a scan into a uint8 0/255 mask TIFF",
                         description="Preprocess INPUT and segment it (steps 1-5 of the method) into OUT, "
@@ -448,7 +449,8 @@ def _cmd_mesh(a) -> int:
         st = mesh_from_mask(read, m.shape, a.out, voxel,   # --max-faces 0: every face, as in the config
                             slab_size=a.slab_size, min_faces=a.min_faces, max_faces=a.max_faces or None,
                             max_bytes=int(a.max_bytes), table_path=a.table, largest_path=a.largest,
-                            max_memory_faces=a.max_memory_faces or None, device=a.device)
+                            max_memory_faces=a.max_memory_faces or None, device=a.device,
+                            progress=not a.no_progress)
     if not st.faces:
         print("  note: the mesh file holds no surface: " + (
             f"every piece was under --min-faces {a.min_faces}" if st.components_removed

@@ -1295,7 +1295,7 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
                    slab_size: int = 64, min_faces: int = 20, max_faces: int | None = None,
                    level: float = 0.5, max_bytes: int = 1 << 30, table_path=None,
                    largest_path=None, max_memory_faces: int | None = MAX_MEMORY_FACES,
-                   device: str = "cpu") -> MeshStats:
+                   device: str = "cpu", progress: bool = False) -> MeshStats:
     """Mask (streamed by ``read_slab(z0, z1)``) -> marching cubes -> :func:`solid_components` ->
     drop components < ``min_faces`` -> decimate to ``max_faces`` (if given; components it leaves
     under ``min_faces`` dropped too) -> file at ``out_path`` (format from its suffix), decimated
@@ -1320,7 +1320,8 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     than write an empty file that reads as an empty mask.
 
     ``device`` ("cpu", "cuda" or "auto"): where the marching cubes of a mask at full resolution runs; the rest
-    of the stage (components, measures, decimation, files) runs on the host.
+    of the stage (components, measures, decimation, files) runs on the host. ``progress``: a progress bar of
+    the slices read (tqdm), started again for each further streamed pass (coarser grids).
     """
     from .io import refuse_folder
 
@@ -1330,19 +1331,25 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     for path, what in ((out_path, "the mesh"), (table_path, "the component table"), (largest_path, "the largest tree")):
         if path is not None:   # refused before the meshing, not after it
             refuse_folder(path, what)
-    read_slab = _as_reader(read_slab, shape)
-    full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None,
-                                 backend.resolve_device(device))
-    k = 1
-    if full is None:
-        k, full = _fitting_block_factor(read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces)
-    est = est if max_memory_faces else None
-    v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
-    v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
-    if k > 1:
-        if not len(f):   # an empty file would read as an empty mask
+    read_slab, bar = _as_reader(read_slab, shape), None
+    if progress:
+        read_slab, bar = _progress_reader(read_slab, shape[0])
+    try:   # the passes over the mask
+        full, est = _full_resolution(read_slab, shape, slab_size, voxel_size, level, max_memory_faces or None,
+                                     backend.resolve_device(device))
+        k = 1
+        if full is None:
+            k, full = _fitting_block_factor(read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces)
+        est = est if max_memory_faces else None
+        v, f, n_mc, lab, fv = _marching_cubes_labelled(voxel_size, k, full)
+        v, f, lab, fv = _drop_small_keeping(v, f, lab, min_faces, per_face=fv)
+        if k > 1 and not len(f):   # an empty file would read as an empty mask
             _refuse_empty_blocks(out_path, read_slab, shape, slab_size, voxel_size, level, est, max_memory_faces, k,
                                  n_mc, min_faces)
+    finally:
+        if bar is not None:
+            bar.close()
+    if k > 1:
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, "
                       f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels "
@@ -1363,6 +1370,26 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
     return MeshStats(str(out_path), len(mv), len(mf), n, n_mc - n,
                      float(norms.sum() / 2.0) if len(mf) else 0.0, float(vols.sum()) if len(mf) else 0.0, nbytes,
                      k, est)
+
+
+def _progress_reader(read_slab: ReadSlab, nz: int):
+    """(``read_slab`` that moves a tqdm bar to the deepest slice read, the bar): a read from slice 0 once the bar
+    has moved is a further pass over the mask (a coarser grid, a count), which starts the bar again."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=nz, desc="mesh", unit="slice", leave=False)
+    passes = [1]
+
+    def read(z0: int, z1: int):
+        if z0 == 0 and bar.n:
+            passes[0] += 1
+            bar.reset()
+            bar.set_description(f"mesh, pass {passes[0]}")
+        slab = read_slab(z0, z1)
+        bar.update(max(0, z1 - bar.n))
+        return slab
+
+    return read, bar
 
 
 def _refuse_empty_blocks(out_path, read_slab: ReadSlab, shape, slab_size: int, voxel_size, level: float, estimate: int,

@@ -75,3 +75,17 @@ def test_the_binary_reader_leaves_the_callers_arrays_alone_unless_they_are_fresh
         m2 = m.copy()
         m2[3, 5, 6] = 7
         M.binary_mask_reader(lambda z0, z1: m2[z0:z1], "m")(0, 8)
+
+
+@pytest.mark.filterwarnings("ignore:.*voxel blocks:RuntimeWarning")   # the budget is there to make a second pass
+def test_the_progress_bar_follows_each_pass_and_changes_nothing(tmp_path, capsys):
+    m = _box(1, bool)
+    quiet = M.mesh_from_mask(m, m.shape, tmp_path / "a.ply", (1, 1, 1), slab_size=2, max_memory_faces=100)
+    assert "mesh" not in capsys.readouterr().err
+    shown = M.mesh_from_mask(m, m.shape, tmp_path / "b.ply", (1, 1, 1), slab_size=2, max_memory_faces=100,
+                             progress=True)
+    err = capsys.readouterr().err
+    assert "mesh" in err and "mesh, pass 2" in err, err   # the full-resolution pass, then a coarser grid's
+    assert (shown.faces, shown.block_factor) == (quiet.faces, quiet.block_factor) and quiet.block_factor > 1
+    assert (tmp_path / "a.ply").read_bytes() == (tmp_path / "b.ply").read_bytes()
+    assert main(["mesh", str(tmp_path / "x.tif"), "-o", str(tmp_path / "m.glb"), "--no-progress"]) == 1   # parsed
