@@ -804,7 +804,8 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int,
     to at most about ``max_faces`` faces, calling it again on its own output while that stays above the target
     and shrinks; it can stop above that, where it finds no edge left it may collapse under its largest error
     threshold (spongy or many small pieces, or pieces large in µm). Back-to-back face pairs it leaves
-    (zero-volume fins) are removed; strong decimation can still pinch surfaces together along edges (:func:`non_manifold_edges`).
+    (zero-volume fins) are removed; strong decimation can still pinch surfaces together along edges
+    (:func:`non_manifold_edges`).
 
     Returns the input unchanged when it is already small enough. Without ``fast-simplification``
     it warns and returns the input (the caller then sees the face count it did not ask for).
@@ -1401,8 +1402,8 @@ def _refuse_empty_blocks(out_path, read_slab: ReadSlab, shape, slab_size: int, v
             else "holds no surface: every structure is thinner than about half a block")
     least, j = _workable_memory_faces(read_slab, shape, slab_size, voxel_size, level, estimate, k, min_faces)
     at = f" (meshed from {j} x {j} x {j} voxel blocks)" if j > 1 else " (full resolution)"
-    raise ValueError(f"{out_path}: max_memory_faces = {max_memory_faces:,} is too small for this mask, which would give "
-                     f"about {estimate:,} marching-cubes faces: to fit it the mask is meshed from {k} x {k} x {k} "
+    raise ValueError(f"{out_path}: max_memory_faces = {max_memory_faces:,} is too small for this mask, which would "
+                     f"give about {estimate:,} marching-cubes faces: to fit it the mask is meshed from {k} x {k} x {k} "
                      f"voxel blocks, and that mesh {lost}; nothing would be written. Set max_memory_faces ([mesh] "
                      f"max_memory_faces, gpuheart mesh --max-memory-faces) to at least {least:,}{at}, or 0 for no "
                      f"limit")
