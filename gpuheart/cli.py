@@ -152,11 +152,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "given as files or folders holding them) and/or the synthetic scan. Images go "
                                     "through the pipeline's own preprocessing first. Writes OUT/best.pt (the best "
                                     "checkpoint by validation Dice), last.pt (for --resume), log.csv, curves.png.")
-    tr.add_argument("data", nargs="*", help="NAME_image.tif files or folders of them")
+    tr.add_argument("data", nargs="*", help="NAME_image.tif files or folders of them, each with NAME_label.tif "
+                                            "beside it (0 background, any nonzero value vessel)")
     tr.add_argument("-o", "--out", required=True, help="run folder")
     tr.add_argument("--phantom", type=_nonnegative_int, default=0, metavar="N",
                     help="also train on N synthetic scans (default preset, seeds 1..N)")
-    tr.add_argument("--exclude", nargs="*", default=[], help="stack names to leave out (held-out evaluation)")
+    tr.add_argument("--exclude", nargs="*", default=[],
+                    help="stack names to leave out (held-out evaluation); stacks sharing a NAME in different "
+                         "folders are named FOLDER/NAME. Give the data before it")
     tr.add_argument("--finetune", nargs="?", const="default", metavar="WEIGHTS",
                     help="fine-tune WEIGHTS (default: the shipped model) on your labelled slices with the measured "
                          "recipe: its architecture, tile and loss, 6 epochs of 25 steps, lr 3e-4, threshold 0.5; "

@@ -341,3 +341,12 @@ def test_the_curves_name_the_threshold_the_dice_was_scored_at(tmp_path, monkeypa
     img, lab = _synthetic()
     unet.train([img], [lab], _cfg(threshold=threshold), tmp_path / "run", progress=False)
     assert labels[-1] == label
+
+
+def test_train_help_says_what_a_label_value_means_and_how_same_named_stacks_are_excluded(capsys):
+    from gpuheart.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 background, any nonzero value vessel" in text and "named FOLDER/NAME" in text
