@@ -232,9 +232,10 @@ def _warn_label_values(stack: LabelledStack, values: set) -> None:
     """Several vessel values suggest a multi-class or instance mask, whose classes would all become vessel."""
     if len(values) > 1:
         count = "more than 8" if len(values) > 8 else len(values)
-        warnings.warn(f"{stack.label}: holds {count} distinct nonzero values ({describe_values(values)}); expected a vessel mask (0 background, nonzero "
-                      f"vessel): all nonzero values are taken as vessel - if it is a multi-class or instance "
-                      f"mask, save the vessel class alone", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{stack.label}: holds {count} distinct nonzero values ({describe_values(values)}); "
+                      f"expected a vessel mask (0 background, nonzero vessel): all nonzero values are taken as "
+                      f"vessel - if it is a multi-class or instance mask, save the vessel class alone",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _warn_unlabelled_slices(stack: LabelledStack, labelled) -> None:

@@ -8,8 +8,8 @@ Public API
 - ``UNet(in_channels=1, out_channels=1, depth=4, width=16, norm="batch", up="bilinear")``
 - ``tversky_focal_loss``, ``dice_bce_loss``, ``LOSSES``
 - ``AugmentConfig``, ``augment_pair``, ``geometric_augment``, ``intensity_augment``
-- ``TrainConfig``, ``TrainResult``, ``train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False)``,
-  ``check_training_setup``
+- ``TrainConfig``, ``TrainResult``, ``check_training_setup``,
+  ``train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False)``
 - ``save_weights``, ``load_weights``, ``default_weights_path``, ``load_default``
 - ``TileGrid``, ``tile_grid``, ``inference_tile``, ``predict(model, image, tile=None, overlap=None, ...)``
 
@@ -897,7 +897,8 @@ class TrainConfig:
             _want_int("num_threads", self.num_threads, 1, " (None: torch's own setting)")
         if self.threshold is not None:
             _want_float("threshold", self.threshold, lambda v: 0 < v < 1, "in (0, 1)")
-        _want_float("lr", self.lr, lambda v: v >= 0, "a finite number >= 0")   # 0 trains nothing: a fine-tuning baseline
+        # lr 0 trains nothing: a fine-tuning baseline
+        _want_float("lr", self.lr, lambda v: v >= 0, "a finite number >= 0")
         _want_float("weight_decay", self.weight_decay, lambda v: v >= 0, "a finite number >= 0")
         _want_float("min_lr", self.min_lr, lambda v: v >= 0, "a finite number >= 0")
         _want_float("lr_factor", self.lr_factor, lambda v: 0 < v < 1, "in (0, 1) (ReduceLROnPlateau's factor)")
@@ -1206,7 +1207,8 @@ def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str,
         # log and curves before last.pt: a run killed in between never has a last.pt ahead of its log,
         # which a resume that finds nothing left to train would not write again
         _write_log(state["history"], log_path)
-        _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)   # every epoch, so a killed run has them too
+        # every epoch, so a killed run has them too
+        _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)
         _save_last(last_path, model, opt, sched, rng, state, cfg, data)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
