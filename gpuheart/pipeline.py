@@ -462,6 +462,8 @@ class Pipeline:
 
         if source is not None:
             _scan_path(source)   # an array is refused before an earlier run's summary is removed
+        # absolute: summary.json's paths must resolve from wherever it is read, not the folder a run started in
+        out_dir = Path(out_dir).absolute()
         created = not Path(out_dir).exists()
         try:
             with _out_lock(_writable_folder(Path(out_dir))):
@@ -513,6 +515,7 @@ class Pipeline:
             started_over: dict[str, str] = {}
             later_only: dict[str, str] = {}
             desc = scan.describe()  # once: for a Zarr store it sums every chunk file's size
+            desc["path"] = str(Path(desc["path"]).absolute())
             outputs, summary = {}, {"input": desc, "device": backend.resolve_device(cfg.device),
                                     "segmentation": cfg.segment.method}
             stamps: dict = {}  # the files' stamps, taken once for every channel

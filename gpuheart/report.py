@@ -65,7 +65,7 @@ def write_report(out_dir) -> Path:
     summary = run.get("summary", {})
     # A channel's entry is the dict with a slice count; other top-level entries (input, device, ...) are not.
     channels = [c for c, v in summary.items() if isinstance(v, dict) and "slices" in v]
-    parts = [_header(run, summary), _timing_table(run.get("timings_s", {}), summary, channels)]
+    parts = [_header(out_dir, summary), _timing_table(run.get("timings_s", {}), summary, channels)]
     for channel in channels:
         parts.append(_channel_section(out_dir, fig_dir, channel, summary[channel]))
     page = _PAGE.format(title="gpuheart report", body="\n".join(parts))
@@ -126,11 +126,12 @@ def _table(header, rows) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _header(run, summary) -> str:
+def _header(out_dir: Path, summary) -> str:
     inp = summary.get("input", {})
     rows = [(k, _voxel(v) if k == "voxel_size" else json.dumps(v) if isinstance(v, (list, dict)) else v)
             for k, v in inp.items()]
-    return (f"<p>Output folder: <code>{_esc(run.get('out_dir', ''))}</code></p>"
+    # the folder the page is in (a run's folder may have been moved or copied since it was written)
+    return (f"<p>Output folder: <code>{_esc(str(out_dir.absolute()))}</code></p>"
             f"<h2>Input</h2>{_table(['property', 'value'], rows)}"
             f"<p>Device: <b>{_esc(summary.get('device', 'unknown'))}</b></p>")
 
