@@ -1547,7 +1547,7 @@ def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -
             max_faces=mc.max_faces or None, max_bytes=mc.max_bytes, max_memory_faces=mc.max_memory_faces or None,
             table_path=out / "components.csv" if mc.component_table else None,
             largest_path=out / f"largest_tree.{mc.format}" if mc.largest else None,
-            device=backend.resolve_device(cfg.device))
+            device=backend.resolve_device(cfg.device), progress=cfg.progress)
     paths["mesh"] = out / f"mesh.{mc.format}"
     if mc.component_table:
         paths["components"] = out / "components.csv"
