@@ -1049,7 +1049,7 @@ def _znorm_asinh_cuda(slab, znorm: "ZNorm", z0: int, normalize: bool, scale: flo
 
 # -- the whole chain ------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class ExposureConfig:
     """Paper steps 1-2: z-normalization, asinh stretch, CLAHE, robust scaling (defaults: the paper's)."""
 

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DomConfig:
     """Paper step 4: difference of medians (median small - median large), thresholded per slice."""
 
@@ -43,7 +43,7 @@ class DomConfig:
     k: float = 3.0
 
 
-@dataclass
+@dataclass(slots=True)
 class SegmentConfig:
     """Paper steps 3 and 5: the U-Net, and which mask becomes the segmentation."""
 
@@ -61,7 +61,7 @@ class SegmentConfig:
     compile: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class PostprocessConfig:
     """Paper step 6: closing along z (1x1xz_size, z_iterations times), then one size3d^3 closing."""
 
@@ -71,7 +71,7 @@ class PostprocessConfig:
     size3d: int = 3
 
 
-@dataclass
+@dataclass(slots=True)
 class MeshConfig:
     """Paper step 7: marching cubes, pieces under min_faces dropped, optional decimation."""
 
@@ -88,7 +88,7 @@ class MeshConfig:
     component_table: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class GraphConfig:
     """The connected vascular tree (largest 26-connected component) as a skeleton graph."""
 
@@ -98,7 +98,7 @@ class GraphConfig:
     background: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputConfig:
     write_preprocessed: bool = True
     tiff: bool = False  # also write every mask as a multi-page TIFF beside its OME-Zarr
@@ -153,7 +153,7 @@ def _check_ranges(cfg: "PipelineConfig") -> None:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
 
 
-@dataclass
+@dataclass(slots=True)
 class PipelineConfig:
     """Everything a run needs besides its input; defaults are the paper's settings.
 
@@ -207,6 +207,9 @@ class PipelineConfig:
             raise ConfigError(f"{where}: {err}") from None
 
     def validate(self) -> "PipelineConfig":
+        # set from Python, a value skips from_dict's type checks: PipelineConfig(channels="C00") ran as
+        # channels 'C' and '0'; the checks of a config file, on these settings (types, unknown keys)
+        _build(PipelineConfig, self.to_dict(), "config")
         backend.resolve_device(self.device)  # raises DeviceError with the reason
         for name in self.channel:   # a name no scan can have would be ignored, silently
             if not re.fullmatch(r"C\d{2,}", str(name)):
@@ -342,7 +345,8 @@ def _coerce(value, default, where):
     elif isinstance(default, list):
         # the list's items too: voxel_size = ["a", 1, 2] was a TypeError traceback in the range check
         item = _LIST_ITEMS.get(where.rsplit(".", 1)[-1])
-        ok = isinstance(value, list) and all(_is(v, item) for v in value)
+        ok = isinstance(value, (list, tuple)) and all(_is(v, item) for v in value)   # a tuple: from Python
+        value = list(value) if ok else value
         want = f"a list of {'strings' if item is str else 'numbers'}" if item else "list"
         if ok and item is float:
             value = [float(v) for v in value]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gpuheart import Pipeline, PipelineConfig
-from gpuheart.pipeline import ConfigError
+from gpuheart.pipeline import ConfigError, PostprocessConfig
 
 
 def test_config_toml_roundtrip(tmp_path):
@@ -817,3 +817,20 @@ def test_segment_of_the_first_channel_is_not_stopped_by_a_damaged_other_channel(
     p = Pipeline(_tiny_cfg())
     out = p.segment(scan, tmp_path / "m.tif")
     assert tifffile.imread(out).shape == (4, 24, 24) and list(p.last_run.outputs) == ["C00"]
+
+
+def test_settings_made_in_python_get_the_checks_a_config_file_gets():
+    """A typo'd attribute was kept beside the real one (the run used the default), and channels="C00" passed
+    validate() to fail at run time as channels 'C' and '0'."""
+    cfg = PipelineConfig()
+    with pytest.raises(AttributeError, match="z_iteration"):
+        cfg.postprocess.z_iteration = 2
+    with pytest.raises(AttributeError, match="treshold"):
+        cfg.dom.treshold = "noise"
+    with pytest.raises(AttributeError, match="clip_limt"):
+        cfg.exposure.clip_limt = 0.02
+    with pytest.raises(ConfigError, match="config.channels: expected a list of strings, got 'C00'"):
+        PipelineConfig(channels="C00").validate()
+    with pytest.raises(ConfigError, match="config.postprocess.z_iterations: expected int"):
+        PipelineConfig(postprocess=PostprocessConfig(z_iterations=2.5)).validate()
+    assert PipelineConfig(voxel_size=(4, 1, 1)).validate().voxel_size == (4, 1, 1)   # a tuple is fine
