@@ -201,7 +201,9 @@ def main(argv=None):
         from gpuheart.training import train_from_files
 
         train_names = [n for n in stacks if n != held]
+        # overwrite: a rerun of this script replaces its own earlier fold runs
         res = train_from_files([a.data], Path(a.runs) / held, phantoms=a.phantoms, exclude=[held], progress=False,
+                               overwrite=True,
                                epochs=a.epochs, steps_per_epoch=a.steps, tile=a.tile, width=a.width, seed=a.seed,
                                loss=a.loss, norm=a.norm, context=a.context, schedule=a.schedule, balance=a.balance,
                                batch_size=a.batch_size, lr=a.lr, num_threads=a.threads, workers=a.workers,

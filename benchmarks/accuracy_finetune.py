@@ -63,7 +63,8 @@ def main(argv=None):
                                width=base.hparams["width"], depth=base.hparams["depth"],
                                val_fraction=val_fraction, init=str(base_path), threshold=a.threshold,
                                num_threads=os.cpu_count())
-        res = unet.train(train_pre, train_lab, cfg, Path(a.work) / name, progress=False)
+        # overwrite: a rerun of this script replaces its own earlier fold runs
+        res = unet.train(train_pre, train_lab, cfg, Path(a.work) / name, progress=False, overwrite=True)
         tuned = unet.load_weights(res.best_path)
         row = {}
         for label, model in (("before", base), ("after", tuned)):
