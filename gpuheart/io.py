@@ -369,14 +369,21 @@ class _TiffStack:
         if axes[-2:] != "YX":
             raise ScanError(f"{path}: series axes {axes}; expected the last two axes to be Y, X")
         lead = [(a, n) for a, n in zip(axes[:-2], shape[:-2])]
-        zaxes = [a for a, n in lead if a in "ZIQ" and n > 1]
-        other = [f"{a}={n}" for a, n in lead if a not in "ZIQC" and n > 1]
+        zlike = "ZIQ"
+        if not any(a in zlike and n > 1 for a, n in lead) and any(a == "T" and n > 1 for a, n in lead):
+            # Fiji's "Images to Stack" and many label exports store a z-stack as time frames; with no z axis
+            # beside them, the frames can only be the slices
+            zlike = "ZIQT"
+            warnings.warn(f"{path}: its {dict(lead)['T']} time frames (axes {axes}) are read as z slices, as it "
+                          f"has no z axis", UserWarning, stacklevel=4)
+        zaxes = [a for a, n in lead if a in zlike and n > 1]
+        other = [f"{a}={n}" for a, n in lead if a not in zlike + "C" and n > 1]
         if len(zaxes) > 1 or other:
             raise ScanError(f"{path}: series axes {axes} with shape {shape}; "
                             f"expected at most one z axis and one channel axis (C)")
         self.lead_axes = [a for a, _ in lead]
         self.lead_shape = [n for _, n in lead]
-        self.z_axis = next((i for i, (a, n) in enumerate(lead) if a in "ZIQ" and n > 1), None)
+        self.z_axis = next((i for i, (a, n) in enumerate(lead) if a in zlike and n > 1), None)
         self.c_axis = next((i for i, (a, _) in enumerate(lead) if a == "C"), None)
         nz = self.lead_shape[self.z_axis] if self.z_axis is not None else 1
         nc = self.lead_shape[self.c_axis] if self.c_axis is not None else 1

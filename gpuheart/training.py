@@ -121,7 +121,7 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
     from .exposure import ZNorm, preprocess, slice_stats
     from .metrics import has_fractions
 
-    with _open(stack.image) as si, _open(stack.label) as sl:
+    with open_scan(stack.image) as si, open_scan(stack.label) as sl:
         for scan, path in ((si, stack.image), (sl, stack.label)):   # a channel axis makes the shapes differ too
             _check_one_channel(scan, path, si.shape[0])
         if si.shape != sl.shape:
@@ -168,33 +168,6 @@ def load_pair(stack: LabelledStack, sparse: bool = False):
             raise ScanError(f"{stack.label}: every labelled slice is dark (no signal), so there is nothing to train on")
         images = [preprocess(si.read_slab(ci, z0, z1), znorm, z0) for z0, z1 in _runs(keep, SLAB)]
     return np.concatenate(images), labels
-
-
-def _open(path: Path):
-    """``open_scan``, with advice for a stack saved as time frames (Fiji's default for some stacks)."""
-    try:
-        return open_scan(path)
-    except ScanError as err:
-        hint = _frames_hint(path)
-        if hint:
-            raise ScanError(f"{err}; {hint}") from err
-        raise
-
-
-def _frames_hint(path: Path) -> str:
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            axes, shape = tif.series[0].axes, tif.series[0].shape
-    except Exception:   # not a TIFF, or unreadable: open_scan's message says enough
-        return ""
-    if "T" not in axes or shape[axes.index("T")] < 2 or dict(zip(axes, shape)).get("Z", 1) > 1:
-        return ""
-    n = shape[axes.index("T")]
-    return (f"its {n} slices are saved as time frames (T), expected z-slices: in Fiji set Image > Properties to "
-            f"Slices (z) {n}, Frames (t) 1 and save again (tifffile: imwrite(path, stack, imagej=True, "
-            f"metadata={{'axes': 'ZYX'}}))")
 
 
 def _check_one_channel(scan, path: Path, image_slices: int) -> None:
