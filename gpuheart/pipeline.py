@@ -391,7 +391,8 @@ class RunResult:
     timings: dict[str, float]
     summary: dict[str, Any]
     report: Path | None = None
-    resumed: dict[str, int] = field(default_factory=dict)  # channel -> slice pass 2 continued at
+    # channel -> slice pass 2 continued at (a reused channel, or one whose pass 2 was kept: its slice count)
+    resumed: dict[str, int] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)  # channels whose finished results an identical run left
     # channel -> why the checkpoint an earlier run left in its folder was neither continued nor reused (one line)
     started_over: dict[str, str] = field(default_factory=dict)
@@ -1528,7 +1529,8 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
         read = mask_reader(m)  # one z-chunk per slab written: no chunk is read back and merged
         slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d,
                                          device=backend.resolve_device(cfg.device)), timer, "closing")
-        for z0, z1, closed in _progress(slabs, cfg.progress, "closing slabs", total=-(-m.shape[0] // slab)):
+        bar = _progress(slabs, cfg.progress, f"{out.name} closing slabs", total=-(-m.shape[0] // slab))
+        for z0, z1, closed in bar:
             with timer("write"):
                 w.write(z0, closed.view(np.uint8) * 255)   # a bool is one byte, 0 or 1
             acc.score("final", z0, closed)

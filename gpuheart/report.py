@@ -250,8 +250,11 @@ def _channel_section(out_dir: Path, fig_dir: Path, channel: str, s: dict) -> str
             (_mesh(_find_mesh(out_dir / channel), fig_dir / f"{name}_mesh.png",
                    block_factor=int(s.get("mesh", {}).get("block_factor", 1))), "mesh")]
     imgs = "\n".join(_img(fig_dir, p, f"{channel}: {alt}") for p, alt in figs)
+    # said, not silently left out: the page would otherwise look complete without them
+    lost = ("" if npz.is_file() else f"<p><b>{_esc(str(npz))} is missing</b>: the projections, profile and overlay "
+            f"of this channel cannot be drawn (give the run's command again to write it).</p>\n")
     return (f"<h2>Channel {_esc(channel)}</h2>\n{_method_line(s)}\n{_measurement_table(s)}\n"
-            f"{_structure_table(s)}\n{imgs}")
+            f"{_structure_table(s)}\n{lost}{imgs}")
 
 
 # ---------------------------------------------------------------- figures (each returns its PNG path or None)

@@ -102,6 +102,8 @@ def test_page_and_figures(tmp_path):
     assert re.search(r"difference of medians</td><td>2\.000</td><td>10\.5<", text)
     assert re.search(r"to device</td><td>0\.000</td><td>–<", text)
     assert "C00_mips.png" in text and "C02_mips.png" not in text
+    # and C02's lost figures are said, not silently left out
+    assert f"{out / 'C02' / 'figures.npz'} is missing</b>" in text and text.count("is missing</b>") == 1
     # every mask scored against the truth gets a row: here the difference-of-medians mask of C00
     assert re.search(r"mask vs truth</th>.*?<td>dom</td><td>0\.8</td>", text, re.S)
 
