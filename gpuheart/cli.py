@@ -333,15 +333,29 @@ def _run_batch(pipeline, inputs: list[str], out: Path, truth, resume: bool = Tru
 
 
 def _unique_names(inputs: list[str]) -> list[str]:
-    names, seen = [], {}
+    """OUT sub-folder names: each scan's name without its extension; scans of one name are told apart by as
+    many of their parent folders as it takes ("a-scan", "b-scan"), so a scan keeps its folder (and can reuse
+    its results) whatever order the inputs come in; numbers only where the paths themselves cannot."""
+    parts = []
     for src in inputs:
-        base = Path(src.rstrip("/")).name
+        path = Path(src.rstrip("/")).absolute()
+        base = path.name
         for suffix in (".ome.zarr", ".zarr", ".ome.tif", ".ome.tiff", ".tif", ".tiff"):
             if base.endswith(suffix):
                 base = base[: -len(suffix)]
                 break
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+        parts.append([p.name for p in reversed(path.parents) if p.name] + [base])
+    names = []
+    for i, own in enumerate(parts):
+        same = [p for p in parts if p[-1] == own[-1] and p is not own]
+        depth = 1
+        while any(p[-depth:] == own[-depth:] for p in same) and depth < len(own):
+            depth += 1
+        names.append("-".join(own[-depth:]))
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):   # the same path given twice
+        seen[name] = seen.get(name, 0) + 1
+        names[i] = name if seen[name] == 1 else f"{name}-{seen[name]}"
     return names
 
 

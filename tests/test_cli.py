@@ -423,7 +423,11 @@ def test_batch_folders_are_the_scan_names_without_extensions_and_never_shared():
 
     # two scans of one name would otherwise run into one folder, the second replacing the first's outputs
     assert _unique_names(["a/heart.ome.tif", "b/heart.tif", "c/heart.ome.zarr/", "d/lung.tiff", "e/lung.zarr",
-                          "f/lung.ome.tiff"]) == ["heart", "heart-2", "heart-3", "lung", "lung-2", "lung-3"]
+                          "kidney.tif"]) == ["a-heart", "b-heart", "c-heart", "d-lung", "e-lung", "kidney"]
+    # told apart by their folders, not their order: a rerun with the inputs swapped keeps each scan's folder
+    assert _unique_names(["p/scan", "q/scan"]) == ["p-scan", "q-scan"]
+    assert _unique_names(["q/scan", "p/scan"]) == ["q-scan", "p-scan"]
+    assert _unique_names(["x/a/scan", "y/a/scan", "z/b/scan"]) == ["x-a-scan", "y-a-scan", "b-scan"]
 
 
 def test_the_resume_message_says_where_the_run_continued(capsys):
