@@ -412,7 +412,8 @@ def _print_run(result) -> None:
         if norm.get("dark_slices"):   # blanked: the user must hear of it, and how to keep them
             print(f"    dark slices (spread <= {norm.get('dark_ratio', 0.1):g} of the stack's, or <= "
                   f"{norm.get('dark_neighbour_ratio', 0.35):g} of the slices' on both sides, e.g. laser dropout): "
-                  f"{len(norm['dark_slices'])} at z = {_z_ranges(norm['dark_slices'])}; written as 0, no vessels found there "
+                  f"{len(norm['dark_slices'])} at z = {_z_ranges(norm['dark_slices'])}; written as 0, no vessels "
+                  f"found in them, though the closings along z bridge vessels across them in the final mask "
                   f"([exposure] dark_ratio = 0 and dark_neighbour_ratio = 0 keep all but blank ones)")
         scores = [f"{k.removesuffix('_vs_truth')} {v['dice']:.3f}" for k, v in s.items() if k.endswith("_vs_truth")]
         if scores:

@@ -211,7 +211,8 @@ def _method_line(s: dict) -> str:
     else:
         truth = "no truth mask: no Dice"
     dark = s.get("normalization", {}).get("dark_slices") or []
-    note = (f" Dark slices (no signal; written as 0, no vessels found there): {_esc(', '.join(map(str, dark)))}."
+    note = (f" Dark slices (no signal; written as 0, no vessels found in them; the closings along z bridge vessels "
+            f"across them in the final mask): {_esc(', '.join(map(str, dark)))}."
             if dark else "")
     return f"<p>Segmentation: <b>{_esc(method)}</b>; {truth}.{note}</p>"
 
