@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -243,7 +244,10 @@ def _cmd_run(a) -> int:
     if inputs and a.phantom_preset:
         raise ConfigError(f"--phantom-preset {a.phantom_preset}: it sizes the built-in synthetic scan, which runs "
                           f"only when no INPUT is given; expected either INPUT or --phantom-preset")
+    started = time.monotonic()
     with _dask_client(a.dask) as client:
+        if client is not None:   # not in a run's own time (summary.json's wall_s), so said here
+            print(f"gpuheart: Dask cluster {a.dask} ready in {time.monotonic() - started:.1f} s")
         if len(inputs) <= 1:
             result = Pipeline(cfg).run(inputs[0] if inputs else None, a.out, truth=truth,
                                        phantom_preset=a.phantom_preset or "default", resume=not a.restart,

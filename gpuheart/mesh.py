@@ -1351,9 +1351,10 @@ def mesh_from_mask(read_slab: ReadSlab, shape: tuple[int, int, int], out_path, v
         if bar is not None:
             bar.close()
     if k > 1:
+        half = f"{k / 2:g} voxel" + ("" if k == 2 else "s")
         warnings.warn(f"{out_path}: the mask would give about {est:,} marching-cubes faces, over max_memory_faces = "
                       f"{max_memory_faces:,}: meshed from {k} x {k} x {k} voxel blocks (block factor {k}, "
-                      f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {k / 2:g} voxels "
+                      f"{len(full[1]):,} faces) to bound the memory; structures thinner than about {half} "
                       f"are lost and the surface lies inside the mask's (a tube 24 voxels across lost 14 % of its "
                       f"volume at factor 3, 26 % at factor 5)", RuntimeWarning, stacklevel=2)
     mv, mf, mlab, nbytes = _reduce_and_export(v, f, lab, out_path, max_faces, min_faces, max_bytes)

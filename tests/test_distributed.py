@@ -1,5 +1,6 @@
 """Pass 2 on a 2-worker Dask LocalCluster gives exactly the outputs of a local run."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +61,8 @@ def test_cli_dask_local(tmp_path, capsys):
     assert main(["run", "-o", str(tmp_path / "o"), "--phantom-preset", "tiny", "-c", str(cfg), "--dask", "local:2",
                  "--no-progress"]) == 0
     assert (tmp_path / "o" / "C00" / "mask.ome.zarr").is_dir()
+    # the cluster's start is not in the run's wall time: said on its own line
+    assert re.search(r"gpuheart: Dask cluster local:2 ready in \d+\.\d s", capsys.readouterr().out)
 
 
 def test_dask_run_gives_a_2p5d_unet_its_z_halo(client, tmp_path):
