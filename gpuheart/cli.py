@@ -350,7 +350,7 @@ def _unique_names(inputs: list[str]) -> list[str]:
                 break
         parts.append([p.name for p in reversed(path.parents) if p.name] + [base])
     names = []
-    for i, own in enumerate(parts):
+    for own in parts:
         same = [p for p in parts if p[-1] == own[-1] and p is not own]
         depth = 1
         while any(p[-depth:] == own[-depth:] for p in same) and depth < len(own):

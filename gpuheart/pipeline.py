@@ -469,14 +469,14 @@ class Pipeline:
             _scan_path(source)   # an array is refused before an earlier run's summary is removed
         # absolute: summary.json's paths must resolve from wherever it is read, not the folder a run started in
         out_dir = Path(out_dir).absolute()
-        created = not Path(out_dir).exists()
+        created = not out_dir.exists()
         try:
-            with _out_lock(_writable_folder(Path(out_dir))):
-                return self._run(source, Path(out_dir), truth, phantom_preset, resume, client)
+            with _out_lock(_writable_folder(out_dir)):
+                return self._run(source, out_dir, truth, phantom_preset, resume, client)
         except BaseException:
             if created:   # a scan that failed at once (a wrong path) leaves no empty OUT/<name>/ behind
-                (Path(out_dir) / _LOCK).unlink(missing_ok=True)
-                _remove_if_empty(Path(out_dir))
+                (out_dir / _LOCK).unlink(missing_ok=True)
+                _remove_if_empty(out_dir)
             raise
 
     def _run(self, source, out_dir: Path, truth, phantom_preset: str, resume: bool, client) -> RunResult:
@@ -1805,12 +1805,8 @@ class _Checkpoint:
         _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
         self._remove_acc()
         for src, dst in zip(self._pass2_acc_files(), self._acc_files(nz)):
-            tmp = dst.with_name(dst.name + ".partial")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        self.manifest = {"stats": True, "next_z": nz, "pass2": m["pass2"]}
-        self._write_manifest()
-        self.later = _why_not_the_same(m.get("key"), self.key)
+            _copy_atomic(src, dst)
+        self._adopt(m, {"stats": True, "next_z": nz, "pass2": m["pass2"]})
 
     def _unfinished_pass2(self, m: dict) -> bool:
         """Whether ``m`` is an interrupted run's manifest (after pass 1, in or after pass 2) whose pass 2 this
@@ -1821,7 +1817,11 @@ class _Checkpoint:
 
     def _take_over_unfinished(self, m: dict) -> None:
         _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
-        self.manifest = {k: m[k] for k in ("stats", "next_z", "pass2") if k in m}
+        self._adopt(m, {k: m[k] for k in ("stats", "next_z", "pass2") if k in m})
+
+    def _adopt(self, m: dict, manifest: dict) -> None:
+        """Make ``manifest`` (from the earlier run's ``m``) this run's, written under this run's fingerprint."""
+        self.manifest = manifest
         self._write_manifest()
         self.later = _why_not_the_same(m.get("key"), self.key)
 
@@ -1831,9 +1831,7 @@ class _Checkpoint:
         if self.next_z != nz or (self.manifest.get("pass2") or {}).get("fingerprint") == self.fp2:
             return
         for src, dst in zip(self._acc_files(nz), self._pass2_acc_files()):
-            tmp = dst.with_name(dst.name + ".partial")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            _copy_atomic(src, dst)
         self._write_manifest(pass2={"fingerprint": self.fp2, "next_z": nz})
 
     def _result_paths(self) -> dict:
@@ -2162,6 +2160,12 @@ def _atomic_write_bytes(path: Path, data: bytes):
     tmp = path.with_name(path.name + ".partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _strict_json(o):
