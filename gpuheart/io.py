@@ -1,8 +1,9 @@
 """Opening scans lazily, iterating slabs with halos, writing masks atomically.
 
-Three sources are understood (see :func:`open_scan`): a multi-page TIFF (plain, ImageJ or OME, with an
+Four sources are understood (see :func:`open_scan`): a multi-page TIFF (plain, ImageJ or OME, with an
 optional channel axis), a folder of one TIFF per z-slice per channel as a LaVision UltraMicroscope
-writes it, and a Zarr / OME-Zarr store. Whatever the source, a :class:`Scan` reads one slice or one slab
+writes it, a folder of one multi-page TIFF per channel (Fiji's "Split Channels", saved), and a Zarr /
+OME-Zarr store. Whatever the source, a :class:`Scan` reads one slice or one slab
 only when asked: the scan itself is never loaded whole, because light-sheet hearts are tens of GB.
 
 Every failure is a :class:`ScanError` whose one-line message names the file and what was expected.
@@ -131,6 +132,8 @@ class Scan:
             src, c = src.src, src.index[c]
         if isinstance(src, _TiffFolder):
             return src.files[src.names[c]][z]
+        if isinstance(src, _TiffChannels):
+            return src.files[src.names[c]]
         return self.path
 
     def iter_slabs(self, channel: str | int, slab_size: int, halo: int = 0) -> Iterator[Slab]:
@@ -532,8 +535,10 @@ class _TiffFolder:
             if errors:
                 raise ScanError(f"{f}: truncated or corrupt TIFF ({errors[0].getMessage()})")
             if npages != 1 or len(shape) != 2:
-                stack = ("; a multi-page TIFF is a scan of its own: give the file itself, not its folder"
-                         if npages > 1 and len(shape) == 2 else "")
+                # a folder whose first file is a stack was refused or opened as one stack per channel
+                # (_channel_stacks): here a stack lies among slices
+                stack = (f"; a multi-page TIFF among slices such as {first.name}: move it elsewhere, or give it "
+                         f"alone" if npages > 1 and len(shape) == 2 and f != first else "")
                 raise ScanError(f"{f}: holds {npages} page(s) of shape {shape}; "
                                 f"expected one 2D grayscale slice per file in a folder of slices{stack}")
             if self.shape2d is None:
@@ -594,6 +599,141 @@ class _TiffFolder:
 
     def close(self) -> None:
         pass
+
+
+class _TiffChannels:
+    """A folder of one multi-page TIFF per channel (Fiji's "Split Channels" saved: ``C1-heart.tif``,
+    ``C2-heart.tif``): each channel is read from its own stack as a single stack is.
+
+    The voxel size is the one the files give; a file that gives none does not count, and files that give
+    different ones leave it unknown (with advice naming them), since one of them must be wrong."""
+
+    def __init__(self, path: Path, files: dict[str, Path]):
+        self.path, self.files, self.names = path, files, list(files)
+        self.stacks: list[_TiffStack] = []
+        try:
+            for name, f in files.items():
+                self.stacks.append(self._open(name, f))
+        except Exception:
+            self.close()
+            raise
+        first = self.stacks[0]
+        self.shape, self.dtype = first.shape, first.dtype
+        self.voxel_advice: list[str] = []
+        self.voxel_size = self._voxel_size()
+        self.format = "tiff-channels"
+
+    def _open(self, name: str, f: Path) -> _TiffStack:
+        stack = _TiffStack(f)
+        if stack.nchannels != 1:
+            stack.close()
+            raise ScanError(f"{f}: holds {stack.nchannels} channels; expected one channel per file in a folder "
+                            f"of one multi-page TIFF per channel (give this file alone to read its channels)")
+        if self.stacks and (stack.shape, stack.dtype) != (self.stacks[0].shape, self.stacks[0].dtype):
+            ref = self.stacks[0]
+            stack.close()
+            raise ScanError(f"{f}: channel {name} is {stack.shape} (z, y, x) {stack.dtype}, but {ref.path.name} "
+                            f"(channel {self.names[0]}) is {ref.shape} {ref.dtype}; expected every channel's "
+                            f"stack to have one shape and dtype")
+        return stack
+
+    def _voxel_size(self) -> tuple[float, float, float] | None:
+        known = [(s.path, s.voxel_size) for s in self.stacks if s.voxel_size is not None]
+        if not known:
+            self.voxel_advice = next((s.voxel_advice for s in self.stacks if s.voxel_advice), [])
+            return None
+        (f0, v0), other = known[0], next(((f, v) for f, v in known[1:] if not np.allclose(v, known[0][1])), None)
+        if other is None:
+            return v0
+        f1, v1 = other
+        self.voxel_advice = [f"{self.path}: the channels' files give different voxel sizes ({f0.name}: "
+                             f"{' x '.join(f'{x:g}' for x in v0)} µm, {f1.name}: {' x '.join(f'{x:g}' for x in v1)} "
+                             f"µm), so the voxel size is unknown; give the right one with --voxel-size Z Y X "
+                             f"(Python: voxel_size=(z, y, x))"]
+        return None
+
+    def read(self, c: int, z0: int, z1: int) -> np.ndarray:
+        return self.stacks[c].read(0, z0, z1)
+
+    def disk_bytes(self) -> int:
+        return sum(s.disk_bytes() for s in self.stacks)
+
+    def compression(self) -> str:
+        return ", ".join(dict.fromkeys(s.compression() for s in self.stacks))
+
+    def close(self) -> None:
+        for s in self.stacks:
+            s.close()
+
+
+def _planes(path: Path) -> int:
+    """How many 2D images the TIFF ``path`` holds (colour samples are one image); 0 when it cannot be read
+    (whoever reads it as a slice says why)."""
+    try:
+        tif = _open_tiff(path)
+    except ScanError:
+        return 0
+    with tif, _tifffile_errors():
+        try:
+            series = tif.series[0]
+            if getattr(series, "is_multifile", False):   # LaVision's slices name the whole series: count this file
+                return len(tif.pages)
+            lead = [n for a, n in zip(series.axes, series.shape) if a not in "YXS"]
+            return max(int(np.prod(lead, dtype=np.int64)), len(tif.pages))
+        except Exception:
+            return 0
+
+
+def _list_names(files: Sequence[Path], n: int = 5) -> str:
+    names = ", ".join(f.name for f in files[:n])
+    return names + (f", ... ({len(files)} files)" if len(files) > n else "")
+
+
+def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
+    """The files of a folder holding one multi-page TIFF per channel, by channel name (only ``channels``,
+    when given); None for any other folder (per-slice files, or a single file).
+
+    Only the first file decides whether the folder is one of stacks (a folder of 10,000 slices is not probed
+    file by file); then every file must be a stack with a channel token of its own, else the folder is
+    refused by name: stacks of unknown channels, per-slice files of several channels each, or stacks mixed
+    with slices would otherwise be read wrongly or half."""
+    tiffs = sorted((p for p in path.iterdir() if _is_slice_file_name(p.name) and p.is_file()),
+                   key=lambda p: _natural_key(p.name))
+    if len(tiffs) < 2:
+        return None
+    pages = {}
+    for f in tiffs:
+        pages[f] = _planes(f)
+        if pages[f] <= 1:
+            if f is tiffs[0]:
+                return None
+            stacks = [g for g in pages if pages[g] > 1]
+            raise ScanError(f"{path}: holds multi-page TIFFs ({_list_names(stacks)}) and single-page ones "
+                            f"(e.g. {f.name}); expected either one 2D slice per file or one multi-page TIFF "
+                            f"per channel (move the others elsewhere, or give one stack itself)")
+    n = pages[tiffs[0]]
+    each = f"{n} pages each" if len(set(pages.values())) == 1 else "several pages each"
+    if len({z[-1] for z in (_Z_RE.findall(f.name) for f in tiffs) if z}) > 1:
+        raise ScanError(f"{path}: its files are named like slices (Z tokens: {_list_names(tiffs, 3)}) but hold "
+                        f"{each} (channels of one slice?); expected one 2D slice per file: save one TIFF per "
+                        f"channel per slice (heart_C00_Z0000.tif), or one multi-page TIFF per channel "
+                        f"(heart_C00.tif, heart_C01.tif)")
+    numbers: dict[int, list[Path]] = {}
+    for f in tiffs:
+        if not _CHANNEL_RE.search(f.name):
+            raise ScanError(f"{path}: holds {len(tiffs)} multi-page TIFFs ({_list_names(tiffs)}; {each}), and "
+                            f"{f.name!r} has no channel token; expected one stack per channel named with its "
+                            f"channel (heart_C00.tif, heart_C01.tif; or Fiji's C1-heart.tif), or give one file "
+                            f"itself")
+        numbers.setdefault(_channel_number(f.name), []).append(f)
+    for c, fs in numbers.items():
+        if len(fs) > 1:
+            raise ScanError(f"{path}: {fs[0].name!r} and {fs[1].name!r} are both channel C{c:02d}; expected one "
+                            f"multi-page TIFF per channel (put each scan in its own folder, or give one file "
+                            f"itself)")
+    files = {f"C{c:02d}": numbers[c][0] for c in sorted(numbers)}
+    kept = _select_channels(path, list(files), channels)
+    return {name: f for name, f in files.items() if name in kept}
 
 
 def _is_slice_file_name(name: str) -> bool:
@@ -945,6 +1085,10 @@ def _open_source(path: Path, channels):
         src = _Zarr(path)
         return src, [f"C{c:02d}" for c in range(src.nchannels)]
     if path.is_dir():
+        stacks = _channel_stacks(path, channels)
+        if stacks is not None:
+            src = _TiffChannels(path, stacks)
+            return src, src.names
         files = _scan_folder(path, channels)   # only the channels asked for are checked and opened
         only = next(iter(files.values()))
         if not (len(files) == 1 and len(only) == 1 and _is_tiff(only[0]) and _multi_page(only[0])):
@@ -978,7 +1122,8 @@ def open_scan(path: str | os.PathLike, channels: Sequence[str] | str | None = No
     ``path`` is a multi-page TIFF (one channel ``"C00"``, or an ImageJ/OME hyperstack whose C axis gives
     ``"C00", "C01", ...``), a folder of per-slice TIFFs (LaVision names ``..._C00_xyz-Table Z0000.ome.tif``;
     channel from ``_C<nn>``, z from ``Z<nnnn>`` or else from the number that differs in every name; no
-    channel token means ``"C00"``), or a
+    channel token means ``"C00"``), a folder of one multi-page TIFF per channel (``C1-heart.tif``,
+    ``C2-heart.tif`` or ``heart_C00.tif``, ``heart_C01.tif``: each name needs its own channel token), or a
     Zarr store (OME-NGFF image group, level 0; or a plain (z, y, x) / (c, z, y, x) array).
 
     ``channels`` keeps a subset, by name (in a per-slice folder only their files are checked, so a damaged

@@ -178,3 +178,23 @@ def test_colour_tiff_is_refused_with_a_hint_for_planar_stacks(tmp_path, capsys, 
     assert "rgb.tif" in err and "colour samples" in err and "expected grayscale" in err
     assert ("photometric='minisblack'" in err) == planar
     assert not (tmp_path / "m.tif").exists()
+
+
+def test_a_folder_of_one_stack_per_channel_runs_and_is_scored(tmp_path, capsys):
+    """Fiji's Split Channels saved as C1-heart.tif, C2-heart.tif: `gpuheart run DIR` and `info DIR` read it."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for c in (1, 2):
+        tifffile.imwrite(folder / f"C{c}-heart.tif", rng.integers(0, 4000, (6, 40, 40), dtype=np.uint16),
+                         imagej=True, resolution=(1.0, 1.0), metadata={"axes": "ZYX", "spacing": 4.0, "unit": "um"})
+    truth = tmp_path / "truth.tif"
+    tifffile.imwrite(truth, (rng.random((6, 40, 40)) > 0.9).astype(np.uint8) * 255)
+    assert main(["info", str(folder)]) == 0
+    assert "channels: ['C01', 'C02']" in capsys.readouterr().out
+    result = Pipeline(PipelineConfig.from_dict({**FAST, "channels": ["C02"]})).run(
+        folder, tmp_path / "out", truth={"C02": str(truth)}, resume=False)
+    assert list(result.outputs) == ["C02"]
+    with open_scan(result.outputs["C02"]["mask"]) as m:
+        assert m.shape == (6, 40, 40) and m.voxel_size == pytest.approx((4.0, 1.0, 1.0))
+    assert any(k.endswith("_vs_truth") for k in result.summary["C02"])

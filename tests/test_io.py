@@ -944,3 +944,131 @@ def test_first_channel_does_not_trust_a_projection_beside_channel_one(tmp_path):
     _slices(tmp_path, [f"heart_C01_Z{z:04d}.tif" for z in range(5)] + ["MAX_heart.tif"])
     with pytest.raises(ScanError, match="different slice counts"):
         first_channel(tmp_path)
+
+
+# -- a folder of one multi-page TIFF per channel ---------------------------------------------------------
+
+def _stacks(folder, names, shape=(6, 8, 10), **kw):
+    """One stack per name, stack i filled with 100 * i + z (so a slice's value gives its channel and z)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        vol = (100 * i + np.arange(shape[0], dtype=np.uint16))[:, None, None] * np.ones(shape, np.uint16)
+        tifffile.imwrite(folder / name, vol, **kw)
+    return folder
+
+
+@pytest.mark.parametrize("names,channels", [
+    (["C1-heart.tif", "C2-heart.tif"], ["C01", "C02"]),       # Fiji's Split Channels, then Save As
+    (["heart_C00.tif", "heart_C01.tif"], ["C00", "C01"]),
+    (["C00.tif", "C01.tif"], ["C00", "C01"]),                 # as `gpuheart phantom` writes its truth
+    (["heart_ch1.tif", "heart_ch2.tif"], ["C01", "C02"]),
+    (["heart_C01.ome.tif", "heart_C00.ome.tif", "heart_C02.ome.tif"], ["C00", "C01", "C02"]),
+])
+def test_a_folder_of_one_stack_per_channel_is_one_scan(tmp_path, names, channels):
+    """It was read as per-slice files ('channels cover different slices (C01: Z0001, C02: Z0002)')."""
+    from gpuheart.io import first_channel
+
+    folder = _stacks(tmp_path / "scan", names, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZYX", "spacing": 3.0, "unit": "um"})
+    value = {f"C{int(gpuheart.io._CHANNEL_RE.findall(n)[-1]):02d}": 100 * i for i, n in enumerate(names)}
+    with open_scan(folder) as s:
+        assert s.channels == channels and s.shape == (6, 8, 10) and s.format == "tiff-channels"
+        assert s.voxel_size == pytest.approx((3.0, 0.5, 0.5))
+        for c in channels:
+            assert [int(v) for v in s.read_slab(c, 0, 6)[:, 0, 0]] == [value[c] + z for z in range(6)]
+            assert s.slice_file(c, 4).name == names[value[c] // 100]
+        slabs = list(s.iter_slabs(channels[-1], 4, halo=1))
+        assert [(b.z0, b.z1, b.lo, b.hi) for b in slabs] == [(0, 4, 0, 1), (4, 6, 1, 0)]
+        assert int(slabs[1].core[0, 0, 0]) == value[channels[-1]] + 4
+        d = s.describe()
+        assert d["nbytes"] == len(names) * 6 * 8 * 10 * 2 and d["compression"] == "NONE"
+    with open_scan(folder, channels=[channels[1]]) as s:
+        assert s.channels == [channels[1]] and int(s.read_slice(0, 2)[0, 0]) == value[channels[1]] + 2
+    assert first_channel(folder) == channels[0]
+
+
+def test_only_the_channels_asked_for_are_opened_from_a_folder_of_stacks(tmp_path):
+    folder = _stacks(tmp_path / "scan", ["heart_C00.tif", "heart_C01.tif"])
+    (folder / "heart_C01.tif").write_bytes((folder / "heart_C01.tif").read_bytes()[:300])
+    with open_scan(folder, channels=["C00"]) as s:
+        assert int(s.read_slice("C00", 5)[0, 0]) == 5
+    with pytest.raises(ScanError, match="heart_C01.tif: truncated"):
+        open_scan(folder)
+
+
+@pytest.mark.parametrize("second,message", [
+    ({"shape": (5, 8, 10)}, r"heart_C01.tif: channel C01 is \(5, 8, 10\) \(z, y, x\) uint16, but heart_C00.tif "
+                            r"\(channel C00\) is \(6, 8, 10\) uint16"),
+    ({"dtype": np.uint8}, r"heart_C01.tif: channel C01 is \(6, 8, 10\) \(z, y, x\) uint8, but heart_C00.tif"),
+])
+def test_stacks_of_another_shape_or_dtype_name_both_files(tmp_path, second, message):
+    folder = _stacks(tmp_path / "scan", ["heart_C00.tif"])
+    shape = second.get("shape", (6, 8, 10))
+    tifffile.imwrite(folder / "heart_C01.tif", np.zeros(shape, second.get("dtype", np.uint16)))
+    with pytest.raises(ScanError, match=message):
+        open_scan(folder)
+
+
+def test_the_voxel_size_of_a_folder_of_stacks(tmp_path):
+    """The files that give one agree: it is theirs; they disagree: unknown, with both named."""
+    def write(name, spacing=None):
+        meta = {"axes": "ZYX", "unit": "um", **({"spacing": spacing} if spacing else {})}
+        tifffile.imwrite(tmp_path / name, np.zeros((4, 6, 6), np.uint16), imagej=True,
+                         **({"resolution": (2.0, 2.0), "metadata": meta} if spacing else {"metadata": {"axes": "ZYX"}}))
+
+    write("C1-heart.tif", 3.0)
+    write("C2-heart.tif")   # uncalibrated: it says nothing against C1's
+    with open_scan(tmp_path) as s:
+        assert s.voxel_size == pytest.approx((3.0, 0.5, 0.5))
+    write("C3-heart.tif", 5.0)
+    with pytest.warns(UserWarning, match=r"different voxel sizes \(C1-heart.tif: 3 x 0.5 x 0.5 µm, C3-heart.tif: "
+                                         r"5 x 0.5 x 0.5 µm\).*--voxel-size"):
+        with open_scan(tmp_path) as s:
+            assert s.voxel_size is None
+    with open_scan(tmp_path, voxel_size=(4, 1, 1)) as s:
+        assert s.voxel_size == (4.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("names,message", [
+    (["heart_488.tif", "heart_561.tif"], r"holds 2 multi-page TIFFs \(heart_488.tif, heart_561.tif; 6 pages each\), "
+                                         r"and 'heart_488.tif' has no channel token; .*heart_C00.tif, heart_C01.tif"),
+    (["a_C00.tif", "b_C00.tif"], r"'a_C00.tif' and 'b_C00.tif' are both channel C00; expected one multi-page TIFF "
+                                 r"per channel"),
+    ([f"heart_z{z:03d}.tif" for z in range(3)], r"named like slices \(Z tokens: heart_z000.tif.*\) but hold 6 pages "
+                                                r"each \(channels of one slice\?\); expected one 2D slice per file"),
+])
+def test_stacks_that_are_not_one_per_channel_are_refused_by_name(tmp_path, names, message):
+    _stacks(tmp_path, names)
+    with pytest.raises(ScanError, match=message):
+        open_scan(tmp_path)
+
+
+def test_per_slice_files_of_two_pages_each_are_not_told_to_be_given_alone(tmp_path):
+    """Each file holding a slice's two channels (CYX): the hint to give 'the file itself' opened one slice."""
+    for z in range(4):
+        tifffile.imwrite(tmp_path / f"heart_z{z:03d}.tif", np.zeros((2, 6, 6), np.uint16), imagej=True,
+                         metadata={"axes": "CYX"})
+    with pytest.raises(ScanError, match=r"hold 2 pages each \(channels of one slice\?\)") as err:
+        open_scan(tmp_path)
+    assert "give the file itself" not in str(err.value)
+
+
+def test_stacks_mixed_with_slices_are_refused(tmp_path):
+    _stacks(tmp_path / "a", ["heart_C00.tif", "heart_C01.tif"])
+    tifffile.imwrite(tmp_path / "a" / "heart_C02.tif", np.zeros((8, 10), np.uint16))
+    with pytest.raises(ScanError, match=r"holds multi-page TIFFs \(heart_C00.tif, heart_C01.tif\) and single-page "
+                                        r"ones \(e.g. heart_C02.tif\)"):
+        open_scan(tmp_path / "a")
+    _slices(tmp_path / "b", [f"heart_{z:04d}.tif" for z in range(4)])
+    tifffile.imwrite(tmp_path / "b" / "heart_0004.tif", np.zeros((5, 6, 6), np.uint16))
+    with pytest.raises(ScanError, match=r"heart_0004.tif: holds 5 page\(s\).*a multi-page TIFF among slices such as "
+                                        r"heart_0000.tif: move it elsewhere"):
+        open_scan(tmp_path / "b")
+
+
+def test_a_hyperstack_in_a_folder_of_stacks_is_refused(tmp_path):
+    _stacks(tmp_path, ["heart_C00.tif"])
+    tifffile.imwrite(tmp_path / "heart_C01.tif", np.zeros((6, 2, 8, 10), np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    with pytest.raises(ScanError, match=r"heart_C01.tif: holds 2 channels; expected one channel per file"):
+        open_scan(tmp_path)
