@@ -51,6 +51,9 @@ _UNIT_UM = {
     "millimetre": 1e3, "centimeter": 1e4, "centimetre": 1e4, "dm": 1e5, "decimeter": 1e5, "metre": 1e6,
     "in": 25400.0, "inch": 25400.0, "ft": 304800.0, "foot": 304800.0,
 }
+# looked up in lower case and singular: Fiji's "Micron", "UM", "micrometers" are all µm
+_UNIT_LOWER = {k.lower(): v for k, v in _UNIT_UM.items()} | {"feet": 304800.0}
+_UNCALIBRATED_UNITS = ("", "pixel", "pixels", "px")
 
 
 def lavision_filename(prefix: str, channel: int, z: int) -> str:
@@ -258,11 +261,28 @@ def _page_end(page) -> int:
     return max((o + n for o, n in zip(offs, counts)), default=0)
 
 
+def _unit_factor(unit) -> float | None:
+    """Micrometres per ``unit`` (any case, singular or plural: "Microns", "UM", "inches"), None when unknown."""
+    u = str(unit).strip().lower()
+    for cand in (u, u[:-1] if u.endswith("s") else None, u[:-2] if u.endswith("es") else None):
+        if cand and cand in _UNIT_LOWER:
+            return _UNIT_LOWER[cand]
+    return None
+
+
 def _to_um(value: float, unit: str | None) -> float | None:
     if unit is None:
         return float(value)
-    factor = _UNIT_UM.get(str(unit).strip())
+    factor = _unit_factor(unit)
     return None if factor is None else float(value) * factor
+
+
+def _unknown_unit_advice(where, unit, what: str) -> str | None:
+    """What to do about a calibration in a unit that is not known (None for "pixel", i.e. uncalibrated)."""
+    if str(unit).strip().lower() in _UNCALIBRATED_UNITS or _unit_factor(unit) is not None:
+        return None
+    return (f"{where}: the {what} gives its calibration in {str(unit).strip()!r}, a unit gpuheart does not know, so "
+            f"the voxel size is unknown; give it in µm with --voxel-size Z Y X (Python: voxel_size=(z, y, x))")
 
 
 def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | None:
@@ -281,6 +301,11 @@ def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | Non
                     size.append(None if v is None else _to_um(float(v), pixels.get(f"PhysicalSize{ax}Unit", "µm")))
                 if all(s is not None and s > 0 for s in size):
                     return tuple(size)
+                odd = next((pixels.get(f"PhysicalSize{ax}Unit") for ax in "ZYX" if pixels.get(f"PhysicalSize{ax}")
+                            is not None and _to_um(1.0, pixels.get(f"PhysicalSize{ax}Unit", "µm")) is None), None)
+                if odd is not None:
+                    advice += filter(None, [_unknown_unit_advice(tif.filehandle.path, odd, "OME metadata")])
+                    return None
                 if size[0] is None and all(s is not None and s > 0 for s in size[1:]):
                     # one plane per file often carries no z step: say what is known rather than drop it silently
                     advice.append(f"{tif.filehandle.path}: the OME metadata gives the pixel size ({size[1]:g} x "
@@ -290,8 +315,10 @@ def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | Non
         if tif.is_imagej and tif.imagej_metadata:
             meta = tif.imagej_metadata
             unit = meta.get("unit")
-            if not unit or str(unit).strip() not in _UNIT_UM:
-                return None  # ImageJ leaves uncalibrated images in "pixels"
+            if not unit or _unit_factor(unit) is None:
+                # ImageJ leaves uncalibrated images in "pixels"; any other unit it does not know is named
+                advice += filter(None, [_unknown_unit_advice(tif.filehandle.path, unit or "", "ImageJ metadata")])
+                return None
             tags = tif.pages.first.tags
             xr, yr = tags.get("XResolution"), tags.get("YResolution")
             if xr is None or yr is None:
@@ -299,17 +326,23 @@ def _voxel_from_tiff(tif, advice: list[str]) -> tuple[float, float, float] | Non
             # resolution is pixels per unit
             x = xr.value[1] / xr.value[0]
             y = yr.value[1] / yr.value[0]
-            if "spacing" not in meta and int(meta.get("images", 1)) <= 1:
-                # a stack omits spacing when it is 1, but one image never has it (Fiji's "Image Sequence" writes
-                # such slices): its z step is unknown, not 1
+            if _unit_factor(unit) == _UNIT_UM["inch"] and {round(1 / x, 3), round(1 / y, 3)} <= {72.0, 96.0}:
+                return None   # 72 or 96 dpi: the default resolution of many programs, not a calibration
+            if "spacing" not in meta and (int(meta.get("images", 1)) <= 1 or _unit_factor(unit) != 1.0):
+                # a stack omits spacing when it is 1 (in its unit): 1 µm is a plausible z step, but 1 cm or 1 inch
+                # is ImageJ's default depth that nobody set; and one image never has it (Fiji's "Image Sequence"
+                # writes such slices): the z step is unknown, not 1
                 yx = tuple(_to_um(v, unit) for v in (y, x))
+                why = ("a single image has no spacing" if int(meta.get("images", 1)) <= 1 else
+                       f"no spacing, which ImageJ leaves out when it is 1 {str(unit).strip()}: a default, not a z "
+                       f"step")
                 if all(s is not None and s > 0 for s in yx):
                     advice.append(f"{tif.filehandle.path}: the ImageJ metadata gives the pixel size ({yx[0]:g} x "
-                                  f"{yx[1]:g} µm) but no z step (a single image has no spacing), so the voxel size "
+                                  f"{yx[1]:g} µm) but no z step ({why}), so the voxel size "
                                   f"is unknown; give it with --voxel-size Z {yx[0]:g} {yx[1]:g} (Python: "
                                   f"voxel_size=(z, y, x))")
                 return None
-            z = float(meta.get("spacing", 1.0))   # ImageJ omits a stack's spacing when it equals 1
+            z = float(meta.get("spacing", 1.0))   # ImageJ omits a stack's spacing when it equals 1 (µm here)
             size = tuple(_to_um(v, unit) for v in (z, y, x))
             return size if all(s is not None and s > 0 for s in size) else None
     except (ET.ParseError, ValueError, ZeroDivisionError, TypeError, KeyError):
@@ -969,6 +1002,7 @@ class _Zarr:
         except Exception as err:
             raise ScanError(f"{path}: cannot open as Zarr ({err}); expected a zarr array or OME-Zarr group") from err
         self.voxel_size = None
+        self.voxel_advice: list[str] = []
         axes: list[str] | None = None
         if hasattr(node, "shape") and hasattr(node, "dtype"):
             arr, self.format = node, "zarr"
@@ -1042,6 +1076,8 @@ class _Zarr:
         for a in "zyx":
             i = axes.index(a)
             v = _to_um(scale[i], units[i]) if units[i] else None
+            if v is None and units[i]:
+                self.voxel_advice += filter(None, [_unknown_unit_advice(self.path, units[i], "OME-NGFF metadata")])
             if v is None or not (np.isfinite(v) and v > 0):
                 return None  # uncalibrated, an unknown unit or an unusable scale: do not guess
             out.append(v)

@@ -1072,3 +1072,76 @@ def test_a_hyperstack_in_a_folder_of_stacks_is_refused(tmp_path):
                      metadata={"axes": "ZCYX"})
     with pytest.raises(ScanError, match=r"heart_C01.tif: holds 2 channels; expected one channel per file"):
         open_scan(tmp_path)
+
+
+# -- units of a calibration -------------------------------------------------------------------------------
+
+def _imagej(path, unit, px_per_unit, spacing=None, nz=4):
+    meta = {"axes": "ZYX", "unit": unit, **({"spacing": spacing} if spacing is not None else {})}
+    tifffile.imwrite(path, np.zeros((nz, 6, 6), np.uint16), imagej=True, resolution=(px_per_unit, px_per_unit),
+                     metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("unit", ["Micron", "UM", "micrometers", "Micrometres", "microns", " Um ", "\\u00B5M"])
+def test_micrometre_spellings_are_micrometres_in_any_case_or_number(tmp_path, unit):
+    """They were matched exactly: "Micron" or "UM" left the scan uncalibrated, silently."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_scan(_imagej(tmp_path / "s.tif", unit, 2.0, spacing=3.0)) as s:
+            assert s.voxel_size == pytest.approx((3.0, 0.5, 0.5))
+
+
+def test_other_units_in_any_case_or_number_are_converted(tmp_path):
+    with open_scan(_imagej(tmp_path / "mm.tif", "Millimeters", 2000.0, spacing=0.003)) as s:
+        assert s.voxel_size == pytest.approx((3.0, 0.5, 0.5))
+    with open_scan(_imagej(tmp_path / "in.tif", "inches", 2000.0, spacing=0.001)) as s:
+        assert s.voxel_size == pytest.approx((25.4, 12.7, 12.7))
+
+
+@pytest.mark.parametrize("unit, px_per_unit, pixel", [("cm", 20000.0, 0.5), ("inch", 50800.0, 0.5),
+                                                      ("nm", 0.002, 0.5)])
+def test_a_stack_without_spacing_in_a_unit_other_than_um_has_no_z_step(tmp_path, unit, px_per_unit, pixel):
+    """ImageJ leaves spacing out when it is 1 in the stack's unit: 1 cm gave voxels of 10000 x 0.5 x 0.5 µm."""
+    with pytest.warns(UserWarning, match=rf"pixel size \({pixel:g} x {pixel:g} µm\) but no z step \(no spacing, which "
+                                         rf"ImageJ leaves out when it is 1 {unit}.*--voxel-size Z {pixel:g} {pixel:g}"):
+        with open_scan(_imagej(tmp_path / "s.tif", unit, px_per_unit)) as s:
+            assert s.voxel_size is None
+    with open_scan(_imagej(tmp_path / "um.tif", "micron", 2.0)) as s:   # 1 µm: a z step, as ImageJ means it
+        assert s.voxel_size == pytest.approx((1.0, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("dpi", [72.0, 96.0])
+def test_inch_at_72_or_96_dpi_is_no_calibration(tmp_path, dpi):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_scan(_imagej(tmp_path / "s.tif", "inch", dpi, spacing=1.0)) as s:
+            assert s.voxel_size is None
+
+
+def test_an_unknown_unit_is_named_and_pixels_are_not(tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"calibration in 'furlong', a unit gpuheart does not know.*--voxel-size Z Y X"):
+        with open_scan(_imagej(tmp_path / "f.tif", "furlong", 2.0, spacing=3.0)) as s:
+            assert s.voxel_size is None
+    f = tmp_path / "o.ome.tif"
+    tifffile.imwrite(f, np.zeros((3, 6, 6), np.uint16), ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeY": 0.5, "PhysicalSizeYUnit": "parsec",
+        "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "parsec"})
+    with pytest.warns(UserWarning, match=r"o.ome.tif: the OME metadata gives its calibration in 'parsec'"):
+        open_scan(f).close()
+    axes = [{"name": a, "type": "space", "unit": "league"} for a in "zyx"]
+    store = _ngff(tmp_path / "u.ome.zarr", [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]}]}])
+    with pytest.warns(UserWarning, match=r"u.ome.zarr: the OME-NGFF metadata gives its calibration in 'league'"):
+        open_scan(store).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for unit in ("pixel", "pixels", "Pixels"):
+            with open_scan(_imagej(tmp_path / "p.tif", unit, 1.0)) as s:
+                assert s.voxel_size is None
