@@ -291,15 +291,76 @@ def _dask_client(spec: str | None):
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise RuntimeError("--dask local-cuda needs dask-cuda: pip install \"gpuheart[multigpu]\" (or dask-cuda)") from None
-        return Client(LocalCUDACluster())
+        return _local_client(LocalCUDACluster)
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
         # the workers share the cores: each reads its slabs with its share of the read threads
         from .io import read_threads
 
         env = {"GPUHEART_READ_THREADS": str(max(1, read_threads() // max(1, n)))}
-        return Client(LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0", env=env))
+        return _local_client(lambda: LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0", env=env))
     return Client(spec)
+
+
+@contextlib.contextmanager
+def _local_client(make_cluster):
+    """A Client of a cluster this process starts, and closes: left to the interpreter's exit, the cluster's
+    nannies killed workers still shutting down and logged it ("Worker process still alive after 4.0 seconds,
+    killing") after every run; after Ctrl-C the workers logged each slab cancelled under them around gpuheart's
+    one-line message. Those logs are about gpuheart's own workers going away, as intended, so they are silenced
+    while the cluster closes (not during the run, when a worker's warnings, e.g. about memory, are the user's)."""
+    import signal
+    import threading
+
+    from distributed import Client
+
+    # Ctrl-C in a terminal reaches every process of the group: the workers would die of it mid-slab, each with
+    # its traceback, while this process stops the run in order. They inherit the ignored signal; this one
+    # handles it and closes the cluster.
+    main = threading.current_thread() is threading.main_thread()   # signal handlers can only be set there
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        cluster = make_cluster()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    client = Client(cluster)
+    interrupted = False
+    try:
+        yield client
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        with _quiet_dask():
+            try:
+                if interrupted:   # before the client goes, which cancels the slabs the workers are busy with
+                    client.run(_silence_dask_logs)
+                client.close(timeout=5 if interrupted else 30)
+                cluster.close(timeout=5 if interrupted else 30)
+            except Exception:  # noqa: BLE001 - a cluster that will not close must not hide the run's own outcome
+                pass
+
+
+def _silence_dask_logs() -> None:
+    import logging
+
+    for name in ("distributed", "dask_cuda"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _quiet_dask():
+    import logging
+
+    logs = [logging.getLogger(n) for n in ("distributed", "dask_cuda")]
+    levels = [log.level for log in logs]
+    _silence_dask_logs()
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def _expand_inputs(args: list[str]) -> list[str]:

@@ -237,3 +237,39 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_output_equals_a_local_run(s
     assert "resumed" not in stdout
     assert replaced or "restart" in stderr.lower(), "the killed worker was not replaced"
     _assert_same_outputs(ref, out)
+
+
+def test_a_dask_run_ends_without_dask_shutdown_logs(scan40, tmp_path):
+    """The cluster `--dask local:N` starts is closed by gpuheart, not left to the interpreter's exit, where its
+    nannies killed workers still shutting down and logged "Worker process still alive ... killing" after every run."""
+    import subprocess
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(KILL_CONFIG.replace("slab_size = 2", "slab_size = 20"))
+    done = subprocess.run(_run_cmd(scan40, tmp_path / "out", cfg, "--dask", "local:2"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "distributed." not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_of_a_dask_run_prints_only_gpuheart_s_message(scan40, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group (driver, nannies, workers). The workers' logs of
+    the slabs cancelled under them, and their tracebacks, used to surround gpuheart's one-line message."""
+    import os
+    import signal
+    import subprocess
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(KILL_CONFIG)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_cmd(scan40, out, cfg, "--dask", "local:2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not _wait_for_slice(proc, out, 6):
+        proc.communicate()
+        pytest.skip("the run finished before it could be interrupted (machine too fast for this test)")
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted; the same command continues" in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines == [ln for ln in lines if ln.startswith("gpuheart:")], stderr
