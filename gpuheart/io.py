@@ -990,8 +990,29 @@ def _is_zarr_dir(path: Path) -> bool:
         (path / m).exists() for m in (".zarray", ".zgroup", "zarr.json")))
 
 
+_AXIS_ALIASES = {"channel": "c", "ch": "c", "time": "t"}
+
+
+def _zarr_dimension_names(arr) -> list[str] | None:
+    """A plain array's axis names, lower case: zarr 3's ``dimension_names``, else xarray's
+    ``attrs["_ARRAY_DIMENSIONS"]``; None when it has none, not one for every axis, or names without y and x
+    (xarray's "dim_0", "dim_1": the axes are then taken by position, as for an array without names)."""
+    names = getattr(getattr(arr, "metadata", None), "dimension_names", None)
+    if not names:
+        try:
+            names = dict(arr.attrs).get("_ARRAY_DIMENSIONS")
+        except Exception:
+            names = None
+    if not isinstance(names, (list, tuple)) or len(names) != arr.ndim or not all(isinstance(n, str) and n
+                                                                                for n in names):
+        return None
+    axes = [_AXIS_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in names]
+    return axes if {"y", "x"} <= set(axes) else None
+
+
 class _Zarr:
-    """A zarr array ((z, y, x), (c, z, y, x)) or an OME-NGFF image group (level 0 of its multiscales)."""
+    """A zarr array ((z, y, x), (c, z, y, x), or axes as named in its metadata) or an OME-NGFF image group
+    (level 0 of its multiscales)."""
 
     def __init__(self, path: Path):
         import zarr
@@ -1006,6 +1027,7 @@ class _Zarr:
         axes: list[str] | None = None
         if hasattr(node, "shape") and hasattr(node, "dtype"):
             arr, self.format = node, "zarr"
+            axes = _zarr_dimension_names(node)
         else:
             attrs = dict(node.attrs)
             ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
@@ -1044,7 +1066,17 @@ class _Zarr:
         if axes is None:
             axes = {2: ["y", "x"], 3: ["z", "y", "x"], 4: ["c", "z", "y", "x"]}.get(arr.ndim)
             if axes is None:
-                raise ScanError(f"{path}: zarr array has shape {arr.shape}; expected (z, y, x) or (c, z, y, x)")
+                raise ScanError(f"{path}: zarr array has shape {arr.shape}; expected (z, y, x) or (c, z, y, x) "
+                                f"(or axes named in its metadata)")
+            if arr.ndim == 4 and arr.shape[0] > arr.shape[1]:
+                # a scan has more slices than channels: this one may well be (z, c, y, x)
+                warnings.warn(f"{path}: a 4-D zarr array without axis names is read as (c, z, y, x), which makes "
+                              f"its shape {tuple(arr.shape)} {arr.shape[0]} channels of {arr.shape[1]} slices; if "
+                              f"it is (z, c, y, x), name its axes (zarr 3 dimension_names, or attrs"
+                              f"['_ARRAY_DIMENSIONS'] = ['z', 'c', 'y', 'x'] as xarray writes) or save it as "
+                              f"OME-Zarr", UserWarning, stacklevel=4)
+        if len(set(axes)) != len(axes):
+            raise ScanError(f"{path}: axes {axes} name an axis twice; expected each of c, z, y, x once at most")
         if len(axes) != arr.ndim or axes[-2:] != ["y", "x"]:
             raise ScanError(f"{path}: axes {axes} do not fit array shape {arr.shape}; expected (..., y, x)")
         for a, n in zip(axes, arr.shape):

@@ -1145,3 +1145,59 @@ def test_an_unknown_unit_is_named_and_pixels_are_not(tmp_path):
         for unit in ("pixel", "pixels", "Pixels"):
             with open_scan(_imagej(tmp_path / "p.tif", unit, 1.0)) as s:
                 assert s.voxel_size is None
+
+
+# -- axis order of plain zarr arrays ------------------------------------------------------------------------
+
+def _zcyx():
+    return volume((5, 2, 6, 7))   # z, c, y, x: more slices than channels, as in any scan
+
+
+def test_a_zarr_3_arrays_dimension_names_give_its_axes(tmp_path):
+    """A (z, c, y, x) array was read as (c, z, y, x), silently: 5 'channels' of 2 slices."""
+    zarr = pytest.importorskip("zarr")
+    if gpuheart.io._zarr_major() < 3:
+        pytest.skip("dimension_names is zarr 3's")
+    vol = _zcyx()
+    arr = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=vol.shape, dtype=vol.dtype, chunks=(1, 1, 6, 7),
+                            zarr_format=3, dimension_names=["Z", "channel", "y", "x"])
+    arr[:] = vol
+    with open_scan(tmp_path / "a.zarr") as s:
+        assert s.channels == ["C00", "C01"] and s.shape == (5, 6, 7)
+        np.testing.assert_array_equal(s.read_slab("C01", 1, 4), vol[1:4, 1])
+
+
+def test_xarray_dimension_names_give_a_zarr_arrays_axes(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    vol = _zcyx()
+    zarr.save_array(str(tmp_path / "x.zarr"), vol)
+    arr = zarr.open_array(str(tmp_path / "x.zarr"), mode="r+")
+    arr.attrs["_ARRAY_DIMENSIONS"] = ["z", "c", "y", "x"]
+    with open_scan(tmp_path / "x.zarr") as s:
+        assert s.channels == ["C00", "C01"] and s.shape == (5, 6, 7)
+        np.testing.assert_array_equal(s.read_slice("C00", 4), vol[4, 0])
+    arr.attrs["_ARRAY_DIMENSIONS"] = ["z", "z", "y", "x"]
+    with pytest.raises(ScanError, match=r"x.zarr: axes \['z', 'z', 'y', 'x'\] name an axis twice"):
+        open_scan(tmp_path / "x.zarr")
+
+
+def test_an_unnamed_4d_zarr_array_with_more_channels_than_slices_is_warned_about(tmp_path):
+    import warnings
+
+    zarr = pytest.importorskip("zarr")
+    vol = _zcyx()
+    zarr.save_array(str(tmp_path / "u.zarr"), vol)
+    with pytest.warns(UserWarning, match=r"u.zarr: a 4-D zarr array without axis names is read as \(c, z, y, x\), "
+                                         r"which makes its shape \(5, 2, 6, 7\) 5 channels of 2 slices; .*"
+                                         r"_ARRAY_DIMENSIONS"):
+        with open_scan(tmp_path / "u.zarr") as s:
+            assert len(s.channels) == 5   # read as it always was: the warning says how to say otherwise
+    arr = zarr.open_array(str(tmp_path / "u.zarr"), mode="r+")
+    arr.attrs["_ARRAY_DIMENSIONS"] = ["dim_0", "dim_1", "dim_2", "dim_3"]   # xarray's names for unnamed axes
+    with pytest.warns(UserWarning, match="without axis names"):
+        open_scan(tmp_path / "u.zarr").close()
+    zarr.save_array(str(tmp_path / "c.zarr"), volume((2, 5, 6, 7)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # (c, z, y, x) with fewer channels than slices: nothing to say
+        with open_scan(tmp_path / "c.zarr") as s:
+            assert s.channels == ["C00", "C01"]
