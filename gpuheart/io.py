@@ -38,8 +38,9 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # a channel token ends where its digits end, or at a slice token: "_C57BL6" (a mouse strain) is no channel 57,
 # "_C01Z0000" is channel 1; "_ch1" counts. Slice tokens: "Z0000" anywhere (as LaVision writes them), and a
 # lower-case "z000" where no letter precedes it (so the z of "xyz" or "size3" is none)
-# a channel token starts the name or follows "_", "-" or a space: "_C00", "ch1_0000", "heart-ch0-z000"
-_CHANNEL_RE = re.compile(r"(?:^|(?<=[_\- ]))c(?:h)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
+# a channel token starts the name or follows "_", "-" or a space: "_C00", "ch1_0000", "heart-ch0-z000", and
+# Micro-Manager 2's "img_channel000_position000_time000000000_z000"
+_CHANNEL_RE = re.compile(r"(?:^|(?<=[_\- ]))c(?:h(?:annel)?)?(\d+)(?![0-9])(?!(?!z\d)[a-z])", re.IGNORECASE)
 _Z_RE = re.compile(r"(?:Z|(?<![A-Za-z])z)(\d+)")
 # Conversion of the length units found in OME/ImageJ/NGFF metadata to micrometres.
 # OME's UnitsLength symbols and NGFF's (UDUNITS-2) names, for the lengths a microscope can give.
@@ -857,6 +858,10 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
     broken = {(_channel_number(p.name), p) for p in named if p.is_symlink() and not p.exists()}
     if not tiffs and broken:
         _raise_broken(min(broken)[1])
+    if not tiffs and ((path / "attributes.json").is_file() or path.suffix.lower() == ".n5"):
+        raise ScanError(f"{path}: an N5 container (or one of its datasets), which gpuheart does not read; expected "
+                        f"a TIFF, a folder of TIFFs or a Zarr store: convert it to OME-Zarr (e.g. with "
+                        f"bioformats2raw, or BigStitcher's export)")
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))

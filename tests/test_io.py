@@ -1201,3 +1201,34 @@ def test_an_unnamed_4d_zarr_array_with_more_channels_than_slices_is_warned_about
         warnings.simplefilter("error")   # (c, z, y, x) with fewer channels than slices: nothing to say
         with open_scan(tmp_path / "c.zarr") as s:
             assert s.channels == ["C00", "C01"]
+
+
+# -- more names ---------------------------------------------------------------------------------------------
+
+def test_micro_manager_2_channel_tokens(tmp_path):
+    """"channel000" was no channel token: the folder was refused as one channel with two files per slice."""
+    names = [f"img_channel{c:03d}_position000_time000000000_z{z:03d}.tif" for c in (0, 1) for z in range(3)]
+    _slices(tmp_path, names, lambda i: 100 * (i // 3) + i % 3)
+    with open_scan(tmp_path) as s:
+        assert s.channels == ["C00", "C01"] and s.shape[0] == 3
+        assert [int(s.read_slice("C01", z)[0, 0]) for z in range(3)] == [100, 101, 102]
+
+
+@pytest.mark.parametrize("name,channel", [
+    ("img_channel002_z000.tif", 2), ("heart_Channel1_Z0000.tif", 1), ("channel3-heart_0000.tif", 3),
+    ("heart_channels_0000.tif", None), ("heart_channel_1_0000.tif", None), ("heart_ch2annel_0000.tif", None),
+])
+def test_the_channel_word_is_a_channel_token_only_before_its_digits(name, channel):
+    found = gpuheart.io._CHANNEL_RE.findall(name)
+    assert (int(found[-1]) if found else None) == channel
+
+
+def test_an_n5_container_is_named_as_one(tmp_path):
+    n5 = tmp_path / "scan.n5"
+    (n5 / "s0").mkdir(parents=True)
+    (n5 / "attributes.json").write_text('{"n5": "2.5.1"}')
+    (n5 / "s0" / "attributes.json").write_text('{"dimensions": [8, 8, 4], "dataType": "uint16"}')
+    for path in (n5, n5 / "s0"):
+        with pytest.raises(ScanError, match=r"an N5 container .*which gpuheart does not read; .*convert it to "
+                                            r"OME-Zarr \(e.g. with bioformats2raw"):
+            open_scan(path)
