@@ -737,16 +737,16 @@ def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
         return None
     pages = {}
     for f in tiffs:
-        pages[f] = _planes(f)
-        if pages[f] <= 1:
+        pages[f] = _planes(f)   # 0: unreadable, reported by whoever opens it (a damaged channel's stack, here)
+        if pages[f] == 1 or (pages[f] == 0 and f is tiffs[0]):
             if f is tiffs[0]:
                 return None
             stacks = [g for g in pages if pages[g] > 1]
             raise ScanError(f"{path}: holds multi-page TIFFs ({_list_names(stacks)}) and single-page ones "
                             f"(e.g. {f.name}); expected either one 2D slice per file or one multi-page TIFF "
                             f"per channel (move the others elsewhere, or give one stack itself)")
-    n = pages[tiffs[0]]
-    each = f"{n} pages each" if len(set(pages.values())) == 1 else "several pages each"
+    counts = set(pages.values()) - {0}
+    each = f"{counts.pop()} pages each" if len(counts) == 1 else "several pages each"
     if len({z[-1] for z in (_Z_RE.findall(f.name) for f in tiffs) if z}) > 1:
         raise ScanError(f"{path}: its files are named like slices (Z tokens: {_list_names(tiffs, 3)}) but hold "
                         f"{each} (channels of one slice?); expected one 2D slice per file: save one TIFF per "

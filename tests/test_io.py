@@ -994,6 +994,11 @@ def test_only_the_channels_asked_for_are_opened_from_a_folder_of_stacks(tmp_path
         assert int(s.read_slice("C00", 5)[0, 0]) == 5
     with pytest.raises(ScanError, match="heart_C01.tif: truncated"):
         open_scan(folder)
+    (folder / "heart_C01.tif").write_bytes(b"")   # unreadable: reported as the channel's file, not as a slice
+    with pytest.raises(ScanError, match=r"heart_C01.tif: not a TIFF file \(the file is empty"):
+        open_scan(folder)
+    with open_scan(folder, channels="C00") as s:
+        assert s.channels == ["C00"]
 
 
 @pytest.mark.parametrize("second,message", [
