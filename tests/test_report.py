@@ -119,7 +119,7 @@ def test_a_rerun_with_fewer_channels_leaves_no_figures_of_the_earlier_ones(tmp_p
     (out / "summary.json").write_text(json.dumps(run))
     page = write_report(out)
     left = sorted(p.name for p in (out / "report").iterdir())
-    assert left == sorted([Path(s).name for s in img_sources(page)] + ["my_notes.png"]), left
+    assert left == sorted([Path(s).name for s in img_sources(page)] + ["my_notes.png", ".figures.json"]), left
     assert not any(n.startswith(("C01", "C02")) for n in left)
 
 
@@ -494,3 +494,44 @@ def test_a_mesh_picture_whose_decimation_stalls_is_clustered_coarser_not_scatter
     assert 0 < len(f2) <= 2 * (len(f) // 10)   # what _fewer_faces accepts from a decimation, too
     # the corners are cell centres of a clustering, not marching-cubes vertices: a thinned surface, not a subset
     assert not set(map(tuple, v2[np.unique(f2)])) & set(map(tuple, v))
+
+
+def test_a_report_written_again_draws_only_figures_whose_sources_changed(tmp_path, monkeypatch):
+    """Every rerun of a finished run writes its report again, and a mesh picture took 3-12 s a channel to draw
+    (nearly all of a reusing rerun's time): unchanged figures are kept, changed sources drawn again."""
+    from gpuheart import report
+
+    v = np.array([[x, y, z] for x in (0, 1) for y in (0, 2) for z in (0, 3)], dtype=float)
+    faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                      [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    monkeypatch.setitem(sys.modules, "trimesh", types.SimpleNamespace(
+        load=lambda p, force=None, **kw: types.SimpleNamespace(vertices=v, faces=faces)))
+    real, saved = report._save, []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(path.name) or real(fig, path))
+    out = make_run(tmp_path / "run")
+    (out / "C00" / "mesh.glb").write_bytes(b"stub")
+
+    def drawn():
+        saved.clear()
+        page = write_report(out)
+        assert all((out / s).read_bytes()[:8] == PNG_MAGIC for s in img_sources(page))
+        return sorted(saved)
+
+    first = drawn()
+    assert "C00_mesh.png" in first and "C01_mips.png" in first
+    assert drawn() == []                                     # nothing changed: nothing drawn
+    rng = np.random.default_rng(5)
+    np.savez_compressed(out / "C00" / "figures.npz", **_figures(rng))   # the channel's figures.npz rewritten
+    assert drawn() == ["C00_mips.png", "C00_overlay.png", "C00_profile.png"]
+    tmp = out / "C00" / "mesh.glb.partial"   # a new mesh, renamed into place as the mesh stage writes it
+    tmp.write_bytes(b"stub2")
+    tmp.replace(out / "C00" / "mesh.glb")
+    assert drawn() == ["C00_mesh.png"]
+    run = json.loads((out / "summary.json").read_text())
+    run["summary"]["C01"]["detrended_cv_raw"] = 0.5            # a number the slice-means figure shows
+    (out / "summary.json").write_text(json.dumps(run))
+    assert drawn() == ["C01_slice_means.png"]
+    (out / "report" / "C00_mips.png").unlink()                  # a figure deleted by hand
+    assert drawn() == ["C00_mips.png"]
+    monkeypatch.setattr(report, "_CODE", "another version of report.py")
+    assert drawn() == first                                     # how figures are drawn changed: all again
