@@ -499,7 +499,8 @@ def _print_run(result) -> None:
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
     if result.report:
         print(f"  report: {result.report}")
-    print("  stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    print("  stage seconds: " + (", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
+                                 or "none (nothing computed)"))
 
 
 def _cmd_phantom(a) -> int:

@@ -584,6 +584,13 @@ class Pipeline:
 
             with timer("report"):
                 result.report = write_report(out_dir)
+            # the page cannot hold its own time, but the run's seconds in summary.json and on the console must
+            # (drawing a large mesh's picture took 3-12 s a channel, missing from both)
+            result.timings["report"] = timer.seconds["report"]
+            summary["this_run"]["wall_s"] = time.monotonic() - started
+            record["timings_s"], record["summary"] = result.timings, summary
+            _atomic_write_bytes(out_dir / "summary.json",
+                                json.dumps(_strict_json(record), indent=2, allow_nan=False).encode())
         return result
 
     def segment(self, source, out_path, channel: str | None = None, resume: bool = True) -> Path:

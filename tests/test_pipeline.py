@@ -121,6 +121,9 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
     for stage in ("read", "stats (pass 1)", "clahe + robust scale", "difference of medians", "closing", "mesh", "write"):
         assert tiny_run.timings[stage] >= 0
     assert tiny_run.report is not None and tiny_run.report.is_file()
+    # the report's own seconds are the run's too (summary.json is written again after the page)
+    assert summary["timings_s"]["report"] == tiny_run.timings["report"] > 0
+    assert summary["summary"]["this_run"]["wall_s"] > tiny_run.timings["report"]
     # the scores say which mask they are against, in summary.json and on the report page
     for ch in ("C00", "C01"):
         truth = (out / "input" / "truth" / f"{ch}.tif").resolve()
