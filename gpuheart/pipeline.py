@@ -504,7 +504,7 @@ class Pipeline:
                               ).validate()
         voxel = tuple(cfg.voxel_size) or None
         with open_scan(source, channels=channels, voxel_size=voxel) as scan:
-            user_truth = _name_the_only_channel(scan, user_truth)
+            user_truth = _truth_files(_name_the_only_channel(scan, user_truth))
             if not phantom:
                 truth = user_truth
             _check_channel_names(scan, cfg, user_truth)
@@ -849,6 +849,21 @@ def _warn_single_slice(scan, cfg: PipelineConfig) -> None:
         warnings.warn(f"{scan.path}: the scan has one slice ({scan.shape[1]} x {scan.shape[2]}): it is processed "
                       f"as a one-slice volume, a slab one voxel thick for {said}; expected a stack (a folder of "
                       f"slices or a multi-page TIFF)", UserWarning, stacklevel=5)
+
+
+def _truth_files(truth: dict) -> dict:
+    """A truth given as a folder of one stack per channel (what ``gpuheart phantom`` writes as OUT/truth, or
+    Fiji's Split Channels) stands for its file of that channel: ``--truth C00 OUT/truth``."""
+    from .io import open_scan
+
+    out = {}
+    for channel, path in truth.items():
+        if Path(path).is_dir():
+            with open_scan(path) as t:
+                if t.format == "tiff-channels" and channel in t.channels:
+                    path = str(t.slice_file(channel, 0))
+        out[channel] = path
+    return out
 
 
 def _check_truths(scan, truth: dict) -> None:

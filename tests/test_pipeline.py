@@ -838,3 +838,19 @@ def test_settings_made_in_python_get_the_checks_a_config_file_gets():
     with pytest.raises(ConfigError, match="config.postprocess.z_iterations: expected int"):
         PipelineConfig(postprocess=PostprocessConfig(z_iterations=2.5)).validate()
     assert PipelineConfig(voxel_size=(4, 1, 1)).validate().voxel_size == (4, 1, 1)   # a tuple is fine
+
+
+def test_a_truth_folder_of_one_stack_per_channel_gives_each_channel_its_file(tmp_path):
+    """`gpuheart phantom OUT` writes OUT/truth/C00.tif and C01.tif: `--truth C01 OUT/truth` scores C01
+    against C01.tif (the folder opens as a two-channel scan, which a truth mask must not be)."""
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    ph = write_phantom(PhantomConfig.preset("tiny"), tmp_path / "ph")
+    cfg = _tiny_cfg(channels=["C01"])
+    cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+    by_folder = Pipeline(cfg).run(ph / "scan", tmp_path / "a", truth={"C01": ph / "truth"})
+    by_file = Pipeline(cfg).run(ph / "scan", tmp_path / "b", truth={"C01": ph / "truth" / "C01.tif"})
+    assert by_folder.summary["C01"]["truth_path"] == str((ph / "truth" / "C01.tif").resolve())
+    assert by_folder.summary["C01"]["dom_vs_truth"] == by_file.summary["C01"]["dom_vs_truth"]
+    with pytest.raises(ConfigError, match="expected one"):   # a channel the folder lacks: still refused
+        Pipeline(_tiny_cfg(channels=["C02"])).run(ph / "scan", tmp_path / "c", truth={"C02": ph / "truth"})
