@@ -535,3 +535,20 @@ def test_a_report_written_again_draws_only_figures_whose_sources_changed(tmp_pat
     assert drawn() == ["C00_mips.png"]
     monkeypatch.setattr(report, "_CODE", "another version of report.py")
     assert drawn() == first                                     # how figures are drawn changed: all again
+
+
+def test_a_clustered_mesh_far_over_the_picture_s_faces_is_clustered_coarser_before_decimation(tmp_path, monkeypatch):
+    """Decimating a clustered million-face mesh stalled at 2-4x the picture's faces after seconds, and was
+    retried on coarser grids: the clustered mesh is brought to about 10x the target first."""
+    trimesh = pytest.importorskip("trimesh")
+    from gpuheart import report
+
+    sphere = trimesh.creation.icosphere(subdivisions=6, radius=10.0)            # 81920 faces
+    sphere.export(tmp_path / "mesh.glb")
+    drawn = []
+    monkeypatch.setattr(report, "draw_mesh", lambda v, f, png, max_faces, n_faces, **kw: drawn.append(len(f)))
+    monkeypatch.setattr(report, "_CLUSTER_ABOVE", 1000)
+    report._mesh(tmp_path / "mesh.glb", tmp_path / "m.png", max_faces=500)
+    first = len(report._cluster(np.asarray(sphere.vertices), np.asarray(sphere.faces), report._CLUSTER_GRID)[1])
+    assert first > 10 * 500                                                      # the case in question
+    assert 500 < drawn[0] < first / 4, (first, drawn)                            # about 10x: 17k here
