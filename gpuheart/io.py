@@ -1015,6 +1015,37 @@ def _zarr_dimension_names(arr) -> list[str] | None:
     return axes if {"y", "x"} <= set(axes) else None
 
 
+def _ngff_axes(path: Path, ms0: dict, ndim: int) -> tuple[list[str], list]:
+    """Axis names and units of an OME-NGFF image's multiscales entry."""
+    raw_axes = ms0.get("axes") or list("tczyx"[-ndim:])
+    try:
+        axes = [str(a["name"]) if isinstance(a, dict) else str(a) for a in raw_axes]
+    except (KeyError, TypeError) as err:
+        raise ScanError(f"{path}: OME-NGFF axes {raw_axes!r} without a 'name'; expected axes such as "
+                        f"{{'name': 'z', 'type': 'space', 'unit': 'micrometer'}}") from err
+    return axes, [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
+
+
+def _ngff_level(path: Path) -> tuple[dict, dict] | None:
+    """(multiscales entry, dataset) when the array ``path`` is a level of the OME-Zarr image in its parent
+    folder, whose metadata hold its axes and scale (the array's own hold neither); else None."""
+    import json
+
+    for meta in (".zattrs", "zarr.json"):
+        try:
+            attrs = json.loads((path.parent / meta).read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = attrs.get("attributes", attrs) if meta == "zarr.json" else attrs
+        ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales") if isinstance(attrs, dict) \
+            else None
+        for ms0 in ms if isinstance(ms, list) else []:
+            for ds in (ms0.get("datasets") or []) if isinstance(ms0, dict) else []:
+                if isinstance(ds, dict) and ds.get("path") == path.name:
+                    return ms0, ds
+    return None
+
+
 class _Zarr:
     """A zarr array ((z, y, x), (c, z, y, x), or axes as named in its metadata) or an OME-NGFF image group
     (level 0 of its multiscales)."""
@@ -1033,6 +1064,11 @@ class _Zarr:
         if hasattr(node, "shape") and hasattr(node, "dtype"):
             arr, self.format = node, "zarr"
             axes = _zarr_dimension_names(node)
+            level = _ngff_level(path)
+            if level is not None:   # a level of an OME-Zarr image opened by itself (IMAGE.ome.zarr/0)
+                ms0, ds = level
+                axes, units = _ngff_axes(path.parent, ms0, arr.ndim)
+                self.voxel_size = self._ngff_scale(ms0, ds, axes, units)
         else:
             attrs = dict(node.attrs)
             ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
@@ -1059,13 +1095,7 @@ class _Zarr:
                 arr = node[level0]
             except Exception as err:
                 raise ScanError(f"{path}: multiscales level 0 ({level0!r}) is missing") from err
-            raw_axes = ms0.get("axes") or list("tczyx"[-arr.ndim:])
-            try:
-                axes = [str(a["name"]) if isinstance(a, dict) else str(a) for a in raw_axes]
-            except (KeyError, TypeError) as err:
-                raise ScanError(f"{path}: OME-NGFF axes {raw_axes!r} without a 'name'; expected axes such as "
-                                f"{{'name': 'z', 'type': 'space', 'unit': 'micrometer'}}") from err
-            units = [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
+            axes, units = _ngff_axes(path, ms0, arr.ndim)
             self.voxel_size = self._ngff_scale(ms0, ds, axes, units)
             self.format = "ome-zarr"
         if axes is None:

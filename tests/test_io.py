@@ -543,6 +543,32 @@ def test_ngff_group_with_channel_axis_and_nanometre_units(tmp_path):
         np.testing.assert_array_equal(scan.read_slab("C01", 1, 3), vol[1, 1:3])
 
 
+def test_a_level_of_an_ome_zarr_image_opened_by_itself_keeps_the_image_s_axes_and_voxel_size(tmp_path):
+    """`gpuheart mesh OUT/C00/mask.ome.zarr/0` gave a mesh in voxel units: the array's own metadata hold no
+    scale, its image's (the folder above) do. Scales per level: level 1's is its own."""
+    zarr = pytest.importorskip("zarr")
+    vol = volume((2, 4, 6, 8))
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    create = getattr(root, "create_array", None) or root.create_dataset  # zarr 3 or 2
+    create("0", shape=vol.shape, dtype=vol.dtype, chunks=(1, 2, 6, 8))[:] = vol
+    create("1", shape=(2, 4, 3, 4), dtype=vol.dtype, chunks=(1, 2, 3, 4))[:] = vol[:, :, ::2, ::2]
+    root.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": "c", "type": "channel"}] + [
+            {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        "datasets": [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1, 5, s, s]}]}
+                     for k, s in ((0, 0.5), (1, 1.0))],
+    }]
+    for level, shape, vs in (("0", (4, 6, 8), (5.0, 0.5, 0.5)), ("1", (4, 3, 4), (5.0, 1.0, 1.0))):
+        with open_scan(tmp_path / "img.ome.zarr" / level) as scan:
+            assert scan.channels == ["C00", "C01"] and scan.shape == shape
+            assert scan.voxel_size == pytest.approx(vs)
+    with ZarrWriter(tmp_path / "mask.ome.zarr", (3, 4, 5), np.uint8, voxel_size=(4, 1, 1)) as w:   # gpuheart's own
+        w.write(0, np.zeros((3, 4, 5), np.uint8))
+    with open_scan(tmp_path / "mask.ome.zarr" / "0") as scan:
+        assert scan.voxel_size == pytest.approx((4.0, 1.0, 1.0))
+
+
 def test_folder_names_that_are_not_slice_tokens(tmp_path):
     """Lower-case and 'ch' tokens are understood; a strain name is no channel; a stray file without a Z
     token among slices is refused by name; hidden AppleDouble files are ignored."""
