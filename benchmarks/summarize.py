@@ -32,7 +32,7 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 
 def kind_of(doc: dict, path: Path) -> str:
     if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile", "gil",
-                           "clahe-bin-table", "pipeline-ab"):
+                           "clahe-bin-table", "pipeline-ab", "thin"):
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
@@ -450,6 +450,19 @@ def section_gil(e) -> list[str]:
             "| building block | serial, s | two threads, s | ratio |", "|---|---:|---:|---:|"] + rows + [""]
 
 
+def section_thin(e) -> list[str]:
+    d = e["doc"]
+    rows = [f"| {c['case']} | {c['tree_voxels']:,} | {min(c['old_s']):.2f} | {min(c['new_s']):.2f} | "
+            f"{c['speedup_best']:.2f}x | {'yes' if c['identical'] else 'no'} |" for c in d["cases"]]
+    return ["### The tree graph's thinning against the one it replaced",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}."
+            + "".join(f" {n[0].upper()}{n[1:]}." for n in d.get("notes", [])),
+            "",
+            "| case | tree voxels | old, s | new, s | ratio | same skeleton |",
+            "|---|---:|---:|---:|---:|---|"] + rows + [""]
+
+
 def section_bin_table(e) -> list[str]:
     d = e["doc"]
     med = d["median_ms"]
@@ -716,9 +729,9 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
-            "clahe-bin-table": section_bin_table}
+            "clahe-bin-table": section_bin_table, "thin": section_thin}
 ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "cldice-skeleton",
+         "mesh", "mesh-stage", "label", "thin", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "cldice-skeleton",
          "closings", "finetune",
          "pytest-benchmark"]
 
@@ -767,6 +780,7 @@ def render(entries: list[dict]) -> str:
            "| marching cubes | `python benchmarks/bench_mesh.py [--shape 512 1024 1024 --out ...]` | `cpu-mesh*.json` |",
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
            "| the tree graph's labelling (1 thread vs several) and skeleton, optionally against an older commit | `python benchmarks/bench_label.py --against REV [--mask OUT/C02/mask.ome.zarr --out ...]` | `cpu-label.json`, `cpu-label-dense.json` |",
+           "| the tree graph's thinning against the one it replaced | `python benchmarks/bench_thin.py [--mask OUT/C02/mask.ome.zarr ...]` | `cpu-thin.json` |",
            "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
            "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",

@@ -12,6 +12,7 @@ import networkx as nx
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from numba import njit
 from skimage.draw import line_nd
 
 from gpuheart import graph as vg
@@ -564,3 +565,168 @@ def test_thin_refuses_what_it_cannot_pace_and_ends_on_extreme_anisotropy():
         vg.thin(cube[0])
     # z passes 10^4 times rarer: once x and y are done, z goes next instead of after 10^4 idle sweeps
     assert vg.thin(cube, (1e4, 1.0, 1.0)).any()
+
+
+# -- the thinning before its border list and remembered simple-point tests, kept as the reference -------------
+# (gpuheart 2026-11: every object voxel tested in every pass; graph.thin must give the same bits on every input)
+
+@njit
+def _reference_thin_direction(img, alive, ob, cand, offsets, zstride, ystride):
+    nc = 0
+    for i in alive:
+        if img[i] != 0 and img[i + ob] == 0 and vg._deletable(img, i, offsets):
+            cand[nc] = i
+            nc += 1
+    deleted = 0
+    for parity in range(8):
+        for j in range(nc):
+            i = cand[j]
+            z, rest = divmod(i, zstride)
+            y, x = divmod(rest, ystride)
+            if (z % 2) * 4 + (y % 2) * 2 + x % 2 == parity and vg._deletable(img, i, offsets):
+                img[i] = 0
+                deleted += 1
+    return deleted
+
+
+@njit
+def _reference_prune_spurs(img, alive, offsets):
+    doomed = np.empty(alive.size, np.int64)
+    nd = 0
+    path = np.empty(vg.SPUR_VOXELS, np.int64)
+    for tip in alive:
+        if img[tip] == 0 or vg._neighbours(img, tip, offsets) != 1:
+            continue
+        prev, cur, n = -1, tip, 0
+        while True:
+            path[n] = cur
+            n += 1
+            nxt = -1
+            for k in range(27):
+                j = cur + offsets[k]
+                if k != 13 and j != prev and img[j] != 0:
+                    nxt = j
+                    break
+            m = vg._neighbours(img, nxt, offsets)
+            if m >= 3:
+                for q in range(n):
+                    doomed[nd] = path[q]
+                    nd += 1
+                break
+            if m != 2 or n == vg.SPUR_VOXELS:
+                break
+            prev, cur = cur, nxt
+    for q in range(nd):
+        img[doomed[q]] = 0
+    return nd
+
+
+@njit
+def _reference_thin_flat(img, alive, offsets, borders, rate, zstride, ystride):
+    cand = np.empty(alive.size, np.int64)
+    due = np.zeros(borders.size)
+    clean = np.zeros(borders.size, np.bool_)
+    while True:
+        clean[:] = False
+        while not clean.all():
+            deleted = 0
+            for d in range(borders.size):
+                due[d] += rate[d]
+                if due[d] < 1.0 - 1e-9:
+                    continue
+                due[d] -= 1.0
+                n = _reference_thin_direction(img, alive, borders[d], cand, offsets, zstride, ystride)
+                deleted += n
+                if n == 0:
+                    clean[d] = True
+                else:
+                    clean[:] = False
+            if deleted == 0:
+                for d in range(borders.size):
+                    if not clean[d]:
+                        due[d] = max(due[d], 1.0)
+                continue
+            keep = 0
+            for i in alive:
+                if img[i] != 0:
+                    alive[keep] = i
+                    keep += 1
+            alive = alive[:keep]
+        if _reference_prune_spurs(img, alive, offsets) == 0:
+            return img
+
+
+def reference_thin(mask, voxel_size=(1.0, 1.0, 1.0)):
+    """graph.thin as it was: every object voxel tested for deletion in every pass."""
+    padded = np.pad(np.asarray(mask, bool), 1).astype(np.uint8)
+    _, sy, sx = padded.shape
+    strides = np.array([sy * sx, sx, 1], np.int64)
+    offsets = (np.array(list(np.ndindex(3, 3, 3))) - 1) @ strides
+    borders = np.array([-strides[1], strides[1], strides[2], -strides[2], strides[0], -strides[0]], np.int64)
+    vs = np.asarray(voxel_size, np.float64)
+    rate = vs.min() / vs[[1, 1, 2, 2, 0, 0]]
+    flat = padded.ravel()
+    _reference_thin_flat(flat, np.flatnonzero(flat).astype(np.int64), offsets, borders, rate, strides[0], strides[1])
+    return padded[1:-1, 1:-1, 1:-1].astype(bool)
+
+
+def _awkward_masks():
+    """Edge cases of the border list: nothing, one voxel, everything (touching every face of the array),
+    1-voxel sheets (flat, oblique, with holes), lines, thin slabs and tubes running off the array."""
+    yield "empty", np.zeros((4, 5, 6), bool)
+    one = np.zeros((3, 3, 3), bool)
+    one[1, 1, 1] = True
+    yield "single voxel", one
+    yield "single voxel array", np.ones((1, 1, 1), bool)
+    yield "full", np.ones((7, 9, 8), bool)
+    yield "full row", np.ones((1, 1, 12), bool)
+    yield "full plane", np.ones((1, 10, 13), bool)
+    sheet = np.zeros((9, 14, 15), bool)
+    sheet[4] = True
+    yield "sheet across", sheet
+    yield "sheet along x", np.moveaxis(sheet, 0, 2).copy()
+    z, y, x = np.indices((12, 16, 16))
+    yield "oblique sheet", (z + y) == 12
+    yield "oblique 26-sheet", (z + y + x) == 20
+    holed = sheet.copy()
+    holed[4, 3:6, 4:9] = False
+    holed[4, 9, 10] = False
+    yield "sheet with holes", holed
+    yield "two sheets", (z % 6 == 2) & (y < 14)
+    yield "slab 2 thick", z[:, :10, :10] // 2 == 3
+    yield "tube off the array", (y - 7.5) ** 2 + (x - 7.5) ** 2 <= 9
+    lines = np.zeros((6, 20, 20), bool)
+    lines[2, 5, 2:18] = lines[3, 2:18, 9] = True
+    lines[1:5, 12, 12] = True
+    yield "lines and a cross", lines
+    yield "checkerboard", (z + y + x) % 2 == 0
+    yield "2x2x2", np.ones((2, 2, 2), bool)
+
+
+def _vessel_like(seed, shape, vs):
+    rng = np.random.default_rng(seed)
+    ext = np.array(shape) * np.array(vs)
+    segs = [(rng.random(3) * ext, rng.random(3) * ext) for _ in range(6)]
+    mask = capsules(shape, vs, segs, rng.uniform(1.0, 4.0))
+    blobs = ndi.gaussian_filter(rng.random(shape), 1.5) > 0.53   # rough walls, small holes
+    return mask | (blobs & ndi.binary_dilation(mask, iterations=2))
+
+
+@pytest.mark.parametrize("vs", [(1.0, 1.0, 1.0), (4.0, 1.0, 1.0), (1.0, 1.0, 3.0), (2.5, 0.7, 1.3), (1e4, 1.0, 1.0)])
+def test_thin_gives_the_bits_of_testing_every_voxel_in_every_pass(vs):
+    """graph.thin looks only at border voxels that may be deletable and remembers _deletable until a neighbour
+    goes; on every mask it must delete exactly what the plain passes over all object voxels delete."""
+    rng = np.random.default_rng(int(vs[0] * 10 + vs[2]))
+    masks = list(_awkward_masks())
+    for k in range(12):   # random: dense, sparse, thin arrays
+        shape = tuple(int(n) for n in rng.integers(1, 16, 3))
+        masks.append((f"random {shape}", rng.random(shape) < rng.uniform(0.1, 0.95)))
+    for k in range(4):
+        shape = (int(rng.integers(8, 20)), 40, 40)
+        masks.append((f"smooth random {k}", ndi.gaussian_filter(rng.random(shape), 2.0) > 0.5))
+        masks.append((f"vessel-like {k}", _vessel_like(k, shape, vs if vs[0] < 100 else (4.0, 1.0, 1.0))))
+    for name, mask in masks:
+        want = reference_thin(mask, vs)
+        got = vg.thin(mask, vs)
+        assert np.array_equal(got, want), (name, int(want.sum()), int(got.sum()), int((got != want).sum()))
+        assert got.dtype == bool and got.shape == mask.shape
