@@ -424,6 +424,14 @@ def _unique_names(inputs: list[str]) -> list[str]:
     return names
 
 
+def _removed(removed: int, lost: int | None, limit: str) -> str:
+    """How many mesh components were dropped, and why: under the face limit, or by a decimation (None: a
+    summary from before the two were told apart)."""
+    if lost is None:
+        return f"{removed} under {limit} or lost in decimation removed"
+    return f"{removed - lost} under {limit} removed" + (f", {lost} lost in decimation" if lost else "")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -486,7 +494,8 @@ def _print_run(result) -> None:
         if "mesh" in s:
             m = s["mesh"]
             print(f"    mesh: {m['faces']} faces, {_count(m['components'], 'component')} "
-                  f"({m['components_removed']} under the face limit or lost in decimation removed), {m['bytes'] / 1e6:.1f} MB"
+                  f"({_removed(m['components_removed'], m.get('components_lost_in_decimation'), 'the face limit')}), "
+                  f"{m['bytes'] / 1e6:.1f} MB"
                   + _blocks_note(m.get("block_factor", 1)))
         if "tree" in s and "n_branches" in s["tree"]:
             t = s["tree"]
@@ -543,7 +552,8 @@ def _cmd_mesh(a) -> int:
         print("  note: the mask's metadata gives no voxel size and none was set: coordinates, areas and volumes "
               "assume 1 x 1 x 1 µm voxels (--voxel-size Z Y X)")
     print(f"gpuheart: wrote {st.path}: {st.vertices} vertices, {st.faces} faces, {_count(st.components, 'component')} "
-          f"({st.components_removed} under {a.min_faces} faces or lost in decimation removed), {st.bytes / 1e6:.1f} MB, "
+          f"({_removed(st.components_removed, st.components_lost_in_decimation, f'{a.min_faces} faces')}), "
+          f"{st.bytes / 1e6:.1f} MB, "
           f"volume {st.volume:.4g} µm³, area {st.surface_area:.4g} µm²" + _blocks_note(st.block_factor))
     return EXIT_OK
 

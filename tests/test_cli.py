@@ -781,3 +781,18 @@ def test_python_segment_refuses_a_non_tiff_name_and_a_2d_image_gives_no_stack_wa
         warnings.simplefilter("error", UserWarning)   # no closings, mesh or tree: a plain 2-D segmentation
         out = p.segment(img, tmp_path / "mask.tif")
     assert tifffile.imread(out).shape == (48, 48)
+
+
+def test_mesh_says_which_components_were_too_small_and_which_a_decimation_lost(tmp_path, capsys):
+    """"(N under 20 faces or lost in decimation removed)" was printed when no decimation ran."""
+    import numpy as np
+    import tifffile
+
+    m = np.zeros((20, 40, 40), np.uint8)
+    zz, yy, xx = np.mgrid[:20, :40, :40]
+    m[((zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2) < 49] = 255    # a ball
+    m[2, 2, 2] = m[2, 37, 37] = 255                                       # two specks of 8 faces each
+    tifffile.imwrite(tmp_path / "m.tif", m)
+    assert main(["mesh", str(tmp_path / "m.tif"), "-o", str(tmp_path / "m.ply"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 under 20 faces removed)" in out and "decimation" not in out, out
