@@ -402,6 +402,9 @@ class _TiffStack:
                 # tifffile (to 2026 at least) stores a (3 or 4, y, x) array as planar RGB unless told otherwise
                 hint = (f"; if its {shape[axes.index('S')]} planes are z-slices, save the stack again with "
                         f"tifffile.imwrite(path, stack, photometric='minisblack')")
+            else:   # an RGB export of a stack (Fiji's "RGB Color", a screenshot-like TIFF)
+                hint = ("; convert it to grayscale first (Fiji: Image > Type > 16-bit or 8-bit; or split the colours "
+                        "into channels: Image > Color > Split Channels) and save it again")
             raise ScanError(f"{path}: image has colour samples (axes {axes}); expected grayscale (z, y, x){hint}")
         if axes[-2:] != "YX":
             raise ScanError(f"{path}: series axes {axes}; expected the last two axes to be Y, X")
@@ -416,8 +419,12 @@ class _TiffStack:
         zaxes = [a for a, n in lead if a in zlike and n > 1]
         other = [f"{a}={n}" for a, n in lead if a not in zlike + "C" and n > 1]
         if len(zaxes) > 1 or other:
+            # tifffile labels the leading axes of a 4-D array it saved without axes "Q" (unknown)
+            hint = ("; the file does not say which axis is which: save it again naming them, e.g. "
+                    "tifffile.imwrite(path, stack, imagej=True, metadata={'axes': 'ZCYX'}), or in Fiji "
+                    "(Image > Hyperstacks > Stack to Hyperstack)" if set(a for a, _ in lead) <= set("QI") else "")
             raise ScanError(f"{path}: series axes {axes} with shape {shape}; "
-                            f"expected at most one z axis and one channel axis (C)")
+                            f"expected at most one z axis and one channel axis (C){hint}")
         self.lead_axes = [a for a, _ in lead]
         self.lead_shape = [n for _, n in lead]
         self.z_axis = next((i for i, (a, n) in enumerate(lead) if a in zlike and n > 1), None)

@@ -177,7 +177,16 @@ def test_colour_tiff_is_refused_with_a_hint_for_planar_stacks(tmp_path, capsys, 
     err = _cli_error(capsys, ["segment", str(path), "-o", str(tmp_path / "m.tif"), "--method", "dom"])
     assert "rgb.tif" in err and "colour samples" in err and "expected grayscale" in err
     assert ("photometric='minisblack'" in err) == planar
+    assert ("convert it to grayscale" in err) != planar   # an RGB export of a stack: what to do about it
     assert not (tmp_path / "m.tif").exists()
+
+
+def test_a_4d_tiff_without_axis_names_is_refused_with_how_to_name_them(tmp_path, capsys):
+    """tifffile saves a 4-D array without axes as QQYX: which axis is z and which the channels is unknown."""
+    path = tmp_path / "q.tif"
+    tifffile.imwrite(path, np.zeros((3, 2, 16, 16), np.uint16))
+    err = _cli_error(capsys, ["info", str(path)])
+    assert "q.tif" in err and "axes QQYX" in err and "metadata={'axes': 'ZCYX'}" in err
 
 
 def test_a_folder_of_one_stack_per_channel_runs_and_is_scored(tmp_path, capsys):
