@@ -873,6 +873,11 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
         hint = f"; scans in its sub-folders: {', '.join(subs[:5])}{', ...' if len(subs) > 5 else ''}" if subs else ""
+        if len({_channel_number(Path(d).name) for d in subs if _CHANNEL_RE.search(Path(d).name)}) > 1:
+            # Ch0/, Ch1/: one folder per channel, which one scan cannot be read from
+            hint += (" (if these are the channels of one scan, move their slices into one folder with a channel "
+                     "token in every name, e.g. heart_C00_Z0000.tif, heart_C01_Z0000.tif, or give each folder "
+                     "as an INPUT of its own)")
         raise ScanError(f"{path}: folder holds no TIFF files (expected *.tif/*.tiff slices){hint}")
     by_channel: dict[int, list[tuple[int | None, Path]]] = {}
     for p in tiffs:

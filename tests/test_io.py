@@ -343,6 +343,10 @@ def test_folder_without_tiff_names_sub_folders_that_hold_scans(tmp_path):
     (tmp_path / "out" / "notes").mkdir()
     with pytest.raises(ScanError, match=r"no TIFF files .*; scans in its sub-folders: \S*out/scan$"):
         open_scan(tmp_path / "out")
+    for c in (0, 1):   # one folder per channel: said how to make them one scan
+        write_folder(tmp_path / "chans" / f"Ch{c}", {0: volume((2, 8, 8))})
+    with pytest.raises(ScanError, match=r"Ch0, \S*Ch1 \(if these are the channels of one scan, move their slices"):
+        open_scan(tmp_path / "chans")
 
 
 def test_missing_slice_names_channel_and_z(tmp_path):
