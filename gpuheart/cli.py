@@ -324,22 +324,24 @@ def _local_client(make_cluster):
     finally:
         if main:
             signal.signal(signal.SIGINT, handler)
-    client = Client(cluster)
-    interrupted = False
+    client, interrupted = None, False
     try:
+        client = Client(cluster)
         yield client
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
+        wait = 5 if interrupted else 30
+        steps = [] if client is None else [client.close]
+        if interrupted and client is not None:   # before the client goes, which cancels the workers' slabs
+            steps.insert(0, lambda timeout: client.run(_silence_dask_logs))
         with _quiet_dask():
-            try:
-                if interrupted:   # before the client goes, which cancels the slabs the workers are busy with
-                    client.run(_silence_dask_logs)
-                client.close(timeout=5 if interrupted else 30)
-                cluster.close(timeout=5 if interrupted else 30)
-            except Exception:  # noqa: BLE001 - a cluster that will not close must not hide the run's own outcome
-                pass
+            for step in steps + [cluster.close]:   # each tried: the cluster is closed whatever the client did
+                try:
+                    step(timeout=wait)
+                except Exception:  # noqa: BLE001 - a cluster that will not close must not hide the run's outcome
+                    pass
 
 
 def _silence_dask_logs() -> None:

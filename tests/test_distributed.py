@@ -273,3 +273,20 @@ def test_ctrl_c_of_a_dask_run_prints_only_gpuheart_s_message(scan40, tmp_path):
     assert "interrupted; the same command continues" in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines == [ln for ln in lines if ln.startswith("gpuheart:")], stderr
+
+
+def test_the_cluster_gpuheart_starts_is_closed_when_its_client_fails(monkeypatch):
+    """A Client that cannot connect to the cluster just started must not leave the cluster's workers running."""
+    from gpuheart import cli
+
+    closed = []
+    cluster = type("Cluster", (), {"close": lambda self, timeout=None: closed.append(timeout)})()
+
+    def refuse(_):
+        raise OSError("cannot connect")
+
+    monkeypatch.setattr(distributed, "Client", refuse)
+    with pytest.raises(OSError, match="cannot connect"):
+        with cli._local_client(lambda: cluster):
+            pass
+    assert closed == [30]
