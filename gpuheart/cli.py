@@ -336,12 +336,17 @@ def _local_client(make_cluster):
         steps = [] if client is None else [client.close]
         if interrupted and client is not None:   # before the client goes, which cancels the workers' slabs
             steps.insert(0, lambda timeout: client.run(_silence_dask_logs))
+        again = None
         with _quiet_dask():
             for step in steps + [cluster.close]:   # each tried: the cluster is closed whatever the client did
                 try:
                     step(timeout=wait)
+                except KeyboardInterrupt as err:   # Ctrl-C pressed again while closing: close the rest first
+                    again = err
                 except Exception:  # noqa: BLE001 - a cluster that will not close must not hide the run's outcome
                     pass
+        if again is not None and not interrupted:
+            raise again
 
 
 def _silence_dask_logs() -> None:

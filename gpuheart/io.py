@@ -716,8 +716,14 @@ def _planes(path: Path) -> int:
         return 0
     with tif, _tifffile_errors():
         try:
+            page = tif.pages.first
+            if len(tif.pages) == 1 and tif.is_ome:
+                # one page of OME: its own axes tell (tif.series would first open every file a LaVision slice's
+                # OME metadata names, i.e. the whole scan, before this one is read again as a slice)
+                return max(1, int(np.prod([n for a, n in zip(page.axes, page.shape) if a not in "YXS"],
+                                          dtype=np.int64)))
             series = tif.series[0]
-            if getattr(series, "is_multifile", False):   # LaVision's slices name the whole series: count this file
+            if getattr(series, "is_multifile", False):   # a multi-file series: count this file
                 return len(tif.pages)
             lead = [n for a, n in zip(series.axes, series.shape) if a not in "YXS"]
             return max(int(np.prod(lead, dtype=np.int64)), len(tif.pages))
@@ -734,7 +740,7 @@ def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
     """The files of a folder holding one multi-page TIFF per channel, by channel name (only ``channels``,
     when given); None for any other folder (per-slice files, or a single file).
 
-    Only the first file decides whether the folder is one of stacks (a folder of 10,000 slices is not probed
+    The first readable file decides whether the folder is one of stacks (a folder of 10,000 slices is not probed
     file by file); then every file must be a stack with a channel token of its own, else the folder is
     refused by name: stacks of unknown channels, per-slice files of several channels each, or stacks mixed
     with slices would otherwise be read wrongly or half."""
@@ -745,13 +751,17 @@ def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
     pages = {}
     for f in tiffs:
         pages[f] = _planes(f)   # 0: unreadable, reported by whoever opens it (a damaged channel's stack, here)
-        if pages[f] == 1 or (pages[f] == 0 and f is tiffs[0]):
-            if f is tiffs[0]:
+        if not any(n > 1 for n in pages.values()):
+            if pages[f] == 1:   # the first readable file is a slice: a folder of slices
                 return None
+            continue            # unreadable so far: the next file decides
+        if pages[f] == 1:
             stacks = [g for g in pages if pages[g] > 1]
             raise ScanError(f"{path}: holds multi-page TIFFs ({_list_names(stacks)}) and single-page ones "
                             f"(e.g. {f.name}); expected either one 2D slice per file or one multi-page TIFF "
                             f"per channel (move the others elsewhere, or give one stack itself)")
+    if not any(n > 1 for n in pages.values()):   # nothing readable: the slices' reader says what is wrong
+        return None
     counts = set(pages.values()) - {0}
     each = f"{counts.pop()} pages each" if len(counts) == 1 else "several pages each"
     if len({z[-1] for z in (_Z_RE.findall(f.name) for f in tiffs) if z}) > 1:

@@ -854,14 +854,16 @@ def _warn_single_slice(scan, cfg: PipelineConfig) -> None:
 def _truth_files(truth: dict) -> dict:
     """A truth given as a folder of one stack per channel (what ``gpuheart phantom`` writes as OUT/truth, or
     Fiji's Split Channels) stands for its file of that channel: ``--truth C00 OUT/truth``."""
-    from .io import open_scan
+    from .io import ScanError, _channel_stacks
 
     out = {}
     for channel, path in truth.items():
         if Path(path).is_dir():
-            with open_scan(path) as t:
-                if t.format == "tiff-channels" and channel in t.channels:
-                    path = str(t.slice_file(channel, 0))
+            try:   # only that channel's file is looked at (a damaged one of another channel is no matter)
+                stacks = _channel_stacks(Path(path), [channel])
+            except (ScanError, OSError):   # not such a folder, or not with this channel: _check_truths says why
+                stacks = None
+            path = str(stacks[channel]) if stacks else path
         out[channel] = path
     return out
 

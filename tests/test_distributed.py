@@ -290,3 +290,31 @@ def test_the_cluster_gpuheart_starts_is_closed_when_its_client_fails(monkeypatch
         with cli._local_client(lambda: cluster):
             pass
     assert closed == [30]
+
+
+def test_ctrl_c_pressed_again_while_closing_still_closes_the_cluster(monkeypatch):
+    from gpuheart import cli
+
+    closed = []
+    cluster = type("Cluster", (), {"close": lambda self, timeout=None: closed.append(timeout)})()
+
+    class Client:
+        def __init__(self, _):
+            pass
+
+        def run(self, fn):
+            raise KeyboardInterrupt   # the second Ctrl-C
+
+        def close(self, timeout=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "Client", Client)
+    with pytest.raises(KeyboardInterrupt):
+        with cli._local_client(lambda: cluster):
+            raise KeyboardInterrupt
+    assert closed == [5]
+    closed.clear()
+    with pytest.raises(KeyboardInterrupt):   # a Ctrl-C while a finished run closes its cluster
+        with cli._local_client(lambda: cluster):
+            pass
+    assert closed == [30]

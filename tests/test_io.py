@@ -912,7 +912,7 @@ def test_single_imagej_slices_carry_no_z_step(tmp_path):
             assert s.voxel_size is None
 
 
-def test_one_slice_file_of_a_multi_file_ome_series_points_to_its_folder(tmp_path):
+def test_one_slice_file_of_a_multi_file_ome_series_points_to_its_folder(tmp_path, monkeypatch):
     """LaVision's per-slice files each carry OME metadata naming every file of the series."""
     import uuid
 
@@ -930,6 +930,13 @@ def test_one_slice_file_of_a_multi_file_ome_series_points_to_its_folder(tmp_path
         open_scan(tmp_path / name.format(0))
     with open_scan(tmp_path) as s:
         assert s.shape == (3, 8, 8) and int(s.read_slice(s.channels[0], 2)[0, 0]) == 2
+    # asking whether the folder holds stacks probes one file, not the series its metadata names (tifffile
+    # would open every slice of the scan for that, before they are all opened again as slices)
+    opened = []
+    real = tifffile.TiffFile.__init__
+    monkeypatch.setattr(tifffile.TiffFile, "__init__", lambda self, *a, **k: opened.append(1) or real(self, *a, **k))
+    with open_scan(tmp_path) as s:
+        assert len(opened) <= 3 + 1, len(opened)
 
 
 def test_a_bioformats2raw_store_points_to_its_image_sub_group(tmp_path):

@@ -854,3 +854,6 @@ def test_a_truth_folder_of_one_stack_per_channel_gives_each_channel_its_file(tmp
     assert by_folder.summary["C01"]["dom_vs_truth"] == by_file.summary["C01"]["dom_vs_truth"]
     with pytest.raises(ConfigError, match="expected one"):   # a channel the folder lacks: still refused
         Pipeline(_tiny_cfg(channels=["C02"])).run(ph / "scan", tmp_path / "c", truth={"C02": ph / "truth"})
+    (ph / "truth" / "C00.tif").write_bytes(b"")                 # another channel's file damaged: no matter
+    again = Pipeline(cfg).run(ph / "scan", tmp_path / "d", truth={"C01": ph / "truth"})
+    assert again.summary["C01"]["dom_vs_truth"] == by_file.summary["C01"]["dom_vs_truth"]
