@@ -265,7 +265,9 @@ def _page_end(page) -> int:
 def _unit_factor(unit) -> float | None:
     """Micrometres per ``unit`` (any case, singular or plural: "Microns", "UM", "inches"), None when unknown."""
     u = str(unit).strip().lower()
-    for cand in (u, u[:-1] if u.endswith("s") else None, u[:-2] if u.endswith("es") else None):
+    # plurals of names only: "ms" is no plural of "m" (a time unit would become metres)
+    plural = len(u) > 3
+    for cand in (u, u[:-1] if plural and u.endswith("s") else None, u[:-2] if plural and u.endswith("es") else None):
         if cand and cand in _UNIT_LOWER:
             return _UNIT_LOWER[cand]
     return None
@@ -1017,7 +1019,7 @@ def _is_zarr_dir(path: Path) -> bool:
         (path / m).exists() for m in (".zarray", ".zgroup", "zarr.json")))
 
 
-_AXIS_ALIASES = {"channel": "c", "ch": "c", "time": "t"}
+_AXIS_ALIASES = {"channel": "c", "channels": "c", "ch": "c", "time": "t"}
 
 
 def _zarr_dimension_names(arr) -> list[str] | None:
@@ -1034,7 +1036,9 @@ def _zarr_dimension_names(arr) -> list[str] | None:
                                                                                 for n in names):
         return None
     axes = [_AXIS_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in names]
-    return axes if {"y", "x"} <= set(axes) else None
+    if not {"y", "x"} <= set(axes) or any(re.fullmatch(r"dim_\d+", a) for a in axes):
+        return None   # xarray's defaults name no axis: all are taken by position
+    return axes
 
 
 def _ngff_axes(path: Path, ms0: dict, ndim: int) -> tuple[list[str], list]:

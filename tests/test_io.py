@@ -1218,9 +1218,23 @@ def test_xarray_dimension_names_give_a_zarr_arrays_axes(tmp_path):
     with open_scan(tmp_path / "x.zarr") as s:
         assert s.channels == ["C00", "C01"] and s.shape == (5, 6, 7)
         np.testing.assert_array_equal(s.read_slice("C00", 4), vol[4, 0])
+    arr.attrs["_ARRAY_DIMENSIONS"] = ["z", "channels", "y", "x"]
+    with open_scan(tmp_path / "x.zarr") as s:
+        assert s.channels == ["C00", "C01"] and s.shape == (5, 6, 7)
     arr.attrs["_ARRAY_DIMENSIONS"] = ["z", "z", "y", "x"]
     with pytest.raises(ScanError, match=r"x.zarr: axes \['z', 'z', 'y', 'x'\] name an axis twice"):
         open_scan(tmp_path / "x.zarr")
+    zarr.save_array(str(tmp_path / "d.zarr"), vol[:, 0])   # xarray's default names: taken by position
+    zarr.open_array(str(tmp_path / "d.zarr"), mode="r+").attrs["_ARRAY_DIMENSIONS"] = ["dim_0", "y", "x"]
+    with open_scan(tmp_path / "d.zarr") as s:
+        assert s.shape == (5, 6, 7)
+
+
+def test_a_time_unit_is_no_plural_of_a_length():
+    from gpuheart.io import _unit_factor
+
+    assert _unit_factor("ms") is None and _unit_factor("m") == 1e6
+    assert _unit_factor("Microns") == _unit_factor("micrometres") == 1.0 and _unit_factor("inches") == 25400.0
 
 
 def test_an_unnamed_4d_zarr_array_with_more_channels_than_slices_is_warned_about(tmp_path):
