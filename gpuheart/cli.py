@@ -333,14 +333,16 @@ def _local_client(make_cluster):
         raise
     finally:
         wait = 5 if interrupted else 30
-        steps = [] if client is None else [client.close]
-        if interrupted and client is not None:   # before the client goes, which cancels the workers' slabs
-            steps.insert(0, lambda timeout: client.run(_silence_dask_logs))
+        steps = [lambda: cluster.close(timeout=wait)]   # each tried: the cluster is closed whatever the client did
+        if client is not None:
+            steps.insert(0, lambda: client.close(timeout=wait))
+            if interrupted:   # before the client goes, which cancels the slabs the workers are busy with
+                steps.insert(0, lambda: client.run(_silence_dask_logs))
         again = None
         with _quiet_dask():
-            for step in steps + [cluster.close]:   # each tried: the cluster is closed whatever the client did
+            for step in steps:
                 try:
-                    step(timeout=wait)
+                    step()
                 except KeyboardInterrupt as err:   # Ctrl-C pressed again while closing: close the rest first
                     again = err
                 except Exception:  # noqa: BLE001 - a cluster that will not close must not hide the run's outcome

@@ -575,10 +575,7 @@ class Pipeline:
             "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock"}
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
                            started_over=started_over, later_only=later_only)
-        # without "report": the page is written after (it reads this file), as out_dir/report.html
-        record = {k: v for k, v in result.to_dict().items() if k != "report"}
-        _atomic_write_bytes(out_dir / "summary.json",
-                            json.dumps(_strict_json(record), indent=2, allow_nan=False).encode())
+        _write_summary(out_dir, result)
         if cfg.output.report:
             from .report import write_report
 
@@ -588,9 +585,7 @@ class Pipeline:
             # (drawing a large mesh's picture took 3-12 s a channel, missing from both)
             result.timings["report"] = timer.seconds["report"]
             summary["this_run"]["wall_s"] = time.monotonic() - started
-            record["timings_s"], record["summary"] = result.timings, summary
-            _atomic_write_bytes(out_dir / "summary.json",
-                                json.dumps(_strict_json(record), indent=2, allow_nan=False).encode())
+            _write_summary(out_dir, result)
         return result
 
     def segment(self, source, out_path, channel: str | None = None, resume: bool = True) -> Path:
@@ -2184,6 +2179,12 @@ def _atomic_write_bytes(path: Path, data: bytes):
     tmp = path.with_name(path.name + ".partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_summary(out_dir: Path, result: RunResult) -> None:
+    # without "report": the page is written after (it reads this file), as out_dir/report.html
+    record = {k: v for k, v in result.to_dict().items() if k != "report"}
+    _atomic_write_bytes(out_dir / "summary.json", json.dumps(_strict_json(record), indent=2, allow_nan=False).encode())
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

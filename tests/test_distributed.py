@@ -114,6 +114,18 @@ def _run_cmd(scan, out, cfg, *extra):
             "--channels", "C00", "--no-progress", *extra]
 
 
+def _dask_run_reaching(cmd, out, z, what: str):
+    """``cmd`` started in a session of its own (its process group: driver, scheduler, workers), returned once it
+    has checkpointed slice ``z``; the test is skipped if it finished first."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not _wait_for_slice(proc, out, z):
+        proc.communicate()
+        pytest.skip(f"the run finished before it could be {what} (machine too fast for this test)")
+    return proc
+
+
 def _wait_for_slice(proc, out, z, timeout=180):
     """Poll the run's manifest until it has checkpointed slice ``z``; False if the run ended first."""
     import time
@@ -162,10 +174,7 @@ def test_sigkill_of_a_dask_run_then_same_command_resumes_and_equals_a_local_run(
     ref, cfg = local_reference
     out = tmp_path / "out"
     cmd = _run_cmd(scan40, out, cfg, "--dask", "local:2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    if not _wait_for_slice(proc, out, 10):
-        proc.communicate()
-        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    proc = _dask_run_reaching(cmd, out, 10, "killed")
     children = psutil.Process(proc.pid).children(recursive=True)
     group = [proc.pid] + [c.pid for c in children]
     assert len(_workers(children)) >= 2, [c.cmdline() for c in children]
@@ -209,17 +218,12 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_output_equals_a_local_run(s
     tasks (a slab rewritten whole, as a task writes every slice of it), so the run completes unchanged."""
     import os
     import signal
-    import subprocess
     import time
 
     psutil = pytest.importorskip("psutil")
     ref, cfg = local_reference
     out = tmp_path / "out"
-    proc = subprocess.Popen(_run_cmd(scan40, out, cfg, "--dask", "local:2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    if not _wait_for_slice(proc, out, 6):
-        proc.communicate()
-        pytest.skip("the run finished before a worker could be killed (machine too fast for this test)")
+    proc = _dask_run_reaching(_run_cmd(scan40, out, cfg, "--dask", "local:2"), out, 6, "a worker killed")
     children = psutil.Process(proc.pid).children(recursive=True)
     workers = _workers(children)
     assert len(workers) == 2, [c.cmdline() for c in children]
@@ -257,16 +261,11 @@ def test_ctrl_c_of_a_dask_run_prints_only_gpuheart_s_message(scan40, tmp_path):
     the slabs cancelled under them, and their tracebacks, used to surround gpuheart's one-line message."""
     import os
     import signal
-    import subprocess
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(KILL_CONFIG)
     out = tmp_path / "out"
-    proc = subprocess.Popen(_run_cmd(scan40, out, cfg, "--dask", "local:2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    if not _wait_for_slice(proc, out, 6):
-        proc.communicate()
-        pytest.skip("the run finished before it could be interrupted (machine too fast for this test)")
+    proc = _dask_run_reaching(_run_cmd(scan40, out, cfg, "--dask", "local:2"), out, 6, "interrupted")
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
