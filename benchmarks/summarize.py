@@ -32,7 +32,7 @@ GPU_GOALS = [  # from the project's issues; targets, not results
 
 def kind_of(doc: dict, path: Path) -> str:
     if doc.get("kind") in ("pipeline", "pytest-benchmark", "pipeline-graph-overlap", "gpu-profile", "gil",
-                           "clahe-bin-table", "pipeline-ab", "thin"):
+                           "clahe-bin-table", "pipeline-ab", "thin", "mesh-export"):
         return doc["kind"]
     if str(doc.get("benchmark", "")).startswith("mesh.mesh_from_mask"):
         return "mesh-stage"
@@ -463,6 +463,25 @@ def section_thin(e) -> list[str]:
             "|---|---:|---:|---:|---:|---|"] + rows + [""]
 
 
+def section_mesh_export(e) -> list[str]:
+    d = e["doc"]
+    rows = []
+    for c in d["cases"]:
+        g, p = c["glb"], c["picture"]
+        rows.append(f"| {c['case']} | {c['faces']:,} | {g['old']['vertices_written_per_vertex']:.2f}x | "
+                    f"{g['new']['vertices_written_per_vertex']:.2f}x | {c['glb_bytes_new_over_old']:.2f}x | "
+                    f"{g['old']['s']:.2f} | {g['new']['s']:.2f} | {p['old']['s']:.2f} | {p['new']['s']:.2f} | "
+                    f"{c['picture_speedup']:.2f}x |")
+    return ["### GLB nodes and the report's mesh picture, new against old",
+            "",
+            f"Measured {e['when']} on {machine_line(d)} ({src(e)}). {d['benchmark']}."
+            + "".join(f" {n[0].upper()}{n[1:]}." for n in d.get("notes", [])),
+            "",
+            "| case | faces | GLB vertices written, old | new | GLB bytes, new / old | GLB export old, s | new, s "
+            "| picture old, s | new, s | picture ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"] + rows + [""]
+
+
 def section_bin_table(e) -> list[str]:
     d = e["doc"]
     med = d["median_ms"]
@@ -729,9 +748,10 @@ SECTIONS = {"pipeline": section_pipeline, "median": section_median, "morphology"
             "closings": section_closings,
             "pytest-benchmark": section_session, "mesh-stage": section_mesh_stage, "label": section_label,
             "pipeline-graph-overlap": section_graph_overlap, "pipeline-ab": section_pipeline_ab, "gpu-profile": section_gpu_profile, "gil": section_gil,
-            "clahe-bin-table": section_bin_table, "thin": section_thin}
+            "clahe-bin-table": section_bin_table, "thin": section_thin,
+            "mesh-export": section_mesh_export}
 ORDER = ["pipeline", "pipeline-ab", "pipeline-graph-overlap", "gpu-profile", "median", "morphology", "clahe", "clahe-bin-table", "io",
-         "mesh", "mesh-stage", "label", "thin", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "cldice-skeleton",
+         "mesh", "mesh-stage", "mesh-export", "label", "thin", "gil", "unet", "accuracy", "probe", "tiles", "scales", "hysteresis", "support", "combine", "cldice-skeleton",
          "closings", "finetune",
          "pytest-benchmark"]
 
@@ -781,6 +801,7 @@ def render(entries: list[dict]) -> str:
            "| the whole mesh stage (optionally against an older commit) | `python benchmarks/bench_mesh_stage.py --against REV` | `cpu-mesh-stage.json` |",
            "| the tree graph's labelling (1 thread vs several) and skeleton, optionally against an older commit | `python benchmarks/bench_label.py --against REV [--mask OUT/C02/mask.ome.zarr --out ...]` | `cpu-label.json`, `cpu-label-dense.json` |",
            "| the tree graph's thinning against the one it replaced | `python benchmarks/bench_thin.py [--mask OUT/C02/mask.ome.zarr ...]` | `cpu-thin.json` |",
+           "| GLB nodes and the report's mesh picture, new against old | `python benchmarks/bench_mesh_export.py [--mask OUT/C02/mask.ome.zarr ...]` | `cpu-mesh-export.json` |",
            "| which mesh / tree-graph building blocks release the GIL | `python benchmarks/bench_gil.py` | `cpu-gil.json` |",
            "| CLAHE's per-slice bin table against an older commit | `python benchmarks/bench_bin_table.py --against REV` | `cpu-clahe-bin-table.json` |",
            "| U-Net inference | `python benchmarks/bench_unet.py` | `<device>-unet.json` |",

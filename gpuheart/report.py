@@ -467,6 +467,9 @@ def _stl_triangles(path: Path):
 _CLUSTER_ABOVE = 400_000
 _CLUSTER_GRID = 192
 _CLUSTER_CHUNK = 1 << 18
+# a clustered mesh over this many times the picture's faces is clustered again to about that many before the
+# decimation (see _mesh); None: decimate it as it is (benchmarks/bench_mesh_export.py times both)
+_RECLUSTER_FACTOR: float | None = 10
 
 
 def _mesh(path: Path | None, png: Path, max_faces: int = 20000, block_factor: int = 1) -> Path | None:
@@ -479,11 +482,13 @@ def _mesh(path: Path | None, png: Path, max_faces: int = 20000, block_factor: in
         return None
     if f is None or n > _CLUSTER_ABOVE:
         v, f = _cluster(v, f, _CLUSTER_GRID)
-        if len(f) > 10 * max_faces:
+        k = _RECLUSTER_FACTOR
+        if k and len(f) > k * max_faces:
             # decimating a clustered mesh (not manifold) stalls at 2-4x the target, after 3 s on a million
             # faces, and was retried on coarser grids: cluster again to about 10x the target first (faces
-            # go as the grid squared), from which decimation reaches it (7 M faces: 9.5 s -> 4 s a picture)
-            v, f = _cluster(v, f, max(16, int(_CLUSTER_GRID * math.sqrt(10 * max_faces / len(f)))))
+            # go as the grid squared), from which decimation reaches it (a pipeline's 7 M-face mesh: 10.7 s
+            # -> 5.8 s a picture, loading included; benchmarks/bench_mesh_export.py)
+            v, f = _cluster(v, f, max(16, int(_CLUSTER_GRID * math.sqrt(k * max_faces / len(f)))))
     return draw_mesh(v, f, png, max_faces=max_faces, n_faces=n, block_factor=block_factor)
 
 
