@@ -682,6 +682,19 @@ def test_the_reports_mask_figures_show_the_segmentation_and_the_written_mask(tin
         np.testing.assert_array_equal(f["mid_mask"] > 0, otsu[mid])
         np.testing.assert_array_equal(f["mip_final"] > 0, final.max(axis=0))
         np.testing.assert_array_equal(f["mid_final"] > 0, final[mid])
+        assert all(f[k].dtype == np.uint8 for k in ("mip_mask", "mid_mask", "mip_final", "mid_final"))
+
+
+def test_figures_are_stored_as_uint8_only_where_that_loses_nothing():
+    from gpuheart.pipeline import _as_small
+
+    for exact in ([[0.0, 1.0]], [[0.0, 255.0], [3.0, 7.0]]):
+        got = _as_small(np.array(exact, np.float32))
+        assert got.dtype == np.uint8 and np.array_equal(got, exact)
+    for kept in ([[0.0, 0.5]], [[0.0, 256.0]], [[-1.0, 1.0]], [[np.nan, 1.0]], [[np.inf, 0.0]]):
+        got = _as_small(np.array(kept, np.float32))
+        assert got.dtype == np.float32 and np.array_equal(got, kept, equal_nan=True)
+    assert _as_small(np.zeros(0, np.float32)).dtype == np.float32
 
 
 def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(tmp_path):
