@@ -746,8 +746,8 @@ def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
     file by file); then every file must be a stack with a channel token of its own, else the folder is
     refused by name: stacks of unknown channels, per-slice files of several channels each, or stacks mixed
     with slices would otherwise be read wrongly or half."""
-    tiffs = sorted((p for p in path.iterdir() if _is_slice_file_name(p.name) and p.is_file()),
-                   key=lambda p: _natural_key(p.name))
+    named = [p for p in path.iterdir() if _is_slice_file_name(p.name)]
+    tiffs = sorted((p for p in named if p.is_file()), key=lambda p: _natural_key(p.name))
     if len(tiffs) < 2:
         return None
     pages = {}
@@ -784,8 +784,15 @@ def _channel_stacks(path: Path, channels) -> dict[str, Path] | None:
             raise ScanError(f"{path}: {fs[0].name!r} and {fs[1].name!r} are both channel C{c:02d}; expected one "
                             f"multi-page TIFF per channel (put each scan in its own folder, or give one file "
                             f"itself)")
-    files = {f"C{c:02d}": numbers[c][0] for c in sorted(numbers)}
+    # a channel's stack behind a link whose file is gone (a moved or unmounted disk) would otherwise vanish from
+    # the scan, or be "no such channel" when asked for
+    broken = {_channel_number(p.name): p for p in named if p.is_symlink() and not p.exists()
+              and _CHANNEL_RE.search(p.name) and _channel_number(p.name) not in numbers}
+    files = {f"C{c:02d}": (numbers[c][0] if c in numbers else broken[c]) for c in sorted({*numbers, *broken})}
     kept = _select_channels(path, list(files), channels)
+    for name in kept:
+        if not files[name].exists():
+            _raise_broken(files[name], "a channel's multi-page TIFF")
     return {name: f for name, f in files.items() if name in kept}
 
 

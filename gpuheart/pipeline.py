@@ -2139,8 +2139,7 @@ class _ChannelAccumulator:
 
 
 def _as_small(a: np.ndarray) -> np.ndarray:
-    """``a`` as uint8 where that loses nothing (masks, 0-255 images): a quarter of the bytes to compress,
-    which halved the time to write a channel's figures.npz."""
+    """``a`` as uint8 where that loses nothing (masks, 0-255 images): a quarter of the bytes to compress."""
     if a.size and a.dtype.kind == "f" and 0 <= a.min() and a.max() <= 255:   # NaN fails these too
         u = a.astype(np.uint8)
         if np.array_equal(u, a):

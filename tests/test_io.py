@@ -1038,6 +1038,23 @@ def test_only_the_channels_asked_for_are_opened_from_a_folder_of_stacks(tmp_path
         assert s.channels == ["C00"]
 
 
+def test_a_channels_stack_that_is_a_broken_link_is_named_not_dropped(tmp_path):
+    """It was left out of the scan: the run went on with the other channels, or said there was no such channel."""
+    import os
+
+    folder = _stacks(tmp_path / "scan", ["heart_C00.tif", "heart_C01.tif", "heart_C02.tif"])
+    gone = folder / "heart_C02.tif"
+    gone.unlink()
+    os.symlink(tmp_path / "unmounted" / gone.name, gone)
+    for channels in (None, ["C02"]):
+        with pytest.raises(ScanError) as err:
+            open_scan(folder, channels=channels)
+        msg = str(err.value)
+        assert str(gone) in msg and "broken link" in msg and "multi-page TIFF" in msg
+    with open_scan(folder, channels=["C00", "C01"]) as s:   # the others still open by themselves
+        assert s.channels == ["C00", "C01"] and int(s.read_slice("C01", 5)[0, 0]) == 105
+
+
 @pytest.mark.parametrize("second,message", [
     ({"shape": (5, 8, 10)}, r"heart_C01.tif: channel C01 is \(5, 8, 10\) \(z, y, x\) uint16, but heart_C00.tif "
                             r"\(channel C00\) is \(6, 8, 10\) uint16"),
