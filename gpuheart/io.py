@@ -1299,7 +1299,7 @@ def _scan_path(path) -> Path:
         return Path(path)
     if hasattr(path, "shape"):
         hint = (f"; for an in-memory {path.shape} array, write it first with "
-                "gpuheart.io.write_tiff(path, array)")
+                "gpuheart.io.write_tiff(path, array), or segment it with Pipeline(config).segment_array(array)")
     elif hasattr(path, "__iter__") or hasattr(path, "__next__"):
         hint = "; for slices in memory, write them first with gpuheart.io.write_tiff(path, slices)"
     else:

@@ -603,7 +603,7 @@ class Pipeline:
         refuse_folder(out_path, "segment")   # now, not after the segmentation
         if Path(out_path).suffix.lower() not in (".tif", ".tiff"):   # a TIFF named mask.png opens nowhere
             raise ValueError(f"{out_path}: segment writes a multi-page TIFF; expected an output name ending in .tif "
-                             f"(gpuheart run writes OME-Zarr masks)")
+                             f"or .tiff (gpuheart run writes OME-Zarr masks)")
         src, dst = _scan_path(source).resolve(), Path(out_path).resolve()
         # a slice folder reads only the files directly in it; a Zarr store owns everything below it
         if dst == src or dst.parent == src or (src in dst.parents and _is_zarr_dir(src)):
@@ -645,6 +645,46 @@ class Pipeline:
             raise
         shutil.rmtree(work, ignore_errors=True)
         return out_path
+
+
+    def segment_array(self, volume, work_dir=None) -> np.ndarray:
+        """:meth:`segment` of an in-memory (z, y, x) or (y, x) array (NumPy or CuPy): the uint8 0/255 mask, of
+        the array's shape, on the host.
+
+        The same answer as ``gpuheart segment`` on the array saved as a TIFF, because that is what runs: the
+        array is written to a temporary folder (in ``work_dir``, else the system's temporary folder: it needs
+        about the array's size twice over) that is removed afterwards, so a killed call is not resumed."""
+        import tempfile
+        from dataclasses import replace
+
+        import tifffile
+
+        from .io import write_tiff
+
+        arr = backend.to_host(volume) if hasattr(volume, "shape") else np.asarray(volume)
+        _check_volume(arr)
+        with tempfile.TemporaryDirectory(prefix="gpuheart-segment-", dir=work_dir) as tmp:
+            src = write_tiff(Path(tmp) / "volume.tif", arr)
+            cfg = replace(self.config, channels=[])   # the TIFF's one channel, whatever the config names
+            with warnings.catch_warnings():
+                if arr.ndim == 2:   # asked for: not worth the warning a one-slice scan gets
+                    warnings.filterwarnings("ignore", message=".*the scan has one slice")
+                mask = tifffile.imread(Pipeline(cfg).segment(src, Path(tmp) / "mask.tif", resume=False))
+        return mask.reshape(arr.shape)
+
+
+def _check_volume(arr: np.ndarray) -> None:
+    """Refused here, by the array's own terms: the run would name a temporary file instead."""
+    if arr.ndim not in (2, 3) or 0 in arr.shape:
+        raise ValueError(f"expected a (z, y, x) or (y, x) array with no empty axis, got shape {arr.shape}")
+    if arr.dtype.kind not in "buif":
+        raise ValueError(f"expected a numeric array (bool, integers or floats), got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        bad = (~np.isfinite(arr if arr.ndim == 3 else arr[np.newaxis])).any(axis=(1, 2))
+        if bad.any():
+            zs = np.flatnonzero(bad)
+            raise ValueError(f"the array holds NaN or infinite values (slice {int(zs[0])}; {len(zs)} of "
+                             f"{len(bad)} slices); expected finite intensities (e.g. np.nan_to_num first)")
 
 
 def _is_run_summary(path: Path) -> bool:

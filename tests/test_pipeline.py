@@ -870,3 +870,42 @@ def test_a_truth_folder_of_one_stack_per_channel_gives_each_channel_its_file(tmp
     (ph / "truth" / "C00.tif").write_bytes(b"")                 # another channel's file damaged: no matter
     again = Pipeline(cfg).run(ph / "scan", tmp_path / "d", truth={"C01": ph / "truth"})
     assert again.summary["C01"]["dom_vs_truth"] == by_file.summary["C01"]["dom_vs_truth"]
+
+
+def test_segment_array_is_segment_of_the_array_saved_as_a_tiff(tmp_path):
+    """An in-memory volume in, its mask out (it was a TypeError: only paths were taken), equal to the command's
+    answer on the same volume saved as a TIFF; a 2-D array gives a 2-D mask."""
+    import tifffile
+
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    ph = write_phantom(PhantomConfig.preset("tiny"), tmp_path / "ph")
+    from gpuheart.io import open_scan
+
+    with open_scan(ph / "scan", channels=["C00"]) as s:
+        vol = s.read_slab("C00", 0, s.shape[0])
+    p = Pipeline(_tiny_cfg(channels=["C01"]))   # a config naming another channel: the array has one
+    got = p.segment_array(vol, work_dir=tmp_path)
+    tifffile.imwrite(tmp_path / "vol.tif", vol)
+    want = tifffile.imread(Pipeline(_tiny_cfg()).segment(tmp_path / "vol.tif", tmp_path / "want.tif"))
+    assert got.dtype == np.uint8 and got.shape == vol.shape and set(np.unique(got)) <= {0, 255}
+    np.testing.assert_array_equal(got, want)
+    assert 0 < (got > 0).mean() < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = p.segment_array(vol[3].astype(np.float32))
+    assert one.shape == vol.shape[1:] and one.dtype == np.uint8
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ph", "vol.tif", "want.tif"]   # nothing left behind
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((2, 0, 4)), r"no empty axis, got shape \(2, 0, 4\)"),
+    (np.zeros((2, 3, 4, 5)), r"\(z, y, x\) or \(y, x\) array"),
+    (np.array([["a"]]), "numeric array"),
+    (np.where(np.arange(24).reshape(2, 3, 4) == 17, np.nan, 1.0), r"NaN or infinite values \(slice 1; 1 of 2"),
+])
+def test_segment_array_refuses_what_it_cannot_segment_in_its_own_terms(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Pipeline(_tiny_cfg()).segment_array(bad)
+    with pytest.raises(TypeError, match=r"segment_array\(array\)"):
+        Pipeline(_tiny_cfg()).segment(np.zeros((2, 3, 4)), "m.tif")
