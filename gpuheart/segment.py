@@ -194,11 +194,14 @@ def dom_mask(x, small: int = 3, large: int = 15, threshold="otsu", k: float = 3.
              mode: str = "reflect"):
     """Vessel mask of a slice or slab: ``difference_of_medians(x, small, large) > threshold``.
 
-    ``threshold`` is anything :func:`threshold_value` accepts; it is computed from this call's
-    DoM values (the whole slab when ``x`` is a slab), an Otsu threshold floored at 0 (see
-    :func:`dom_thresholds`). Returns a bool array of ``x``'s shape.
+    ``threshold`` is anything :func:`threshold_value` accepts; it is computed from each slice's DoM values
+    (per slice of a (z, y, x) slab, as the pipeline does: one threshold for a whole stack let its brightest
+    slices set the cut for all), an Otsu threshold floored at 0 (see :func:`dom_thresholds`). Returns a bool
+    array of ``x``'s shape.
     """
     dom = difference_of_medians(x, small, large, mode=mode)
+    if dom.ndim == 3:
+        return dom > dom_thresholds(dom, threshold, k)
     t = threshold_value(dom, threshold, k)
     return dom > (max(t, 0.0) if threshold == "otsu" else t)
 
