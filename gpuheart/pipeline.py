@@ -646,7 +646,6 @@ class Pipeline:
         shutil.rmtree(work, ignore_errors=True)
         return out_path
 
-
     def segment_array(self, volume, work_dir=None) -> np.ndarray:
         """:meth:`segment` of an in-memory (z, y, x) or (y, x) array (NumPy or CuPy): the uint8 0/255 mask, of
         the array's shape, on the host.
@@ -664,7 +663,7 @@ class Pipeline:
         arr = backend.to_host(volume) if hasattr(volume, "shape") else np.asarray(volume)
         _check_volume(arr)
         with tempfile.TemporaryDirectory(prefix="gpuheart-segment-", dir=work_dir) as tmp:
-            src = write_tiff(Path(tmp) / "volume.tif", arr)
+            src = write_tiff(Path(tmp) / "volume.tif", _tiff_storable(arr))
             cfg = replace(self.config, channels=[])   # the TIFF's one channel, whatever the config names
             with warnings.catch_warnings():
                 if arr.ndim == 2:   # asked for: not worth the warning a one-slice scan gets
@@ -685,6 +684,19 @@ def _check_volume(arr: np.ndarray) -> None:
             zs = np.flatnonzero(bad)
             raise ValueError(f"the array holds NaN or infinite values (slice {int(zs[0])}; {len(zs)} of "
                              f"{len(bad)} slices); expected finite intensities (e.g. np.nan_to_num first)")
+
+
+def _tiff_storable(arr: np.ndarray) -> np.ndarray:
+    """64-bit integers (NumPy's default, e.g. ``np.array`` of Python ints), which TIFF does not hold, as the
+    smallest integer type that holds their values; values beyond int32 are refused, not rounded."""
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize < 8:
+        return arr
+    lo, hi = int(arr.min()), int(arr.max())
+    for t in (np.uint8, np.uint16, np.int16, np.uint32, np.int32):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return arr.astype(t)
+    raise ValueError(f"the {arr.dtype} array holds values from {lo} to {hi}, beyond what a TIFF slice holds "
+                     f"as an integer (int32); expected intensities, e.g. rescaled to float32")
 
 
 def _is_run_summary(path: Path) -> bool:

@@ -896,6 +896,10 @@ def test_segment_array_is_segment_of_the_array_saved_as_a_tiff(tmp_path):
         one = p.segment_array(vol[3].astype(np.float32))
     assert one.shape == vol.shape[1:] and one.dtype == np.uint8
     assert sorted(q.name for q in tmp_path.iterdir()) == ["ph", "vol.tif", "want.tif"]   # nothing left behind
+    # NumPy's default integers, which TIFF cannot hold: stored as the smallest type that holds them
+    np.testing.assert_array_equal(p.segment_array(vol.astype(np.int64)), got)
+    with pytest.raises(ValueError, match="values from 0 to 4294967296, beyond"):
+        p.segment_array(np.array([[0, 2 ** 32]]))
 
 
 @pytest.mark.parametrize("bad,message", [
