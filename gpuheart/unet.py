@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import functools
 import math
 import numbers
 import os
@@ -367,6 +368,19 @@ def torch_device(device: str = "auto") -> str:
 
 
 _warned: set[str] = set()
+
+
+def training_device(device: str = "auto") -> str:
+    """Where ``train`` computes. Training needs PyTorch's CUDA only (CuPy, which :func:`torch_device` consults for
+    the pipeline's other stages, plays no part), so ``cuda`` is checked against torch and refused in its terms."""
+    if device == "cuda":
+        if _torch_cuda():
+            return "cuda"
+        raise DeviceError(f"device 'cuda' was requested for training, which runs on PyTorch, but PyTorch "
+                          f"{torch.__version__} finds no CUDA GPU (none here, no driver it can use, or a CPU build "
+                          f"of PyTorch); train on the CPU with --device cpu (Python: device='cpu'), or install a "
+                          f"CUDA build of PyTorch on a GPU machine")
+    return torch_device(device)
 
 
 def default_weights_path() -> Path:
@@ -857,6 +871,10 @@ class TrainConfig:
     context: int = 0               # 2.5-D: this many neighbouring slices each side as extra input channels
     norm: str = "group"             # GroupNorm: eval behaves like training whatever the batch mix
     loss: str = "tversky_focal"    # a key of LOSSES
+    # the paper's Tversky-Focal weights (tversky_focal_loss), used only with that loss
+    tversky_alpha: float = 0.7     # weight of false negatives
+    tversky_beta: float = 0.3      # weight of false positives
+    tversky_gamma: float = 4 / 3   # the loss is (1 - Tversky index) ** (1 / gamma)
     val_fraction: float = 0.2
     split: str = "slab"            # "slab" | "volume", see split_slices
     fg_fraction: float = 0.5       # share of tiles centred near a vessel
@@ -906,6 +924,7 @@ class TrainConfig:
                     "in (0, 1) (the share of slices kept to validate on)")
         _want_float("fg_fraction", self.fg_fraction, lambda v: 0 <= v <= 1,
                     "in [0, 1] (the share of tiles centred near a vessel)")
+        self._check_tversky()
         for name in ("amp", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -915,6 +934,26 @@ class TrainConfig:
             raise ValueError(f"aug must be an AugmentConfig, got {type(self.aug).__name__}")
         self._check_tile()
         self.aug.check()
+
+    def _check_tversky(self) -> None:
+        _want_float("tversky_alpha", self.tversky_alpha, lambda v: v >= 0, "a finite number >= 0")
+        _want_float("tversky_beta", self.tversky_beta, lambda v: v >= 0, "a finite number >= 0")
+        _want_float("tversky_gamma", self.tversky_gamma, lambda v: v > 0, "a finite number > 0")
+        if self.tversky_alpha == self.tversky_beta == 0:   # the index is then 1 whatever is predicted
+            raise ValueError("tversky_alpha and tversky_beta are both 0: the loss would not see a false negative "
+                             "or a false positive and teach nothing; expected at least one > 0 (defaults 0.7, 0.3)")
+        changed = [k for k in TVERSKY_FIELDS if getattr(self, k) != getattr(TrainConfig, k)]
+        if changed and self.loss != "tversky_focal":   # a weight that is silently not used misleads its reader
+            raise ValueError(f"{', '.join(f'{k} {getattr(self, k):g}' for k in changed)}: used only by the loss "
+                             f"'tversky_focal', and loss is {self.loss!r}; set loss 'tversky_focal' or leave "
+                             f"{' and '.join(changed)} at the default")
+
+    def loss_function(self) -> Callable:
+        """The loss ``train`` minimises, with this configuration's Tversky weights where they apply."""
+        if self.loss != "tversky_focal":
+            return LOSSES[self.loss]
+        return functools.partial(LOSSES[self.loss], alpha=self.tversky_alpha, beta=self.tversky_beta,
+                                 gamma=self.tversky_gamma)
 
     def _check_tile(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, numbers.Integral) or self.tile < 2 ** self.depth \
@@ -926,6 +965,9 @@ class TrainConfig:
             raise ValueError(f"norm 'batch' with batch_size {self.batch_size} of {self.tile}-pixel tiles leaves one "
                              f"value per channel at the U-Net's bottom level ({self.tile} / 2**depth = 1 pixel); "
                              f"expected batch_size >= 2, tile >= {2 ** (self.depth + 1)}, or norm 'group'")
+
+
+TVERSKY_FIELDS = ("tversky_alpha", "tversky_beta", "tversky_gamma")
 
 
 def _want_int(name: str, v, least: int, also: str = "") -> None:
@@ -1035,7 +1077,8 @@ def _diverged(what: str, epoch: int, step: int, cfg: TrainConfig, lr: float) -> 
                             f"({kept} with a lower --lr, Python: lr; the default is 1e-3)")
 
 
-def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str, epoch: int = 0) -> float:
+def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: str, epoch: int = 0,
+                 on_step: Callable[[], object] = lambda: None) -> float:
     model.train()
     total = 0.0
     lr = opt.param_groups[0]["lr"]
@@ -1051,6 +1094,7 @@ def _train_epoch(model, opt, sampler, rng, loss_fn, cfg: TrainConfig, device: st
         loss.backward()
         opt.step()
         total += value
+        on_step()
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):   # the last step's update overflowed
         raise _diverged("weights", epoch, cfg.steps_per_epoch, cfg, lr)
     return total / cfg.steps_per_epoch
@@ -1066,8 +1110,12 @@ def _write_log(rows: list[dict], path: Path) -> None:
 
 
 def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, names=None) -> TrainResult:
     """Train a UNet on 2D tiles of (z, y, x) uint8 volumes with 0/1 (or 0/nonzero) labels.
+
+    ``names``: one per volume (e.g. the stack names), used in messages and recorded in the weights' metadata
+    (``training_data``: per volume its name, slices and how many of its last slices were validation);
+    default ``volume 0``, ``volume 1``, ...
 
     Writes ``out_dir/best.pt`` (fp16 weights of the best validation Dice, for ``load_weights``),
     ``out_dir/last.pt`` (full state for ``resume=True``), ``out_dir/log.csv`` (one row per epoch) and
@@ -1080,11 +1128,14 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     vols, labs = _check_pairs(images, labels)
+    names = _volume_names(names, len(vols))
     train_sl, val_sl = split_slices([v.shape[0] for v in vols], cfg.val_fraction, cfg.split)
     if not train_sl or not val_sl:
-        raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices; "
-                         f"need both: give at least two labelled slices (one 2-D image cannot be split), or "
-                         f"check val_fraction")
+        held = ", ".join(f"{n} ({_count(v.shape[0], 'slice')})" for n, v in zip(names, vols))
+        raise ValueError(f"the split left {len(train_sl)} training and {len(val_sl)} validation slices of {held}; "
+                         f"need both: give at least two slices, one to train on and one to validate on "
+                         f"(validation takes the last val_fraction, {cfg.val_fraction:g}, of each volume's slices "
+                         f"but leaves one for training, so one 2-D image cannot be split)")
     which = (f" (the last {cfg.val_fraction:.0%} of each stack's slices)" if cfg.split == "slab" else "")
     if not any(labs[v][z].any() for v, z in train_sl):   # it would learn that there are no vessels, unwarned
         raise ValueError(f"none of the {len(train_sl)} training slices (all but the {len(val_sl)} validation "
@@ -1104,7 +1155,28 @@ def train(images, labels, cfg: TrainConfig, out_dir, progress: bool = True, resu
     with _new_folder(out_dir):   # only now: a refused run (bad data, bad --init) leaves no folder
         if overwrite:
             _remove_run(out_dir)
-        return _fit(model, sampler, vols, labs, val_sl, rng, cfg, device, out_dir, progress, resume)
+        return _fit(model, sampler, vols, labs, val_sl, rng, cfg, device, out_dir, progress, resume,
+                    _training_data(names, vols, val_sl))
+
+
+def _volume_names(names, n: int) -> list[str]:
+    if names is None:
+        return [f"volume {i}" for i in range(n)]
+    names = [str(x) for x in names]
+    if len(names) != n:
+        raise ValueError(f"names: {len(names)} given for {n} volumes; expected one name per volume")
+    return names
+
+
+def _training_data(names: list[str], vols, val_sl) -> list[dict]:
+    """What the weights were trained and validated on, for their metadata (reproducing a model, or knowing
+    which stacks a held-out score may not use)."""
+    val = collections.Counter(v for v, _ in val_sl)
+    return [dict(name=n, slices=int(v.shape[0]), validation_slices=val[i]) for i, (n, v) in enumerate(zip(names, vols))]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 RUN_FILES = ("best.pt", "last.pt", "log.csv")
@@ -1116,7 +1188,7 @@ def check_training_setup(cfg: TrainConfig, out_dir, resume: bool = False, overwr
     and, on resume, the settings the run was made with."""
     cfg.check()
     check_run_folder(out_dir, resume, overwrite)
-    device = torch_device(cfg.device)
+    device = training_device(cfg.device)
     if cfg.init:
         _init_weights(cfg)
     last = Path(out_dir) / "last.pt"
@@ -1165,7 +1237,7 @@ def _new_folder(path: Path):
 
 
 def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str, out_dir: Path, progress: bool,
-         resume: bool) -> TrainResult:
+         resume: bool, training_data: list | None = None) -> TrainResult:
     """The epochs of ``train``, from scratch or from ``out_dir/last.pt``."""
     # channels-last from the start: predict (validation) uses it, and a resumed run must compute alike
     model = model.to(device, memory_format=torch.channels_last)
@@ -1182,36 +1254,40 @@ def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str,
     elif resume:
         warnings.warn(f"nothing to resume in {out_dir} (no last.pt): starting a new run", stacklevel=4)
 
-    loss_fn = LOSSES[cfg.loss]
+    loss_fn = cfg.loss_function()
     stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
-    bar = _progress(range(state["epoch"], cfg.epochs), progress, initial=state["epoch"], total=cfg.epochs)
-    for epoch in bar:
-        if stopped:
-            break
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]   # the rate this epoch trains at (the log's lr), before the schedule steps
-        train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device, epoch)
-        val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
-        _step_lr(opt, sched, cfg, epoch + 1, val_dice)
-        row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
-                   lr=lr, seconds=round(time.perf_counter() - t0, 3))
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if val_dice > state["best_dice"]:
-            state.update(best_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0)
-            save_weights(model, best_path, meta=dict(epoch=epoch + 1, val_dice=val_dice, threshold=threshold,
-                                                     config=asdict(cfg)))
-        else:
-            state["bad_epochs"] += 1
-        stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
-        # log and curves before last.pt: a run killed in between never has a last.pt ahead of its log,
-        # which a resume that finds nothing left to train would not write again
-        _write_log(state["history"], log_path)
-        # every epoch, so a killed run has them too
-        _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)
-        _save_last(last_path, model, opt, sched, rng, state, cfg, data)
-        if hasattr(bar, "set_postfix"):
+    bar = _progress(progress, cfg, state["epoch"])
+    try:   # closed also when interrupted, so that the message after it starts on a line of its own
+        for epoch in range(state["epoch"], cfg.epochs):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]   # the rate this epoch trains at (the log's lr), before the schedule steps
+            bar.set_description(f"train unet, epoch {epoch + 1}/{cfg.epochs}")
+            train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device, epoch, bar.update)
+            bar.set_description(f"train unet, epoch {epoch + 1}/{cfg.epochs}, validating")
+            val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
+            _step_lr(opt, sched, cfg, epoch + 1, val_dice)
+            row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
+                       lr=lr, seconds=round(time.perf_counter() - t0, 3))
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            if val_dice > state["best_dice"]:
+                state.update(best_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0)
+                save_weights(model, best_path, meta=dict(epoch=epoch + 1, val_dice=val_dice, threshold=threshold,
+                                                         config=asdict(cfg), training_data=training_data))
+            else:
+                state["bad_epochs"] += 1
+            stopped = state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs
+            # log and curves before last.pt: a run killed in between never has a last.pt ahead of its log,
+            # which a resume that finds nothing left to train would not write again
+            _write_log(state["history"], log_path)
+            # every epoch, so a killed run has them too
+            _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)
+            _save_last(last_path, model, opt, sched, rng, state, cfg, data)
             bar.set_postfix(loss=f"{train_loss:.4f}", dice=f"{val_dice:.4f}", best=f"{state['best_dice']:.4f}")
+    finally:
+        bar.close()
     curves = _plot_curves(state["history"], out_dir / "curves.png", cfg.threshold)
     return TrainResult(best_path, last_path, log_path, curves, state["best_dice"], state["best_epoch"],
                        state["epoch"], stopped, state["history"])
@@ -1225,15 +1301,34 @@ def _init_weights(cfg: TrainConfig) -> UNet:
     if src.hparams != want:
         diff = {k: (src.hparams.get(k), v) for k, v in want.items() if src.hparams.get(k) != v}
         raise ValueError(f"{cfg.init}: its U-Net differs from the one configured for training "
-                         f"(weights vs config: {diff}); set width/depth/norm/context to match")
+                         f"(weights vs config: {diff}); set width, depth, norm and context to match (gpuheart train "
+                         f"--width, --depth, --norm, --context; in_channels is 2 * context + 1); --finetune {cfg.init} "
+                         f"instead of --init takes them from the weights, with the fine-tuning recipe")
     return src
 
 
-def _progress(it, enabled: bool, **kw):
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_description(self, desc):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(enabled: bool, cfg: TrainConfig, epochs_done: int):
+    """A bar over every training step of the run, not its epochs: with the model card's recipe an epoch takes
+    minutes, and a bar that moves once per epoch looks hung."""
     if not enabled:
-        return it
+        return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(it, desc="train unet", unit="epoch", **kw)
+    return tqdm(desc="train unet", unit="step", total=cfg.epochs * cfg.steps_per_epoch,
+                initial=epochs_done * cfg.steps_per_epoch)
 
 
 def _step_lr(opt, sched, cfg: TrainConfig, epochs_done: int, val_dice: float) -> None:
@@ -1275,6 +1370,8 @@ def _read_last(path) -> dict:
 def _check_resumable(path, then: dict, cfg: TrainConfig) -> None:
     """ValueError naming the settings that differ from those the run at ``path`` was made with."""
     now = asdict(cfg)
+    # a run from before the Tversky weights were settings trained with their defaults
+    then = {**{k: getattr(TrainConfig, k) for k in TVERSKY_FIELDS}, **then}
     changed = {k: (v, now.get(k)) for k, v in then.items() if k not in RESUMABLE_CHANGES and v != now.get(k)}
     if changed:
         diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())

@@ -1007,8 +1007,9 @@ def test_single_slice_images_are_split_like_the_slices_of_one_stack():
 
 def test_a_single_2d_image_is_refused_with_what_to_give(tmp_path):
     img, lab = _synthetic(shape=(1, 64, 64))
-    with pytest.raises(ValueError, match=r"1 training and 0 validation slices; need both: give at least two labelled"):
-        unet.train([img], [lab], _cfg(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"1 training and 0 validation slices of scan\.tif \(1 slice\); need both: "
+                                         r"give at least two slices"):
+        unet.train([img], [lab], _cfg(), tmp_path, progress=False, names=["scan.tif"])
     res = unet.train([img, img], [lab, lab], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False)
     assert res.epochs_run == 1
 
@@ -1177,3 +1178,104 @@ def test_training_curves_leave_the_users_matplotlib_backend_alone(tmp_path):
             for e in range(1, 40)]   # a cosine-like lr, changing every epoch
     assert unet._plot_curves(rows, tmp_path / "c.png").is_file()
     assert matplotlib.get_backend() == before
+
+
+# -- audit of gpuheart train: settable Tversky weights, names in the metadata, progress per step -------------
+
+def test_the_tversky_weights_are_settings_that_reach_the_loss_and_the_weights_metadata(tmp_path, monkeypatch):
+    img, lab = _synthetic()
+    seen = []
+
+    def spy(logits, target, **kw):
+        seen.append(kw)
+        return tversky_focal_loss(logits, target, **kw)
+
+    monkeypatch.setitem(unet.LOSSES, "tversky_focal", spy)
+    cfg = _cfg(epochs=1, steps_per_epoch=1, loss="tversky_focal", tversky_alpha=0.9, tversky_beta=0.1,
+               tversky_gamma=2.0)
+    res = unet.train([img], [lab], cfg, tmp_path / "a", progress=False)
+    assert seen == [dict(alpha=0.9, beta=0.1, gamma=2.0)]
+    c = unet.load_weights(res.best_path).meta["config"]
+    assert (c["tversky_alpha"], c["tversky_beta"], c["tversky_gamma"]) == (0.9, 0.1, 2.0)
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(tversky_alpha 0.9 -> 0.7\)"):
+        unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1, loss="tversky_focal", tversky_beta=0.1,
+                                      tversky_gamma=2.0), tmp_path / "a", progress=False, resume=True)
+
+
+def test_a_run_from_before_the_tversky_settings_resumes_with_the_defaults_only(tmp_path):
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(epochs=1, steps_per_epoch=1, loss="tversky_focal"), tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    for k in unet.TVERSKY_FIELDS:
+        del ckpt["config"][k]
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="tversky_gamma 1.3333333333333333 -> 2"):
+        unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1, loss="tversky_focal", tversky_gamma=2.0),
+                   tmp_path, progress=False, resume=True)
+    assert unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=1, loss="tversky_focal"), tmp_path,
+                      progress=False, resume=True).epochs_run == 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(tversky_alpha=-0.1), "tversky_alpha must be a finite number >= 0"),
+    (dict(tversky_beta=float("nan")), "tversky_beta must be a finite number >= 0"),
+    (dict(tversky_gamma=0.0), "tversky_gamma must be a finite number > 0"),
+    (dict(tversky_alpha=0.0, tversky_beta=0.0), "both 0"),
+    (dict(loss="dice_bce", tversky_alpha=0.5), "tversky_alpha 0.5: used only by the loss 'tversky_focal'"),
+])
+def test_tversky_weights_out_of_range_or_without_their_loss_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"loss": "tversky_focal", **kw})
+
+
+def test_the_weights_record_the_volumes_trained_and_validated_on(tmp_path):
+    img, lab = _synthetic()
+    res = unet.train([img, img[:2]], [lab, lab[:2]], _cfg(epochs=1, steps_per_epoch=1), tmp_path, progress=False,
+                     names=["a", "b"])
+    data = unet.load_weights(res.best_path).meta["training_data"]
+    n = img.shape[0]
+    assert data == [dict(name="a", slices=n, validation_slices=math.ceil(0.34 * n)),
+                    dict(name="b", slices=2, validation_slices=1)]
+    with pytest.raises(ValueError, match="names: 1 given for 2 volumes"):
+        unet.train([img, img], [lab, lab], _cfg(), tmp_path / "x", progress=False, names=["a"])
+
+
+def test_the_progress_bar_moves_every_training_step(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.n, self.closed = kw, kw.get("initial", 0), False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_description(self, desc):
+            self.desc = desc
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    img, lab = _synthetic()
+    unet.train([img], [lab], _cfg(epochs=2, steps_per_epoch=3), tmp_path, progress=True)
+    (bar,) = bars
+    assert (bar.kw["total"], bar.kw["unit"], bar.n, bar.closed) == (6, "step", 6, True)
+    assert bar.desc.startswith("train unet, epoch 2/2")
+    unet.train([img], [lab], _cfg(epochs=3, steps_per_epoch=3), tmp_path, progress=True, resume=True)
+    assert (bars[1].kw["initial"], bars[1].n) == (6, 9)   # a resumed run starts where it was
+
+
+def test_training_on_cuda_without_torch_cuda_says_so_in_torch_terms(monkeypatch):
+    monkeypatch.setattr(unet, "_torch_cuda", lambda: False)
+    with pytest.raises(unet.DeviceError, match=r"training, which runs on PyTorch.*--device cpu") as err:
+        unet.training_device("cuda")
+    assert "CuPy" not in str(err.value)
+    monkeypatch.setattr(unet, "_torch_cuda", lambda: True)
+    assert unet.training_device("cuda") == "cuda"   # CuPy is not needed to train
