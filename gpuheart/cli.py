@@ -13,6 +13,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGPIPE = 141   # what a shell reports for a command its reader stopped reading (128 + SIGPIPE)
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +45,21 @@ def _positive_float(text: str) -> float:
     v = float(text)
     if not (math.isfinite(v) and v > 0):   # a voxel of 0, -2 or nan um gives volumes of 0, < 0 or nan
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1:   # NaN fails too
+        raise argparse.ArgumentTypeError(f"is the share of each stack's slices kept to validate on: expected a "
+                                         f"value in (0, 1), got {text}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return v
 
 
@@ -136,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("input", help="multi-page TIFF, per-slice folder or OME-Zarr")
     sg.add_argument("-o", "--out", required=True, help="output mask .tif")
     sg.add_argument("--method", choices=["unet", "dom", "union", "otsu"], help="default: the config's (union)")
-    sg.add_argument("--weights", help="U-Net weights (default: the shipped model)")
+    sg.add_argument("--weights", help="U-Net weights: a .pt file, or the run folder of gpuheart train (its best.pt) "
+                                      "(default: the shipped model)")
     sg.add_argument("--channel", help="channel to segment (default: the first)")
     sg.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
                     help="voxel size in µm (default: from the input's metadata)")
@@ -150,11 +167,14 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train the U-Net on labelled stacks",
                         description="Train the U-Net on image/label TIFF pairs (NAME_image.tif + NAME_label.tif, "
-                                    "given as files or folders holding them) and/or the synthetic scan. Images go "
+                                    "given as files or folders holding them), synthetic scans written by gpuheart "
+                                    "phantom (their vessel channel and its truth) and/or generated ones "
+                                    "(--phantom N). Images go "
                                     "through the pipeline's own preprocessing first. Writes OUT/best.pt (the best "
                                     "checkpoint by validation Dice), last.pt (for --resume), log.csv, curves.png.")
     tr.add_argument("data", nargs="*", help="NAME_image.tif files or folders of them, each with NAME_label.tif "
-                                            "beside it (0 background, any nonzero value vessel)")
+                                            "beside it (0 background, any nonzero value vessel), or folders that "
+                                            "gpuheart phantom wrote")
     tr.add_argument("-o", "--out", required=True, help="run folder")
     tr.add_argument("--phantom", type=_nonnegative_int, default=0, metavar="N",
                     help="also train on N synthetic scans (default preset, seeds 1..N)")
@@ -185,18 +205,33 @@ def _parser() -> argparse.ArgumentParser:
                          "tiles, labels unchanged, for stains with bright autofluorescent tissue (default: off)")
     tr.add_argument("--tile", type=_positive_int, help="training tile side (default: 128; --finetune: the model's)")
     tr.add_argument("--width", type=_positive_int, help="channels of the first U-Net level (default: 16)")
+    tr.add_argument("--depth", type=_positive_int,
+                    help="pooling levels of the U-Net (default: 4, the paper's 9 layers; --tile must be a multiple "
+                         "of 2**depth)")
     tr.add_argument("--init", metavar="WEIGHTS",
-                    help="start from these weights instead of random, with every other setting as given "
-                         "(--finetune sets them for you)")
+                    help="start from these weights (a .pt file, or a run folder: its best.pt) instead of random, "
+                         "with every other setting as given (--finetune sets them for you)")
     tr.add_argument("--context", type=_nonnegative_int, metavar="K",
                     help="2.5-D input: K neighbouring slices on each side as extra channels (default: 0, 2-D)")
     tr.add_argument("--loss", choices=["tversky_focal", "dice_bce"], help="default: tversky_focal (the paper's)")
+    tr.add_argument("--tversky-alpha", type=_nonnegative_float, metavar="A",
+                    help="tversky_focal loss: weight of false negatives (default: 0.7)")
+    tr.add_argument("--tversky-beta", type=_nonnegative_float, metavar="B",
+                    help="tversky_focal loss: weight of false positives (default: 0.3; alpha and beta not both 0)")
+    tr.add_argument("--tversky-gamma", type=_positive_float, metavar="G",
+                    help="tversky_focal loss: (1 - Tversky index) ** (1 / G) (default: 4/3)")
     tr.add_argument("--norm", choices=["batch", "group", "none"],
                     help="normalization layers: batch, group (batch-size independent; default), or none "
                          "(keeps a tile's absolute brightness; away from tile borders the output does not "
                          "depend on the tile size)")
+    tr.add_argument("--val-fraction", type=_fraction, metavar="F",
+                    help="share of each stack's slices (its last ones) kept to validate on, at least one slice, "
+                         "and one left to train on (default: 0.2)")
+    tr.add_argument("--patience", type=_positive_int, metavar="N",
+                    help="stop early after N epochs without a better validation Dice (default: 15)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where to train (default: auto, a CUDA GPU if PyTorch sees one)")
     tr.add_argument("--workers", type=_nonnegative_int, default=0, metavar="N",
                     help="processes that draw and augment training tiles, so a GPU does not wait for one CPU core "
                          "(default: 0, the training process itself; the tiles drawn depend on N)")
@@ -581,7 +616,7 @@ def _segment_config(a):
     if a.method:
         cfg.segment.method = a.method
     if a.weights:
-        cfg.segment.weights = a.weights
+        cfg.segment.weights = str(weights_file(a.weights, "--weights"))
     if a.voxel_size:
         cfg.voxel_size = list(a.voxel_size)
     if a.device:
@@ -628,7 +663,10 @@ def _cmd_segment(a) -> int:
 
 # unet.TrainConfig's defaults, spelled out so that the help needs no torch (tests/test_api_arguments.py: they agree)
 TRAIN_DEFAULTS = dict(epochs=60, steps_per_epoch=50, lr=1e-3, threshold=None, loss="tversky_focal", tile=128,
-                      width=16, depth=4, norm="group", context=0, init=None)
+                      width=16, depth=4, norm="group", context=0, init=None, tversky_alpha=0.7, tversky_beta=0.3,
+                      tversky_gamma=4 / 3, patience=15, val_fraction=0.2)
+TVERSKY_FLAGS = {"tversky_alpha": "--tversky-alpha", "tversky_beta": "--tversky-beta",
+                 "tversky_gamma": "--tversky-gamma"}
 # what benchmarks/accuracy_finetune.py measured (docs/accuracy.md): 0.685 -> 0.774 held-out Dice with 4 slices
 FINETUNE_DEFAULTS = dict(epochs=6, steps_per_epoch=25, lr=3e-4, threshold=0.5)
 
@@ -643,22 +681,55 @@ def _train_settings(a) -> dict:
         if a.init:
             raise ValueError("give --finetune WEIGHTS or --init WEIGHTS, not both")
         path = unet.default_weights_path() if a.finetune == "default" else Path(a.finetune)
+        if path.is_dir() and (path / "best.pt").is_file() and a.data:   # a run folder, the data given first
+            path = path / "best.pt"
         if path.is_dir() or (not path.exists() and not a.data) or path.suffix.lower() in (".tif", ".tiff"):
             # `train --finetune DATA -o RUN`: the optional WEIGHTS took the data (a folder or a NAME_image.tif)
-            raise ValueError(f"--finetune {a.finetune}: expected a weights file (.pt) or nothing (the shipped "
-                             f"model); to fine-tune the shipped model on {a.finetune}, put the data first: "
-                             f"gpuheart train {a.finetune} -o RUN --finetune")
+            raise ValueError(f"--finetune {a.finetune}: expected a weights file (.pt), a run folder holding best.pt "
+                             f"or nothing (the shipped model); to fine-tune the shipped model on {a.finetune}, put "
+                             f"the data first: gpuheart train {a.finetune} -o RUN --finetune")
         made_with = unet.load_weights(path).meta.get("config", {})
-        settings.update({k: made_with[k] for k in ("loss", "tile", "width", "depth", "norm", "context")
-                         if k in made_with}, **FINETUNE_DEFAULTS, init=str(path))
+        settings.update({k: made_with[k] for k in ("loss", "tile", "width", "depth", "norm", "context",
+                                                   *TVERSKY_FLAGS) if k in made_with},
+                        **FINETUNE_DEFAULTS, init=str(path))
     given = dict(epochs=a.epochs, steps_per_epoch=a.steps, lr=a.lr, threshold=a.threshold, loss=a.loss,
-                 tile=a.tile, width=a.width, norm=a.norm, context=a.context, init=a.init)
+                 tile=a.tile, width=a.width, depth=a.depth, norm=a.norm, context=a.context,
+                 init=a.init and str(weights_file(a.init, "--init")), tversky_alpha=a.tversky_alpha,
+                 tversky_beta=a.tversky_beta, tversky_gamma=a.tversky_gamma, patience=a.patience,
+                 val_fraction=a.val_fraction)
     settings.update({k: v for k, v in given.items() if v is not None})
+    _check_tversky_flags(a, settings)
     if a.haze:
         from .unet import AugmentConfig
 
         settings["aug"] = AugmentConfig(haze=a.haze)
     return settings
+
+
+def _check_tversky_flags(a, settings: dict) -> None:
+    """Tversky weights with another loss would be silently unused; the weights a fine-tuned model was made with
+    are dropped with its loss (--finetune W --loss dice_bce), as they no longer apply."""
+    given = [flag for k, flag in TVERSKY_FLAGS.items() if getattr(a, k) is not None]
+    if settings["loss"] == "tversky_focal":
+        return
+    if given:
+        why = " (the loss of the --finetune weights)" if a.finetune and not a.loss else ""
+        raise ValueError(f"{', '.join(given)}: weight(s) of the tversky_focal loss, and this run's loss is "
+                         f"{settings['loss']}{why}; add --loss tversky_focal or leave {', '.join(given)} out")
+    for k in TVERSKY_FLAGS:
+        settings[k] = TRAIN_DEFAULTS[k]
+
+
+def weights_file(path, flag: str) -> Path:
+    """A weights file as given, or the best.pt of a gpuheart train run folder (a ValueError where the folder
+    has none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "best.pt").is_file():
+        return path / "best.pt"
+    raise ValueError(f"{flag} {path}: a folder without best.pt; expected a weights file (.pt) or the run folder of "
+                     f"gpuheart train, which holds best.pt")
 
 
 def _check_exclude_took_no_data(a) -> None:
@@ -678,17 +749,45 @@ def _cmd_train(a) -> int:
     # last.pt is rewritten after every epoch trained (the log may be an epoch ahead of it after a kill)
     last = Path(a.out) / "last.pt"
     before = last.stat().st_mtime_ns if a.resume and last.is_file() else None
-    res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
-                           sparse=a.sparse_labels, balance=a.balance,
-                           progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
-                           device=a.device, workers=a.workers, **_train_settings(a))
+    try:
+        res = train_from_files(a.data, a.out, phantoms=a.phantom, exclude=a.exclude, resume=a.resume,
+                               sparse=a.sparse_labels, balance=a.balance,
+                               progress=not a.no_progress, batch_size=a.batch_size, schedule=a.schedule,
+                               seed=a.seed, device=a.device, workers=a.workers, **_train_settings(a))
+    except KeyboardInterrupt:
+        print(f"gpuheart: interrupted; {_train_interrupted(Path(a.out))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"gpuheart: best validation Dice {res.best_val_dice:.3f} at epoch {res.best_epoch} "
-          f"({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}); weights: {res.best_path}")
+          f"({_count(res.epochs_run, 'epoch')}{', stopped early' if res.stopped_early else ''}); "
+          f"weights: {res.best_path}")
     if before is not None and last.stat().st_mtime_ns == before:
         print("  note: --resume found nothing left to train: " + (
             "the run had stopped early (no better validation Dice for `patience` epochs)" if res.stopped_early
             else f"it had run its {res.epochs_run} epochs; give a larger --epochs to train on"))
     return EXIT_OK
+
+
+def _train_interrupted(out: Path) -> str:
+    """What an interrupted ``train`` left, so that what it says to do next is true: --resume needs last.pt,
+    written at the end of each epoch, and a run stopped before its first one leaves nothing."""
+    last = out / "last.pt"
+    if last.is_file():
+        with contextlib.suppress(Exception):   # the epoch is a courtesy: the advice holds without it
+            import torch
+
+            epoch = torch.load(last, map_location="cpu", weights_only=True)["state"]["epoch"]
+            return (f"epochs 1-{epoch} are saved in {out}; add --resume to the same command to continue from "
+                    f"epoch {epoch + 1}")
+        return f"add --resume to the same command to continue from the last epoch saved in {out}"
+    if not out.exists():
+        return (f"it stopped before the first epoch ended, so nothing was saved (and no folder {out} is left); "
+                f"give the same command (without --resume) to start again")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return (f"it stopped before the first epoch ended, so nothing was saved ({out} is empty); give the same "
+                f"command (without --resume) to start again")
+    return (f"{out} holds no last.pt (what --resume continues from; it holds {', '.join(held[:4])}), so there is "
+            f"nothing to resume; start again in another folder")
 
 
 def _cmd_report(a) -> int:
@@ -755,10 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         again = {"run": "; the same command continues from the last checkpoint (--restart starts over)",
-                 "segment": "; the same command continues from the last checkpoint (--restart starts over)",
-                 "train": "; add --resume to the same command to continue from the last epoch"}
+                 "segment": "; the same command continues from the last checkpoint (--restart starts over)"}
         print(f"gpuheart: interrupted{again.get(args.command, '')}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # what reads our output (head, a closed pager) has gone: no error to report, and none again at exit
         # when Python flushes stdout into the same closed pipe

@@ -1267,6 +1267,7 @@ def _fit(model, sampler, vols, labs, val_sl, rng, cfg: TrainConfig, device: str,
             train_loss = _train_epoch(model, opt, sampler, rng, loss_fn, cfg, device, epoch, bar.update)
             bar.set_description(f"train unet, epoch {epoch + 1}/{cfg.epochs}, validating")
             val_dice, threshold = _validate(model, vols, labs, val_sl, cfg, device)
+            bar.set_description(f"train unet, epoch {epoch + 1}/{cfg.epochs}")
             _step_lr(opt, sched, cfg, epoch + 1, val_dice)
             row = dict(epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, threshold=threshold,
                        lr=lr, seconds=round(time.perf_counter() - t0, 3))

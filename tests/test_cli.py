@@ -446,8 +446,8 @@ def test_the_resume_message_says_where_the_run_continued(capsys):
     assert "C00: resumed an interrupted run at slice 12 of 40\n" in capsys.readouterr().out
 
 
-def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys):
-    from gpuheart import cli
+def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys, tmp_path):
+    from gpuheart import cli, training
 
     def interrupted(a):
         raise KeyboardInterrupt
@@ -456,10 +456,10 @@ def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys):
     assert main(["info", "scan.tif"]) == 130   # the shell's code for Ctrl-C, not a failure of the input
     assert capsys.readouterr().err == "gpuheart: interrupted\n"
     # the long commands say how to continue
-    monkeypatch.setattr(cli, "_cmd_train", interrupted)
-    assert main(["train", "d", "-o", "run"]) == 130
+    monkeypatch.setattr(training, "train_from_files", lambda *a, **k: interrupted(a))
+    assert main(["train", "d", "-o", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "add --resume to the same command" in err
+    assert err.count("\n") == 1 and "nothing was saved" in err
 
 
 def test_finetune_given_the_data_folder_says_to_put_the_data_first(tmp_path, capsys):

@@ -92,7 +92,7 @@ def _fake_train(monkeypatch):
 
     seen = {}
 
-    def fake(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False):
+    def fake(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False, names=None):
         seen.update(images=images, labels=labels, cfg=cfg)
         return SimpleNamespace(best_val_dice=0.0, best_epoch=0, epochs_run=0, stopped_early=False, best_path="x")
 

@@ -114,7 +114,7 @@ def test_train_command_leaves_excluded_stacks_out_passes_balance_and_reads_0_1_l
     _pair(tmp_path / "data", "t", img[:, ::-1], lab)
     seen = {}
 
-    def fake_train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False):
+    def fake_train(images, labels, cfg, out_dir, progress=True, resume=False, overwrite=False, names=None):
         seen.update(images=images, labels=labels, cfg=cfg)
         return SimpleNamespace(best_val_dice=0.0, best_epoch=0, epochs_run=0, stopped_early=False, best_path="x")
 
@@ -202,7 +202,13 @@ def test_tiff_pairs_are_found_with_either_extension(tmp_path):
     with pytest.raises(Exception, match="expected a file named NAME_image.tif"):
         find_pairs([tmp_path / "c_image.txt"])
     (tmp_path / "slices").mkdir()
-    with pytest.raises(Exception, match="per-slice scan folders"):
+    with pytest.raises(Exception, match="no synthetic scan .*--phantom N") as err:
+        find_pairs([tmp_path / "slices"])
+    assert "per-slice" not in str(err.value)
+    for z in range(2):   # a scan's per-slice TIFFs: how to make a training pair of them
+        tifffile.imwrite(tmp_path / "slices" / f"scan_Z{z:04d}.tif", img[z])
+    with pytest.raises(Exception, match=r"per-slice files, which training does not read: .*multi-page NAME_image\.tif "
+                                        r"\(Fiji: File > Import > Image Sequence.*NAME_label\.tif beside it.*--phantom N"):
         find_pairs([tmp_path / "slices"])
 
 
