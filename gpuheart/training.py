@@ -71,7 +71,9 @@ def _stacks_in(p: Path) -> list[LabelledStack]:
 def _no_pairs_message(p: Path) -> str:
     msg = (f"{p}: no *{IMAGE_SUFFIX} files and no synthetic scan (a folder gpuheart phantom wrote); training "
            f"reads NAME{IMAGE_SUFFIX} + NAME{LABEL_SUFFIX} pairs of multi-page TIFFs (0 background, nonzero vessel)")
-    if any(f.suffix.lower() in (".tif", ".tiff") for f in p.iterdir()):
+    if _is_phantom_folder(p.parent):
+        msg += f"; {p} is the scan of a synthetic scan's folder: give that folder, {p.parent}, to train on it"
+    elif any(f.suffix.lower() in (".tif", ".tiff") for f in p.iterdir()):
         msg += (f"; {p} holds TIFFs of another kind, such as a scan's per-slice files, which training does not read: "
                 f"to train on such a scan, save it as one multi-page NAME{IMAGE_SUFFIX} (Fiji: File > Import > Image "
                 f"Sequence, then File > Save As > Tiff) with its vessel mask as NAME{LABEL_SUFFIX} beside it")

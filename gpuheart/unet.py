@@ -372,15 +372,18 @@ _warned: set[str] = set()
 
 def training_device(device: str = "auto") -> str:
     """Where ``train`` computes. Training needs PyTorch's CUDA only (CuPy, which :func:`torch_device` consults for
-    the pipeline's other stages, plays no part), so ``cuda`` is checked against torch and refused in its terms."""
-    if device == "cuda":
-        if _torch_cuda():
-            return "cuda"
-        raise DeviceError(f"device 'cuda' was requested for training, which runs on PyTorch, but PyTorch "
+    the pipeline's other stages, plays no part): ``auto`` is a GPU that torch sees, and ``cuda`` without one is
+    refused in torch's terms."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"unknown device {device!r}: expected one of auto, cpu, cuda")
+    if device == "cpu" or (device == "auto" and not _torch_cuda()):
+        return "cpu"
+    if _torch_cuda():
+        return "cuda"
+    raise DeviceError(f"device 'cuda' was requested for training, which runs on PyTorch, but PyTorch "
                           f"{torch.__version__} finds no CUDA GPU (none here, no driver it can use, or a CPU build "
                           f"of PyTorch); train on the CPU with --device cpu (Python: device='cpu'), or install a "
                           f"CUDA build of PyTorch on a GPU machine")
-    return torch_device(device)
 
 
 def default_weights_path() -> Path:
@@ -548,6 +551,8 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
     is repeated, so a slab cut without a halo of k differs from the whole stack near its cut.
 
     ``batch_size``: tiles per forward pass; None or 0 chooses it from the free memory of the device.
+    ``device``: "auto" | "cpu" | "cuda" (:func:`torch_device`), or a ``torch.device`` taken as it is (training
+    validates where it trains, which needs no CuPy).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"predict needs a U-Net (gpuheart.unet.load_weights(path) or load_default()), got "
@@ -572,7 +577,8 @@ def predict(model: nn.Module, image, tile: int | None = None, overlap: int | Non
         return to_device(predict(model, to_host(image), tile, overlap, batch_size, "cpu", amp, halo))
     x = as_torch(image if image.flags.c_contiguous else _contiguous(image))
     # CuPy input is computed on its own GPU (x.device), NumPy input where ``device`` says
-    dev = x.device if is_device_array(image) else torch.device(torch_device(device))
+    dev = (x.device if is_device_array(image) else device if isinstance(device, torch.device)
+           else torch.device(torch_device(device)))
     x = _to_unit_float(x.to(dev))
     slab = x[None] if image.ndim == 2 else x
     use_amp = (dev.type == "cuda") if amp is None else bool(amp) and (dev.type == "cuda" or _cpu_bf16())
@@ -1015,7 +1021,7 @@ def _validate(model, vols, labs, val_slices, cfg: TrainConfig, device: str) -> t
         # validation slices are a contiguous run (split_slices); a 2.5-D model gets their real neighbours
         lo, hi = min(cfg.context, ks[0]), min(cfg.context, vols[v].shape[0] - 1 - ks[-1])
         prob = predict(model, vols[v][ks[0] - lo:ks[-1] + 1 + hi], tile=cfg.tile, overlap=cfg.tile // 4,
-                       device=device, amp=cfg.amp and device == "cuda", halo=(lo, hi),
+                       device=torch.device(device), amp=cfg.amp and device == "cuda", halo=(lo, hi),
                        compile=False)   # a few slices per epoch: ~20 s of compiling would not pay back
         t = labs[v][ks] > 0
         ts += int(t.sum())

@@ -136,6 +136,8 @@ def test_a_broken_phantom_folder_names_the_file(phantom, tmp_path):
     (bad / "truth" / "C00.tif").unlink()
     with pytest.raises(ValueError, match=r"C00.tif: missing; expected the truth of the synthetic scan's vessel"):
         training.find_pairs(bad)
+    with pytest.raises(ValueError, match=r"is the scan of a synthetic scan's folder: give that folder"):
+        training.find_pairs(phantom / "scan")
     (bad / "phantom.json").write_text("{")
     with pytest.raises(ValueError, match=r"phantom.json: unreadable"):
         training.find_pairs(bad)

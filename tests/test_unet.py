@@ -1277,5 +1277,12 @@ def test_training_on_cuda_without_torch_cuda_says_so_in_torch_terms(monkeypatch)
     with pytest.raises(unet.DeviceError, match=r"training, which runs on PyTorch.*--device cpu") as err:
         unet.training_device("cuda")
     assert "CuPy" not in str(err.value)
+    assert unet.training_device("auto") == "cpu"
     monkeypatch.setattr(unet, "_torch_cuda", lambda: True)
-    assert unet.training_device("cuda") == "cuda"   # CuPy is not needed to train
+    monkeypatch.setattr(unet, "resolve_device", lambda device="auto": "cpu")   # as without CuPy
+    assert unet.training_device("cuda") == unet.training_device("auto") == "cuda"   # CuPy is not needed to train
+    assert unet.training_device("cpu") == "cpu"
+    # validation predicts on the training device as given, not through CuPy's view of the machine
+    img, model = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8), UNet(width=4, depth=2)
+    np.testing.assert_array_equal(predict(model, img, tile=32, overlap=8, device=torch.device("cpu")),
+                                  predict(model, img, tile=32, overlap=8, device="cpu"))
