@@ -182,9 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="stack names to leave out (held-out evaluation); stacks sharing a NAME in different "
                          "folders are named FOLDER/NAME. Give the data before it")
     tr.add_argument("--finetune", nargs="?", const="default", metavar="WEIGHTS",
-                    help="fine-tune WEIGHTS (default: the shipped model) on your labelled slices with the measured "
-                         "recipe: its architecture, tile and loss, 6 epochs of 25 steps, lr 3e-4, threshold 0.5; "
-                         "any flag below still overrides")
+                    help="fine-tune WEIGHTS (a .pt file, or a run folder: its best.pt; default: the shipped model) "
+                         "on your labelled slices with the measured recipe: its architecture, tile and loss (with "
+                         "its Tversky weights), 6 epochs of 25 steps, lr 3e-4, threshold 0.5; any flag below still "
+                         "overrides")
     tr.add_argument("--sparse-labels", action="store_true",
                     help="train only on slices with at least one labelled pixel: label a few slices of a large stack "
                          "completely and leave the rest empty (they are skipped, not taught as background)")
@@ -204,10 +205,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="haze augmentation: add smooth bright fields (peak 0.1-PEAK of the 0-1 image, PEAK in (0, 1]) to 30%% of the "
                          "tiles, labels unchanged, for stains with bright autofluorescent tissue (default: off)")
     tr.add_argument("--tile", type=_positive_int, help="training tile side (default: 128; --finetune: the model's)")
-    tr.add_argument("--width", type=_positive_int, help="channels of the first U-Net level (default: 16)")
+    tr.add_argument("--width", type=_positive_int, help="channels of the first U-Net level (default: 16; --finetune: the model's)")
     tr.add_argument("--depth", type=_positive_int,
-                    help="pooling levels of the U-Net (default: 4, the paper's 9 layers; --tile must be a multiple "
-                         "of 2**depth)")
+                    help="pooling levels of the U-Net (default: 4, the paper's 9 layers; --finetune: the model's; "
+                         "--tile must be a multiple of 2**depth)")
     tr.add_argument("--init", metavar="WEIGHTS",
                     help="start from these weights (a .pt file, or a run folder: its best.pt) instead of random, "
                          "with every other setting as given (--finetune sets them for you)")
@@ -226,7 +227,8 @@ def _parser() -> argparse.ArgumentParser:
                          "depend on the tile size)")
     tr.add_argument("--val-fraction", type=_fraction, metavar="F",
                     help="share of each stack's slices (its last ones) kept to validate on, at least one slice, "
-                         "and one left to train on (default: 0.2)")
+                         "and one left to train on; of one-slice (2-D) pairs, that share of the pairs "
+                         "(default: 0.2)")
     tr.add_argument("--patience", type=_positive_int, metavar="N",
                     help="stop early after N epochs without a better validation Dice (default: 15)")
     tr.add_argument("--seed", type=int, default=0)

@@ -349,8 +349,9 @@ def phantom_pairs(n: int, preset: str = "default", progress: bool = False):
         for seed in range(1, n + 1):
             ph = Phantom(PhantomConfig.preset(preset, seed=seed))
             z = ph.shape[0]
+            image, truth = _preprocess_synthetic(ph.slab("C00", 0, z), ph.truth("C00", 0, z))
             bar.update()
-            yield (f"phantom_seed{seed}", *_preprocess_synthetic(ph.slab("C00", 0, z), ph.truth("C00", 0, z)))
+            yield f"phantom_seed{seed}", image, truth
 
 
 def _preprocess_synthetic(vol, truth):
