@@ -218,6 +218,8 @@ def test_a_run_folder_is_taken_as_its_best_pt_by_segment_and_init(phantom, tmp_p
     assert tifffile.imread(mask).shape == (16, 64, 64)
     assert main(["train", str(phantom), "-o", str(tmp_path / "b"), *TINY, "--init", str(run)]) == 0
     assert unet.load_weights(tmp_path / "b" / "best.pt").meta["config"]["init"] == str(run / "best.pt")
+    assert main(["train", str(phantom), "-o", str(tmp_path / "c"), *TINY, "--finetune", str(run)]) == 0
+    assert unet.load_weights(tmp_path / "c" / "best.pt").meta["config"]["init"] == str(run / "best.pt")
     capsys.readouterr()
     assert main(["segment", str(phantom / "scan"), "-o", str(mask), "--method", "unet", "--weights",
                  str(tmp_path), "--no-progress"]) == 1
