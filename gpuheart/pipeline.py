@@ -305,8 +305,21 @@ def _absolute_weights(cfg: PipelineConfig) -> PipelineConfig:
 def _weights_beside(cfg: PipelineConfig, folder: Path) -> None:
     """A relative ``segment.weights`` in a config file names a file beside that file where one is there (as
     paths in config files usually do), so a config kept with its weights runs from any working folder."""
-    _map_weights(cfg, lambda w: str((folder / w).resolve()) if not Path(w).is_absolute() and (folder / w).is_file()
+    _map_weights(cfg, lambda w: str((folder / w).resolve()) if not Path(w).is_absolute() and (folder / w).exists()
                  else w)
+
+
+def _run_folder_weights(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg``, or a copy whose weights that name a ``gpuheart train`` run folder name its best.pt (as
+    ``--weights RUN`` does): the run's fingerprint and summary then record the file itself."""
+    import copy
+
+    def best(w):
+        return str(Path(w) / "best.pt") if Path(w).is_dir() and (Path(w) / "best.pt").is_file() else w
+
+    out = copy.deepcopy(cfg)
+    _map_weights(out, best)
+    return out
 
 
 # keys earlier versions wrote into config.toml, accepted with a warning so those files still load
@@ -483,7 +496,7 @@ class Pipeline:
         from .io import open_scan
 
         started = time.monotonic()
-        cfg = self.config
+        cfg = _run_folder_weights(self.config)
         timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = _writable_folder(out_dir)
         # an earlier run's summary and report would make this run look finished until it is
@@ -935,6 +948,9 @@ def _load_model(cfg: PipelineConfig):
     from . import unet
 
     w = cfg.segment.weights
+    if w and Path(w).is_dir():
+        raise ConfigError(f"segment.weights: {w} is a folder without best.pt; expected a weights file (.pt) or "
+                          f"the run folder of gpuheart train, which holds best.pt")
     if w and not Path(w).is_file():
         raise ConfigError(f"segment.weights: {w} is not a file")
     return unet.load_weights(w) if w else unet.load_default()

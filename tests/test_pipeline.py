@@ -792,6 +792,29 @@ def test_relative_weights_in_a_config_file_are_found_beside_it_and_saved_absolut
     assert res.summary["C00"]["unet"]["weights"] == cfg.segment.weights
 
 
+def test_weights_may_name_a_train_run_folder_in_a_config_or_in_python(tmp_path, monkeypatch):
+    """`--weights RUN` took a run folder; `weights = "run9"` in a config file or in Python said 'is not a file'."""
+    import shutil
+
+    from gpuheart import unet
+
+    run = tmp_path / "cfgdir" / "run9"
+    run.mkdir(parents=True)
+    shutil.copy(unet.default_weights_path(), run / "best.pt")
+    toml = tmp_path / "cfgdir" / "run.toml"
+    toml.write_text('progress = false\nchannels = ["C00"]\n[segment]\nweights = "run9"\n'
+                    '[output]\nreport = false\n[mesh]\nenabled = false\n[graph]\nenabled = false\n')
+    monkeypatch.chdir(tmp_path)   # not the config's folder: found beside the config, as a file is
+    res = Pipeline(PipelineConfig.load(toml)).run(None, tmp_path / "out", phantom_preset="tiny")
+    assert res.summary["C00"]["unet"]["weights"] == str((run / "best.pt").resolve())
+    assert PipelineConfig.load(tmp_path / "out" / "config.toml").segment.weights == str((run / "best.pt").resolve())
+    cfg = _tiny_cfg("unet", channels=["C00"])
+    cfg.segment.weights = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty is a folder without best.pt; expected a weights file"):
+        Pipeline(cfg).run(None, tmp_path / "out2", phantom_preset="tiny")
+
+
 def test_segment_with_several_configured_channels_computes_only_the_one_it_writes(tmp_path):
     """Pipeline.segment writes one mask: the first configured channel, and no work on the others."""
     from gpuheart.phantom import PhantomConfig, write_phantom
