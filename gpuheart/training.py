@@ -95,10 +95,12 @@ def phantom_folder_stacks(folder) -> list[LabelledStack]:
         vessels = sorted(ch for ch, kind in channels.items() if kind == "vessels")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ScanError(f"{info_path}: unreadable ({type(err).__name__}: {err}); expected the phantom.json that "
-                        f"gpuheart phantom writes, naming the channels (\"channels\": {{\"C00\": \"vessels\", ...}})") from err
+                        f"gpuheart phantom writes, naming the channels "
+                        f"(\"channels\": {{\"C00\": \"vessels\", ...}})") from err
     if not vessels:
-        raise ScanError(f"{info_path}: names no vessels channel ({', '.join(f'{k}: {v}' for k, v in channels.items())}); "
-                        f"expected one, whose truth/CNN.tif to train on")
+        kinds = ", ".join(f"{k}: {v}" for k, v in channels.items())
+        raise ScanError(f"{info_path}: names no vessels channel ({kinds}); expected one, whose truth/CNN.tif to "
+                        f"train on")
     stacks = []
     for ch in vessels:
         truth = folder / "truth" / f"{ch}.tif"
