@@ -500,8 +500,10 @@ class Pipeline:
         timer = _Timer(backend.resolve_device(cfg.device))
         out_dir = _writable_folder(out_dir)
         # an earlier run's summary and report would make this run look finished until it is
-        # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own)
-        _remove_earlier_run_files(out_dir, cfg.output.report)
+        # (report/ is left: it is rewritten with the page, and OUT may be a folder with one of the user's own);
+        # removed only once the scan and settings pass their checks: a refused command (a mistyped channel) must
+        # not cost the record of a finished run
+        earlier = _earlier_run_files(out_dir, cfg.output.report)
         channels = list(dict.fromkeys(cfg.channels)) or None   # "--channels C00 C00" runs C00 once
         # a bare path is the truth of a one-channel scan's channel (key None until the scan is open)
         user_truth = {None: truth} if isinstance(truth, (str, os.PathLike)) else dict(truth or {})
@@ -527,6 +529,8 @@ class Pipeline:
             # another channel's truth may lie
             for channel in scan.channels:
                 _check_inputs_are_not_outputs(out_dir / channel, scan.path, *(truth or {}).values())
+            for path in earlier:
+                path.unlink(missing_ok=True)
             models: dict[str, Any] = {}  # weights path -> model, loaded once
             resumed: dict[str, int] = {}
             reused: list[str] = []
@@ -831,10 +835,10 @@ def _warn_if_preprocessing_differs_from_training(channel: str, exposure: Exposur
                       f"scores; the difference of medians is not affected", RuntimeWarning, stacklevel=4)
 
 
-def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:
-    """Remove the summary.json and report.html an earlier run left in ``out_dir``. A file of that name that no
-    gpuheart run wrote (OUT may be a folder of the user's) is never removed: it is an error when this run
-    would write over it, before anything is written."""
+def _earlier_run_files(out_dir: Path, report: bool) -> list[Path]:
+    """The summary.json and report.html an earlier run left in ``out_dir``, for removal once this run is known
+    to go ahead. A file of that name that no gpuheart run wrote (OUT may be a folder of the user's) is never
+    removed: it is an error when this run would write over it, before anything is written."""
     ours = []
     for name, is_ours, writes in (("summary.json", _is_run_summary, True), ("report.html", _is_run_report, report)):
         path = out_dir / name
@@ -849,8 +853,7 @@ def _remove_earlier_run_files(out_dir: Path, report: bool) -> None:
                                   f"earlier gpuheart run left it, delete it and run again; else choose another -o")
             raise ConfigError(f"{path} was not written by gpuheart, and a run writes its {name} there: "
                               f"choose another -o (or move that file)")
-    for path in ours:
-        path.unlink()
+    return ours
 
 
 def _check_inputs_are_not_outputs(out: Path, *inputs) -> None:

@@ -710,6 +710,29 @@ def test_a_run_that_fails_at_once_leaves_no_empty_output_folder(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_refused_command_leaves_the_finished_runs_summary_and_report(tmp_path):
+    """A mistyped channel, a wrong path or a truth of the wrong shape removed summary.json and report.html of
+    the finished run in OUT before saying so: `gpuheart report OUT` then found no run."""
+    import tifffile
+
+    from gpuheart.io import ScanError
+
+    scan = tmp_path / "stack.tif"
+    tifffile.imwrite(scan, np.random.default_rng(0).integers(0, 200, (4, 32, 32), dtype=np.uint8),
+                     photometric="minisblack")
+    cfg = _tiny_cfg()
+    cfg.mesh.enabled = cfg.graph.enabled = False
+    Pipeline(cfg).run(scan, tmp_path / "out")
+    before = {n: (tmp_path / "out" / n).read_bytes() for n in ("summary.json", "report.html")}
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((2, 8, 8), np.uint8), photometric="minisblack")
+    for bad in (dict(channels=["C07"]), dict(source=tmp_path / "nope.tif"), dict(truth=tmp_path / "small.tif")):
+        c = _tiny_cfg(channels=bad.get("channels", []))
+        c.mesh.enabled = c.graph.enabled = False
+        with pytest.raises((ConfigError, ScanError)):
+            Pipeline(c).run(bad.get("source", scan), tmp_path / "out", truth=bad.get("truth"))
+        assert {n: (tmp_path / "out" / n).read_bytes() for n in before} == before, bad
+
+
 @pytest.mark.parametrize("allowed, min_voxels, want", [(True, None, False), (True, 1, None), (False, 1, False)])
 def test_the_unet_is_compiled_only_for_channels_large_enough_to_pay_it_back(tmp_path, tiny_run, monkeypatch,
                                                                           allowed, min_voxels, want):
