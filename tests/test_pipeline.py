@@ -959,3 +959,19 @@ def test_segment_array_refuses_what_it_cannot_segment_in_its_own_terms(bad, mess
         Pipeline(_tiny_cfg()).segment_array(bad)
     with pytest.raises(TypeError, match=r"segment_array\(array\)"):
         Pipeline(_tiny_cfg()).segment(np.zeros((2, 3, 4)), "m.tif")
+
+
+def test_summary_reports_no_normalization_gains_when_normalization_is_off(tmp_path):
+    """With [exposure] normalize = false summary.json still gave the gains of a normalization never applied."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    vol = (rng.integers(20, 60, (5, 32, 32)) * np.arange(1, 6)[:, None, None]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", vol, photometric="minisblack")
+    for normalize in (True, False):
+        cfg = _tiny_cfg()
+        cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+        cfg.exposure.normalize = normalize
+        n = Pipeline(cfg).run(tmp_path / "s.tif", tmp_path / f"o{normalize}").summary["C00"]["normalization"]
+        assert n["applied"] is normalize and ("gain_min" in n) is normalize and "dark_slices" in n
+        assert n["method"] == ("none" if not normalize else n["method"])
