@@ -545,8 +545,16 @@ def _print_run(result) -> None:
                   + _blocks_note(m.get("block_factor", 1)))
         if "tree" in s and "n_branches" in s["tree"]:
             t = s["tree"]
+            r = t.get("mean_radius_um")
+            radius = f"{r:.1f} µm" if isinstance(r, (int, float)) and math.isfinite(r) else "none (no branch)"
             print(f"    largest tree: {t['tree_voxels']} voxels, {t['n_branches']} branches, "
-                  f"{t['total_length_um']:.0f} µm of vessel, mean radius {t['mean_radius_um']:.1f} µm")
+                  f"{t['total_length_um']:.0f} µm of vessel, mean radius {radius}")
+            if (k := int(t.get("downsample_yx", 1))) > 1:
+                # said, not only recorded: the lengths and radii change several-fold with the grid
+                print(f"    note: the largest tree's box is over [graph] max_voxels, so its skeleton was taken on "
+                      f"a grid {k} times coarser in y and x: vessels under about {k} voxels across merge or "
+                      f"vanish, and lengths, radii and branch counts are coarse (raise [graph] max_voxels, "
+                      f"at up to about 17 bytes of memory a voxel of the box)")
         for kind, path in paths.items():
             print(f"    {kind}: {path}")
     if result.summary.get("input", {}).get("voxel_size") is None and result.outputs:

@@ -277,6 +277,9 @@ def _structure_table(s: dict) -> str:
         rows += [("largest tree: voxels", _num(t.get("tree_voxels"))), ("largest tree: branches", _num(t["n_branches"])),
                  ("largest tree: vessel length (µm)", _num(t.get("total_length_um"))),
                  ("largest tree: mean radius (µm)", _num(t.get("mean_radius_um")))]
+        if (k := int(t.get("downsample_yx", 1))) > 1:
+            rows.append(("largest tree: skeleton grid (box over graph.max_voxels; coarse lengths and radii)",
+                         f"{k} x coarser in y and x"))
     return _table(["structure", "value"], rows) if rows else ""
 
 

@@ -796,3 +796,16 @@ def test_mesh_says_which_components_were_too_small_and_which_a_decimation_lost(t
     assert main(["mesh", str(tmp_path / "m.tif"), "-o", str(tmp_path / "m.ply"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(2 under 20 faces removed)" in out and "decimation" not in out, out
+
+
+def test_a_tree_graph_on_a_coarser_grid_is_said_on_the_console_and_in_the_report(tmp_path, capsys):
+    """Over [graph] max_voxels the skeleton is taken on a pooled grid, which changes lengths and radii
+    several-fold; only summary.json's downsample_yx said so."""
+    (tmp_path / "g.toml").write_text("progress = false\n[graph]\nmax_voxels = 2000\n[segment]\nmethod = 'dom'\n"
+                                     "[mesh]\nenabled = false\n")
+    assert main(["run", "-o", str(tmp_path / "out"), "--phantom-preset", "tiny", "-c", str(tmp_path / "g.toml"),
+                 "--channels", "C00"]) == 0
+    out = capsys.readouterr().out
+    k = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]["C00"]["tree"]["downsample_yx"]
+    assert k > 1 and f"a grid {k} times coarser in y and x" in out
+    assert f"{k} x coarser in y and x" in (tmp_path / "out" / "report.html").read_text()
