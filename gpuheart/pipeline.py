@@ -945,6 +945,22 @@ def _check_truths(scan, truth: dict) -> None:
             if t.shape != tuple(scan.shape):
                 raise ConfigError(f"{path}: truth mask has shape {t.shape}, expected {tuple(scan.shape)} "
                                   f"(the scan's channel {channel})")
+            _check_truth_values(path, t.read_slice(t.channels[0], t.shape[0] // 2), t.shape[0] // 2)
+
+
+# a label stack may number its classes or vessels (every nonzero value is vessel), but an image of intensities
+# has hundreds of values in a slice: one slice is read to tell them apart before the run
+_TRUTH_MAX_VALUES = 16
+
+
+def _check_truth_values(path, plane: np.ndarray, z: int) -> None:
+    values = np.unique(plane)
+    fractions = plane.dtype.kind == "f" and not np.array_equal(values, np.round(values))
+    if fractions or len(values) > _TRUTH_MAX_VALUES:
+        shown = ", ".join(f"{v:g}" for v in values[:4].astype(float))
+        raise ConfigError(f"{path}: truth mask holds {len(values)} different values in slice {z} ({shown}, ...), "
+                          f"an image of intensities or probabilities, not a mask; expected 0 for background and "
+                          f"nonzero for vessel (e.g. 0/255 or 0/1)")
 
 
 def _load_model(cfg: PipelineConfig):

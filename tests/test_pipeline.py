@@ -975,3 +975,19 @@ def test_summary_reports_no_normalization_gains_when_normalization_is_off(tmp_pa
         n = Pipeline(cfg).run(tmp_path / "s.tif", tmp_path / f"o{normalize}").summary["C00"]["normalization"]
         assert n["applied"] is normalize and ("gain_min" in n) is normalize and "dark_slices" in n
         assert n["method"] == ("none" if not normalize else n["method"])
+
+
+def test_a_scan_given_as_its_own_truth_is_refused_before_the_run(tmp_path):
+    """Every nonzero intensity counted as vessel: the run scored the scan against itself as a poor segmentation."""
+    import tifffile
+
+    vol = np.random.default_rng(0).integers(0, 200, (4, 32, 32), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", vol, photometric="minisblack")
+    cfg = _tiny_cfg()
+    cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+    with pytest.raises(ConfigError, match=r"s.tif: truth mask holds \d+ different values in slice 2 .* not a mask"):
+        Pipeline(cfg).run(tmp_path / "s.tif", tmp_path / "out", truth=tmp_path / "s.tif")
+    labels = ((vol > 150) * (1 + vol % 3)).astype(np.uint8)   # numbered classes are still a mask
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    r = Pipeline(cfg).run(tmp_path / "s.tif", tmp_path / "out", truth=tmp_path / "l.tif")
+    assert "dom_vs_truth" in r.summary["C00"]

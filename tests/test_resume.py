@@ -287,14 +287,15 @@ def test_a_run_with_other_settings_leaves_no_outputs_of_the_earlier_one(scan, tm
     assert result.outputs["C00"]["mask"] == out / "C00" / "dom_mask.ome.zarr"
     assert not (out / "C00" / "mask.ome.zarr").exists() and not (out / "C00" / "mask.tif").exists()
     assert (out / "summary.json").is_file()
-    # a run that fails leaves no summary of an earlier one behind, so nothing there looks finished
     bad_truth = tmp_path / "truth.tif"
     import tifffile
     tifffile.imwrite(bad_truth, np.zeros((40, 8, 8), np.uint8))
+    summary = (out / "summary.json").read_bytes()
     with pytest.raises(ValueError, match="truth mask has shape"):
         Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out, truth={"C00": str(bad_truth)})
-    assert not (out / "summary.json").exists()
-    # refused before any channel started: the earlier outputs stay as its config.toml describes them
+    # refused before any channel started: the earlier outputs stay as its config.toml and summary.json describe
+    # them (a refused command must not cost the record of a finished run)
+    assert (out / "summary.json").read_bytes() == summary
     assert (out / "C00" / "dom_mask.ome.zarr").is_dir() and not (out / "C00" / "mask.ome.zarr").exists()
     with pytest.raises(ConfigError, match="truth given for channel.s. C07"):
         Pipeline(_fast_cfg()).run(scan, out, truth={"C07": str(bad_truth)})
@@ -910,7 +911,10 @@ def test_a_run_that_cannot_continue_an_earlier_one_says_why(scan, tmp_path, monk
     os.utime(stack, ns=(time.time_ns(), time.time_ns() + 10**9))
     why = Pipeline(other).run(stack, out).started_over["C00"]
     assert why == f"the input {stack} changed (modified since)", why
-    truth = _stack(scan, tmp_path / "truth.tif", 0, 24)
+    import tifffile
+
+    truth = tmp_path / "truth.tif"   # a mask: a scan's intensities are refused as truth
+    tifffile.imwrite(truth, (_volume(_stack(scan, tmp_path / "img.tif", 0, 24)) > 100).astype(np.uint8) * 255)
     why = Pipeline(other).run(stack, out, truth={"C00": str(truth)}).started_over["C00"]
     assert why == f"another truth mask (none -> {truth})", why
     assert Pipeline(other).run(stack, out, resume=False).started_over == {}   # --restart: asked for
