@@ -210,7 +210,10 @@ def _timing_table(timings, summary, channels) -> str:
                      f"mesh or graph settings: {', '.join(later)})")
         note += (f"; reused from an earlier run, not counted: {', '.join(this['reused'])}." if this["reused"]
                  else ".")
-        note += f" Stage seconds: {this['stage_seconds']}; the total is the run's wall-clock time."
+        # the page is drawn before its own seconds are known: summary.json and the console add them afterwards
+        upto = "" if "report" in timings else (" up to drawing this page (summary.json's wall_s and the console "
+                                               "include the page)")
+        note += f" Stage seconds: {this['stage_seconds']}; the total is the run's wall-clock time{upto}."
     rows = [(stage + (" (background, overlapped)" if stage in OVERLAPPED else ""), f"{s:.3f}",
              _num(n_slices / s) if s > 0 and n_slices else "–") for stage, s in timings.items()]
     if any(overlapped(stage) for stage in timings):

@@ -552,3 +552,17 @@ def test_a_clustered_mesh_far_over_the_picture_s_faces_is_clustered_coarser_befo
     first = len(report._cluster(np.asarray(sphere.vertices), np.asarray(sphere.faces), report._CLUSTER_GRID)[1])
     assert first > 10 * 500                                                      # the case in question
     assert 500 < drawn[0] < first / 4, (first, drawn)                            # about 10x: 17k here
+
+
+def test_the_runs_own_page_says_its_total_stops_where_the_page_is_drawn(tmp_path):
+    """The page said 'the total is the run's wall-clock time' beside 8 s where summary.json said 11 s: the page
+    cannot hold its own drawing time, which summary.json adds afterwards."""
+    from gpuheart import Pipeline, PipelineConfig
+    from gpuheart.report import write_report
+
+    cfg = PipelineConfig(progress=False, channels=["C00"])
+    cfg.segment.method = "dom"
+    cfg.mesh.enabled = cfg.graph.enabled = False
+    r = Pipeline(cfg).run(None, tmp_path, phantom_preset="tiny")
+    assert "up to drawing this page" in r.report.read_text()
+    assert "up to drawing this page" not in write_report(tmp_path).read_text()   # summary.json has its seconds
