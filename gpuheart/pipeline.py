@@ -874,6 +874,10 @@ def _name_the_only_channel(scan, truth: dict) -> dict:
     it is refused, naming them, rather than scored against a guess."""
     if None not in truth:
         return truth
+    if len(scan.channels) != 1 and (per_channel := _truth_folder_channels(truth[None], scan.channels)):
+        # a folder of one stack per channel (gpuheart phantom's truth/): each channel its own file
+        named = {k: v for k, v in truth.items() if k is not None}
+        return {**per_channel, **named}
     if len(scan.channels) != 1:
         raise ConfigError(f"{scan.path}: a truth mask ({truth[None]}) was given without a channel, but this run "
                           f"processes {len(scan.channels)} channels ({', '.join(scan.channels)}); name one: "
@@ -883,6 +887,20 @@ def _name_the_only_channel(scan, truth: dict) -> dict:
     if only in named and named[only] != truth[None]:
         raise ConfigError(f"truth for channel {only} given twice ({named[only]} and {truth[None]}); expected one mask")
     return {**named, only: truth[None]}
+
+
+def _truth_folder_channels(path, channels) -> dict:
+    """{channel: path} for the run's ``channels`` that a folder of one stack per channel at ``path`` has a file
+    for; {} where ``path`` is no such folder or has none of them."""
+    from .io import ScanError, _channel_stacks
+
+    if not Path(path).is_dir():
+        return {}
+    try:
+        stacks = _channel_stacks(Path(path), None) or {}
+    except (ScanError, OSError):   # not such a folder: the usual message follows
+        return {}
+    return {c: str(stacks[c]) for c in channels if c in stacks}
 
 
 def _check_channel_names(scan, cfg: PipelineConfig, truth: dict) -> None:

@@ -991,3 +991,17 @@ def test_a_scan_given_as_its_own_truth_is_refused_before_the_run(tmp_path):
     tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
     r = Pipeline(cfg).run(tmp_path / "s.tif", tmp_path / "out", truth=tmp_path / "l.tif")
     assert "dom_vs_truth" in r.summary["C00"]
+
+
+def test_a_truth_folder_of_one_stack_per_channel_scores_every_channel_it_has(tmp_path):
+    """README: such a folder (gpuheart phantom's truth/) gives each channel its own file; given without a
+    channel to a run of several channels it was refused ('name one')."""
+    from gpuheart.phantom import PhantomConfig, write_phantom
+
+    ph = write_phantom(PhantomConfig.preset("tiny"), tmp_path / "ph")
+    cfg = _tiny_cfg(channels=["C00", "C01"])
+    cfg.mesh.enabled = cfg.graph.enabled = cfg.output.report = False
+    r = Pipeline(cfg).run(ph / "scan", tmp_path / "out", truth=ph / "truth")
+    assert all("dom_vs_truth" in r.summary[c] for c in ("C00", "C01"))
+    with pytest.raises(ConfigError, match="given without a channel"):   # a single mask is still not guessed
+        Pipeline(cfg).run(ph / "scan", tmp_path / "out2", truth=ph / "truth" / "C00.tif")
