@@ -806,7 +806,12 @@ def _cmd_report(a) -> int:
     if not Path(a.out_dir).is_dir():
         raise FileNotFoundError(f"{a.out_dir}: no such folder; expected the OUT folder of a gpuheart run")
     if not (Path(a.out_dir) / "summary.json").is_file():
-        raise FileNotFoundError(f"{a.out_dir}: no summary.json, so no finished gpuheart run to report on")
+        # a batch's OUT holds one run folder per scan: the report is per run
+        runs = sorted(str(d) for d in Path(a.out_dir).iterdir() if (d / "summary.json").is_file())
+        hint = (f"; the runs of a batch are in its sub-folders: gpuheart report {runs[0]}"
+                + (f" (and {len(runs) - 1} more: {', '.join(runs[1:4])}{', ...' if len(runs) > 4 else ''})"
+                   if len(runs) > 1 else "") if runs else "")
+        raise FileNotFoundError(f"{a.out_dir}: no summary.json, so no finished gpuheart run to report on{hint}")
     print(f"gpuheart: wrote {write_report(a.out_dir)}")
     return EXIT_OK
 

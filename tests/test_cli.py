@@ -809,3 +809,12 @@ def test_a_tree_graph_on_a_coarser_grid_is_said_on_the_console_and_in_the_report
     k = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]["C00"]["tree"]["downsample_yx"]
     assert k > 1 and f"a grid {k} times coarser in y and x" in out
     assert f"{k} x coarser in y and x" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_report_on_a_batch_folder_names_its_runs(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "bout" / name).mkdir(parents=True)
+        (tmp_path / "bout" / name / "summary.json").write_text("{}")
+    assert main(["report", str(tmp_path / "bout")]) == 1
+    err = capsys.readouterr().err
+    assert f"gpuheart report {tmp_path / 'bout' / 'a'} (and 1 more: {tmp_path / 'bout' / 'b'})" in err
