@@ -966,6 +966,21 @@ def test_a_decimated_mesh_with_pinched_edges_is_said_to_be_so(tmp_path):
         M.mesh_from_mask(m, m.shape, tmp_path / "full.ply", (1, 1, 1))
 
 
+def test_a_pinch_between_two_vertices_at_one_point_is_counted(tmp_path):
+    """Decimation can leave two vertices at one position: apart by index, one edge of four faces to any tool
+    that merges vertices (trimesh on loading); the warning counted by index and said nothing."""
+    tet = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
+    a = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    b = np.array([[0, 0, 0], [1, 0, 0], [0, -1, 0], [0, 0, -1]], float)   # shares a's edge (0,0,0)-(1,0,0)
+    v, f = np.vstack([a, b]), np.vstack([tet, tet + 4])
+    assert M.non_manifold_edges(f) == 0   # by index: two closed pieces
+    with pytest.warns(RuntimeWarning, match="1 edges are shared by more or fewer than two faces"):
+        M._warn_non_manifold(tmp_path / "m.ply", v, f, before=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M._warn_non_manifold(tmp_path / "m.ply", np.vstack([a, b + 5]), f, before=100)
+
+
 def test_mesh_outputs_refuse_a_folder_in_their_place_before_meshing(tmp_path):
     m = _ball()
     for kw in ({"out_path": tmp_path / "d.glb"}, {"table_path": tmp_path / "d.glb"},
