@@ -1341,8 +1341,11 @@ def _select_channels(path: Path, names: list[str], channels) -> list[str]:
     wanted = [channels] if isinstance(channels, str) else list(channels)
     unknown = [c for c in wanted if c not in names]
     if unknown or not wanted:
+        upper = {n.upper(): n for n in names}
+        near = [f"{c!r} -> {upper[str(c).upper()]!r}" for c in unknown if str(c).upper() in upper]
+        hint = f" (names are case-sensitive: {', '.join(near)})" if near else ""
         raise ScanError(f"{path}: unknown channel(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                        f"available: {', '.join(names)}")
+                        f"available: {', '.join(names)}{hint}")
     return wanted
 
 

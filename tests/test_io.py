@@ -1305,3 +1305,10 @@ def test_an_n5_container_is_named_as_one(tmp_path):
         with pytest.raises(ScanError, match=r"an N5 container .*which gpuheart does not read; .*convert it to "
                                             r"OME-Zarr \(e.g. with bioformats2raw"):
             open_scan(path)
+
+
+def test_a_channel_named_in_the_wrong_case_gets_the_right_name_offered(tmp_path):
+    folder = _stacks(tmp_path / "scan", ["heart_C00.tif", "heart_C01.tif"])
+    with pytest.raises(ScanError, match=r"unknown channel\(s\) 'c01'; available: C00, C01 \(names are "
+                                        r"case-sensitive: 'c01' -> 'C01'\)"):
+        open_scan(folder, channels=["c01"])
