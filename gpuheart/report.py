@@ -318,6 +318,10 @@ def _channel_section(out_dir: Path, fig_dir: Path, channel: str, s: dict, drawn:
     # said, not silently left out: the page would otherwise look complete without them
     lost = ("" if npz.is_file() else f"<p><b>{_esc(str(npz))} is missing</b>: the projections, profile and overlay "
             f"of this channel cannot be drawn (give the run's command again to write it).</p>\n")
+    if figs[-1][0] is None and int(s.get("mesh", {}).get("faces") or 0) > 0:   # the run wrote a mesh with faces
+        what = f"{_esc(str(mesh))} could not be read" if mesh is not None else "its mesh file is missing"
+        lost += (f"<p><b>{what}</b>: no picture of this channel's mesh (give the run's command again to write "
+                 f"it).</p>\n")
     return (f"<h2>Channel {_esc(channel)}</h2>\n{_method_line(s)}\n{_measurement_table(s)}\n"
             f"{_structure_table(s)}\n{lost}{imgs}")
 

@@ -566,3 +566,18 @@ def test_the_runs_own_page_says_its_total_stops_where_the_page_is_drawn(tmp_path
     r = Pipeline(cfg).run(None, tmp_path, phantom_preset="tiny")
     assert "up to drawing this page" in r.report.read_text()
     assert "up to drawing this page" not in write_report(tmp_path).read_text()   # summary.json has its seconds
+
+
+def test_a_damaged_or_missing_mesh_file_is_said_not_left_out(tmp_path):
+    """summary.json counts a mesh's faces, but a truncated (or deleted) mesh file left the page without its
+    picture and without a word."""
+    out = make_run(tmp_path / "run")
+    s = json.loads((out / "summary.json").read_text())
+    s["summary"]["C00"]["mesh"] = {"faces": 1200, "components": 1}
+    (out / "summary.json").write_text(json.dumps(s))
+    (out / "C00" / "mesh.glb").write_bytes(b"glTF truncated")
+    text = write_report(out).read_text()
+    assert f"{out / 'C00' / 'mesh.glb'} could not be read</b>: no picture of this channel's mesh" in text
+    (out / "C00" / "mesh.glb").unlink()
+    assert "its mesh file is missing</b>" in write_report(out).read_text()
+    assert "could not be read" not in write_report(make_run(tmp_path / "run2")).read_text()   # no mesh run
