@@ -20,7 +20,6 @@ Writes benchmarks/results/cpu-mesh-export.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -44,12 +43,11 @@ def synthetic_cases():
 
 
 def mask_case(path):
-    import gpuheart
+    import bench_thin
     from gpuheart.mesh import marching_cubes_volume
 
-    scan = gpuheart.open_scan(path)
-    m = scan.read_slab(scan.channels[0], 0, scan.shape[0]) != 0
-    return f"pipeline mask {path}", marching_cubes_volume(m, tuple(float(v) for v in scan.voxel_size))
+    name, m, vs = bench_thin.mask_case(path)
+    return name, marching_cubes_volume(m, vs)
 
 
 @contextmanager
@@ -120,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from conftest import machine_info
+    from conftest import machine_info, write_result
 
     cases = [mask_case(p) for p in args.mask] + list(synthetic_cases())
     rows = []
@@ -135,10 +133,7 @@ def main(argv=None) -> int:
            "notes": [f"best of {args.repeats} interleaved repeats; 'vertices_written_per_vertex': vertices in all "
                      "GLB nodes over the mesh's vertices (those on a cut between nodes are written once per node)"],
            "cases": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(doc, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from conftest import machine_info
+    from conftest import machine_info, write_result
     from gpuheart import graph
 
     old_thin = reference_thin()
@@ -123,10 +122,7 @@ def main(argv=None) -> int:
            "notes": [f"best of {args.repeats} interleaved repeats; both compiled before timing; the skeletons "
                      "are checked to be the same bits"],
            "cases": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(doc, args.out)
     return 0
 
 

@@ -232,6 +232,15 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(doc: dict, out) -> Path:
+    """A script benchmark's JSON result at ``out`` (folders made, written atomically), said on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
 def _atomic_write(path: Path, text: str):
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
