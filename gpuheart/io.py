@@ -1059,8 +1059,8 @@ def _ngff_axes(path: Path, ms0: dict, ndim: int) -> tuple[list[str], list]:
     return axes, [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
 
 
-def _ngff_level(path: Path) -> tuple[dict, dict] | None:
-    """(multiscales entry, dataset) when the array ``path`` is a level of the OME-Zarr image in its parent
+def _ngff_level(path: Path) -> tuple[dict, dict, dict] | None:
+    """(multiscales entry, dataset, the image's attributes) when the array ``path`` is a level of the OME-Zarr image in its parent
     folder, whose metadata hold its axes and scale (the array's own hold neither); else None."""
     for meta in (".zattrs", "zarr.json"):
         try:
@@ -1073,7 +1073,7 @@ def _ngff_level(path: Path) -> tuple[dict, dict] | None:
         for ms0 in ms if isinstance(ms, list) else []:
             for ds in (ms0.get("datasets") or []) if isinstance(ms0, dict) else []:
                 if isinstance(ds, dict) and ds.get("path") == path.name:
-                    return ms0, ds
+                    return ms0, ds, attrs
     return None
 
 
@@ -1091,18 +1091,21 @@ class _Zarr:
             raise ScanError(f"{path}: cannot open as Zarr ({err}); expected a zarr array or OME-Zarr group") from err
         self.voxel_size = None
         self.voxel_advice: list[str] = []
+        self.labels: list[str] = []
         axes: list[str] | None = None
         if hasattr(node, "shape") and hasattr(node, "dtype"):
             arr, self.format = node, "zarr"
             axes = _zarr_dimension_names(node)
             level = _ngff_level(path)
             if level is not None:   # a level of an OME-Zarr image opened by itself (IMAGE.ome.zarr/0)
-                ms0, ds = level
+                ms0, ds, attrs = level
+                self.labels = _omero_labels(attrs)
                 axes, units = _ngff_axes(path.parent, ms0, arr.ndim)
                 self.voxel_size = self._ngff_scale(ms0, ds, axes, units)
         else:
             attrs = dict(node.attrs)
             ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+            self.labels = _omero_labels(attrs)
             if not ms:
                 # bioformats2raw (and NGFF plates/collections) keep the images in numbered sub-groups
                 images = sorted((k for k in node.group_keys() if k.isdigit()), key=int) if hasattr(node, "group_keys") \
@@ -1214,10 +1217,25 @@ class _Zarr:
 
 # -- opening -----------------------------------------------------------------------------------------
 
+def _omero_labels(attrs: dict) -> list[str]:
+    """Channel names of an OME-Zarr image's ``omero`` metadata, when they are gpuheart's own (``C00``,
+    ``C01``, ...) and distinct; else none. Other tools' labels (``DAPI``) are not taken: a channel is
+    chosen by gpuheart's names everywhere else."""
+    omero = attrs.get("omero") or (attrs.get("ome") or {}).get("omero") or {}
+    try:
+        labels = [ch.get("label") for ch in omero.get("channels") or []]
+    except AttributeError:
+        return []
+    ok = all(isinstance(n, str) and re.fullmatch(r"C\d{2,}", n) for n in labels) and len(set(labels)) == len(labels)
+    return labels if ok else []
+
+
 def _open_source(path: Path, channels):
     if _is_zarr_dir(path):
         src = _Zarr(path)
-        return src, [f"C{c:02d}" for c in range(src.nchannels)]
+        # a store gpuheart wrote for channel C01 keeps that name (read back as C00 it was another channel)
+        names = src.labels if len(src.labels) == src.nchannels else [f"C{c:02d}" for c in range(src.nchannels)]
+        return src, names
     if path.is_dir():
         stacks = _channel_stacks(path, channels)
         if stacks is not None:
@@ -1402,6 +1420,16 @@ def _host(data) -> np.ndarray:
     return to_host(data)
 
 
+def _omero_channel(label: str, dtype: np.dtype) -> dict:
+    """One channel of OME-Zarr ``omero`` metadata; viewers (napari, OMERO) take the label and the display
+    window from it."""
+    ch = {"label": label, "color": "FFFFFF", "active": True}
+    if dtype.kind in "ub":
+        top = 1 if dtype.kind == "b" else int(np.iinfo(dtype).max)
+        ch["window"] = {"min": 0, "max": top, "start": 0, "end": top}
+    return ch
+
+
 class ZarrWriter:
     """Write a (z, y, x) volume slab by slab as an OME-NGFF 0.4 image (zarr format 2), atomically.
 
@@ -1412,7 +1440,8 @@ class ZarrWriter:
     Blosc/zstd compressed; ``binary=True`` (masks: every voxel 0 or one other value) bit-shuffles them
     at zstd level 3, which wrote a 16-slice 2048² 0/255 mask slab about 2x faster and a quarter
     smaller than the byte-shuffled level 5 used for images (benchmarks/bench_io.py). One multiscale
-    level ``"0"``; axes z, y, x in micrometer; scale = voxel size (or 1 when unknown). Use as a context manager: an exception inside aborts and removes the partial.
+    level ``"0"``; axes z, y, x in micrometer, scale = voxel size (unknown: scale 1 and no unit). Use as a
+    context manager: an exception inside aborts and removes the partial.
 
     Every chunk is written, all-zero ones too (zarr 3 skips those by default): a resumed run can then tell a
     chunk file lost from the ``.partial`` store (which zarr would read back as zeros) from an empty one.
@@ -1420,12 +1449,14 @@ class ZarrWriter:
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
                  voxel_size: Sequence[float] | None = None, name: str | None = None, resume_slices: int = 0,
-                 binary: bool = False):
+                 binary: bool = False, channel: str | None = None):
         """``resume_slices=n`` reopens the partial store an interrupted run left and counts slices
         ``[0, n)`` as written (the caller's checkpoint vouches for them); when ``n`` covers every slice and
         that store was already committed to ``path``, it is reopened from there. Without a matching store
         it starts afresh from slice 0 and ``resumed`` is 0, and ``mismatch`` says why (no store, another
-        shape, chunk files of slices ``[0, n)`` missing, ...)."""
+        shape, chunk files of slices ``[0, n)`` missing, ...). ``channel`` names the scan channel the store
+        holds (OME ``omero`` metadata), so that reading it back gives that name. Without ``voxel_size`` the
+        axes get no unit: a scale of 1 with a unit would state a calibration nobody gave."""
         import numcodecs
         import zarr
 
@@ -1466,12 +1497,15 @@ class ZarrWriter:
                 self.arr = root.create_dataset("0", shape=self.shape, chunks=self.chunks, dtype=self.dtype,
                                                compressor=compressor, fill_value=0, dimension_separator="/")
             scale = list(self.voxel_size or (1.0, 1.0, 1.0))
+            unit = {"unit": "micrometer"} if self.voxel_size else {}
             root.attrs["multiscales"] = [{
                 "version": "0.4",
                 "name": name or self.path.name.split(".")[0],
-                "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+                "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
                 "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
             }]
+            if channel:
+                root.attrs["omero"] = {"version": "0.4", "channels": [_omero_channel(channel, self.dtype)]}
         except Exception as err:
             _remove(self.partial)
             raise ScanError(f"{self.path}: cannot create zarr store ({err})") from err

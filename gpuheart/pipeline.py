@@ -1252,7 +1252,7 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
     names = _pass2_outputs(cfg)
     start = ck.restore(acc)
     if start:
-        writers = _Writers(out, shape, voxel, names, cfg.slab_size, resume_slices=start)
+        writers = _Writers(out, shape, voxel, names, cfg.slab_size, resume_slices=start, channel=acc.channel)
         if writers.resumed == start:
             return writers
         ck.why = writers.mismatch
@@ -1263,7 +1263,7 @@ def _open_writers(out, shape, voxel, cfg, ck: "_Checkpoint", acc) -> "_Writers":
     ck.reset()
     if ck.earlier:
         _remove_earlier_outputs(out)
-    return _Writers(out, shape, voxel, names, cfg.slab_size)
+    return _Writers(out, shape, voxel, names, cfg.slab_size, channel=acc.channel)
 
 
 # what a channel's run may write ([mesh] format may be any of these)
@@ -1629,6 +1629,7 @@ def _global_otsu(pre_path: Path, out: Path, voxel, cfg: PipelineConfig, acc) -> 
     # pass 2 drew the DoM mask as "mask" (the only one it had); the segmentation is this one
     acc.fig.pop("mip_mask", None), acc.fig.pop("mid_mask", None)
     with open_scan(pre_path) as p, ZarrWriter(path, p.shape, np.uint8, voxel_size=voxel, binary=True,
+                                              channel=acc.channel,
                                               chunks=(cfg.slab_size, min(p.shape[1], 256), min(p.shape[2], 256))) as w:
         for z0 in range(0, p.shape[0], cfg.slab_size):
             mask = p.read_slab(p.channels[0], z0, min(z0 + cfg.slab_size, p.shape[0])) > thr
@@ -1649,6 +1650,7 @@ def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: 
     slab = max(cfg.slab_size, 2 * reach(p.z_size, p.z_iterations, p.size3d))
     with open_scan(mask_path) as m, \
             ZarrWriter(out / "mask.ome.zarr", m.shape, np.uint8, voxel_size=voxel, binary=True,
+                       channel=acc.channel,
                        chunks=(min(slab, m.shape[0]), min(m.shape[1], 256), min(m.shape[2], 256))) as w:
         read = mask_reader(m)  # one z-chunk per slab written: no chunk is read back and merged
         slabs = _timed(postprocess_slabs(read, m.shape, slab, p.z_size, p.z_iterations, p.size3d,
@@ -1689,7 +1691,8 @@ def _mesh(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, paths: dict) -
 class _Writers:
     """The OME-Zarr outputs of pass 2 for one channel; each is committed only when fully written."""
 
-    def __init__(self, out: Path, shape, voxel, names: list[str], slab_size: int, resume_slices: int = 0):
+    def __init__(self, out: Path, shape, voxel, names: list[str], slab_size: int, resume_slices: int = 0,
+                 channel: str | None = None):
         from .io import ZarrWriter
 
         # one z-chunk per slab: a slab rewritten after a crash replaces whole chunks, never half of one (a slab
@@ -1698,7 +1701,7 @@ class _Writers:
         chunks = (slab_size, min(shape[1], 256), min(shape[2], 256))
         self.paths = {n: out / f"{n}.ome.zarr" for n in names}
         self._w = {n: ZarrWriter(p, shape, np.uint8, chunks=chunks, voxel_size=voxel, resume_slices=resume_slices,
-                                 binary=n in MASK_OUTPUTS)
+                                 binary=n in MASK_OUTPUTS, channel=channel)
                    for n, p in self.paths.items()}
         self.resumed = min((w.resumed for w in self._w.values()), default=resume_slices)
         # why a store could not be reopened at the checkpoint (the first one's reason)

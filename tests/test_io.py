@@ -573,6 +573,29 @@ def test_a_level_of_an_ome_zarr_image_opened_by_itself_keeps_the_image_s_axes_an
         assert scan.voxel_size == pytest.approx((4.0, 1.0, 1.0))
 
 
+def test_stores_keep_their_channel_name_and_claim_no_voxel_size_they_were_not_given(tmp_path):
+    """A store written for channel C01 reads back as C01 (it read as C00: another channel's name), the whole
+    image or its level opened alone; one written without a voxel size has axes without a unit, so reading it
+    back says the voxel size is unknown instead of 1 x 1 x 1 µm. Labels that are not gpuheart channel names
+    (another tool's 'DAPI') or not one per channel leave the usual C00, C01, ..."""
+    with ZarrWriter(tmp_path / "m.ome.zarr", (3, 4, 5), np.uint8, channel="C01") as w:
+        w.write(0, np.zeros((3, 4, 5), np.uint8))
+    for path in (tmp_path / "m.ome.zarr", tmp_path / "m.ome.zarr" / "0"):
+        with open_scan(path) as scan:
+            assert scan.channels == ["C01"] and scan.voxel_size is None
+            assert scan.read_slab("C01", 0, 3).shape == (3, 4, 5)
+    attrs = json.loads((tmp_path / "m.ome.zarr" / ".zattrs").read_text())
+    assert all("unit" not in a for a in attrs["multiscales"][0]["axes"])
+    assert attrs["omero"]["channels"][0]["window"]["end"] == 255
+    with pytest.raises(ScanError, match="C00"):
+        open_scan(tmp_path / "m.ome.zarr", channels=["C00"])
+    for labels in (["DAPI"], ["C01", "C02"]):
+        attrs["omero"]["channels"] = [{"label": n} for n in labels]
+        (tmp_path / "m.ome.zarr" / ".zattrs").write_text(json.dumps(attrs))
+        with open_scan(tmp_path / "m.ome.zarr") as scan:
+            assert scan.channels == ["C00"]
+
+
 def test_folder_names_that_are_not_slice_tokens(tmp_path):
     """Lower-case and 'ch' tokens are understood; a strain name is no channel; a stray file without a Z
     token among slices is refused by name; hidden AppleDouble files are ignored."""

@@ -108,6 +108,7 @@ def test_run_on_phantom_writes_complete_outputs(tiny_run):
             with open_scan(path) as s:
                 assert s.shape == scan_shape, (channel, kind)
                 assert s.dtype == np.uint8
+                assert s.channels == [channel], (channel, kind)   # C01's store read as C00 once
         s = tiny_run.summary[channel]
         assert np.isfinite(s["detrended_cv_raw"]) and np.isfinite(s["detrended_cv_normalized"])
     # the phantom's stained channels (vessels, nerves) are segmented, not the autofluorescence
@@ -1005,3 +1006,27 @@ def test_a_truth_folder_of_one_stack_per_channel_scores_every_channel_it_has(tmp
     assert all("dom_vs_truth" in r.summary[c] for c in ("C00", "C01"))
     with pytest.raises(ConfigError, match="given without a channel"):   # a single mask is still not guessed
         Pipeline(cfg).run(ph / "scan", tmp_path / "out2", truth=ph / "truth" / "C00.tif")
+
+
+def test_outputs_of_an_uncalibrated_scan_claim_no_voxel_size(tmp_path):
+    """A scan whose files give no voxel size leaves its OME-Zarr outputs without a unit, so `gpuheart mesh` or
+    `gpuheart info` on them says the size is unknown (they claimed 1 x 1 x 1 µm); one given --voxel-size
+    writes it."""
+    import tifffile
+
+    from gpuheart.io import open_scan
+
+    rng = np.random.default_rng(0)
+    vol = (rng.random((6, 32, 32)) * 100).astype(np.uint16)
+    vol[:, 10:14, :] += 2000
+    tifffile.imwrite(tmp_path / "scan.tif", vol)
+    cfg = _tiny_cfg()
+    cfg.mesh.enabled = cfg.graph.enabled = False
+    run = Pipeline(cfg).run(tmp_path / "scan.tif", tmp_path / "a")
+    for path in (run.outputs["C00"]["mask"], run.outputs["C00"]["preprocessed"]):
+        with open_scan(path) as s:
+            assert s.voxel_size is None, path
+    cfg.voxel_size = [4.0, 0.5, 0.5]
+    run = Pipeline(cfg).run(tmp_path / "scan.tif", tmp_path / "b")
+    with open_scan(run.outputs["C00"]["mask"]) as s:
+        assert s.voxel_size == pytest.approx((4.0, 0.5, 0.5))
