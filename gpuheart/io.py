@@ -1474,6 +1474,7 @@ class ZarrWriter:
         if len(self.chunks) != 3 or min(self.chunks) < 1:
             raise ScanError(f"{self.path}: chunks={chunks}; expected three positive sizes (z, y, x)")
         self.voxel_size = None if voxel_size is None else _check_voxel_size(self.path, voxel_size)
+        self._name, self._channel = name or self.path.name.split(".")[0], channel
         self._written = np.zeros(z, bool)
         self._closed = False
         self.mismatch: str | None = None   # why a resume could not reopen the partial store
@@ -1496,22 +1497,15 @@ class ZarrWriter:
                 root = zarr.open_group(str(self.partial), mode="w")
                 self.arr = root.create_dataset("0", shape=self.shape, chunks=self.chunks, dtype=self.dtype,
                                                compressor=compressor, fill_value=0, dimension_separator="/")
-            scale = list(self.voxel_size or (1.0, 1.0, 1.0))
-            unit = {"unit": "micrometer"} if self.voxel_size else {}
-            root.attrs["multiscales"] = [{
-                "version": "0.4",
-                "name": name or self.path.name.split(".")[0],
-                "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
-                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-            }]
-            if channel:
-                root.attrs["omero"] = {"version": "0.4", "channels": [_omero_channel(channel, self.dtype)]}
+            root.attrs.update(self._attrs())
         except Exception as err:
             _remove(self.partial)
             raise ScanError(f"{self.path}: cannot create zarr store ({err})") from err
 
     def _reopen(self, n: int) -> int:
         """Slices already written by an interrupted run (``n``) if its partial store matches, else 0."""
+        import zarr
+
         if n >= self.shape[0] and not self.partial.exists() and self.path.is_dir():
             # every slice was written and the store already committed (the run was killed after pass 2,
             # in the closings or the mesh): take it back as the partial store, to be committed again
@@ -1546,9 +1540,31 @@ class ZarrWriter:
                              f"(slices {_runs([i for iz in z for i in range(iz * cz, min((iz + 1) * cz, self.shape[0]))])}"
                              f"; e.g. 0/{'/'.join(map(str, bad[0]))})")
             return 0
+        try:
+            # the run taking the store over may know another voxel size (--voxel-size added): its metadata say
+            # this run's, as a store written afresh would
+            zarr.open_group(store=str(self.partial), mode="r+").attrs.update(self._attrs())
+        except Exception as err:
+            self.mismatch = f"cannot take new metadata ({err})"
+            return 0
         self.arr = arr
         self._written[:n] = True
         return n
+
+    def _attrs(self) -> dict:
+        """OME-NGFF 0.4 image metadata: level "0", the voxel size as its scale (unknown: scale 1 and no unit,
+        since a scale with a unit states a calibration), and the channel's name when given."""
+        unit = {"unit": "micrometer"} if self.voxel_size else {}
+        scale = [float(v) for v in (self.voxel_size or (1.0, 1.0, 1.0))]
+        attrs = {"multiscales": [{
+            "version": "0.4",
+            "name": self._name,
+            "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }]}
+        if self._channel:
+            attrs["omero"] = {"version": "0.4", "channels": [_omero_channel(self._channel, self.dtype)]}
+        return attrs
 
     def _bad_chunks(self, n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """The chunks lying wholly inside slices ``[0, n)`` whose file is not in the partial store (every chunk

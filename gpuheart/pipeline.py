@@ -1780,8 +1780,9 @@ def _absolute(path) -> str | None:
 
 # settings that act only after pass 2 (on its stores): a run differing from an earlier one in these alone
 # takes over that run's pass 2 (the slow part) and redoes the closings, mesh and measurements; the slab size
-# changes how pass 2 is cut, not what it computes (a pass 2 left unfinished is continued at its own only)
-_LATER_SETTINGS = ("postprocess", "mesh", "graph", "slab_size")
+# changes how pass 2 is cut, not what it computes (a pass 2 left unfinished is continued at its own only);
+# the voxel size enters pass 2 only as its stores' metadata, rewritten when they are taken over
+_LATER_SETTINGS = ("postprocess", "mesh", "graph", "slab_size", "voxel_size")
 
 
 def _pass2_key(key: dict) -> dict:
@@ -1789,7 +1790,10 @@ def _pass2_key(key: dict) -> dict:
     config = {k: v for k, v in key.get("config", {}).items() if k not in _LATER_SETTINGS}
     if isinstance(config.get("output"), dict):   # the TIFF copies are written at the end, from the stores
         config["output"] = {k: v for k, v in config["output"].items() if k != "tiff"}
-    return {**key, "config": config}
+    inp = key.get("input")
+    if isinstance(inp, dict):   # the scan's own voxel size: as --voxel-size above
+        inp = {k: v for k, v in inp.items() if k != "voxel_size"}
+    return {**key, "config": config, "input": inp}
 
 
 def _flat(d, prefix="") -> dict:

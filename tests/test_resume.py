@@ -1189,3 +1189,29 @@ def test_a_killed_run_continues_under_other_later_settings_and_a_slab_size_chang
     computed.clear()
     r = Pipeline(_fast_cfg(slab_size=8)).run(scan, tmp_path / "out2")
     assert min(computed) == 0 and r.started_over["C00"].startswith("other settings (slab_size 4 -> 8")
+
+
+def test_a_voxel_size_given_to_a_finished_run_keeps_its_pass_2_and_rewrites_the_stores_metadata(scan, tmp_path,
+                                                                                                  monkeypatch):
+    """`--voxel-size` added to a finished run changes no voxel of pass 2 (it enters only the stores'
+    metadata, the mesh and the measurements in µm), so pass 2 is taken over, not computed again, and the
+    taken-over stores say the new voxel size, as a fresh run's do."""
+    from gpuheart import Pipeline, pipeline
+    from gpuheart.io import open_scan
+
+    out = tmp_path / "out"
+    Pipeline(_fast_cfg()).run(scan, out)
+    Pipeline(_fast_cfg(voxel_size=[3.0, 2.0, 2.0])).run(scan, tmp_path / "ref")
+    real, computed = pipeline._process_slab, []
+
+    def counted(x, z0, *a, **k):
+        computed.append(z0)
+        return real(x, z0, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", counted)
+    r = Pipeline(_fast_cfg(voxel_size=[3.0, 2.0, 2.0])).run(scan, out)
+    assert computed == [] and r.later_only["C00"].startswith("other settings (voxel_size")
+    _same_run(out, tmp_path / "ref")
+    for name in ("preprocessed", "dom_mask", "mask"):
+        with open_scan(out / "C00" / f"{name}.ome.zarr") as s:
+            assert s.voxel_size == pytest.approx((3.0, 2.0, 2.0)) and s.channels == ["C00"], name
