@@ -503,8 +503,8 @@ def _print_run(result) -> None:
                   f"settings of the closings, mesh or graph changed, which act after it: {result.later_only[channel]}")
         elif channel in getattr(result, "later_only", {}):
             print(f"  {channel}: kept the preprocessing and segmentation of the earlier run in {result.out_dir / channel} "
-                  f"and redid the closings, mesh and measurements, the only stages whose settings changed: "
-                  f"{result.later_only[channel]}")
+                  f"and redid only the closings, mesh and measurements (what changed does not alter the "
+                  f"segmentation; a new truth mask is scored against its stores): {result.later_only[channel]}")
         elif z == 0:
             print(f"  {channel}: resumed an interrupted run after its first pass: the z-normalization statistics "
                   f"were kept, every slice was processed")

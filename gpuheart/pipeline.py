@@ -1048,8 +1048,12 @@ def _run_channel(scan, channel, cfg: PipelineConfig, out: Path, timer: _Timer, t
             _pass2(scan, channel, cfg, timer, znorm, acc, model, writers, ck)
         else:
             _pass2_distributed(client, scan, channel, cfg, timer, znorm, acc, model, writers, ck)
-    ck.pass2_complete(scan.shape[0])
     paths = dict(writers.paths)
+    if ck.rescore:
+        with timer("truth scores (pass 2 reused)"):
+            _rescore(acc, paths, cfg)
+        ck.save(scan.shape[0], acc)
+    ck.pass2_complete(scan.shape[0])
     if cfg.segment.method == "otsu":
         with timer("global otsu"):
             paths["otsu_mask"] = _global_otsu(paths["preprocessed"], out, voxel, cfg, acc)
@@ -1639,6 +1643,24 @@ def _global_otsu(pre_path: Path, out: Path, voxel, cfg: PipelineConfig, acc) -> 
     return path
 
 
+def _rescore(acc, paths: dict, cfg: PipelineConfig) -> None:
+    """Score pass 2's masks, read back from their stores, against this run's truth mask (or forget the
+    earlier one's scores): what pass 2 would have measured, at the cost of reading the masks."""
+    from .io import open_scan
+    from .metrics import Confusion
+
+    acc.fig.pop("mip_truth", None), acc.fig.pop("mid_truth", None)
+    acc._truth_z = set()
+    if acc.truth is None:
+        return
+    acc.confusion = defaultdict(Confusion)
+    for kind, name in (("dom", "dom_mask"), ("unet", "unet_mask"), ("union", "mask_raw")):
+        if name in paths:
+            with open_scan(paths[name]) as m:
+                for z0 in range(0, m.shape[0], cfg.slab_size):
+                    acc.score(kind, z0, m.read_slab(m.channels[0], z0, min(z0 + cfg.slab_size, m.shape[0])) > 0)
+
+
 def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: _Timer, acc) -> Path:
     """Paper step 6, streamed from the pass-2 mask with the halo the closings need (pass 3)."""
     from .io import ZarrWriter, open_scan
@@ -1793,7 +1815,14 @@ def _pass2_key(key: dict) -> dict:
     inp = key.get("input")
     if isinstance(inp, dict):   # the scan's own voxel size: as --voxel-size above
         inp = {k: v for k, v in inp.items() if k != "voxel_size"}
-    return {**key, "config": config, "input": inp}
+    # the truth mask is only scored against pass 2's masks: another one is scored from the stores (_rescore)
+    files = {k: v for k, v in (key.get("files") or {}).items() if k != "truth"}
+    return {**key, "config": config, "input": inp, "truth": None, "files": files}
+
+
+def _truth_id(key: dict) -> str:
+    """Which truth mask (file and stamp) a pass-2 measurement state was scored against."""
+    return _hash({"truth": key.get("truth"), "stamp": (key.get("files") or {}).get("truth")})
 
 
 def _flat(d, prefix="") -> dict:
@@ -1879,6 +1908,10 @@ class _Checkpoint:
     def __init__(self, out: Path, key: dict, enabled: bool = True):
         self.dir, self.fp, self.key = out / ".resume", _hash(key), key
         self.fp2 = _hash(_pass2_key(key))
+        self.truth = _truth_id(key)
+        # a finished pass 2 taken over was scored against another truth mask (or none): its masks are
+        # scored again from the stores (_rescore) before its state is this run's
+        self.rescore = False
         self.manifest = {}
         # why an earlier run's checkpoint here is neither continued nor reused (None: there is none, or it is)
         self.why: str | None = None
@@ -1933,6 +1966,7 @@ class _Checkpoint:
         outputs go first (a mesh this run does not write must not stay as if it had), then the manifest that
         points at the end of pass 2 is written: a kill in between leaves the earlier manifest, taken over again."""
         nz = int(m["pass2"]["next_z"])
+        self.rescore = m["pass2"].get("truth") != self.truth
         _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
         self._remove_acc()
         for src, dst in zip(self._pass2_acc_files(), self._acc_files(nz)):
@@ -1943,8 +1977,9 @@ class _Checkpoint:
         """Whether ``m`` is an interrupted run's manifest (after pass 1, in or after pass 2) whose pass 2 this
         run would repeat, slab for slab: a changed closing or mesh setting must not cost the slices done."""
         slab = lambda k: ((k or {}).get("config") or {}).get("slab_size")   # noqa: E731
+        # its confusion counts so far are of its truth mask: continued only with the same one
         return (not m.get("done") and m.get("fp2") == self.fp2 and bool(m.get("stats"))
-                and slab(m.get("key")) == slab(self.key))
+                and slab(m.get("key")) == slab(self.key) and _truth_id(m.get("key") or {}) == self.truth)
 
     def _take_over_unfinished(self, m: dict) -> None:
         _remove_outputs(self.dir.parent, _LATER_OUTPUTS)
@@ -1959,11 +1994,12 @@ class _Checkpoint:
     def pass2_complete(self, nz: int) -> None:
         """Pass 2 has written every slice: keep its measurement state beside the stats, so that a later run
         whose settings differ only in the closings, mesh or graph starts from here instead of slice 0."""
-        if self.next_z != nz or (self.manifest.get("pass2") or {}).get("fingerprint") == self.fp2:
+        p2 = self.manifest.get("pass2") or {}
+        if self.next_z != nz or (p2.get("fingerprint") == self.fp2 and p2.get("truth") == self.truth):
             return
         for src, dst in zip(self._acc_files(nz), self._pass2_acc_files()):
             _copy_atomic(src, dst)
-        self._write_manifest(pass2={"fingerprint": self.fp2, "next_z": nz})
+        self._write_manifest(pass2={"fingerprint": self.fp2, "next_z": nz, "truth": self.truth})
 
     def _result_paths(self) -> dict:
         # kept relative to the channel folder, so OUT given as another path to the same folder (from

@@ -895,8 +895,8 @@ def test_a_chunk_file_cut_short_in_a_partial_store_restarts_pass_2(scan, tmp_pat
 
 def test_a_run_that_cannot_continue_an_earlier_one_says_why(scan, tmp_path, monkeypatch):
     """One line per channel, as data (RunResult.started_over) and from `gpuheart run`: which setting differs
-    (with both values), which input changed, a truth mask given now, an unreadable checkpoint or state file,
-    a finished run's output deleted. Nothing is said on a first run, a continued or reused one, or --restart."""
+    (with both values), which input changed, an unreadable checkpoint or state file, a finished run's output
+    deleted (a truth mask given now keeps a finished pass 2: RunResult.later_only says so). Nothing is said on a first run, a continued or reused one, or --restart."""
     import shutil
 
     from gpuheart import Pipeline
@@ -915,8 +915,8 @@ def test_a_run_that_cannot_continue_an_earlier_one_says_why(scan, tmp_path, monk
 
     truth = tmp_path / "truth.tif"   # a mask: a scan's intensities are refused as truth
     tifffile.imwrite(truth, (_volume(_stack(scan, tmp_path / "img.tif", 0, 24)) > 100).astype(np.uint8) * 255)
-    why = Pipeline(other).run(stack, out, truth={"C00": str(truth)}).started_over["C00"]
-    assert why == f"another truth mask (none -> {truth})", why
+    r = Pipeline(other).run(stack, out, truth={"C00": str(truth)})   # scored from the finished run's stores
+    assert r.started_over == {} and r.later_only == {"C00": f"another truth mask (none -> {truth})"}, r.later_only
     assert Pipeline(other).run(stack, out, resume=False).started_over == {}   # --restart: asked for
     shutil.rmtree(out / "C00" / "mask.ome.zarr")
     why = Pipeline(other).run(stack, out).started_over["C00"]
@@ -1088,8 +1088,9 @@ def test_other_closing_mesh_or_graph_settings_keep_pass_2_and_redo_only_the_late
     capsys.readouterr()
     assert main(["run", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert (f"  C00: kept the preprocessing and segmentation of the earlier run in {out / 'C00'} and redid the "
-            f"closings, mesh and measurements, the only stages whose settings changed: other settings") in said, said
+    assert (f"  C00: kept the preprocessing and segmentation of the earlier run in {out / 'C00'} and redid only "
+            f"the closings, mesh and measurements (what changed does not alter the segmentation; a new truth mask "
+            f"is scored against its stores): other settings") in said, said
     assert (out / "C00" / "mesh.glb").is_file() and not (out / "C00" / "mask.tif").exists()
     assert json.loads((out / "summary.json").read_text())["summary"]["this_run"]["later_stages_only"] == {
         "C00": "other settings (mesh.enabled False -> True, output.tiff True -> False, postprocess.z_iterations 2 -> 5)"}
@@ -1215,3 +1216,51 @@ def test_a_voxel_size_given_to_a_finished_run_keeps_its_pass_2_and_rewrites_the_
     for name in ("preprocessed", "dom_mask", "mask"):
         with open_scan(out / "C00" / f"{name}.ome.zarr") as s:
             assert s.voxel_size == pytest.approx((3.0, 2.0, 2.0)) and s.channels == ["C00"], name
+
+
+def test_a_truth_mask_added_to_or_dropped_from_a_finished_run_is_scored_from_its_stores(scan, tmp_path,
+                                                                                        monkeypatch):
+    """`--truth` added to a finished run scores pass 2's masks read back from their stores instead of computing
+    pass 2 again; the summary and the report's truth figures equal a fresh run's with that truth. Dropped
+    again, the scores and truth figures go, and the run equals one that never had a truth mask. A run killed
+    in pass 2 is continued only with the truth it was scored against (its counts so far are of that one)."""
+    from gpuheart import Pipeline, pipeline
+
+    truth = {"C00": str(scan.parent / "truth" / "C00.tif")}
+    out = tmp_path / "out"
+    Pipeline(_fast_cfg()).run(scan, out)
+    Pipeline(_fast_cfg()).run(scan, tmp_path / "ref0")
+    Pipeline(_fast_cfg()).run(scan, tmp_path / "ref", truth=truth)
+    real, computed = pipeline._process_slab, []
+
+    def counted(x, z0, *a, **k):
+        computed.append(z0)
+        return real(x, z0, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_process_slab", counted)
+    r = Pipeline(_fast_cfg()).run(scan, out, truth=truth)
+    assert computed == [] and r.later_only["C00"].startswith("another truth mask (none -> ")
+    assert r.summary["C00"]["dom_vs_truth"]["tp"] > 0
+    _same_run(out, tmp_path / "ref")
+
+    def figures(run):
+        with np.load(run / "C00" / "figures.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    got, ref = figures(out), figures(tmp_path / "ref")
+    assert sorted(got) == sorted(ref) and "mip_truth" in got
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], k)
+    r = Pipeline(_fast_cfg()).run(scan, out)
+    assert computed == [] and "dom_vs_truth" not in r.summary["C00"]
+    _same_run(out, tmp_path / "ref0")
+    assert sorted(figures(out)) == sorted(figures(tmp_path / "ref0"))
+    # killed in pass 2 without truth, then given one: pass 2 from slice 0, not half-scored
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(20))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(_fast_cfg(checkpoint_seconds=0.0)).run(scan, tmp_path / "out2")
+    computed.clear()
+    r = Pipeline(_fast_cfg(checkpoint_seconds=0.0)).run(scan, tmp_path / "out2", truth=truth)
+    assert min(computed) == 0 and r.started_over["C00"].startswith("another truth mask")
+    _same_run(tmp_path / "out2", tmp_path / "ref")
