@@ -504,6 +504,10 @@ class Pipeline:
         # removed only once the scan and settings pass their checks: a refused command (a mistyped channel) must
         # not cost the record of a finished run
         earlier = _earlier_run_files(out_dir, cfg.output.report)
+        # read now: the file goes before this run writes its own, and a channel reused from it keeps the record
+        # of what computing it cost
+        earlier_runs = _earlier_computations(out_dir / "summary.json") if out_dir / "summary.json" in earlier \
+            else []
         channels = list(dict.fromkeys(cfg.channels)) or None   # "--channels C00 C00" runs C00 once
         # a bare path is the truth of a one-channel scan's channel (key None until the scan is open)
         user_truth = {None: truth} if isinstance(truth, (str, os.PathLike)) else dict(truth or {})
@@ -589,7 +593,8 @@ class Pipeline:
             "wall_s": time.monotonic() - started, "computed": [c for c in outputs if c not in reused],
             "reused": list(reused), "resumed_at": {c: z for c, z in resumed.items() if c not in reused},
             "later_stages_only": dict(later_only),
-            "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock"}
+            "stage_seconds": "summed over the Dask workers (worker-seconds)" if client is not None else "wall clock",
+            "reused_from": _reused_from(earlier_runs, reused)}
         result = RunResult(out_dir, outputs, dict(timer.seconds), summary, resumed=resumed, reused=reused,
                            started_over=started_over, later_only=later_only)
         _write_summary(out_dir, result)
@@ -854,6 +859,30 @@ def _earlier_run_files(out_dir: Path, report: bool) -> list[Path]:
             raise ConfigError(f"{path} was not written by gpuheart, and a run writes its {name} there: "
                               f"choose another -o (or move that file)")
     return ours
+
+
+def _earlier_computations(path: Path) -> list[dict]:
+    """The runs that computed the channels of an earlier run's summary.json: that run for the channels it
+    computed, and the records it carried for those it reused. [] when the file does not say (unreadable,
+    or from before runs recorded what they computed)."""
+    try:
+        record = json.loads(path.read_text())
+        this = record["summary"]["this_run"]
+        own = {"channels": [str(c) for c in this["computed"]], "wall_s": float(this["wall_s"]),
+               "resumed_at": dict(this.get("resumed_at") or {}), "stage_seconds": this.get("stage_seconds"),
+               "timings_s": {str(k): float(v) for k, v in record["timings_s"].items()}}
+        carried = [r for r in this.get("reused_from") or []
+                   if isinstance(r, dict) and isinstance(r.get("channels"), list)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return ([own] if own["channels"] else []) + carried
+
+
+def _reused_from(runs: list[dict], reused: list[str]) -> list[dict]:
+    """Of the earlier runs' records, those that computed a channel this run reused, narrowed to those channels:
+    a run that reuses every channel costs seconds, and the minutes that computing them took stay on record."""
+    kept = [{**r, "channels": [c for c in r["channels"] if c in reused]} for r in runs]
+    return [r for r in kept if r["channels"]]
 
 
 def _check_inputs_are_not_outputs(out: Path, *inputs) -> None:

@@ -210,6 +210,9 @@ def _timing_table(timings, summary, channels) -> str:
                      f"mesh or graph settings: {', '.join(later)})")
         note += (f"; reused from an earlier run, not counted: {', '.join(this['reused'])}." if this["reused"]
                  else ".")
+        for r in this.get("reused_from") or []:   # summaries before 2026-11-28 lack it
+            note += (f" {', '.join(r['channels'])}: computed by an earlier run of {float(r['wall_s']):.1f} s wall "
+                     f"({_earlier_stages(r.get('timings_s') or {})}).")
         # the page is drawn before its own seconds are known: summary.json and the console add them afterwards
         upto = "" if "report" in timings else (" up to drawing this page (summary.json's wall_s and the console "
                                                "include the page)")
@@ -220,6 +223,12 @@ def _timing_table(timings, summary, channels) -> str:
         note += " Background stages ran beside the others: their seconds are not in the total."
     rows.append(("total", f"{total:.3f}", _num(n_slices / total) if total > 0 and n_slices else "–"))
     return f"<h2>Timings</h2><p>{_esc(note)}</p>" + _table(["stage", "seconds", "slices/s"], rows)
+
+
+def _earlier_stages(timings: dict) -> str:
+    """An earlier run's three longest stages, for a reused channel's note (summary.json keeps them all)."""
+    top = sorted(timings.items(), key=lambda kv: -float(kv[1]))[:3]
+    return ", ".join(f"{k} {float(v):.1f} s" for k, v in top) or "no stage seconds recorded"
 
 
 # stages timed in a background thread while the others run: their seconds are already inside the others' wall

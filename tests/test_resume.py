@@ -1264,3 +1264,31 @@ def test_a_truth_mask_added_to_or_dropped_from_a_finished_run_is_scored_from_its
     r = Pipeline(_fast_cfg(checkpoint_seconds=0.0)).run(scan, tmp_path / "out2", truth=truth)
     assert min(computed) == 0 and r.started_over["C00"].startswith("another truth mask")
     _same_run(tmp_path / "out2", tmp_path / "ref")
+
+
+def test_a_run_that_reuses_a_channel_keeps_the_record_of_what_computing_it_took(scan, tmp_path, capsys):
+    """Rerun after a finished run, summary.json held only the rerun's seconds (a fraction of one), and the
+    wall time and stage seconds of the run that computed the results were gone. They are carried in
+    this_run.reused_from, through any number of reruns, and said on the console and in the report."""
+    from gpuheart import Pipeline
+    from gpuheart.cli import main
+    from gpuheart.report import write_report
+
+    out = tmp_path / "out"
+    first = Pipeline(_fast_cfg()).run(scan, out)
+    record = json.loads((out / "summary.json").read_text())
+    for _ in range(2):
+        again = Pipeline(_fast_cfg()).run(scan, out)
+        assert again.reused == ["C00"]
+        (was,) = again.summary["this_run"]["reused_from"]
+        assert was["channels"] == ["C00"] and was["wall_s"] == record["summary"]["this_run"]["wall_s"]
+        assert was["timings_s"] == pytest.approx(first.timings)
+    assert "C00: computed by an earlier run of" in write_report(out).read_text()
+    _fast_cfg().save(tmp_path / "fast.toml")
+    capsys.readouterr()
+    assert main(["run", str(scan), "-o", str(out), "-c", str(tmp_path / "fast.toml"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert (f"C00: reused the finished results of an earlier run with the same input and settings, which took "
+            f"{record['summary']['this_run']['wall_s']:.1f} s (--restart") in said, said
+    # a fresh computation records none
+    assert Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out).summary["this_run"]["reused_from"] == []
