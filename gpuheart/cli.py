@@ -496,10 +496,10 @@ def _print_run(result) -> None:
     print(f"gpuheart: wrote {result.out_dir} in {total:.1f} s on {result.summary['device']}")
     for channel, z in result.resumed.items():
         if channel in result.reused:
-            took = next((f", which took {float(r['wall_s']):.1f} s" for r in
+            took = next((f"that run took {float(r['wall_s']):.1f} s for {', '.join(r['channels'])}; " for r in
                          result.summary.get("this_run", {}).get("reused_from") or [] if channel in r["channels"]), "")
-            print(f"  {channel}: reused the finished results of an earlier run with the same input and settings"
-                  f"{took} (--restart recomputes them)")
+            print(f"  {channel}: reused the finished results of an earlier run with the same input and settings "
+                  f"({took}--restart recomputes them)")
         elif channel in getattr(result, "later_only", {}) and z < result.summary[channel]["slices"]:
             print(f"  {channel}: continued the interrupted run in {result.out_dir / channel} at slice {z}: only "
                   f"settings of the closings, mesh or graph changed, which act after it: {result.later_only[channel]}")

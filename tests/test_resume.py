@@ -1288,7 +1288,7 @@ def test_a_run_that_reuses_a_channel_keeps_the_record_of_what_computing_it_took(
     capsys.readouterr()
     assert main(["run", str(scan), "-o", str(out), "-c", str(tmp_path / "fast.toml"), "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert (f"C00: reused the finished results of an earlier run with the same input and settings, which took "
-            f"{record['summary']['this_run']['wall_s']:.1f} s (--restart") in said, said
+    assert (f"C00: reused the finished results of an earlier run with the same input and settings (that run took "
+            f"{record['summary']['this_run']['wall_s']:.1f} s for C00; --restart") in said, said
     # a fresh computation records none
     assert Pipeline(_fast_cfg(dom={"large": 13})).run(scan, out).summary["this_run"]["reused_from"] == []
