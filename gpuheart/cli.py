@@ -502,7 +502,8 @@ def _print_run(result) -> None:
                   f"({took}--restart recomputes them)")
         elif channel in getattr(result, "later_only", {}) and z < result.summary[channel]["slices"]:
             print(f"  {channel}: continued the interrupted run in {result.out_dir / channel} at slice {z}: only "
-                  f"settings of the closings, mesh or graph changed, which act after it: {result.later_only[channel]}")
+                  f"settings that act after pass 2 changed (closings, mesh, graph, voxel size): "
+                  f"{result.later_only[channel]}")
         elif channel in getattr(result, "later_only", {}):
             print(f"  {channel}: kept the preprocessing and segmentation of the earlier run in {result.out_dir / channel} "
                   f"and redid only the closings, mesh and measurements (what changed does not alter the "
