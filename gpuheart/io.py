@@ -1060,8 +1060,8 @@ def _ngff_axes(path: Path, ms0: dict, ndim: int) -> tuple[list[str], list]:
 
 
 def _ngff_level(path: Path) -> tuple[dict, dict, dict] | None:
-    """(multiscales entry, dataset, the image's attributes) when the array ``path`` is a level of the OME-Zarr image in its parent
-    folder, whose metadata hold its axes and scale (the array's own hold neither); else None."""
+    """(multiscales entry, dataset, the image's attributes) when the array ``path`` is a level of the OME-Zarr
+    image in its parent folder, whose metadata hold its axes and scale (the array's own hold neither); else None."""
     for meta in (".zattrs", "zarr.json"):
         try:
             attrs = json.loads((path.parent / meta).read_text())

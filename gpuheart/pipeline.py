@@ -1676,18 +1676,16 @@ def _rescore(acc, paths: dict, cfg: PipelineConfig) -> None:
     """Score pass 2's masks, read back from their stores, against this run's truth mask (or forget the
     earlier one's scores): what pass 2 would have measured, at the cost of reading the masks."""
     from .io import open_scan
-    from .metrics import Confusion
 
-    acc.fig.pop("mip_truth", None), acc.fig.pop("mid_truth", None)
-    acc._truth_z = set()
+    acc.forget_truth_scores()
     if acc.truth is None:
         return
-    acc.confusion = defaultdict(Confusion)
     for kind, name in (("dom", "dom_mask"), ("unet", "unet_mask"), ("union", "mask_raw")):
         if name in paths:
             with open_scan(paths[name]) as m:
+                read = mask_reader(m)
                 for z0 in range(0, m.shape[0], cfg.slab_size):
-                    acc.score(kind, z0, m.read_slab(m.channels[0], z0, min(z0 + cfg.slab_size, m.shape[0])) > 0)
+                    acc.score(kind, z0, read(z0, min(z0 + cfg.slab_size, m.shape[0])))
 
 
 def _postprocess(mask_path: Path, out: Path, voxel, cfg: PipelineConfig, timer: _Timer, acc) -> Path:
@@ -2225,6 +2223,15 @@ class _ChannelAccumulator:
         mid = self._middle(name, z0, slab, row=row)
         if mid is not None:
             self.fig["mid_" + name] = mid
+
+    def forget_truth_scores(self) -> None:
+        """Drop the confusion counts and truth figures (a pass 2 taken over was scored against another truth)."""
+        from .metrics import Confusion
+
+        self.fig.pop("mip_truth", None), self.fig.pop("mid_truth", None)
+        self._truth_z = set()
+        if self.truth is not None:
+            self.confusion = defaultdict(Confusion)
 
     def score(self, kind: str, z0: int, mask):
         """Add a slab of a mask to the confusion counts of ``kind`` (when a truth mask was given)."""
