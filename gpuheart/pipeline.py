@@ -1915,11 +1915,18 @@ def _why_not_the_same(old, new) -> str:
     if "segment.method" in diff:   # `segment` keeps the preprocessed volume for global Otsu only: not the user's
         diff = [k for k in diff if k != "output.write_preprocessed"]
     if diff:
-        shown = ", ".join(f"{k} {oc.get(k)!r} -> {nc.get(k)!r}" for k in diff[:4])
+        shown = ", ".join(f"{k} {_setting_text(k, oc.get(k))} -> {_setting_text(k, nc.get(k))}" for k in diff[:4])
         why.append(f"other settings ({shown}{f', and {len(diff) - 4} more' if len(diff) > 4 else ''})")
     elif (old.get("files") or {}).get("weights") != (new.get("files") or {}).get("weights"):
         why.append(_stamp_change("the U-Net weights", old["files"].get("weights"), new["files"].get("weights")))
     return "; ".join(why) or "the earlier run had other settings or input"
+
+
+def _setting_text(key: str, value) -> str:
+    """A setting's value as the console says it: the empty lists that mean "from the scan" said so, not as []."""
+    if value == [] and key in ("voxel_size", "channels"):
+        return "from the scan's files" if key == "voxel_size" else "all of the scan's"
+    return repr(value)
 
 
 class _Checkpoint:

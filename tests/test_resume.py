@@ -1026,6 +1026,9 @@ def test_why_a_run_started_over_names_each_change_once_and_only_the_users():
 
     assert _why_not_the_same(key([5, 1, 1], "union", False), key([4, 1, 1], "union", False)) == \
         "other settings (voxel_size [5, 1, 1] -> [4, 1, 1])"
+    # the empty list is the scan's own voxel size, said so (it read "voxel_size [] -> [4, 1, 1]")
+    assert _why_not_the_same(key([], "union", False), key([4, 1, 1], "union", False)) == \
+        "other settings (voxel_size from the scan's files -> [4, 1, 1])"
     # `segment` keeps the preprocessed volume only for global Otsu: that follows from the method
     assert _why_not_the_same(key(None, "union", False), key(None, "otsu", True)) == \
         "other settings (segment.method 'union' -> 'otsu')"
