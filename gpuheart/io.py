@@ -801,6 +801,17 @@ def _is_slice_file_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in _TIFF_SUFFIXES
 
 
+def _refuse_run_folder(path: Path):
+    """A `gpuheart run` output folder given as a scan: name the volumes it holds, a level or two down."""
+    stores = sorted(path.glob("*/*.ome.zarr"), key=lambda d: (d.name != "mask.ome.zarr", str(d)))
+    stores = [d.relative_to(path).as_posix() for d in stores if _is_zarr_dir(d)]
+    if (path / "input" / "scan").is_dir():   # the built-in scan a run without INPUT wrote
+        stores.append("input/scan")
+    shown = ", ".join(stores[:6]) + (f" and {len(stores) - 6} more" if len(stores) > 6 else "")
+    raise ScanError(f"{path}: the output folder of a gpuheart run (summary.json), not a scan; expected one of the "
+                    f"volumes in it" + (f": {shown}" if stores else "") + (f", e.g. {path / stores[0]}" if stores else ""))
+
+
 def _holds_scan(d: Path) -> bool:
     try:
         return _is_zarr_dir(d) or any(_is_slice_file_name(f.name) and f.is_file() for f in d.iterdir())
@@ -891,6 +902,8 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
         subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
+        if (path / "summary.json").is_file():
+            _refuse_run_folder(path)
         hint = f"; scans in its sub-folders: {', '.join(subs[:5])}{', ...' if len(subs) > 5 else ''}" if subs else ""
         if len({_channel_number(Path(d).name) for d in subs if _CHANNEL_RE.search(Path(d).name)}) > 1:
             # Ch0/, Ch1/: one folder per channel, which one scan cannot be read from

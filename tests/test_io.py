@@ -349,6 +349,24 @@ def test_folder_without_tiff_names_sub_folders_that_hold_scans(tmp_path):
         open_scan(tmp_path / "chans")
 
 
+def test_a_run_output_folder_given_as_a_scan_names_its_volumes(tmp_path):
+    """`gpuheart info OUT` / `gpuheart mesh OUT` on a run's output folder: its volumes are named, the final mask
+    first, with the built-in scan a run without INPUT wrote (it said only that the folder holds no TIFF)."""
+    out = tmp_path / "out"
+    for ch, names in (("C00", ("preprocessed", "mask")), ("C01", ("mask",))):
+        for name in names:
+            (out / ch).mkdir(parents=True, exist_ok=True)
+            with ZarrWriter(out / ch / f"{name}.ome.zarr", (2, 4, 4), np.uint8) as w:
+                w.write(0, np.zeros((2, 4, 4), np.uint8))
+    write_folder(out / "input" / "scan", {0: volume((2, 8, 8))})
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ScanError) as err:
+        open_scan(out)
+    assert str(err.value) == (f"{out}: the output folder of a gpuheart run (summary.json), not a scan; expected one "
+                              f"of the volumes in it: C00/mask.ome.zarr, C01/mask.ome.zarr, "
+                              f"C00/preprocessed.ome.zarr, input/scan, e.g. {out / 'C00' / 'mask.ome.zarr'}")
+
+
 def test_missing_slice_names_channel_and_z(tmp_path):
     vols = {0: volume((20, 4, 4)), 1: volume((20, 4, 4))}
     folder = write_folder(tmp_path / "scan", vols)
