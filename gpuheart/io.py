@@ -901,9 +901,9 @@ def _scan_folder(path: Path, channels=None) -> dict[str, list[Path]]:
                         f"bioformats2raw, or BigStitcher's export)")
     if not tiffs:
         # e.g. the folder `gpuheart phantom OUT` wrote, whose scan is OUT/scan
-        subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
         if (path / "summary.json").is_file():
             _refuse_run_folder(path)
+        subs = sorted(str(d) for d in path.iterdir() if d.is_dir() and _holds_scan(d))
         hint = f"; scans in its sub-folders: {', '.join(subs[:5])}{', ...' if len(subs) > 5 else ''}" if subs else ""
         if len({_channel_number(Path(d).name) for d in subs if _CHANNEL_RE.search(Path(d).name)}) > 1:
             # Ch0/, Ch1/: one folder per channel, which one scan cannot be read from

@@ -354,8 +354,8 @@ def test_a_run_output_folder_given_as_a_scan_names_its_volumes(tmp_path):
     first, with the built-in scan a run without INPUT wrote (it said only that the folder holds no TIFF)."""
     out = tmp_path / "out"
     for ch, names in (("C00", ("preprocessed", "mask")), ("C01", ("mask",))):
+        (out / ch).mkdir(parents=True)
         for name in names:
-            (out / ch).mkdir(parents=True, exist_ok=True)
             with ZarrWriter(out / ch / f"{name}.ome.zarr", (2, 4, 4), np.uint8) as w:
                 w.write(0, np.zeros((2, 4, 4), np.uint8))
     write_folder(out / "input" / "scan", {0: volume((2, 8, 8))})
