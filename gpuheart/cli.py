@@ -644,14 +644,14 @@ def _segment_config(a):
 
 
 def _cmd_segment(a) -> int:
-    from .pipeline import Pipeline, segment_work_dir
+    from .pipeline import Pipeline, lock_holder, segment_work_dir
 
     cfg = _segment_config(a)
     if a.weights and not cfg.uses_unet:
         warnings.warn(f"--weights {a.weights} is not used: method {cfg.segment.method!r} has no U-Net",
                       RuntimeWarning, stacklevel=1)
     work = segment_work_dir(a.out)
-    found = work.is_dir() and not a.restart
+    found = work.is_dir() and not a.restart and lock_holder(work) is None   # held: refused below, not continued
     if found:   # said now, before a long run; whether it could continue is known only after
         print(f"gpuheart: found an interrupted segmentation in {work}: continuing it if its input and settings "
               f"are these (--restart starts over)")

@@ -649,6 +649,9 @@ class Pipeline:
         # a fixed name, not a fresh temporary folder: a killed segmentation of a large scan is resumed by the
         # same command instead of starting over beside a hidden copy of what it had done
         work = segment_work_dir(out_path)
+        if (holder := lock_holder(work)) is not None:
+            raise ConfigError(f"{out_path}: another gpuheart segment is writing it (process {holder}, working in "
+                              f"{work}); wait for it to finish, or choose another output")
         existed = work.exists()
         try:
             result = self.last_run = Pipeline(cfg).run(source, work, resume=resume)
@@ -802,6 +805,26 @@ def _out_lock(out_dir: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(out_dir) -> str | None:
+    """The process id another run holding ``out_dir`` wrote in its lock ("unknown" where it wrote none yet), or
+    None when no run holds it (or the platform has no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(Path(out_dir) / _LOCK)
+    except OSError:   # no lock file: no run ever held the folder
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
 
 
 def _remove_if_empty(path: Path) -> None:

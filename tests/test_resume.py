@@ -1154,6 +1154,38 @@ def test_a_second_run_into_the_folder_a_run_is_writing_is_refused(scan, tmp_path
     assert Pipeline(_fast_cfg()).run(scan, out).outputs["C00"]   # released: the folder is free again
 
 
+def test_a_second_segment_of_an_output_being_written_is_refused_by_its_name(scan, tmp_path, monkeypatch, capsys):
+    """`gpuheart segment` while another writes the same output: it said "found an interrupted segmentation ...
+    continuing it" and then refused the hidden work folder; now it refuses by the output's name, saying nothing
+    of continuing, and the first one's work is left as it was."""
+    from gpuheart import pipeline
+    from gpuheart.cli import main
+    from gpuheart.pipeline import segment_work_dir
+
+    cfg_path = tmp_path / "fast.toml"
+    _fast_cfg(checkpoint_seconds=0.0).save(cfg_path)
+    out = tmp_path / "mask.tif"
+    argv = ["segment", str(scan), "-o", str(out), "-c", str(cfg_path), "--no-progress"]
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_process_slab", _process_slab_killed_at(20))
+        assert main(argv) == 130   # an interrupted segmentation, as a running one leaves it
+    capsys.readouterr()
+    work = segment_work_dir(out)
+    manifest = work / "C00" / ".resume" / "manifest.json"
+    before = manifest.read_bytes()
+    assert pipeline.lock_holder(work) is None
+    with pipeline._out_lock(work):   # what the running `gpuheart segment` holds
+        assert pipeline.lock_holder(work) == str(os.getpid())
+        assert main(argv) != 0
+        said = capsys.readouterr()
+        assert "found an interrupted segmentation" not in said.out
+        assert (f"{out}: another gpuheart segment is writing it (process {os.getpid()}, working in {work}); "
+                f"wait for it to finish, or choose another output") in said.err
+        assert manifest.read_bytes() == before and not out.exists()
+    assert main(argv) == 0 and out.is_file()   # released: it continues
+    assert "continued the interrupted segmentation at slice 20" in capsys.readouterr().out
+
+
 def test_a_killed_run_continues_under_other_later_settings_and_a_slab_size_change_keeps_pass_2(scan, tmp_path,
                                                                                                  monkeypatch):
     """Killed in pass 2, then started with another closing setting: the slices done are kept (the setting acts
