@@ -13,7 +13,7 @@ import numpy as np
 def table(d: dict) -> str:
     rows = ["| held-out stack | U-Net | union | Otsu | DoM | U-Net at 0.5 | U-Net precision / recall | threshold |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in d["per_stack"].items():
+    for name, r in sorted(d["per_stack"].items()):   # by name, as docs/accuracy.md lists them
         at05 = r.get("unet_at_0.5", {}).get("dice")
         cell = lambda m: f"{r[m]['dice']:.3f} ({r[m]['cldice']:.3f})"  # noqa: E731
         rows.append(f"| {name} | {cell('unet')} | {cell('union')} | {cell('otsu')} | {cell('dom')} | "

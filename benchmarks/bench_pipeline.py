@@ -455,6 +455,12 @@ def main(argv=None) -> int:
                     help="instead: PAIRS alternating runs with the tree graph in turn and in a worker thread "
                          "(default out: benchmarks/results/<device>-pipeline-graph-overlap.json)")
     args = ap.parse_args(argv)
+    from gpuheart.backend import DeviceError, resolve_device
+    try:
+        resolve_device(args.device)
+    except DeviceError as err:   # one line, before any scan is written
+        print(f"bench_pipeline: {err}", file=sys.stderr)
+        return 2
     if args.compare_graph_background:
         doc = compare_graph_background(args.slices, args.size, args.channels, args.compare_graph_background,
                                        args.device, args.workdir)

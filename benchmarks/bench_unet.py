@@ -140,7 +140,10 @@ def main() -> int:
         r["sweep"] = cuda_sweep()
     r.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              torch_threads=__import__("torch").get_num_threads(), date=time.strftime("%Y-%m-%d"))
-    out = Path(__file__).parent / "results" / f"{r.get('device_label', name)}-unet.json"
+    # GPUHEART_BENCH_RESULTS, as for the pytest-benchmark results: a session's run does not replace committed files
+    results = Path(os.environ.get("GPUHEART_BENCH_RESULTS") or Path(__file__).parent / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{r.get('device_label', name)}-unet.json"
     out.write_text(json.dumps(r, indent=2))
     print(json.dumps(r, indent=2))
     return 0

@@ -23,8 +23,9 @@ PY=${PY:-python3}
 # STEPS picks steps by name (default all): tests baselines unet profile pipeline dask
 STEPS=${STEPS:-"tests baselines unet profile pipeline dask"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+worst=0   # the script's exit code: the worst step's, so a failed step is not a green session
 step() { local limit=$1; shift; echo "== $(date -u +%T) t=${SECONDS}s [$limit s] $*"; timeout "$limit" "$@"
-         local rc=$?; echo "== exit $rc t=${SECONDS}s"; return $rc; }
+         local rc=$?; echo "== exit $rc t=${SECONDS}s"; (( rc > worst )) && worst=$rc; return $rc; }
 left() { echo $(( BUDGET - SECONDS - ${1:-0} )); }   # seconds of the budget left, less a reserve
 
 if ls .gpu-carry/wheels/*.whl >/dev/null 2>&1; then
@@ -37,6 +38,9 @@ $PY -c "import tomli_w, zarr, numba, numpy, cupy, torch, trimesh; import gpuhear
 print('preflight ok: numba', numba.__version__, 'numpy', numpy.__version__)" >> "$OUT/device.txt" 2>&1 \
   || { echo "PREFLIGHT FAILED"; cat "$OUT/device.txt"; exit 1; }
 cat "$OUT/device.txt"
+# every step needs the GPU: without one, say so and stop (the steps would skip, or fail with tracebacks)
+$PY -c "import cupy, sys; sys.exit(0 if cupy.is_available() else 1)" 2>/dev/null \
+  || { echo "gpu_session.sh: no CUDA device (cupy.is_available() is False); run it on a machine with a GPU"; exit 2; }
 
 # 1. parity and device tests: every kernel equal to its CPU reference, OOM retry under a capped pool, DLPack.
 #    Spread over 6 processes when pytest-xdist is there (the CPU references dominate); 2 threads each. The
@@ -54,7 +58,7 @@ want baselines && step 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench
   --benchmark-min-rounds=5 --benchmark-max-time=0.25
 # 3. U-Net inference tiles/s (bf16, automatic batch size, compiled and not, and a sweep of batch sizes; ~40 s)
 # (the newest *-unet.json is this run's: results of other GPUs are committed beside it)
-want unet && step 90 $PY benchmarks/bench_unet.py && cp "$(ls -t benchmarks/results/*-unet.json | head -1)" "$OUT/unet.json"
+want unet && step 90 $PY benchmarks/bench_unet.py && cp "$(ls -t "$OUT"/*-unet.json | head -1)" "$OUT/unet.json"
 # 3b. where the per-slice chain's GPU time goes, by step and by kernel (diagnostics, not a benchmark of record)
 want profile && step 60 $PY benchmarks/gpu_profile.py "$OUT/chain-profile.json" --only chain
 # 4. end to end: 3 channels of 2048x2048 slices, TIFF in to mesh and tree graph out, per stage, with the
@@ -67,4 +71,5 @@ if want dask && ls .gpu-carry/dask-wheels/*.whl >/dev/null 2>&1 && [ "$(left)" -
   $PY -m pip install -q --no-deps .gpu-carry/dask-wheels/*.whl 2>&1 | grep -v -i "warning" | tail -3
   step "$(left)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_distributed_cuda.py
 fi
-echo "== done $(date -u +%T) t=${SECONDS}s"
+echo "== done $(date -u +%T) t=${SECONDS}s, worst step exit $worst"
+exit "$worst"

@@ -813,7 +813,7 @@ def render(entries: list[dict]) -> str:
            "| U-Net components the difference of medians supports (no training) | `python benchmarks/accuracy_support.py --runs RUNS` | `accuracy-support.json` |",
            "| three planes, two-recipe ensemble (no training) | `python benchmarks/accuracy_combine.py --runs RUNS --other RUNS2` | `accuracy-combine.json` |",
            "| clDice with gpuheart's skeleton against scikit-image's (no training) | `python benchmarks/accuracy_cldice_skeleton.py` | `accuracy-cldice-skeleton.json` |",
-           "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices 4` | `accuracy-finetune.json` |",
+           "| fine-tuning on a few target slices | `python benchmarks/accuracy_finetune.py --runs RUNS --slices N --out benchmarks/results/accuracy-finetune-N.json` (N = 4 or 8; with `--threshold 0.5`: `-N-t05.json`) | `accuracy-finetune-4.json`, `-8.json`, `-4-t05.json`, `-8-t05.json` |",
            "| self-training on its own mask (no labels) | `python benchmarks/accuracy_finetune.py --runs RUNS --pseudo --threshold 0.5 --out benchmarks/results/accuracy-selftrain.json` | `accuracy-selftrain.json` |",
            "| everything, incl. GPU baselines (skip without CUDA) | `python -m pytest benchmarks/ --benchmark-only` | `<device>-<date>.json/.md` |",
            "",

@@ -327,7 +327,8 @@ def _dask_client(spec: str | None):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            raise RuntimeError("--dask local-cuda needs dask-cuda: pip install \"gpuheart[multigpu]\" (or dask-cuda)") from None
+            raise RuntimeError("--dask local-cuda needs dask-cuda: pip install \".[multigpu]\" from a gpuheart "
+                               "checkout, or dask-cuda itself") from None
         return _local_client(LocalCUDACluster)
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
