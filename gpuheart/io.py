@@ -807,9 +807,10 @@ def _refuse_run_folder(path: Path):
     stores = [d.relative_to(path).as_posix() for d in stores if _is_zarr_dir(d)]
     if (path / "input" / "scan").is_dir():   # the built-in scan a run without INPUT wrote
         stores.append("input/scan")
-    shown = ", ".join(stores[:6]) + (f" and {len(stores) - 6} more" if len(stores) > 6 else "")
+    more = f" and {len(stores) - 6} more" if len(stores) > 6 else ""
+    listed = f": {', '.join(stores[:6])}{more}, e.g. {path / stores[0]}" if stores else ""
     raise ScanError(f"{path}: the output folder of a gpuheart run (summary.json), not a scan; expected one of the "
-                    f"volumes in it" + (f": {shown}" if stores else "") + (f", e.g. {path / stores[0]}" if stores else ""))
+                    f"volumes in it{listed}")
 
 
 def _holds_scan(d: Path) -> bool:
