@@ -293,7 +293,9 @@ def from_torch(t: Any):
         return cp.from_dlpack(t)
     if t.device.type != "cpu":
         raise DeviceError(f"tensors on {t.device.type!r} are not supported; move them to cpu or cuda")
-    return np.from_dlpack(t)
+    # Tensor.numpy() shares memory as DLPack does, and stays writable on NumPy < 1.25, whose
+    # np.from_dlpack gives read-only views.
+    return t.numpy()
 
 
 def try_cuda(what: str, warned: set, fn, *args):

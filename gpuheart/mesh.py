@@ -606,8 +606,11 @@ def _face_volumes(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def _face_volumes_block(vertices, vt, faces):
-    b, c = ([vt[k][faces[:, i]] for k in range(3)] for i in (1, 2))
-    return np.einsum("ij,ij->i", vertices[faces[:, 0]], _cross_columns(*b, *c)) / 6.0
+    # float64 even for float32 vertices: each term is a product of three coordinates, and the terms
+    # cancel to the volume, so float32's 7 digits lose a small piece far from the origin (its sign too)
+    b, c = ([vt[k][faces[:, i]].astype(np.float64, copy=False) for k in range(3)] for i in (1, 2))
+    a = vertices[faces[:, 0]].astype(np.float64, copy=False)
+    return np.einsum("ij,ij->i", a, _cross_columns(*b, *c)) / 6.0
 
 
 def _face_norms(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

@@ -319,6 +319,19 @@ def test_float_volume_any_level(slab_size):
     assert (M.edge_face_counts(fs) == 2).all()
 
 
+def test_volume_of_float32_vertices_far_from_the_origin_is_exact():
+    """A mesh from skimage's marching cubes has float32 vertices; each face's volume term is a product of
+    three coordinates that cancel in the sum, so in float32 a 2x2x2 block 10 mm from the origin measured
+    32,494 instead of 5.67."""
+    m = np.zeros((6, 6, 6), bool)
+    m[2:4, 2:4, 2:4] = True
+    v, f = M.marching_cubes_volume(m)
+    far = (v + 1e4).astype(np.float32)
+    assert far.astype(np.float64).tolist() == (v + 1e4).tolist()   # the premise: the coordinates are exact
+    assert M.mesh_volume(far, f) == pytest.approx(M.mesh_volume(v, f), rel=1e-9)
+    assert M.mesh_volume(v, f) == pytest.approx(17 / 3)
+
+
 def _file_mesh(path):
     m = trimesh.load(path, force="mesh", process=False)
     return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)

@@ -106,7 +106,7 @@ def test_changed_settings_do_not_resume(scan, tmp_path):
 
 def test_device_out_of_memory_shrinks_the_slab_and_gives_the_same_result(scan, tmp_path, monkeypatch):
     """Simulated on the CPU: the slab processing raises CuPy's OutOfMemoryError for pieces over 3 slices."""
-    import cupy
+    cupy = pytest.importorskip("cupy", reason="CuPy (the dev extra) is not installed")
 
     from gpuheart import Pipeline, PipelineConfig, pipeline
 
@@ -822,7 +822,8 @@ def test_a_chunk_file_lost_from_a_partial_store_restarts_pass_2_instead_of_readi
 
     from gpuheart import Pipeline
 
-    assert zarr.config.get("array.write_empty_chunks") is False   # zarr's default: why empty chunks need care
+    if hasattr(zarr, "config"):   # zarr 3's default, why empty chunks need care (zarr 2 writes them)
+        assert zarr.config.get("array.write_empty_chunks") is False
     stack = _padded(scan, tmp_path / "padded.tif")   # slices 0-2 blank: the first 2-slice chunk is all zero
     cfg = _fast_cfg(checkpoint_seconds=0.0, slab_size=2)
     ref = Pipeline(cfg).run(stack, tmp_path / "ref")
