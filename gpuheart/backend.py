@@ -325,7 +325,8 @@ def is_device_oom(err: BaseException) -> bool:
     try:
         import torch
 
-        return isinstance(err, torch.OutOfMemoryError)
+        # by torch.cuda's name: the top-level torch.OutOfMemoryError (the same class) is missing in older torch (2.1)
+        return isinstance(err, torch.cuda.OutOfMemoryError)
     except (ImportError, AttributeError):
         return False
 

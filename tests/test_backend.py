@@ -47,6 +47,16 @@ def test_from_torch_of_a_grad_tensor_shares_memory():
     assert a.__array_interface__["data"][0] == t.data_ptr()
 
 
+def test_torch_out_of_memory_is_a_device_oom_and_other_errors_are_not():
+    """The pipeline shrinks its slabs on PyTorch's CUDA out-of-memory error too (the U-Net's); it is named
+    torch.cuda.OutOfMemoryError, which older torch has where it lacks the top-level alias."""
+    import torch
+
+    assert backend.is_device_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not backend.is_device_oom(RuntimeError("CUDA out of memory"))
+    assert not backend.is_device_oom(MemoryError())
+
+
 def test_kernel_dir_exists():
     assert backend.kernel_dir().is_dir()
 
