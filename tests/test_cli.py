@@ -741,7 +741,7 @@ def test_phantom_preset_with_an_input_is_refused_not_ignored(tmp_path, capsys):
     import tifffile
 
     stack = tmp_path / "s.tif"
-    tifffile.imwrite(stack, np.zeros((3, 16, 16), np.uint16))
+    tifffile.imwrite(stack, np.zeros((3, 16, 16), np.uint16), photometric="minisblack")
     assert main(["run", str(stack), "-o", str(tmp_path / "o"), "--phantom-preset", "large", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "--phantom-preset large: it sizes the built-in synthetic scan" in err and not (tmp_path / "o").exists()
